@@ -1,0 +1,137 @@
+"""The cluster as a networkx graph of directed links, and the fixed path every GPU pair's traffic takes.
+
+Nodes: ``gpu{g}`` (global GPU index), ``nvsw{n}`` (the NVSwitch fabric of node n, non-blocking, one
+logical switch), ``nic{g}`` (the NIC of GPU g: one rail per local rank), ``leaf{i}`` and ``spine``.
+Every physical link is two directed edges, each with its own capacity (bytes/s, line rate x
+efficiency) and latency (s). Traffic inside a node crosses NVLink (gpu -> nvsw -> gpu); traffic between
+nodes leaves through the sender's own NIC and enters through the receiver's (NCCL does not aggregate
+NICs for one GPU's all-to-all), via the rail's leaf and, across leaves, the spine.
+
+Paths are networkx shortest paths (fewest hops) on a view where no GPU relays traffic, found once per
+source GPU. Deliberately ignored: PXN / NVLink forwarding before the NIC (the hierarchical all-to-all
+mode of the fidelity issue), ECMP over several spines (one logical spine carries the leaf's uplinks),
+switch buffers and congestion control (bandwidth is shared max-min fairly by the simulator).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import networkx as nx
+import numpy as np
+
+from moesim.hardware.spec import ClusterSpec
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Links as arrays plus the path of every ordered GPU pair, in CSR form."""
+
+    cluster: ClusterSpec
+    graph: nx.DiGraph
+    link_names: tuple[str, ...]
+    link_kind: tuple[str, ...]
+    capacity: np.ndarray  # bytes/s, per link
+    latency: np.ndarray  # seconds, per link
+    path_ptr: np.ndarray  # [G*G + 1]; links of pair (s, d) are path_idx[path_ptr[s*G+d]:path_ptr[s*G+d+1]]
+    path_idx: np.ndarray
+    path_latency: np.ndarray  # [G, G] seconds
+
+    @property
+    def num_gpus(self) -> int:
+        return self.cluster.num_gpus
+
+    @property
+    def num_links(self) -> int:
+        return len(self.link_names)
+
+    def path(self, src: int, dst: int) -> np.ndarray:
+        k = src * self.num_gpus + dst
+        return self.path_idx[self.path_ptr[k] : self.path_ptr[k + 1]]
+
+    def same_node(self) -> np.ndarray:
+        """[G, G] boolean: GPU pairs inside one NVLink domain."""
+        node = np.arange(self.num_gpus) // self.cluster.gpus_per_node
+        return node[:, None] == node[None, :]
+
+
+def build_graph(cluster: ClusterSpec) -> nx.DiGraph:
+    """The cluster's links as a directed graph with ``capacity`` (B/s), ``latency`` (s) and ``kind``."""
+    g = nx.DiGraph(name=cluster.name)
+    nv, net = cluster.nvlink, cluster.network
+    per_node = cluster.gpus_per_node
+
+    def link(u: str, v: str, capacity: float, latency_s: float, kind: str) -> None:
+        g.add_edge(u, v, capacity=capacity, latency=latency_s, kind=kind)
+        g.add_edge(v, u, capacity=capacity, latency=latency_s, kind=kind)
+
+    for n in range(cluster.nodes):
+        g.add_node(f"nvsw{n}", role="nvswitch", node=n)
+        for local in range(per_node):
+            gpu = n * per_node + local
+            g.add_node(f"gpu{gpu}", role="gpu", node=n, local_rank=local)
+            link(f"gpu{gpu}", f"nvsw{n}", nv.bytes_per_s, nv.latency_us * 1e-6 / 2, "nvlink")
+
+    if cluster.nodes == 1:
+        return g
+
+    if net.rail_optimized:
+        leaf_of = lambda n, local: local  # noqa: E731 - one leaf per rail
+        num_leaves = per_node
+    else:
+        leaf_of = lambda n, local: n // net.nodes_per_leaf  # noqa: E731
+        num_leaves = -(-cluster.nodes // net.nodes_per_leaf)
+    downlinks = [0] * num_leaves
+    for n in range(cluster.nodes):
+        for local in range(per_node):
+            gpu = n * per_node + local
+            nic, leaf = f"nic{gpu}", f"leaf{leaf_of(n, local)}"
+            g.add_node(nic, role="nic", node=n)
+            g.add_node(leaf, role="leaf")
+            link(f"gpu{gpu}", nic, net.pcie_GBps * 1e9, 0.0, "pcie")
+            link(nic, leaf, net.nic_bytes_per_s, net.latency_us * 1e-6 / 2, "nic")
+            downlinks[leaf_of(n, local)] += 1
+    if num_leaves > 1:
+        g.add_node("spine", role="spine")
+        for leaf, count in enumerate(downlinks):
+            uplink = count * net.nic_bytes_per_s / net.oversubscription
+            link(f"leaf{leaf}", "spine", uplink, net.hop_latency_us * 1e-6, "fabric")
+    return g
+
+
+def build_topology(cluster: ClusterSpec) -> Topology:
+    """Build the graph and route every ordered GPU pair over it."""
+    graph = build_graph(cluster)
+    edges = list(graph.edges(data=True))
+    index = {(u, v): i for i, (u, v, _) in enumerate(edges)}
+    capacity = np.array([d["capacity"] for _, _, d in edges], dtype=float)
+    latency = np.array([d["latency"] for _, _, d in edges], dtype=float)
+    G = cluster.num_gpus
+    gpus = [f"gpu{i}" for i in range(G)]
+
+    ptr = [0]
+    idx: list[int] = []
+    path_latency = np.zeros((G, G))
+    for s, src in enumerate(gpus):
+        # No GPU but the source may forward traffic.
+        view = nx.subgraph_view(graph, filter_edge=lambda u, v, src=src: u == src or graph.nodes[u]["role"] != "gpu")
+        paths = nx.single_source_shortest_path(view, src)
+        for d, dst in enumerate(gpus):
+            if d != s:
+                if dst not in paths:
+                    raise ValueError(f"cluster {cluster.name}: no route from {src} to {dst}")
+                hops = [index[(u, v)] for u, v in zip(paths[dst][:-1], paths[dst][1:])]
+                idx.extend(hops)
+                path_latency[s, d] = latency[hops].sum()
+            ptr.append(len(idx))
+    return Topology(
+        cluster=cluster,
+        graph=graph,
+        link_names=tuple(f"{u}->{v}" for u, v, _ in edges),
+        link_kind=tuple(d["kind"] for _, _, d in edges),
+        capacity=capacity,
+        latency=latency,
+        path_ptr=np.asarray(ptr, dtype=np.int64),
+        path_idx=np.asarray(idx, dtype=np.int64),
+        path_latency=path_latency,
+    )

@@ -1,0 +1,13 @@
+"""Placement layer: the placement format, the policy registry, baseline policies, the validator."""
+
+from moesim.placement import policies as _policies  # noqa: F401  (registers the baselines)
+from moesim.placement.format import Placement, load_placement, save_placement
+from moesim.placement.registry import (
+    PlacementProblem, get_policy, make_placement, policy_names, policy_options, register,
+)
+from moesim.placement.validate import Capacity, validate_placement
+
+__all__ = [
+    "Capacity", "Placement", "PlacementProblem", "get_policy", "load_placement", "make_placement",
+    "policy_names", "policy_options", "register", "save_placement", "validate_placement",
+]

@@ -1,0 +1,139 @@
+"""Expert placements: per MoE layer, per expert, the GPUs (EP ranks) that hold a copy.
+
+JSON interchange format::
+
+    {"format": "moesim.placement/1", "num_gpus": G, "policy": "greedy",
+     "layers": [{"expert_gpus": [[g], [g1, g2], ...]}, ...]}
+
+With expert tensor parallelism (``tp > 1``) a "GPU" here is an EP rank: a group of ``tp`` GPUs that
+shard every expert it holds. In memory a placement is a dense int array ``gpus[layer, expert, replica]``
+padded with -1, so the engine can look replicas up with numpy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moesim.errors import InputError
+
+FORMAT = "moesim.placement/1"
+
+
+@dataclass(frozen=True)
+class Placement:
+    num_gpus: int
+    gpus: np.ndarray  # int32 [layers, experts, max_replicas], -1 padded
+    policy: str = ""
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.gpus.shape[0])
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.gpus.shape[1])
+
+    def replicas(self) -> np.ndarray:
+        """[layers, experts] number of copies of each expert."""
+        return (self.gpus >= 0).sum(axis=2)
+
+    def copies_per_gpu(self) -> np.ndarray:
+        """[layers, gpus] number of expert copies each GPU holds."""
+        out = np.zeros((self.num_layers, self.num_gpus), dtype=np.int64)
+        for l in range(self.num_layers):
+            g = self.gpus[l][self.gpus[l] >= 0]
+            out[l] = np.bincount(g, minlength=self.num_gpus)
+        return out
+
+    @classmethod
+    def from_assignment(cls, assign: np.ndarray, num_gpus: int, policy: str = "",
+                        info: dict[str, Any] | None = None) -> "Placement":
+        """One copy per expert: ``assign[layer, expert]`` is its GPU."""
+        return cls(num_gpus=num_gpus, gpus=np.asarray(assign, dtype=np.int32)[:, :, None],
+                   policy=policy, info=dict(info or {}))
+
+    @classmethod
+    def from_lists(cls, layers: list[list[list[int]]], num_gpus: int, policy: str = "",
+                   info: dict[str, Any] | None = None) -> "Placement":
+        width = max((len(r) for layer in layers for r in layer), default=1)
+        num_experts = max((len(layer) for layer in layers), default=0)
+        gpus = np.full((len(layers), num_experts, max(width, 1)), -1, dtype=np.int32)
+        for l, layer in enumerate(layers):
+            for e, reps in enumerate(layer):
+                gpus[l, e, : len(reps)] = reps
+        return cls(num_gpus=num_gpus, gpus=gpus, policy=policy, info=dict(info or {}))
+
+    def to_json(self) -> dict[str, Any]:
+        layers = [{"expert_gpus": [[int(g) for g in reps if g >= 0] for reps in layer]} for layer in self.gpus]
+        return {"format": FORMAT, "num_gpus": self.num_gpus, "policy": self.policy, "info": self.info,
+                "layers": layers}
+
+
+def save_placement(placement: Placement, path: str | os.PathLike[str]) -> Path:
+    """Write ``placement`` as JSON atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(placement.to_json(), fh, indent=1, sort_keys=True)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_placement(path: str | os.PathLike[str]) -> Placement:
+    """Read a placement file; structural problems raise :class:`InputError` naming file and field.
+
+    Range and capacity checks against a model and cluster are :func:`moesim.placement.validate`'s job.
+    """
+    src = str(path)
+    try:
+        with open(path) as fh:
+            raw = json.load(fh)
+    except FileNotFoundError:
+        raise InputError("file not found", source=src) from None
+    except (OSError, ValueError) as exc:
+        raise InputError(f"not valid JSON ({exc})", source=src) from None
+    if not isinstance(raw, dict):
+        raise InputError("must be a JSON object", source=src)
+    unknown = set(raw) - {"format", "num_gpus", "layers", "policy", "info"}
+    if unknown:
+        raise InputError("unknown key; expected format, num_gpus, layers, policy, info", source=src,
+                         field=sorted(unknown)[0])
+    if raw.get("format") != FORMAT:
+        raise InputError(f"must be {FORMAT!r}, got {raw.get('format')!r}", source=src, field="format")
+    num_gpus = raw.get("num_gpus")
+    if not isinstance(num_gpus, int) or isinstance(num_gpus, bool) or num_gpus <= 0:
+        raise InputError(f"must be a positive integer, got {num_gpus!r}", source=src, field="num_gpus")
+    layers = raw.get("layers")
+    if not isinstance(layers, list) or not layers:
+        raise InputError("must be a non-empty list", source=src, field="layers")
+    lists: list[list[list[int]]] = []
+    for l, layer in enumerate(layers):
+        where = f"layers[{l}].expert_gpus"
+        if not isinstance(layer, dict) or set(layer) != {"expert_gpus"}:
+            raise InputError('must be an object {"expert_gpus": [...]}', source=src, field=f"layers[{l}]")
+        experts = layer["expert_gpus"]
+        if not isinstance(experts, list) or not experts:
+            raise InputError("must be a non-empty list", source=src, field=where)
+        for e, reps in enumerate(experts):
+            ok = isinstance(reps, list) and all(isinstance(g, int) and not isinstance(g, bool) for g in reps)
+            if not ok:
+                raise InputError("must be a list of GPU indices", source=src, field=f"{where}[{e}]")
+        lists.append(experts)
+    if len({len(layer) for layer in lists}) != 1:
+        raise InputError("every layer must list the same number of experts", source=src, field="layers")
+    return Placement.from_lists(lists, num_gpus, policy=str(raw.get("policy", "")),
+                                info=dict(raw.get("info") or {}))

@@ -1,0 +1,206 @@
+"""The SimPy engine: replays a routing trace through a placement on a cluster, one MoE layer at a time.
+
+Per batch, every GPU runs one SimPy process. For each MoE layer a GPU:
+1. runs the layer's non-expert work (attention projections) for its resident tokens;
+2. joins the dispatch all-to-all - token copies to the GPUs holding their experts;
+3. with expert tensor parallelism (tp > 1), joins an all-gather inside its EP rank;
+4. runs its experts (roofline, grouped or one kernel per expert);
+5. with tp > 1, joins a reduce-scatter inside its EP rank;
+6. joins the combine all-to-all that returns the expert outputs home.
+A collective starts when its last GPU joins (so every GPU waits for the slowest, as with NCCL), moves
+its bytes as max-min fair flows over the links (:mod:`moesim.sim.network`), and releases each GPU when
+that GPU's own sends and receives are done. A batch ends when its last GPU finishes the last layer;
+batches run one after another.
+
+Token bookkeeping is numpy (:mod:`moesim.sim.traffic`); SimPy owns time and events. Everything the run
+did is recorded in flat arrays (:class:`SimRecords`); metrics are computed afterwards.
+Deliberately ignored: overlap of communication with compute (no micro-batching or two-batch overlap),
+shared experts, the gate itself, and anything outside MoE layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Generator
+
+import numpy as np
+import simpy
+
+from moesim.hardware.topology import Topology
+from moesim.placement.format import Placement
+from moesim.sim.compute import dense_time, expert_time
+from moesim.sim.network import CollectiveResult, Fabric
+from moesim.sim.traffic import layer_traffic
+from moesim.traces.format import Layout, Trace
+from moesim.traces.model import ModelSpec
+
+GPU_FIELDS = (
+    "t_layer_start", "t_dense_end", "t_dispatch_join", "t_dispatch_start", "t_dispatch_done",
+    "t_compute_start", "t_compute_end", "t_combine_join", "t_combine_start", "t_combine_done",
+    "tokens", "recv_copies", "bytes_out_intra", "bytes_out_inter",
+)
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    dedup: bool = True  # one copy per (token, destination GPU); False: one per (token, expert)
+    grouped: bool = True  # one grouped-GEMM launch per GPU and layer; False: one kernel per expert
+    rate_tolerance: float = 0.01  # see moesim.sim.network; 0 = exact max-min
+
+
+@dataclass
+class SimRecords:
+    """Flat records of one run. ``gpu[name]`` arrays are [batches, layers, gpus] (times in seconds)."""
+
+    cluster: str
+    placement: str
+    num_gpus: int
+    tp: int
+    gpus_per_node: int
+    gpu: dict[str, np.ndarray]
+    batch_start: np.ndarray
+    batch_end: np.ndarray
+    link_names: tuple[str, ...]
+    link_kind: tuple[str, ...]
+    link_capacity: np.ndarray
+    link_bytes: np.ndarray
+    sim_time: float
+    events: int
+    flows: int
+    recomputations: int
+    collectives: list[CollectiveResult] = field(default_factory=list)  # batch 0 only, for the timeline
+
+
+class CountingEnvironment(simpy.Environment):
+    """A SimPy environment that counts the events it schedules."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scheduled = 0
+
+    def schedule(self, event: simpy.Event, priority: int = 1, delay: float = 0) -> None:  # type: ignore[override]
+        self.scheduled += 1
+        super().schedule(event, priority, delay)
+
+
+class _Rendezvous:
+    """A collective among all GPUs: starts when the last one joins; releases each GPU when it is done."""
+
+    def __init__(self, fabric: Fabric, name: str, nbytes: np.ndarray, sink: list[CollectiveResult] | None):
+        self.fabric, self.name, self.nbytes, self.sink = fabric, name, nbytes, sink
+        G = nbytes.shape[0]
+        self.events = [fabric.env.event() for _ in range(G)]
+        self.joined = 0
+        self.start = np.nan
+
+    def join(self, g: int) -> simpy.Event:
+        self.joined += 1
+        if self.joined == len(self.events):
+            self.start = self.fabric.env.now
+            self.fabric.env.process(self._run())
+        return self.events[g]
+
+    def _run(self) -> Generator[simpy.Event, None, None]:
+        result = yield from self.fabric.collective(self.name, self.nbytes, self.events)
+        if self.sink is not None:
+            self.sink.append(result)
+
+
+def _tp_matrices(recv: np.ndarray, tp: int, nbytes: float) -> tuple[np.ndarray, np.ndarray]:
+    """All-gather and reduce-scatter byte matrices inside each EP rank (block diagonal)."""
+    G = recv.size
+    group = np.arange(G) // tp
+    same = (group[:, None] == group[None, :]) & ~np.eye(G, dtype=bool)
+    gather = same * (recv[:, None] * nbytes)  # g sends what it received to every peer
+    scatter = same * (recv[None, :] * nbytes)  # g sends each peer the outputs of the peer's tokens
+    return gather, scatter
+
+
+class Simulation:
+    """Replays traces through placements on one cluster. Reusable across placements."""
+
+    def __init__(self, topo: Topology, model: ModelSpec, *, tp: int = 1,
+                 options: EngineOptions = EngineOptions()) -> None:
+        cluster = topo.cluster
+        if cluster.num_gpus % tp or cluster.gpus_per_node % tp:
+            raise ValueError(f"tp={tp} must divide gpus_per_node={cluster.gpus_per_node}")
+        self.topo, self.model, self.tp, self.options = topo, model, tp, options
+        self.num_gpus = cluster.num_gpus
+        self.num_ranks = cluster.num_gpus // tp
+
+    def run(self, trace: Trace, layout: Layout, placement: Placement, *,
+            progress: Callable[[int], None] | None = None, keep_collectives: bool = True) -> SimRecords:
+        """Simulate every batch of ``trace`` under ``placement``. ``progress(n)`` is told of finished layers."""
+        topo, model, tp, G = self.topo, self.model, self.tp, self.num_gpus
+        gpu_spec = topo.cluster.gpu
+        L = model.num_layers
+        batches = layout.batch_indices()
+        B = len(batches)
+        rec = {name: np.zeros((B, L, G)) for name in GPU_FIELDS}
+        same_node = topo.same_node()
+        env = CountingEnvironment()
+        fabric = Fabric(env, topo, rate_tolerance=self.options.rate_tolerance)
+        batch_start, batch_end = np.zeros(B), np.zeros(B)
+        kept: list[CollectiveResult] = []
+        flows = 0
+        rank_of_gpu = np.arange(G) // tp
+
+        for b, idx in enumerate(batches):
+            home = layout.home[idx]
+            resident = np.bincount(home, minlength=G)
+            dense = dense_time(resident, model, gpu_spec, tp=tp)
+            plan = []
+            for l in range(L):
+                tr = layer_traffic(trace.experts[idx, l, :], home, idx, placement.gpus[l], num_gpus=G, tp=tp,
+                                   num_experts=model.num_experts, dedup=self.options.dedup)
+                disp = tr.copies * model.dispatch_bytes
+                comb = tr.copies.T * model.combine_bytes
+                tok = tr.expert_tokens[rank_of_gpu]  # [G, E]: each GPU of a rank runs all its tokens
+                comp = expert_time(tok, model, gpu_spec, tp=tp, grouped=self.options.grouped)
+                mats = {"dispatch": disp, "combine": comb}
+                if tp > 1:
+                    mats["allgather"], mats["reducescatter"] = _tp_matrices(tr.recv_copies, tp, model.dispatch_bytes)
+                total = sum(mats.values())
+                offdiag = total * ~np.eye(G, dtype=bool)
+                rec["tokens"][b, l] = tok.sum(axis=1)
+                rec["recv_copies"][b, l] = tr.recv_copies
+                rec["bytes_out_intra"][b, l] = (offdiag * same_node).sum(axis=1)
+                rec["bytes_out_inter"][b, l] = (offdiag * ~same_node).sum(axis=1)
+                flows += sum(int(np.count_nonzero(m * ~np.eye(G, dtype=bool))) for m in mats.values())
+                sink = kept if (keep_collectives and b == 0) else None
+                plan.append(({k: _Rendezvous(fabric, f"{k}[b{b}.l{l}]", m, sink) for k, m in mats.items()}, comp))
+
+            def gpu(g: int) -> Generator[simpy.Event, None, None]:
+                for l, (coll, comp) in enumerate(plan):
+                    rec["t_layer_start"][b, l, g] = env.now
+                    yield env.timeout(dense[g])
+                    rec["t_dense_end"][b, l, g] = rec["t_dispatch_join"][b, l, g] = env.now
+                    yield coll["dispatch"].join(g)
+                    rec["t_dispatch_start"][b, l, g] = coll["dispatch"].start
+                    rec["t_dispatch_done"][b, l, g] = env.now
+                    if tp > 1:
+                        yield coll["allgather"].join(g)
+                    rec["t_compute_start"][b, l, g] = env.now
+                    yield env.timeout(comp[g])
+                    rec["t_compute_end"][b, l, g] = env.now
+                    if tp > 1:
+                        yield coll["reducescatter"].join(g)
+                    rec["t_combine_join"][b, l, g] = env.now
+                    yield coll["combine"].join(g)
+                    rec["t_combine_start"][b, l, g] = coll["combine"].start
+                    rec["t_combine_done"][b, l, g] = env.now
+                    if g == 0 and progress is not None:
+                        progress(1)
+
+            batch_start[b] = env.now
+            procs = [env.process(gpu(g)) for g in range(G)]
+            env.run(until=env.all_of(procs))
+            batch_end[b] = env.now
+
+        return SimRecords(
+            cluster=topo.cluster.name, placement=placement.policy, num_gpus=G, tp=tp,
+            gpus_per_node=topo.cluster.gpus_per_node, gpu=rec, batch_start=batch_start, batch_end=batch_end,
+            link_names=topo.link_names, link_kind=topo.link_kind, link_capacity=topo.capacity,
+            link_bytes=fabric.link_bytes, sim_time=env.now, events=env.scheduled, flows=flows,
+            recomputations=fabric.recomputations, collectives=kept,
+        )

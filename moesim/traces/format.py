@@ -1,0 +1,183 @@
+"""The token-routing trace: which experts each token picks at each MoE layer, and the ``.npz`` format.
+
+A trace holds ``experts`` int [tokens, layers, top_k] (-1 = no expert), optional gate ``weights`` float
+[tokens, layers, top_k], optional ``home`` int [tokens] (the GPU the token lives on) and ``batch`` int
+[tokens], and ``meta`` (num_experts, num_layers, top_k, model, source). Missing ``home``/``batch`` are
+filled by the rules in :meth:`Trace.layout`. Loading validates shapes, dtypes and ranges and names the
+file and field of the first problem. Deliberately not modelled: token order inside a batch, sequence
+boundaries, and the attention KV cache (all placement-independent here).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moesim.errors import InputError
+
+FORMAT = "moesim.trace/1"
+META_KEYS = {"num_experts", "num_layers", "top_k", "model", "source", "format"}
+
+
+@dataclass(frozen=True)
+class TraceMeta:
+    num_experts: int
+    num_layers: int
+    top_k: int
+    model: str = ""
+    source: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        out = {"format": FORMAT, "num_experts": self.num_experts, "num_layers": self.num_layers,
+               "top_k": self.top_k, "model": self.model, "source": self.source}
+        out.update(self.extra)
+        return out
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each token lives (GPU) and which batch it belongs to, resolved for one cluster size."""
+
+    home: np.ndarray  # int32 [tokens]
+    batch: np.ndarray  # int32 [tokens]
+    num_batches: int
+
+    def batch_indices(self) -> list[np.ndarray]:
+        order = np.argsort(self.batch, kind="stable")
+        bounds = np.searchsorted(self.batch[order], np.arange(self.num_batches + 1))
+        return [order[bounds[b] : bounds[b + 1]] for b in range(self.num_batches)]
+
+
+@dataclass(frozen=True)
+class Trace:
+    experts: np.ndarray
+    meta: TraceMeta
+    weights: np.ndarray | None = None
+    home: np.ndarray | None = None
+    batch: np.ndarray | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.experts.shape[0])
+
+    def layout(self, num_gpus: int, tokens_per_gpu: int | None, *, source: str | None = None) -> Layout:
+        """Resolve homes and batches for a cluster of ``num_gpus`` GPUs.
+
+        Default batch: consecutive blocks of ``tokens_per_gpu x num_gpus`` tokens (one batch if
+        ``tokens_per_gpu`` is None). Default home: each batch's tokens spread evenly in contiguous blocks.
+        """
+        T = self.num_tokens
+        if self.batch is not None:
+            batch = self.batch.astype(np.int32)
+        elif tokens_per_gpu:
+            batch = (np.arange(T) // (tokens_per_gpu * num_gpus)).astype(np.int32)
+        else:
+            batch = np.zeros(T, dtype=np.int32)
+        num_batches = int(batch.max()) + 1 if T else 0
+        if self.home is not None:
+            if T and int(self.home.max()) >= num_gpus:
+                raise InputError(f"token home GPU {int(self.home.max())} out of range for a cluster of "
+                                 f"{num_gpus} GPUs", source=source, field="home")
+            home = self.home.astype(np.int32)
+        else:
+            home = np.empty(T, dtype=np.int32)
+            for idx in Layout(home, batch, num_batches).batch_indices():
+                home[idx] = (np.arange(idx.size) * num_gpus) // max(idx.size, 1)
+        return Layout(home=home, batch=batch, num_batches=num_batches)
+
+    def validate(self, source: str | None = None) -> "Trace":
+        m, e = self.meta, self.experts
+        if e.ndim != 3:
+            raise InputError(f"must be 3-D [tokens, layers, top_k], got shape {e.shape}", source=source, field="experts")
+        if not np.issubdtype(e.dtype, np.integer):
+            raise InputError(f"must be integer, got {e.dtype}", source=source, field="experts")
+        if e.shape[1:] != (m.num_layers, m.top_k):
+            raise InputError(f"shape {e.shape} does not match meta num_layers={m.num_layers}, top_k={m.top_k}",
+                             source=source, field="experts")
+        if e.size:
+            lo, hi = int(e.min()), int(e.max())
+            if lo < -1 or hi >= m.num_experts:
+                bad = lo if lo < -1 else hi
+                t, l, k = (int(i[0]) for i in np.nonzero(e == bad))
+                raise InputError(f"expert id {bad} out of range [0, {m.num_experts}) (-1 = none) at token {t}, "
+                                 f"layer {l}, choice {k}", source=source, field="experts")
+            srt = np.sort(e, axis=2)
+            dup = (srt[:, :, 1:] == srt[:, :, :-1]) & (srt[:, :, 1:] >= 0)
+            if dup.any():
+                t, l, _ = (int(i[0]) for i in np.nonzero(dup))
+                raise InputError(f"token {t} picks the same expert twice at layer {l}", source=source, field="experts")
+        for name in ("home", "batch"):
+            arr = getattr(self, name)
+            if arr is None:
+                continue
+            if arr.shape != (e.shape[0],) or not np.issubdtype(arr.dtype, np.integer):
+                raise InputError(f"must be integer [tokens={e.shape[0]}], got {arr.dtype} {arr.shape}",
+                                 source=source, field=name)
+            if arr.size and int(arr.min()) < 0:
+                raise InputError("must be >= 0", source=source, field=name)
+        if self.weights is not None and self.weights.shape != e.shape:
+            raise InputError(f"shape {self.weights.shape} must equal experts' {e.shape}", source=source, field="weights")
+        return self
+
+
+def save_trace(trace: Trace, path: str | os.PathLike[str]) -> Path:
+    """Write ``trace`` as ``.npz`` atomically (temporary file, then rename)."""
+    path = Path(path)
+    arrays: dict[str, np.ndarray] = {"experts": trace.experts}
+    for name in ("weights", "home", "batch"):
+        if getattr(trace, name) is not None:
+            arrays[name] = getattr(trace, name)
+    arrays["meta"] = np.array(json.dumps(trace.meta.to_json(), sort_keys=True))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez_compressed(fh, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_trace(path: str | os.PathLike[str]) -> Trace:
+    """Read and validate a ``.npz`` trace; every problem is an :class:`InputError` naming file and field."""
+    src = str(path)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            data = {k: z[k] for k in z.files}
+    except FileNotFoundError:
+        raise InputError("file not found", source=src) from None
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise InputError(f"not a readable .npz file ({exc})", source=src) from None
+    for key in data:
+        if key not in {"experts", "weights", "home", "batch", "meta"}:
+            raise InputError("unknown array; expected experts, weights, home, batch, meta", source=src, field=key)
+    if "experts" not in data:
+        raise InputError("missing", source=src, field="experts")
+    if "meta" not in data:
+        raise InputError("missing (JSON with num_experts, num_layers, top_k)", source=src, field="meta")
+    try:
+        meta_raw = json.loads(str(data["meta"]))
+        assert isinstance(meta_raw, dict)
+    except (ValueError, AssertionError):
+        raise InputError("must be a JSON object", source=src, field="meta") from None
+    for key in ("num_experts", "num_layers", "top_k"):
+        if not isinstance(meta_raw.get(key), int) or meta_raw[key] <= 0:
+            raise InputError(f"must be a positive integer, got {meta_raw.get(key)!r}", source=src, field=f"meta.{key}")
+    meta = TraceMeta(
+        num_experts=meta_raw["num_experts"], num_layers=meta_raw["num_layers"], top_k=meta_raw["top_k"],
+        model=str(meta_raw.get("model", "")), source=str(meta_raw.get("source", "")),
+        extra={k: v for k, v in meta_raw.items() if k not in META_KEYS},
+    )
+    trace = Trace(experts=data["experts"], meta=meta, weights=data.get("weights"),
+                  home=data.get("home"), batch=data.get("batch"))
+    return trace.validate(src)
