@@ -1,0 +1,205 @@
+"""Command line: ``moesim run | validate | place | cluster``.
+
+Bad input of any kind prints one line naming the file and field, and exits with status 2, before any
+output file is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from moesim.errors import InputError
+from moesim.hardware.presets import deep_merge, preset, preset_names
+from moesim.hardware.spec import ClusterSpec
+from moesim.hardware.topology import build_topology
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from moesim.report.files import write_outputs
+    from moesim.report.text import report
+    from moesim.study import load_scenario, run_study
+
+    scenario = load_scenario(args.scenario)
+    out = Path(args.output) if args.output else scenario.output
+    t0 = time.perf_counter()
+    result = run_study(scenario, progress=False if args.quiet else None)
+    wall = time.perf_counter() - t0
+    print(report(result.metrics(), scenario.baseline))
+    written = write_outputs(result, out, plots_on=not args.no_plots)
+    print(f"\n{len(result.runs)} runs simulated in {wall:.1f} s; results in {out}/ "
+          f"({', '.join(p.name for p in written if p.parent == out)})")
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from moesim.study import load_scenario
+    from moesim.study.runner import load_workload_trace
+    from moesim.placement.format import load_placement
+    from moesim.placement.validate import validate_placement
+    from moesim.study.runner import capacity_of
+
+    scenario = load_scenario(args.scenario)
+    load_workload_trace(scenario)
+    for cluster in scenario.clusters:
+        build_topology(cluster.spec)
+        for entry in scenario.placements:
+            if entry.file is not None:
+                validate_placement(load_placement(entry.file), num_layers=scenario.model.num_layers,
+                                   num_experts=scenario.model.num_experts, num_gpus=cluster.ep,
+                                   capacity=capacity_of(scenario, cluster), source=str(entry.file))
+    names = ", ".join(f"{c.name} ({c.spec.num_gpus} GPUs, EP{c.ep}" + (f" x TP{c.tp})" if c.tp > 1 else ")")
+                      for c in scenario.clusters)
+    print(f"{args.scenario}: ok - {len(scenario.clusters)} cluster(s): {names}; "
+          f"{len(scenario.placements)} placement(s); baseline {scenario.baseline}")
+    return 0
+
+
+def _cmd_place(args: argparse.Namespace) -> int:
+    from moesim.placement.format import save_placement
+    from moesim.placement.registry import policy_names
+    from moesim.study import load_scenario
+    from moesim.study.config import PlacementEntry
+    from moesim.study.runner import build_placement, build_workload, placement_problem
+
+    if args.list:
+        print("\n".join(policy_names()))
+        return 0
+    if not args.scenario or not args.policy or not args.output:
+        raise InputError("moesim place needs SCENARIO, --policy and -o (or --list)")
+    scenario = load_scenario(args.scenario)
+    clusters = {c.name: c for c in scenario.clusters}
+    if args.cluster and args.cluster not in clusters:
+        raise InputError(f"no cluster {args.cluster!r}; valid: {', '.join(clusters)}", source=args.scenario,
+                         field="clusters")
+    cluster = clusters[args.cluster] if args.cluster else scenario.clusters[0]
+    options = {}
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise InputError(f"--set needs KEY=VALUE, got {item!r}")
+        options[key] = yaml.safe_load(value)
+    if args.policy not in policy_names():
+        raise InputError(f"unknown policy {args.policy!r}; valid: {', '.join(policy_names())}", field="--policy")
+    entry = PlacementEntry(name=args.policy, policy=args.policy, options=options)
+    scenario = scenario.model_copy(update={"placements": (*scenario.placements, entry)})
+    work = build_workload(scenario, cluster)
+    placement = build_placement(scenario, cluster, entry, placement_problem(scenario, cluster, work.profile))
+    save_placement(placement, args.output)
+    print(f"wrote {args.output}: {args.policy} for {cluster.name} (EP{cluster.ep}), "
+          f"{placement.num_layers} layers x {placement.num_experts} experts")
+    return 0
+
+
+def _cluster_spec(name: str, overrides: list[str]) -> ClusterSpec:
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml"):
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise InputError(f"cannot read cluster file ({exc})", source=name) from None
+        base = preset(raw.pop("preset")) if isinstance(raw, dict) and "preset" in raw else {}
+        raw = deep_merge(base, raw or {})
+    else:
+        try:
+            raw = preset(name)
+        except KeyError as exc:
+            raise InputError(str(exc.args[0])) from None
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise InputError(f"--set needs KEY=VALUE, got {item!r}")
+        node: dict = raw
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = yaml.safe_load(value)
+    from moesim.study.config import _pydantic_error  # one formatter for every config error
+    from pydantic import ValidationError
+
+    try:
+        return ClusterSpec(**raw)
+    except ValidationError as exc:
+        raise _pydantic_error(exc, name, "") from None
+
+
+def _cmd_cluster(args: argparse.Namespace) -> int:
+    if args.action == "list":
+        for name in preset_names():
+            spec = ClusterSpec(**preset(name))
+            print(f"{name:12s} {spec.gpus_per_node} x {spec.gpu.name}, {spec.nvlink.name} "
+                  f"{spec.nvlink.GBps:.0f} GB/s, NIC {spec.network.nic_Gbps:.0f} Gb/s per GPU")
+        return 0
+    if not args.name:
+        raise InputError("moesim cluster show needs a preset name or a cluster YAML file")
+    spec = _cluster_spec(args.name, args.set or [])
+    topo = build_topology(spec)
+    g, nv, net = spec.gpu, spec.nvlink, spec.network
+    kinds: dict[str, int] = {}
+    for k in topo.link_kind:
+        kinds[k] = kinds.get(k, 0) + 1
+    lines = [
+        f"{spec.name}: {spec.nodes} node(s) x {spec.gpus_per_node} GPUs = {spec.num_gpus} GPUs",
+        f"  GPU       {g.name}: {g.bf16_tflops:.0f} TFLOP/s bf16 dense (x{g.compute_efficiency} achieved), "
+        f"{g.hbm_GBps:.0f} GB/s HBM (x{g.hbm_efficiency}), {g.memory_GB:.0f} GB, {g.ffn_overhead_us:.0f} us per FFN launch",
+        f"  NVLink    {nv.name}: {nv.GBps:.0f} GB/s per GPU per direction (x{nv.efficiency} = "
+        f"{nv.bytes_per_s / 1e9:.0f} GB/s), {nv.latency_us} us",
+        f"  network   one {net.nic_Gbps:.0f} Gb/s NIC per GPU (x{net.nic_efficiency} = {net.nic_bytes_per_s / 1e9:.1f} GB/s), "
+        f"{net.latency_us} us; {'rail-optimised leaves' if net.rail_optimized else f'{net.nodes_per_leaf} nodes per leaf'}, "
+        f"oversubscription {net.oversubscription}:1; PCIe {net.pcie_GBps:.0f} GB/s",
+        f"  all-to-all launch {spec.a2a_launch_us} us; expert weights may use {spec.expert_memory_fraction:.0%} of HBM",
+        f"  graph     {topo.graph.number_of_nodes()} nodes, {topo.num_links} directed links "
+        + "(" + ", ".join(f"{v} {k}" for k, v in sorted(kinds.items())) + ")",
+    ]
+    if spec.num_gpus > 1:
+        far = spec.num_gpus - 1
+        path = " -> ".join([topo.link_names[i].split("->")[0] for i in topo.path(0, far)] + [f"gpu{far}"])
+        lines.append(f"  path gpu0 -> gpu{far}: {path} ({topo.path_latency[0, far] * 1e6:.1f} us)")
+    print("\n".join(lines))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="moesim", description="Simulate MoE expert placements on GPU clusters.")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="simulate a scenario and write results")
+    r.add_argument("scenario")
+    r.add_argument("-o", "--output", help="output folder (default: the scenario's 'output', or results/NAME)")
+    r.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    r.add_argument("--no-plots", action="store_true")
+    r.set_defaults(func=_cmd_run)
+    v = sub.add_parser("validate", help="check a scenario without running it")
+    v.add_argument("scenario")
+    v.set_defaults(func=_cmd_validate)
+    pl = sub.add_parser("place", help="compute a placement with a registered policy and write it as JSON")
+    pl.add_argument("scenario", nargs="?")
+    pl.add_argument("--policy")
+    pl.add_argument("--cluster", help="cluster name in the scenario (default: the first)")
+    pl.add_argument("--set", action="append", metavar="KEY=VALUE", help="policy option")
+    pl.add_argument("-o", "--output")
+    pl.add_argument("--list", action="store_true", help="list the registered policies")
+    pl.set_defaults(func=_cmd_place)
+    c = sub.add_parser("cluster", help="show cluster presets")
+    c.add_argument("action", choices=["show", "list"])
+    c.add_argument("name", nargs="?", help="preset name or cluster YAML file")
+    c.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. nodes=2")
+    c.set_defaults(func=_cmd_cluster)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except InputError as exc:
+        print(f"moesim: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

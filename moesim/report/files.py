@@ -1,0 +1,105 @@
+"""Result files: results.json, per-layer per-GPU CSV, placements, plots, timeline - all or nothing.
+
+Everything is first written into a fresh temporary folder beside the output folder; only when every
+file is complete are they moved into place (one rename each), so a failure leaves no partial results and
+never touches files of the user's that we did not write. results.json holds no wall-clock times or
+paths of this machine, so the same scenario and seed give a byte-identical file.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moesim.placement.format import save_placement
+from moesim.report import plots, timeline
+from moesim.study.runner import StudyResult
+
+RESULTS_FORMAT = "moesim.results/1"
+CSV_FIELDS = ("cluster", "placement", "batch", "layer", "gpu", "ep_rank", "tokens", "recv_copies", "dense_ms",
+              "dispatch_ms", "compute_ms", "combine_ms", "sync_wait_ms", "bytes_out_intra", "bytes_out_inter")
+
+
+def _round(x: Any, digits: int = 6) -> Any:
+    if isinstance(x, float):
+        return float(f"{x:.{digits}g}")
+    if isinstance(x, dict):
+        return {k: _round(v, digits) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_round(v, digits) for v in x]
+    return x
+
+
+def results_json(result: StudyResult) -> dict[str, Any]:
+    sc = result.scenario
+    runs = []
+    for run in result.runs:
+        rec = run.records
+        entry = run.metrics.to_json()
+        entry["simulation"] = {"events": rec.events, "flows": rec.flows, "rate_recomputations": rec.recomputations,
+                               "simulated_ms": rec.sim_time * 1e3}
+        runs.append(entry)
+    clusters = [{"name": c.name, "tp": c.tp, "ep": c.ep, "spec": c.spec.model_dump(mode="json")} for c in sc.clusters]
+    return _round({
+        "format": RESULTS_FORMAT,
+        "scenario": sc.name,
+        "baseline": sc.baseline,
+        "model": sc.model.model_dump(mode="json"),
+        "engine": sc.engine.model_dump(mode="json", exclude={"progress"}),
+        "clusters": clusters,
+        "workload": result.workloads,
+        "runs": runs,
+    })
+
+
+def write_csv(result: StudyResult, path: Path) -> None:
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(CSV_FIELDS)
+        for run in result.runs:
+            g = run.records.gpu
+            B, L, G = g["tokens"].shape
+            b, l, gpu = (a.ravel() for a in np.meshgrid(np.arange(B), np.arange(L), np.arange(G), indexing="ij"))
+            ms = lambda x: (x.ravel() * 1e3).round(6)  # noqa: E731
+            cols = [
+                b, l, gpu, gpu // run.records.tp, g["tokens"].ravel().astype(np.int64),
+                g["recv_copies"].ravel().astype(np.int64),
+                ms(g["t_dense_end"] - g["t_layer_start"]),
+                ms(g["t_dispatch_done"] - g["t_dispatch_start"]),
+                ms(g["t_compute_end"] - g["t_compute_start"]),
+                ms(g["t_combine_done"] - g["t_combine_start"]),
+                ms((g["t_dispatch_start"] - g["t_dispatch_join"]) + (g["t_combine_start"] - g["t_combine_join"])),
+                g["bytes_out_intra"].ravel().astype(np.int64), g["bytes_out_inter"].ravel().astype(np.int64),
+            ]
+            for row in zip(*cols):
+                w.writerow((run.cluster.name, run.name, *(x.item() for x in row)))
+
+
+def write_outputs(result: StudyResult, out_dir: str | os.PathLike[str], *, plots_on: bool = True) -> list[Path]:
+    """Write every result file into ``out_dir`` atomically; returns the paths written."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        (tmp / "results.json").write_text(json.dumps(results_json(result), indent=1, sort_keys=True) + "\n")
+        write_csv(result, tmp / "per_gpu_layer.csv")
+        for run in result.runs:
+            save_placement(run.placement, tmp / "placements" / run.cluster.name / f"{run.name}.json")
+        timeline.write(result, tmp / "timeline.json")
+        if plots_on:
+            plots.write_all(result, tmp)
+        written = sorted(p.relative_to(tmp) for p in tmp.rglob("*") if p.is_file())
+        out.mkdir(parents=True, exist_ok=True)
+        for rel in written:
+            (out / rel).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp / rel, out / rel)
+        return [out / rel for rel in written]
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,103 @@
+"""Plots: speedup per placement and cluster, per-GPU load heatmaps, all-to-all tail distributions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from moesim.metrics.summary import per_rank  # noqa: E402
+from moesim.study.runner import StudyResult  # noqa: E402
+
+
+def _clusters_and_placements(result: StudyResult) -> tuple[list[str], list[str]]:
+    clusters = list(dict.fromkeys(r.cluster.name for r in result.runs))
+    names = list(dict.fromkeys(r.name for r in result.runs))
+    return clusters, names
+
+
+def speedup(result: StudyResult, path: Path) -> None:
+    clusters, names = _clusters_and_placements(result)
+    speed = {(r.cluster.name, r.name): r.metrics.speedup_vs_baseline or 0.0 for r in result.runs}
+    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(names) * max(1, len(clusters)) / 1.5), 4))
+    width = 0.8 / len(clusters)
+    x = np.arange(len(names))
+    for i, c in enumerate(clusters):
+        vals = [speed.get((c, n), 0.0) for n in names]
+        bars = ax.bar(x + (i - (len(clusters) - 1) / 2) * width, vals, width, label=c)
+        ax.bar_label(bars, labels=[f"{v:.2f}x" for v in vals], fontsize=8, padding=2)
+    ax.axhline(1.0, color="k", lw=0.8, ls="--")
+    ax.set_xticks(x, names)
+    ax.set_ylabel(f"end-to-end speedup vs {result.scenario.baseline}")
+    ax.set_title(f"{result.scenario.name}: speedup by placement and cluster")
+    lo = min(speed.values(), default=1.0)
+    ax.set_ylim(min(0.9, lo - 0.05), max(speed.values(), default=1.0) * 1.08)
+    ax.legend(title="cluster")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def gpu_load(result: StudyResult, path: Path) -> None:
+    clusters, names = _clusters_and_placements(result)
+    fig, axes = plt.subplots(len(clusters), len(names), figsize=(3.2 * len(names), 2.8 * len(clusters)),
+                             squeeze=False)
+    loads = {}
+    for r in result.runs:
+        tok = per_rank(r.records.gpu["tokens"], r.records.tp).mean(axis=0)  # [L, ranks]
+        mean = tok.mean(axis=1, keepdims=True)
+        loads[(r.cluster.name, r.name)] = np.divide(tok, mean, out=np.ones_like(tok), where=mean > 0)
+    vmax = max(float(v.max()) for v in loads.values())
+    im = None
+    for i, c in enumerate(clusters):
+        for j, n in enumerate(names):
+            ax = axes[i, j]
+            data = loads.get((c, n))
+            if data is None:
+                ax.axis("off")
+                continue
+            im = ax.imshow(data, aspect="auto", cmap="magma", vmin=0, vmax=vmax, interpolation="nearest")
+            ax.set_title(f"{n}\n{c}", fontsize=9)
+            ax.set_xlabel("EP rank (GPU group)" if r_tp(result, c) > 1 else "GPU")
+            ax.set_ylabel("MoE layer")
+    if im is not None:
+        fig.colorbar(im, ax=axes, shrink=0.8, label="tokens / mean over GPUs")
+    fig.suptitle("Per-GPU expert load (mean over batches)")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def r_tp(result: StudyResult, cluster: str) -> int:
+    return next(c.tp for c in result.scenario.clusters if c.name == cluster)
+
+
+def a2a_tail(result: StudyResult, path: Path) -> None:
+    clusters, names = _clusters_and_placements(result)
+    fig, axes = plt.subplots(1, len(clusters), figsize=(5.5 * len(clusters), 4), squeeze=False)
+    for i, c in enumerate(clusters):
+        ax = axes[0, i]
+        for r in (r for r in result.runs if r.cluster.name == c):
+            g = r.records.gpu
+            tails = np.concatenate([(g["t_dispatch_done"] - g["t_dispatch_start"]).max(axis=2).ravel(),
+                                    (g["t_combine_done"] - g["t_combine_start"]).max(axis=2).ravel()]) * 1e3
+            xs = np.sort(tails)
+            ax.step(xs, np.arange(1, xs.size + 1) / xs.size, where="post", label=r.name)
+        ax.set_xlabel("all-to-all tail latency per layer (ms, slowest GPU)")
+        ax.set_ylabel("fraction of collectives")
+        ax.set_title(c)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("All-to-all tail latency distribution (dispatch and combine)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_all(result: StudyResult, folder: Path) -> None:
+    speedup(result, folder / "speedup.png")
+    gpu_load(result, folder / "gpu_load.png")
+    a2a_tail(result, folder / "a2a_tail.png")

@@ -1,0 +1,189 @@
+"""Run a scenario: for every cluster, build the topology and workload, compute every placement, simulate.
+
+Returns a :class:`StudyResult` holding the records and metrics of every (cluster, placement) run;
+writing files is :mod:`moesim.report`'s job. Everything a run needs is validated before the first
+simulation starts, and one ``numpy.random.Generator`` per purpose is derived from the workload seed, so
+the same scenario gives the same numbers on every machine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+from tqdm import tqdm
+
+from moesim.errors import InputError
+from moesim.hardware.topology import Topology, build_topology
+from moesim.metrics.summary import RunMetrics, summarize, with_speedups
+from moesim.placement.format import Placement, load_placement
+from moesim.placement.registry import PlacementProblem, make_placement
+from moesim.placement.validate import Capacity, validate_placement
+from moesim.sim.engine import EngineOptions, Simulation, SimRecords
+from moesim.study.config import ClusterEntry, PlacementEntry, Scenario
+from moesim.traces.format import Layout, Trace, load_trace
+from moesim.traces.synthetic import SyntheticParams, generate_trace
+
+
+@dataclass
+class Workload:
+    """The evaluation trace and the profiling trace, laid out for one cluster."""
+
+    trace: Trace
+    layout: Layout
+    profile: Trace
+    profile_in_sample: bool
+
+
+@dataclass
+class Run:
+    cluster: ClusterEntry
+    name: str
+    placement: Placement
+    records: SimRecords
+    metrics: RunMetrics
+
+
+@dataclass
+class StudyResult:
+    scenario: Scenario
+    runs: list[Run]
+    workloads: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def metrics(self) -> list[RunMetrics]:
+        return [r.metrics for r in self.runs]
+
+
+def expert_loads(trace: Trace) -> np.ndarray:
+    """[layers, experts] token-expert pairs per expert."""
+    L, E = trace.meta.num_layers, trace.meta.num_experts
+    ex = trace.experts.astype(np.int64)
+    valid = ex >= 0
+    flat = (ex + (np.arange(L) * E)[None, :, None])[valid]
+    return np.bincount(flat, minlength=L * E).reshape(L, E).astype(float)
+
+
+def _check_trace(trace: Trace, scenario: Scenario, source: str) -> None:
+    m = scenario.model
+    for key in ("num_layers", "num_experts", "top_k"):
+        have, want = getattr(trace.meta, key), getattr(m, key)
+        if have != want:
+            raise InputError(f"trace has {key}={have}, the scenario's model has {want}", source=source,
+                             field=f"meta.{key}")
+
+
+def load_workload_trace(scenario: Scenario) -> Trace | None:
+    """The scenario's trace file, loaded and checked against the model (None for synthetic workloads)."""
+    tw = scenario.workload.trace
+    if tw is None:
+        return None
+    trace = load_trace(tw.file)
+    _check_trace(trace, scenario, str(tw.file))
+    return trace
+
+
+def build_workload(scenario: Scenario, cluster: ClusterEntry, trace: Trace | None = None) -> Workload:
+    m, G = scenario.model, cluster.spec.num_gpus
+    syn = scenario.workload.synthetic
+    if syn is not None:
+        params = SyntheticParams(zipf_alpha=syn.zipf_alpha, gpu_mix_sigma=syn.gpu_mix_sigma,
+                                 affinity=syn.affinity, affinity_fanout=syn.affinity_fanout)
+
+        def gen(batches: int, stream: int) -> Trace:
+            return generate_trace(num_layers=m.num_layers, num_experts=m.num_experts, top_k=m.top_k, num_gpus=G,
+                                  tokens_per_gpu=syn.tokens_per_gpu, batches=batches, params=params,
+                                  rng=np.random.default_rng([syn.seed, stream]),
+                                  structure_rng=np.random.default_rng(syn.seed), model=m.name)
+
+        evaluation = gen(syn.batches, 1)
+        return Workload(evaluation, evaluation.layout(G, syn.tokens_per_gpu), gen(syn.profile_batches, 2), False)
+    tw = scenario.workload.trace
+    assert tw is not None
+    trace = trace if trace is not None else load_workload_trace(scenario)
+    assert trace is not None
+    layout = trace.layout(G, tw.tokens_per_gpu, source=str(tw.file))
+    if tw.profile_batches is None:
+        return Workload(trace, layout, trace, True)
+    keep = layout.batch < tw.profile_batches
+    profile = Trace(experts=trace.experts[keep], meta=trace.meta)
+    return Workload(trace, layout, profile, False)
+
+
+def capacity_of(scenario: Scenario, cluster: ClusterEntry) -> Capacity:
+    spec = cluster.spec
+    return Capacity(
+        slots_per_gpu=None,
+        expert_bytes_per_gpu=scenario.model.expert_weight_bytes / cluster.tp,
+        memory_bytes_per_gpu=spec.gpu.memory_GB * 1e9 * spec.expert_memory_fraction,
+    )
+
+
+def placement_problem(scenario: Scenario, cluster: ClusterEntry, profile: Trace) -> PlacementProblem:
+    m = scenario.model
+    ep = cluster.ep
+    seed = scenario.workload.synthetic.seed if scenario.workload.synthetic else 0
+    return PlacementProblem(num_layers=m.num_layers, num_experts=m.num_experts, num_gpus=ep,
+                            gpus_per_node=cluster.spec.gpus_per_node // cluster.tp,
+                            slots_per_gpu=-(-m.num_experts // ep), load=expert_loads(profile), seed=seed)
+
+
+def build_placement(scenario: Scenario, cluster: ClusterEntry, entry: PlacementEntry,
+                    problem: PlacementProblem) -> Placement:
+    """Compute or load one placement and validate it against the model and the cluster."""
+    index = scenario.placements.index(entry)
+    if entry.file is not None:
+        placement = load_placement(entry.file)
+        source = str(entry.file)
+    else:
+        try:
+            placement = make_placement(entry.policy or "", problem, **entry.options)
+        except KeyError as exc:
+            raise InputError(str(exc.args[0]), source=scenario.source, field=f"placements[{index}]") from None
+        except ValueError as exc:
+            raise InputError(str(exc), source=scenario.source, field=f"placements[{index}]") from None
+        source = f"{scenario.source}: placements[{index}] ({entry.name}) on {cluster.name}"
+    return validate_placement(placement, num_layers=scenario.model.num_layers,
+                              num_experts=scenario.model.num_experts, num_gpus=cluster.ep,
+                              capacity=capacity_of(scenario, cluster), source=source)
+
+
+def run_study(scenario: Scenario, *, progress: bool | None = None,
+              on_run: Callable[[Run], None] | None = None) -> StudyResult:
+    """Simulate every placement of ``scenario`` on every cluster."""
+    show = scenario.engine.progress if progress is None else progress
+    options = EngineOptions(dedup=scenario.engine.dispatch == "per_gpu",
+                            grouped=scenario.engine.expert_kernel == "grouped",
+                            rate_tolerance=scenario.engine.rate_tolerance)
+    shared_trace = load_workload_trace(scenario)
+    prepared: list[tuple[ClusterEntry, Topology, Workload, list[tuple[PlacementEntry, Placement]]]] = []
+    for cluster in scenario.clusters:  # validate everything before simulating anything
+        topo = build_topology(cluster.spec)
+        work = build_workload(scenario, cluster, shared_trace)
+        problem = placement_problem(scenario, cluster, work.profile)
+        placements = [(e, build_placement(scenario, cluster, e, problem)) for e in scenario.placements]
+        prepared.append((cluster, topo, work, placements))
+
+    runs: list[Run] = []
+    workloads: dict[str, dict[str, Any]] = {}
+    for cluster, topo, work, placements in prepared:
+        sim = Simulation(topo, scenario.model, tp=cluster.tp, options=options)
+        workloads[cluster.name] = {
+            "tokens": work.trace.num_tokens, "batches": work.layout.num_batches,
+            "profile_tokens": work.profile.num_tokens, "profile_in_sample": work.profile_in_sample,
+        }
+        for entry, placement in placements:
+            total = work.layout.num_batches * scenario.model.num_layers
+            with tqdm(total=total, desc=f"{cluster.name} / {entry.name}", unit="layer", disable=not show,
+                      leave=False) as bar:
+                records = sim.run(work.trace, work.layout, placement, progress=bar.update)
+            records.placement = entry.name
+            run = Run(cluster=cluster, name=entry.name, placement=placement, records=records,
+                      metrics=summarize(records))
+            runs.append(run)
+            if on_run is not None:
+                on_run(run)
+    final = with_speedups([r.metrics for r in runs], scenario.baseline)
+    for run, m in zip(runs, final):
+        run.metrics = m
+    return StudyResult(scenario=scenario, runs=runs, workloads=workloads)
