@@ -44,8 +44,8 @@ def speedup(result: StudyResult, path: Path) -> None:
 
 def gpu_load(result: StudyResult, path: Path) -> None:
     clusters, names = _clusters_and_placements(result)
-    fig, axes = plt.subplots(len(clusters), len(names), figsize=(3.2 * len(names), 2.8 * len(clusters)),
-                             squeeze=False)
+    fig, axes = plt.subplots(len(clusters), len(names), figsize=(3.0 * len(names) + 1, 3.0 * len(clusters) + 0.6),
+                             squeeze=False, sharex="row", sharey=True, layout="constrained")
     loads = {}
     for r in result.runs:
         tok = per_rank(r.records.gpu["tokens"], r.records.tp).mean(axis=0)  # [L, ranks]
@@ -61,13 +61,14 @@ def gpu_load(result: StudyResult, path: Path) -> None:
                 ax.axis("off")
                 continue
             im = ax.imshow(data, aspect="auto", cmap="magma", vmin=0, vmax=vmax, interpolation="nearest")
-            ax.set_title(f"{n}\n{c}", fontsize=9)
-            ax.set_xlabel("EP rank (GPU group)" if r_tp(result, c) > 1 else "GPU")
-            ax.set_ylabel("MoE layer")
+            ax.set_title(n if i == 0 else "", fontsize=10)
+            ax.set_xlabel("EP rank (TP group)" if r_tp(result, c) > 1 else "GPU", fontsize=8)
+            if j == 0:
+                ax.set_ylabel(f"{c}\nMoE layer")
     if im is not None:
         fig.colorbar(im, ax=axes, shrink=0.8, label="tokens / mean over GPUs")
-    fig.suptitle("Per-GPU expert load (mean over batches)")
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    fig.suptitle("Per-GPU expert load (token-expert pairs, mean over batches)")
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 

@@ -1,0 +1,21 @@
+"""moesim: which Mixture-of-Experts expert placement serves fastest on your GPU cluster, and by how much.
+
+Layers, each importing only those before it: hardware -> traces -> placement -> sim -> metrics ->
+study -> report -> cli. The public API below is what the CLI and the notebooks use::
+
+    import moesim
+    scenario = moesim.load_scenario("scenarios/multinode.yaml")
+    result = moesim.run_study(scenario)
+    print(moesim.report(result.metrics(), scenario.baseline))
+    moesim.write_outputs(result, "results/multinode")
+"""
+
+from moesim.errors import InputError
+from moesim.report.files import write_outputs
+from moesim.report.text import report
+from moesim.study import Scenario, StudyResult, load_scenario, parse_scenario, run_study
+
+__version__ = "0.1.0"
+
+__all__ = ["InputError", "Scenario", "StudyResult", "load_scenario", "parse_scenario", "report", "run_study",
+           "write_outputs", "__version__"]
