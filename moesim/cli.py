@@ -37,16 +37,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from moesim.study import load_scenario
-    from moesim.study.runner import load_workload_trace
     from moesim.placement.format import load_placement
     from moesim.placement.validate import validate_placement
-    from moesim.study.runner import capacity_of
+    from moesim.study import load_scenario
+    from moesim.study.runner import capacity_of, check_fits, load_workload_trace
 
     scenario = load_scenario(args.scenario)
-    load_workload_trace(scenario)
+    trace = load_workload_trace(scenario)
     for cluster in scenario.clusters:
+        check_fits(scenario, cluster)
         build_topology(cluster.spec)
+        if trace is not None and scenario.workload.trace is not None:
+            tw = scenario.workload.trace
+            trace.layout(cluster.spec.num_gpus, tw.tokens_per_gpu, source=str(tw.file))
         for entry in scenario.placements:
             if entry.file is not None:
                 validate_placement(load_placement(entry.file), num_layers=scenario.model.num_layers,

@@ -119,6 +119,21 @@ def capacity_of(scenario: Scenario, cluster: ClusterEntry) -> Capacity:
     )
 
 
+def check_fits(scenario: Scenario, cluster: ClusterEntry) -> None:
+    """Fail early when an equal share of the experts (``ceil(E / EP)`` per rank per layer) cannot fit."""
+    cap = capacity_of(scenario, cluster)
+    m = scenario.model
+    slots = -(-m.num_experts // cluster.ep)
+    need = slots * m.num_layers * cap.expert_bytes_per_gpu
+    if need > cap.memory_bytes_per_gpu:
+        index = scenario.clusters.index(cluster)
+        raise InputError(
+            f"{slots} experts x {m.num_layers} layers x {cap.expert_bytes_per_gpu / 1e9:.2f} GB need "
+            f"{need / 1e9:.1f} GB of expert weights per GPU, over {cap.memory_bytes_per_gpu / 1e9:.1f} GB "
+            f"(memory_GB x expert_memory_fraction); add GPUs or raise tp",
+            source=scenario.source, field=f"clusters[{index}]")
+
+
 def placement_problem(scenario: Scenario, cluster: ClusterEntry, profile: Trace) -> PlacementProblem:
     m = scenario.model
     ep = cluster.ep
@@ -158,6 +173,7 @@ def run_study(scenario: Scenario, *, progress: bool | None = None,
     shared_trace = load_workload_trace(scenario)
     prepared: list[tuple[ClusterEntry, Topology, Workload, list[tuple[PlacementEntry, Placement]]]] = []
     for cluster in scenario.clusters:  # validate everything before simulating anything
+        check_fits(scenario, cluster)
         topo = build_topology(cluster.spec)
         work = build_workload(scenario, cluster, shared_trace)
         problem = placement_problem(scenario, cluster, work.profile)
