@@ -32,6 +32,7 @@ class GPUSpec(StrictModel):
     compute_efficiency: float = Fraction
     hbm_efficiency: float = Fraction
     ffn_overhead_us: float = Field(ge=0, description="fixed cost of one expert-FFN launch (GEMM, act, GEMM)")
+    ffn_floor_us: float = Field(default=0.0, ge=0, description="shortest possible expert FFN (launch-bound)")
 
     @property
     def flops_per_s(self) -> float:

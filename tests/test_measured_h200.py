@@ -1,0 +1,49 @@
+"""The compute model against expert-FFN timings measured on an H200 (../shared/calibration).
+
+The hgx-h200 preset's efficiencies were fitted by hand to these curves, so this is a regression check of
+the roofline-plus-floor model, not a held-out validation (the fidelity issue does that).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from moesim.hardware import ClusterSpec, preset
+from moesim.sim import expert_time
+from moesim.traces import ModelSpec
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "calibration" / "expert_ffn_h200.json"
+pytestmark = pytest.mark.skipif(not DATA.is_file(), reason="../shared/calibration not present")
+
+
+def _model(d_model: int, d_ff: int) -> ModelSpec:
+    return ModelSpec(num_layers=1, num_experts=4, top_k=1, d_model=d_model, d_ff=d_ff)
+
+
+def test_single_expert_curves_within_tolerance() -> None:
+    data = json.loads(DATA.read_text())
+    gpu = ClusterSpec(**preset("hgx-h200")).gpu
+    errors = []
+    for shape in data["single"].values():
+        rows = np.array(shape["rows"])
+        pred = expert_time(rows[:, :1], _model(shape["d_model"], shape["d_ff"]), gpu) * 1e3
+        errors.extend((pred - rows[:, 1]) / rows[:, 1])
+    errors = np.abs(errors)
+    assert len(errors) >= 50
+    assert np.median(errors) < 0.10
+    assert errors.max() < 0.30
+
+
+def test_sequential_experts_with_uneven_loads() -> None:
+    data = json.loads(DATA.read_text())
+    gpu = ClusterSpec(**preset("hgx-h200")).gpu
+    shapes = data["single"]
+    for case in data["multi"]:
+        shape = shapes[case["shape"]]
+        pred = expert_time(np.array([case["loads"]]), _model(shape["d_model"], shape["d_ff"]), gpu,
+                           grouped=False)[0] * 1e3
+        assert pred == pytest.approx(case["ms"], rel=0.2)
