@@ -6,16 +6,16 @@ study -> report -> cli. The public API below is what the CLI and the notebooks u
     import moesim
     scenario = moesim.load_scenario("scenarios/multinode.yaml")
     result = moesim.run_study(scenario)
-    print(moesim.report(result.metrics(), scenario.baseline))
+    print(moesim.format_report(result.metrics(), scenario.baseline))
     moesim.write_outputs(result, "results/multinode")
 """
 
 from moesim.errors import InputError
 from moesim.report.files import write_outputs
-from moesim.report.text import report
+from moesim.report.text import format_report
 from moesim.study import Scenario, StudyResult, load_scenario, parse_scenario, run_study
 
 __version__ = "0.1.0"
 
-__all__ = ["InputError", "Scenario", "StudyResult", "load_scenario", "parse_scenario", "report", "run_study",
+__all__ = ["InputError", "Scenario", "StudyResult", "format_report", "load_scenario", "parse_scenario", "run_study",
            "write_outputs", "__version__"]

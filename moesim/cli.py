@@ -21,7 +21,7 @@ from moesim.hardware.topology import build_topology
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from moesim.report.files import write_outputs
-    from moesim.report.text import report
+    from moesim.report.text import format_report
     from moesim.study import load_scenario, run_study
 
     scenario = load_scenario(args.scenario)
@@ -29,7 +29,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     result = run_study(scenario, progress=False if args.quiet else None)
     wall = time.perf_counter() - t0
-    print(report(result.metrics(), scenario.baseline))
+    print(format_report(result.metrics(), scenario.baseline))
     written = write_outputs(result, out, plots_on=not args.no_plots)
     print(f"\n{len(result.runs)} runs simulated in {wall:.1f} s; results in {out}/ "
           f"({', '.join(p.name for p in written if p.parent == out)})")
@@ -104,9 +104,16 @@ def _cluster_spec(name: str, overrides: list[str]) -> ClusterSpec:
         try:
             raw = yaml.safe_load(path.read_text())
         except (OSError, yaml.YAMLError) as exc:
-            raise InputError(f"cannot read cluster file ({exc})", source=name) from None
-        base = preset(raw.pop("preset")) if isinstance(raw, dict) and "preset" in raw else {}
-        raw = deep_merge(base, raw or {})
+            raise InputError(f"cannot read cluster file ({' '.join(str(exc).split())})", source=name) from None
+        if not isinstance(raw, dict):
+            raise InputError("a cluster file must be a YAML mapping", source=name)
+        base: dict = {}
+        if "preset" in raw:
+            try:
+                base = preset(str(raw.pop("preset")))
+            except KeyError as exc:
+                raise InputError(str(exc.args[0]), source=name, field="preset") from None
+        raw = deep_merge(base, raw)
     else:
         try:
             raw = preset(name)

@@ -133,7 +133,9 @@ def load_placement(path: str | os.PathLike[str]) -> Placement:
             if not ok:
                 raise InputError("must be a list of GPU indices", source=src, field=f"{where}[{e}]")
         lists.append(experts)
+    info = raw.get("info") or {}
+    if not isinstance(info, dict):
+        raise InputError("must be a JSON object", source=src, field="info")
     if len({len(layer) for layer in lists}) != 1:
         raise InputError("every layer must list the same number of experts", source=src, field="layers")
-    return Placement.from_lists(lists, num_gpus, policy=str(raw.get("policy", "")),
-                                info=dict(raw.get("info") or {}))
+    return Placement.from_lists(lists, num_gpus, policy=str(raw.get("policy", "")), info=info)

@@ -8,10 +8,12 @@ and duplicate registrations raise and list the valid choices. Every result passe
 from __future__ import annotations
 
 import inspect
+import typing
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
+from pydantic import TypeAdapter, ValidationError
 
 from moesim.placement.format import Placement
 from moesim.placement.validate import validate_placement
@@ -41,7 +43,8 @@ _REGISTRY: dict[str, Policy] = {}
 def register(name: str) -> Callable[[Policy], Policy]:
     def deco(fn: Policy) -> Policy:
         if name in _REGISTRY:
-            raise ValueError(f"placement policy {name!r} is already registered")
+            raise ValueError(f"placement policy {name!r} is already registered; registered: "
+                             f"{', '.join(policy_names())}")
         _REGISTRY[name] = fn
         return fn
 
@@ -65,6 +68,17 @@ def policy_options(name: str) -> dict[str, Any]:
     return {p.name: p.default for p in sig.parameters.values() if p.kind is p.KEYWORD_ONLY}
 
 
+def check_option(name: str, option: str, value: Any) -> Any:
+    """Validate one option value against the policy's type annotation; raises TypeError saying what is expected."""
+    hints = typing.get_type_hints(get_policy(name))
+    hint = hints.get(option, Any)
+    try:
+        return TypeAdapter(hint).validate_python(value, strict=True)
+    except ValidationError:
+        expected = getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+        raise TypeError(f"option {option!r} of policy {name!r} must be {expected}, got {value!r}") from None
+
+
 def make_placement(name: str, problem: PlacementProblem, **options: Any) -> Placement:
     """Run policy ``name`` with ``options`` and validate its output."""
     fn = get_policy(name)
@@ -73,6 +87,7 @@ def make_placement(name: str, problem: PlacementProblem, **options: Any) -> Plac
         if key not in accepted:
             valid = ", ".join(accepted) or "none"
             raise KeyError(f"policy {name!r} has no option {key!r}; valid: {valid}")
+    options = {key: check_option(name, key, value) for key, value in options.items()}
     placement = fn(problem, **options)
     validate_placement(placement, num_layers=problem.num_layers, num_experts=problem.num_experts,
                        num_gpus=problem.num_gpus, source=f"policy {name}")

@@ -47,7 +47,7 @@ def verdict(metrics: list[RunMetrics], cluster: str, baseline: str) -> str:
             f"({base.e2e_ms['mean']:.2f} -> {best.e2e_ms['mean']:.2f} ms per batch); {why}.")
 
 
-def report(metrics: list[RunMetrics], baseline: str) -> str:
+def format_report(metrics: list[RunMetrics], baseline: str) -> str:
     clusters = list(dict.fromkeys(m.cluster for m in metrics))
     parts = []
     for c in clusters:

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from moesim.errors import InputError
 from moesim.hardware.presets import deep_merge, preset, preset_names
 from moesim.hardware.spec import ClusterSpec
-from moesim.placement.registry import policy_names, policy_options
+from moesim.placement.registry import check_option, policy_names, policy_options
 from moesim.traces.model import ModelSpec
 
 
@@ -183,6 +183,10 @@ def _placement(raw: Any, i: int, source: str, base_dir: Path) -> PlacementEntry:
             valid = ", ".join(accepted) or "none"
             raise InputError(f"policy {policy!r} has no option {key!r}; valid options: {valid}", source=source,
                              field=f"{where}.{key}")
+        try:
+            check_option(policy, key, raw[key])
+        except TypeError as exc:
+            raise InputError(str(exc), source=source, field=f"{where}.{key}") from None
     return PlacementEntry(name=str(name or policy), policy=policy, options=raw)
 
 
@@ -212,6 +216,11 @@ def parse_scenario(data: Any, source: str, base_dir: Path | None = None) -> Scen
         workload = Workload.model_validate(data["workload"])
     except ValidationError as exc:
         raise _pydantic_error(exc, source, "workload") from None
+    syn = workload.synthetic
+    if syn is not None and syn.affinity >= 1 and syn.affinity_fanout < model.top_k:
+        raise InputError(f"affinity 1 with affinity_fanout {syn.affinity_fanout} < top_k {model.top_k} cannot give "
+                         "top_k distinct experts; lower affinity or raise affinity_fanout", source=source,
+                         field="workload.synthetic.affinity_fanout")
     if workload.trace is not None and not workload.trace.file.is_absolute():
         workload = Workload(trace=workload.trace.model_copy(update={"file": base_dir / workload.trace.file}))
     if workload.trace is not None and not workload.trace.file.is_file():

@@ -155,7 +155,7 @@ def build_placement(scenario: Scenario, cluster: ClusterEntry, entry: PlacementE
             placement = make_placement(entry.policy or "", problem, **entry.options)
         except KeyError as exc:
             raise InputError(str(exc.args[0]), source=scenario.source, field=f"placements[{index}]") from None
-        except ValueError as exc:
+        except (ValueError, TypeError) as exc:
             raise InputError(str(exc), source=scenario.source, field=f"placements[{index}]") from None
         source = f"{scenario.source}: placements[{index}] ({entry.name}) on {cluster.name}"
     return validate_placement(placement, num_layers=scenario.model.num_layers,

@@ -171,7 +171,8 @@ def load_trace(path: str | os.PathLike[str]) -> Trace:
     except (ValueError, AssertionError):
         raise InputError("must be a JSON object", source=src, field="meta") from None
     for key in ("num_experts", "num_layers", "top_k"):
-        if not isinstance(meta_raw.get(key), int) or meta_raw[key] <= 0:
+        value = meta_raw.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise InputError(f"must be a positive integer, got {meta_raw.get(key)!r}", source=src, field=f"meta.{key}")
     meta = TraceMeta(
         num_experts=meta_raw["num_experts"], num_layers=meta_raw["num_layers"], top_k=meta_raw["top_k"],

@@ -1,0 +1,46 @@
+"""Every shipped scenario runs end to end, shrunk to a few layers and tokens (the full runs are for people)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from moesim.study import Scenario, load_scenario, run_study
+
+SCENARIO_FILES = sorted((Path(__file__).resolve().parents[1] / "scenarios").glob("*.yaml"))
+
+
+def shrink(scenario: Scenario) -> Scenario:
+    """32 tokens per GPU, one batch, at most 3 MoE layers; everything else as shipped."""
+    update = {"model": scenario.model.model_copy(update={"num_layers": min(scenario.model.num_layers, 3)}),
+              "engine": scenario.engine.model_copy(update={"progress": False})}
+    syn = scenario.workload.synthetic
+    if syn is not None:
+        small = syn.model_copy(update={"tokens_per_gpu": 32, "batches": 1, "profile_batches": 1})
+        update["workload"] = scenario.workload.model_copy(update={"synthetic": small})
+    return scenario.model_copy(update=update)
+
+
+def test_there_are_scenarios():
+    assert SCENARIO_FILES
+
+
+@pytest.mark.parametrize("path", SCENARIO_FILES, ids=lambda p: p.stem)
+def test_scenario_smoke(path):
+    scenario = shrink(load_scenario(path))
+    result = run_study(scenario)
+    assert len(result.runs) == len(scenario.clusters) * len(scenario.placements)
+    for run in result.runs:
+        m = run.metrics
+        assert np.isfinite(m.e2e_ms["mean"]) and m.e2e_ms["mean"] > 0, (run.cluster.name, run.name)
+        assert np.isfinite(m.a2a_tail_ms["max"]) and m.a2a_tail_ms["max"] > 0
+        assert m.speedup_vs_baseline is not None and m.speedup_vs_baseline > 0
+        assert run.records.gpu["tokens"].shape[1] == scenario.model.num_layers
+        if run.name == scenario.baseline:
+            assert m.speedup_vs_baseline == 1.0
+    for cluster in scenario.clusters:
+        work = result.workloads[cluster.name]
+        if scenario.workload.synthetic is not None:
+            assert work["tokens"] == cluster.spec.num_gpus * 32 and work["batches"] == 1
