@@ -173,6 +173,45 @@ def _cmd_cluster(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from moesim.calibration import calibrate, load_bench
+
+    data = load_bench(args.bench)
+    if not data.a2a and not data.ffn:
+        raise InputError("no all-to-all or expert-FFN points in the benchmark files")
+    try:
+        preset(args.preset)
+    except KeyError as exc:
+        raise InputError(str(exc.args[0]), field="--preset") from None
+    result = calibrate(data, args.preset, name=args.name)
+    print(f"calibrated {args.preset} on {len(data.a2a)} all-to-all, {len(data.p2p)} p2p and {len(data.ffn)} FFN "
+          f"points from {', '.join(sorted(data.devices))}")
+    for key, value in result.fitted.items():
+        print(f"  {key:26s} {value:10.4g}")
+    print(f"{'points':22s} {'n':>4s} {'median |err|':>13s} {'max |err|':>10s}")
+    groups = {"network": ("a2a-uniform", "a2a-skew", "p2p"), "expert FFN": ("ffn",)}
+    for label, kinds in groups.items():
+        for held in (False, True):
+            e = result.errors(held, kinds)
+            if e.size:
+                print(f"{label + (' held-out' if held else ' fit'):22s} {e.size:4d} {np.median(e) * 100:12.1f}% "
+                      f"{e.max() * 100:9.1f}%")
+    spec = result.spec.model_dump(mode="json")
+    doc = {"preset": args.preset, **{k: spec[k] for k in ("name", "gpu", "nvlink", "a2a_launch_us")}}
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    header = (f"# moesim calibrate {' '.join(args.bench)} --preset {args.preset}\n"
+              f"# held-out median |error|: network {np.median(result.errors(True, groups['network']) if data.a2a else [0]) * 100:.1f}%, "
+              f"expert FFN {np.median(result.errors(True, ('ffn',)) if data.ffn else [0]) * 100:.1f}%\n")
+    tmp.write_text(header + yaml.safe_dump(doc, sort_keys=False))
+    tmp.replace(out)
+    print(f"wrote {out}: use it in a scenario as clusters: [{{file: {out}, nodes: N}}]")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moesim", description="Simulate MoE expert placements on GPU clusters.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -193,6 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("-o", "--output")
     pl.add_argument("--list", action="store_true", help="list the registered policies")
     pl.set_defaults(func=_cmd_place)
+    cal = sub.add_parser("calibrate", help="fit the hardware model to micro-benchmark JSON and write a cluster YAML")
+    cal.add_argument("bench", nargs="+", help="a2a_<world>.json and/or expert_ffn*.json files")
+    cal.add_argument("--preset", default="hgx-h200", help="preset whose parameters are fitted")
+    cal.add_argument("--name", help="name of the calibrated cluster")
+    cal.add_argument("-o", "--output", required=True, help="cluster YAML to write")
+    cal.set_defaults(func=_cmd_calibrate)
     c = sub.add_parser("cluster", help="show cluster presets")
     c.add_argument("action", choices=["show", "list"])
     c.add_argument("name", nargs="?", help="preset name or cluster YAML file")

@@ -33,6 +33,8 @@ class GPUSpec(StrictModel):
     hbm_efficiency: float = Fraction
     ffn_overhead_us: float = Field(ge=0, description="fixed cost of one expert-FFN launch (GEMM, act, GEMM)")
     ffn_floor_us: float = Field(default=0.0, ge=0, description="shortest possible expert FFN (launch-bound)")
+    local_copy_GBps: float | None = Field(default=None, gt=0,
+                                          description="a collective's copy to its own rank (default: HBM x efficiency / 2)")
 
     @property
     def flops_per_s(self) -> float:
@@ -43,6 +45,11 @@ class GPUSpec(StrictModel):
     def hbm_bytes_per_s(self) -> float:
         """Achievable HBM bandwidth in bytes/s."""
         return self.hbm_GBps * 1e9 * self.hbm_efficiency
+
+    @property
+    def local_copy_bytes_per_s(self) -> float:
+        """Rate of a collective's self-copy (bytes a rank sends to itself)."""
+        return self.local_copy_GBps * 1e9 if self.local_copy_GBps else self.hbm_bytes_per_s / 2
 
 
 class NVLinkSpec(StrictModel):

@@ -119,7 +119,7 @@ def _pydantic_error(exc: ValidationError, source: str, prefix: str) -> InputErro
     return InputError(msg, source=source, field=field)
 
 
-def _cluster(raw: Any, i: int, source: str) -> ClusterEntry:
+def _cluster(raw: Any, i: int, source: str, base_dir: Path) -> ClusterEntry:
     where = f"clusters[{i}]"
     if isinstance(raw, str):
         raw = {"preset": raw}
@@ -128,6 +128,17 @@ def _cluster(raw: Any, i: int, source: str) -> ClusterEntry:
     raw = dict(raw)
     tp = raw.pop("tp", 1)
     name = raw.pop("name", None)
+    if "file" in raw:
+        path = Path(str(raw.pop("file")))
+        path = path if path.is_absolute() else base_dir / path
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise InputError(f"cannot read cluster file {path} ({' '.join(str(exc).split())})", source=source,
+                             field=f"{where}.file") from None
+        if not isinstance(loaded, dict):
+            raise InputError(f"cluster file {path} must be a YAML mapping", source=source, field=f"{where}.file")
+        raw = deep_merge(loaded, raw)
     if "preset" in raw:
         try:
             base = preset(str(raw.pop("preset")))
@@ -204,7 +215,7 @@ def parse_scenario(data: Any, source: str, base_dir: Path | None = None) -> Scen
     raw_clusters = data["clusters"]
     if not isinstance(raw_clusters, list) or not raw_clusters:
         raise InputError("must be a non-empty list", source=source, field="clusters")
-    clusters = tuple(_cluster(c, i, source) for i, c in enumerate(raw_clusters))
+    clusters = tuple(_cluster(c, i, source, base_dir) for i, c in enumerate(raw_clusters))
     names = [c.name for c in clusters]
     if len(set(names)) != len(names):
         raise InputError(f"cluster names must be unique, got {names}", source=source, field="clusters")

@@ -1,0 +1,112 @@
+"""Micro-benchmark results as moesim reads them: all-to-all, point-to-point and expert-FFN timings.
+
+Reads the JSON that ``moesim bench`` and the scripts in ../shared/calibration write (``a2a_<world>.json``:
+``uniform``/``skew``/``p2p``; ``expert_ffn*.json``: ``single``/``multi``), recognising each file by its keys.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from moesim.errors import InputError
+
+
+@dataclass(frozen=True)
+class A2APoint:
+    """One all-to-all call: ``matrix[i][j]`` bytes from rank i to rank j; the median ms of each rank."""
+
+    matrix: np.ndarray
+    ms: np.ndarray
+    kind: str  # "uniform" or "skew"
+
+    @property
+    def size(self) -> float:
+        return float(self.matrix.max())
+
+
+@dataclass(frozen=True)
+class P2PPoint:
+    nbytes: float
+    ms: float
+
+
+@dataclass(frozen=True)
+class FFNPoint:
+    """Experts of one shape run one after another on one GPU with ``tokens[i]`` tokens each."""
+
+    shape: str
+    d_model: int
+    d_ff: int
+    tokens: tuple[int, ...]
+    ms: float
+
+
+@dataclass
+class BenchData:
+    devices: set[str] = field(default_factory=set)
+    world: int = 0
+    a2a: list[A2APoint] = field(default_factory=list)
+    p2p: list[P2PPoint] = field(default_factory=list)
+    ffn: list[FFNPoint] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
+
+
+def _a2a(raw: dict, data: BenchData, src: str) -> None:
+    w = int(raw.get("world", 0))
+    if data.world and w != data.world:
+        raise InputError(f"all-to-all files of different world sizes ({data.world} and {w})", source=src, field="world")
+    data.world = w
+    for i, u in enumerate(raw.get("uniform", [])):
+        b = float(u["bytes_per_pair"])
+        data.a2a.append(A2APoint(np.full((w, w), b), np.full(w, float(u["ms_median_max_over_ranks"])), "uniform"))
+    for i, s in enumerate(raw.get("skew", [])):
+        m = np.asarray(s["bytes_matrix"], dtype=float)
+        if m.shape != (w, w):
+            raise InputError(f"must be {w} x {w}", source=src, field=f"skew[{i}].bytes_matrix")
+        data.a2a.append(A2APoint(m, np.asarray(s["ms_median_per_rank"], dtype=float), "skew"))
+    for p in raw.get("p2p", []):
+        data.p2p.append(P2PPoint(float(p["bytes"]), float(p["ms"])))
+
+
+def _ffn(raw: dict, data: BenchData) -> None:
+    shapes = raw["single"]
+    for name, s in shapes.items():
+        for tokens, ms in s["rows"]:
+            data.ffn.append(FFNPoint(name, int(s["d_model"]), int(s["d_ff"]), (int(tokens),), float(ms)))
+    for m in raw.get("multi", []):
+        s = shapes[m["shape"]]
+        data.ffn.append(FFNPoint(m["shape"], int(s["d_model"]), int(s["d_ff"]), tuple(int(t) for t in m["loads"]),
+                                 float(m["ms"])))
+
+
+def load_bench(paths: list[str | Path]) -> BenchData:
+    data = BenchData()
+    for path in paths:
+        src = str(path)
+        try:
+            raw = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise InputError("file not found", source=src) from None
+        except (OSError, ValueError) as exc:
+            raise InputError(f"not valid JSON ({exc})", source=src) from None
+        if not isinstance(raw, dict):
+            raise InputError("must be a JSON object", source=src)
+        try:
+            if "uniform" in raw or "skew" in raw:
+                _a2a(raw, data, src)
+            elif "single" in raw:
+                _ffn(raw, data)
+            else:
+                raise InputError("neither an all-to-all (uniform/skew/p2p) nor an expert-FFN (single/multi) "
+                                 "benchmark", source=src)
+        except (KeyError, TypeError, ValueError) as exc:
+            if isinstance(exc, InputError):
+                raise
+            raise InputError(f"malformed benchmark entry ({exc!r})", source=src) from None
+        data.devices.add(str(raw.get("device", "?")))
+        data.sources.append(src)
+    return data

@@ -1,0 +1,211 @@
+"""Fit the hardware model to micro-benchmarks, and measure its error on points held out of the fit.
+
+Every prediction goes through the ordinary simulation path: an all-to-all or point-to-point transfer is a
+collective on the cluster's graph run by :class:`moesim.sim.network.Fabric` (exact max-min), an expert FFN
+is :func:`moesim.sim.compute.expert_time`. Parameters are fitted by Nelder-Mead on the mean absolute log
+error over the training points (every third point of each sweep, ordered by size, is held out).
+
+Fitted: NVLink efficiency (achievable bandwidth), per-call all-to-all launch cost, per-message latency,
+local (self) copy bandwidth; GPU compute and HBM efficiency, FFN launch cost and launch-bound floor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import simpy
+
+from moesim.calibration.bench import A2APoint, BenchData, FFNPoint, P2PPoint
+from moesim.hardware.presets import deep_merge, preset
+from moesim.hardware.spec import ClusterSpec
+from moesim.hardware.topology import build_topology
+from moesim.sim.compute import expert_time
+from moesim.sim.network import Fabric
+from moesim.traces.model import ModelSpec
+
+
+@dataclass(frozen=True)
+class Prediction:
+    kind: str  # a2a-uniform, a2a-skew, p2p, ffn
+    label: str
+    measured_ms: float
+    predicted_ms: float
+    held_out: bool
+
+    @property
+    def error(self) -> float:
+        return (self.predicted_ms - self.measured_ms) / self.measured_ms
+
+
+def _node(spec: ClusterSpec, world: int) -> ClusterSpec:
+    return ClusterSpec(**deep_merge(spec.model_dump(), {"nodes": 1, "gpus_per_node": world}))
+
+
+def predict_transfer(spec: ClusterSpec, matrix: np.ndarray) -> np.ndarray:
+    """Per-rank milliseconds of one collective moving ``matrix`` on one node of ``len(matrix)`` GPUs."""
+    topo = build_topology(_node(spec, matrix.shape[0]))
+    env = simpy.Environment()
+    fabric = Fabric(env, topo, rate_tolerance=0.0)
+    proc = env.process(fabric.collective("calibration", matrix))
+    env.run()
+    return (proc.value.gpu_done - proc.value.start) * 1e3
+
+
+def predict_ffn(spec: ClusterSpec, point: FFNPoint) -> float:
+    model = ModelSpec(num_layers=1, num_experts=len(point.tokens), top_k=1, d_model=point.d_model, d_ff=point.d_ff)
+    return float(expert_time(np.array([point.tokens]), model, spec.gpu, grouped=False)[0] * 1e3)
+
+
+def split(points: list[Any], key: Callable[[Any], Any]) -> list[bool]:
+    """Hold out every third point of each group, ordered by size within the group."""
+    held = [False] * len(points)
+    groups: dict[Any, list[int]] = {}
+    for i, p in enumerate(points):
+        groups.setdefault(key(p), []).append(i)
+    for idx in groups.values():
+        order = sorted(idx, key=lambda i: _size(points[i]))
+        for j, i in enumerate(order):
+            held[i] = j % 3 == 1
+    return held
+
+
+def _size(p: Any) -> float:
+    if isinstance(p, A2APoint):
+        return float(p.matrix.sum())
+    if isinstance(p, P2PPoint):
+        return p.nbytes
+    return float(sum(p.tokens))
+
+
+def nelder_mead(f: Callable[[np.ndarray], float], x0: np.ndarray, step: float = 0.3, iters: int = 300) -> np.ndarray:
+    """Minimise ``f`` from ``x0`` (a small, dependency-free Nelder-Mead)."""
+    n = x0.size
+    simplex = [x0] + [x0 + step * np.eye(n)[i] for i in range(n)]
+    values = [f(x) for x in simplex]
+    for _ in range(iters):
+        order = np.argsort(values)
+        simplex = [simplex[i] for i in order]
+        values = [values[i] for i in order]
+        centroid = np.mean(simplex[:-1], axis=0)
+        worst = simplex[-1]
+        xr = centroid + (centroid - worst)
+        fr = f(xr)
+        if fr < values[0]:
+            xe = centroid + 2 * (centroid - worst)
+            fe = f(xe)
+            simplex[-1], values[-1] = (xe, fe) if fe < fr else (xr, fr)
+        elif fr < values[-2]:
+            simplex[-1], values[-1] = xr, fr
+        else:
+            xc = centroid + 0.5 * (worst - centroid)
+            fc = f(xc)
+            if fc < values[-1]:
+                simplex[-1], values[-1] = xc, fc
+            else:
+                best = simplex[0]
+                simplex = [best] + [best + 0.5 * (x - best) for x in simplex[1:]]
+                values = [values[0]] + [f(x) for x in simplex[1:]]
+        if np.ptp(values) < 1e-6:
+            break
+    return simplex[int(np.argmin(values))]
+
+
+# Each fitted parameter: where it lives in the cluster dict, its start value, and bounds.
+NETWORK_PARAMS = (
+    (("nvlink", "efficiency"), 0.8, (0.05, 1.0)),
+    (("a2a_launch_us",), 35.0, (1.0, 500.0)),
+    (("nvlink", "latency_us"), 2.0, (0.1, 200.0)),
+    (("gpu", "local_copy_GBps"), 500.0, (10.0, 20000.0)),
+)
+FFN_PARAMS = (
+    (("gpu", "compute_efficiency"), 0.6, (0.05, 1.0)),
+    (("gpu", "hbm_efficiency"), 0.7, (0.05, 1.0)),
+    (("gpu", "ffn_overhead_us"), 30.0, (0.1, 500.0)),
+    (("gpu", "ffn_floor_us"), 50.0, (0.1, 500.0)),
+)
+
+
+def _apply(base: dict, params: tuple, x: np.ndarray) -> dict:
+    out = deep_merge(base, {})
+    for ((*path, leaf), _, (lo, hi)), v in zip(params, np.exp(x)):
+        node = out
+        for p in path:
+            node = node[p]
+        node[leaf] = float(min(max(v, lo), hi))
+    return out
+
+
+@dataclass
+class Calibration:
+    spec: ClusterSpec
+    predictions: list[Prediction]
+    fitted: dict[str, float]
+
+    def errors(self, held_out: bool, kinds: tuple[str, ...] | None = None) -> np.ndarray:
+        return np.array([abs(p.error) for p in self.predictions
+                         if p.held_out == held_out and (kinds is None or p.kind in kinds)])
+
+
+def _network_predictions(spec: ClusterSpec, data: BenchData, held: list[bool]) -> list[Prediction]:
+    out = []
+    points: list[Any] = [*data.a2a, *data.p2p]
+    for p, h in zip(points, held):
+        if isinstance(p, A2APoint):
+            pred = predict_transfer(spec, p.matrix)
+            for r in range(p.ms.size):
+                if p.kind == "uniform" and r:
+                    break  # one number per uniform call: the slowest rank
+                meas = float(p.ms[r]) if p.kind == "skew" else float(p.ms.max())
+                value = float(pred[r]) if p.kind == "skew" else float(pred.max())
+                out.append(Prediction(f"a2a-{p.kind}", f"{p.kind} {p.matrix.astype(int).tolist()} rank {r}",
+                                      meas, value, h))
+        else:
+            m = np.zeros((max(data.world, 2),) * 2)
+            m[0, 1] = p.nbytes
+            out.append(Prediction("p2p", f"p2p {int(p.nbytes)} B", p.ms, float(predict_transfer(spec, m)[1]), h))
+    return out
+
+
+def calibrate(data: BenchData, base_preset: str = "hgx-h200", name: str | None = None,
+              iters: int = 200) -> Calibration:
+    """Fit ``base_preset``'s parameters to ``data``; report every point's error, held-out ones marked."""
+    base = preset(base_preset)
+    base["gpu"].setdefault("local_copy_GBps", 500.0)
+    if name:
+        base["name"] = name
+    fitted: dict[str, float] = {}
+    net_points: list[Any] = [*data.a2a, *data.p2p]
+    net_held = split(net_points, key=lambda p: p.kind if isinstance(p, A2APoint) else "p2p")
+    ffn_held = split(data.ffn, key=lambda p: (p.shape, len(p.tokens)))
+
+    def log_err(preds: list[Prediction]) -> float:
+        train = [p for p in preds if not p.held_out]
+        return float(np.mean([abs(np.log(p.predicted_ms / p.measured_ms)) for p in train])) if train else 0.0
+
+    if net_points:
+        x0 = np.log([v for _, v, _ in NETWORK_PARAMS])
+        x = nelder_mead(lambda x: log_err(_network_predictions(ClusterSpec(**_apply(base, NETWORK_PARAMS, x)),
+                                                               data, net_held)), x0, iters=iters)
+        base = _apply(base, NETWORK_PARAMS, x)
+    if data.ffn:
+        def ffn_preds(spec: ClusterSpec) -> list[Prediction]:
+            return [Prediction("ffn", f"{p.shape} {list(p.tokens)}", p.ms, predict_ffn(spec, p), h)
+                    for p, h in zip(data.ffn, ffn_held)]
+
+        x0 = np.log([v for _, v, _ in FFN_PARAMS])
+        x = nelder_mead(lambda x: log_err(ffn_preds(ClusterSpec(**_apply(base, FFN_PARAMS, x)))), x0, iters=iters)
+        base = _apply(base, FFN_PARAMS, x)
+    spec = ClusterSpec(**base)
+    preds = _network_predictions(spec, data, net_held) if net_points else []
+    if data.ffn:
+        preds += [Prediction("ffn", f"{p.shape} {list(p.tokens)}", p.ms, predict_ffn(spec, p), h)
+                  for p, h in zip(data.ffn, ffn_held)]
+    for params in (NETWORK_PARAMS if net_points else ()) + (FFN_PARAMS if data.ffn else ()):
+        (*path, leaf), _, _ = params
+        node = base
+        for p in path:
+            node = node[p]
+        fitted[".".join((*path, leaf))] = node[leaf]
+    return Calibration(spec=spec, predictions=preds, fitted=fitted)
