@@ -212,6 +212,23 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise InputError("moesim bench needs PyTorch: pip install -e '.[bench]'") from None
+    if args.what == "a2a":
+        from moesim.bench import a2a
+
+        path = a2a.run(args.output, args.nproc, cpu=args.cpu)
+    else:
+        from moesim.bench import ffn
+
+        path = ffn.run(args.output, cpu=args.cpu)
+    print(f"wrote {path}; fit it with: moesim calibrate {path} -o cluster.yaml")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moesim", description="Simulate MoE expert placements on GPU clusters.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -232,6 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("-o", "--output")
     pl.add_argument("--list", action="store_true", help="list the registered policies")
     pl.set_defaults(func=_cmd_place)
+    b = sub.add_parser("bench", help="measure all-to-all or expert-FFN timings on this host's GPUs (needs torch)")
+    b.add_argument("what", choices=["a2a", "ffn"])
+    b.add_argument("--nproc", type=int, default=2, help="ranks for a2a (GPUs of this host)")
+    b.add_argument("--cpu", action="store_true", help="dry run on the CPU (gloo, tiny shapes)")
+    b.add_argument("-o", "--output", required=True, help="folder for the JSON")
+    b.set_defaults(func=_cmd_bench)
     cal = sub.add_parser("calibrate", help="fit the hardware model to micro-benchmark JSON and write a cluster YAML")
     cal.add_argument("bench", nargs="+", help="a2a_<world>.json and/or expert_ffn*.json files")
     cal.add_argument("--preset", default="hgx-h200", help="preset whose parameters are fitted")
