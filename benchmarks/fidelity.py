@@ -1,0 +1,55 @@
+"""How accurate is moesim? Predicted vs measured, for every number we have a measurement of.
+
+    python benchmarks/fidelity.py [--shared ../shared]
+
+1. Micro-benchmarks on 2x H200 (../shared/calibration): the hgx-h200 parameters are fitted on two thirds of
+   the points (``moesim calibrate``) and the error is reported on the held-out third, per point.
+2. A real expert-parallel MoE layer on 2x H200 under three placements (benchmarks/validation/ep_layer):
+   moesim's layer time and the speedups between placements, against the measurement.
+Nothing here is fitted to the points it reports as held out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import runpy
+from pathlib import Path
+
+import numpy as np
+
+from moesim.calibration import calibrate, load_bench
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def micro_benchmarks(shared: Path) -> None:
+    files = [shared / "calibration" / "a2a_2xh200.json", shared / "calibration" / "expert_ffn_h200.json"]
+    if not all(f.is_file() for f in files):
+        print(f"(skipped: {files[0].parent} not found)")
+        return
+    result = calibrate(load_bench(files))
+    print("fitted:", ", ".join(f"{k}={v:.4g}" for k, v in result.fitted.items()))
+    print(f"\n{'held-out point':62s} {'measured ms':>11s} {'moesim ms':>10s} {'error':>7s}")
+    for p in result.predictions:
+        if p.held_out:
+            print(f"{p.label[:62]:62s} {p.measured_ms:11.4f} {p.predicted_ms:10.4f} {p.error * 100:+6.1f}%")
+    print()
+    for label, kinds in (("all-to-all + p2p", ("a2a-uniform", "a2a-skew", "p2p")), ("expert FFN", ("ffn",))):
+        for held in (False, True):
+            e = result.errors(held, kinds)
+            print(f"{label:18s} {'held-out' if held else 'fitted':9s} n={e.size:3d}  median |error| "
+                  f"{np.median(e) * 100:5.1f}%  max {e.max() * 100:5.1f}%")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
+    args = ap.parse_args()
+    print("== 1. micro-benchmarks, 2x H200, held-out points ==")
+    micro_benchmarks(args.shared)
+    print("\n== 2. expert-parallel MoE layer, 2x H200, three placements ==")
+    runpy.run_path(str(ROOT / "benchmarks" / "validation" / "ep_layer" / "compare.py"), run_name="__main__")
+
+
+if __name__ == "__main__":
+    main()
