@@ -29,7 +29,7 @@ import simpy
 from moesim.hardware.topology import Topology
 from moesim.placement.format import Placement
 from moesim.sim.compute import dense_time, expert_time
-from moesim.sim.network import CollectiveResult, Fabric
+from moesim.sim.network import CollectiveResult, Fabric, Routing
 from moesim.sim.traffic import layer_traffic
 from moesim.traces.format import Layout, Trace
 from moesim.traces.model import ModelSpec
@@ -127,6 +127,7 @@ class Simulation:
         self.topo, self.model, self.tp, self.options = topo, model, tp, options
         self.num_gpus = cluster.num_gpus
         self.num_ranks = cluster.num_gpus // tp
+        self.routing = Routing.of(topo)  # per topology: shared by every run's fabric
 
     def run(self, trace: Trace, layout: Layout, placement: Placement, *,
             progress: Callable[[int], None] | None = None, keep_collectives: bool = True) -> SimRecords:
@@ -139,19 +140,21 @@ class Simulation:
         rec = {name: np.zeros((B, L, G)) for name in GPU_FIELDS}
         same_node = topo.same_node()
         env = CountingEnvironment()
-        fabric = Fabric(env, topo, rate_tolerance=self.options.rate_tolerance)
+        fabric = Fabric(env, topo, rate_tolerance=self.options.rate_tolerance, routing=self.routing)
         batch_start, batch_end = np.zeros(B), np.zeros(B)
         kept: list[CollectiveResult] = []
         flows = 0
         rank_of_gpu = np.arange(G) // tp
 
         for b, idx in enumerate(batches):
+            # A batch's tokens are increasing indices; a contiguous run is sliced, not gathered.
+            tokens = slice(idx[0], idx[-1] + 1) if idx.size and idx[-1] - idx[0] + 1 == idx.size else idx
             home = layout.home[idx]
             resident = np.bincount(home, minlength=G)
             dense = dense_time(resident, model, gpu_spec, tp=tp)
             plan = []
             for l in range(L):
-                tr = layer_traffic(trace.experts[idx, l, :], home, idx, placement.gpus[l], num_gpus=G, tp=tp,
+                tr = layer_traffic(trace.experts[tokens, l, :], home, idx, placement.gpus[l], num_gpus=G, tp=tp,
                                    num_experts=model.num_experts, dedup=self.options.dedup)
                 disp = tr.copies * model.dispatch_bytes
                 comb = tr.copies.T * model.combine_bytes

@@ -5,7 +5,7 @@ The model, per MoE layer l:
 - per-GPU mix: each home GPU sees the popularity tilted by a log-normal factor (sigma ``gpu_mix_sigma``),
   as when different requests land on different data-parallel ranks;
 - cross-layer affinity: every expert e of layer l-1 has ``affinity_fanout`` preferred successors in
-  layer l (drawn by popularity). A token's picks at layer l come from the mixture
+  layer l (drawn by popularity, without replacement). A token's picks at layer l come from the mixture
   ``(1 - affinity) * popularity(home) + affinity * successors(its top-1 expert at l-1)``.
 The top_k picks are drawn without replacement (successive sampling, i.e. Plackett-Luce), so the first
 pick is the token's top-1 expert. Gate weights are the picks' popularity at the token's home, normalised
@@ -18,12 +18,18 @@ between layers. The trace-fitting issue extends this.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
 from moesim.traces.format import Trace, TraceMeta
 
 _MAX_REJECTION_ROUNDS = 200
+_MAX_DRAWS_PER_ROUND = 64
+# Work in blocks: enough elements to amortise numpy's per-call cost, few enough that temporaries stay in
+# cache (and below the allocator's threshold for fresh pages).
+_DRAW_BLOCK = 16384
+_TOKEN_BLOCK = 4096
 
 
 @dataclass(frozen=True)
@@ -34,61 +40,112 @@ class SyntheticParams:
     affinity_fanout: int = 4
 
 
-class _AliasTable:
-    """Walker/Vose alias tables for many categorical rows: O(1) vectorised draws."""
+def _alias_rows(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Walker alias tables of every row of ``weights`` [rows, n], vectorised: (prob, alias), both [rows, n].
 
-    def __init__(self, weights: np.ndarray) -> None:
-        rows, n = weights.shape
-        self.n = n
-        self.prob = np.empty((rows, n))
-        self.alias = np.empty((rows, n), dtype=np.int64)
-        scaled = weights / weights.sum(axis=1, keepdims=True) * n
-        for r in range(rows):
-            p = scaled[r].tolist()
-            prob, alias = [1.0] * n, list(range(n))
-            small = [i for i, v in enumerate(p) if v < 1.0]
-            large = [i for i, v in enumerate(p) if v >= 1.0]
-            while small and large:
-                s_, l_ = small.pop(), large[-1]
-                prob[s_], alias[s_] = p[s_], l_
-                p[l_] -= 1.0 - p[s_]
-                if p[l_] < 1.0:
-                    small.append(large.pop())
-            self.prob[r], self.alias[r] = prob, alias
-        self.prob = self.prob.ravel()
-        self.alias = self.alias.ravel()
-
-    def sample(self, rows: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        col = (rng.random(rows.size) * self.n).astype(np.int64)
-        np.minimum(col, self.n - 1, out=col)
-        flat = rows * self.n + col
-        keep = rng.random(rows.size) < self.prob[flat]
-        return np.where(keep, col, self.alias[flat])
-
-
-def _first_distinct(draw, num_tokens: int, k: int) -> np.ndarray:
-    """The first ``k`` distinct values of each token's i.i.d. draw sequence: [num_tokens, k].
-
-    Keeping the first k distinct values of i.i.d. draws is exactly successive sampling without replacement.
+    Column c keeps a draw with probability ``prob[c]`` and hands it to ``alias[c]`` otherwise. Scaled to
+    mean 1, the small columns' deficits (1 - p) and the large ones' surpluses (p - 1) are laid end to end
+    in column order: each small is topped up by the large whose surplus interval holds the start of its
+    deficit; a large whose surplus runs out inside a small's deficit lends that overshoot from its own
+    column and is topped up in turn by the next large. (Vose's sweep with its order fixed, so that one
+    cumulative sum and one sorted search per side do every row at once.)
     """
-    out = np.empty((num_tokens, k), dtype=np.int64)
-    pending = np.arange(num_tokens)
-    seq = np.empty((0, 0), dtype=np.int64)
-    for _ in range(_MAX_REJECTION_ROUNDS):
-        extra = draw(pending, k + 2)
-        seq = extra if seq.shape[0] != pending.size or seq.size == 0 else np.concatenate([seq, extra], axis=1)
-        m = seq.shape[1]
-        first = np.ones(seq.shape, dtype=bool)
-        for j in range(1, m):
-            first[:, j] = ~(seq[:, :j] == seq[:, j : j + 1]).any(axis=1)
-        count = np.cumsum(first, axis=1)
-        done = count[:, -1] >= k
-        sel = first[done] & (count[done] <= k)
-        out[pending[done]] = seq[done][sel].reshape(-1, k)
-        pending, seq = pending[~done], seq[~done]
-        if pending.size == 0:
-            return out
-    raise ValueError("could not draw top_k distinct experts: raise affinity_fanout or lower affinity")
+    rows, n = weights.shape
+    p = weights / weights.sum(axis=1, keepdims=True) * n
+    r = np.arange(rows)
+    large = p >= 1.0
+    large[r, p.argmax(axis=1)] = True  # every row has a donor, whatever the rounding
+    deficit = np.where(large, 0.0, 1.0 - p)
+    surplus = np.where(large, np.maximum(p - 1.0, 0.0), 0.0)
+    off = r[:, None] * (n + 1.0)  # row offsets: one sorted search serves every row
+    d_end = np.cumsum(deficit, axis=1) + off
+    d_start = np.concatenate([off, d_end[:, :-1]], axis=1).ravel()
+    d_end = d_end.ravel()
+    s_end = (np.cumsum(surplus, axis=1) + off).ravel()
+    larges = np.flatnonzero(large)
+    row_last = larges[np.searchsorted(larges, (r + 1) * n) - 1]  # each row's last large
+    donor = np.minimum(np.searchsorted(s_end, d_start, side="right"), np.repeat(row_last, n))
+    q = np.minimum(np.searchsorted(d_end, s_end, side="right"), rows * n - 1)
+    overshoot = np.where(d_start[q] < s_end, d_end[q] - s_end, 0.0)
+    next_large = np.empty(rows * n, dtype=np.int64)
+    next_large[larges[:-1]] = larges[1:]
+    next_large[row_last] = row_last
+    flat_large = large.ravel()
+    prob = np.where(flat_large, 1.0 - overshoot, p.ravel())
+    alias = np.where(flat_large, next_large, donor) - np.repeat(r * n, n)
+    return prob.reshape(rows, n), alias.reshape(rows, n)
+
+
+class _AliasTable:
+    """Alias tables of many categorical rows, stacked: O(1) vectorised draws.
+
+    ``blocks`` is a list of (weights [rows, n], labels [rows, n]); rows are numbered across the blocks in
+    order, and a draw from row r returns one of its labels with probability proportional to its weight.
+    """
+
+    def __init__(self, blocks: list[tuple[np.ndarray, np.ndarray]], dtype: np.dtype) -> None:
+        width, start, edge, pick = [], [], [], []
+        offset = 0
+        for weights, labels in blocks:
+            rows, n = weights.shape
+            prob, alias = _alias_rows(weights)
+            width.append(np.full(rows, float(n)))
+            start.append(offset + n * np.arange(rows))
+            edge.append((np.arange(n) + prob).ravel())  # column + probability of keeping it
+            pick.append(np.stack([np.take_along_axis(labels, alias, axis=1), labels], axis=-1).ravel())
+            offset += rows * n
+        self.width = np.concatenate(width)
+        self.start = np.concatenate(start)
+        self.edge = np.concatenate(edge)
+        self.pick = np.concatenate(pick).astype(dtype)  # per entry: its alias's label, its own label
+
+    def sample(self, rows: np.ndarray, u: np.ndarray) -> np.ndarray:
+        """One label from row ``rows`` per uniform ``u`` in [0, 1) (broadcast together): the integer part of
+        ``u x n`` picks the column (never n: a double below 1 times n rounds below n), the fractional part
+        keeps it or takes its alias."""
+        x = u * self.width[rows]
+        flat = self.start[rows] + x.astype(np.int64)
+        return self.pick[2 * flat + (x < self.edge[flat])]
+
+
+Draw = Callable[[np.ndarray, np.ndarray, int], np.ndarray]
+
+
+def _successive_sampling(draw: Draw, pop_row: np.ndarray, succ_row: np.ndarray, k: int) -> np.ndarray:
+    """``k`` distinct picks per token, [k, tokens]: pick i is the token's first i.i.d. draw that differs
+    from its picks 0..i-1 (rejection), which is exactly successive sampling without replacement.
+
+    ``draw(pop_row, succ_row, m)`` returns ``m`` i.i.d. draws for each token with those rows of the
+    popularity and successor tables: [m, tokens]. A token rejected in one round draws twice as many
+    candidates in the next (up to ``_MAX_DRAWS_PER_ROUND``) and takes the first that is new. (Tokens are
+    selected by index arrays, not boolean masks: numpy's masked selection is slow on random masks.)
+    """
+    picks = draw(pop_row, succ_row, k)  # every pick's first candidate
+    for i in range(1, k):
+        repeat = picks[0] == picks[i]
+        for j in range(1, i):
+            repeat |= picks[j] == picks[i]
+        todo = repeat.nonzero()[0]
+        m = 1
+        for _ in range(_MAX_REJECTION_ROUNDS):
+            if todo.size == 0:
+                break
+            cand = draw(pop_row[todo], succ_row[todo], m)  # [m, todo]
+            new = cand != picks[0, todo]
+            for j in range(1, i):
+                new &= cand != picks[j, todo]
+            if m == 1:
+                ok, take = new[0], cand[0]
+            else:  # each token's first new candidate
+                first, col = new.argmax(axis=0), np.arange(todo.size)
+                ok, take = new[first, col], cand[first, col]
+            got = ok.nonzero()[0]
+            picks[i, todo[got]] = take[got]
+            todo = todo[(~ok).nonzero()[0]]
+            m = min(2 * m, _MAX_DRAWS_PER_ROUND)
+        else:
+            raise ValueError("could not draw top_k distinct experts: raise affinity_fanout or lower affinity")
+    return picks
 
 
 def generate_trace(
@@ -116,48 +173,54 @@ def generate_trace(
     T = batches * G * tokens_per_gpu
     ranks = np.arange(1, E + 1, dtype=float)
     base = ranks ** -params.zipf_alpha
+    fan = min(params.affinity_fanout, E)
 
     pops = np.empty((num_layers, G, E))
-    succ_ids = np.empty((num_layers, E, params.affinity_fanout), dtype=np.int64)
-    succ_w = np.empty((num_layers, E, params.affinity_fanout))
+    succ_ids = np.empty((num_layers, E, fan), dtype=np.int64)
+    succ_w = np.empty((num_layers, E, fan))
     for l in range(num_layers):
         pop = base[srng.permutation(E)]
         tilt = np.exp(params.gpu_mix_sigma * srng.standard_normal((G, E)))
         pops[l] = pop[None, :] * tilt
         pops[l] /= pops[l].sum(axis=1, keepdims=True)
-        fan = min(params.affinity_fanout, E)
-        p = pop / pop.sum()
-        for e in range(E):
-            ids = srng.choice(E, size=fan, replace=False, p=p)
-            succ_ids[l, e, :fan] = ids
-            succ_w[l, e, :fan] = pop[ids]
+        # Successors without replacement by popularity: the first ``fan`` of independent exponential
+        # clocks with rates ``pop`` (the same law as successive sampling), one race per predecessor.
+        clocks = srng.standard_exponential((E, E)) / pop
+        succ_ids[l] = np.argsort(clocks, axis=1)[:, :fan]
+        succ_w[l] = pop[succ_ids[l]]
 
     home = ((np.arange(T) % (G * tokens_per_gpu)) // tokens_per_gpu).astype(np.int32)
     batch = (np.arange(T) // (G * tokens_per_gpu)).astype(np.int32)
     experts = np.empty((T, num_layers, K), dtype=np.int16 if E < 2**15 else np.int32)
     weights = np.empty((T, num_layers, K), dtype=np.float32)
-    prev_top1: np.ndarray | None = None
+    pop_row = home.astype(np.int64)  # table row of a token's popularity component: its home GPU
+    prev_top1 = np.zeros(T, dtype=np.int64)
+    all_experts = np.broadcast_to(np.arange(E), (G, E))
     for l in range(num_layers):
-        pop_table = _AliasTable(pops[l])
-        succ_table = _AliasTable(succ_w[l]) if params.affinity > 0 else None
-        use_affinity = prev_top1 is not None and params.affinity > 0
+        # Rows 0..G-1: popularity seen from each home GPU; rows G + e: the successors of expert e.
+        use_affinity = l > 0 and params.affinity > 0
+        blocks = [(pops[l], all_experts)] + ([(succ_w[l], succ_ids[l])] if use_affinity else [])
+        table = _AliasTable(blocks, experts.dtype)
 
-        def draw(idx: np.ndarray, m: int) -> np.ndarray:
-            """``m`` i.i.d. draws from the mixture for each token in ``idx``: [idx.size, m]."""
-            rows = np.repeat(idx, m)
-            out = pop_table.sample(home[rows], rng)
-            if use_affinity:
-                from_succ = rng.random(rows.size) < params.affinity
-                s = rows[from_succ]
-                col = succ_table.sample(prev_top1[s], rng)
-                out[from_succ] = succ_ids[l, prev_top1[s], col]
-            return out.reshape(idx.size, m)
+        def draw(pop: np.ndarray, succ: np.ndarray, m: int) -> np.ndarray:
+            """``m`` i.i.d. draws from the mixture for each token: [m, tokens]."""
+            out = np.empty((m, pop.size), dtype=experts.dtype)
+            step = max(_DRAW_BLOCK // m, 1)
+            for a in range(0, pop.size, step):
+                u = rng.random((2 if use_affinity else 1, m, min(a + step, pop.size) - a))
+                rows = np.where(u[1] < params.affinity, succ[a : a + step], pop[a : a + step]) if use_affinity \
+                    else pop[a : a + step]
+                out[:, a : a + step] = table.sample(rows, u[0])
+            return out
 
-        experts[:, l, :] = _first_distinct(draw, T, K)
-        picks = experts[:, l, :].astype(np.int64)
-        w = pops[l][home[:, None], picks]
-        weights[:, l, :] = w / w.sum(axis=1, keepdims=True)
-        prev_top1 = picks[:, 0]
+        picks = _successive_sampling(draw, pop_row, G + prev_top1, K)
+        w = pops[l].astype(np.float32).ravel()[pop_row * E + picks]
+        w /= w.sum(axis=0)
+        for a in range(0, T, _TOKEN_BLOCK):  # into the trace's [token, layer, pick] layout, cache-sized
+            blk = slice(a, a + _TOKEN_BLOCK)
+            experts[blk, l] = picks[:, blk].T
+            weights[blk, l] = w[:, blk].T
+        prev_top1 = picks[0].astype(np.int64)
 
     meta = TraceMeta(num_experts=E, num_layers=num_layers, top_k=K, model=model,
                      source="moesim.synthetic", extra={"synthetic": params.__dict__ | {"num_gpus": G}})
