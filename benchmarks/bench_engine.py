@@ -59,7 +59,7 @@ def timed_run(nodes: int, trace: Trace, policy: str, tolerance: float) -> dict[s
     sim = Simulation(build_topology(cluster), model(L), options=EngineOptions(rate_tolerance=tolerance))
     layout = trace.layout(G, TOKENS_PER_GPU)
     start = time.perf_counter()
-    rec = sim.run(trace, layout, placement, keep_collectives=False)
+    rec = sim.run(trace, layout, placement)
     wall = time.perf_counter() - start
     return {"wall": wall, "events": rec.events, "flows": rec.flows, "recomputations": rec.recomputations,
             "e2e_ms": float((rec.batch_end - rec.batch_start).sum() * 1e3)}

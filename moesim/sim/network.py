@@ -10,8 +10,12 @@ last byte leaves, and every call pays the cluster's fixed ``a2a_launch_us``.
 The solver freezes, in one vectorised step, every link whose fair share is the smallest among all links
 its flows cross (a local bottleneck): those rates are final, so the number of steps is the depth of the
 bottleneck structure, not the number of links. Links that can never saturate (their capacity is at least
-the summed capacity of the bottleneck links feeding them) are pruned once per topology
-(:class:`Routing`, which a caller running many collectives on one topology builds once and shares).
+the summed capacity of the bottleneck links feeding them) are pruned once per topology (:class:`Routing`,
+built once and shared by every fabric on the topology). Flows that share no link (NVLink inside each
+node, NICs between nodes) never affect each other's rates, so a departure only recomputes the rates of
+its own connected component. The fluid phase is a pure function of the flows (:func:`fluid_ends`);
+the fabric schedules its outcome in SimPy time, and reuses it for a collective whose bytes are a
+multiple of a recent one's or of their transpose (the combine that mirrors a dispatch).
 
 ``rate_tolerance`` trades exactness for speed: after a recomputation, every flow that would finish within
 ``rate_tolerance x`` the elapsed collective time of the first one finishes in the same step, and the
@@ -38,29 +42,27 @@ _REL_TOL = 1e-9
 def _max_min(cols: list[np.ndarray], capacity: np.ndarray) -> np.ndarray:
     """Max-min fair rates of flows whose links are ``cols`` (one array per path position, padded with
     the unconstrained dummy link ``capacity.size``). Index arrays throughout: numpy's gathers and
-    bincounts are fast, masked selections are slow."""
+    bincounts are fast, its masked selections and ``ufunc.at`` are not."""
     num_links = capacity.size + 1
-    rem = np.append(capacity.astype(float), np.inf)
+    rem = np.append(capacity, np.inf)  # the dummy's share is infinite: it never binds
     rate = np.empty(cols[0].size)
     idx = np.arange(cols[0].size)  # flows still rising, as positions in the input
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore"):  # links left without flows: never looked at
         while True:
             cnt = np.bincount(cols[0], minlength=num_links)
             for c in cols[1:]:
                 cnt += np.bincount(c, minlength=num_links)
-            share = np.maximum(rem, 0.0) / cnt
-            share[-1] = np.inf  # the dummy never binds
+            share = rem / cnt  # a link keeps rem > 0 while flows cross it: frozen ones took <= its share
             at = [share[c] for c in cols]  # each flow's share on each of its links
             fmin = at[0]
             for s in at[1:]:
                 fmin = np.minimum(fmin, s)  # its tightest link
             # A link is a local bottleneck when none of its flows has a tighter link elsewhere.
             tight = fmin * (1 + _REL_TOL)
-            escapes = np.zeros(num_links, dtype=np.int64)
-            for c, s in zip(cols, at):
+            escapes = np.bincount(cols[0][(at[0] > tight).nonzero()[0]], minlength=num_links)
+            for c, s in zip(cols[1:], at[1:]):
                 escapes += np.bincount(c[(s > tight).nonzero()[0]], minlength=num_links)
             local = escapes == 0
-            local[-1] = False
             frozen = local[cols[0]]
             for c in cols[1:]:
                 frozen |= local[c]
@@ -201,9 +203,11 @@ class Routing:
         bind = np.full((width, G * G), L, dtype=np.int64)
         pos = np.arange(bind_pair.size) - np.searchsorted(bind_pair, bind_pair)
         bind[pos, bind_pair] = bind_link
-        # the reverse of every link (L, the dummy, for the dummy and for links without one)
-        index = {name: i for i, name in enumerate(topo.link_names)}
-        reverse = np.array([index.get("->".join(name.split("->")[::-1]), L) for name in topo.link_names] + [L])
+        # the reverse of every link (L, the dummy, for the dummy and for links without one); links are
+        # numbered in the graph's edge order
+        edges = list(topo.graph.edges())
+        index = {edge: i for i, edge in enumerate(edges)}
+        reverse = np.array([index.get((v, u), L) for u, v in edges] + [L])
         cap = np.append(topo.capacity, np.inf)
         transposed = bind.reshape(width, G, G).transpose(0, 2, 1).reshape(width, G * G)
         mirrored = bool((np.sort(reverse[bind], axis=0) == np.sort(transposed, axis=0)).all()
@@ -258,7 +262,7 @@ class Fabric:
         self.launch_s = topo.cluster.a2a_launch_us * 1e-6
         self.link_bytes = np.zeros(topo.num_links)
         self.recomputations = 0
-        self.local_bytes_per_s = topo.cluster.gpu.hbm_bytes_per_s / 2  # a local copy reads and writes
+        self.local_bytes_per_s = topo.cluster.gpu.local_copy_bytes_per_s
         self._recent: list[_Fluid] = []
 
     def collective(self, name: str, nbytes: np.ndarray, gpu_events: list[simpy.Event] | None = None,

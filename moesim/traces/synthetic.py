@@ -26,8 +26,8 @@ from moesim.traces.format import Trace, TraceMeta
 
 _MAX_REJECTION_ROUNDS = 200
 _MAX_DRAWS_PER_ROUND = 64
-# Work in blocks: enough elements to amortise numpy's per-call cost, few enough that temporaries stay in
-# cache (and below the allocator's threshold for fresh pages).
+# Draws and tokens handled per numpy call: enough to amortise numpy's per-call cost, few enough that
+# the temporaries stay in cache.
 _DRAW_BLOCK = 16384
 _TOKEN_BLOCK = 4096
 
@@ -168,6 +168,8 @@ def generate_trace(
     """
     if top_k > num_experts:
         raise ValueError(f"top_k={top_k} exceeds num_experts={num_experts}")
+    if num_layers > 1 and params.affinity >= 1 and min(params.affinity_fanout, num_experts) < top_k:
+        raise ValueError("could not draw top_k distinct experts: raise affinity_fanout or lower affinity")
     srng = structure_rng if structure_rng is not None else rng
     E, G, K = num_experts, num_gpus, top_k
     T = batches * G * tokens_per_gpu
