@@ -6,13 +6,13 @@ Reads the JSON that ``moesim bench`` and the scripts in ../shared/calibration wr
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from moesim.errors import InputError
+from moesim.fileio import read_json_object
 
 
 @dataclass(frozen=True)
@@ -87,14 +87,7 @@ def load_bench(paths: list[str | Path]) -> BenchData:
     data = BenchData()
     for path in paths:
         src = str(path)
-        try:
-            raw = json.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise InputError("file not found", source=src) from None
-        except (OSError, ValueError) as exc:
-            raise InputError(f"not valid JSON ({exc})", source=src) from None
-        if not isinstance(raw, dict):
-            raise InputError("must be a JSON object", source=src)
+        raw = read_json_object(path)
         try:
             if "uniform" in raw or "skew" in raw:
                 _a2a(raw, data, src)

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
 from moesim.errors import InputError
+from moesim.fileio import atomic_write, read_json_object
 
 FORMAT = "moesim.placement/1"
 
@@ -79,18 +79,11 @@ class Placement:
 
 def save_placement(placement: Placement, path: str | os.PathLike[str]) -> Path:
     """Write ``placement`` as JSON atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(placement.to_json(), fh, indent=1, sort_keys=True)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    def write(fh: IO[str]) -> None:
+        json.dump(placement.to_json(), fh, indent=1, sort_keys=True)
+        fh.write("\n")
+
+    return atomic_write(path, write)
 
 
 def load_placement(path: str | os.PathLike[str]) -> Placement:
@@ -99,15 +92,7 @@ def load_placement(path: str | os.PathLike[str]) -> Placement:
     Range and capacity checks against a model and cluster are :func:`moesim.placement.validate`'s job.
     """
     src = str(path)
-    try:
-        with open(path) as fh:
-            raw = json.load(fh)
-    except FileNotFoundError:
-        raise InputError("file not found", source=src) from None
-    except (OSError, ValueError) as exc:
-        raise InputError(f"not valid JSON ({exc})", source=src) from None
-    if not isinstance(raw, dict):
-        raise InputError("must be a JSON object", source=src)
+    raw = read_json_object(path)
     unknown = set(raw) - {"format", "num_gpus", "layers", "policy", "info"}
     if unknown:
         raise InputError("unknown key; expected format, num_gpus, layers, policy, info", source=src,

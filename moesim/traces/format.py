@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from moesim.errors import InputError
+from moesim.fileio import atomic_write
 
 FORMAT = "moesim.trace/1"
 META_KEYS = {"num_experts", "num_layers", "top_k", "model", "source", "format"}
@@ -130,22 +130,12 @@ class Trace:
 
 def save_trace(trace: Trace, path: str | os.PathLike[str]) -> Path:
     """Write ``trace`` as ``.npz`` atomically (temporary file, then rename)."""
-    path = Path(path)
     arrays: dict[str, np.ndarray] = {"experts": trace.experts}
     for name in ("weights", "home", "batch"):
         if getattr(trace, name) is not None:
             arrays[name] = getattr(trace, name)
     arrays["meta"] = np.array(json.dumps(trace.meta.to_json(), sort_keys=True))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez_compressed(fh, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda fh: np.savez_compressed(fh, **arrays), binary=True)
 
 
 def load_trace(path: str | os.PathLike[str]) -> Trace:

@@ -131,16 +131,16 @@ def _successive_sampling(draw: Draw, pop_row: np.ndarray, succ_row: np.ndarray, 
             if todo.size == 0:
                 break
             cand = draw(pop_row[todo], succ_row[todo], m)  # [m, todo]
-            new = cand != picks[0, todo]
+            new = cand != picks[0][todo]
             for j in range(1, i):
-                new &= cand != picks[j, todo]
+                new &= cand != picks[j][todo]
             if m == 1:
                 ok, take = new[0], cand[0]
             else:  # each token's first new candidate
                 first, col = new.argmax(axis=0), np.arange(todo.size)
                 ok, take = new[first, col], cand[first, col]
             got = ok.nonzero()[0]
-            picks[i, todo[got]] = take[got]
+            picks[i][todo[got]] = take[got]
             todo = todo[(~ok).nonzero()[0]]
             m = min(2 * m, _MAX_DRAWS_PER_ROUND)
         else:
