@@ -265,7 +265,7 @@ def test_tp2_adds_allgather_and_reducescatter(cluster):
         pairs = [(0, 1), (1, 0), (2, 3), (3, 2)]  # inside each EP rank only
         for s, d in pairs:
             assert gather[s, d] == recv[s] * 1000
-            assert scatter[s, d] == recv[d] * 1000
+            assert scatter[s, d] == recv[d] * 3000  # expert outputs travel at combine size
         assert gather.sum() == sum(gather[s, d] for s, d in pairs)
         offdiag = ~np.eye(4, dtype=bool)
         tp_bytes = (gather + scatter)[offdiag].sum()

@@ -106,13 +106,14 @@ class _Rendezvous:
             self.sink.append(result)
 
 
-def _tp_matrices(recv: np.ndarray, tp: int, nbytes: float) -> tuple[np.ndarray, np.ndarray]:
-    """All-gather and reduce-scatter byte matrices inside each EP rank (block diagonal)."""
+def _tp_matrices(recv: np.ndarray, tp: int, in_bytes: float, out_bytes: float) -> tuple[np.ndarray, np.ndarray]:
+    """All-gather (token inputs, ``in_bytes`` each) and reduce-scatter (expert outputs, ``out_bytes`` each)
+    byte matrices inside each EP rank (block diagonal)."""
     G = recv.size
     group = np.arange(G) // tp
     same = (group[:, None] == group[None, :]) & ~np.eye(G, dtype=bool)
-    gather = same * (recv[:, None] * nbytes)  # g sends what it received to every peer
-    scatter = same * (recv[None, :] * nbytes)  # g sends each peer the outputs of the peer's tokens
+    gather = same * (recv[:, None] * in_bytes)  # g sends what it received to every peer
+    scatter = same * (recv[None, :] * out_bytes)  # g sends each peer the outputs of the peer's tokens
     return gather, scatter
 
 
@@ -162,7 +163,8 @@ class Simulation:
                 comp = expert_time(tok, model, gpu_spec, tp=tp, grouped=self.options.grouped)
                 mats = {"dispatch": disp, "combine": comb}
                 if tp > 1:
-                    mats["allgather"], mats["reducescatter"] = _tp_matrices(tr.recv_copies, tp, model.dispatch_bytes)
+                    mats["allgather"], mats["reducescatter"] = _tp_matrices(tr.recv_copies, tp, model.dispatch_bytes,
+                                                                                model.combine_bytes)
                 total = sum(mats.values())
                 offdiag = total * ~np.eye(G, dtype=bool)
                 rec["tokens"][b, l] = tok.sum(axis=1)
