@@ -316,3 +316,39 @@ def test_fanout_above_num_experts_gives_a_valid_trace(monkeypatch):
     trace = gen(1, num_experts=4, top_k=1, affinity=0.9, affinity_fanout=64)
     trace.validate()
     assert trace.experts.max() < 4
+
+
+def test_generator_matches_zipf_popularity_exactly_in_distribution():
+    """With no per-GPU mix and no affinity, pick frequencies follow 1/rank^alpha (closed form)."""
+    from moesim.traces import SyntheticParams, generate_trace
+
+    E, alpha, T = 8, 1.0, 200_000
+    trace = generate_trace(num_layers=1, num_experts=E, top_k=1, num_gpus=1, tokens_per_gpu=T, batches=1,
+                           params=SyntheticParams(zipf_alpha=alpha, gpu_mix_sigma=0.0, affinity=0.0),
+                           rng=np.random.default_rng(3))
+    freq = np.sort(np.bincount(trace.experts[:, 0, 0], minlength=E))[::-1] / T
+    expected = np.arange(1, E + 1, dtype=float) ** -alpha
+    expected /= expected.sum()
+    assert np.abs(freq - expected).max() < 0.005  # binomial sd at p=0.37, n=2e5 is 0.0011
+
+
+def test_generator_top2_is_successive_sampling():
+    """P(e among the top-2) = p_e + sum_{f != e} p_f p_e / (1 - p_f), sampling without replacement."""
+    from moesim.traces import SyntheticParams, generate_trace
+
+    E, T = 6, 200_000
+    trace = generate_trace(num_layers=1, num_experts=E, top_k=2, num_gpus=1, tokens_per_gpu=T, batches=1,
+                           params=SyntheticParams(zipf_alpha=1.0, gpu_mix_sigma=0.0, affinity=0.0),
+                           rng=np.random.default_rng(4))
+    picks = trace.experts[:, 0, :]
+    assert (picks[:, 0] != picks[:, 1]).all()
+    first = np.bincount(picks[:, 0], minlength=E) / T  # estimates p (ranks are shuffled per layer)
+    order = np.argsort(-first)
+    p = np.arange(1, E + 1, dtype=float) ** -1.0
+    p /= p.sum()
+    p_by_expert = np.empty(E)
+    p_by_expert[order] = p
+    expected = p_by_expert + np.array([sum(p_by_expert[f] * p_by_expert[e] / (1 - p_by_expert[f])
+                                           for f in range(E) if f != e) for e in range(E)])
+    either = np.bincount(picks.ravel(), minlength=E) / T
+    assert np.abs(either - expected).max() < 0.006
