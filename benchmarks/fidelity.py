@@ -6,6 +6,8 @@
    the points (``moesim calibrate``) and the error is reported on the held-out third, per point.
 2. A real expert-parallel MoE layer on 2x H200 under three placements (benchmarks/validation/ep_layer):
    moesim's layer time and the speedups between placements, against the measurement.
+3. Expert-FFN timings on one H100 (benchmarks/validation/ffn_h100) against the dgx-h100 preset, which was
+   not fitted to them.
 Nothing here is fitted to the points it reports as held out.
 """
 
@@ -41,6 +43,19 @@ def micro_benchmarks(shared: Path) -> None:
                   f"{np.median(e) * 100:5.1f}%  max {e.max() * 100:5.1f}%")
 
 
+def ffn_h100() -> None:
+    from moesim.calibration import predict_ffn
+    from moesim.hardware import ClusterSpec, preset
+
+    data = load_bench([ROOT / "benchmarks" / "validation" / "ffn_h100" / "expert_ffn_h100.json"])
+    spec = ClusterSpec(**preset("dgx-h100"))
+    rows = [(p, (predict_ffn(spec, p) - p.ms) / p.ms) for p in data.ffn]
+    for label, keep in (("< 1024 tokens", lambda p: sum(p.tokens) < 1024), (">= 1024 tokens", lambda p: sum(p.tokens) >= 1024)):
+        e = np.abs([err for p, err in rows if keep(p)])
+        print(f"expert FFN on H100, {label:15s} n={e.size:3d}  median |error| {np.median(e) * 100:5.1f}%  "
+              f"max {e.max() * 100:5.1f}%")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
@@ -49,6 +64,8 @@ def main() -> None:
     micro_benchmarks(args.shared)
     print("\n== 2. expert-parallel MoE layer, 2x H200, three placements ==")
     runpy.run_path(str(ROOT / "benchmarks" / "validation" / "ep_layer" / "compare.py"), run_name="__main__")
+    print("\n== 3. expert FFN, one H100, dgx-h100 preset (not fitted to these) ==")
+    ffn_h100()
 
 
 if __name__ == "__main__":
