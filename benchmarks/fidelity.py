@@ -8,6 +8,12 @@
    moesim's layer time and the speedups between placements, against the measurement.
 3. Expert-FFN timings on one H100 (benchmarks/validation/ffn_h100) against the dgx-h100 preset, which was
    not fitted to them.
+4. DeepEP's published tables (H800; ../shared/reference/DOMAIN.md section 6): normal-kernel bandwidths
+   (intranode EP8, internode EP16/32/64, hierarchical all-to-all) and low-latency latencies and bandwidths
+   (EP8-256), simulated on the unchanged ``h800`` preset and measured the way DeepEP's tests measure them
+   (:mod:`moesim.calibration.deepep`).
+5. A second 2x H200 host, measured with ``moesim bench`` (benchmarks/validation/h200_host2 and a2a_paths): the
+   shipped preset predicting it as it is, then ``moesim calibrate`` on it with a held-out third.
 Nothing here is fitted to the points it reports as held out.
 """
 
@@ -56,6 +62,21 @@ def ffn_h100() -> None:
               f"max {e.max() * 100:5.1f}%")
 
 
+def deepep() -> None:
+    from moesim.calibration.deepep import low_latency_points, normal_points
+
+    points = normal_points() + low_latency_points()
+    print(f"{'DeepEP kernel':12s} {'EP':>4s} {'phase':9s} {'quantity':15s} {'published':>9s} {'moesim':>8s} {'error':>7s}")
+    for p in points:
+        print(f"{p.kernel:12s} {p.ep:4d} {p.phase:9s} {p.quantity:15s} {p.published:9.1f} {p.predicted:8.1f} "
+              f"{p.error * 100:+6.1f}%")
+    for kernel in ("normal", "low_latency"):
+        e = np.abs([p.error for p in points if p.kernel == kernel])
+        print(f"{kernel:12s} n={e.size:2d}  median |error| {np.median(e) * 100:5.1f}%  max {e.max() * 100:5.1f}%")
+    e = np.abs([p.error for p in points])
+    print(f"{'all DeepEP':12s} n={e.size:2d}  median |error| {np.median(e) * 100:5.1f}%  max {e.max() * 100:5.1f}%")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
@@ -66,6 +87,11 @@ def main() -> None:
     runpy.run_path(str(ROOT / "benchmarks" / "validation" / "ep_layer" / "compare.py"), run_name="__main__")
     print("\n== 3. expert FFN, one H100, dgx-h100 preset (not fitted to these) ==")
     ffn_h100()
+    print("\n== 4. DeepEP's published tables, h800 preset (not fitted to these) ==")
+    deepep()
+    print("\n== 5. a second 2x H200 host (not fitted to the shipped preset) ==")
+    for folder in ("h200_host2", "a2a_paths"):
+        runpy.run_path(str(ROOT / "benchmarks" / "validation" / folder / "compare.py"), run_name="__main__")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Command line: ``moesim run | validate | place | cluster``.
+"""Command line: ``moesim run | validate | place | cluster | bench | calibrate | trace``.
 
 Bad input of any kind prints one line naming the file and field, and exits with status 2, before any
 output file is written.
@@ -30,6 +30,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     result = run_study(scenario, progress=False if args.quiet else None)
     wall = time.perf_counter() - t0
     print(format_report(result.metrics(), scenario.baseline))
+    if result.rebalance:  # the scenario's rebalance section (moesim.study.rebalance)
+        from moesim.report.files import rebalance_infos
+        from moesim.report.rebalance import verdict as rebalance_verdict
+
+        infos = rebalance_infos(result)
+        print("\nRebalancing:\n" + "\n".join(f"  {rebalance_verdict(r, infos.get(r.cluster))}" for r in result.rebalance))
     written = write_outputs(result, out, plots_on=not args.no_plots)
     print(f"\n{len(result.runs)} runs simulated in {wall:.1f} s; results in {out}/ "
           f"({', '.join(p.name for p in written if p.parent == out)})")
@@ -173,6 +179,15 @@ def _cmd_cluster(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rounded(value: object, digits: int = 4) -> object:
+    """Floats to ``digits`` significant digits, recursively (fitted values carry no more)."""
+    if isinstance(value, dict):
+        return {k: _rounded(v, digits) for k, v in value.items()}
+    if isinstance(value, float):
+        return float(f"{value:.{digits}g}")
+    return value
+
+
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -198,7 +213,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
             if e.size:
                 print(f"{label + (' held-out' if held else ' fit'):22s} {e.size:4d} {np.median(e) * 100:12.1f}% "
                       f"{e.max() * 100:9.1f}%")
-    spec = result.spec.model_dump(mode="json")
+    spec = _rounded(result.spec.model_dump(mode="json"))
     doc = {"preset": args.preset, **{k: spec[k] for k in ("name", "gpu", "nvlink", "a2a_launch_us")}}
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -261,11 +276,17 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--name", help="name of the calibrated cluster")
     cal.add_argument("-o", "--output", required=True, help="cluster YAML to write")
     cal.set_defaults(func=_cmd_calibrate)
+    from moesim.cli_sweep import add_sweep_parser  # moesim sweep: redundant experts x rebalance intervals
+
+    add_sweep_parser(sub)
     c = sub.add_parser("cluster", help="show cluster presets")
     c.add_argument("action", choices=["show", "list"])
     c.add_argument("name", nargs="?", help="preset name or cluster YAML file")
     c.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. nodes=2")
     c.set_defaults(func=_cmd_cluster)
+    from moesim.cli_trace import add_trace_parser
+
+    add_trace_parser(sub)
     return p
 
 

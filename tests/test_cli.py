@@ -286,7 +286,7 @@ def test_cluster_show(capsys):
     out = capsys.readouterr().out
     assert out.startswith("hgx-h200: 1 node(s) x 8 GPUs = 8 GPUs")
     assert "H200-SXM: 989 TFLOP/s" in out and "450 GB/s per GPU per direction" in out
-    assert "path gpu0 -> gpu7: gpu0 -> nvsw0 -> gpu7 (2.0 us)" in out
+    assert "path gpu0 -> gpu7: gpu0 -> nvsw0 -> gpu7 (1.7 us)" in out
 
 
 def test_cluster_show_with_overrides_and_file(tmp_path, capsys):

@@ -82,7 +82,7 @@ BAD = [
     ("duplicate cluster names", setter("clusters", ["hgx-h200", "hgx-h200"]), "clusters", "unique"),
     ("tp not dividing gpus_per_node", setter("clusters.0.tp", 3), "clusters[0].tp", "tp=3 must divide"),
     ("tp not positive", setter("clusters.0.tp", 0), "clusters[0].tp", "positive integer"),
-    ("unknown policy", setter("placements.0", "best"), "placements[0].policy", "valid: contiguous"),
+    ("unknown policy", setter("placements.0", "best"), "placements[0].policy", "unknown policy 'best'; valid: "),
     ("unknown policy option", setter("placements.2", {"policy": "random", "sed": 1}), "placements[2].sed",
      "valid options: seed"),
     ("placement without policy", setter("placements.0", {"name": "x"}), "placements[0]", "needs 'policy'"),

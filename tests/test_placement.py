@@ -46,7 +46,7 @@ def test_baseline_policies_are_registered():
     assert BASELINES <= set(policy_names())
     assert policy_names() == sorted(policy_names())
     assert policy_options("random") == {"seed": None}
-    assert policy_options("greedy") == {}
+    assert policy_options("greedy") == {"redundant_experts": 0}
 
 
 # ---------------------------------------------------------------- every policy, one validator

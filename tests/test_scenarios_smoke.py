@@ -12,13 +12,18 @@ from moesim.study import Scenario, load_scenario, run_study
 SCENARIO_FILES = sorted((Path(__file__).resolve().parents[1] / "scenarios").glob("*.yaml"))
 
 
+def _batches(scenario: Scenario) -> int:
+    """One batch, or just enough for one rebalance when the scenario rebalances over time."""
+    return 1 if scenario.rebalance is None else scenario.rebalance.every_batches + 1
+
+
 def shrink(scenario: Scenario) -> Scenario:
     """32 tokens per GPU, one batch, at most 3 MoE layers; everything else as shipped."""
     update = {"model": scenario.model.model_copy(update={"num_layers": min(scenario.model.num_layers, 3)}),
               "engine": scenario.engine.model_copy(update={"progress": False})}
     syn = scenario.workload.synthetic
     if syn is not None:
-        small = syn.model_copy(update={"tokens_per_gpu": 32, "batches": 1, "profile_batches": 1})
+        small = syn.model_copy(update={"tokens_per_gpu": 32, "batches": _batches(scenario), "profile_batches": 1})
         update["workload"] = scenario.workload.model_copy(update={"synthetic": small})
     return scenario.model_copy(update=update)
 
@@ -43,4 +48,5 @@ def test_scenario_smoke(path):
     for cluster in scenario.clusters:
         work = result.workloads[cluster.name]
         if scenario.workload.synthetic is not None:
-            assert work["tokens"] == cluster.spec.num_gpus * 32 and work["batches"] == 1
+            assert work["tokens"] == cluster.spec.num_gpus * 32 * _batches(scenario)
+            assert work["batches"] == _batches(scenario)

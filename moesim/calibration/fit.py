@@ -168,6 +168,14 @@ def _network_predictions(spec: ClusterSpec, data: BenchData, held: list[bool]) -
     return out
 
 
+def predictions(spec: ClusterSpec, data: BenchData) -> list[Prediction]:
+    """Every point of ``data`` predicted by ``spec`` as it is (nothing fitted; all points marked held out)."""
+    net_points: list[Any] = [*data.a2a, *data.p2p]
+    preds = _network_predictions(spec, data, [True] * len(net_points))
+    return preds + [Prediction("ffn", f"{p.shape} {list(p.tokens)}", p.ms, predict_ffn(spec, p), True)
+                    for p in data.ffn]
+
+
 def calibrate(data: BenchData, base_preset: str = "hgx-h200", name: str | None = None,
               iters: int = 200) -> Calibration:
     """Fit ``base_preset``'s parameters to ``data``; report every point's error, held-out ones marked."""

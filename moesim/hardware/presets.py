@@ -3,16 +3,19 @@
 A preset is a plain nested dict of :class:`~moesim.hardware.spec.ClusterSpec` fields; scenarios deep-merge
 their overrides into it before validation, so a preset can never hold a value a YAML file could not.
 
-Efficiency defaults come from measurements on 2x H200 (../shared/calibration, summarised in the README):
-773 TFLOP/s on an 8k bf16 matmul, expert FFN curves of about 0.63 x peak at large token counts and
-about 30 us of fixed cost per FFN, 366 GB/s NVLink p2p of 450 GB/s line rate. Where a machine was not
-measured, the H200 efficiencies are assumed and marked so.
+Efficiencies come from measurements on 2x H200 (../shared/calibration), fitted by ``moesim calibrate`` on
+two thirds of the points and checked on the rest; the fit ships as ``calibrated/hgx-h200.yaml`` (its header
+is the command that wrote it) and the ``hgx-h200`` preset is that file. Where a machine was not measured,
+the H200's fitted efficiencies are assumed and marked so.
 """
 
 from __future__ import annotations
 
 import copy
+from importlib import resources
 from typing import Any
+
+import yaml
 
 # ConnectX-7 NDR: 400 Gb/s per port; 46-49 GB/s achieved in nccl-tests => efficiency 0.94.
 _CX7_400G = {
@@ -25,13 +28,30 @@ _CX7_400G = {
     "oversubscription": 1.0,
 }
 
-# H200 measurements (../shared/calibration/expert_ffn_h200.json): fitted by hand to the FFN curves of five
-# expert shapes: time = max(floor, roofline + overhead); small experts bottom out at 0.053-0.061 ms.
-_MEASURED_H200_EFFICIENCY = {"compute_efficiency": 0.63, "hbm_efficiency": 0.80, "ffn_overhead_us": 30.0,
-                             "ffn_floor_us": 55.0}
 
-# NVLink 4: 18 links x 25 GB/s = 450 GB/s per direction; 366 GB/s measured p2p on H200 => 0.81.
-_NVLINK4 = {"name": "nvlink4", "GBps": 450.0, "efficiency": 0.81, "latency_us": 2.0}
+def _calibrated(name: str) -> dict[str, Any]:
+    """A cluster file written by ``moesim calibrate`` and shipped with the package."""
+    text = resources.files("moesim.hardware").joinpath("calibrated", f"{name}.yaml").read_text()
+    return yaml.safe_load(text)
+
+
+# Fitted on 2x H200: expert-FFN efficiencies, launch cost and floor; NVLink efficiency and latency; NCCL
+# all-to-all launch cost; the rate of a collective's copy to its own rank.
+_H200 = _calibrated("hgx-h200")
+_FITTED_GPU = {k: _H200["gpu"][k] for k in ("compute_efficiency", "hbm_efficiency", "ffn_overhead_us", "ffn_floor_us")}
+_LOCAL_COPY_PER_HBM = _H200["gpu"]["local_copy_GBps"] / _H200["gpu"]["hbm_GBps"]
+_FITTED_NVLINK = {k: _H200["nvlink"][k] for k in ("efficiency", "latency_us")}
+_A2A_LAUNCH_US = _H200["a2a_launch_us"]
+
+
+def _gpu(name: str, tflops: float, hbm_GBps: float, memory_GB: float) -> dict[str, Any]:
+    """A GPU with the H200's fitted efficiencies (assumed) and its local copy scaled by HBM bandwidth."""
+    return {"name": name, "bf16_tflops": tflops, "hbm_GBps": hbm_GBps, "memory_GB": memory_GB, **_FITTED_GPU,
+            "local_copy_GBps": round(_LOCAL_COPY_PER_HBM * hbm_GBps, 1)}
+
+
+# NVLink 4: 18 links x 25 GB/s = 450 GB/s per direction (NCCL reaches about 370 in p2p).
+_NVLINK4 = {"name": "nvlink4", "GBps": 450.0, **_FITTED_NVLINK}
 
 PRESETS: dict[str, dict[str, Any]] = {
     # NVIDIA DGX H100: 8x H100 SXM5 (989 TFLOP/s dense bf16, 80 GB HBM3 at 3.35 TB/s), 4 NVSwitch,
@@ -40,11 +60,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "name": "dgx-h100",
         "nodes": 1,
         "gpus_per_node": 8,
-        "gpu": {"name": "H100-SXM", "bf16_tflops": 989.0, "hbm_GBps": 3350.0, "memory_GB": 80.0,
-                **_MEASURED_H200_EFFICIENCY},
+        "gpu": _gpu("H100-SXM", 989.0, 3350.0, 80.0),
         "nvlink": dict(_NVLINK4),
         "network": dict(_CX7_400G),
-        "a2a_launch_us": 35.0,  # NCCL alltoall floor: about 0.037 ms per call measured on 2x H200
+        "a2a_launch_us": _A2A_LAUNCH_US,  # NCCL all-to-all call cost fitted on 2x H200
     },
     # NVIDIA HGX H200: H200 SXM (same compute as H100, 141 GB HBM3e at 4.8 TB/s), NVLink 4, one
     # ConnectX-7 400 Gb/s per GPU. Efficiencies measured (../shared/calibration).
@@ -52,11 +71,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "name": "hgx-h200",
         "nodes": 1,
         "gpus_per_node": 8,
-        "gpu": {"name": "H200-SXM", "bf16_tflops": 989.0, "hbm_GBps": 4800.0, "memory_GB": 141.0,
-                **_MEASURED_H200_EFFICIENCY},
-        "nvlink": dict(_NVLINK4),
+        "gpu": _H200["gpu"],
+        "nvlink": _H200["nvlink"],
         "network": dict(_CX7_400G),
-        "a2a_launch_us": 35.0,
+        "a2a_launch_us": _A2A_LAUNCH_US,
     },
     # H800 (DeepEP's testbed): H100 compute and memory, NVLink cut to 8 links = 200 GB/s per direction,
     # "about 160 GB/s" achievable per DeepEP's README => 0.8; one CX7 400 Gb/s per GPU.
@@ -64,11 +82,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "name": "h800",
         "nodes": 1,
         "gpus_per_node": 8,
-        "gpu": {"name": "H800-SXM", "bf16_tflops": 989.0, "hbm_GBps": 3350.0, "memory_GB": 80.0,
-                **_MEASURED_H200_EFFICIENCY},
+        "gpu": _gpu("H800-SXM", 989.0, 3350.0, 80.0),
         "nvlink": {"name": "nvlink4-8links", "GBps": 200.0, "efficiency": 0.80, "latency_us": 2.0},
         "network": dict(_CX7_400G),
-        "a2a_launch_us": 35.0,
+        "a2a_launch_us": _A2A_LAUNCH_US,
     },
     # NVIDIA DGX A100: A100 SXM4 80 GB (312 TFLOP/s bf16, 2.0 TB/s), 6 NVSwitch, NVLink 3
     # (600 GB/s bidirectional = 300 per direction), 8x HDR 200 Gb/s, one per GPU (DGX A100 datasheet).
@@ -76,11 +93,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "name": "dgx-a100",
         "nodes": 1,
         "gpus_per_node": 8,
-        "gpu": {"name": "A100-SXM-80GB", "bf16_tflops": 312.0, "hbm_GBps": 2039.0, "memory_GB": 80.0,
-                **_MEASURED_H200_EFFICIENCY},
-        "nvlink": {"name": "nvlink3", "GBps": 300.0, "efficiency": 0.81, "latency_us": 2.0},
+        "gpu": _gpu("A100-SXM-80GB", 312.0, 2039.0, 80.0),
+        "nvlink": {"name": "nvlink3", "GBps": 300.0, **_FITTED_NVLINK},
         "network": {**_CX7_400G, "nic_Gbps": 200.0},
-        "a2a_launch_us": 35.0,
+        "a2a_launch_us": _A2A_LAUNCH_US,
     },
     # NVIDIA GB200 NVL72: 72 Blackwell GPUs in one NVLink 5 domain (1.8 TB/s bidirectional per GPU =
     # 900 GB/s per direction); about 2.5 PFLOP/s dense bf16, 186 GB HBM3e at 8 TB/s per GPU
@@ -89,11 +105,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "name": "gb200-nvl72",
         "nodes": 1,
         "gpus_per_node": 72,
-        "gpu": {"name": "B200-GB200", "bf16_tflops": 2500.0, "hbm_GBps": 8000.0, "memory_GB": 186.0,
-                **_MEASURED_H200_EFFICIENCY},
-        "nvlink": {"name": "nvlink5", "GBps": 900.0, "efficiency": 0.81, "latency_us": 2.0},
+        "gpu": _gpu("B200-GB200", 2500.0, 8000.0, 186.0),
+        "nvlink": {"name": "nvlink5", "GBps": 900.0, **_FITTED_NVLINK},
         "network": dict(_CX7_400G),
-        "a2a_launch_us": 35.0,
+        "a2a_launch_us": _A2A_LAUNCH_US,
     },
 }
 

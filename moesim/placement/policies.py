@@ -1,7 +1,7 @@
 """Baseline placement policies: contiguous (Megatron/vLLM default), round-robin, random, greedy.
 
-All are per layer and give every EP rank an equal number of expert slots (``ceil(E / G)``); none
-replicates experts (EPLB and the ILP live in their own modules).
+All are per layer and give every EP rank an equal number of expert slots (``ceil(E / G)``); only
+``greedy`` replicates, when asked (``redundant_experts``; EPLB and the ILP live in their own modules).
 """
 
 from __future__ import annotations
@@ -57,8 +57,20 @@ def lpt(load: np.ndarray, num_bins: int, slots: int) -> np.ndarray:
 
 
 @register("greedy")
-def greedy(problem: PlacementProblem) -> Placement:
-    """Per layer, largest profiled load first onto the least-loaded GPU, equal expert slots per GPU."""
+def greedy(problem: PlacementProblem, *, redundant_experts: int = 0) -> Placement:
+    """Per layer, largest profiled load first onto the least-loaded GPU, equal expert slots per GPU.
+
+    With ``redundant_experts`` N > 0, N extra copies of the hottest experts (by load per copy) are packed
+    the same way, ``ceil((E + N) / G)`` slots per GPU (:func:`moesim.placement.replication.replicate_and_pack`).
+    """
+    if redundant_experts:
+        from moesim.placement.eplb import check_replica_memory
+        from moesim.placement.replication import replicate_and_pack
+
+        if redundant_experts < 0:
+            raise ValueError(f"greedy: redundant_experts must be >= 0, got {redundant_experts}")
+        check_replica_memory(problem, -(-(problem.num_experts + redundant_experts) // problem.num_gpus), "greedy")
+        return replicate_and_pack(problem.load, problem.num_gpus, redundant_experts, "greedy")
     assign = np.stack([lpt(problem.load[l], problem.num_gpus, problem.slots_per_gpu)
                        for l in range(problem.num_layers)])
     return Placement.from_assignment(assign, problem.num_gpus, "greedy")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -30,10 +30,48 @@ class PlacementProblem:
     slots_per_gpu: int  # expert copies per EP rank per layer
     load: np.ndarray
     seed: int = 0
+    # expert copies per EP rank per layer that its memory holds (replicas included); None = not bounded
+    max_slots_per_gpu: int | None = None
+    # Routing statistics and hardware costs for the optimising policies (moesim.placement.ilp); all optional.
+    routing: np.ndarray | None = None  # [tokens, layers, top_k] expert ids of the profiling window
+    transitions: np.ndarray | None = None  # [layers-1, E, E]; None: counted from routing on first use
+    coactivation: np.ndarray | None = None  # [layers, E, E]; None: counted from routing on first use
+    compute_s_per_pair: float | None = None  # expert compute per token-expert pair on an EP rank, seconds
+    transfer_bytes: float | None = None  # bytes per token copy moved between consecutive layers
+    rank_s_per_byte: np.ndarray | None = None  # [G, G] seconds per byte between EP ranks, 0 on the diagonal
+    memory_slots: int | None = None  # expert copies an EP rank's memory holds over all layers; None = unbounded
+    coherent: bool = False  # the engine's dataflow is context-coherent (cross-layer co-location pays)
+    _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # lazy statistics
 
     @property
     def num_nodes(self) -> int:
         return -(-self.num_gpus // self.gpus_per_node)
+
+    def transition_counts(self) -> np.ndarray:
+        """``R[l, e, f]`` (see :mod:`moesim.placement.profile`): given, counted from ``routing``, or zeros."""
+        if "transitions" not in self._cache:
+            from moesim.placement.profile import transition_counts
+            L, E = self.num_layers, self.num_experts
+            if self.transitions is not None:
+                self._cache["transitions"] = np.asarray(self.transitions, dtype=float)
+            elif self.routing is not None:
+                self._cache["transitions"] = transition_counts(self.routing, E)
+            else:
+                self._cache["transitions"] = np.zeros((max(L - 1, 0), E, E))
+        return self._cache["transitions"]
+
+    def coactivation_counts(self) -> np.ndarray:
+        """``C[l, e, f]``: given, counted from ``routing``, or zeros."""
+        if "coactivation" not in self._cache:
+            from moesim.placement.profile import coactivation_counts
+            L, E = self.num_layers, self.num_experts
+            if self.coactivation is not None:
+                self._cache["coactivation"] = np.asarray(self.coactivation, dtype=float)
+            elif self.routing is not None:
+                self._cache["coactivation"] = coactivation_counts(self.routing, E)
+            else:
+                self._cache["coactivation"] = np.zeros((L, E, E))
+        return self._cache["coactivation"]
 
 
 Policy = Callable[..., Placement]
@@ -92,6 +130,8 @@ def make_placement(name: str, problem: PlacementProblem, **options: Any) -> Plac
     validate_placement(placement, num_layers=problem.num_layers, num_experts=problem.num_experts,
                        num_gpus=problem.num_gpus, source=f"policy {name}")
     slots = placement.copies_per_gpu().max()
-    if slots > problem.slots_per_gpu:
-        raise AssertionError(f"policy {name} used {slots} slots on a GPU, over {problem.slots_per_gpu}")
+    # redundant experts (replicas) add ceil(R / G) slots per GPU beyond the equal share
+    allowed = problem.slots_per_gpu + -(-int(options.get("redundant_experts") or 0) // problem.num_gpus)
+    if slots > allowed:
+        raise AssertionError(f"policy {name} used {slots} slots on a GPU, over {allowed}")
     return placement

@@ -3,7 +3,8 @@
 Everything is first written into a fresh temporary folder beside the output folder; only when every
 file is complete are they moved into place (one rename each), so a failure leaves no partial results and
 never touches files of the user's that we did not write. results.json holds no wall-clock times or
-paths of this machine, so the same scenario and seed give a byte-identical file.
+paths of this machine, so the same scenario and seed give a byte-identical file - apart from the
+``placement_info.solve_s`` an optimising policy reports (its own wall time).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 
 from moesim.placement.format import save_placement
 from moesim.report import plots, timeline
+from moesim.report import rebalance as rebalance_report
 from moesim.study.runner import StudyResult
 
 RESULTS_FORMAT = "moesim.results/1"
@@ -45,6 +47,8 @@ def results_json(result: StudyResult) -> dict[str, Any]:
         entry = run.metrics.to_json()
         entry["simulation"] = {"events": rec.events, "flows": rec.flows, "rate_recomputations": rec.recomputations,
                                "simulated_ms": rec.sim_time * 1e3}
+        if run.placement.info:  # what the policy reports: e.g. the ILP's objective, bound, gap, solve time
+            entry["placement_info"] = dict(run.placement.info)
         runs.append(entry)
     clusters = [{"name": c.name, "tp": c.tp, "ep": c.ep, "spec": c.spec.model_dump(mode="json")} for c in sc.clusters]
     return _round({
@@ -56,7 +60,15 @@ def results_json(result: StudyResult) -> dict[str, Any]:
         "clusters": clusters,
         "workload": result.workloads,
         "runs": runs,
+        **({"rebalance": rebalance_report.results_json(result.rebalance, rebalance_infos(result))}
+           if result.rebalance else {}),
     })
+
+
+def rebalance_infos(result: StudyResult) -> dict[str, dict[str, Any]]:
+    """Per cluster, the info of the re-planned placement (its redundant-expert count, for the verdict)."""
+    cfg = result.scenario.rebalance
+    return {r.cluster.name: r.placement.info for r in result.runs if cfg is not None and r.name == cfg.policy}
 
 
 def write_csv(result: StudyResult, path: Path) -> None:
@@ -93,6 +105,11 @@ def write_outputs(result: StudyResult, out_dir: str | os.PathLike[str], *, plots
         for run in result.runs:
             save_placement(run.placement, tmp / "placements" / run.cluster.name / f"{run.name}.json")
         timeline.write(result, tmp / "timeline.json")
+        if result.rebalance:  # per-batch series with rebalance points (moesim.study.rebalance)
+            rebalance_report.write_series_csv(result.rebalance, tmp / "rebalance.csv")
+            if plots_on:
+                rebalance_report.plot_series(result.rebalance, tmp / "rebalance.png",
+                                             f"{result.scenario.name}: rebalancing over time")
         if plots_on:
             plots.write_all(result, tmp)
         written = sorted(p.relative_to(tmp) for p in tmp.rglob("*") if p.is_file())

@@ -12,6 +12,23 @@ its bytes as max-min fair flows over the links (:mod:`moesim.sim.network`), and 
 that GPU's own sends and receives are done. A batch ends when its last GPU finishes the last layer;
 batches run one after another.
 
+How an all-to-all moves its bytes is ``EngineOptions.a2a``: ``direct`` (NCCL alltoallv, DeepEP's
+intranode kernels: every copy straight from source to destination GPU), ``hierarchical`` (DeepEP's
+internode normal kernels: one network copy per destination node to the sender's rail peer there, then
+NVLink forwarding; :func:`moesim.sim.traffic.hierarchical_bytes`) or ``low_latency`` (DeepEP's
+low-latency kernels: direct, one message per (token, expert), no deduplication).
+
+``EngineOptions.dataflow``: ``standard`` (above: tokens live at home, two all-to-alls per layer) or
+``coherent`` (ExFlow's context-coherent expert parallelism, where cross-layer expert affinity pays):
+every GPU can run attention for any token (its context is replicated; that all-gather is not charged),
+so after layer l a token stays on the GPUs of its layer-l experts, runs layer l+1's attention there and
+goes straight to the GPUs of its layer-(l+1) experts (:func:`moesim.sim.traffic.coherent_traffic`,
+recorded as that layer's dispatch). One all-to-all per layer: the first layer dispatches from home,
+only the last combines home. Coherent transfers are direct (``a2a: direct``).
+
+Which copy of a replicated expert serves a token is ``EngineOptions.replica_rule`` (vLLM's token index,
+SGLang's static local choice, or an LPLB-like balanced split; :mod:`moesim.sim.replicas`).
+
 Token bookkeeping is numpy (:mod:`moesim.sim.traffic`); SimPy owns time and events. Everything the run
 did is recorded in flat arrays (:class:`SimRecords`); metrics are computed afterwards.
 Deliberately ignored: overlap of communication with compute (no micro-batching or two-batch overlap),
@@ -20,8 +37,8 @@ shared experts, the gate itself, and anything outside MoE layers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable, Generator
+from dataclasses import dataclass, field, replace
+from typing import Callable, Generator, Literal
 
 import numpy as np
 import simpy
@@ -30,7 +47,8 @@ from moesim.hardware.topology import Topology
 from moesim.placement.format import Placement
 from moesim.sim.compute import dense_time, expert_time
 from moesim.sim.network import CollectiveResult, Fabric, Routing
-from moesim.sim.traffic import layer_traffic
+from moesim.sim.replicas import ReplicaChooser
+from moesim.sim.traffic import coherent_traffic, hierarchical_bytes, layer_traffic
 from moesim.traces.format import Layout, Trace
 from moesim.traces.model import ModelSpec
 
@@ -46,6 +64,19 @@ class EngineOptions:
     dedup: bool = True  # one copy per (token, destination GPU); False: one per (token, expert)
     grouped: bool = True  # one grouped-GEMM launch per GPU and layer; False: one kernel per expert
     rate_tolerance: float = 0.01  # see moesim.sim.network; 0 = exact max-min
+    a2a: Literal["direct", "hierarchical", "low_latency"] = "direct"  # see the module docstring
+    replica_rule: str = "token_index"  # token_index (vLLM), local (SGLang static), balanced_split (LPLB)
+    dataflow: Literal["standard", "coherent"] = "standard"  # see the module docstring
+
+    def __post_init__(self) -> None:
+        if self.dataflow not in ("standard", "coherent"):
+            raise ValueError(f"dataflow must be standard or coherent, got {self.dataflow!r}")
+        if self.dataflow == "coherent" and self.a2a == "hierarchical":
+            raise ValueError("dataflow coherent moves tokens directly between expert GPUs; use a2a direct")
+        if self.dataflow == "coherent" and self.replica_rule != "token_index":
+            raise ValueError("dataflow coherent picks replicas by token index; use replica_rule token_index")
+        if self.a2a not in ("direct", "hierarchical", "low_latency"):
+            raise ValueError(f"a2a must be direct, hierarchical or low_latency, got {self.a2a!r}")
 
 
 @dataclass
@@ -146,6 +177,11 @@ class Simulation:
         kept: list[CollectiveResult] = []
         flows = 0
         rank_of_gpu = np.arange(G) // tp
+        a2a = self.options.a2a
+        dedup = self.options.dedup and a2a != "low_latency"
+        gpn = topo.cluster.gpus_per_node
+        hierarchical = a2a == "hierarchical" and topo.cluster.nodes > 1
+        chooser = ReplicaChooser(self.options.replica_rule, placement, topo.cluster.gpus_per_node // tp)
 
         for b, idx in enumerate(batches):
             # A batch's tokens are increasing indices; a contiguous run is sliced, not gathered.
@@ -153,15 +189,32 @@ class Simulation:
             home = layout.home[idx]
             resident = np.bincount(home, minlength=G)
             dense = dense_time(resident, model, gpu_spec, tp=tp)
+            coherent = self.options.dataflow == "coherent"
+            dense_of = [dense] * L  # per layer: coherent dataflow moves where tokens live
             plan = []
             for l in range(L):
                 tr = layer_traffic(trace.experts[tokens, l, :], home, idx, placement.gpus[l], num_gpus=G, tp=tp,
-                                   num_experts=model.num_experts, dedup=self.options.dedup)
-                disp = tr.copies * model.dispatch_bytes
-                comb = tr.copies.T * model.combine_bytes
+                                   num_experts=model.num_experts, dedup=dedup,
+                                   gpus_per_node=gpn if hierarchical else None,
+                                   replica_ranks=chooser.ranks(l, trace.experts[tokens, l, :], home // tp))
+                if hierarchical:
+                    disp = hierarchical_bytes(tr.copies, tr.node_copies, gpn, model.dispatch_bytes)
+                    comb = hierarchical_bytes(tr.copies, tr.node_copies, gpn, model.combine_bytes).T
+                else:
+                    disp = tr.copies * model.dispatch_bytes
+                    comb = tr.copies.T * model.combine_bytes
+                if coherent and l > 0:  # context-coherent: from layer l-1's experts straight to layer l's
+                    coh, held = coherent_traffic(trace.experts[tokens, l - 1, :], trace.experts[tokens, l, :], home,
+                                                 idx, placement.gpus[l - 1], placement.gpus[l], num_gpus=G, tp=tp,
+                                                 dedup=dedup)
+                    disp = coh * model.dispatch_bytes
+                    tr = replace(tr, recv_copies=coh.sum(axis=0))
+                    dense_of[l] = dense_time(held, model, gpu_spec, tp=tp)
                 tok = tr.expert_tokens[rank_of_gpu]  # [G, E]: each GPU of a rank runs all its tokens
                 comp = expert_time(tok, model, gpu_spec, tp=tp, grouped=self.options.grouped)
                 mats = {"dispatch": disp, "combine": comb}
+                if coherent and l < L - 1:  # tokens go home only after the last layer
+                    del mats["combine"]
                 if tp > 1:
                     mats["allgather"], mats["reducescatter"] = _tp_matrices(tr.recv_copies, tp, model.dispatch_bytes,
                                                                                 model.combine_bytes)
@@ -178,7 +231,7 @@ class Simulation:
             def gpu(g: int) -> Generator[simpy.Event, None, None]:
                 for l, (coll, comp) in enumerate(plan):
                     rec["t_layer_start"][b, l, g] = env.now
-                    yield env.timeout(dense[g])
+                    yield env.timeout(dense_of[l][g])
                     rec["t_dense_end"][b, l, g] = rec["t_dispatch_join"][b, l, g] = env.now
                     yield coll["dispatch"].join(g)
                     rec["t_dispatch_start"][b, l, g] = coll["dispatch"].start
@@ -191,8 +244,9 @@ class Simulation:
                     if tp > 1:
                         yield coll["reducescatter"].join(g)
                     rec["t_combine_join"][b, l, g] = env.now
-                    yield coll["combine"].join(g)
-                    rec["t_combine_start"][b, l, g] = coll["combine"].start
+                    if "combine" in coll:
+                        yield coll["combine"].join(g)
+                    rec["t_combine_start"][b, l, g] = coll["combine"].start if "combine" in coll else env.now
                     rec["t_combine_done"][b, l, g] = env.now
                     if g == 0 and progress is not None:
                         progress(1)

@@ -45,7 +45,14 @@ class SyntheticWorkload(_Strict):
     gpu_mix_sigma: float = Field(default=0.3, ge=0)
     affinity: float = Field(default=0.5, ge=0, le=1)
     affinity_fanout: int = Field(default=4, ge=1)
+    groups: int = Field(default=1, ge=1, description="expert groups for group-limited routing (DeepSeek-V3: 8)")
+    topk_groups: int | None = Field(default=None, ge=1, description="groups each token may use (DeepSeek-V3: 4)")
     seed: int = 0
+    fitted: str | None = Field(default=None, description="parameters fitted to a real trace (moesim trace fit): a "
+                               "YAML file or a shipped name; replaces the synthetic shape fields")
+    drift_swaps_per_batch: float = Field(default=0.0, ge=0, description="popularity drift of the evaluation "
+                                         "trace: random expert label swaps per layer per batch (moesim.traces."
+                                         "synthetic.drift_trace)")
 
 
 class TraceWorkload(_Strict):
@@ -77,7 +84,40 @@ class EngineConfig(_Strict):
         default="per_gpu", description="one token copy per destination GPU (DeepEP) or per expert (naive)")
     expert_kernel: Literal["grouped", "per_expert"] = "grouped"
     rate_tolerance: float = Field(default=0.01, ge=0, le=0.2)
+    a2a: Literal["direct", "hierarchical", "low_latency"] = Field(
+        default="direct", description="direct (NCCL, DeepEP intranode), hierarchical (DeepEP internode normal: "
+                                      "one network copy per node, NVLink forwarding), low_latency (DeepEP "
+                                      "low-latency: direct, one message per token and expert)")
+    replica_rule: Literal["token_index", "local", "balanced_split"] = Field(
+        default="token_index", description="which replica serves a token: token_index (vLLM), local (SGLang "
+                                           "static: same GPU, then node, then spread), balanced_split (LPLB)")
+    dataflow: Literal["standard", "coherent"] = Field(
+        default="standard", description="standard (dispatch from home, combine home, every layer) or coherent "
+                                        "(ExFlow: tokens go from layer l's expert GPUs straight to layer l+1's)")
     progress: bool = True
+
+    @model_validator(mode="after")
+    def _a2a(self) -> "EngineConfig":
+        if self.a2a == "low_latency" and "dispatch" in self.model_fields_set and self.dispatch == "per_gpu":
+            raise ValueError("a2a low_latency sends one message per (token, expert); drop dispatch: per_gpu")
+        if self.dataflow == "coherent" and self.a2a == "hierarchical":
+            raise ValueError("dataflow coherent moves tokens directly between expert GPUs; use a2a direct")
+        if self.dataflow == "coherent" and self.replica_rule != "token_index":
+            raise ValueError("dataflow coherent picks replicas by token index; use replica_rule token_index")
+        return self
+
+
+class RebalanceConfig(_Strict):
+    """Re-plan one placement every few batches from a window of recent load (moesim.study.rebalance)."""
+
+    policy: str = Field(description="name of the scenario placement (made by a policy) to re-plan")
+    every_batches: int = Field(ge=1, description="re-plan before every N-th batch")
+    window_batches: int = Field(ge=1, description="plan on the loads of the last N batches")
+    incremental: bool = Field(default=True, description="relabel the new plan's GPUs to keep most experts in place")
+    migration: Literal["stall", "overlap"] = Field(
+        default="stall", description="stall: serving waits for the weight transfers; overlap: batches run on the "
+                                     "old plan, slowed by overlap_slowdown, until the transfers finish")
+    overlap_slowdown: float = Field(default=0.1, ge=0, description="fractional slowdown of batches during an overlapped migration")
 
 
 class Scenario(_Strict):
@@ -90,9 +130,10 @@ class Scenario(_Strict):
     baseline: str
     engine: EngineConfig
     output: Path
+    rebalance: RebalanceConfig | None = None
 
 
-TOP_KEYS = {"name", "clusters", "model", "workload", "placements", "baseline", "engine", "output"}
+TOP_KEYS = {"name", "clusters", "model", "workload", "placements", "baseline", "engine", "output", "rebalance"}
 
 
 def _loc(loc: tuple[Any, ...]) -> str:
@@ -201,6 +242,54 @@ def _placement(raw: Any, i: int, source: str, base_dir: Path) -> PlacementEntry:
     return PlacementEntry(name=str(name or policy), policy=policy, options=raw)
 
 
+def _rebalance(raw: Any, placements: tuple[PlacementEntry, ...], workload: Workload,
+               source: str) -> RebalanceConfig | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise InputError("must be a mapping {policy, every_batches, window_batches, ...}", source=source,
+                         field="rebalance")
+    try:
+        cfg = RebalanceConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise _pydantic_error(exc, source, "rebalance") from None
+    entry = next((p for p in placements if p.name == cfg.policy), None)
+    if entry is None or entry.policy is None:
+        names = ", ".join(p.name for p in placements if p.policy is not None)
+        raise InputError(f"{cfg.policy!r} is not a placement made by a policy; valid: {names}", source=source,
+                         field="rebalance.policy")
+    syn = workload.synthetic
+    if syn is not None and syn.batches <= cfg.every_batches:
+        raise InputError(f"rebalancing every {cfg.every_batches} batches needs more than {cfg.every_batches} "
+                         f"batches; the workload has {syn.batches}", source=source, field="rebalance.every_batches")
+    return cfg
+
+
+FITTED_KEEPS = {"tokens_per_gpu", "batches", "profile_batches", "seed", "fitted"}
+
+
+def _fitted(syn: SyntheticWorkload, model: ModelSpec, source: str, base_dir: Path) -> SyntheticWorkload:
+    """Resolve and check ``workload.synthetic.fitted``: the file (or shipped name) loads, its shape matches
+    the model, and no plain-generator field is set beside it."""
+    from moesim.traces.fitted import load_params, resolve_params
+
+    field = "workload.synthetic.fitted"
+    others = sorted(set(syn.model_fields_set) - FITTED_KEEPS)
+    if others:
+        raise InputError(f"not used with 'fitted' (the fitted parameters set the routing shape); keep only "
+                         f"{', '.join(sorted(FITTED_KEEPS))}", source=source, field=f"workload.synthetic.{others[0]}")
+    try:
+        path = resolve_params(str(syn.fitted), base_dir)
+        params = load_params(path)
+    except InputError as exc:
+        raise InputError(str(exc), source=source, field=field) from None
+    for key in ("num_layers", "num_experts", "top_k"):
+        have, want = getattr(params, key), getattr(model, key)
+        if have != want:
+            raise InputError(f"{path} has {key}={have}, the scenario's model has {want}", source=source, field=field)
+    return syn.model_copy(update={"fitted": str(path.resolve())})
+
+
 def parse_scenario(data: Any, source: str, base_dir: Path | None = None) -> Scenario:
     """Validate a scenario given as plain data (what YAML loads to)."""
     base_dir = base_dir or Path(".")
@@ -232,6 +321,15 @@ def parse_scenario(data: Any, source: str, base_dir: Path | None = None) -> Scen
         raise InputError(f"affinity 1 with affinity_fanout {syn.affinity_fanout} < top_k {model.top_k} cannot give "
                          "top_k distinct experts; lower affinity or raise affinity_fanout", source=source,
                          field="workload.synthetic.affinity_fanout")
+    if syn is not None and model.num_experts % syn.groups:
+        raise InputError(f"must divide num_experts ({model.num_experts})", source=source,
+                         field="workload.synthetic.groups")
+    if syn is not None and syn.topk_groups is not None and (
+            syn.topk_groups > syn.groups or syn.topk_groups * (model.num_experts // syn.groups) < model.top_k):
+        raise InputError(f"must be at most groups ({syn.groups}) and leave at least top_k ({model.top_k}) experts "
+                         "to choose from", source=source, field="workload.synthetic.topk_groups")
+    if syn is not None and syn.fitted is not None:
+        workload = Workload(synthetic=_fitted(syn, model, source, base_dir))
     if workload.trace is not None and not workload.trace.file.is_absolute():
         workload = Workload(trace=workload.trace.model_copy(update={"file": base_dir / workload.trace.file}))
     if workload.trace is not None and not workload.trace.file.is_file():
@@ -255,7 +353,8 @@ def parse_scenario(data: Any, source: str, base_dir: Path | None = None) -> Scen
         raise _pydantic_error(exc, source, "engine") from None
     name = str(data.get("name") or Path(source).stem)
     output = Path(str(data.get("output") or Path("results") / name))
-    return Scenario(name=name, source=source, clusters=clusters, model=model, workload=workload,
+    rebalance = _rebalance(data.get("rebalance"), placements, workload, source)
+    return Scenario(name=name, source=source, clusters=clusters, model=model, workload=workload, rebalance=rebalance,
                     placements=placements, baseline=baseline, engine=engine, output=output)
 
 

@@ -22,8 +22,10 @@ from moesim.placement.registry import PlacementProblem, make_placement
 from moesim.placement.validate import Capacity, validate_placement
 from moesim.sim.engine import EngineOptions, Simulation, SimRecords
 from moesim.study.config import ClusterEntry, PlacementEntry, Scenario
+from moesim.traces.fitted import generate_fitted, load_params
 from moesim.traces.format import Layout, Trace, load_trace
-from moesim.traces.synthetic import SyntheticParams, generate_trace
+from moesim.traces.stats import expert_counts
+from moesim.traces.synthetic import SyntheticParams, drift_trace, generate_trace
 
 
 @dataclass
@@ -50,18 +52,15 @@ class StudyResult:
     scenario: Scenario
     runs: list[Run]
     workloads: dict[str, dict[str, Any]] = field(default_factory=dict)
+    rebalance: list[Any] = field(default_factory=list)  # moesim.study.rebalance.RebalanceResult per cluster
 
     def metrics(self) -> list[RunMetrics]:
         return [r.metrics for r in self.runs]
 
 
 def expert_loads(trace: Trace) -> np.ndarray:
-    """[layers, experts] token-expert pairs per expert."""
-    L, E = trace.meta.num_layers, trace.meta.num_experts
-    ex = trace.experts.astype(np.int64)
-    valid = ex >= 0
-    flat = (ex + (np.arange(L) * E)[None, :, None])[valid]
-    return np.bincount(flat, minlength=L * E).reshape(L, E).astype(float)
+    """[layers, experts] token-expert pairs per expert (counted block by block: memory-mapped traces stay so)."""
+    return expert_counts(trace).astype(float)
 
 
 def _check_trace(trace: Trace, scenario: Scenario, source: str) -> None:
@@ -78,7 +77,7 @@ def load_workload_trace(scenario: Scenario) -> Trace | None:
     tw = scenario.workload.trace
     if tw is None:
         return None
-    trace = load_trace(tw.file)
+    trace = load_trace(tw.file, mmap=True)  # stored (uncompressed) traces are memory-mapped, not read
     _check_trace(trace, scenario, str(tw.file))
     return trace
 
@@ -86,9 +85,22 @@ def load_workload_trace(scenario: Scenario) -> Trace | None:
 def build_workload(scenario: Scenario, cluster: ClusterEntry, trace: Trace | None = None) -> Workload:
     m, G = scenario.model, cluster.spec.num_gpus
     syn = scenario.workload.synthetic
+    if syn is not None and syn.fitted is not None:  # a generator fitted to a real trace (moesim.traces.fitted)
+        fitted = load_params(syn.fitted)
+        if fitted.num_layers > m.num_layers:  # a model cut short (smoke tests): keep the fit's first layers
+            fitted = fitted.first_layers(m.num_layers)
+
+        def gen_fitted(batches: int, stream: int) -> Trace:
+            return generate_fitted(fitted, num_gpus=G, tokens_per_gpu=syn.tokens_per_gpu, batches=batches,
+                                   rng=np.random.default_rng([syn.seed, stream]), model=m.name)
+
+        evaluation = gen_fitted(syn.batches, 1)
+        return Workload(evaluation, evaluation.layout(G, syn.tokens_per_gpu), gen_fitted(syn.profile_batches, 2),
+                        False)
     if syn is not None:
         params = SyntheticParams(zipf_alpha=syn.zipf_alpha, gpu_mix_sigma=syn.gpu_mix_sigma,
-                                 affinity=syn.affinity, affinity_fanout=syn.affinity_fanout)
+                                 affinity=syn.affinity, affinity_fanout=syn.affinity_fanout,
+                                 groups=syn.groups, topk_groups=syn.topk_groups)
 
         def gen(batches: int, stream: int) -> Trace:
             return generate_trace(num_layers=m.num_layers, num_experts=m.num_experts, top_k=m.top_k, num_gpus=G,
@@ -97,6 +109,9 @@ def build_workload(scenario: Scenario, cluster: ClusterEntry, trace: Trace | Non
                                   structure_rng=np.random.default_rng(syn.seed), model=m.name)
 
         evaluation = gen(syn.batches, 1)
+        if syn.drift_swaps_per_batch > 0:  # the evaluation drifts away from what the profile saw
+            evaluation = drift_trace(evaluation, swaps_per_batch=syn.drift_swaps_per_batch,
+                                     rng=np.random.default_rng([syn.seed, 3]))
         return Workload(evaluation, evaluation.layout(G, syn.tokens_per_gpu), gen(syn.profile_batches, 2), False)
     tw = scenario.workload.trace
     assert tw is not None
@@ -138,9 +153,33 @@ def placement_problem(scenario: Scenario, cluster: ClusterEntry, profile: Trace)
     m = scenario.model
     ep = cluster.ep
     seed = scenario.workload.synthetic.seed if scenario.workload.synthetic else 0
+    cap = capacity_of(scenario, cluster)  # copies per layer that fit: bounds replicas
+    max_slots = int(cap.memory_bytes_per_gpu // (cap.expert_bytes_per_gpu * m.num_layers))
+    spec = cluster.spec
     return PlacementProblem(num_layers=m.num_layers, num_experts=m.num_experts, num_gpus=ep,
                             gpus_per_node=cluster.spec.gpus_per_node // cluster.tp,
-                            slots_per_gpu=-(-m.num_experts // ep), load=expert_loads(profile), seed=seed)
+                            slots_per_gpu=-(-m.num_experts // ep), load=expert_loads(profile), seed=seed,
+                            max_slots_per_gpu=max_slots,
+                            routing=profile.experts,
+                            compute_s_per_pair=6.0 * m.d_model * m.d_ff / cluster.tp / spec.gpu.flops_per_s,
+                            transfer_bytes=float(m.dispatch_bytes), rank_s_per_byte=rank_seconds_per_byte(cluster),
+                            memory_slots=int(cap.memory_bytes_per_gpu // cap.expert_bytes_per_gpu),
+                            coherent=scenario.engine.dataflow == "coherent")
+
+
+def rank_seconds_per_byte(cluster: ClusterEntry) -> np.ndarray:
+    """[EP, EP] seconds per byte between EP ranks: NVLink inside a node, the NICs across nodes.
+
+    A rank's ``tp`` GPUs each carry 1/tp of its traffic on their own links. Two tiers only: leaf/spine
+    oversubscription and PCIe are ignored here (the simulator models them).
+    """
+    spec, tp = cluster.spec, cluster.tp
+    node = np.arange(cluster.ep) * tp // spec.gpus_per_node
+    same = node[:, None] == node[None, :]
+    inter = 1.0 / (tp * spec.network.nic_bytes_per_s) if spec.nodes > 1 else 0.0
+    out = np.where(same, 1.0 / (tp * spec.nvlink.bytes_per_s), inter)
+    np.fill_diagonal(out, 0.0)
+    return out
 
 
 def build_placement(scenario: Scenario, cluster: ClusterEntry, entry: PlacementEntry,
@@ -163,13 +202,19 @@ def build_placement(scenario: Scenario, cluster: ClusterEntry, entry: PlacementE
                               capacity=capacity_of(scenario, cluster), source=source)
 
 
+def engine_options(scenario: Scenario) -> EngineOptions:
+    """The engine options a scenario asks for."""
+    return EngineOptions(dedup=scenario.engine.dispatch == "per_gpu",
+                         grouped=scenario.engine.expert_kernel == "grouped",
+                         rate_tolerance=scenario.engine.rate_tolerance, a2a=scenario.engine.a2a,
+                         replica_rule=scenario.engine.replica_rule, dataflow=scenario.engine.dataflow)
+
+
 def run_study(scenario: Scenario, *, progress: bool | None = None,
               on_run: Callable[[Run], None] | None = None) -> StudyResult:
     """Simulate every placement of ``scenario`` on every cluster."""
     show = scenario.engine.progress if progress is None else progress
-    options = EngineOptions(dedup=scenario.engine.dispatch == "per_gpu",
-                            grouped=scenario.engine.expert_kernel == "grouped",
-                            rate_tolerance=scenario.engine.rate_tolerance)
+    options = engine_options(scenario)
     shared_trace = load_workload_trace(scenario)
     prepared: list[tuple[ClusterEntry, Topology, Workload, list[tuple[PlacementEntry, Placement]]]] = []
     for cluster in scenario.clusters:  # validate everything before simulating anything
@@ -182,6 +227,7 @@ def run_study(scenario: Scenario, *, progress: bool | None = None,
 
     runs: list[Run] = []
     workloads: dict[str, dict[str, Any]] = {}
+    rebalanced: list[Any] = []
     for cluster, topo, work, placements in prepared:
         sim = Simulation(topo, scenario.model, tp=cluster.tp, options=options)
         workloads[cluster.name] = {
@@ -199,7 +245,17 @@ def run_study(scenario: Scenario, *, progress: bool | None = None,
             runs.append(run)
             if on_run is not None:
                 on_run(run)
+        if scenario.rebalance is not None:  # re-plan over time (moesim.study.rebalance)
+            from moesim.study.rebalance import run_rebalance
+
+            with tqdm(total=work.layout.num_batches, desc=f"{cluster.name} / rebalancing", unit="batch",
+                      disable=not show, leave=False) as bar:
+                rebalanced.append(run_rebalance(scenario, cluster, topo, sim, work.trace, work.layout,
+                                                placement_problem(scenario, cluster, work.profile),
+                                                {e.name: p for e, p in placements},
+                                                records={r.name: r.records for r in runs if r.cluster is cluster},
+                                                progress=bar.update))
     final = with_speedups([r.metrics for r in runs], scenario.baseline)
     for run, m in zip(runs, final):
         run.metrics = m
-    return StudyResult(scenario=scenario, runs=runs, workloads=workloads)
+    return StudyResult(scenario=scenario, runs=runs, workloads=workloads, rebalance=rebalanced)

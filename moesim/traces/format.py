@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -24,6 +25,8 @@ from moesim.fileio import atomic_write
 
 FORMAT = "moesim.trace/1"
 META_KEYS = {"num_experts", "num_layers", "top_k", "model", "source", "format"}
+_VALIDATE_BLOCK = 1 << 22  # (token, layer, choice) entries checked per numpy call
+_MMAP_ARRAYS = ("experts", "weights")  # the big arrays, memory-mapped when stored uncompressed
 
 
 @dataclass(frozen=True)
@@ -102,18 +105,22 @@ class Trace:
         if e.shape[1:] != (m.num_layers, m.top_k):
             raise InputError(f"shape {e.shape} does not match meta num_layers={m.num_layers}, top_k={m.top_k}",
                              source=source, field="experts")
-        if e.size:
-            lo, hi = int(e.min()), int(e.max())
+        # Checked in blocks of tokens, so a memory-mapped trace is read once and never copied whole.
+        step = max(1, _VALIDATE_BLOCK // max(m.num_layers * m.top_k, 1))
+        for a in range(0, e.shape[0], step):
+            blk = np.asarray(e[a : a + step])
+            lo, hi = int(blk.min()), int(blk.max())
             if lo < -1 or hi >= m.num_experts:
                 bad = lo if lo < -1 else hi
-                t, l, k = (int(i[0]) for i in np.nonzero(e == bad))
-                raise InputError(f"expert id {bad} out of range [0, {m.num_experts}) (-1 = none) at token {t}, "
+                t, l, k = (int(i[0]) for i in np.nonzero(blk == bad))
+                raise InputError(f"expert id {bad} out of range [0, {m.num_experts}) (-1 = none) at token {a + t}, "
                                  f"layer {l}, choice {k}", source=source, field="experts")
-            srt = np.sort(e, axis=2)
+            srt = np.sort(blk, axis=2)
             dup = (srt[:, :, 1:] == srt[:, :, :-1]) & (srt[:, :, 1:] >= 0)
             if dup.any():
                 t, l, _ = (int(i[0]) for i in np.nonzero(dup))
-                raise InputError(f"token {t} picks the same expert twice at layer {l}", source=source, field="experts")
+                raise InputError(f"token {a + t} picks the same expert twice at layer {l}", source=source,
+                                 field="experts")
         for name in ("home", "batch"):
             arr = getattr(self, name)
             if arr is None:
@@ -128,22 +135,130 @@ class Trace:
         return self
 
 
-def save_trace(trace: Trace, path: str | os.PathLike[str]) -> Path:
-    """Write ``trace`` as ``.npz`` atomically (temporary file, then rename)."""
+def save_trace(trace: Trace, path: str | os.PathLike[str], *, compress: bool = True) -> Path:
+    """Write ``trace`` as ``.npz`` atomically (temporary file, then rename).
+
+    ``compress=False`` stores the arrays uncompressed (ZIP_STORED, still a plain ``.npz``), so that
+    :func:`load_trace` with ``mmap=True`` can memory-map ``experts`` and ``weights`` instead of reading them.
+    Arrays are written in blocks, so a memory-mapped trace can be saved without loading it whole.
+    """
     arrays: dict[str, np.ndarray] = {"experts": trace.experts}
     for name in ("weights", "home", "batch"):
         if getattr(trace, name) is not None:
             arrays[name] = getattr(trace, name)
     arrays["meta"] = np.array(json.dumps(trace.meta.to_json(), sort_keys=True))
-    return atomic_write(path, lambda fh: np.savez_compressed(fh, **arrays), binary=True)
+    return atomic_write(path, lambda fh: _write_npz(fh, arrays, compress), binary=True)
 
 
-def load_trace(path: str | os.PathLike[str]) -> Trace:
-    """Read and validate a ``.npz`` trace; every problem is an :class:`InputError` naming file and field."""
+def _write_npz(fh: Any, arrays: dict[str, np.ndarray], compress: bool) -> None:
+    """``np.savez[_compressed]``, but copying each array in blocks of leading rows (bounded memory)."""
+    mode = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
+    with zipfile.ZipFile(fh, mode="w", compression=mode, allowZip64=True) as zf:
+        for name, arr in arrays.items():
+            with zf.open(f"{name}.npy", "w", force_zip64=True) as out:
+                header = {"descr": np.lib.format.dtype_to_descr(arr.dtype), "fortran_order": False, "shape": arr.shape}
+                np.lib.format.write_array_header_1_0(out, header)
+                if arr.ndim == 0:
+                    out.write(np.ascontiguousarray(arr).tobytes())
+                    continue
+                step = max(1, (16 << 20) // max(arr[:1].nbytes, 1))
+                for a in range(0, arr.shape[0], step):
+                    out.write(np.ascontiguousarray(arr[a : a + step]).tobytes())
+
+
+def save_trace_blocks(path: str | os.PathLike[str], meta: TraceMeta, blocks: Iterable[tuple[np.ndarray, np.ndarray | None]],
+                      *, num_tokens: int, home: np.ndarray | None = None, batch: np.ndarray | None = None,
+                      with_weights: bool = False) -> Path:
+    """Write a trace given as consecutive token blocks ``(experts, weights or None)`` as an uncompressed
+    ``.npz`` (memory-mappable), atomically, holding one block in memory at a time. Weights, when given, are
+    spooled to a temporary file beside ``path`` and copied in after the expert ids."""
+    path = Path(path)
+    shape = (num_tokens, meta.num_layers, meta.top_k)
+    dtype = np.int16 if meta.num_experts < 2**15 else np.int32
+
+    def write(fh: Any) -> None:
+        spool = tempfile.TemporaryFile(dir=path.parent) if with_weights else None
+        try:
+            with zipfile.ZipFile(fh, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+                with zf.open("experts.npy", "w", force_zip64=True) as out:
+                    np.lib.format.write_array_header_1_0(
+                        out, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+                              "shape": shape})
+                    seen = 0
+                    for ex, w in blocks:
+                        if ex.shape[1:] != shape[1:]:
+                            raise ValueError(f"block of shape {ex.shape} does not fit a trace of {shape}")
+                        out.write(np.ascontiguousarray(ex, dtype=dtype).tobytes())
+                        if spool is not None:
+                            assert w is not None and w.shape == ex.shape
+                            spool.write(np.ascontiguousarray(w, dtype=np.float32).tobytes())
+                        seen += ex.shape[0]
+                    if seen != num_tokens:
+                        raise ValueError(f"blocks held {seen} tokens, expected {num_tokens}")
+                if spool is not None:
+                    spool.seek(0)
+                    with zf.open("weights.npy", "w", force_zip64=True) as out:
+                        np.lib.format.write_array_header_1_0(
+                            out, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
+                                  "shape": shape})
+                        while chunk := spool.read(16 << 20):
+                            out.write(chunk)
+                small = {"home": home, "batch": batch, "meta": np.array(json.dumps(meta.to_json(), sort_keys=True))}
+                for name, arr in small.items():
+                    if arr is not None:
+                        with zf.open(f"{name}.npy", "w", force_zip64=True) as out:
+                            np.lib.format.write_array(out, np.asarray(arr), allow_pickle=False)
+        finally:
+            if spool is not None:
+                spool.close()
+
+    return atomic_write(path, write, binary=True)
+
+
+def _stored_member(path: str | os.PathLike[str], zf: zipfile.ZipFile, name: str) -> np.ndarray | None:
+    """Memory-map member ``name`` of an open ``.npz`` when it is stored uncompressed; None otherwise."""
+    try:
+        info = zf.getinfo(f"{name}.npy")
+    except KeyError:
+        return None
+    if info.compress_type != zipfile.ZIP_STORED:
+        return None
+    with open(path, "rb") as raw:
+        raw.seek(info.header_offset)
+        local = raw.read(30)
+        if local[:4] != b"PK\x03\x04":
+            return None
+        name_len, extra_len = int.from_bytes(local[26:28], "little"), int.from_bytes(local[28:30], "little")
+        raw.seek(info.header_offset + 30 + name_len + extra_len)
+        version = np.lib.format.read_magic(raw)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(raw)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(raw)
+        else:
+            return None
+        if dtype.hasobject or fortran or not shape:
+            return None
+        return np.memmap(path, dtype=dtype, mode="r", offset=raw.tell(), shape=shape)
+
+
+def load_trace(path: str | os.PathLike[str], *, mmap: bool = False) -> Trace:
+    """Read and validate a ``.npz`` trace; every problem is an :class:`InputError` naming file and field.
+
+    With ``mmap=True``, ``experts`` and ``weights`` stored uncompressed (``save_trace(..., compress=False)``)
+    are memory-mapped read-only instead of read; compressed members are read as usual.
+    """
     src = str(path)
     try:
         with np.load(path, allow_pickle=False) as z:
-            data = {k: z[k] for k in z.files}
+            mapped: dict[str, np.ndarray] = {}
+            if mmap:
+                with zipfile.ZipFile(path) as zf:
+                    for name in _MMAP_ARRAYS:
+                        arr = _stored_member(path, zf, name)
+                        if arr is not None:
+                            mapped[name] = arr
+            data = {k: mapped[k] if k in mapped else z[k] for k in z.files}
     except FileNotFoundError:
         raise InputError("file not found", source=src) from None
     except (OSError, ValueError, zipfile.BadZipFile) as exc:

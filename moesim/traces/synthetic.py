@@ -8,10 +8,15 @@ The model, per MoE layer l:
   layer l (drawn by popularity, without replacement). A token's picks at layer l come from the mixture
   ``(1 - affinity) * popularity(home) + affinity * successors(its top-1 expert at l-1)``.
 The top_k picks are drawn without replacement (successive sampling, i.e. Plackett-Luce), so the first
-pick is the token's top-1 expert. Gate weights are the picks' popularity at the token's home, normalised
+pick is the token's top-1 expert. With group-limited routing (DeepSeek-V3: 256 experts in 8 groups, each
+token picks from its top 4 groups), experts are split into ``groups`` equal contiguous groups; a token first
+draws ``topk_groups`` distinct groups by successive sampling on the groups' popularity mass at its home,
+then its top_k experts by successive sampling restricted to those groups. (DeepSeek ranks groups by their
+best experts' scores; with independent scores both rules pick groups in proportion to the same masses
+when popularity is flat.) Gate weights are the picks' popularity at the token's home, normalised
 (a stand-in: the engine does not use weights).
 
-Deliberately simple: no group-limited routing, no drift over batches, one state (the top-1 expert) carried
+Deliberately simple: no drift over batches, one state (the top-1 expert) carried
 between layers. The trace-fitting issue extends this.
 """
 
@@ -38,6 +43,12 @@ class SyntheticParams:
     gpu_mix_sigma: float = 0.3
     affinity: float = 0.5
     affinity_fanout: int = 4
+    groups: int = 1  # expert groups for group-limited routing (experts split evenly, contiguous ids)
+    topk_groups: int | None = None  # groups a token may pick from; None = all (no limit)
+
+    @property
+    def group_limited(self) -> bool:
+        return self.groups > 1 and self.topk_groups is not None and self.topk_groups < self.groups
 
 
 def _alias_rows(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -109,9 +120,11 @@ class _AliasTable:
 
 
 Draw = Callable[[np.ndarray, np.ndarray, int], np.ndarray]
+Allowed = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
-def _successive_sampling(draw: Draw, pop_row: np.ndarray, succ_row: np.ndarray, k: int) -> np.ndarray:
+def _successive_sampling(draw: Draw, pop_row: np.ndarray, succ_row: np.ndarray, k: int,
+                         allowed: Allowed | None = None) -> np.ndarray:
     """``k`` distinct picks per token, [k, tokens]: pick i is the token's first i.i.d. draw that differs
     from its picks 0..i-1 (rejection), which is exactly successive sampling without replacement.
 
@@ -119,11 +132,14 @@ def _successive_sampling(draw: Draw, pop_row: np.ndarray, succ_row: np.ndarray, 
     popularity and successor tables: [m, tokens]. A token rejected in one round draws twice as many
     candidates in the next (up to ``_MAX_DRAWS_PER_ROUND``) and takes the first that is new. (Tokens are
     selected by index arrays, not boolean masks: numpy's masked selection is slow on random masks.)
+    ``allowed(cand [m, n], tokens [n])`` restricts picks (rejecting the rest): sampling from the restricted,
+    renormalised distribution.
     """
     picks = draw(pop_row, succ_row, k)  # every pick's first candidate
-    for i in range(1, k):
-        repeat = picks[0] == picks[i]
-        for j in range(1, i):
+    everyone = np.arange(pop_row.size)
+    for i in range(k):
+        repeat = np.zeros(pop_row.size, dtype=bool) if allowed is None else ~allowed(picks[i][None], everyone)[0]
+        for j in range(i):
             repeat |= picks[j] == picks[i]
         todo = repeat.nonzero()[0]
         m = 1
@@ -131,8 +147,8 @@ def _successive_sampling(draw: Draw, pop_row: np.ndarray, succ_row: np.ndarray, 
             if todo.size == 0:
                 break
             cand = draw(pop_row[todo], succ_row[todo], m)  # [m, todo]
-            new = cand != picks[0][todo]
-            for j in range(1, i):
+            new = np.ones(cand.shape, dtype=bool) if allowed is None else allowed(cand, todo)
+            for j in range(i):
                 new &= cand != picks[j][todo]
             if m == 1:
                 ok, take = new[0], cand[0]
@@ -170,6 +186,13 @@ def generate_trace(
         raise ValueError(f"top_k={top_k} exceeds num_experts={num_experts}")
     if num_layers > 1 and params.affinity >= 1 and min(params.affinity_fanout, num_experts) < top_k:
         raise ValueError("could not draw top_k distinct experts: raise affinity_fanout or lower affinity")
+    if params.groups < 1 or num_experts % params.groups:
+        raise ValueError(f"groups={params.groups} must divide num_experts={num_experts}")
+    if params.topk_groups is not None and not 1 <= params.topk_groups <= params.groups:
+        raise ValueError(f"topk_groups={params.topk_groups} must be between 1 and groups={params.groups}")
+    if params.group_limited and params.topk_groups * (num_experts // params.groups) < top_k:
+        raise ValueError(f"topk_groups={params.topk_groups} groups of {num_experts // params.groups} experts "
+                         f"hold fewer than top_k={top_k} experts")
     srng = structure_rng if structure_rng is not None else rng
     E, G, K = num_experts, num_gpus, top_k
     T = batches * G * tokens_per_gpu
@@ -215,7 +238,23 @@ def generate_trace(
                 out[:, a : a + step] = table.sample(rows, u[0])
             return out
 
-        picks = _successive_sampling(draw, pop_row, G + prev_top1, K)
+        allowed = None
+        if params.group_limited:  # the token's groups first, by their popularity mass at its home
+            size = E // params.groups
+            group_table = _AliasTable([(pops[l].reshape(G, params.groups, size).sum(axis=2),
+                                        np.broadcast_to(np.arange(params.groups), (G, params.groups)))], np.int64)
+
+            def draw_group(pop: np.ndarray, _succ: np.ndarray, m: int) -> np.ndarray:
+                return group_table.sample(pop[None, :], rng.random((m, pop.size)))
+
+            chosen = np.zeros((T, params.groups), dtype=bool)
+            gpicks = _successive_sampling(draw_group, pop_row, pop_row, params.topk_groups)
+            chosen[np.arange(T)[None, :], gpicks] = True
+
+            def allowed(cand: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+                return chosen[tokens[None, :], cand // size]
+
+        picks = _successive_sampling(draw, pop_row, G + prev_top1, K, allowed)
         w = pops[l].astype(np.float32).ravel()[pop_row * E + picks]
         w /= w.sum(axis=0)
         for a in range(0, T, _TOKEN_BLOCK):  # into the trace's [token, layer, pick] layout, cache-sized
@@ -227,3 +266,35 @@ def generate_trace(
     meta = TraceMeta(num_experts=E, num_layers=num_layers, top_k=K, model=model,
                      source="moesim.synthetic", extra={"synthetic": params.__dict__ | {"num_gpus": G}})
     return Trace(experts=experts, meta=meta, weights=weights, home=home, batch=batch)
+
+
+def drift_trace(trace: Trace, *, swaps_per_batch: float, rng: np.random.Generator) -> Trace:
+    """Popularity that evolves across batches: per layer, expert identities drift by a random walk on
+    permutations - before each batch after the first, a Poisson(``swaps_per_batch``) number of random pairs
+    of experts trade labels, and the changes accumulate. Within a batch nothing changes (skew, per-GPU mix
+    and cross-layer affinity are those of the trace); across batches hot experts hand their load to others,
+    as when the request mix shifts, so a plan made from an old window goes stale. Needs ``trace.batch``.
+    """
+    if swaps_per_batch < 0:
+        raise ValueError(f"swaps_per_batch must be >= 0, got {swaps_per_batch}")
+    if trace.batch is None:
+        raise ValueError("drift needs a trace with a batch array")
+    L, E = trace.meta.num_layers, trace.meta.num_experts
+    B = int(trace.batch.max()) + 1 if trace.num_tokens else 0
+    perms = np.empty((B, L, E + 1), dtype=np.int64)  # column E maps "no expert" (-1) to itself
+    perm = np.broadcast_to(np.arange(E), (L, E)).copy()
+    for b in range(B):
+        if b:
+            for l in range(L):
+                for _ in range(int(rng.poisson(swaps_per_batch))):
+                    i, j = rng.integers(0, E, 2)
+                    perm[l, [i, j]] = perm[l, [j, i]]
+        perms[b, :, :E] = perm
+        perms[b, :, E] = -1
+    ex = trace.experts.astype(np.int64)
+    idx = np.where(ex >= 0, ex, E)
+    layer = np.arange(L)[None, :, None]
+    drifted = perms[trace.batch.astype(np.int64)[:, None, None], layer, idx].astype(trace.experts.dtype)
+    meta = TraceMeta(num_experts=E, num_layers=L, top_k=trace.meta.top_k, model=trace.meta.model,
+                     source=trace.meta.source, extra={**trace.meta.extra, "drift_swaps_per_batch": swaps_per_batch})
+    return Trace(experts=drifted, meta=meta, weights=trace.weights, home=trace.home, batch=trace.batch)

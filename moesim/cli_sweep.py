@@ -1,0 +1,149 @@
+"""``moesim sweep``: redundant-expert counts x rebalance intervals -> the trade-off plot, CSV and verdict.
+
+    moesim sweep SCENARIO --redundant 0,16,32 --every 2,4,8,16 [--window N] [--cluster NAME] [-o DIR]
+
+The scenario's ``rebalance`` section names the placement to re-plan and its window, incremental and
+migration settings; the sweep replaces that placement's ``redundant_experts`` and the section's
+``every_batches`` by each listed value. For every combination the placement planned once (on the profile)
+is compared with the same placement rebalanced, migration cost included (:mod:`moesim.study.rebalance`).
+Everything is validated before the first simulation; files are written all at once at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from moesim.errors import InputError
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise InputError(f"must be comma-separated integers, got {text!r}", field=flag) from None
+    if not values or any(v < 0 for v in values):
+        raise InputError(f"must be non-negative integers, got {text!r}", field=flag)
+    return sorted(set(values))
+
+
+def run_sweep(scenario: Any, redundant: list[int], every: list[int], *, window: int | None = None,
+              cluster_name: str | None = None, progress: bool = True) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """Sweep rows (one per cluster, redundant count and interval) and, per cluster, the no-replica
+    never-rebalanced total (when 0 is among ``redundant``)."""
+    from tqdm import tqdm
+
+    from moesim.hardware.topology import build_topology
+    from moesim.report.rebalance import sweep_row
+    from moesim.sim.engine import Simulation
+    from moesim.study.config import PlacementEntry
+    from moesim.study.rebalance import BatchRunner, simulate_rebalancing
+    from moesim.study.runner import (
+        build_placement, build_workload, check_fits, engine_options, load_workload_trace, placement_problem,
+    )
+
+    cfg = scenario.rebalance
+    if cfg is None:
+        raise InputError("moesim sweep needs a 'rebalance' section (policy, every_batches, window_batches)",
+                         source=scenario.source, field="rebalance")
+    if window is not None:
+        if window < 1:
+            raise InputError(f"must be >= 1, got {window}", field="--window")
+        cfg = cfg.model_copy(update={"window_batches": window})
+    entry = next(p for p in scenario.placements if p.name == cfg.policy)
+    clusters = [c for c in scenario.clusters if cluster_name in (None, c.name)]
+    if not clusters:
+        raise InputError(f"no cluster {cluster_name!r}; valid: {', '.join(c.name for c in scenario.clusters)}",
+                         source=scenario.source, field="--cluster")
+    options = engine_options(scenario)
+    shared = load_workload_trace(scenario)
+    prepared = []
+    for cluster in clusters:  # validate every plan and interval before simulating
+        check_fits(scenario, cluster)
+        work = build_workload(scenario, cluster, shared)
+        B = work.layout.num_batches
+        if max(every) >= B or min(every) < 1:
+            raise InputError(f"intervals must be between 1 and {B - 1} (the workload has {B} batches)",
+                             field="--every")
+        problem = placement_problem(scenario, cluster, work.profile)
+        plans = {}
+        for red in redundant:
+            e = PlacementEntry(name=entry.name, policy=entry.policy, options={**entry.options, "redundant_experts": red})
+            try:
+                plans[red] = (e, build_placement(scenario.model_copy(update={"placements": (e,)}), cluster, e, problem))
+            except InputError as exc:
+                detail = exc.detail if f"redundant_experts={red}" in exc.detail else f"redundant_experts={red}: {exc.detail}"
+                raise InputError(detail, source=scenario.source, field="--redundant") from None
+        prepared.append((cluster, work, problem, plans))
+
+    rows: list[dict[str, Any]] = []
+    reference: dict[str, float] = {}
+    for cluster, work, problem, plans in prepared:
+        topo = build_topology(cluster.spec)
+        sim = Simulation(topo, scenario.model, tp=cluster.tp, options=options)
+        runner = BatchRunner(sim, work.trace, work.layout, cluster.tp)
+        total = len(plans) * len(every) * work.layout.num_batches
+        with tqdm(total=total, desc=f"{cluster.name} / sweep", unit="batch", disable=not progress, leave=False) as bar:
+            for red, (e, static) in plans.items():
+                for n in every:
+                    result = simulate_rebalancing(scenario, cluster, topo, sim, work.trace, work.layout, problem,
+                                                  static, None, cfg.model_copy(update={"every_batches": n}),
+                                                  options=e.options, runner=runner, progress=bar.update)
+                    rows.append(sweep_row(result, red))
+                    if red == 0:
+                        reference[cluster.name] = float(result.batch_ms["static"].sum())
+    return rows, reference
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from moesim.report.rebalance import plot_tradeoff, sweep_verdict, write_sweep_csv
+    from moesim.study import load_scenario
+
+    scenario = load_scenario(args.scenario)
+    redundant = _ints(args.redundant, "--redundant")
+    every = _ints(args.every, "--every")
+    out = Path(args.output) if args.output else Path(str(scenario.output)) / "sweep"
+    t0 = time.perf_counter()
+    rows, reference = run_sweep(scenario, redundant, every, window=args.window, cluster_name=args.cluster,
+                                progress=not args.quiet)
+    lines = sweep_verdict(rows, reference)
+    print("\n".join(f"{r['cluster']}  R={r['redundant_experts']:<3d} every {r['every_batches']:<3d} "
+                    f"net {r['net_gain_pct']:+6.1f}%  gross {r['gross_gain_pct']:+6.1f}%  "
+                    f"migration {r['migration_ms']:8.2f} ms  moved {r['GB_moved']:7.1f} GB" for r in rows))
+    print("\nVerdict:\n" + "\n".join(f"  {line}" for line in lines))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        write_sweep_csv(rows, tmp / "sweep.csv")
+        (tmp / "sweep.json").write_text(json.dumps({"format": "moesim.sweep/1", "scenario": scenario.name,
+                                                    "rows": rows, "verdict": lines}, indent=1) + "\n")
+        if not args.no_plots:
+            plot_tradeoff(rows, tmp / "tradeoff.png", f"{scenario.name}: redundant experts x rebalance interval")
+        out.mkdir(parents=True, exist_ok=True)
+        written = sorted(p.name for p in tmp.iterdir())
+        for name in written:
+            os.replace(tmp / name, out / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"\n{len(rows)} settings simulated in {time.perf_counter() - t0:.1f} s; results in {out}/ "
+          f"({', '.join(written)})")
+    return 0
+
+
+def add_sweep_parser(sub: Any) -> None:
+    s = sub.add_parser("sweep", help="sweep redundant experts x rebalance intervals of a scenario's rebalance section")
+    s.add_argument("scenario")
+    s.add_argument("--redundant", required=True, help="redundant-expert counts, e.g. 0,8,16,32")
+    s.add_argument("--every", required=True, help="rebalance intervals in batches, e.g. 2,4,8")
+    s.add_argument("--window", type=int, help="window in batches (default: the scenario's)")
+    s.add_argument("--cluster", help="only this cluster of the scenario")
+    s.add_argument("-o", "--output", help="output folder (default: the scenario's output folder /sweep)")
+    s.add_argument("-q", "--quiet", action="store_true")
+    s.add_argument("--no-plots", action="store_true")
+    s.set_defaults(func=_cmd_sweep)

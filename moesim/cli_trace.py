@@ -1,0 +1,180 @@
+"""``moesim trace import | stats | fit | generate | capture``: routing traces in, statistics and fitted
+generators out.
+
+Every subcommand validates its input fully before writing anything, writes its outputs atomically, and
+reports bad input as one line naming the file and the field or line (exit status 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from moesim.errors import InputError
+from moesim.fileio import atomic_write
+
+
+def _cmd_import(args: argparse.Namespace) -> int:
+    from moesim.traces.format import save_trace
+    from moesim.traces.importers import import_trace
+
+    t0 = time.perf_counter()
+    res = import_trace(args.inputs, fmt=args.format, num_experts=args.num_experts, top_k=args.top_k,
+                       num_gpus=args.gpus, tokens_per_gpu=args.tokens_per_gpu, assign=args.assign,
+                       skip_bad=args.skip_bad, allow_missing=args.allow_missing, axes=args.axes, model=args.model)
+    save_trace(res.trace, args.output, compress=not args.stored)
+    m, tr = res.trace.meta, res.trace
+    batches = int(tr.batch.max()) + 1 if tr.batch is not None and tr.num_tokens else None
+    print(f"wrote {args.output}: {tr.num_tokens} tokens x {m.num_layers} layers x top-{m.top_k} of {m.num_experts} "
+          f"experts from {res.records} records, {res.requests} requests"
+          + (f", {batches} batches on {args.gpus} GPUs ({args.assign})" if batches else "")
+          + f" in {time.perf_counter() - t0:.1f} s")
+    print(f"  skipped {res.skipped} malformed records; padded {res.padded} records with fewer than top_k ids "
+          f"(-1 = no expert); filled {res.missing} missing (token, layer) records with -1")
+    for note in res.notes:
+        print(f"  note: {note}")
+    return 0
+
+
+def _cmd_stats(args: argparse.Namespace) -> int:
+    from moesim.traces.format import load_trace
+    from moesim.traces.stats import format_stats, plot_stats, trace_stats
+
+    trace = load_trace(args.trace, mmap=True)
+    if args.top < 1:
+        raise InputError(f"must be >= 1, got {args.top}", field="--top")
+    if args.window is not None and args.window < 1:
+        raise InputError(f"must be >= 1, got {args.window}", field="--window")
+    if args.layer is not None and not 0 <= args.layer < trace.meta.num_layers:
+        raise InputError(f"layer {args.layer} out of range [0, {trace.meta.num_layers})", field="--layer")
+    st = trace_stats(trace, top_m=args.top, window=args.window)
+    print(format_stats(st, name=str(args.trace), layers=None if args.all_layers else 12))
+    if args.json:
+        text = json.dumps(st.summary(), indent=1)
+        atomic_write(args.json, lambda fh: fh.write(text + "\n"))
+        print(f"wrote {args.json}")
+    if args.plots:
+        written = plot_stats(st, args.plots, layer=args.layer, name=Path(args.trace).name)
+        print(f"wrote {', '.join(str(p) for p in written)}")
+    return 0
+
+
+def _cmd_fit(args: argparse.Namespace) -> int:
+    from moesim.traces.fit import fit_trace
+    from moesim.traces.fitted import save_params
+    from moesim.traces.fitted import fitted_vs_real
+    from moesim.traces.format import load_trace
+
+    trace = load_trace(args.trace, mmap=True)
+    t0 = time.perf_counter()
+    params = fit_trace(trace, fanout=args.fanout, calibration_tokens=args.calibration_tokens,
+                       rounds=args.rounds, seed=args.seed, name=args.name or Path(args.trace).stem, window=args.window)
+    save_params(params, args.output, header=f"moesim trace fit {args.trace} (fanout {args.fanout}, seed {args.seed})")
+    print(f"wrote {args.output}: {params.num_layers} layers x {params.num_experts} experts, top-{params.top_k}, "
+          f"{params.fanout} successors per expert, fitted in {time.perf_counter() - t0:.1f} s")
+    rows = fitted_vs_real(params, trace, tokens=args.check_tokens, seed=args.seed + 1)
+    print(f"{'statistic':36s} {'real':>8s} {'fitted':>8s}")
+    for name, real, fit in rows:
+        print(f"{name:36s} {real:8.3f} {fit:8.3f}")
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from moesim.traces.fitted import load_params
+    from moesim.traces.fitted import write_fitted_trace
+
+    params = load_params(args.params)
+    if args.tokens_per_gpu < 1 or args.gpus < 1 or args.batches < 1:
+        raise InputError("--gpus, --tokens-per-gpu and --batches must be >= 1")
+    t0 = time.perf_counter()
+    path = write_fitted_trace(params, args.output, num_gpus=args.gpus, tokens_per_gpu=args.tokens_per_gpu,
+                              batches=args.batches, seed=args.seed, weights=args.weights)
+    print(f"wrote {path}: {args.batches * args.gpus * args.tokens_per_gpu} tokens x {params.num_layers} layers x "
+          f"top-{params.top_k} (stored uncompressed: memory-mapped on load) in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def _cmd_capture(args: argparse.Namespace) -> int:
+    from moesim.traces.capture import capture_trace, read_prompts
+    from moesim.traces.format import save_trace
+
+    prompts = read_prompts(args.prompts)
+    trace = capture_trace(args.model, prompts, max_tokens=args.max_tokens, device=args.device, dtype=args.dtype,
+                          num_gpus=args.gpus, tokens_per_gpu=args.tokens_per_gpu, assign=args.assign,
+                          trust_remote_code=args.trust_remote_code)
+    save_trace(trace, args.output)
+    m = trace.meta
+    print(f"wrote {args.output}: {trace.num_tokens} tokens from {len(prompts)} prompts x {m.num_layers} MoE layers x "
+          f"top-{m.top_k} of {m.num_experts} experts, with gate weights ({m.model})")
+    return 0
+
+
+def add_trace_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Register ``moesim trace ...`` on the top-level subparsers."""
+    t = sub.add_parser("trace", help="import, capture, inspect and fit routing traces")
+    ts = t.add_subparsers(dest="trace_command", required=True)
+
+    i = ts.add_parser("import", help="convert CSV / JSONL / numpy routing logs to a .npz trace")
+    i.add_argument("inputs", nargs="+", help="log files (.csv[.gz], .jsonl[.gz], .npy, .npz)")
+    i.add_argument("-o", "--output", required=True, help=".npz trace to write")
+    i.add_argument("--format", choices=["csv", "jsonl", "numpy"], help="default: from the file names")
+    i.add_argument("--num-experts", type=int, help="routed experts per layer (default: highest id + 1)")
+    i.add_argument("--top-k", type=int, help="picks per token (default: the most any record has)")
+    i.add_argument("--gpus", type=int, help="pack requests onto this many GPUs (home ranks) and batches")
+    i.add_argument("--tokens-per-gpu", type=int, help="per-GPU token budget of a batch (default: longest request)")
+    i.add_argument("--assign", choices=["least_loaded", "round_robin"], default="least_loaded",
+                   help="how requests are given home GPUs")
+    i.add_argument("--skip-bad", action="store_true", help="skip malformed records (the count is printed)")
+    i.add_argument("--allow-missing", action="store_true", help="fill missing (token, layer) records with -1")
+    i.add_argument("--axes", default="tlk", help="axis order of raw numpy arrays (t=token, l=layer, k=choice)")
+    i.add_argument("--model", default="", help="model name stored in the trace")
+    i.add_argument("--stored", action="store_true", help="write uncompressed (memory-mappable)")
+    i.set_defaults(func=_cmd_import)
+
+    s = ts.add_parser("stats", help="load skew, co-activation, transitions, drift; heatmaps with --plots")
+    s.add_argument("trace")
+    s.add_argument("--top", type=int, default=8, help="m of the top-m successor / partner shares (8)")
+    s.add_argument("--window", type=int, help="drift window in tokens (default: the trace's batches, or 16 windows)")
+    s.add_argument("--plots", help="folder for load.png, transitions.png, coactivation.png, drift.png")
+    s.add_argument("--layer", type=int, help="layer of the per-layer heatmaps (default: the middle one)")
+    s.add_argument("--json", help="write the summary as JSON")
+    s.add_argument("--all-layers", action="store_true", help="print every layer (default: the first 12)")
+    s.set_defaults(func=_cmd_stats)
+
+    f = ts.add_parser("fit", help="fit generator parameters (YAML) to a real trace")
+    f.add_argument("trace")
+    f.add_argument("-o", "--output", required=True, help="parameters YAML to write")
+    f.add_argument("--fanout", type=int, default=16, help="successors kept per expert (16)")
+    f.add_argument("--rounds", type=int, default=24, help="calibration rounds against simulated samples (24)")
+    f.add_argument("--calibration-tokens", type=int, help="tokens per calibration sample (default: as many as the trace)")
+    f.add_argument("--window", type=int, help="drift window in tokens (default: the trace's batches, or 16 windows)")
+    f.add_argument("--check-tokens", type=int, default=32768, help="tokens generated for the printed comparison")
+    f.add_argument("--name", help="name stored in the parameters")
+    f.add_argument("--seed", type=int, default=0)
+    f.set_defaults(func=_cmd_fit)
+
+    g = ts.add_parser("generate", help="generate a trace from fitted parameters (memory-mappable .npz)")
+    g.add_argument("params", help="parameters YAML from 'moesim trace fit' (or a shipped name)")
+    g.add_argument("-o", "--output", required=True)
+    g.add_argument("--gpus", type=int, default=8)
+    g.add_argument("--tokens-per-gpu", type=int, default=4096)
+    g.add_argument("--batches", type=int, default=1)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--weights", action="store_true", help="also store gate weights")
+    g.set_defaults(func=_cmd_generate)
+
+    c = ts.add_parser("capture", help="run a Hugging Face MoE model over prompts and record its routing "
+                                      "(needs pip install -e '.[capture]')")
+    c.add_argument("model", help="local model folder or hub id (weights must be available locally)")
+    c.add_argument("prompts", help="text file (one prompt per line) or JSONL with 'text' or 'input_ids'")
+    c.add_argument("-o", "--output", required=True)
+    c.add_argument("--max-tokens", type=int, default=2048, help="truncate each prompt to this many tokens")
+    c.add_argument("--device", default="cpu")
+    c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    c.add_argument("--gpus", type=int, help="pack prompts onto this many GPUs (home ranks) and batches")
+    c.add_argument("--tokens-per-gpu", type=int)
+    c.add_argument("--assign", choices=["least_loaded", "round_robin"], default="least_loaded")
+    c.add_argument("--trust-remote-code", action="store_true")
+    c.set_defaults(func=_cmd_capture)

@@ -1,0 +1,881 @@
+"""The ``ilp`` placement: MoETuner's joint objective (load, communication, cross-layer routing), solved with
+proven optimality gaps, by decomposition where the monolithic integer program does not scale.
+
+What is optimised (every term in seconds over the profiling window; ``CostModel``):
+
+- compute tail, per layer: ``w_compute x t_pair x max_g sum_{e on g} load[l, e]`` (the heaviest EP rank);
+- communication tail, per layer pair (context-coherent dataflow, :mod:`moesim.sim.engine`): tokens of
+  expert e at layer l move to the rank of each of their layer-(l+1) experts f; rank g's send time is
+  ``sum_{e on g, f} R[l, e, f] x bytes x s[g, rank(f)]`` with ``s`` the seconds per byte between ranks
+  (NVLink inside a node, the NIC across nodes, both from the hardware model; 0 on one rank);
+  ``w_comm x max_g send_g`` is the tail (the busiest GPU's outgoing links);
+- cross-layer term: ``w_affinity x mean_g send_g``, the total traffic the placement did not co-locate.
+
+``w_comm`` and ``w_affinity`` default to 1 when the scenario's dataflow is coherent and to 0 under the
+standard dataflow (tokens return home after every layer, so co-location saves nothing); see
+:func:`cost_model`. ``method: joint`` also runs the monolithic ILP below from the decomposed answer (small
+instances), returning the incumbent and the solver's bound at ``time_limit_s``.
+
+Constraints: every expert on one rank per layer, at most ``slots_per_gpu`` experts per rank and layer,
+and at most ``memory_slots`` expert copies per rank over all layers (the memory budget; hard).
+
+Linearisation (the joint model, :func:`joint_model`). The product ``x[l,e,g] (1 - x[l+1,f,g])`` ("e on g
+sends to f elsewhere") is a continuous ``d[l,e,f,g] >= x[l,e,g] - x[l+1,f,g]``, ``d >= 0`` (ExFlow's
+device); across nodes ``q[l,e,f,g] >= x[l,e,g] - u[l+1,f,node(g)]`` with ``u`` the node sums. Both
+appear only with non-negative cost in a minimisation, so every feasible point over-estimates the true
+cost and an optimum sets them to ``max(0, .)``, the exact products: the model's optimum is the true one.
+This is exact for a two-tier cost (same node / different node), which is what the presets build.
+
+Method (``method="auto"``):
+
+1. *Exact chain DP* when the instance is small (Mixtral-like: 8 experts). The objective is a chain,
+   ``sum_l f_l(a_l) + sum_l g_l(a_l, a_{l+1})``, invariant under relabelling GPUs within nodes and nodes
+   within the cluster. States are the placements of one layer up to that symmetry (105 for 8 experts on 4
+   ranks); a transition is one hierarchy-preserving relabelling; the shortest path over layers is the
+   optimum (its LP is a network flow, integral - this is the joint ILP in extended form, with zero gap).
+2. Otherwise *decomposition* with proven bounds:
+   a. per layer, min-max load: LPT (greedy) seeds a swap local search; a lower bound
+      ``max(total/G, max load, pigeonhole sums of the top kG+1 loads)`` proves the gap; where it is not
+      proven below ``gap``, a large-neighbourhood ILP (PuLP) re-packs the heaviest rank with the three
+      lightest, under a branch-and-bound node budget (deterministic), so its size does not grow with
+      the cluster; a layer of at most four ranks is solved whole and its bound is the layer's;
+   b. cross-layer alignment: each layer's ranks are relabelled to line up with its neighbours, an
+      assignment problem per layer (exact, Hungarian), in forward and backward sweeps (one forward
+      sweep above 16 ranks);
+   c. affinity swaps: two experts of one layer trade ranks when the exact joint objective falls
+      (screened by a vectorised first-order estimate), load tail included.
+3. The answer is never worse than greedy: greedy is evaluated with the same objective and kept if better.
+
+The info dict (-> results.json) holds ``objective`` and ``lower_bound`` (seconds), ``gap``, the load
+term alone (``load_objective``, ``load_lower_bound``, ``load_gap``), ``greedy_objective``,
+``solve_s``, ``method``, ``solver`` and ``status``. Deliberately ignored: replicas (see EPLB), the
+dispatch/combine traffic of the standard dataflow (with homes spread evenly it is proportional to the
+load term), per-link contention beyond a GPU's own sends, and the de-duplication of copies when a
+token's next experts share a rank (``R`` counts top-k x top-k pairs; same-layer co-activation is
+counted by :mod:`moesim.placement.profile` but not yet in the objective).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pulp
+
+from moesim.errors import InputError
+from moesim.placement.format import Placement
+from moesim.placement.ilp_solver import new_var, resolve_solver, solve
+from moesim.placement.policies import lpt
+from moesim.placement.registry import PlacementProblem, register
+
+METHODS = ("auto", "exact", "joint", "decompose")
+_DP_LIMIT = 4_000_000  # states x next states x relabellings evaluated by the exact chain DP
+_DP_CELLS = 10_000_000  # states x relabellings x experts x ranks held by the DP per layer
+_JOINT_LIMIT = 200_000  # variables of the monolithic joint ILP (method: joint)
+_NODE_LIMIT = 200  # branch-and-bound nodes per neighbourhood ILP: deterministic work, not wall time
+
+
+# ----------------------------------------------------------------------------------------------------
+# cost model and evaluation
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Objective coefficients, in seconds: ``t_pair`` per token-expert pair (x w_compute), ``s`` per byte."""
+
+    t_pair: float
+    s: np.ndarray  # [G, G] seconds per byte between ranks, 0 on the diagonal
+    bytes: float
+    w_compute: float
+    w_comm: float
+    w_affinity: float
+    two_tier: tuple[float, float] | None = None  # (same node, other node) s/byte when ``s`` has that form
+
+
+def cost_model(problem: PlacementProblem, w_compute: float = 1.0, w_comm: float | None = None,
+               w_affinity: float | None = None) -> CostModel:
+    """Coefficients from the problem's hardware fields; unit costs where the problem has none.
+
+    ``w_comm`` and ``w_affinity`` default to 1 under the context-coherent dataflow (``problem.coherent``),
+    where tokens travel from expert to expert, and to 0 under the standard one, where they go home after
+    every layer and co-locating consecutive layers saves nothing.
+    """
+    default = 1.0 if problem.coherent else 0.0
+    w_comm = default if w_comm is None else w_comm
+    w_affinity = default if w_affinity is None else w_affinity
+    for name, w in (("w_compute", w_compute), ("w_comm", w_comm), ("w_affinity", w_affinity)):
+        if not (w >= 0 and math.isfinite(w)):
+            raise InputError(f"must be a finite number >= 0, got {w!r}", field=name)
+    G = problem.num_gpus
+    if problem.rank_s_per_byte is not None:
+        s = np.asarray(problem.rank_s_per_byte, dtype=float)
+        if s.shape != (G, G):
+            raise InputError(f"rank_s_per_byte must be [{G}, {G}], got {list(s.shape)}", field="rank_s_per_byte")
+        s = s * (1 - np.eye(G))
+    else:
+        s = 1.0 - np.eye(G)
+    node = np.arange(G) // problem.gpus_per_node
+    same = (node[:, None] == node[None, :]) & ~np.eye(G, dtype=bool)
+    other = node[:, None] != node[None, :]
+    intra = s[same] if same.any() else np.zeros(1)
+    inter = s[other] if other.any() else np.zeros(1)
+    uniform = np.ptp(intra) <= 1e-12 * max(intra.max(), 1e-300) and np.ptp(inter) <= 1e-12 * max(inter.max(), 1e-300)
+    return CostModel(t_pair=problem.compute_s_per_pair or 1.0, s=s, bytes=problem.transfer_bytes or 1.0,
+                     w_compute=w_compute, w_comm=w_comm, w_affinity=w_affinity,
+                     two_tier=(float(intra.max()), float(inter.max())) if uniform else None)
+
+
+def layer_max_load(load_row: np.ndarray, a: np.ndarray, G: int) -> float:
+    return float(np.bincount(a, weights=load_row, minlength=G).max())
+
+
+def sends(R: np.ndarray, a: np.ndarray, b: np.ndarray, cm: CostModel) -> np.ndarray:
+    """[G] seconds each rank spends sending layer-l outputs (placement ``a``) to layer l+1 (``b``)."""
+    G = cm.s.shape[0]
+    per_expert = (R * cm.s[a][:, b]).sum(axis=1) * cm.bytes
+    return np.bincount(a, weights=per_expert, minlength=G)
+
+
+def pair_cost(R: np.ndarray, a: np.ndarray, b: np.ndarray, cm: CostModel) -> float:
+    sd = sends(R, a, b, cm)
+    return cm.w_comm * float(sd.max()) + cm.w_affinity * float(sd.mean())
+
+
+@dataclass(frozen=True)
+class Breakdown:
+    compute: np.ndarray  # [L] weighted compute tail
+    comm: np.ndarray  # [L-1] weighted communication tail
+    affinity: np.ndarray  # [L-1] weighted mean send
+
+    @property
+    def total(self) -> float:
+        return float(self.compute.sum() + self.comm.sum() + self.affinity.sum())
+
+
+def evaluate(problem: PlacementProblem, assign: np.ndarray, cm: CostModel) -> Breakdown:
+    """The joint objective of ``assign[l, e]`` (one rank per expert), term by term."""
+    L, G = problem.num_layers, problem.num_gpus
+    compute = np.array([layer_max_load(problem.load[l], assign[l], G) for l in range(L)]) * cm.t_pair * cm.w_compute
+    comm, aff = np.zeros(max(L - 1, 0)), np.zeros(max(L - 1, 0))
+    for l in range(L - 1):
+        if cm.w_comm == 0 and cm.w_affinity == 0:  # no traffic terms: the routing statistics are not needed
+            break
+        sd = sends(problem.transition_counts()[l], assign[l], assign[l + 1], cm)
+        comm[l], aff[l] = cm.w_comm * sd.max(), cm.w_affinity * sd.mean()
+    return Breakdown(compute, comm, aff)
+
+
+# ----------------------------------------------------------------------------------------------------
+# per-layer load: bounds, local search, large-neighbourhood ILP
+
+
+def load_lower_bound(load_row: np.ndarray, G: int, slots: int) -> float:
+    """A proven lower bound on the heaviest rank's load with at most ``slots`` experts per rank."""
+    q = np.sort(np.asarray(load_row, dtype=float))[::-1]
+    E = q.size
+    lb = max(q.sum() / G, q[0] if E else 0.0)
+    k = 1
+    while k * G < E:  # the top kG+1 experts put k+1 of them on one rank
+        lb = max(lb, q[k * G - k : k * G + 1].sum())
+        k += 1
+    if E == slots * G and slots > 1:  # every rank holds exactly `slots`: the heaviest expert's rank too
+        lb = max(lb, q[0] + q[E - (slots - 1):].sum())
+    return float(lb)
+
+
+def improve_layer(load_row: np.ndarray, a: np.ndarray, G: int, slots: int, max_iter: int = 10_000) -> np.ndarray:
+    """Swap and move experts off the heaviest rank while that strictly lowers the pair's maximum."""
+    p = np.asarray(load_row, dtype=float)
+    a = a.copy()
+    bl = np.bincount(a, weights=p, minlength=G)
+    cnt = np.bincount(a, minlength=G)
+    for _ in range(max_iter):
+        m = int(np.argmax(bl))
+        top = bl[m]
+        mine = np.flatnonzero(a == m)
+        others = np.flatnonzero(a != m)
+        best, move = top, None
+        if others.size:  # swaps: i (on m) <-> j (elsewhere), delta = p_i - p_j > 0
+            delta = p[mine][:, None] - p[others][None, :]
+            new = np.maximum(top - delta, bl[a[others]][None, :] + delta)
+            new = np.where(delta > 1e-12, new, np.inf)
+            k = int(np.argmin(new))
+            if new.flat[k] < best - 1e-9 * max(top, 1.0):
+                best, move = new.flat[k], ("swap", mine[k // others.size], others[k % others.size])
+        free = np.flatnonzero(cnt < slots)
+        free = free[free != m]
+        if free.size:  # moves: i (on m) -> a rank with a free slot
+            new = np.maximum(top - p[mine][:, None], bl[free][None, :] + p[mine][:, None])
+            k = int(np.argmin(new))
+            if new.flat[k] < best - 1e-9 * max(top, 1.0):
+                best, move = new.flat[k], ("move", mine[k // free.size], free[k % free.size])
+        if move is None:
+            break
+        if move[0] == "swap":
+            i, j = move[1], move[2]
+            gi, gj = a[i], a[j]
+            a[i], a[j] = gj, gi
+            bl[gi] += p[j] - p[i]
+            bl[gj] += p[i] - p[j]
+        else:
+            i, g = move[1], move[2]
+            bl[a[i]] -= p[i]
+            cnt[a[i]] -= 1
+            a[i] = g
+            bl[g] += p[i]
+            cnt[g] += 1
+    return a
+
+
+def _pack_ilp(p: np.ndarray, bins: int, slots: np.ndarray, *, solver: str, time_limit_s: float, gap: float,
+              incumbent: float) -> tuple[np.ndarray | None, float, str]:
+    """Min-max packing of items ``p`` into ``bins`` with ``slots[b]`` items each (exact counts)."""
+    n = p.size
+    order = np.argsort(-p, kind="stable")
+    m = pulp.LpProblem("pack", pulp.LpMinimize)
+    x = {(i, b): new_var(m, f"x_{i}_{b}", 0, 1, cat="Binary") for i in range(n) for b in range(bins)}
+    z = new_var(m, "z", 0)
+    m += z
+    for i in range(n):
+        m += pulp.lpSum(x[i, b] for b in range(bins)) == 1
+    for b in range(bins):
+        m += pulp.lpSum(x[i, b] for i in range(n)) == int(slots[b])
+        m += z >= pulp.lpSum(float(p[i]) * x[i, b] for i in range(n))
+    if np.all(slots == slots[0]):  # symmetry: interchangeable bins; the r-th heaviest item opens bin <= r
+        for r, i in enumerate(order):
+            for b in range(r + 1, bins):
+                m += x[int(i), b] == 0
+    res = solve(m, solver=solver, time_limit_s=time_limit_s, gap=gap, incumbent=incumbent, node_limit=_NODE_LIMIT)
+    if res.objective is None:
+        return None, res.bound, res.status
+    out = np.array([max(range(bins), key=lambda b: x[i, b].value() or 0) for i in range(n)])
+    return out, res.bound, res.status
+
+
+def balance_layer(load_row: np.ndarray, G: int, slots: int, *, gap: float, solver: str, deadline: float,
+                  rounds: int = 3, hood_ranks: int = 4) -> tuple[np.ndarray, float, float]:
+    """Near min-max placement of one layer: (assignment, its max load, proven lower bound).
+
+    Where swaps leave the gap open, an ILP re-packs the heaviest rank with the ``hood_ranks - 1``
+    lightest (min-max packing ILPs have a useless LP bound, so neighbourhoods stay small; a layer of at
+    most ``hood_ranks`` ranks is solved whole, and then its bound is the layer's).
+    """
+    p = np.asarray(load_row, dtype=float)
+    a = improve_layer(p, lpt(p, G, slots), G, slots)
+    ub = layer_max_load(p, a, G)
+    lb = load_lower_bound(p, G, slots)
+    nb = min(G, hood_ranks)  # neighbourhood: the heaviest rank and the lightest others
+    for _ in range(rounds):
+        if ub - lb <= gap * ub or time.perf_counter() > deadline or G < 2:
+            break
+        bl = np.bincount(a, weights=p, minlength=G)
+        ranks = np.argsort(bl, kind="stable")
+        hood = np.unique(np.concatenate([ranks[-1:], ranks[: nb - 1]]))
+        items = np.flatnonzero(np.isin(a, hood))
+        counts = np.bincount(a[items], minlength=G)[hood]
+        sub, sub_lb, _ = _pack_ilp(p[items], hood.size, counts, solver=solver, gap=gap * 0.5,
+                                   time_limit_s=max(1.0, min(30.0, deadline - time.perf_counter())),
+                                   incumbent=float(bl[hood].max()))
+        if hood.size == G and p.size == G * slots:  # the whole layer, every rank full: its bound is global
+            lb = max(lb, sub_lb)
+        if sub is None:  # nothing better than the incumbent in this neighbourhood
+            break
+        trial = a.copy()
+        trial[items] = hood[sub]
+        trial = improve_layer(p, trial, G, slots)
+        new = layer_max_load(p, trial, G)
+        if new >= ub - 1e-9 * ub:
+            break
+        a, ub = trial, new
+    return a, ub, min(lb, ub)
+
+
+# ----------------------------------------------------------------------------------------------------
+# alignment of consecutive layers: assignment problems
+
+
+def linear_assignment(cost: np.ndarray) -> np.ndarray:
+    """Minimum-cost perfect matching of a square matrix (Hungarian, shortest augmenting paths).
+
+    Returns ``col[row]``. O(n^3) with the inner loop in numpy; n is a rank count (<= a few hundred).
+    """
+    c = np.asarray(cost, dtype=float)
+    n = c.shape[0]
+    a = np.zeros((n + 1, n + 1))
+    a[1:, 1:] = c
+    u, v = np.zeros(n + 1), np.zeros(n + 1)
+    p = np.zeros(n + 1, dtype=np.int64)
+    way = np.zeros(n + 1, dtype=np.int64)
+    for i in range(1, n + 1):
+        p[0] = i
+        j0 = 0
+        minv = np.full(n + 1, np.inf)
+        used = np.zeros(n + 1, dtype=bool)
+        while True:
+            used[j0] = True
+            i0 = p[j0]
+            cur = a[i0, 1:] - u[i0] - v[1:]
+            free = ~used[1:]
+            upd = free & (cur < minv[1:])
+            minv[1:][upd] = cur[upd]
+            way[1:][upd] = j0
+            cand = np.where(free, minv[1:], np.inf)
+            j1 = int(np.argmin(cand)) + 1
+            delta = cand[j1 - 1]
+            u[p[used]] += delta
+            v[used] -= delta
+            minv[~used] -= delta
+            j0 = j1
+            if p[j0] == 0:
+                break
+        while j0:
+            j1 = way[j0]
+            p[j0] = p[j1]
+            j0 = j1
+    col = np.empty(n, dtype=np.int64)
+    col[p[1:] - 1] = np.arange(n)
+    return col
+
+
+def _align_cost(problem: PlacementProblem, assign: np.ndarray, l: int, cm: CostModel) -> np.ndarray:
+    """[c, g]: linear (mean-send) cost of moving layer l's rank-c cluster onto rank g, neighbours fixed."""
+    G = problem.num_gpus
+    R = problem.transition_counts()
+    onehot = np.eye(G)[assign[l]]  # [E, G]: expert -> current label c
+    cost = np.zeros((G, G))
+    if l > 0:
+        prev = np.eye(G)[assign[l - 1]]
+        T = prev.T @ R[l - 1] @ onehot  # [g', c]: tokens from rank g' (layer l-1) to cluster c
+        cost += T.T @ cm.s  # [c, g]
+    if l < problem.num_layers - 1:
+        nxt = np.eye(G)[assign[l + 1]]
+        T = onehot.T @ R[l] @ nxt  # [c, g']
+        cost += T @ cm.s.T
+    return cost * cm.bytes
+
+
+def align_layers(problem: PlacementProblem, assign: np.ndarray, cm: CostModel, *, sweeps: int = 2,
+                 deadline: float = math.inf) -> np.ndarray:
+    """Relabel each layer's ranks to cut cross-layer traffic; never raises the exact objective."""
+    L = problem.num_layers
+    if L < 2 or (cm.w_comm == 0 and cm.w_affinity == 0):
+        return assign
+    out = assign.copy()
+    R = problem.transition_counts()
+    if not R.any():
+        return out
+    order = list(range(1, L)) + [l for _ in range(sweeps - 1) for l in (*range(L - 2, -1, -1), *range(1, L))]
+    for l in order:
+        if time.perf_counter() > deadline:
+            break
+        col = linear_assignment(_align_cost(problem, out, l, cm))
+        trial = col[out[l]]
+        if np.array_equal(trial, out[l]):
+            continue
+        before = sum(pair_cost(R[k], out[k], out[k + 1], cm) for k in (l - 1, l) if 0 <= k < L - 1)
+        new = out.copy()
+        new[l] = trial
+        after = sum(pair_cost(R[k], new[k], new[k + 1], cm) for k in (l - 1, l) if 0 <= k < L - 1)
+        if after < before:
+            out = new
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# affinity swaps
+
+
+def _layer_terms(problem: PlacementProblem, assign: np.ndarray, l: int, cm: CostModel) -> float:
+    """Every objective term that depends on layer l's placement."""
+    R = problem.transition_counts()
+    G, L = problem.num_gpus, problem.num_layers
+    total = cm.w_compute * cm.t_pair * layer_max_load(problem.load[l], assign[l], G)
+    for k in (l - 1, l):
+        if 0 <= k < L - 1:
+            total += pair_cost(R[k], assign[k], assign[k + 1], cm)
+    return total
+
+
+def affinity_swaps(problem: PlacementProblem, assign: np.ndarray, cm: CostModel, *, deadline: float,
+                   sweeps: int = 2, rounds: int = 4, candidates: int | None = None) -> np.ndarray:
+    """Swap experts of one layer between ranks while the exact joint objective falls.
+
+    Per layer and round, candidates are screened by a first-order estimate - the change of the mean
+    send time (linear in the swap, the neighbouring layers being fixed) plus the change of the heaviest
+    rank's load - and the best ``candidates`` pairs are tried in order, each kept only if the exact
+    objective terms of the layer fall (updated in O(experts) per try). Iteration counts, not the clock,
+    bound the work (``deadline`` is a safety net), so the result does not depend on the machine.
+    """
+    L, G, E = problem.num_layers, problem.num_gpus, problem.num_experts
+    if L < 2 or cm.w_affinity + cm.w_comm == 0 or not problem.transition_counts().any():
+        return assign
+    R = problem.transition_counts()
+    out = assign.copy()
+    candidates = candidates or max(8, min(E, 2 * G))
+    wl = cm.w_compute * cm.t_pair
+    for _ in range(sweeps):
+        changed = False
+        for l in range(L):
+            if time.perf_counter() > deadline:
+                return out
+            p = problem.load[l]
+            a = out[l].copy()
+            # exact state of the layer's terms: rank loads, sends into layer l, sends out of layer l
+            h_out = R[l] @ cm.s[:, out[l + 1]].T * cm.bytes if l < L - 1 else np.zeros((E, G))  # [e, g]
+            prev = out[l - 1] if l > 0 else None
+            h_in = R[l - 1].T @ cm.s[prev] * cm.bytes if l > 0 else np.zeros((E, G))  # [e, g]: into e on g
+            bl = np.bincount(a, weights=p, minlength=G)
+            s_out = np.bincount(a, weights=h_out[np.arange(E), a], minlength=G)
+            if l > 0:
+                per_prev = (R[l - 1] * cm.s[prev][:, a]).sum(axis=1) * cm.bytes  # [e'] send of layer l-1 experts
+                s_in = np.bincount(prev, weights=per_prev, minlength=G)
+
+            def terms(bl: np.ndarray, s_in: np.ndarray | None, s_out: np.ndarray) -> float:
+                val = wl * bl.max()
+                for sd in ((s_in, s_out) if s_in is not None else (s_out,)):
+                    if l < L - 1 or sd is s_in:
+                        val += cm.w_comm * sd.max() + cm.w_affinity * sd.mean()
+                return val
+
+            s_in_cur = s_in if l > 0 else None
+            cur = terms(bl, s_in_cur, s_out)
+            h = (h_out + h_in) * (cm.w_affinity + cm.w_comm) / G  # screening: linear in the swap
+            for _ in range(rounds):
+                X = h[:, a]  # X[e, e'] = h[e, rank of e']
+                d = np.diag(X)
+                delta = X + X.T - d[:, None] - d[None, :]
+                top = np.argsort(bl)[::-1]
+                m1, m2 = bl[top[0]], bl[top[1]] if G > 1 else 0.0
+                dp = p[:, None] - p[None, :]
+                new_i = bl[a][:, None] - dp  # rank of e after e leaves and e' arrives
+                new_j = bl[a][None, :] + dp
+                rest = np.where((a[:, None] == top[0]) | (a[None, :] == top[0]), m2, m1)
+                delta += wl * (np.maximum(np.maximum(new_i, new_j), rest) - m1)
+                delta[(a[:, None] == a[None, :]) | np.tri(E, dtype=bool)] = np.inf
+                k = min(candidates, delta.size - 1)
+                flat = np.argpartition(delta, k, axis=None)[:k]
+                flat = flat[np.argsort(delta.flat[flat], kind="stable")]
+                touched: set[int] = set()
+                improved = False
+                for f in flat:
+                    if not delta.flat[f] < 0:
+                        break
+                    i, j = divmod(int(f), E)
+                    if i in touched or j in touched:
+                        continue
+                    gi, gj = a[i], a[j]
+                    bl2 = bl.copy()
+                    bl2[gi] += p[j] - p[i]
+                    bl2[gj] += p[i] - p[j]
+                    so2 = s_out.copy()
+                    so2[gi] += h_out[j, gi] - h_out[i, gi]
+                    so2[gj] += h_out[i, gj] - h_out[j, gj]
+                    si2 = None
+                    if l > 0:
+                        change = (R[l - 1][:, i] - R[l - 1][:, j]) * (cm.s[prev, gj] - cm.s[prev, gi]) * cm.bytes
+                        si2 = s_in_cur + np.bincount(prev, weights=change, minlength=G)
+                    val = terms(bl2, si2, so2)
+                    if val < cur - 1e-12 * max(cur, 1e-300):
+                        a[i], a[j] = gj, gi
+                        bl, s_out, s_in_cur, cur = bl2, so2, si2, val
+                        improved = changed = True
+                        touched.update((i, j))
+                if not improved:
+                    break
+            out[l] = a
+        if not changed:
+            break
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# exact chain DP over symmetry-reduced layer states
+
+
+def _set_partitions(items: tuple[int, ...], size: int) -> list[list[tuple[int, ...]]]:
+    """Partitions of ``items`` into blocks of ``size``, canonical (blocks ordered by smallest item)."""
+    if not items:
+        return [[]]
+    first, rest = items[0], items[1:]
+    out = []
+    for comb in itertools.combinations(rest, size - 1):
+        block = (first, *comb)
+        remaining = tuple(i for i in rest if i not in comb)
+        for tail in _set_partitions(remaining, size):
+            out.append([block, *tail])
+    return out
+
+
+def _count_partitions(n: int, size: int) -> int:
+    return math.factorial(n) // (math.factorial(size) ** (n // size) * math.factorial(n // size)) if n else 1
+
+
+def chain_dp_size(problem: PlacementProblem) -> int | None:
+    """Work of the exact DP (states^2 x relabellings), or None when it does not apply."""
+    E, G, gpn, s = problem.num_experts, problem.num_gpus, problem.gpus_per_node, problem.slots_per_gpu
+    if E != s * G or G % gpn:
+        return None
+    N = G // gpn
+    states = _count_partitions(E, s * gpn) * _count_partitions(s * gpn, s) ** N
+    relabel = math.factorial(N) * math.factorial(gpn) ** N
+    if states * relabel * E * G > _DP_CELLS:  # the labelled next placements would not fit in memory
+        return None
+    return states * states * relabel
+
+
+def _dp_states(E: int, G: int, gpn: int, s: int) -> np.ndarray:
+    """[S, E] rank of each expert, one row per placement up to relabelling ranks in nodes and nodes."""
+    N = G // gpn
+    rows = []
+    for nodes in _set_partitions(tuple(range(E)), s * gpn):
+        inner = [_set_partitions(grp, s) for grp in nodes]
+        for combo in itertools.product(*inner):
+            row = np.empty(E, dtype=np.int64)
+            for n, blocks in enumerate(combo):
+                for j, block in enumerate(blocks):
+                    row[list(block)] = n * gpn + j
+            rows.append(row)
+    assert N == len(nodes)
+    return np.array(rows)
+
+
+def _relabellings(G: int, gpn: int) -> np.ndarray:
+    """[A, G] every rank permutation that keeps nodes together."""
+    N = G // gpn
+    local = np.array(list(itertools.permutations(range(gpn))), dtype=np.int64)  # [gpn!, gpn]
+    nodes = np.array(list(itertools.permutations(range(N))), dtype=np.int64)  # [N!, N]
+    out = []
+    for choice in itertools.product(range(len(local)), repeat=N):
+        within = np.concatenate([local[c] for c in choice])  # local rank of each rank after relabelling
+        node_of = np.repeat(np.arange(N), gpn)
+        out.append(nodes[:, node_of] * gpn + within[None, :])
+    return np.concatenate(out)
+
+
+def chain_dp(problem: PlacementProblem, cm: CostModel) -> np.ndarray:
+    """The optimal ``assign[l, e]`` by shortest path over symmetry-reduced layer states (two-tier costs)."""
+    E, G, gpn, s, L = (problem.num_experts, problem.num_gpus, problem.gpus_per_node, problem.slots_per_gpu,
+                       problem.num_layers)
+    states = _dp_states(E, G, gpn, s)  # [S, E]
+    perms = _relabellings(G, gpn)  # [A, G]
+    S, A = len(states), len(perms)
+    onehot = np.eye(G)[states]  # [S, E, G]
+    loads = np.einsum("le,seg->lsg", problem.load, onehot).max(axis=2) * cm.t_pair * cm.w_compute  # [L, S]
+    nxt = perms[:, states].transpose(1, 0, 2).reshape(S * A, E)  # labelled next placements, index q*A + a
+    R = problem.transition_counts()
+    assert cm.two_tier is not None
+    s_in, s_out = cm.two_tier
+    N = G // gpn
+    nxt_onehot = np.eye(G)[nxt.T].transpose(0, 2, 1).reshape(E, -1)  # [f, G*B]: rank of f in each placement
+    order = np.argsort(states, axis=1, kind="stable")  # experts of each state grouped by rank, s per rank
+    cols = np.arange(E)
+    value = loads[0].copy()
+    back = np.zeros((L, S, 2), dtype=np.int64)
+    for l in range(L - 1):
+        # Two-tier cost: e on rank g pays s_in for each pick of f off g, and s_out - s_in more off g's node.
+        ry = (R[l] @ nxt_onehot).reshape(E, G, -1)  # [E, G, B]: e's picks landing on each rank
+        out = R[l].sum(axis=1)[None, :, None]  # [1, E, 1]: e's picks in all
+        per = s_in * (out - ry[cols, states])  # [S, E, B]: e's send seconds (per byte) in each pair
+        if N > 1 and s_out != s_in:
+            ry_node = ry.reshape(E, N, gpn, -1).sum(axis=2)  # [E, N, B]
+            per += (s_out - s_in) * (out - ry_node[cols, states // gpn])
+        per *= cm.bytes
+        trans = cm.w_affinity / G * per.sum(axis=1)  # mean over ranks of the send time, [S, S*A]
+        if cm.w_comm:
+            grouped = per[np.arange(S)[:, None], order].reshape(S, G, E // G, -1)
+            trans += cm.w_comm * grouped.sum(axis=2).max(axis=1)  # busiest rank's send
+        total = value[:, None] + trans
+        best = total.argmin(axis=0)
+        bv = total[best, np.arange(S * A)].reshape(S, A)
+        ba = bv.argmin(axis=1)
+        value = bv[np.arange(S), ba] + loads[l + 1]
+        back[l + 1, :, 0] = best.reshape(S, A)[np.arange(S), ba]
+        back[l + 1, :, 1] = ba
+    q = int(np.argmin(value))
+    chain = [(q, 0)]
+    for l in range(L - 1, 0, -1):
+        i, a = back[l, q]
+        chain.append((int(i), int(a)))
+        q = int(i)
+    chain.reverse()  # chain[l] = (state at l, relabelling from l's frame to l+1's)
+    assign = np.empty((L, E), dtype=np.int64)
+    phi = np.arange(G)
+    for l in range(L):
+        st, _ = chain[l]
+        assign[l] = phi[states[st]]
+        if l < L - 1:
+            phi = phi[perms[chain[l][1]]]
+    return assign
+
+
+# ----------------------------------------------------------------------------------------------------
+# the joint ILP in PuLP
+
+
+def joint_model(problem: PlacementProblem, cm: CostModel, layers: range | None = None,
+                fixed: dict[int, np.ndarray] | None = None) -> tuple[pulp.LpProblem, dict[tuple[int, int, int], Any]]:
+    """The monolithic MoETuner-style ILP (module docstring) over ``layers``; ``fixed`` pins some layers.
+
+    Needs a two-tier cost (``CostModel.two_tier``). Returns the model and its ``x[l, e, g]`` binaries.
+    """
+    tiers = cm.two_tier
+    if tiers is None:
+        raise InputError("the joint ILP needs same-node and cross-node costs that are uniform per tier",
+                         field="rank_s_per_byte")
+    s_in, s_out = tiers
+    E, G, gpn, slots = problem.num_experts, problem.num_gpus, problem.gpus_per_node, problem.slots_per_gpu
+    layers = layers if layers is not None else range(problem.num_layers)
+    Ls = list(layers)
+    R = problem.transition_counts()
+    N = -(-G // gpn)
+    m = pulp.LpProblem("moetuner_joint", pulp.LpMinimize)
+    x = {(l, e, g): new_var(m, f"x_{l}_{e}_{g}", 0, 1, cat="Binary") for l in Ls for e in range(E) for g in range(G)}
+    objective = []
+    for l in Ls:
+        C = new_var(m, f"C_{l}", 0)
+        for e in range(E):
+            m += pulp.lpSum(x[l, e, g] for g in range(G)) == 1, f"one_rank_{l}_{e}"
+        for g in range(G):
+            m += pulp.lpSum(x[l, e, g] for e in range(E)) <= slots, f"slots_{l}_{g}"
+            m += C >= pulp.lpSum(float(problem.load[l, e]) * x[l, e, g] for e in range(E)), f"tail_{l}_{g}"
+        objective.append(cm.w_compute * cm.t_pair * C)
+        if fixed and l in fixed:
+            for e in range(E):
+                m += x[l, e, int(fixed[l][e])] == 1, f"fixed_{l}_{e}"
+    if problem.memory_slots is not None:
+        for g in range(G):
+            m += pulp.lpSum(x[l, e, g] for l in Ls for e in range(E)) <= problem.memory_slots, f"memory_{g}"
+    for l in Ls[:-1]:
+        if cm.w_comm == 0 and cm.w_affinity == 0:
+            break
+        send: list[list[Any]] = [[] for _ in range(G)]
+        for e, f in zip(*np.nonzero(R[l])):
+            w = float(R[l, e, f]) * cm.bytes
+            for g in range(G):
+                d = new_var(m, f"d_{l}_{e}_{f}_{g}", 0)
+                m += d >= x[l, e, g] - x[l + 1, f, g]
+                send[g].append(w * s_in * d)
+                if N > 1 and s_out != s_in:
+                    n = g // gpn
+                    q = new_var(m, f"q_{l}_{e}_{f}_{g}", 0)
+                    m += q >= x[l, e, g] - pulp.lpSum(x[l + 1, f, h] for h in range(n * gpn, min(G, (n + 1) * gpn)))
+                    send[g].append(w * (s_out - s_in) * q)
+        M = new_var(m, f"M_{l}", 0)
+        for g in range(G):
+            m += M >= pulp.lpSum(send[g]), f"send_{l}_{g}"
+        objective.append(cm.w_comm * M + cm.w_affinity / G * pulp.lpSum(t for row in send for t in row))
+    if not fixed or Ls[0] not in fixed:  # symmetry: ranks are interchangeable, so expert 0 starts on rank 0
+        m += x[Ls[0], 0, 0] == 1, "symmetry"
+        if N == 1:
+            for e in range(E):
+                for g in range(e + 1, G):
+                    m += x[Ls[0], e, g] == 0, f"symmetry_{e}_{g}"
+    m += pulp.lpSum(objective)
+    return m, x
+
+
+def _canonical(assign: np.ndarray, gpn: int, G: int) -> np.ndarray:
+    """Relabel ranks (nodes, then ranks in nodes) so layer 0 meets the joint model's symmetry rows."""
+    N = G // gpn
+    first = assign[0]
+    node_order, seen = [], set()
+    for e in range(first.size):
+        n = int(first[e]) // gpn
+        if n not in seen:
+            seen.add(n)
+            node_order.append(n)
+    node_order += [n for n in range(N) if n not in seen]
+    perm = np.empty(G, dtype=np.int64)
+    for new_n, n in enumerate(node_order):
+        local_order, lseen = [], set()
+        for e in range(first.size):
+            g = int(first[e])
+            if g // gpn == n and g not in lseen:
+                lseen.add(g)
+                local_order.append(g)
+        local_order += [g for g in range(n * gpn, (n + 1) * gpn) if g not in lseen]
+        for j, g in enumerate(local_order):
+            perm[g] = new_n * gpn + j
+    return perm[assign]
+
+
+def solve_joint(problem: PlacementProblem, cm: CostModel, incumbent: np.ndarray, *, solver: str,
+                time_limit_s: float, gap: float) -> tuple[np.ndarray, float, str]:
+    """Solve the joint ILP from ``incumbent``: (best assignment, proven lower bound, status)."""
+    model, x = joint_model(problem, cm)
+    G, gpn = problem.num_gpus, problem.gpus_per_node
+    start = _canonical(incumbent, gpn, G) if G % gpn == 0 else incumbent
+    for (l, e, g), var in x.items():
+        var.setInitialValue(1 if start[l, e] == g else 0)
+    inc_val = evaluate(problem, start, cm).total
+    res = solve(model, solver=solver, time_limit_s=time_limit_s, gap=gap, incumbent=inc_val * (1 + 1e-9),
+                warm_start=True)
+    if res.status == "infeasible" and res.objective is None and not np.isfinite(res.bound):
+        raise InputError("joint ILP infeasible", field="memory_slots")
+    best = start
+    if res.objective is not None:
+        sol = np.zeros_like(start)
+        for (l, e, g), var in x.items():
+            if (var.value() or 0) > 0.5:
+                sol[l, e] = g
+        if evaluate(problem, sol, cm).total < inc_val:
+            best = sol
+    return best, res.bound, res.status
+
+
+# ----------------------------------------------------------------------------------------------------
+# the policy
+
+
+def check_feasible(problem: PlacementProblem) -> None:
+    """One-line InputError naming the constraint an instance cannot meet."""
+    E, G, s, L = problem.num_experts, problem.num_gpus, problem.slots_per_gpu, problem.num_layers
+    if E > s * G:
+        raise InputError(f"infeasible: {E} experts do not fit {G} ranks x {s} slots per layer", field="slots_per_gpu")
+    if problem.memory_slots is not None and problem.memory_slots * G < L * E:
+        raise InputError(f"infeasible: {L} layers x {E} experts need {L * E} expert copies, memory holds "
+                         f"{problem.memory_slots} per rank x {G} ranks", field="memory_slots")
+    if problem.memory_slots is not None and problem.memory_slots < L * s:
+        # feasible only with per-layer counts balanced across layers, which these policies do not plan
+        raise InputError(f"memory holds {problem.memory_slots} expert copies per rank, under {L} layers x {s} "
+                         "slots; add ranks or memory", field="memory_slots")
+    if problem.load.shape != (L, E):
+        raise InputError(f"load must be [{L}, {E}], got {list(problem.load.shape)}", field="load")
+
+
+def solve_info(problem: PlacementProblem, assign: np.ndarray, cm: CostModel, *, lower: float, load_lower: float,
+               greedy_total: float, method: str, solver: str, status: str, seconds: float) -> dict[str, Any]:
+    """What a policy reports (-> results.json): the objective, its proven bound and gap, term by term."""
+    br = evaluate(problem, assign, cm)
+    total = br.total
+    load_ub = float(br.compute.sum())
+    lower = min(lower, total)
+    load_lower = min(load_lower, load_ub)
+    return {
+        "objective": total, "lower_bound": lower,
+        "gap": (total - lower) / total if total > 0 else 0.0,
+        "load_objective": load_ub, "load_lower_bound": load_lower,
+        "load_gap": (load_ub - load_lower) / load_ub if load_ub > 0 else 0.0,
+        "comm_objective": float(br.comm.sum()), "affinity_objective": float(br.affinity.sum()),
+        "greedy_objective": greedy_total, "method": method, "solver": solver, "status": status,
+        "solve_s": round(seconds, 3),
+        "weights": {"compute": cm.w_compute, "comm": cm.w_comm, "affinity": cm.w_affinity},
+    }
+
+
+def objective_lower_bound(problem: PlacementProblem, cm: CostModel, load_lb: np.ndarray) -> float:
+    """Sum of separate proven bounds: compute tail per layer, and the traffic no placement can keep local.
+
+    A layer-l expert shares a rank with at most ``slots`` experts of layer l+1 (a node with at most
+    ``slots x ranks per node``), so at most the top ``slots`` of its row of R stays on its rank (and
+    likewise per column); the rest pays at least the cheapest same-node cost, and what cannot stay in the
+    node at least the cheapest cross-node cost. The busiest rank sends at least the mean.
+    """
+    L, G, s, gpn = problem.num_layers, problem.num_gpus, problem.slots_per_gpu, problem.gpus_per_node
+    R = problem.transition_counts()
+    total = float(load_lb.sum()) * cm.t_pair * cm.w_compute
+    if cm.w_comm == 0 and cm.w_affinity == 0:
+        return total
+    node = np.arange(G) // gpn
+    same = (node[:, None] == node[None, :]) & ~np.eye(G, dtype=bool)
+    other = node[:, None] != node[None, :]
+    off = cm.s[~np.eye(G, dtype=bool)]
+    if not off.size:
+        return total
+    s_in = float(cm.s[same].min()) if same.any() else float(off.min())
+    s_out = float(cm.s[other].min()) if other.any() else s_in
+    s_in = min(s_in, s_out)
+
+    def kept(m: np.ndarray, k: int) -> float:
+        rows = np.sort(m, axis=1)[:, ::-1][:, :k].sum()
+        cols = np.sort(m, axis=0)[::-1][:k].sum()
+        return float(min(rows, cols))
+
+    for l in range(L - 1):
+        moved_rank = max(0.0, R[l].sum() - kept(R[l], s))
+        moved_node = max(0.0, R[l].sum() - kept(R[l], s * gpn)) if other.any() else 0.0
+        cost = (s_in * moved_rank + (s_out - s_in) * moved_node) * cm.bytes
+        total += (cm.w_comm + cm.w_affinity) * cost / G
+    return total
+
+
+def optimise(problem: PlacementProblem, *, w_compute: float = 1.0, w_comm: float | None = None,
+             w_affinity: float | None = None, solver: str = "auto", time_limit_s: float = 60.0, gap: float = 0.01,
+             method: str = "auto") -> tuple[np.ndarray, dict[str, Any]]:
+    """The ``ilp`` policy as a function returning ``(assign, info)``; weights as in :func:`cost_model`."""
+    t0 = time.perf_counter()
+    if method not in METHODS:
+        raise InputError(f"must be one of {', '.join(METHODS)}, got {method!r}", field="method")
+    if not time_limit_s > 0:
+        raise InputError(f"must be > 0, got {time_limit_s!r}", field="time_limit_s")
+    if not 0 <= gap < 1:
+        raise InputError(f"must be in [0, 1), got {gap!r}", field="gap")
+    check_feasible(problem)
+    solver_name = resolve_solver(solver)
+    cm = cost_model(problem, w_compute, w_comm, w_affinity)
+    deadline = t0 + time_limit_s
+    L, G, s = problem.num_layers, problem.num_gpus, problem.slots_per_gpu
+    greedy = np.stack([lpt(problem.load[l], G, s) for l in range(L)])
+    greedy_total = evaluate(problem, greedy, cm).total
+    load_lb = np.array([load_lower_bound(problem.load[l], G, s) for l in range(L)])
+    dp = chain_dp_size(problem)
+    use_dp = dp is not None and cm.two_tier is not None and (
+        method == "exact" or (method == "auto" and dp <= _DP_LIMIT))
+    if method == "exact" and not use_dp:
+        raise InputError("method exact needs experts = ranks x slots, two-tier costs and a small instance "
+                         f"(states^2 x relabellings <= {_DP_LIMIT}, states x relabellings x experts x ranks <= "
+                         f"{_DP_CELLS}); use auto or decompose", field="method")
+    if use_dp:
+        assign = chain_dp(problem, cm)
+        total = evaluate(problem, assign, cm).total
+        info = solve_info(problem, assign, cm, lower=total, load_lower=float(load_lb.sum()) * cm.t_pair * cm.w_compute,
+                     greedy_total=greedy_total, method="exact_dp", solver="numpy", status="optimal",
+                     seconds=time.perf_counter() - t0)
+        return assign, info
+    # decomposition: balance each layer, align layers, trade experts for affinity
+    balanced = np.empty_like(greedy)
+    for l in range(L):
+        a, _, lb = balance_layer(problem.load[l], G, s, gap=gap * 0.5, solver=solver_name,
+                                 deadline=t0 + 0.5 * time_limit_s)
+        balanced[l] = a
+        load_lb[l] = max(load_lb[l], lb)
+    # one forward sweep on large clusters: the Hungarian is O(ranks^3) and later sweeps gain little there
+    assign = align_layers(problem, balanced, cm, sweeps=2 if G <= 16 else 1, deadline=t0 + 0.7 * time_limit_s)
+    assign = affinity_swaps(problem, assign, cm, deadline=t0 + 0.9 * time_limit_s)
+    lower = objective_lower_bound(problem, cm, load_lb)
+    status = "heuristic"
+    used = "decompose"
+    if method == "joint":
+        size = (L * problem.num_experts * G
+                + G * sum(int(np.count_nonzero(r)) for r in problem.transition_counts()) * (2 if G > problem.gpus_per_node else 1))
+        if size > _JOINT_LIMIT:
+            raise InputError(f"method joint would build {size} variables (limit {_JOINT_LIMIT}); the monolithic ILP is "
+                             "for small instances: use auto or decompose", field="method")
+        assign, bound, status = solve_joint(problem, cm, assign, solver=solver_name, gap=gap,
+                                            time_limit_s=max(0.05, deadline - time.perf_counter()))
+        lower = max(lower, bound) if np.isfinite(bound) else lower
+        used = "joint"
+    if evaluate(problem, greedy, cm).total < evaluate(problem, assign, cm).total:
+        assign, used = greedy, f"{used}+greedy"
+    info = solve_info(problem, assign, cm, lower=lower, load_lower=float(load_lb.sum()) * cm.t_pair * cm.w_compute,
+                 greedy_total=greedy_total, method=used, solver=solver_name, status=status,
+                 seconds=time.perf_counter() - t0)
+    if info["gap"] <= gap + 1e-12:
+        info["status"] = "optimal" if info["gap"] <= 1e-9 else "within_gap"
+    elif status == "heuristic":
+        info["status"] = "gap_open"
+    return assign, info
+
+
+@register("ilp")
+def ilp(problem: PlacementProblem, *, w_compute: float = 1.0, w_comm: float | None = None,
+        w_affinity: float | None = None, solver: str = "auto", time_limit_s: float = 60.0, gap: float = 0.01,
+        method: str = "auto") -> Placement:
+    """MoETuner's joint objective (compute tail, communication tail, cross-layer traffic) with a proven gap."""
+    assign, info = optimise(problem, w_compute=w_compute, w_comm=w_comm, w_affinity=w_affinity, solver=solver,
+                            time_limit_s=time_limit_s, gap=gap, method=method)
+    return Placement.from_assignment(assign, problem.num_gpus, "ilp", info)

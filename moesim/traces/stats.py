@@ -1,0 +1,344 @@
+"""What a routing trace holds that matters for expert placement: load skew, co-activation, cross-layer
+transitions and drift, computed as pure functions of a :class:`~moesim.traces.format.Trace`.
+
+- Load: picks per expert and layer [L, E]; skew as max/mean (MoETuner's hot GPU comes from hot experts),
+  coefficient of variation, TensorRT-LLM's (max-mean)/mean, and the hottest experts with their shares.
+- Co-activation: pairs of experts picked by the same token at the same layer [L, E, E] (what Occult-style
+  co-location saves); per expert, the share of its pairs that go to its top-m partners.
+- Transitions: (expert at layer l, expert at layer l+1) pairs of the same token, every pick with every pick
+  [L-1, E, E] (MoETuner's R); per expert, the share of its next-layer picks that go to its top-m successors
+  ("top-8 successor share"; independent routing gives m/E), and the mutual information between the expert
+  at l and the expert at l+1 of one pick pair, in bits.
+- Drift: load shares per window (the trace's batches, or fixed windows of tokens), total-variation
+  distance between consecutive windows and to the whole trace, set against the distance that sampling
+  alone would give (multinomial noise, normal approximation), and churn of the hottest-expert set.
+
+Every count is accumulated over blocks of tokens, so a memory-mapped trace of any length is read once,
+block by block, and never copied whole. Ignored: gate weights (placement moves tokens, not weights), the
+order of the top-k picks, and token homes (see the engine for per-GPU load).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from moesim.fileio import atomic_write
+from moesim.traces.format import Trace
+
+_PAIR_BLOCK = 1 << 22  # pair indices built per numpy call
+
+
+def _blocks(total: int, per_token: int) -> Iterator[slice]:
+    step = max(1, _PAIR_BLOCK // max(per_token, 1))
+    for a in range(0, total, step):
+        yield slice(a, min(a + step, total))
+
+
+def expert_counts(trace: Trace) -> np.ndarray:
+    """Picks per (layer, expert): int64 [L, E]; -1 (no expert) is not counted."""
+    L, E, K = trace.meta.num_layers, trace.meta.num_experts, trace.meta.top_k
+    out = np.zeros(L * E, dtype=np.int64)
+    offset = (np.arange(L, dtype=np.int64) * E)[None, :, None]
+    for blk in _blocks(trace.num_tokens, L * K):
+        ex = np.asarray(trace.experts[blk], dtype=np.int64)
+        flat = (ex + offset)[ex >= 0]
+        out += np.bincount(flat, minlength=L * E)
+    return out.reshape(L, E)
+
+
+def coactivation_counts(trace: Trace) -> np.ndarray:
+    """Same-token, same-layer expert pairs: int64 [L, E, E], symmetric, zero diagonal."""
+    L, E, K = trace.meta.num_layers, trace.meta.num_experts, trace.meta.top_k
+    out = np.zeros(L * E * E, dtype=np.int64)
+    offset = (np.arange(L, dtype=np.int64) * E * E)[None, :, None, None]
+    off_diag = ~np.eye(K, dtype=bool)
+    for blk in _blocks(trace.num_tokens, L * K * K):
+        ex = np.asarray(trace.experts[blk], dtype=np.int64)
+        a, b = ex[:, :, :, None], ex[:, :, None, :]
+        keep = (a >= 0) & (b >= 0) & off_diag
+        out += np.bincount((offset + a * E + b)[keep], minlength=L * E * E)
+    return out.reshape(L, E, E)
+
+
+def transition_counts(trace: Trace) -> np.ndarray:
+    """Adjacent-layer pairs of one token, every pick at l with every pick at l+1: int64 [L-1, E, E]."""
+    L, E, K = trace.meta.num_layers, trace.meta.num_experts, trace.meta.top_k
+    if L < 2:
+        return np.zeros((0, E, E), dtype=np.int64)
+    out = np.zeros((L - 1) * E * E, dtype=np.int64)
+    offset = (np.arange(L - 1, dtype=np.int64) * E * E)[None, :, None, None]
+    for blk in _blocks(trace.num_tokens, (L - 1) * K * K):
+        ex = np.asarray(trace.experts[blk], dtype=np.int64)
+        a, b = ex[:, :-1, :, None], ex[:, 1:, None, :]
+        keep = (a >= 0) & (b >= 0)
+        out += np.bincount((offset + a * E + b)[keep], minlength=(L - 1) * E * E)
+    return out.reshape(L - 1, E, E)
+
+
+def window_ids(trace: Trace, window: int | None = None) -> np.ndarray:
+    """The drift window of every token: its batch when the trace has batches and no ``window`` is given,
+    else consecutive blocks of ``window`` tokens (default: 16 windows)."""
+    T = trace.num_tokens
+    if window is None and trace.batch is not None:
+        return np.asarray(trace.batch, dtype=np.int64)
+    size = window or max(1, -(-T // 16))
+    return np.arange(T, dtype=np.int64) // size
+
+
+def window_counts(trace: Trace, windows: np.ndarray) -> np.ndarray:
+    """Picks per (window, layer, expert): int64 [W, L, E]."""
+    L, E, K = trace.meta.num_layers, trace.meta.num_experts, trace.meta.top_k
+    W = int(windows.max()) + 1 if windows.size else 0
+    out = np.zeros(W * L * E, dtype=np.int64)
+    lay = (np.arange(L, dtype=np.int64) * E)[None, :, None]
+    for blk in _blocks(trace.num_tokens, L * K):
+        ex = np.asarray(trace.experts[blk], dtype=np.int64)
+        idx = ex + lay + (windows[blk] * (L * E))[:, None, None]
+        out += np.bincount(idx[ex >= 0], minlength=W * L * E)
+    return out.reshape(W, L, E)
+
+
+def top_share(counts: np.ndarray, m: int) -> np.ndarray:
+    """Per row of ``counts`` [..., n]: the share of the row's total in its ``m`` largest entries (nan for
+    empty rows)."""
+    total = counts.sum(axis=-1)
+    top = -np.sort(-counts, axis=-1)[..., :m].sum(axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, top / np.maximum(total, 1), np.nan)
+
+
+def weighted_top_share(counts: np.ndarray, m: int) -> np.ndarray:
+    """Per leading index of ``counts`` [X, E, E]: the top-m share of every row, weighted by the row's total
+    (the share of all pair traffic that goes to each expert's m favourites)."""
+    total = counts.sum(axis=-1)
+    top = -np.sort(-counts, axis=-1)[..., :m].sum(axis=-1)
+    denom = total.sum(axis=-1)
+    return np.where(denom > 0, top.sum(axis=-1) / np.maximum(denom, 1), np.nan)
+
+
+def mutual_information(counts: np.ndarray) -> np.ndarray:
+    """Mutual information in bits of the joint distribution ``counts`` [X, E, E] normalised, per X."""
+    total = counts.sum(axis=(1, 2), keepdims=True).astype(float)
+    p = counts / np.maximum(total, 1)
+    pr, pc = p.sum(axis=2, keepdims=True), p.sum(axis=1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(p > 0, p * np.log2(p / (pr * pc)), 0.0)
+    return terms.sum(axis=(1, 2))
+
+
+def _tv(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    return 0.5 * np.abs(p - q).sum(axis=-1)
+
+
+@dataclass(frozen=True)
+class TraceStats:
+    """Placement-relevant statistics of one trace. Per-layer arrays are indexed by MoE layer."""
+
+    num_tokens: int
+    num_layers: int
+    num_experts: int
+    top_k: int
+    top_m: int
+    load: np.ndarray  # [L, E] picks
+    max_over_mean: np.ndarray  # [L]
+    cv: np.ndarray  # [L] coefficient of variation of expert loads
+    coact_top_share: np.ndarray  # [L] share of same-layer pairs going to each expert's top-m partners
+    succ_top_share: np.ndarray  # [L-1] share of next-layer picks going to each expert's top-m successors
+    succ_mi_bits: np.ndarray  # [L-1]
+    windows: int
+    drift_tv_consecutive: np.ndarray  # [L] mean TV distance between consecutive windows' load shares
+    drift_tv_to_all: np.ndarray  # [L] mean TV distance of a window to the whole trace
+    drift_tv_noise: np.ndarray  # [L] expected TV distance from sampling alone, same window sizes
+    hot_set_churn: float  # mean share of a window's top-m hottest experts not in the previous window's
+    transitions: np.ndarray  # [L-1, E, E]
+    coactivation: np.ndarray  # [L, E, E]
+    window_load: np.ndarray  # [W, L, E]
+
+    @property
+    def uniform_succ_share(self) -> float:
+        return min(self.top_m, self.num_experts) / self.num_experts
+
+    def hottest(self, layer: int, n: int = 3) -> list[tuple[int, float]]:
+        """(expert, share of the layer's picks) of the ``n`` hottest experts of ``layer``."""
+        row = self.load[layer]
+        order = np.argsort(-row, kind="stable")[:n]
+        total = max(int(row.sum()), 1)
+        return [(int(e), float(row[e] / total)) for e in order]
+
+    def summary(self) -> dict[str, Any]:
+        """Flat, JSON-ready figures (medians over layers unless named otherwise)."""
+        def med(a: np.ndarray) -> float | None:
+            a = a[np.isfinite(a)]
+            return float(np.median(a)) if a.size else None
+
+        return {
+            "tokens": self.num_tokens, "layers": self.num_layers, "experts": self.num_experts, "top_k": self.top_k,
+            "top_m": self.top_m,
+            "load_max_over_mean_median": med(self.max_over_mean),
+            "load_max_over_mean_max": float(np.nanmax(self.max_over_mean)) if self.max_over_mean.size else None,
+            "load_cv_median": med(self.cv),
+            "coactivation_top_m_share_median": med(self.coact_top_share),
+            "successor_top_m_share_mean": float(np.nanmean(self.succ_top_share)) if self.succ_top_share.size else None,
+            "successor_top_m_share_uniform": self.uniform_succ_share,
+            "successor_mi_bits_median": med(self.succ_mi_bits),
+            "windows": self.windows,
+            "drift_tv_consecutive_median": med(self.drift_tv_consecutive),
+            "drift_tv_to_all_median": med(self.drift_tv_to_all),
+            "drift_tv_noise_median": med(self.drift_tv_noise),
+            "hot_set_churn": self.hot_set_churn,
+            "per_layer": [
+                {"layer": l, "max_over_mean": float(self.max_over_mean[l]), "cv": float(self.cv[l]),
+                 "hottest": [[e, round(s, 5)] for e, s in self.hottest(l)],
+                 "coactivation_top_m_share": _num(self.coact_top_share[l]),
+                 "successor_top_m_share": _num(self.succ_top_share[l]) if l < self.num_layers - 1 else None,
+                 "successor_mi_bits": _num(self.succ_mi_bits[l]) if l < self.num_layers - 1 else None,
+                 "drift_tv_consecutive": _num(self.drift_tv_consecutive[l])}
+                for l in range(self.num_layers)
+            ],
+        }
+
+
+def _num(x: float) -> float | None:
+    return float(x) if np.isfinite(x) else None
+
+
+def trace_stats(trace: Trace, *, top_m: int = 8, window: int | None = None) -> TraceStats:
+    """Compute every statistic of :class:`TraceStats` in one pass per kind of count."""
+    L, E, K = trace.meta.num_layers, trace.meta.num_experts, trace.meta.top_k
+    load = expert_counts(trace)
+    mean = load.mean(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mom = np.where(mean > 0, load.max(axis=1) / np.maximum(mean, 1e-300), np.nan)
+        cv = np.where(mean > 0, load.std(axis=1) / np.maximum(mean, 1e-300), np.nan)
+    coact = coactivation_counts(trace)
+    trans = transition_counts(trace)
+    wid = window_ids(trace, window)
+    wload = window_counts(trace, wid)
+    W = wload.shape[0]
+    shares = wload / np.maximum(wload.sum(axis=2, keepdims=True), 1)
+    overall = load / np.maximum(load.sum(axis=1, keepdims=True), 1)
+    nonempty = wload.sum(axis=2) > 0  # [W, L]
+    if W > 1:
+        both = nonempty[1:] & nonempty[:-1]
+        tv = _tv(shares[1:], shares[:-1])
+        tv_cons = np.where(both.any(axis=0), (tv * both).sum(axis=0) / np.maximum(both.sum(axis=0), 1), np.nan)
+    else:
+        tv_cons = np.full(L, np.nan)
+    tv_all = (_tv(shares, overall[None]) * nonempty).sum(axis=0) / np.maximum(nonempty.sum(axis=0), 1)
+    # Sampling noise: E|X/n - p| ~ sqrt(2 p (1-p) / (pi n)) per expert for n picks per window and layer.
+    n_w = np.maximum(wload.sum(axis=2), 1)[:, :, None]
+    noise = 0.5 * np.sqrt(2 * overall[None] * (1 - overall[None]) / (np.pi * n_w)).sum(axis=2)
+    tv_noise = (noise * nonempty).sum(axis=0) / np.maximum(nonempty.sum(axis=0), 1)
+    m = min(top_m, E)
+    if W > 1:
+        hot = np.argsort(-wload, axis=2, kind="stable")[:, :, :m]  # [W, L, m]
+        hot_mask = np.zeros((W, L, E), dtype=bool)
+        np.put_along_axis(hot_mask, hot, True, axis=2)
+        churn = float(1 - (hot_mask[1:] & hot_mask[:-1]).sum(axis=2).mean() / m)
+    else:
+        churn = float("nan")
+    return TraceStats(
+        num_tokens=trace.num_tokens, num_layers=L, num_experts=E, top_k=K, top_m=m, load=load,
+        max_over_mean=mom, cv=cv, coact_top_share=weighted_top_share(coact, m),
+        succ_top_share=weighted_top_share(trans, m), succ_mi_bits=mutual_information(trans), windows=W,
+        drift_tv_consecutive=tv_cons, drift_tv_to_all=tv_all, drift_tv_noise=tv_noise, hot_set_churn=churn,
+        transitions=trans, coactivation=coact, window_load=wload,
+    )
+
+
+def format_stats(st: TraceStats, *, name: str = "trace", layers: int | None = None) -> str:
+    """The report ``moesim trace stats`` prints: a summary, then one row per layer."""
+    s = st.summary()
+
+    def f(x: float | None, fmt: str = ".3f") -> str:
+        return "-" if x is None else format(x, fmt)
+
+    lines = [
+        f"{name}: {st.num_tokens} tokens x {st.num_layers} layers x top-{st.top_k} of {st.num_experts} experts",
+        f"  load skew        max/mean median {f(s['load_max_over_mean_median'], '.2f')} "
+        f"(worst layer {f(s['load_max_over_mean_max'], '.2f')}), CV median {f(s['load_cv_median'], '.2f')}",
+        f"  co-activation    top-{st.top_m} partners take {f(s['coactivation_top_m_share_median'])} of an expert's "
+        f"same-layer pairs (median over layers; independent: {min(st.top_m, st.num_experts - 1) / max(st.num_experts - 1, 1):.3f})",
+        f"  transitions      top-{st.top_m} successors take {f(s['successor_top_m_share_mean'])} of next-layer picks "
+        f"(mean over layer pairs; independent: {st.uniform_succ_share:.3f}); MI median "
+        f"{f(s['successor_mi_bits_median'])} bits",
+        f"  drift            {st.windows} windows: TV consecutive {f(s['drift_tv_consecutive_median'])}, to whole "
+        f"trace {f(s['drift_tv_to_all_median'])}, sampling noise alone {f(s['drift_tv_noise_median'])}; "
+        f"hot-set churn {f(s['hot_set_churn'], '.2f')}",
+        "",
+        f"{'layer':>5s} {'max/mean':>8s} {'cv':>6s}  {'hottest experts (share)':34s} {'coact':>6s} "
+        f"{'succ':>6s} {'MI':>6s} {'drift':>6s}",
+    ]
+    shown = range(st.num_layers) if layers is None else range(min(layers, st.num_layers))
+    for l in shown:
+        row = s["per_layer"][l]
+        hot = ", ".join(f"{e} ({v:.1%})" for e, v in row["hottest"])
+        lines.append(f"{l:5d} {row['max_over_mean']:8.2f} {row['cv']:6.2f}  {hot:34s} "
+                     f"{f(row['coactivation_top_m_share']):>6s} {f(row['successor_top_m_share']):>6s} "
+                     f"{f(row['successor_mi_bits']):>6s} {f(row['drift_tv_consecutive']):>6s}")
+    if layers is not None and layers < st.num_layers:
+        lines.append(f"  ... {st.num_layers - layers} more layers (--all-layers to show them)")
+    return "\n".join(lines)
+
+
+def plot_stats(st: TraceStats, folder: str | Path, *, layer: int | None = None, name: str = "trace") -> list[Path]:
+    """Write heatmaps: load.png (layers x experts, load / layer mean), transitions.png and coactivation.png
+    (one layer's expert x expert matrix, rows normalised), drift.png (windows x experts load / mean for that
+    layer). ``layer`` defaults to the middle one. Each file is written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder = Path(folder)
+    L = st.num_layers
+    lay = L // 2 if layer is None else layer
+    if not 0 <= lay < L:
+        from moesim.errors import InputError
+
+        raise InputError(f"layer {lay} out of range [0, {L})", field="--layer")
+    written: list[Path] = []
+
+    def save(fig: Any, fname: str) -> None:
+        fig.tight_layout()
+        written.append(atomic_write(folder / fname, lambda fh: fig.savefig(fh, format="png", dpi=110), binary=True))
+        plt.close(fig)
+
+    rel = st.load / np.maximum(st.load.mean(axis=1, keepdims=True), 1e-12)
+    fig, ax = plt.subplots(figsize=(min(16, 3 + st.num_experts * 0.08), min(12, 2 + L * 0.18)))
+    im = ax.imshow(rel, aspect="auto", cmap="magma", interpolation="nearest")
+    ax.set_xlabel("expert")
+    ax.set_ylabel("MoE layer")
+    ax.set_title(f"{name}: expert load / layer mean (max/mean median {np.nanmedian(st.max_over_mean):.2f})")
+    fig.colorbar(im, ax=ax)
+    save(fig, "load.png")
+
+    for fname, mats, what in (("transitions.png", st.transitions, f"layer {lay} -> {lay + 1} successors"),
+                              ("coactivation.png", st.coactivation, f"layer {lay} co-activation")):
+        idx = min(lay, mats.shape[0] - 1)
+        if idx < 0:
+            continue
+        mat = mats[idx].astype(float)
+        mat = mat / np.maximum(mat.sum(axis=1, keepdims=True), 1)
+        fig, ax = plt.subplots(figsize=(7, 6))
+        im = ax.imshow(mat, cmap="viridis", interpolation="nearest")
+        ax.set_xlabel("expert" + (f" at layer {idx + 1}" if fname == "transitions.png" else ""))
+        ax.set_ylabel(f"expert at layer {idx}")
+        ax.set_title(f"{name}: {what} (row-normalised)")
+        fig.colorbar(im, ax=ax)
+        save(fig, fname)
+
+    wl = st.window_load[:, lay].astype(float)
+    wl = wl / np.maximum(wl.mean(axis=1, keepdims=True), 1e-12)
+    fig, ax = plt.subplots(figsize=(min(16, 3 + st.num_experts * 0.08), min(10, 2 + st.windows * 0.15)))
+    im = ax.imshow(wl, aspect="auto", cmap="magma", interpolation="nearest")
+    ax.set_xlabel("expert")
+    ax.set_ylabel("window (batch)")
+    ax.set_title(f"{name}: layer {lay} load / mean per window (drift)")
+    fig.colorbar(im, ax=ax)
+    save(fig, "drift.png")
+    return written
