@@ -14,6 +14,11 @@
    (:mod:`moesim.calibration.deepep`).
 5. A second 2x H200 host, measured with ``moesim bench`` (benchmarks/validation/h200_host2 and a2a_paths): the
    shipped preset predicting it as it is, then ``moesim calibrate`` on it with a held-out third.
+6. MoETuner's single- vs multi-node gains (arXiv 2502.06643): ``ilp`` over ``contiguous`` on the shipped
+   scenarios/moetuner_standard.yaml (Megatron's dispatch/combine dataflow, EP4 x TP2 on one DGX H100, EP4 x
+   TP4 on two HGX H200), per component and end to end, beside the paper's reductions. moesim simulates the
+   MoE layers only, so the paper's end-to-end gains are compared through the share of step time that the
+   MoE layers must have taken for the paper's component reductions to give its end-to-end figures.
 Nothing here is fitted to the points it reports as held out.
 """
 
@@ -77,6 +82,54 @@ def deepep() -> None:
     print(f"{'all DeepEP':12s} n={e.size:2d}  median |error| {np.median(e) * 100:5.1f}%  max {e.max() * 100:5.1f}%")
 
 
+# MoETuner, Figure 1 and section 5 (../shared/reference/DOMAIN.md section 1): (single node, two nodes)
+MOETUNER = {"e2e speedup": (1.093, 1.175), "a2a tail": (-0.363, -0.305), "a2a mean": (-0.354, -0.247),
+            "token-processing tail": (-0.36, -0.27)}
+
+
+def moetuner() -> None:
+    from moesim.study.config import load_scenario
+    from moesim.study.runner import run_study
+
+    scenario = load_scenario(ROOT / "scenarios" / "moetuner_standard.yaml")
+    scenario = scenario.model_copy(update={"placements": tuple(p for p in scenario.placements
+                                                               if p.name in ("contiguous", "ilp"))})
+    study = run_study(scenario, progress=False)
+    runs = {(r.cluster.name, r.name): r.metrics for r in study.runs}
+    # an all-to-all as the GPU running it times it (NCCL, Megatron's profiles): from joining to done, the
+    # wait for the slowest rank included; tail = the slowest GPU per layer per step, as MoETuner reports
+    timed = {}
+    for r in study.runs:
+        g = r.records.gpu
+        spans = [g["t_dispatch_done"] - g["t_dispatch_join"], g["t_combine_done"] - g["t_combine_join"]]
+        timed[r.cluster.name, r.name] = (np.mean([s.max(axis=2).mean() for s in spans]),
+                                         np.mean([s.mean() for s in spans]))
+    clusters = [c.name for c in scenario.clusters]
+    ours: dict[str, list[float]] = {k: [] for k in MOETUNER}
+    moe_share = []
+    for c in clusters:
+        base, ilp = runs[c, "contiguous"], runs[c, "ilp"]
+        ours["e2e speedup"].append(base.e2e_ms["mean"] / ilp.e2e_ms["mean"])
+        ours["a2a tail"].append(timed[c, "ilp"][0] / timed[c, "contiguous"][0] - 1)
+        ours["a2a mean"].append(timed[c, "ilp"][1] / timed[c, "contiguous"][1] - 1)
+        ours["token-processing tail"].append(ilp.compute_ms["mean"] / base.compute_ms["mean"] - 1)
+        moe_share.append(base.compute_skew["max_over_mean_worst"])
+    print(f"{'ilp vs contiguous':22s} {'paper 1 node':>12s} {'moesim':>8s} {'paper 2 nodes':>13s} {'moesim':>8s}")
+    for k, (p1, p2) in MOETUNER.items():
+        fmt = (lambda v: f"{v:.3f}x") if k == "e2e speedup" else (lambda v: f"{v * 100:+.1f}%")
+        print(f"{k:22s} {fmt(p1):>12s} {fmt(ours[k][0]):>8s} {fmt(p2):>13s} {fmt(ours[k][1]):>8s}")
+    # the paper's MoE share of step time: e2e saving = share x MoE-layer saving (MoE time ~ token-processing
+    # tail + a2a tail); moesim's end to end is MoE layers only (share 1)
+    for i, where in enumerate(("1 node", "2 nodes")):
+        saving = 1 - 1 / MOETUNER["e2e speedup"][i]
+        layer = -(MOETUNER["a2a tail"][i] + MOETUNER["token-processing tail"][i]) / 2
+        print(f"{where}: the paper's gains imply MoE layers were ~{saving / layer * 100:.0f}% of its step time; "
+              f"moesim's worst-layer token skew under contiguous {moe_share[i]:.2f}x the mean (paper: one GPU "
+              "took 64-69% of a layer's tokens, 2.6-2.8x)")
+    same = (ours["e2e speedup"][1] > ours["e2e speedup"][0]) == (MOETUNER["e2e speedup"][1] > MOETUNER["e2e speedup"][0])
+    print(f"direction of the end-to-end gain, 1 node -> 2 nodes: {'reproduced' if same else 'NOT reproduced'}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
@@ -92,6 +145,8 @@ def main() -> None:
     print("\n== 5. a second 2x H200 host (not fitted to the shipped preset) ==")
     for folder in ("h200_host2", "a2a_paths"):
         runpy.run_path(str(ROOT / "benchmarks" / "validation" / folder / "compare.py"), run_name="__main__")
+    print("\n== 6. MoETuner's single- vs multi-node gains (scenarios/moetuner_standard.yaml) ==")
+    moetuner()
 
 
 if __name__ == "__main__":

@@ -251,8 +251,10 @@ def generate_trace(
             gpicks = _successive_sampling(draw_group, pop_row, pop_row, params.topk_groups)
             chosen[np.arange(T)[None, :], gpicks] = True
 
-            def allowed(cand: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+            def in_chosen_groups(cand: np.ndarray, tokens: np.ndarray) -> np.ndarray:
                 return chosen[tokens[None, :], cand // size]
+
+            allowed = in_chosen_groups
 
         picks = _successive_sampling(draw, pop_row, G + prev_top1, K, allowed)
         w = pops[l].astype(np.float32).ravel()[pop_row * E + picks]
