@@ -21,7 +21,7 @@ from moesim.hardware.topology import build_topology
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from moesim.report.files import write_outputs
-    from moesim.report.text import format_report
+    from moesim.report.text import format_report, solve_summary
     from moesim.study import load_scenario, run_study
 
     scenario = load_scenario(args.scenario)
@@ -30,6 +30,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     result = run_study(scenario, progress=False if args.quiet else None)
     wall = time.perf_counter() - t0
     print(format_report(result.metrics(), scenario.baseline))
+    solves = [(r, solve_summary(r.placement.info)) for r in result.runs]
+    if any(line for _, line in solves):
+        print("\nOptimising placements (gap: how far above the proven lower bound; see docs/ilp.md):")
+        print("\n".join(f"  {r.cluster.name} / {r.name}: {line}" for r, line in solves if line))
     if result.rebalance:  # the scenario's rebalance section (moesim.study.rebalance)
         from moesim.report.files import rebalance_infos
         from moesim.report.rebalance import verdict as rebalance_verdict
@@ -71,6 +75,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 def _cmd_place(args: argparse.Namespace) -> int:
     from moesim.placement.format import save_placement
     from moesim.placement.registry import policy_names
+    from moesim.report.text import solve_summary
     from moesim.study import load_scenario
     from moesim.study.config import PlacementEntry
     from moesim.study.runner import build_placement, build_workload, placement_problem
@@ -97,10 +102,16 @@ def _cmd_place(args: argparse.Namespace) -> int:
     entry = PlacementEntry(name=args.policy, policy=args.policy, options=options)
     scenario = scenario.model_copy(update={"placements": (*scenario.placements, entry)})
     work = build_workload(scenario, cluster)
-    placement = build_placement(scenario, cluster, entry, placement_problem(scenario, cluster, work.profile))
+    try:
+        placement = build_placement(scenario, cluster, entry, placement_problem(scenario, cluster, work.profile))
+    except InputError as exc:  # name the command-line option, not the entry it was appended as
+        raise InputError(exc.detail, source=args.scenario, field=f"--policy {args.policy}") from None
     save_placement(placement, args.output)
     print(f"wrote {args.output}: {args.policy} for {cluster.name} (EP{cluster.ep}), "
           f"{placement.num_layers} layers x {placement.num_experts} experts")
+    solved = solve_summary(placement.info)
+    if solved:
+        print(f"  {solved}")
     return 0
 
 

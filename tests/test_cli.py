@@ -351,7 +351,7 @@ def test_place_list(capsys):
     (["--policy", "greedy", "--cluster", "nope"], "no cluster 'nope'"),
     (["--policy", "greedy", "--set", "seed=1"], "no option 'seed'"),
     (["--policy", "random", "--set", "seed"], "KEY=VALUE"),
-    (["--policy", "random", "--set", "seed=-1"], "placements[4]"),
+    (["--policy", "random", "--set", "seed=-1"], "--policy random: "),
 ])
 def test_place_bad_input(tiny_scenario_file, tmp_path, capsys, extra, where):
     out = tmp_path / "p.json"
@@ -364,3 +364,12 @@ def test_place_bad_input(tiny_scenario_file, tmp_path, capsys, extra, where):
 def test_place_needs_its_arguments(capsys):
     assert main(["place"]) == 2
     assert "needs SCENARIO, --policy and -o" in capsys.readouterr().err
+
+
+def test_place_reports_the_solve(tiny_scenario_file, tmp_path, capsys):
+    """An optimising policy's gap and solve time are printed with the placement it wrote."""
+    out = tmp_path / "p.json"
+    assert main(["place", str(tiny_scenario_file), "--policy", "ilp", "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    info = json.loads(out.read_text())["info"]
+    assert f"gap {info['gap'] * 100:.2f}% ({info['status']}" in text

@@ -47,6 +47,22 @@ def verdict(metrics: list[RunMetrics], cluster: str, baseline: str) -> str:
             f"({base.e2e_ms['mean']:.2f} -> {best.e2e_ms['mean']:.2f} ms per batch); {why}.")
 
 
+def solve_summary(info: dict) -> str | None:
+    """One line on how an optimising policy's answer was found and how far from optimal it may be."""
+    if "gap" not in info:
+        return None
+    line = f"gap {info['gap'] * 100:.2f}% ({info.get('status', '?')}"
+    if "load_gap" in info:
+        line += f"; load term {info['load_gap'] * 100:.2f}%"
+    line += f"), {info.get('method', '?')}/{info.get('solver', '?')}"
+    if "solve_s" in info:
+        line += f", {info['solve_s']:.1f} s"
+    if info.get("greedy_objective"):
+        change = (info["objective"] - info["greedy_objective"]) / info["greedy_objective"] * 100
+        line += f"; objective {change:+.1f}% vs greedy's"
+    return line
+
+
 def format_report(metrics: list[RunMetrics], baseline: str) -> str:
     clusters = list(dict.fromkeys(m.cluster for m in metrics))
     parts = []
