@@ -13,7 +13,7 @@ of int16 ids) from the plain synthetic generator, written block by block to an u
 (``save_trace_blocks``), memory-mapped back (``load_trace(mmap=True)``, validation included), planned
 (greedy, on counts accumulated block by block) and replayed through ``Simulation.run`` on 2 x 8 H200
 (2048 tokens per GPU per batch: 31 batches of 32,768 tokens, 1,015,808 tokens in all). Generation+storing and loading+replay each
-run in a fresh child process, and each prints the child's peak resident memory (``ru_maxrss``, mapped file
+run in a fresh child process, and each prints the child's peak resident memory (``VmHWM``, mapped file
 pages included) next to the 2 GB budget. Wall times depend on the machine and its load.
 """
 
@@ -23,6 +23,7 @@ import argparse
 import csv
 import gzip
 import json
+import re
 import resource
 import subprocess
 import sys
@@ -37,6 +38,15 @@ GPUS_PER_NODE, NODES, TOKENS_PER_GPU = 8, 2, 2048
 
 
 def peak_rss_mb() -> float:
+    """Peak resident memory of this process image (VmHWM). Not ``ru_maxrss``: that survives exec, so a child
+    started from a parent that already held a lot (the import part) would report the parent's memory."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
 
 
@@ -146,11 +156,11 @@ def part_replay(path: Path) -> None:
 
 
 def child(part: str, *args: str) -> float:
-    """Run ``part`` in a fresh interpreter; return its peak RSS in MB."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    subprocess.run([sys.executable, __file__, "--child", part, *args], check=True)
-    after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return max(after, before) / 1024
+    """Run ``part`` in a fresh interpreter, echo what it prints, and return the peak RSS in MB it reports."""
+    out = subprocess.run([sys.executable, __file__, "--child", part, *args], check=True, stdout=subprocess.PIPE,
+                         text=True).stdout
+    print(out, end="", flush=True)
+    return max(float(m) for m in re.findall(r"peak RSS (\d+) MB", out))
 
 
 def main() -> None:
@@ -176,8 +186,7 @@ def main() -> None:
         if args.part in ("all", "big"):
             path = work / "big.npz"
             print(f"big: {args.tokens} tokens x {BIG_LAYERS} layers x top-{BIG_TOP_K} of {BIG_EXPERTS} experts")
-            child("generate", str(path), str(args.tokens))
-            rss = child("replay", str(path))
+            rss = max(child("generate", str(path), str(args.tokens)), child("replay", str(path)))
             print(f"  peak RSS of the two steps: {rss:.0f} MB (budget 2048 MB)")
 
 

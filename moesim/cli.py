@@ -7,6 +7,7 @@ output file is written.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -50,7 +51,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     from moesim.placement.format import load_placement
     from moesim.placement.validate import validate_placement
     from moesim.study import load_scenario
-    from moesim.study.runner import capacity_of, check_fits, load_workload_trace
+    from moesim.study.config import check_rebalance_batches
+    from moesim.study.runner import capacity_of, check_fits, check_replica_fit, load_workload_trace
 
     scenario = load_scenario(args.scenario)
     trace = load_workload_trace(scenario)
@@ -59,8 +61,12 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         build_topology(cluster.spec)
         if trace is not None and scenario.workload.trace is not None:
             tw = scenario.workload.trace
-            trace.layout(cluster.spec.num_gpus, tw.tokens_per_gpu, source=str(tw.file))
+            layout = trace.layout(cluster.spec.num_gpus, tw.tokens_per_gpu, source=tw.label)
+            if scenario.rebalance is not None:
+                check_rebalance_batches(scenario.rebalance.every_batches, scenario.rebalance.window_batches,
+                                        layout.num_batches, scenario.source)
         for entry in scenario.placements:
+            check_replica_fit(scenario, cluster, entry)
             if entry.file is not None:
                 validate_placement(load_placement(entry.file), num_layers=scenario.model.num_layers,
                                    num_experts=scenario.model.num_experts, num_gpus=cluster.ep,
@@ -309,6 +315,9 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as exc:
         print(f"moesim: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into head or less, closed early: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

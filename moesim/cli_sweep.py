@@ -42,7 +42,7 @@ def run_sweep(scenario: Any, redundant: list[int], every: list[int], *, window: 
     from moesim.hardware.topology import build_topology
     from moesim.report.rebalance import sweep_row
     from moesim.sim.engine import Simulation
-    from moesim.study.config import PlacementEntry
+    from moesim.study.config import PlacementEntry, check_rebalance_batches
     from moesim.study.rebalance import BatchRunner, simulate_rebalancing
     from moesim.study.runner import (
         build_placement, build_workload, check_fits, engine_options, load_workload_trace, placement_problem,
@@ -70,7 +70,9 @@ def run_sweep(scenario: Any, redundant: list[int], every: list[int], *, window: 
         B = work.layout.num_batches
         if max(every) >= B or min(every) < 1:
             raise InputError(f"intervals must be between 1 and {B - 1} (the workload has {B} batches)",
-                             field="--every")
+                             source=scenario.source, field="--every")
+        check_rebalance_batches(min(every), cfg.window_batches, B, scenario.source,
+                                window_field="--window" if window is not None else "rebalance.window_batches")
         problem = placement_problem(scenario, cluster, work.profile)
         plans = {}
         for red in redundant:
@@ -102,7 +104,7 @@ def run_sweep(scenario: Any, redundant: list[int], every: list[int], *, window: 
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from moesim.report.rebalance import plot_tradeoff, sweep_verdict, write_sweep_csv
+    from moesim.report.rebalance import plot_tradeoff, sweep_break_even, sweep_verdict, write_sweep_csv
     from moesim.study import load_scenario
 
     scenario = load_scenario(args.scenario)
@@ -122,7 +124,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     try:
         write_sweep_csv(rows, tmp / "sweep.csv")
         (tmp / "sweep.json").write_text(json.dumps({"format": "moesim.sweep/1", "scenario": scenario.name,
-                                                    "rows": rows, "verdict": lines}, indent=1) + "\n")
+                                                    "rows": rows, "break_even": sweep_break_even(rows),
+                                                    "verdict": lines}, indent=1) + "\n")
         if not args.no_plots:
             plot_tradeoff(rows, tmp / "tradeoff.png", f"{scenario.name}: redundant experts x rebalance interval")
         out.mkdir(parents=True, exist_ok=True)

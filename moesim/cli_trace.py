@@ -16,6 +16,10 @@ from moesim.errors import InputError
 from moesim.fileio import atomic_write
 
 
+def _n(count: int, one: str, many: str | None = None) -> str:
+    return f"{count} {one if count == 1 else many or one + 's'}"
+
+
 def _cmd_import(args: argparse.Namespace) -> int:
     from moesim.traces.format import save_trace
     from moesim.traces.importers import import_trace
@@ -28,11 +32,11 @@ def _cmd_import(args: argparse.Namespace) -> int:
     m, tr = res.trace.meta, res.trace
     batches = int(tr.batch.max()) + 1 if tr.batch is not None and tr.num_tokens else None
     print(f"wrote {args.output}: {tr.num_tokens} tokens x {m.num_layers} layers x top-{m.top_k} of {m.num_experts} "
-          f"experts from {res.records} records, {res.requests} requests"
-          + (f", {batches} batches on {args.gpus} GPUs ({args.assign})" if batches else "")
+          f"experts from {_n(res.records, 'record')}, {_n(res.requests, 'request')}"
+          + (f", {_n(batches, 'batch', 'batches')} on {args.gpus} GPUs ({args.assign})" if batches else "")
           + f" in {time.perf_counter() - t0:.1f} s")
-    print(f"  skipped {res.skipped} malformed records; padded {res.padded} records with fewer than top_k ids "
-          f"(-1 = no expert); filled {res.missing} missing (token, layer) records with -1")
+    print(f"  skipped {_n(res.skipped, 'malformed record')}; padded {_n(res.padded, 'record')} with fewer than top_k "
+          f"ids (-1 = no expert); filled {_n(res.missing, 'missing (token, layer) record')} with -1")
     for note in res.notes:
         print(f"  note: {note}")
     return 0
@@ -103,7 +107,7 @@ def _cmd_capture(args: argparse.Namespace) -> int:
     prompts = read_prompts(args.prompts)
     trace = capture_trace(args.model, prompts, max_tokens=args.max_tokens, device=args.device, dtype=args.dtype,
                           num_gpus=args.gpus, tokens_per_gpu=args.tokens_per_gpu, assign=args.assign,
-                          trust_remote_code=args.trust_remote_code)
+                          trust_remote_code=args.trust_remote_code, download=args.download)
     save_trace(trace, args.output)
     m = trace.meta
     print(f"wrote {args.output}: {trace.num_tokens} tokens from {len(prompts)} prompts x {m.num_layers} MoE layers x "
@@ -167,7 +171,7 @@ def add_trace_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
 
     c = ts.add_parser("capture", help="run a Hugging Face MoE model over prompts and record its routing "
                                       "(needs pip install -e '.[capture]')")
-    c.add_argument("model", help="local model folder or hub id (weights must be available locally)")
+    c.add_argument("model", help="local model folder, or a hub id already in the Hugging Face cache")
     c.add_argument("prompts", help="text file (one prompt per line) or JSONL with 'text' or 'input_ids'")
     c.add_argument("-o", "--output", required=True)
     c.add_argument("--max-tokens", type=int, default=2048, help="truncate each prompt to this many tokens")
@@ -177,4 +181,6 @@ def add_trace_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
     c.add_argument("--tokens-per-gpu", type=int)
     c.add_argument("--assign", choices=["least_loaded", "round_robin"], default="least_loaded")
     c.add_argument("--trust-remote-code", action="store_true")
+    c.add_argument("--download", action="store_true",
+                   help="let transformers download the model and tokenizer (default: local files only)")
     c.set_defaults(func=_cmd_capture)

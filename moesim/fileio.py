@@ -19,6 +19,9 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[Any]], None],
     try:
         with os.fdopen(fd, "wb" if binary else "w") as fh:
             write(fh)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; give it the mode open() would have
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -373,3 +373,30 @@ def test_place_reports_the_solve(tiny_scenario_file, tmp_path, capsys):
     text = capsys.readouterr().out
     info = json.loads(out.read_text())["info"]
     assert f"gap {info['gap'] * 100:.2f}% ({info['status']}" in text
+
+
+def test_validate_catches_replicas_that_do_not_fit_in_memory(tmp_path, capsys):
+    """validate checks what run would reject: redundant experts beyond the GPUs' memory."""
+    path = tmp_path / "big.yaml"
+    path.write_text(
+        "name: big\nclusters: [{name: c, preset: hgx-h200, nodes: 4}]\n"
+        "model: {num_layers: 58, num_experts: 256, top_k: 8, d_model: 7168, d_ff: 2048, dtype_bytes: 1}\n"
+        "workload: {synthetic: {tokens_per_gpu: 8, batches: 1}}\n"
+        "placements: [contiguous, {policy: greedy, redundant_experts: 2048}]\nbaseline: contiguous\n")
+    for cmd in (["validate", str(path)], ["run", str(path), "-o", str(tmp_path / "out")]):
+        assert main(cmd) == 2
+        err = capsys.readouterr().err
+        assert "placements[1].redundant_experts" in err and "at most 1152" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_outputs_get_the_usual_file_mode(tmp_path):
+    """Files are written atomically but readable as open() would make them (not mkstemp's 0600)."""
+    from moesim.fileio import atomic_write
+
+    umask = os.umask(0o022)
+    try:
+        path = atomic_write(tmp_path / "x.txt", lambda fh: fh.write("x"))
+    finally:
+        os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o644

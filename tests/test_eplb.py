@@ -203,8 +203,15 @@ def test_policy_errors_are_clear():
         make_placement("eplb", prob, redundant_experts=3)
     with pytest.raises(ValueError, match="must divide the 12 experts"):
         make_placement("eplb", prob, num_groups=8, redundant_experts=4)
-    with pytest.raises(ValueError, match="do not fit in memory"):
+    # 5 groups on 2 nodes would fall back to the global policy, hiding that 5 groups cannot split 12 experts
+    with pytest.raises(ValueError, match="num_groups=5 must divide the 12 experts"):
+        make_placement("eplb", prob, num_groups=5, redundant_experts=4)
+    with pytest.raises(ValueError, match="num_groups=0 must divide"):
+        make_placement("eplb", prob, num_groups=0, redundant_experts=4)
+    with pytest.raises(ValueError, match=r"do not fit in memory \(room for 2: .*\); lower redundant_experts to "
+                                         r"at most 4$"):
         make_placement("eplb", _problem(README_WEIGHT.astype(float), 8, 4, max_slots=2), redundant_experts=12)
+    make_placement("eplb", _problem(README_WEIGHT.astype(float), 8, 4, max_slots=2), redundant_experts=4)
     with pytest.raises(ValueError, match="hierarchical mode needs"):
         make_placement("eplb", prob, num_groups=3, mode="hierarchical", redundant_experts=4)
     g = make_placement("eplb", prob, num_groups=4, mode="global", redundant_experts=4)

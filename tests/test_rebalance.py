@@ -17,13 +17,15 @@ from moesim.hardware.spec import ClusterSpec
 from moesim.hardware.topology import build_topology
 from moesim.placement import Placement
 from moesim.report.files import write_outputs
-from moesim.report.rebalance import sweep_verdict, verdict
+from moesim.report.rebalance import sweep_break_even, sweep_verdict, verdict
 from moesim.sim.engine import Simulation
 from moesim.study.config import parse_scenario
 from moesim.study.rebalance import (
     batch_loads, break_even, held_mask, migration_bytes, relabel_for_overlap, transfer_time,
 )
-from moesim.study.runner import run_study
+from moesim.study.config import load_scenario
+from moesim.study.runner import chain_traces, load_workload_trace, run_study
+from moesim.traces.format import Trace, save_trace
 from moesim.traces.model import ModelSpec
 from moesim.traces.synthetic import SyntheticParams, drift_trace, generate_trace
 
@@ -151,9 +153,94 @@ def test_overlap_mode_serves_the_old_plan_until_the_weights_arrive():
     (r,) = run_study(sc, progress=False).rebalance
     assert r.stall_ms.sum() == 0
     for m in r.migrations:
-        assert m.switched_at > m.batch  # a batch ran, slowed, while the transfer was in flight
+        assert m.switched_at is None or m.switched_at > m.batch  # a batch ran, slowed, while weights moved
         assert r.slow_ms[m.batch] == pytest.approx(r.batch_ms["rebalanced"][m.batch] / 3)  # ms * 0.5 / 1.5
     assert r.summary()["migration_cost_ms"] == pytest.approx(r.slow_ms.sum())
+
+
+def _overlap_with_transfer(monkeypatch, seconds):
+    """The overlap study with every migration taking ``seconds(static batch ms)`` on the fabric."""
+    import moesim.study.rebalance as rb
+
+    sc = parse_scenario({**SCENARIO, "workload": {"synthetic": {**SCENARIO["workload"]["synthetic"], "batches": 9}},
+                         "rebalance": {**SCENARIO["rebalance"], "migration": "overlap", "overlap_slowdown": 0.5}},
+                        "rb.yaml")
+    static = run_study(sc.model_copy(update={"rebalance": None}), progress=False)
+    ms = (static.runs[1].records.batch_end - static.runs[1].records.batch_start) * 1e3
+    monkeypatch.setattr(rb, "transfer_time", lambda topo, sim, nbytes: seconds(ms) if nbytes.sum() else 0.0)
+    (r,) = run_study(sc, progress=False).rebalance
+    return r, ms
+
+
+def test_overlap_switches_before_the_next_replan_when_the_weights_arrived(monkeypatch):
+    # longer than one slowed batch, shorter than two: batches 2 and 3 run slowed, the plan switches at 4 - the
+    # next re-plan point - and that re-plan then goes ahead (it used to replace the arrived plan, forever)
+    r, ms = _overlap_with_transfer(monkeypatch, lambda ms: 1.4 * (ms[2] + ms[3]) / 1e3)
+    first = r.migrations[0]
+    assert first.batch == 2 and first.switched_at == 4
+    assert r.plan_version[:4].tolist() == [0, 0, 0, 0] and r.plan_version[4] == 1
+    assert [m.batch for m in r.migrations] == [2, 4, 6, 8] and r.skipped == []
+    assert (r.slow_ms[[2, 3]] > 0).all()
+
+
+def test_overlap_skips_replans_while_a_migration_is_in_flight(monkeypatch):
+    r, _ = _overlap_with_transfer(monkeypatch, lambda ms: 3.2 * ms.max() / 1e3)  # about two intervals
+    assert r.migrations[0].batch == 2 and r.skipped and r.skipped[0] == 4
+    assert r.migrations[0].switched_at is not None and r.migrations[0].switched_at > 4
+    s = r.summary()
+    assert s["skipped_rebalances"] == len(r.skipped) and s["rebalances"] == len(r.migrations)
+    text = verdict(r)
+    assert "skipped because the previous migration was still in flight" in text
+    assert " ms each in slowed batches (the transfers took " in text
+    never, _ = _overlap_with_transfer(monkeypatch, lambda ms: 1e3)  # a transfer longer than the run
+    assert [m.switched_at for m in never.migrations] == [None] and never.skipped == [4, 6, 8]
+    assert (never.plan_version == 0).all() and (never.slow_ms[2:] > 0).all()
+
+
+def _result(static, rebalanced, stall=None, slow=None, migrate_at=(2,), every=2):
+    from moesim.study.config import RebalanceConfig
+    from moesim.study.rebalance import Migration, RebalanceResult
+
+    B = len(static)
+    cfg = RebalanceConfig(policy="p", every_batches=every, window_batches=every)
+    return RebalanceResult(cluster="c", placement="p", config=cfg,
+                           batch_ms={"static": np.array(static, float), "rebalanced": np.array(rebalanced, float)},
+                           imbalance={"static": np.zeros(B), "rebalanced": np.zeros(B)},
+                           stall_ms=np.array(stall if stall is not None else [0.0] * B, float),
+                           slow_ms=np.array(slow if slow is not None else [0.0] * B, float),
+                           plan_version=np.zeros(B, dtype=np.int64),
+                           migrations=[Migration(batch=b, copies_moved=1, bytes_moved=1.0, transfer_s=0.001,
+                                                 switched_at=b) for b in migrate_at])
+
+
+def test_break_even_uses_the_batches_a_replan_could_serve():
+    # 4 batches, one rebalance before batch 2 costing 1 ms, saving 2 ms in each of the 2 batches after it
+    r = _result([10, 10, 10, 10], [10, 10, 8, 8], stall=[0, 0, 1, 0])
+    s = r.summary()
+    assert s["saving_per_batch_ms"] == pytest.approx(2.0)  # not 4 ms / 4 batches
+    assert s["break_even_every_batches"] == pytest.approx(0.5)
+    assert s["net_gain"] == pytest.approx(3 / 40) and s["gross_gain"] == pytest.approx(4 / 40)
+    assert "it would pay even every batch" in verdict(r)
+
+
+def test_identical_plans_have_no_break_even_despite_rounding():
+    # overlapped batches slowed by 10% and the slowdown taken off again: only float noise is left
+    static = [5.428683, 5.452289, 5.697444, 5.49615]
+    slowed = [v * 1.1 for v in static]
+    r = _result(static, slowed, slow=[v * 0.1 for v in static])
+    s = r.summary()
+    assert s["gross_gain"] == 0.0 and s["break_even_every_batches"] is None
+    text = verdict(r)
+    assert "cannot pay at any interval" in text and "e+" not in text and "Before migration cost: +0.0%" in text
+
+
+def test_verdict_when_rebalancing_loses_names_the_interval_it_would_need():
+    r = _result([10] * 6, [10, 10, 9, 9, 9, 9], stall=[0, 0, 5, 0, 0, 0])  # 1 ms saved per batch, 5 ms paid once
+    text = verdict(r)
+    assert " costs 1.7% net vs planning once; it would pay only at intervals above about 5.0 batches (" in text
+    assert "1 rebalance moved 0.0 GB (1 expert copy), 5.00 ms each" in text
+    r = _result([10] * 6, [10, 10, 9.5, 9.5, 9.5, 9.5], stall=[0, 0, 5, 0, 0, 0])
+    assert "above about 10.0 batches, longer than this 6-batch run (break-even: 5.00 ms per rebalance over 0.50 ms" in verdict(r)
 
 
 def test_full_replan_moves_more_than_incremental(stall_result):
@@ -161,6 +248,25 @@ def test_full_replan_moves_more_than_incremental(stall_result):
     (full,) = run_study(sc, progress=False).rebalance
     (inc,) = stall_result.rebalance
     assert sum(m.copies_moved for m in full.migrations) >= sum(m.copies_moved for m in inc.migrations)
+
+
+@pytest.mark.parametrize("change, field, message", [
+    ({"window_batches": 6}, "rebalance.window_batches", "a window of 6 batches is longer than the run"),
+    ({"window_batches": -1}, "rebalance.window_batches", "greater than or equal to 1"),
+    ({"every_batches": -4}, "rebalance.every_batches", "greater than or equal to 1"),
+    ({"overlap_slowdown": 0.3}, "rebalance.overlap_slowdown", "applies only with migration: overlap"),
+    ({"migration": "overlap", "overlap_slowdown": 10}, "rebalance.overlap_slowdown", "fraction of batch time"),
+    ({"migration": "overlap", "overlap_slowdown": -0.1}, "rebalance.overlap_slowdown", "fraction of batch time"),
+    ({"every_ms": 100}, "rebalance.every_ms", "unknown key"),
+])
+def test_bad_rebalance_sections_are_one_line_errors(tmp_path, capsys, change, field, message):
+    path = tmp_path / "rb.yaml"
+    path.write_text(yaml.safe_dump({**SCENARIO, "rebalance": {**SCENARIO["rebalance"], **change}}))
+    out = tmp_path / "out"
+    assert main(["run", str(path), "-o", str(out), "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"rb.yaml: {field}: " in err and message in err
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["rb.yaml"]
 
 
 def test_rebalance_config_errors():
@@ -195,7 +301,17 @@ def test_sweep_verdict_finds_the_break_even_interval():
              "rebalanced_ms": 100.0 - g, "net_gain_pct": g} for n, g in ((1, -5.0), (2, -1.0), (4, 3.0), (8, 2.0))]
     lines = sweep_verdict(rows, {"c": 120.0})
     assert lines[0].startswith("c: rebalancing every 4 batches with 8 redundant experts is best: it saves 3.0% net")
-    assert "below 4 batches it costs more than it saves" in lines[1]
+    # net -1% at every 2, +3% at every 4: crosses zero a quarter of the way, at 2.5
+    assert "below about 2.5 batches rebalancing costs more than it saves (net -1.0% at every 2, +3.0% at every 4" \
+        in lines[1]
+    (be,) = sweep_break_even(rows)
+    assert be["every_batches"] == pytest.approx(2.5) and be["between"] == [2, 4] and be["below"] is None
+    paying = [{**r, "net_gain_pct": abs(r["net_gain_pct"])} for r in rows]
+    assert sweep_break_even(paying)[0]["below"] == 1 and sweep_break_even(paying)[0]["every_batches"] is None
+    assert "break-even interval is below 1 batches" in sweep_verdict(paying)[1]
+    bumpy = [{**r, "net_gain_pct": g} for r, g in zip(rows, (-5.0, 1.0, -1.0, -2.0))]
+    assert sweep_break_even(bumpy)[0]["every_batches"] is None
+    assert "saves only at every 2 batches" in sweep_verdict(bumpy)[1]
     never = [{**r, "rebalanced_ms": 110.0, "net_gain_pct": -10.0} for r in rows]
     assert "rebalancing never pays" in sweep_verdict(never)[0]
     assert "costs more than it saves at every swept interval" in sweep_verdict(never)[1]
@@ -215,6 +331,8 @@ def test_cli_sweep_writes_the_tradeoff(tmp_path, capsys):
 
 @pytest.mark.parametrize("args, field", [(["--redundant", "3", "--every", "2"], "--redundant"),
                                          (["--redundant", "4", "--every", "9"], "--every"),
+                                         (["--redundant", "4", "--every", "2", "--window", "6"], "--window"),
+                                         (["--redundant", "4", "--every", "2", "--window", "0"], "--window"),
                                          (["--redundant", "x", "--every", "2"], "--redundant")])
 def test_cli_sweep_bad_input_writes_nothing(tmp_path, capsys, args, field):
     path = tmp_path / "rb.yaml"
@@ -224,3 +342,95 @@ def test_cli_sweep_bad_input_writes_nothing(tmp_path, capsys, args, field):
     err = capsys.readouterr().err
     assert err.startswith("moesim: error:") and field in err and len(err.strip().splitlines()) == 1
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["rb.yaml"]
+
+
+# ---------------------------------------------------------------- a sequence of real traces
+
+def _captured(seed, hot, batches=3):
+    """A 'captured' trace of ``batches`` batches on 4 GPUs whose popular experts are ``hot`` (a relabelling)."""
+    tr = generate_trace(num_layers=2, num_experts=8, top_k=2, num_gpus=4, tokens_per_gpu=64, batches=batches,
+                        params=SyntheticParams(zipf_alpha=1.5), rng=np.random.default_rng(seed),
+                        structure_rng=np.random.default_rng(0))
+    relabel = np.asarray(hot)[tr.experts]
+    return Trace(experts=relabel.astype(tr.experts.dtype), meta=tr.meta, home=tr.home, batch=tr.batch)
+
+
+TRACE_SCENARIO = {**SCENARIO, "workload": {"trace": {"files": ["morning.npz", "evening.npz"], "profile_batches": 2}},
+                  "rebalance": {"policy": "eplb4", "every_batches": 4, "window_batches": 1}}
+
+
+def test_a_sequence_of_traces_is_replayed_in_order_and_rebalancing_follows_it(tmp_path):
+    # two captures whose hot experts differ: planned once on the morning, the evening is served badly
+    morning, evening = _captured(1, np.arange(8)), _captured(2, np.arange(8)[::-1], batches=4)
+    save_trace(morning, tmp_path / "morning.npz")
+    save_trace(evening, tmp_path / "evening.npz")
+    (tmp_path / "sc.yaml").write_text(yaml.safe_dump(TRACE_SCENARIO))
+    sc = load_scenario(tmp_path / "sc.yaml")
+    trace = load_workload_trace(sc)
+    np.testing.assert_array_equal(trace.experts, np.concatenate([morning.experts, evening.experts]))
+    np.testing.assert_array_equal(trace.batch, np.concatenate([morning.batch, evening.batch + 3]))
+    result = run_study(sc, progress=False)
+    assert result.workloads["c"]["batches"] == 7
+    (r,) = result.rebalance
+    # the re-plan before batch 4 sees batch 3, the evening's first
+    assert [m.batch for m in r.migrations] == [4] and r.plan_version.tolist() == [0, 0, 0, 0, 1, 1, 1]
+    assert (r.imbalance["rebalanced"][4:] < r.imbalance["static"][4:] / 2).all()
+
+
+def test_chained_traces_without_batches_are_one_batch_each_or_cut_at_replay():
+    a, b = _captured(1, np.arange(8)), _captured(2, np.arange(8))
+    bare = [Trace(experts=t.experts, meta=t.meta) for t in (a, b)]
+    each = chain_traces(bare, ["a", "b"], one_batch_each=True)
+    assert each.batch.tolist() == [0] * a.num_tokens + [1] * b.num_tokens and each.home is None
+    cut = chain_traces(bare, ["a", "b"], one_batch_each=False)
+    assert cut.batch is None and cut.layout(4, 64).num_batches == 6  # consecutive blocks of 4 x 64 tokens
+    with pytest.raises(InputError, match=r"^b: batch: has no batch array while other traces"):
+        chain_traces([a, bare[1]], ["a", "b"], one_batch_each=True)
+
+
+def test_trace_sequence_and_trace_rebalance_errors(tmp_path, capsys):
+    save_trace(_captured(1, np.arange(8)), tmp_path / "morning.npz")
+    path = tmp_path / "sc.yaml"
+    path.write_text(yaml.safe_dump(TRACE_SCENARIO))  # evening.npz is missing
+    with pytest.raises(InputError, match=r"workload.trace.files\[1\]: trace file not found: .*evening.npz"):
+        load_scenario(path)
+    save_trace(_captured(2, np.arange(8)), tmp_path / "evening.npz")
+    trace = {"files": ["morning.npz", "evening.npz"]}
+    path.write_text(yaml.safe_dump({**TRACE_SCENARIO, "workload": {"trace": trace}}))
+    with pytest.raises(InputError, match=r"workload.trace.profile_batches: a rebalancing study needs the plan"):
+        load_scenario(path)
+    both = {**trace, "file": "morning.npz", "profile_batches": 2}
+    path.write_text(yaml.safe_dump({**TRACE_SCENARIO, "workload": {"trace": both}}))
+    with pytest.raises(InputError, match=r"workload.trace: give exactly one of 'file' or 'files'"):
+        load_scenario(path)
+    # the trace's batch count is known only once it is laid out: checked before anything is simulated
+    path.write_text(yaml.safe_dump({**TRACE_SCENARIO, "rebalance": {**TRACE_SCENARIO["rebalance"],
+                                                                    "every_batches": 6}}))
+    out = tmp_path / "out"
+    assert main(["run", str(path), "-o", str(out), "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("rebalance.every_batches: rebalancing every 6 batches needs more than 6 batches; the "
+                        "workload has 6") and not out.exists()
+
+
+# ---------------------------------------------------------------- relabelling a hierarchical plan
+
+def test_relabel_keeps_a_hierarchical_plan_node_by_node():
+    from moesim.placement.replication import placement_from_mask
+
+    # old: ranks 0,1 on node 0, ranks 2,3 on node 1, holding experts {0,1}, {2,3}, {4,5}, {6,7}
+    old_held = np.zeros((1, 8, 4), dtype=bool)
+    for r in range(4):
+        old_held[0, [2 * r, 2 * r + 1], r] = True
+    old = placement_from_mask(old_held, "eplb")
+    # new, node A = {0,1} + {4,5}, node B = {2,3} + {6,7}: rank by rank it could stay exactly in place, but
+    # that would split node A over both old nodes
+    new_held = old_held[:, :, [0, 2, 1, 3]]
+    free = relabel_for_overlap(placement_from_mask(new_held, "eplb", {"mode": "global"}), old, 2)
+    assert migration_bytes(old, free, tp=1, ranks_per_node=2, expert_bytes=1.0)[1] == 0
+    hier = relabel_for_overlap(placement_from_mask(new_held, "eplb", {"mode": "hierarchical"}), old, 2)
+    held = held_mask(hier)[0]
+    for node_experts in ({0, 1, 4, 5}, {2, 3, 6, 7}):  # each planned node's experts land on one node
+        ranks = {int(r) for e in node_experts for r in np.flatnonzero(held[e])}
+        assert len({r // 2 for r in ranks}) == 1
+    assert migration_bytes(old, hier, tp=1, ranks_per_node=2, expert_bytes=1.0)[1] == 4  # two ranks' pairs

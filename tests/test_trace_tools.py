@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -138,7 +139,8 @@ def test_jsonl_fast_paths_equal_the_line_by_line_parse(tmp_path, monkeypatch):
     ('{"layer": 0, "token": 0, "experts": [1, 1]}\n', r"line 1: expert 1 appears twice"),
     ('{"layer": 0, "token": 0, "experts": [1, 9]}\n', r"line 1: expert id 9 out of range for num_experts=8"),
     ('{"layer": 0, "token": 0, "experts": [1, 2]}\n{"layer": 1, "token": 1, "experts": [1, 2]}\n',
-     r"token 0 has no record for layer 1 \(2 \(token, layer\) records missing"),
+     r"x\.jsonl: line 1: token 0 of request x\.jsonl \(its first record is here\) has no record for layer 1 "
+     r"\(2 \(token, layer\) records missing .* --allow-missing"),
     ('{"layer": "a", "token": 0, "experts": [1, 2]}\n', r"line 1: needs an integer 'layer'"),
 ])
 def test_jsonl_errors_name_file_and_line(tmp_path, line, expected):
@@ -195,9 +197,88 @@ def test_import_cli_writes_nothing_on_bad_input_and_reports_counts(tmp_path, cap
     assert main(["trace", "import", str(path), "-o", str(out), "--skip-bad", "--allow-missing", "--num-experts", "8",
                  "--gpus", "2"]) == 0
     text = capsys.readouterr().out
-    assert "skipped 1 malformed records" in text and "filled 1 missing" in text
+    assert "skipped 1 malformed record;" in text and "filled 1 missing" in text
     assert load_trace(out).home is not None
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+GOOD_ROWS = ['1,0,"a,b",' + '"[0, 1, 2]"', '1,0,tok,"[3, 4, 5]"', '1,0,c,"[5, 6, 7]"', '1,0,d,"[0, 3, 6]"',
+             '2,0,x,"[1, 2, 6]"', '2,0,y,"[7, 0, 3]"', '2,0,z,"[4, 2, 1]"', '2,0,w,"[3, 5, 7]"']
+
+
+@pytest.mark.parametrize("row, expected", [
+    ('1,0,tok,"[3, 4, 9]"', r"line 3: expert id 9 out of range for num_experts=8"),
+    ('1,0,tok,"[3, 4, -2]"', r"line 3: expert id -2 is negative"),
+    ('1,0,tok,"[3, 4, 5]",extra', r"line 3: 5 columns, expected 4"),
+    ('1,0', r"line 3: 2 columns, expected 4"),
+    ('1,0,tok,"[3, 4.5, 5]"', r"line 3: expert ids '\[3, 4\.5, 5\]' are not a list of integers"),
+    ('one,0,tok,"[3, 4, 5]"', r"line 3: layer 'one' is not an integer \(column 'Layer ID'\)"),
+    ('1,zero,tok,"[3, 4, 5]"', r"line 3: request 'zero' is not an integer \(column 'Batch Number'\)"),
+    ('-1,0,tok,"[3, 4, 5]"', r"line 3: layer -1 must be >= 0"),
+    ('9,0,tok,"[3, 4, 5]"', r"line 3: layer 9 has records for only 1 of 4 tokens \(the other layer ids: 1-2\)"),
+    ('1,0,tok,"[3, 4]"', r"line 3: 2 expert ids, fewer than top_k=3 .*--allow-missing"),
+    ('1,0,tok,"[]"', r"line 3: 0 expert ids, fewer than top_k=3"),
+    ('1,0,tok,"[3, 4, 5', r"line 3: \d+ columns, expected 4"),  # an open quote: named where the record starts
+])
+def test_malformed_csv_rows_fail_with_file_and_line_and_write_nothing(tmp_path, capsys, row, expected):
+    rows = list(GOOD_ROWS)
+    rows[1] = row  # file line 3
+    path = tmp_path / "log.csv"
+    path.write_text("Layer ID,Batch Number,Token,Activated Expert IDs\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "out" / "t.npz"
+    assert main(["trace", "import", str(path), "--num-experts", "8", "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(r"log\.csv: " + expected, err), err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["log.csv"]  # no output, no temporary file, no folder
+
+
+def test_short_records_are_padded_only_when_allowed_and_the_count_shown(tmp_path, capsys):
+    path = tmp_path / "log.csv"
+    path.write_text("Layer ID,Batch Number,Token,Activated Expert IDs\n" + "\n".join(
+        [GOOD_ROWS[0], '1,0,tok,"[3, 4]"', *GOOD_ROWS[2:]]) + "\n")
+    out = tmp_path / "t.npz"
+    assert main(["trace", "import", str(path), "--num-experts", "8", "-o", str(out), "--allow-missing"]) == 0
+    assert "padded 1 record with fewer than top_k ids" in capsys.readouterr().out
+    assert load_trace(out).experts[1, 0].tolist() == [3, 4, -1] and load_trace(out).num_tokens == 4
+
+
+def test_csv_header_without_a_layer_column_is_named(tmp_path):
+    path = tmp_path / "h.csv"
+    path.write_text('lyr,request,experts\n0,0,"[1, 2]"\n')
+    with pytest.raises(InputError, match=r"h\.csv: line 1: no layer column in the header \['lyr', 'request', "
+                                         r"'experts'\]; expected one of 'layer'"):
+        import_trace([path])
+
+
+@pytest.mark.parametrize("lines, expected", [
+    (['{"layer": 0, "token": 0, "topk_ids": [1, 2], "topk_weights": [0.6, 0.4]}',
+      '{"layer": 0, "token": 1, "topk_ids": [1, 3]}'],
+     r"line 2: no weights, but line 1 has them: give weights on every record or on none"),
+    (['{"layer": 0, "token": 0, "topk_ids": [1, 2]}',
+      '{"layer": 0, "token": 1, "topk_ids": [1, 3], "topk_weights": [0.6, 0.4]}'],
+     r"line 1: no weights, but line 2 has them"),
+    (['{"layer": 0, "token": 0, "topk_ids": [1, 2], "topk_weights": [0.6, 0.4]}',
+      '{"layer": 0, "token": 1, "topk_ids": [1, 3], "topk_weights": [NaN, 0.4]}'],
+     r"line 2: gate weight nan must be a finite number >= 0"),
+    (['{"layer": 0, "token": 0, "topk_ids": [1, 2], "topk_weights": [0.6, 0.4]}',
+      '{"layer": 0, "token": 1, "topk_ids": [1, 3], "topk_weights": [-1.5, 0.4]}'],
+     r"line 2: gate weight -1\.5 must be a finite number >= 0 \(gate weights after softmax or sigmoid, not raw"),
+    (['{"layer": 0, "token": 0, "topk_ids": [1, 2]}', '{"layer": 0, "token": 1, "topk_ids": [1, true]}'],
+     r"line 2: expert ids must be a list of integers, got \[1, True\]"),
+    (['{"layer": 0, "token": 0, "topk_ids": [1, 2]}', '{"layer": -1, "token": 0, "topk_ids": [1, 3]}'],
+     r"line 2: layer -1 must be >= 0"),
+])
+def test_jsonl_weights_and_values_are_checked_per_line(tmp_path, lines, expected):
+    path = tmp_path / "r.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(InputError, match=r"r\.jsonl: " + expected):
+        import_trace([path], num_experts=8)
+
+
+def test_numpy_import_notes_a_likely_axis_mix_up(tmp_path):
+    np.save(tmp_path / "ltk.npy", np.transpose(random_trace(T=20, L=3).experts, (1, 0, 2)).copy())
+    res = import_trace([tmp_path / "ltk.npy"], num_experts=8)
+    assert res.trace.num_tokens == 3 and any("pass --axes ltk" in n for n in res.notes)
 
 
 # ---------------------------------------------------------------- statistics
@@ -272,6 +353,48 @@ def test_stats_cli_prints_writes_json_and_heatmaps(tmp_path, capsys):
     assert summary["tokens"] == 60 and len(summary["per_layer"]) == 3
     assert main(["trace", "stats", str(path), "--layer", "5", "--plots", str(tmp_path / "q")]) == 2
     assert not (tmp_path / "q").exists()
+
+
+def test_stats_name_the_models_layer_ids_and_every_plot_is_labelled(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    tr = random_trace(T=60, L=3, K=2, E=8)
+    tr = Trace(experts=tr.experts, meta=TraceMeta(num_experts=8, num_layers=3, top_k=2, extra={"layer_ids": [1, 2, 3]}))
+    st = trace_stats(tr)
+    text = stats_mod.format_stats(st)
+    assert "'id' is the model's own layer id" in text and "hot-set churn 0." in text
+    assert st.summary()["layer_ids"] == [1, 2, 3] and st.layer_name(1) == "1 (model layer 2)"
+    one = trace_stats(Trace(experts=tr.experts[:5], meta=TraceMeta(num_experts=8, num_layers=3, top_k=2)), window=10)
+    assert "1 window:" in stats_mod.format_stats(one) and "hot-set churn -" in stats_mod.format_stats(one)
+    seen = {}
+    real_savefig = matplotlib.figure.Figure.savefig
+
+    def savefig(fig, fh, **kw):  # what a reader sees: title, axis labels, colour-bar label
+        main_ax, bar = fig.axes
+        seen[len(seen)] = (main_ax.get_title(), main_ax.get_xlabel(), main_ax.get_ylabel(), bar.get_ylabel())
+        return real_savefig(fig, fh, **kw)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    written = stats_mod.plot_stats(st, tmp_path, layer=2, name="t.npz")
+    assert [p.name for p in written] == ["load.png", "transitions.png", "coactivation.png", "drift.png"]
+    assert all(all(part.strip() for part in labels) for labels in seen.values()), seen
+    load, trans, coact, drift = seen.values()
+    assert "model layer ids 1..3" in load[2] and "MoE layer 1 -> 2" in trans[0]  # the last layer has no successor
+    assert "model layer 3" in trans[1] and "model layer 3" in coact[2] and "model layer 3" in drift[0]
+    assert all(png.stat().st_size > 5000 for png in written)
+
+
+def test_trace_commands_on_a_log_or_raw_array_say_to_import_it(tmp_path, capsys):
+    np.save(tmp_path / "ids.npy", random_trace().experts)
+    np.savez(tmp_path / "plain.npz", topk_ids=random_trace().experts)
+    log = write_csv(tmp_path / "log.csv.gz", [random_trace().experts])
+    for path, expected in ((tmp_path / "ids.npy", "a raw numpy array, not a moesim trace"),
+                           (tmp_path / "plain.npz", "meta: missing .* convert it with 'moesim trace import'"),
+                           (log, "not a .npz trace .*'moesim trace import'")):
+        assert main(["trace", "stats", str(path)]) == 2
+        assert re.search(re.escape(str(path)) + ": " + expected, capsys.readouterr().err)
+    assert main(["trace", "fit", str(log), "-o", str(tmp_path / "p.yaml")]) == 2
+    assert "convert it with 'moesim trace import'" in capsys.readouterr().err and not (tmp_path / "p.yaml").exists()
 
 
 # ---------------------------------------------------------------- stored layout, memory mapping

@@ -297,8 +297,10 @@ def check_replica_memory(problem: PlacementProblem, slots_per_gpu: int, policy: 
     """Raise ValueError when ``slots_per_gpu`` copies per layer exceed what the GPUs' memory holds."""
     cap = problem.max_slots_per_gpu
     if cap is not None and slots_per_gpu > cap:
+        most = cap * problem.num_gpus - problem.num_experts
         raise ValueError(f"{policy}: {slots_per_gpu} expert copies per GPU per layer do not fit in memory "
-                         f"(room for {cap}); lower redundant_experts")
+                         f"(room for {cap}: memory_GB x expert_memory_fraction over every layer's copies); lower "
+                         f"redundant_experts to at most {most}")
 
 
 @register("eplb")
@@ -308,6 +310,8 @@ def eplb(problem: PlacementProblem, *, redundant_experts: int | None = None, num
     fewest that fill every GPU equally), ``num_groups`` expert groups (DeepSeek-V3: 8), nodes and GPUs from
     the cluster. ``auto`` is hierarchical when the nodes divide the groups, else global (as the reference)."""
     E, G = problem.num_experts, problem.num_gpus
+    if num_groups < 1 or E % num_groups:
+        raise ValueError(f"eplb: num_groups={num_groups} must divide the {E} experts (DeepSeek-V3: 8 groups of 32)")
     R = redundant_count(E, G, redundant_experts)
     P = E + R
     check_replica_memory(problem, P // G, "eplb")
@@ -323,8 +327,6 @@ def eplb(problem: PlacementProblem, *, redundant_experts: int | None = None, num
         groups = num_groups
     else:
         groups = num_groups
-    if groups % nodes == 0 and E % groups:
-        raise ValueError(f"eplb: num_groups={groups} must divide the {E} experts")
     phy2log, _, logcnt = rebalance_experts(problem.load, P, groups, nodes, G)
     hierarchical = groups % nodes == 0 and nodes > 1
     return placement_from_phy2log(phy2log, E, G, "eplb", {

@@ -21,7 +21,8 @@ from moesim.study.rebalance import RebalanceResult  # noqa: E402
 
 SERIES_FIELDS = ("cluster", "batch", "plan_version", "rebalance", "stall_ms", "overlap_slowdown_ms", "static_ms",
                  "rebalanced_ms", "baseline_ms", "static_imbalance", "rebalanced_imbalance", "baseline_imbalance")
-SWEEP_FIELDS = ("cluster", "redundant_experts", "every_batches", "window_batches", "rebalances", "static_ms",
+SWEEP_FIELDS = ("cluster", "redundant_experts", "every_batches", "window_batches", "batches", "rebalances",
+                "skipped_rebalances", "static_ms",
                 "rebalanced_ms", "migration_ms", "gross_gain_pct", "net_gain_pct", "GB_moved",
                 "static_imbalance", "rebalanced_imbalance")
 
@@ -31,32 +32,51 @@ def _redundant(result: RebalanceResult, info: dict[str, Any] | None) -> str:
     return f"{r} redundant experts" if r is not None else "its replicas"
 
 
+def _n(count: int, one: str, many: str | None = None) -> str:
+    return f"{count} {one if count == 1 else (many or one + 's')}"
+
+
 def verdict(result: RebalanceResult, info: dict[str, Any] | None = None) -> str:
-    """One plain paragraph: does rebalancing pay, by how much, and below which interval it stops paying."""
+    """One plain paragraph: does rebalancing pay, by how much, below which interval it stops paying, and what
+    the migrations cost."""
     s = result.summary()
     cfg = result.config
     how = f"every {cfg.every_batches} batches (window {cfg.window_batches}, " + \
         ("incremental" if cfg.incremental else "full re-plan") + f", {cfg.migration})"
     head = f"{result.cluster}: rebalancing {result.placement} with {_redundant(result, info)} {how}"
-    cost = (f"{s['rebalances']} rebalances moved {s['GB_moved']:.1f} GB ({s['copies_moved']} expert copies), "
-            f"{s['cost_per_rebalance_ms']:.2f} ms each")
     if s["net_gain"] > 0:
-        text = (f"{head} saves {s['net_gain'] * 100:.1f}% net vs planning once "
-                f"({s['gross_gain'] * 100:.1f}% before migration cost; {cost})")
+        text = f"{head} saves {s['net_gain'] * 100:.1f}% net vs planning once"
     else:
-        text = (f"{head} costs {-s['net_gain'] * 100:.1f}% net vs planning once "
-                f"({s['gross_gain'] * 100:+.1f}% before migration cost; {cost})")
+        text = f"{head} costs {-s['net_gain'] * 100:.1f}% net vs planning once"
     be = s["break_even_every_batches"]
     if be is None:
-        text += "; fresher plans do not serve faster here, so rebalancing cannot pay at any interval."
+        text += "; fresher plans serve no faster here, so rebalancing cannot pay at any interval."
     else:
-        text += (f"; break-even interval about {be:.1f} batches: rebalancing at shorter intervals costs more "
-                 f"than it saves (at this run's gain per batch; `moesim sweep` measures each interval).")
+        if s["net_gain"] > 0 and be < 1:
+            text += f"; it would pay even every batch (break-even about {be:.2f} batches)"
+        elif s["net_gain"] > 0:
+            text += f"; below about {be:.1f} batches it would cost more than it saves"
+        else:
+            text += f"; it would pay only at intervals above about {be:.1f} batches" + \
+                (f", longer than this {s['batches']}-batch run" if be >= s["batches"] else "")
+        text += (f" (break-even: {s['cost_per_rebalance_ms']:.2f} ms per rebalance over {s['saving_per_batch_ms']:.2f} "
+                 "ms saved per re-planned batch, taking the saving as independent of the interval; `moesim sweep` "
+                 "measures each interval).")
+    gross = round(s["gross_gain"] * 100, 1) + 0.0  # no "-0.0%"
+    text += (f" Before migration cost: {gross:+.1f}%; {_n(s['rebalances'], 'rebalance')} moved "
+             f"{s['GB_moved']:.1f} GB ({_n(s['copies_moved'], 'expert copy', 'expert copies')}), "
+             f"{s['cost_per_rebalance_ms']:.2f} ms each")
+    if cfg.migration == "overlap" and result.migrations:
+        mean_t = sum(m.transfer_s for m in result.migrations) / len(result.migrations) * 1e3
+        text += f" in slowed batches (the transfers took {mean_t:.2f} ms on average)"
+    if s["skipped_rebalances"]:
+        text += (f"; {_n(s['skipped_rebalances'], 're-plan point')} skipped because the previous migration was still in "
+                 "flight (overlapped transfers slower than the interval)")
     if "baseline" in result.batch_ms:
         base = float(result.batch_ms["baseline"].sum())
         with_mig = s["total_ms"]["rebalanced_with_migration"]
-        text += f" Against the baseline placement: {base / with_mig:.3f}x." if with_mig > 0 else ""
-    return text
+        text += f"; {base / with_mig:.3f}x vs the baseline placement" if with_mig > 0 else ""
+    return text + "."
 
 
 def write_series_csv(results: list[RebalanceResult], path: Path) -> None:
@@ -90,6 +110,10 @@ def plot_series(results: list[RebalanceResult], path: Path, title: str) -> None:
         if r.stall_ms.any():
             top.bar(x, r.stall_ms, bottom=r.batch_ms["rebalanced"], color="tab:orange", alpha=0.6,
                     label="migration stall")
+        slowed = np.flatnonzero(r.slow_ms > 0)
+        for i, b in enumerate(slowed):  # overlap: batches served while weights move, each one slower
+            top.axvspan(b - 0.5, b + 0.5, color="tab:orange", alpha=0.15, lw=0,
+                        label=f"migration in flight ({r.config.overlap_slowdown:.0%} slower)" if i == 0 else None)
         for m in r.migrations:
             for ax in (top, bottom):
                 ax.axvline(m.batch - 0.5, color="k", lw=0.7, ls="--", alpha=0.5)
@@ -107,7 +131,8 @@ def plot_series(results: list[RebalanceResult], path: Path, title: str) -> None:
 def sweep_row(result: RebalanceResult, redundant: int) -> dict[str, Any]:
     s = result.summary()
     return {"cluster": result.cluster, "redundant_experts": redundant, "every_batches": result.config.every_batches,
-            "window_batches": result.config.window_batches, "rebalances": s["rebalances"],
+            "window_batches": result.config.window_batches, "batches": s["batches"], "rebalances": s["rebalances"],
+            "skipped_rebalances": s["skipped_rebalances"],
             "static_ms": s["total_ms"]["static"], "rebalanced_ms": s["total_ms"]["rebalanced_with_migration"],
             "migration_ms": s["migration_cost_ms"], "gross_gain_pct": s["gross_gain"] * 100,
             "net_gain_pct": s["net_gain"] * 100, "GB_moved": s["GB_moved"],
@@ -123,11 +148,37 @@ def write_sweep_csv(rows: list[dict[str, Any]], path: Path) -> None:
             w.writerow({k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()})
 
 
+def sweep_break_even(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per cluster and redundant count, the measured break-even interval: where the net saving crosses zero
+    for good (from the last swept interval that loses to the first from which every longer one saves,
+    linearly between the two). ``every_batches`` is None when no swept interval saves, when the saving is not
+    kept at longer intervals, or when even the shortest swept interval saves (``below`` is then that interval:
+    the break-even lies below it)."""
+    out = []
+    for cluster in dict.fromkeys(r["cluster"] for r in rows):
+        mine = [r for r in rows if r["cluster"] == cluster]
+        for red in sorted({r["redundant_experts"] for r in mine}):
+            pts = sorted((r["every_batches"], r["net_gain_pct"]) for r in mine if r["redundant_experts"] == red)
+            entry: dict[str, Any] = {"cluster": cluster, "redundant_experts": red, "every_batches": None,
+                                     "between": None, "below": None}
+            if pts[-1][1] > 0:
+                start = next(i for i in range(len(pts)) if all(g > 0 for _, g in pts[i:]))
+                if start == 0:
+                    entry["below"] = pts[0][0]
+                else:
+                    (n0, g0), (n1, g1) = pts[start - 1], pts[start]
+                    entry["every_batches"] = n0 + (n1 - n0) * (0.0 - g0) / (g1 - g0)
+                    entry["between"] = [n0, n1]
+            out.append(entry)
+    return out
+
+
 def sweep_verdict(rows: list[dict[str, Any]], reference_ms: dict[str, float] | None = None) -> list[str]:
     """Per cluster: the best (redundant, interval) by total time including migration, and per redundant count
-    the break-even interval (the shortest swept interval from which every longer one still saves net).
-    ``reference_ms``: the cluster's no-replica, never-rebalanced total, to state the overall saving."""
+    the measured break-even interval (:func:`sweep_break_even`). ``reference_ms``: the cluster's no-replica,
+    never-rebalanced total, to state the overall saving."""
     out = []
+    crossings = {(e["cluster"], e["redundant_experts"]): e for e in sweep_break_even(rows)}
     for cluster in dict.fromkeys(r["cluster"] for r in rows):
         mine = [r for r in rows if r["cluster"] == cluster]
         best = min(mine, key=lambda r: r["rebalanced_ms"])
@@ -148,41 +199,59 @@ def sweep_verdict(rows: list[dict[str, Any]], reference_ms: dict[str, float] | N
                        f"{best['redundant_experts']} redundant, {best['net_gain_pct']:+.1f}% net vs planning once).")
         for red in sorted({r["redundant_experts"] for r in mine}):
             pts = sorted((r["every_batches"], r["net_gain_pct"]) for r in mine if r["redundant_experts"] == red)
-            paying = [n for n, g in pts if g > 0]
-            if not paying:
+            top = max(pts, key=lambda p: p[1])
+            be = crossings[(cluster, red)]
+            if top[1] <= 0:
                 out.append(f"  {red} redundant: rebalancing costs more than it saves at every swept interval "
                            f"({', '.join(str(n) for n, _ in pts)} batches).")
-                continue
-            start = next(i for i in range(len(pts)) if all(g > 0 for _, g in pts[i:])) \
-                if pts[-1][1] > 0 else None
-            if start is None:
-                out.append(f"  {red} redundant: saves only at " + ", ".join(f"every {n}" for n in paying) + " batches.")
-                continue
-            n0 = pts[start][0]
-            below = f"; below {n0} batches it costs more than it saves" if start > 0 else \
-                " (every swept interval saves)"
-            out.append(f"  {red} redundant: rebalancing every {n0}+ batches saves "
-                       f"{max(g for _, g in pts[start:]):.1f}% net at best{below}.")
+            elif be["below"] is not None:
+                span = f"{pts[0][0]} to {pts[-1][0]}" if len(pts) > 1 else f"{pts[0][0]}"
+                out.append(f"  {red} redundant: every swept interval saves ({span} batches), "
+                           f"best {top[1]:.1f}% net at every {top[0]}; the break-even interval is below "
+                           f"{pts[0][0]} batches.")
+            elif be["every_batches"] is None:
+                out.append(f"  {red} redundant: saves only at " + ", ".join(f"every {n}" for n, g in pts if g > 0)
+                           + f" batches (best {top[1]:.1f}% net at every {top[0]}).")
+            else:
+                (n0, n1) = be["between"]
+                g0, g1 = dict(pts)[n0], dict(pts)[n1]
+                out.append(f"  {red} redundant: below about {be['every_batches']:.1f} batches rebalancing costs "
+                           f"more than it saves (net {g0:+.1f}% at every {n0}, {g1:+.1f}% at every {n1}; linear "
+                           f"between them); best {top[1]:.1f}% net at every {top[0]}.")
     return out
 
 
 def plot_tradeoff(rows: list[dict[str, Any]], path: Path, title: str) -> None:
-    """Net saving vs rebalance interval, one line per redundant-expert count, one panel per cluster."""
+    """Per cluster, two panels against the rebalance interval, one colour per redundant-expert count: mean ms
+    per batch with migration included (planned once: flat dashed lines), and the saving vs planning once,
+    net and before migration cost, with the break-even intervals marked."""
     clusters = list(dict.fromkeys(r["cluster"] for r in rows))
-    fig, axes = plt.subplots(1, len(clusters), figsize=(7 * len(clusters), 4.5), squeeze=False)
-    for ax, cluster in zip(axes[0], clusters):
+    crossings = {(e["cluster"], e["redundant_experts"]): e for e in sweep_break_even(rows)}
+    fig, axes = plt.subplots(len(clusters), 2, figsize=(13, 5.4 * len(clusters)), squeeze=False)
+    for (left, right), cluster in zip(axes, clusters):
         mine = [r for r in rows if r["cluster"] == cluster]
         for red in sorted({r["redundant_experts"] for r in mine}):
-            pts = sorted((r["every_batches"], r["net_gain_pct"], r["gross_gain_pct"]) for r in mine
+            pts = sorted((r["every_batches"], r["net_gain_pct"], r["gross_gain_pct"],
+                          r["rebalanced_ms"] / r["batches"], r["static_ms"] / r["batches"]) for r in mine
                          if r["redundant_experts"] == red)
-            line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{red} redundant, net")
-            ax.plot([p[0] for p in pts], [p[2] for p in pts], marker=".", ls=":", color=line.get_color(),
-                    label=f"{red} redundant, before migration")
-        ax.axhline(0, color="k", lw=0.8)
-        ax.set_xlabel("rebalance every N batches")
-        ax.set_ylabel("saving vs planning once, %")
-        ax.set_title(cluster)
-        ax.legend(fontsize=7)
+            n = [p[0] for p in pts]
+            line, = left.plot(n, [p[3] for p in pts], marker="o", label=f"{red} redundant, rebalanced")
+            color = line.get_color()
+            left.axhline(pts[0][4], color=color, ls="--", lw=1, label=f"{red} redundant, planned once")
+            right.plot(n, [p[1] for p in pts], marker="o", color=color, label=f"{red} redundant, net")
+            right.plot(n, [p[2] for p in pts], marker=".", ls=":", color=color,
+                       label=f"{red} redundant, before migration")
+            be = crossings[(cluster, red)]
+            if be["between"] is not None:
+                right.plot([be["every_batches"]], [0.0], marker="x", ms=10, mew=2, color=color, ls="none")
+        left.set_ylabel("mean ms per batch, migration included")
+        left.set_title(f"{cluster}: time per batch")
+        right.axhline(0, color="k", lw=0.8)
+        right.set_ylabel("saving vs planning once, %")
+        right.set_title(f"{cluster}: does rebalancing pay? (x: break-even)")
+        for ax in (left, right):
+            ax.set_xlabel("rebalance every N batches")
+            ax.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.14))
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from moesim.errors import InputError
 from moesim.hardware.presets import deep_merge, preset, preset_names
@@ -56,9 +56,27 @@ class SyntheticWorkload(_Strict):
 
 
 class TraceWorkload(_Strict):
-    file: Path
+    file: Path | None = None
+    files: tuple[Path, ...] | None = Field(
+        default=None, min_length=1, description="a sequence of traces replayed one after another (e.g. captured at "
+                                                "different times), instead of one file: the run drifts as they do")
     tokens_per_gpu: int | None = Field(default=None, ge=1, description="batch size when the trace has no batch array")
     profile_batches: int | None = Field(default=None, ge=1, description="first N batches to profile on (default: all)")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "TraceWorkload":
+        if (self.file is None) == (self.files is None):
+            raise ValueError("give exactly one of 'file' or 'files'")
+        return self
+
+    @property
+    def paths(self) -> tuple[Path, ...]:
+        return self.files if self.files is not None else (self.file,)  # type: ignore[return-value]
+
+    @property
+    def label(self) -> str:
+        """The trace file, or the sequence as ``a.npz + b.npz + ...`` (for messages)."""
+        return " + ".join(str(p) for p in self.paths)
 
 
 class Workload(_Strict):
@@ -117,7 +135,15 @@ class RebalanceConfig(_Strict):
     migration: Literal["stall", "overlap"] = Field(
         default="stall", description="stall: serving waits for the weight transfers; overlap: batches run on the "
                                      "old plan, slowed by overlap_slowdown, until the transfers finish")
-    overlap_slowdown: float = Field(default=0.1, ge=0, description="fractional slowdown of batches during an overlapped migration")
+    overlap_slowdown: float = Field(default=0.1, description="fractional slowdown of batches during an overlapped "
+                                    "migration (0.1: 10% slower), 0 to 1; only with migration: overlap")
+
+    @field_validator("overlap_slowdown")
+    @classmethod
+    def _fraction(cls, value: float) -> float:
+        if not 0 <= value <= 1:
+            raise ValueError("a fraction of batch time from 0 to 1 (0.1 = 10% slower)")
+        return value
 
 
 class Scenario(_Strict):
@@ -253,16 +279,35 @@ def _rebalance(raw: Any, placements: tuple[PlacementEntry, ...], workload: Workl
         cfg = RebalanceConfig.model_validate(raw)
     except ValidationError as exc:
         raise _pydantic_error(exc, source, "rebalance") from None
+    if "overlap_slowdown" in cfg.model_fields_set and cfg.migration != "overlap":
+        raise InputError("applies only with migration: overlap (a stall has no slowdown); drop it or set "
+                         "migration: overlap", source=source, field="rebalance.overlap_slowdown")
     entry = next((p for p in placements if p.name == cfg.policy), None)
     if entry is None or entry.policy is None:
         names = ", ".join(p.name for p in placements if p.policy is not None)
         raise InputError(f"{cfg.policy!r} is not a placement made by a policy; valid: {names}", source=source,
                          field="rebalance.policy")
-    syn = workload.synthetic
-    if syn is not None and syn.batches <= cfg.every_batches:
-        raise InputError(f"rebalancing every {cfg.every_batches} batches needs more than {cfg.every_batches} "
-                         f"batches; the workload has {syn.batches}", source=source, field="rebalance.every_batches")
+    if workload.trace is not None and workload.trace.profile_batches is None:
+        raise InputError("a rebalancing study needs the plan made once to come from the first batches only (else "
+                         "it has seen the whole trace, the future included); set e.g. profile_batches: "
+                         f"{cfg.window_batches}", source=source, field="workload.trace.profile_batches")
+    if workload.synthetic is not None:
+        check_rebalance_batches(cfg.every_batches, cfg.window_batches, workload.synthetic.batches, source)
     return cfg
+
+
+def check_rebalance_batches(every: int, window: int, batches: int, source: str, *,
+                            every_field: str = "rebalance.every_batches",
+                            window_field: str = "rebalance.window_batches") -> None:
+    """Raise InputError unless a run of ``batches`` batches has room for a rebalance every ``every`` batches
+    and a window of ``window`` past batches (no rebalance can look back more than ``batches - 1``)."""
+    if every >= batches:
+        raise InputError(f"rebalancing every {every} batches needs more than {every} batches; the workload has "
+                         f"{batches}", source=source, field=every_field)
+    if window >= batches:
+        raise InputError(f"a window of {window} batches is longer than the run: the workload has {batches} "
+                         f"batches, so no rebalance can look back more than {batches - 1}", source=source,
+                         field=window_field)
 
 
 FITTED_KEEPS = {"tokens_per_gpu", "batches", "profile_batches", "seed", "fitted"}
@@ -330,10 +375,15 @@ def parse_scenario(data: Any, source: str, base_dir: Path | None = None) -> Scen
                          "to choose from", source=source, field="workload.synthetic.topk_groups")
     if syn is not None and syn.fitted is not None:
         workload = Workload(synthetic=_fitted(syn, model, source, base_dir))
-    if workload.trace is not None and not workload.trace.file.is_absolute():
-        workload = Workload(trace=workload.trace.model_copy(update={"file": base_dir / workload.trace.file}))
-    if workload.trace is not None and not workload.trace.file.is_file():
-        raise InputError(f"trace file not found: {workload.trace.file}", source=source, field="workload.trace.file")
+    tw = workload.trace
+    if tw is not None:
+        key = "file" if tw.file is not None else "files"
+        paths = tuple(p if p.is_absolute() else base_dir / p for p in tw.paths)
+        for i, path in enumerate(paths):
+            if not path.is_file():
+                field = f"workload.trace.{key}" + (f"[{i}]" if key == "files" else "")
+                raise InputError(f"trace file not found: {path}", source=source, field=field)
+        workload = Workload(trace=tw.model_copy(update={key: paths[0] if key == "file" else paths}))
     raw_placements = data["placements"]
     if not isinstance(raw_placements, list) or not raw_placements:
         raise InputError("must be a non-empty list", source=source, field="placements")

@@ -8,7 +8,7 @@ the same scenario gives the same numbers on every machine.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -21,7 +21,7 @@ from moesim.placement.format import Placement, load_placement
 from moesim.placement.registry import PlacementProblem, make_placement
 from moesim.placement.validate import Capacity, validate_placement
 from moesim.sim.engine import EngineOptions, Simulation, SimRecords
-from moesim.study.config import ClusterEntry, PlacementEntry, Scenario
+from moesim.study.config import ClusterEntry, PlacementEntry, Scenario, check_rebalance_batches
 from moesim.traces.fitted import generate_fitted, load_params
 from moesim.traces.format import Layout, Trace, load_trace
 from moesim.traces.stats import expert_counts
@@ -73,13 +73,53 @@ def _check_trace(trace: Trace, scenario: Scenario, source: str) -> None:
 
 
 def load_workload_trace(scenario: Scenario) -> Trace | None:
-    """The scenario's trace file, loaded and checked against the model (None for synthetic workloads)."""
+    """The scenario's trace file (or sequence of files, joined by :func:`chain_traces`), loaded and checked
+    against the model (None for synthetic workloads)."""
     tw = scenario.workload.trace
     if tw is None:
         return None
-    trace = load_trace(tw.file, mmap=True)  # stored (uncompressed) traces are memory-mapped, not read
-    _check_trace(trace, scenario, str(tw.file))
-    return trace
+    parts = []
+    for path in tw.paths:
+        part = load_trace(path, mmap=True)  # stored (uncompressed) traces are memory-mapped, not read
+        _check_trace(part, scenario, str(path))
+        parts.append(part)
+    if tw.files is None:
+        return parts[0]
+    return chain_traces(parts, [str(p) for p in tw.paths], one_batch_each=tw.tokens_per_gpu is None)
+
+
+def chain_traces(parts: list[Trace], sources: list[str], *, one_batch_each: bool) -> Trace:
+    """Traces replayed one after another, as one trace: batches keep their order, each part's after the
+    previous part's. Parts either all carry batch arrays (renumbered consecutively) or none does; then
+    each part is one batch (``one_batch_each``) or the whole sequence is cut into batches at replay. Home
+    GPUs and gate weights are kept when every part has them."""
+    with_batch = [p.batch is not None for p in parts]
+    if any(with_batch) and not all(with_batch):
+        i = with_batch.index(False)
+        raise InputError("has no batch array while other traces of the sequence do; import them alike (moesim "
+                         "trace import --gpus) or give none a batch array", source=sources[i], field="batch")
+    with_home = [p.home is not None for p in parts]
+    if any(with_home) and not all(with_home):
+        i = with_home.index(False)
+        raise InputError("has no home array while other traces of the sequence do", source=sources[i], field="home")
+    batch = None
+    if all(with_batch):
+        chunks, offset = [], 0
+        for p in parts:
+            ids, renumbered = np.unique(np.asarray(p.batch), return_inverse=True)  # consecutive, order kept
+            chunks.append(renumbered.astype(np.int64) + offset)
+            offset += ids.size
+        batch = np.concatenate(chunks)
+    elif one_batch_each:
+        batch = np.repeat(np.arange(len(parts), dtype=np.int64), [p.num_tokens for p in parts])
+
+    def joined(name: str) -> np.ndarray | None:
+        arrays = [getattr(p, name) for p in parts]
+        return None if any(a is None for a in arrays) else np.concatenate([np.asarray(a) for a in arrays])
+
+    meta = replace(parts[0].meta, source=" + ".join(sources))
+    return Trace(experts=np.concatenate([np.asarray(p.experts) for p in parts]), meta=meta,
+                 weights=joined("weights"), home=joined("home"), batch=batch)
 
 
 def build_workload(scenario: Scenario, cluster: ClusterEntry, trace: Trace | None = None) -> Workload:
@@ -117,7 +157,7 @@ def build_workload(scenario: Scenario, cluster: ClusterEntry, trace: Trace | Non
     assert tw is not None
     trace = trace if trace is not None else load_workload_trace(scenario)
     assert trace is not None
-    layout = trace.layout(G, tw.tokens_per_gpu, source=str(tw.file))
+    layout = trace.layout(G, tw.tokens_per_gpu, source=tw.label)
     if tw.profile_batches is None:
         return Workload(trace, layout, trace, True)
     keep = layout.batch < tw.profile_batches
@@ -147,6 +187,24 @@ def check_fits(scenario: Scenario, cluster: ClusterEntry) -> None:
             f"{need / 1e9:.1f} GB of expert weights per GPU, over {cap.memory_bytes_per_gpu / 1e9:.1f} GB "
             f"(memory_GB x expert_memory_fraction); add GPUs or raise tp",
             source=scenario.source, field=f"clusters[{index}]")
+
+
+def check_replica_fit(scenario: Scenario, cluster: ClusterEntry, entry: PlacementEntry) -> None:
+    """Fail early (without running the policy) when a policy's ``redundant_experts`` copies cannot fit in
+    GPU memory: ``ceil((E + R) / EP)`` copies per GPU per layer, over every layer."""
+    extra = entry.options.get("redundant_experts") if entry.file is None else None
+    if not isinstance(extra, int) or extra <= 0:
+        return
+    cap = capacity_of(scenario, cluster)
+    m = scenario.model
+    room = int(cap.memory_bytes_per_gpu // (cap.expert_bytes_per_gpu * m.num_layers))
+    slots = -(-(m.num_experts + extra) // cluster.ep)
+    if slots > room:
+        index = scenario.placements.index(entry)
+        raise InputError(f"{slots} expert copies per GPU per layer do not fit in memory on {cluster.name} (room for "
+                         f"{room}: memory_GB x expert_memory_fraction over every layer's copies); lower "
+                         f"redundant_experts to at most {room * cluster.ep - m.num_experts}",
+                         source=scenario.source, field=f"placements[{index}].redundant_experts")
 
 
 def placement_problem(scenario: Scenario, cluster: ClusterEntry, profile: Trace) -> PlacementProblem:
@@ -216,19 +274,25 @@ def run_study(scenario: Scenario, *, progress: bool | None = None,
     show = scenario.engine.progress if progress is None else progress
     options = engine_options(scenario)
     shared_trace = load_workload_trace(scenario)
-    prepared: list[tuple[ClusterEntry, Topology, Workload, list[tuple[PlacementEntry, Placement]]]] = []
+    prepared: list[tuple[ClusterEntry, Topology, Workload, PlacementProblem,
+                         list[tuple[PlacementEntry, Placement]]]] = []
     for cluster in scenario.clusters:  # validate everything before simulating anything
         check_fits(scenario, cluster)
         topo = build_topology(cluster.spec)
         work = build_workload(scenario, cluster, shared_trace)
+        if scenario.rebalance is not None:  # a trace's batch count is known only now
+            check_rebalance_batches(scenario.rebalance.every_batches, scenario.rebalance.window_batches,
+                                    work.layout.num_batches, scenario.source)
+        for entry in scenario.placements:
+            check_replica_fit(scenario, cluster, entry)
         problem = placement_problem(scenario, cluster, work.profile)
         placements = [(e, build_placement(scenario, cluster, e, problem)) for e in scenario.placements]
-        prepared.append((cluster, topo, work, placements))
+        prepared.append((cluster, topo, work, problem, placements))
 
     runs: list[Run] = []
     workloads: dict[str, dict[str, Any]] = {}
     rebalanced: list[Any] = []
-    for cluster, topo, work, placements in prepared:
+    for cluster, topo, work, problem, placements in prepared:
         sim = Simulation(topo, scenario.model, tp=cluster.tp, options=options)
         workloads[cluster.name] = {
             "tokens": work.trace.num_tokens, "batches": work.layout.num_batches,
@@ -250,8 +314,7 @@ def run_study(scenario: Scenario, *, progress: bool | None = None,
 
             with tqdm(total=work.layout.num_batches, desc=f"{cluster.name} / rebalancing", unit="batch",
                       disable=not show, leave=False) as bar:
-                rebalanced.append(run_rebalance(scenario, cluster, topo, sim, work.trace, work.layout,
-                                                placement_problem(scenario, cluster, work.profile),
+                rebalanced.append(run_rebalance(scenario, cluster, topo, sim, work.trace, work.layout, problem,
                                                 {e.name: p for e, p in placements},
                                                 records={r.name: r.records for r in runs if r.cluster is cluster},
                                                 progress=bar.update))

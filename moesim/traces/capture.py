@@ -1,16 +1,19 @@
 """Capture routing traces from a Hugging Face transformers MoE model (optional extra: ``pip install -e
 '.[capture]'``).
 
-What is recorded: for every prompt, one forward pass (prefill, batch size 1, no padding), and at every MoE
-layer the router's top-k expert ids and gate weights for every token, exactly as the model's own router
-computed them. Routers are found by class: transformers >= 5 gives every MoE model a router module
+What is recorded: for every prompt, one forward pass (prefill, batch size 1, no padding, no KV cache), and at
+every MoE layer the router's top-k expert ids and gate weights for every token, exactly as the model's own
+router computed them. Routers are found by class: transformers >= 5 gives every MoE model a router module
 (``MixtralTopKRouter``, ``OlmoeTopKRouter``, ``Qwen2MoeTopKRouter``, ``DeepseekV3TopkRouter``,
-``GptOssTopKRouter``, ...) returning ``(router_logits, top-k weights, top-k indices)``; a forward hook on
-each, in module order, gives the layers in order (dense layers have no router and are skipped). Older
-releases expose a plain ``gate`` linear layer inside a sparse-MoE block; there the hook takes its logits and
-applies softmax, top-k and the model's ``norm_topk_prob`` renormalisation (Mixtral-style), which is what
-those releases compute. Prompts are packed onto GPUs and batches like imported logs
-(:func:`moesim.traces.importers.pack_requests`).
+``GptOssTopKRouter``, ...); a forward hook on each, in module order, gives the layers in order (dense layers
+have no router and are skipped). Without such a class, the ``gate`` (or ``router``) child of every block
+that has ``experts`` is hooked (HunYuan's gate module; older releases' plain gate Linear). What the hook
+reads depends on what the router returns: ``(logits, top-k weights, top-k indices)`` (or any one integer
+top-k tensor with its weights), ``(scores, logits)`` over all experts with the scores zero outside the top-k
+(Llama 4), or bare logits, to which softmax, top-k and the model's ``norm_topk_prob`` renormalisation are
+applied as those older sparse-MoE blocks do. Prompts are packed onto GPUs and batches like imported logs
+(:func:`moesim.traces.importers.pack_requests`). Model and tokenizer come from local files only unless
+downloading is allowed.
 
 Ignored: decode steps (each prompt is one prefill), shared experts (they do not route), and sampling; the
 tokeniser is only needed for text prompts (JSONL ``input_ids`` need none).
@@ -76,9 +79,24 @@ def read_prompts(path: str | os.PathLike[str]) -> list[str | list[int]]:
     return prompts
 
 
+def _in_hf_cache(repo_id: str) -> bool:
+    """Whether the Hugging Face cache holds a ``config.json`` of ``repo_id`` (a hub id such as org/name)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return True  # cannot tell: let transformers try
+    try:
+        hit = try_to_load_from_cache(repo_id, "config.json")
+    except (ValueError, OSError):  # not a valid hub id
+        return False
+    return isinstance(hit, str)
+
+
 def find_routers(model: Any) -> list[tuple[str, Any, str]]:
-    """(name, module, kind) of every router in module order; kind is ``router`` (returns logits, weights,
-    indices) or ``gate`` (a linear layer returning logits, in a block with ``top_k``/``num_experts_per_tok``)."""
+    """(name, module, kind) of every router in module order. kind ``router``: a module whose class is named
+    like one (``...TopKRouter``, ``...Router``) with a weight; else, kind ``gate``: the ``gate`` or ``router``
+    child of every block that also has ``experts`` (older transformers' gate Linear, HunYuan's gate module).
+    What a router returns is read at run time (see :func:`capture_model`)."""
     out: list[tuple[str, Any, str]] = []
     for name, module in model.named_modules():
         cls = type(module).__name__
@@ -86,10 +104,14 @@ def find_routers(model: Any) -> list[tuple[str, Any, str]]:
             out.append((name, module, "router"))
     if out:
         return out
-    for name, module in model.named_modules():  # older transformers: a gate Linear inside a sparse-MoE block
-        gate = getattr(module, "gate", None)
-        if gate is not None and type(gate).__name__ == "Linear" and hasattr(module, "experts"):
-            out.append((f"{name}.gate", gate, "gate"))
+    for name, module in model.named_modules():  # a block with experts and a gate (or router) child
+        if not hasattr(module, "experts"):
+            continue
+        for attr in ("gate", "router"):
+            gate = getattr(module, attr, None)
+            if gate is not None and callable(gate) and hasattr(gate, "register_forward_hook"):
+                out.append((f"{name}.{attr}" if name else attr, gate, "gate"))
+                break
     return out
 
 
@@ -109,29 +131,65 @@ def capture_model(model: Any, prompts: Sequence[Sequence[int]], *, device: str =
     config = model.config
     routers = find_routers(model)
     if not routers:
-        raise InputError(f"{type(model).__name__} has no router modules: not a mixture-of-experts model "
-                         "transformers knows")
+        raise InputError(f"{type(model).__name__}: found no MoE router (no module whose class is named ...Router "
+                         "with a weight, no 'gate' or 'router' beside 'experts'): not a mixture-of-experts model, or "
+                         "one whose routing moesim cannot read")
     E = _config_int(config, "num_local_experts", "num_experts", "n_routed_experts")
     K = _config_int(config, "num_experts_per_tok", "top_k", "moe_topk")
     norm = bool(getattr(config, "norm_topk_prob", True))
     records: list[list[tuple[Any, Any]]] = [[] for _ in routers]
     handles = []
 
-    def hook_for(i: int, kind: str) -> Any:
+    def need_k(name: str) -> int:
+        if K is None:
+            raise InputError(f"router {name} returns scores only and the model config names no top-k "
+                             "(num_experts_per_tok, top_k, moe_topk)")
+        return K
+
+    def picks(name: str, output: Any) -> tuple[Any, Any]:
+        """(indices, weights) from what a router returned."""
+        tensors = [o for o in output if torch.is_tensor(o)] if isinstance(output, (tuple, list)) else [output]
+        ints = [t for t in tensors if torch.is_tensor(t) and not t.is_floating_point()]
+        floats = [t for t in tensors if torch.is_tensor(t) and t.is_floating_point()]
+        if len(ints) == 1:  # top-k indices, with the top-k weights of the same shape: (logits, weights, indices)
+            same = [f for f in floats if f.shape == ints[0].shape]
+            if len(same) == 1:
+                return ints[0], same[0]
+        elif not ints and len(floats) == 2 and floats[0].shape == floats[1].shape and floats[0].shape[-1] > need_k(name):
+            # (scores, logits) over all experts, Llama-4 style: the picks are the top-k logits, their weights
+            # the scores there (zero elsewhere)
+            k = need_k(name)
+            a, b = (t.reshape(-1, t.shape[-1]) for t in floats)
+            if int((a != 0).sum(dim=-1).max()) <= k:
+                scores, logits = a, b
+            elif int((b != 0).sum(dim=-1).max()) <= k:
+                scores, logits = b, a
+            else:
+                raise InputError(f"router {name} returns two [tokens, experts] tensors, neither zero outside "
+                                 "the top-k: cannot tell which experts it picked")
+            indices = torch.topk(logits, k, dim=-1).indices
+            return indices, scores.gather(-1, indices)
+        elif not ints and len(floats) == 1:
+            # a gate Linear's logits: softmax, top-k, renormalised as the sparse-MoE block does
+            out = floats[0]
+            probs = torch.softmax(out.float().reshape(-1, out.shape[-1]), dim=-1)
+            weights, indices = torch.topk(probs, need_k(name), dim=-1)
+            if norm:
+                weights = weights / weights.sum(dim=-1, keepdim=True)
+            return indices, weights
+        shapes = ", ".join(f"{t.dtype} {tuple(t.shape)}" for t in tensors if torch.is_tensor(t))
+        raise InputError(f"router {name} returns {type(output).__name__} of {shapes or 'no tensors'}: not "
+                         "(logits, weights, indices), (scores, logits) nor logits, so moesim cannot read its picks")
+
+    def hook_for(i: int, name: str) -> Any:
         def hook(_module: Any, _inputs: Any, output: Any) -> None:
-            if kind == "router":
-                _, weights, indices = output
-            else:  # a gate Linear: softmax, top-k, renormalised as the sparse-MoE block does
-                probs = torch.softmax(output.float().reshape(-1, output.shape[-1]), dim=-1)
-                weights, indices = torch.topk(probs, K, dim=-1)
-                if norm:
-                    weights = weights / weights.sum(dim=-1, keepdim=True)
+            indices, weights = picks(name, output)
             records[i].append((indices.detach().reshape(-1, indices.shape[-1]).cpu(),
                                weights.detach().float().reshape(-1, weights.shape[-1]).cpu()))
         return hook
 
-    for i, (_, module, kind) in enumerate(routers):
-        handles.append(module.register_forward_hook(hook_for(i, kind)))
+    for i, (name, module, _) in enumerate(routers):
+        handles.append(module.register_forward_hook(hook_for(i, name)))
     if not prompts:
         raise InputError("no prompts")
     lengths = []
@@ -143,7 +201,7 @@ def capture_model(model: Any, prompts: Sequence[Sequence[int]], *, device: str =
             for ids in prompts:
                 for r in records:
                     r.clear()
-                model(input_ids=torch.tensor([list(ids)], dtype=torch.long, device=device))
+                model(input_ids=torch.tensor([list(ids)], dtype=torch.long, device=device), use_cache=False)
                 n = len(ids)
                 for (name, _, _), r in zip(routers, records):
                     if len(r) != 1 or r[0][0].shape[0] != n:
@@ -165,39 +223,51 @@ def capture_model(model: Any, prompts: Sequence[Sequence[int]], *, device: str =
 def capture_trace(model: Any, prompts: Sequence[str | Sequence[int]], *, tokenizer: Any = None,
                   max_tokens: int = 2048, device: str = "cpu", dtype: str = "float32", num_gpus: int | None = None,
                   tokens_per_gpu: int | None = None, assign: str = "least_loaded",
-                  trust_remote_code: bool = False) -> Trace:
+                  trust_remote_code: bool = False, download: bool = False) -> Trace:
     """Capture a :class:`Trace` (with gate weights) from ``model``: a loaded transformers model, or a local
-    folder / hub id loaded with ``AutoModelForCausalLM`` (weights must be available locally).
+    folder / hub id loaded with ``AutoModelForCausalLM``. Weights (and the tokenizer) must be available locally
+    (a folder, or the Hugging Face cache) unless ``download`` lets transformers fetch them.
 
-    Text prompts need ``tokenizer`` (or one loadable from the model's folder); token-id prompts need none.
-    Each prompt is cut to ``max_tokens``. With ``num_gpus``, prompts are packed into batches and home GPUs
-    (see :func:`moesim.traces.importers.pack_requests`)."""
+    Text prompts need ``tokenizer`` (or one saved with the model, loaded before the weights); token-id prompts
+    need none. Each prompt is cut to ``max_tokens``. With ``num_gpus``, prompts are packed into batches and
+    home GPUs (see :func:`moesim.traces.importers.pack_requests`)."""
     torch, transformers = _require()
     if assign not in ASSIGN_POLICIES:
         raise InputError(f"unknown assignment {assign!r}; valid: {', '.join(ASSIGN_POLICIES)}", field="assign")
     if max_tokens < 1:
         raise InputError(f"must be >= 1, got {max_tokens}", field="max_tokens")
-    name = ""
-    if isinstance(model, (str, os.PathLike)):
-        name = str(model)
+    hub = {"trust_remote_code": trust_remote_code, "local_files_only": not download}
+    where = "" if download else " (moesim trace capture reads local files only: a model folder, or the Hugging Face " \
+                                "cache; --download lets transformers fetch them)"
+    path_given = isinstance(model, (str, os.PathLike))
+    name = str(model) if path_given else (getattr(model.config, "_name_or_path", "") or type(model).__name__)
+    if path_given and not download and not Path(name).is_dir() and not _in_hf_cache(name):
+        raise InputError("no such model folder, and no such model in the Hugging Face cache (moesim trace capture "
+                         "reads local files only; --download lets transformers fetch it)", source=name)
+    if tokenizer is None and any(isinstance(p, str) for p in prompts):
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(name, **hub)
+        except (OSError, ValueError) as exc:
+            raise InputError(f"text prompts need the model's tokenizer, which cannot be loaded "
+                             f"({' '.join(str(exc).split())[:200]}){where}; or give JSONL input_ids",
+                             source=name) from None
+    if path_given:
         dtype_key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
         try:
             model = transformers.AutoModelForCausalLM.from_pretrained(
-                name, **{dtype_key: getattr(torch, dtype)}, trust_remote_code=trust_remote_code).to(device)
+                name, **{dtype_key: getattr(torch, dtype)}, **hub).to(device)
         except (OSError, ValueError) as exc:
-            raise InputError(f"cannot load the model ({' '.join(str(exc).split())[:300]})", source=name) from None
-    else:
-        name = getattr(model.config, "_name_or_path", "") or type(model).__name__
+            raise InputError(f"cannot load the model ({' '.join(str(exc).split())[:300]}){where}",
+                             source=name) from None
     ids: list[list[int]] = []
-    for p in prompts:
+    for i, p in enumerate(prompts):
         if isinstance(p, str):
-            if tokenizer is None:
-                try:
-                    tokenizer = transformers.AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-                except (OSError, ValueError) as exc:
-                    raise InputError(f"text prompts need a tokenizer ({' '.join(str(exc).split())[:200]}); give "
-                                     "JSONL input_ids instead", source=name) from None
-            ids.append(list(tokenizer(p)["input_ids"])[:max_tokens])
+            seq = list(tokenizer(p)["input_ids"])
+            if not seq and p.strip():
+                raise InputError(f"prompt {i} ({p[:40]!r}) tokenizes to no tokens: the tokenizer loaded for {name} "
+                                 f"({type(tokenizer).__name__}) has no vocabulary? Save the model's tokenizer with it "
+                                 "(tokenizer.json) or give JSONL input_ids")
+            ids.append(seq[:max_tokens])
         else:
             ids.append(list(p)[:max_tokens])
     vocab = getattr(model.config, "vocab_size", None)

@@ -250,6 +250,19 @@ def load_trace(path: str | os.PathLike[str], *, mmap: bool = False) -> Trace:
     """
     src = str(path)
     try:
+        with open(path, "rb") as fh:
+            magic = fh.read(6)
+    except FileNotFoundError:
+        raise InputError("file not found", source=src) from None
+    except OSError as exc:
+        raise InputError(f"cannot read ({exc.strerror})", source=src) from None
+    if magic.startswith(b"\x93NUMPY"):
+        raise InputError("a raw numpy array, not a moesim trace: convert it with 'moesim trace import' "
+                         "(docs/traces.md)", source=src)
+    if not magic.startswith(b"PK"):
+        raise InputError("not a .npz trace (a routing log? convert it with 'moesim trace import', docs/traces.md)",
+                         source=src)
+    try:
         with np.load(path, allow_pickle=False) as z:
             mapped: dict[str, np.ndarray] = {}
             if mmap:
@@ -263,13 +276,14 @@ def load_trace(path: str | os.PathLike[str], *, mmap: bool = False) -> Trace:
         raise InputError("file not found", source=src) from None
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
         raise InputError(f"not a readable .npz file ({exc})", source=src) from None
+    if "meta" not in data:
+        raise InputError("missing (JSON with num_experts, num_layers, top_k): a plain array archive, not a moesim "
+                         "trace? convert it with 'moesim trace import'", source=src, field="meta")
     for key in data:
         if key not in {"experts", "weights", "home", "batch", "meta"}:
             raise InputError("unknown array; expected experts, weights, home, batch, meta", source=src, field=key)
     if "experts" not in data:
         raise InputError("missing", source=src, field="experts")
-    if "meta" not in data:
-        raise InputError("missing (JSON with num_experts, num_layers, top_k)", source=src, field="meta")
     try:
         meta_raw = json.loads(str(data["meta"]))
         assert isinstance(meta_raw, dict)

@@ -85,6 +85,8 @@ class _Records:
     request_names: list[str]
     skipped: int = 0
     hole: np.ndarray | None = None  # bool [n]: a skipped row that still holds its token position
+    explicit: np.ndarray | None = None  # bool [n]: ids given as an array, where -1 means "no expert" on purpose
+    notes: list[str] = field(default_factory=list)
 
 
 def _open_text(path: Path) -> io.TextIOBase:
@@ -247,6 +249,10 @@ def _csv_file(path: Path, file_index: int, request_offset: int, skip_bad: bool
     if not header:
         raise InputError("empty file", source=src)
     has_header = _find(header, _LAYER_KEYS) is not None
+    if not has_header and not header[0].strip().lstrip("-").isdigit():
+        raise InputError(f"no layer column in the header {header}; expected one of "
+                         + ", ".join(repr(k) for k in _LAYER_KEYS) + " (a file without a header has the columns "
+                         "layer, request, token, experts)", source=src, field="line 1")
     if has_header:
         cols = {name: _find(header, keys) for name, keys in
                 (("layer", _LAYER_KEYS), ("experts", _EXPERT_KEYS), ("request", _REQUEST_KEYS),
@@ -258,7 +264,11 @@ def _csv_file(path: Path, file_index: int, request_offset: int, skip_bad: bool
     else:
         cols = {"layer": 0, "request": 1, "pos": None, "experts": 3, "weights": None}
         first = 1
+        if len(header) != 4:
+            raise InputError(f"{len(header)} columns; a file without a header needs 4: layer, request, token, experts",
+                             source=src, field="line 1")
     ncol = len(header)
+    names = {k: (header[c].strip() if has_header else k) for k, c in cols.items() if c is not None}
     quick = None
     if (cols["layer"], cols["request"], cols["experts"], cols["pos"], cols["weights"]) == (0, 1, ncol - 1, None, None) \
             and ncol >= 3:
@@ -269,19 +279,31 @@ def _csv_file(path: Path, file_index: int, request_offset: int, skip_bad: bool
         body = rows[1:] if has_header else rows
 
     def line_of(row: int) -> int:
-        """1-based line of body row ``row`` (quoted fields may span lines: re-read to be exact)."""
+        """1-based line where body row ``row`` starts (quoted fields may span lines: re-read to be exact)."""
         reader = csv.reader(io.StringIO(text))
+        ended = 0  # line on which the previous record ended
         for i, _ in enumerate(reader):
             if i == row + (first - 1):
-                return reader.line_num
+                return ended + 1
+            ended = reader.line_num
         return row + first
+
+    def integer(row: list[str], key: str) -> int:
+        cell = row[cols[key]]  # type: ignore[index]
+        try:
+            return int(cell)
+        except ValueError:
+            what = {"pos": "token position"}.get(key, key)
+            raise ValueError(f"{what} {cell!r} is not an integer (column {names[key]!r})") from None
 
     def parse_row(row: list[str]) -> tuple[int, int, int, list[int], list[float] | None]:
         if len(row) != ncol:
             raise ValueError(f"{len(row)} columns, expected {ncol}")
-        layer = int(row[cols["layer"]])  # type: ignore[index]
-        req = int(row[cols["request"]]) if cols["request"] is not None else 0
-        pos = int(row[cols["pos"]]) if cols["pos"] is not None else -1
+        layer = integer(row, "layer")
+        if layer < 0:
+            raise ValueError(f"layer {layer} must be >= 0 (column {names['layer']!r})")
+        req = integer(row, "request") if cols["request"] is not None else 0
+        pos = integer(row, "pos") if cols["pos"] is not None else -1
         try:
             ids = _int_list(row[cols["experts"]])  # type: ignore[index]
         except ValueError:
@@ -367,6 +389,9 @@ def _csv_file(path: Path, file_index: int, request_offset: int, skip_bad: bool
     return data, names, skipped
 
 
+_NUMERIC = bytes(int(chr(i) in "0123456789.-+eE") for i in range(256))  # byte -> 1 if it can be part of a number
+
+
 def _jsonl_numbers(text: str) -> tuple[dict[str, Any], np.ndarray] | None:
     """Fastest path for JSONL: when every line is the first line with other numbers (same keys in the same
     order, same list lengths, numbers only), read all numbers at once. Returns (the first record, numbers
@@ -375,10 +400,9 @@ def _jsonl_numbers(text: str) -> tuple[dict[str, Any], np.ndarray] | None:
     b = np.frombuffer(raw, dtype=np.uint8)
     if b.size == 0 or b[-1] != ord("\n"):
         return None
-    quote = np.cumsum(b == ord('"'), dtype=np.int32) % 2 == 1  # inside a string (or on its opening quote)
-    numeric = np.zeros(256, dtype=bool)
-    numeric[[ord(c) for c in "0123456789.-+eE"]] = True
-    num = numeric[b] & ~quote
+    # inside a string (or on its opening quote): parity of the quotes so far (xor-accumulate: 10x an int cumsum)
+    quote = np.bitwise_xor.accumulate((b == ord('"')).view(np.uint8)).view(bool)
+    num = np.frombuffer(raw.translate(_NUMERIC), dtype=bool) & ~quote  # bytes.translate: 10x a numpy lookup
     keep = ~num
     skel = b[keep]
     nl = np.flatnonzero(skel == ord("\n"))
@@ -400,14 +424,14 @@ def _jsonl_numbers(text: str) -> tuple[dict[str, Any], np.ndarray] | None:
             per_line += len(v)
         else:
             return None
-    buf = np.where(num, b, ord(" ")).astype(np.uint8)
-    integral = not (num & ((b == ord(".")) | (b == ord("e")) | (b == ord("E")))).any()
+    numbers = np.where(num, b, np.uint8(ord(" "))).tobytes()
+    integral = not any(c in numbers for c in (b".", b"e", b"E"))
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         try:  # numpy parses integers 4x faster than floats
-            values = np.fromstring(buf.tobytes().decode("ascii"), dtype=np.int64 if integral else np.float64, sep=" ")
+            values = np.fromstring(numbers.decode("ascii"), dtype=np.int64 if integral else np.float64, sep=" ")
         except (ValueError, DeprecationWarning):
             return None
     if values.size != n * per_line:
@@ -461,10 +485,14 @@ def _jsonl_fast(text: str, path: Path, file_index: int, request_offset: int) -> 
                 return None
             if any(len(o) != len(first) for o in objs):
                 return None
-            lay = np.array([o[keys["layer"]] for o in objs])
-            tok = np.array([o[keys["token"]] for o in objs])
-            ids = np.array([o[keys["ids"]] for o in objs])
-            w = np.array([o[keys["weights"]] for o in objs], dtype=np.float32) if keys["weights"] else None
+            lay_l, tok_l = [o[keys["layer"]] for o in objs], [o[keys["token"]] for o in objs]
+            ids_l = [o[keys["ids"]] for o in objs]
+            if bool in set(map(type, lay_l)) | set(map(type, tok_l)) or any(bool in set(map(type, r)) for r in ids_l):
+                return None  # True == 1 to numpy: the slow path rejects booleans by line
+            lay, tok, ids = np.array(lay_l), np.array(tok_l), np.array(ids_l)
+            w = np.array([o[keys["weights"]] for o in objs]) if keys["weights"] else None
+            if w is not None and w.dtype.kind not in "fiu":
+                return None
             req = [o[keys["request"]] for o in objs] if keys["request"] else None
         except (ValueError, TypeError, KeyError, AttributeError, IndexError):
             return None
@@ -473,6 +501,7 @@ def _jsonl_fast(text: str, path: Path, file_index: int, request_offset: int) -> 
         return None  # booleans, floats, strings, nested or ragged lists: the slow path says which line
     if (tok < 0).any() or (w is not None and w.shape != ids.shape):
         return None
+    w = None if w is None else w.astype(np.float32)
     if req is None:
         inv, names = np.zeros(n, dtype=np.int64), [path.name]
     else:
@@ -564,6 +593,11 @@ def _jsonl_file(path: Path, file_index: int, request_offset: int, skip_bad: bool
             weights.append(w)
             lines.append(lineno)
     n = len(ids)
+    if has_weights and any(w is None for w in weights):
+        i = next(i for i, w in enumerate(weights) if w is None)
+        j = next(j for j, w in enumerate(weights) if w is not None)
+        raise InputError(f"no weights, but line {lines[j]} has them: give weights on every record or on none",
+                         source=src, field=f"line {lines[i]}")
     k = max((len(r) for r in ids), default=0)
     counts = np.fromiter((len(r) for r in ids), dtype=np.int64, count=n)
     ids_arr = np.full((n, k), -1, dtype=np.int64)
@@ -593,7 +627,7 @@ def _jsonl_file(path: Path, file_index: int, request_offset: int, skip_bad: bool
 def _numpy_file(path: Path, file_index: int, request_offset: int, axes: str) -> tuple[dict[str, Any], list[str], int]:
     src = str(path)
     if sorted(axes) != ["k", "l", "t"]:
-        raise InputError(f"axes must order the letters t (token), l (layer), k (choice), got {axes!r}", field="axes")
+        raise InputError(f"must order the letters t (token), l (layer), k (choice), got {axes!r}", field="axes")
     try:
         if path.suffix == ".npz":
             with np.load(path, allow_pickle=False) as z:
@@ -623,6 +657,10 @@ def _numpy_file(path: Path, file_index: int, request_offset: int, axes: str) -> 
         if w.shape != ids.shape:
             raise InputError(f"shape {w.shape} must equal the expert ids' {ids.shape}", source=src, field="weights")
     T, L, K = ids.shape
+    notes = []
+    if L > T:
+        notes.append(f"{src}: read as {T} tokens x {L} layers (axes {axes!r}); if the array is [layers, tokens, top_k], "
+                     "pass --axes ltk")
     ids2 = ids.reshape(T * L, K).astype(np.int64)
     neg = ids2 < 0
     return {
@@ -632,7 +670,7 @@ def _numpy_file(path: Path, file_index: int, request_offset: int, axes: str) -> 
         "ids": ids2, "count": K - neg.sum(axis=1) if neg.any() else np.full(T * L, K, dtype=np.int64),
         "weights": None if w is None else w.reshape(T * L, K).astype(np.float32),
         "row": np.arange(T * L, dtype=np.int64), "file": np.full(T * L, file_index, dtype=np.int64),
-        "line_of": None,
+        "line_of": None, "explicit": True, "notes": notes,
     }, [path.name], 0
 
 
@@ -678,6 +716,7 @@ def _gather(paths: Sequence[Path], fmt: str | None, skip_bad: bool, axes: str) -
     if any(has_pos) and not all(has_pos):
         raise InputError("some files give token positions and others do not", source=str(paths[has_pos.index(False)]))
     hole = np.concatenate([p.get("hole", np.zeros(len(p["layer"]), dtype=bool)) for p in parts])
+    explicit = np.concatenate([np.full(len(p["layer"]), p.get("explicit", False), dtype=bool) for p in parts])
     file_idx = np.concatenate([p["file"] for p in parts])
     row = np.concatenate([p["row"] for p in parts])
     line_fns = [p["line_of"] for p in parts]
@@ -694,7 +733,8 @@ def _gather(paths: Sequence[Path], fmt: str | None, skip_bad: bool, axes: str) -
         layer=np.concatenate([p["layer"] for p in parts]), request=np.concatenate([p["request"] for p in parts]),
         pos=np.concatenate([p["pos"] for p in parts]) if all(has_pos) else None, ids=ids,
         count=np.concatenate([p["count"] for p in parts]), weights=weights, where=where, request_names=names,
-        skipped=skipped, hole=hole if hole.any() else None,
+        skipped=skipped, hole=hole if hole.any() else None, explicit=explicit if explicit.any() else None,
+        notes=[note for p in parts for note in p.get("notes", [])],
     )
 
 
@@ -737,11 +777,21 @@ def pack_requests(lengths: np.ndarray, *, num_gpus: int, tokens_per_gpu: int, as
     return unit_req, batch, home
 
 
+def _id_ranges(ids: np.ndarray) -> str:
+    """Sorted distinct integers as ranges: [1, 2, 3, 7] -> '1-3, 7'."""
+    vals = np.asarray(ids, dtype=np.int64)
+    if vals.size == 0:
+        return "none"
+    cuts = np.flatnonzero(np.diff(vals) != 1) + 1
+    runs = np.split(vals, cuts)
+    return ", ".join(str(r[0]) if r.size == 1 else f"{r[0]}-{r[-1]}" for r in runs)
+
+
 def _assemble(rec: _Records, *, num_experts: int | None, top_k: int | None, allow_missing: bool,
               num_gpus: int | None, tokens_per_gpu: int | None, assign: str, model: str, source: str
               ) -> ImportResult:
     n = rec.layer.size
-    notes: list[str] = []
+    notes: list[str] = list(rec.notes)
     # Token positions: given, or the order of the rows within (request, layer).
     if rec.pos is None:
         key = rec.request * (int(rec.layer.max()) - int(rec.layer.min()) + 1) + (rec.layer - rec.layer.min())
@@ -758,11 +808,22 @@ def _assemble(rec: _Records, *, num_experts: int | None, top_k: int | None, allo
         where_all = rec.where
         rec = _Records(layer=rec.layer[keep], request=rec.request[keep], pos=None, ids=rec.ids[keep],
                        count=rec.count[keep], weights=None if rec.weights is None else rec.weights[keep],
-                       where=lambda i: where_all(int(keep[i])), request_names=rec.request_names, skipped=rec.skipped)
+                       where=lambda i: where_all(int(keep[i])), request_names=rec.request_names, skipped=rec.skipped,
+                       explicit=None if rec.explicit is None else rec.explicit[keep], notes=rec.notes)
         pos, n = pos[keep], keep.size
     if n and int(pos.min()) < 0:
         i = int(np.argmax(pos < 0))
         raise InputError(f"token index {int(pos[i])} must be >= 0", source=rec.where(i))
+    if n and int(rec.layer.min()) < 0:
+        i = int(np.argmax(rec.layer < 0))
+        raise InputError(f"layer {int(rec.layer[i])} must be >= 0", source=rec.where(i))
+    if rec.weights is not None:
+        given = np.arange(rec.weights.shape[1])[None, :] < rec.count[:, None]
+        bad_w = given & ~(np.isfinite(rec.weights) & (rec.weights >= 0))
+        if bad_w.any():
+            i = int(np.argmax(bad_w.any(axis=1)))
+            raise InputError(f"gate weight {float(rec.weights[i][bad_w[i]][0])} must be a finite number >= 0 (gate "
+                             "weights after softmax or sigmoid, not raw router logits)", source=rec.where(i))
     layer_ids, layer = np.unique(rec.layer, return_inverse=True)
     L = layer_ids.size
     # Tokens: (request, position), in request order then position order.
@@ -792,7 +853,7 @@ def _assemble(rec: _Records, *, num_experts: int | None, top_k: int | None, allo
     E_seen = int(ids.max()) + 1 if n else 0
     E = num_experts or E_seen
     if not num_experts:
-        notes.append(f"num_experts inferred as {E} (highest id + 1); pass num_experts if some experts never appear")
+        notes.append(f"num_experts inferred as {E} (highest id + 1); pass --num-experts if some experts never appear")
     if E_seen > E:
         i = int(np.argmax((ids >= E).any(axis=1)))
         raise InputError(f"expert id {int(ids[i].max())} out of range for num_experts={E}", source=rec.where(i))
@@ -802,17 +863,31 @@ def _assemble(rec: _Records, *, num_experts: int | None, top_k: int | None, allo
         i = int(np.argmax(twice))
         raise InputError(f"expert {int(srt[i][1:][(srt[i][1:] == srt[i][:-1])][0])} appears twice in one record",
                          source=rec.where(i))
-    padded = int((rec.count < K).sum())
+    short = rec.count < K
+    if short.any() and not allow_missing and (rec.explicit is None or not rec.explicit[short].all()):
+        i = int(np.argmax(short & (True if rec.explicit is None else ~rec.explicit)))
+        raise InputError(f"{int(rec.count[i])} expert ids, fewer than top_k={K} ({int(short.sum())} records short in "
+                         "all); --allow-missing (allow_missing) pads them with -1, no expert", source=rec.where(i))
+    padded = int(short.sum())
     missing = T * L - n
     if missing and not allow_missing:
         have = np.zeros(T * L, dtype=bool)
         have[cell] = True
+        hint = "; --allow-missing (allow_missing) fills them with -1, no expert"
+        per_layer = np.bincount(layer, minlength=L)
+        sparse = int(np.argmin(per_layer))
+        if 2 * per_layer[sparse] <= per_layer.max():  # a layer id far fewer records use than others: a typo?
+            i = int(np.argmax(layer == sparse))
+            raise InputError(f"layer {int(layer_ids[sparse])} has records for only {int(per_layer[sparse])} of {T} "
+                             f"tokens (the other layer ids: {_id_ranges(np.delete(layer_ids, sparse))}); "
+                             f"{missing} (token, layer) records missing in all{hint}", source=rec.where(i))
         c = int(np.argmin(have))
         t, l = divmod(c, L)
         i = int(np.argmax(tok == t))
-        raise InputError(f"request {rec.request_names[int(rec.request[i])]}, token {int(pos[i])} has no record for "
-                         f"layer {int(layer_ids[l])} ({missing} (token, layer) records missing in all; allow "
-                         "missing ones to fill them with -1)", source=source)
+        skipped = f"; {rec.skipped} malformed records were skipped" if rec.skipped else ""
+        raise InputError(f"token {int(pos[i])} of request {rec.request_names[int(rec.request[i])]} (its first record "
+                         f"is here) has no record for layer {int(layer_ids[l])} ({missing} (token, layer) records "
+                         f"missing in all{skipped}{hint})", source=rec.where(i))
     dtype = np.int16 if E < 2**15 else np.int32
     experts = np.full((T, L, K), -1, dtype=dtype)
     experts.reshape(T * L, K)[cell] = ids

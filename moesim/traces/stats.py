@@ -157,6 +157,13 @@ class TraceStats:
     transitions: np.ndarray  # [L-1, E, E]
     coactivation: np.ndarray  # [L, E, E]
     window_load: np.ndarray  # [W, L, E]
+    layer_ids: tuple[int, ...] | None = None  # the model's own id of each MoE layer (imported logs), if known
+
+    def layer_name(self, l: int) -> str:
+        """``"13"``, or ``"13 (model layer 14)"`` when the model numbers its layers otherwise."""
+        if self.layer_ids is None or self.layer_ids[l] == l:
+            return str(l)
+        return f"{l} (model layer {self.layer_ids[l]})"
 
     @property
     def uniform_succ_share(self) -> float:
@@ -190,6 +197,7 @@ class TraceStats:
             "drift_tv_to_all_median": med(self.drift_tv_to_all),
             "drift_tv_noise_median": med(self.drift_tv_noise),
             "hot_set_churn": self.hot_set_churn,
+            "layer_ids": list(self.layer_ids) if self.layer_ids is not None else None,
             "per_layer": [
                 {"layer": l, "max_over_mean": float(self.max_over_mean[l]), "cv": float(self.cv[l]),
                  "hottest": [[e, round(s, 5)] for e, s in self.hottest(l)],
@@ -246,8 +254,17 @@ def trace_stats(trace: Trace, *, top_m: int = 8, window: int | None = None) -> T
         max_over_mean=mom, cv=cv, coact_top_share=weighted_top_share(coact, m),
         succ_top_share=weighted_top_share(trans, m), succ_mi_bits=mutual_information(trans), windows=W,
         drift_tv_consecutive=tv_cons, drift_tv_to_all=tv_all, drift_tv_noise=tv_noise, hot_set_churn=churn,
-        transitions=trans, coactivation=coact, window_load=wload,
+        transitions=trans, coactivation=coact, window_load=wload, layer_ids=_layer_ids(trace),
     )
+
+
+def _layer_ids(trace: Trace) -> tuple[int, ...] | None:
+    """The model's layer ids an import kept in ``meta.layer_ids`` (None when absent, malformed or 0..L-1)."""
+    ids = trace.meta.extra.get("layer_ids")
+    if not isinstance(ids, list) or len(ids) != trace.meta.num_layers or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in ids):
+        return None
+    return None if ids == list(range(len(ids))) else tuple(ids)
 
 
 def format_stats(st: TraceStats, *, name: str = "trace", layers: int | None = None) -> str:
@@ -255,7 +272,7 @@ def format_stats(st: TraceStats, *, name: str = "trace", layers: int | None = No
     s = st.summary()
 
     def f(x: float | None, fmt: str = ".3f") -> str:
-        return "-" if x is None else format(x, fmt)
+        return "-" if x is None or not np.isfinite(x) else format(x, fmt)
 
     lines = [
         f"{name}: {st.num_tokens} tokens x {st.num_layers} layers x top-{st.top_k} of {st.num_experts} experts",
@@ -266,18 +283,20 @@ def format_stats(st: TraceStats, *, name: str = "trace", layers: int | None = No
         f"  transitions      top-{st.top_m} successors take {f(s['successor_top_m_share_mean'])} of next-layer picks "
         f"(mean over layer pairs; independent: {st.uniform_succ_share:.3f}); MI median "
         f"{f(s['successor_mi_bits_median'])} bits",
-        f"  drift            {st.windows} windows: TV consecutive {f(s['drift_tv_consecutive_median'])}, to whole "
+        f"  drift            {st.windows} window{'' if st.windows == 1 else 's'}: TV consecutive {f(s['drift_tv_consecutive_median'])}, to whole "
         f"trace {f(s['drift_tv_to_all_median'])}, sampling noise alone {f(s['drift_tv_noise_median'])}; "
         f"hot-set churn {f(s['hot_set_churn'], '.2f')}",
+        *([f"  layers are numbered 0..{st.num_layers - 1} over the MoE layers; 'id' is the model's own layer id"]
+          if st.layer_ids is not None else []),
         "",
-        f"{'layer':>5s} {'max/mean':>8s} {'cv':>6s}  {'hottest experts (share)':34s} {'coact':>6s} "
+        ("   id " if st.layer_ids is not None else "") + f"{'layer':>5s} {'max/mean':>8s} {'cv':>6s}  {'hottest experts (share)':34s} {'coact':>6s} "
         f"{'succ':>6s} {'MI':>6s} {'drift':>6s}",
     ]
     shown = range(st.num_layers) if layers is None else range(min(layers, st.num_layers))
     for l in shown:
         row = s["per_layer"][l]
         hot = ", ".join(f"{e} ({v:.1%})" for e, v in row["hottest"])
-        lines.append(f"{l:5d} {row['max_over_mean']:8.2f} {row['cv']:6.2f}  {hot:34s} "
+        lines.append((f"{st.layer_ids[l]:5d} " if st.layer_ids is not None else "") + f"{l:5d} {row['max_over_mean']:8.2f} {row['cv']:6.2f}  {hot:34s} "
                      f"{f(row['coactivation_top_m_share']):>6s} {f(row['successor_top_m_share']):>6s} "
                      f"{f(row['successor_mi_bits']):>6s} {f(row['drift_tv_consecutive']):>6s}")
     if layers is not None and layers < st.num_layers:
@@ -308,17 +327,26 @@ def plot_stats(st: TraceStats, folder: str | Path, *, layer: int | None = None, 
         written.append(atomic_write(folder / fname, lambda fh: fig.savefig(fh, format="png", dpi=110), binary=True))
         plt.close(fig)
 
+    from matplotlib.ticker import MaxNLocator
+
+    def ids_note() -> str:
+        if st.layer_ids is None:
+            return ""
+        return f" (model layer ids {st.layer_ids[0]}..{st.layer_ids[-1]})" if list(st.layer_ids) == list(
+            range(st.layer_ids[0], st.layer_ids[0] + L)) else " (model layer ids in the JSON summary)"
+
     rel = st.load / np.maximum(st.load.mean(axis=1, keepdims=True), 1e-12)
     fig, ax = plt.subplots(figsize=(min(16, 3 + st.num_experts * 0.08), min(12, 2 + L * 0.18)))
     im = ax.imshow(rel, aspect="auto", cmap="magma", interpolation="nearest")
-    ax.set_xlabel("expert")
-    ax.set_ylabel("MoE layer")
-    ax.set_title(f"{name}: expert load / layer mean (max/mean median {np.nanmedian(st.max_over_mean):.2f})")
-    fig.colorbar(im, ax=ax)
+    ax.set_xlabel("expert id")
+    ax.set_ylabel("MoE layer" + ids_note())
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_title(f"{name}: expert load / layer mean\n(max/mean median {np.nanmedian(st.max_over_mean):.2f}, "
+                 f"{st.num_tokens} tokens, top-{st.top_k})")
+    fig.colorbar(im, ax=ax, label="picks / mean picks of the layer")
     save(fig, "load.png")
 
-    for fname, mats, what in (("transitions.png", st.transitions, f"layer {lay} -> {lay + 1} successors"),
-                              ("coactivation.png", st.coactivation, f"layer {lay} co-activation")):
+    for fname, mats in (("transitions.png", st.transitions), ("coactivation.png", st.coactivation)):
         idx = min(lay, mats.shape[0] - 1)
         if idx < 0:
             continue
@@ -326,19 +354,31 @@ def plot_stats(st: TraceStats, folder: str | Path, *, layer: int | None = None, 
         mat = mat / np.maximum(mat.sum(axis=1, keepdims=True), 1)
         fig, ax = plt.subplots(figsize=(7, 6))
         im = ax.imshow(mat, cmap="viridis", interpolation="nearest")
-        ax.set_xlabel("expert" + (f" at layer {idx + 1}" if fname == "transitions.png" else ""))
-        ax.set_ylabel(f"expert at layer {idx}")
-        ax.set_title(f"{name}: {what} (row-normalised)")
-        fig.colorbar(im, ax=ax)
+        if fname == "transitions.png":
+            share = st.succ_top_share[idx]
+            ax.set_xlabel(f"expert id at MoE layer {st.layer_name(idx + 1)}")
+            ax.set_title(f"{name}: successors, MoE layer {idx} -> {idx + 1}\n(top-{st.top_m} successors take "
+                         f"{share:.2f} of next-layer picks; independent {st.uniform_succ_share:.2f})")
+            label = "share of the row expert's tokens' next-layer picks"
+        else:
+            ax.set_xlabel("partner expert id (same token, same layer)")
+            ax.set_title(f"{name}: co-activation, MoE layer {idx}\n(top-{st.top_m} partners take "
+                         f"{st.coact_top_share[idx]:.2f} of the pairs)")
+            label = "share of the row expert's pairs"
+        ax.set_ylabel(f"expert id at MoE layer {st.layer_name(idx)}")
+        fig.colorbar(im, ax=ax, label=label)
         save(fig, fname)
 
     wl = st.window_load[:, lay].astype(float)
     wl = wl / np.maximum(wl.mean(axis=1, keepdims=True), 1e-12)
-    fig, ax = plt.subplots(figsize=(min(16, 3 + st.num_experts * 0.08), min(10, 2 + st.windows * 0.15)))
+    fig, ax = plt.subplots(figsize=(min(16, 3 + st.num_experts * 0.08), min(10, 2.5 + st.windows * 0.15)))
     im = ax.imshow(wl, aspect="auto", cmap="magma", interpolation="nearest")
-    ax.set_xlabel("expert")
+    ax.set_xlabel("expert id")
     ax.set_ylabel("window (batch)")
-    ax.set_title(f"{name}: layer {lay} load / mean per window (drift)")
-    fig.colorbar(im, ax=ax)
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_title(f"{name}: drift at MoE layer {st.layer_name(lay)}\n({st.windows} windows; "
+                 f"TV between consecutive windows {st.drift_tv_consecutive[lay]:.2f}, "
+                 f"sampling noise alone {st.drift_tv_noise[lay]:.2f})")
+    fig.colorbar(im, ax=ax, label="picks / mean picks of the window")
     save(fig, "drift.png")
     return written
