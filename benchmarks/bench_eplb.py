@@ -11,7 +11,12 @@
    GPUs whose popularity skew (``zipf_alpha``, printed) was chosen so that the contiguous placement lands
    near TensorRT-LLM's baseline; the EPLB plan is made from separate profiling batches of the same
    distribution (out of sample, as a deployed plan is) and, for reference, from the evaluated batch itself.
-   Imbalance is averaged over layers, under each replica-choice rule.
+   Imbalance is averaged over layers, under each replica-choice rule. ``greedy`` and ``ilp`` (replica counts
+   and packing chosen together, :func:`moesim.placement.ilp.optimise_replicas`) plan with the same 32.
+3. The ``ilp`` with 32 redundant experts as a planner, DeepSeek-V3 shape on 32 and 64 GPUs: its solve time
+   (``time_limit_s`` 60, default gap 1%) and, on the profile it planned from (in sample), the planned
+   imbalance of ``greedy`` and ``ilp`` next to the proven floor (the ilp's lower bound), copies splitting
+   their expert's load evenly.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import time
 
 import numpy as np
 
-from moesim.placement import PlacementProblem, make_placement
+from moesim.placement import Placement, PlacementProblem, make_placement
 from moesim.placement.eplb import rebalance_experts
 from moesim.sim.replicas import rank_tokens
 from moesim.study.runner import expert_loads
@@ -29,6 +34,7 @@ from moesim.traces import SyntheticParams, generate_trace
 
 LAYERS, EXPERTS, TOP_K, GPUS, GPUS_PER_NODE, GROUPS = 58, 256, 8, 32, 8, 8
 ALPHA = 0.64  # chosen so that contiguous lands near TensorRT-LLM's 1.56 baseline (printed below)
+ILP_LIMIT_S = 60.0  # the ilp's time limit; it must finish the DeepSeek-V3 shape well under 120 s
 
 
 def time_rebalance(weight: np.ndarray, groups: int, runs: int) -> float:
@@ -44,6 +50,16 @@ def time_rebalance(weight: np.ndarray, groups: int, runs: int) -> float:
 def imbalance(tokens: np.ndarray) -> float:
     mean = tokens.mean(axis=-1)
     return float(((tokens.max(axis=-1) - mean) / mean).mean())
+
+
+def planned_loads(placement: Placement, load: np.ndarray) -> np.ndarray:
+    """[layers, gpus] profiled load per GPU, every copy taking an even share of its expert's load."""
+    L, E, _ = placement.gpus.shape
+    share = load / placement.replicas()
+    out = np.zeros((L, placement.num_gpus))
+    for l, e, r in zip(*np.nonzero(placement.gpus >= 0)):
+        out[l, placement.gpus[l, e, r]] += share[l, e]
+    return out
 
 
 def main() -> None:
@@ -87,8 +103,12 @@ def main() -> None:
         ("eplb, 0 redundant", "eplb", {"redundant_experts": 0, "num_groups": GROUPS}, out_of_sample),
         ("eplb, 32 redundant", "eplb", {"redundant_experts": 32, "num_groups": GROUPS}, out_of_sample),
         ("greedy, 32 redundant", "greedy", {"redundant_experts": 32}, out_of_sample),
+        ("ilp, 32 redundant", "ilp", {"redundant_experts": 32, "time_limit_s": ILP_LIMIT_S}, out_of_sample),
         ("eplb, 32 redundant, in-sample", "eplb", {"redundant_experts": 32, "num_groups": GROUPS}, in_sample),
+        ("greedy, 32 redundant, in-sample", "greedy", {"redundant_experts": 32}, in_sample),
+        ("ilp, 32 redundant, in-sample", "ilp", {"redundant_experts": 32, "time_limit_s": ILP_LIMIT_S}, in_sample),
     ]
+    solved = []
     print(f"   {'placement':32s} {'token_index':>12s} {'local':>8s} {'balanced_split':>15s} {'merged twins':>13s}")
     for label, policy, options, prob in rows:
         placement = make_placement(policy, prob, **options)
@@ -96,6 +116,30 @@ def main() -> None:
                 for rule in ("token_index", "local", "balanced_split")]
         twins = placement.info.get("merged_twins", 0)  # EPLB copies that landed beside a twin (see eplb.py)
         print(f"   {label:32s} {vals[0]:12.3f} {vals[1]:8.3f} {vals[2]:15.3f} {twins:13d}")
+        if policy == "ilp":
+            solved.append((label, placement.info))
+    for label, info in solved:
+        print(f"   {label}: solved in {info['solve_s']:.1f} s (limit {ILP_LIMIT_S:.0f} s), {info['method']}, "
+              f"status {info['status']}, proven gap {info['gap']:.2%} on the profile")
+
+    print(f"\n3. ilp with 32 redundant experts as a planner, DeepSeek-V3 shape ({layers} layers x {EXPERTS} experts, "
+          f"top-{TOP_K}), in sample: (max-mean)/mean of the planned GPU load, copies splitting evenly")
+    print(f"   {'GPUs':>4s} {'greedy':>8s} {'ilp':>8s} {'floor':>8s} {'ilp gap':>8s} {'solve s':>8s}  status")
+    for gpus in (GPUS, 2 * GPUS):
+        tr = generate_trace(num_layers=layers, num_experts=EXPERTS, top_k=TOP_K, num_gpus=gpus,
+                            tokens_per_gpu=tokens, batches=2, params=SyntheticParams(zipf_alpha=ALPHA),
+                            rng=np.random.default_rng([0, 2]), structure_rng=np.random.default_rng(0),
+                            model="deepseek-v3-shape")
+        load = expert_loads(tr)
+        prob = PlacementProblem(num_layers=layers, num_experts=EXPERTS, num_gpus=gpus, gpus_per_node=GPUS_PER_NODE,
+                                slots_per_gpu=EXPERTS // gpus, load=load)
+        ilp = make_placement("ilp", prob, redundant_experts=32, time_limit_s=ILP_LIMIT_S)
+        greedy = make_placement("greedy", prob, redundant_experts=32)
+        mean = load.sum(axis=1) / gpus
+        floor = float(((ilp.info["lower_bound"] - mean.sum()) / mean.sum()))  # sum over layers, as the bound
+        print(f"   {gpus:4d} {imbalance(planned_loads(greedy, load)):8.4f} {imbalance(planned_loads(ilp, load)):8.4f} "
+              f"{floor:8.4f} {ilp.info['gap']:8.2%} {ilp.info['solve_s']:8.1f}  {ilp.info['status']} "
+              f"({ilp.info['method']})")
 
 
 if __name__ == "__main__":

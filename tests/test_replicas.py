@@ -207,7 +207,7 @@ def test_scenario_rejects_unknown_rule_and_oversized_replicas():
                                       "gpu": {"memory_GB": 0.005}, "expert_memory_fraction": 1.0}],
             "placements": [{"policy": "eplb", "redundant_experts": 24}]}
     sc = parse_scenario(tiny, "rep.yaml")
-    with pytest.raises(InputError, match=r"rep.yaml: placements\[0\]: eplb: .* do not fit in memory"):
+    with pytest.raises(InputError, match=r"rep.yaml: placements\[0\].redundant_experts: .* do not fit in memory"):
         run_study(sc, progress=False)
 
 

@@ -10,6 +10,12 @@
    that has a free slot and does not hold that expert yet (longest-processing-time first with slot limits),
    ``ceil((E + N) / G)`` slots per GPU. Every layer advances together (numpy over layers).
 
+For the ``ilp`` policy's joint search (:mod:`moesim.placement.ilp`) this module also gives, per layer,
+the even-split GPU loads of a copy mask (:func:`copy_loads`), a proven lower bound on the heaviest GPU
+over every choice of counts and packing (:func:`replica_lower_bound`), a local search that moves, swaps
+and re-counts copies (:func:`improve_replicas`), and the repair of a packing whose end-game merged twins
+(:func:`place_missing`).
+
 Ignored: communication (where a copy sits relative to the tokens that use it) and the memory the copies
 take (the caller checks ``PlacementProblem.max_slots_per_gpu``).
 """
@@ -91,3 +97,149 @@ def replicate_and_pack(load: np.ndarray, num_gpus: int, redundant_experts: int, 
     merged = int(counts.sum() - held.sum())
     return placement_from_mask(held, policy, {**(info or {}), "redundant_experts": redundant_experts,
                                               "merged_twins": merged})
+
+
+# ----------------------------------------------------------------------------------------------------
+# one layer, copies as a mask ``held [experts, gpus]``: loads, a proven bound, local search, repair
+
+
+def copy_loads(load_row: np.ndarray, held: np.ndarray) -> np.ndarray:
+    """[gpus] load of each GPU when every copy takes an even share of its expert's load (token_index)."""
+    counts = held.sum(axis=1)
+    share = np.asarray(load_row, dtype=float) / np.maximum(counts, 1)
+    return share @ held
+
+
+def replica_lower_bound(load_row: np.ndarray, num_gpus: int, num_copies: int) -> float:
+    """A proven lower bound on the heaviest GPU of one layer over every count vector (at most ``num_copies``
+    copies, at most one per GPU) and every packing, copies splitting their expert evenly.
+
+    ``max(total / GPUs, m*)``: the heaviest GPU carries at least the mean, and at least its heaviest copy,
+    whose least possible value ``m*`` EPLB's count rule (:func:`replica_counts`) attains exactly - each extra
+    copy goes to the expert with the heaviest copy, the only move that can lower it. (Subset arguments -
+    the k hottest experts' load over the GPUs their copies can reach - add nothing: they follow from these
+    two. What is left is integrality, which only the whole-layer MILP proves.)
+    """
+    p = np.asarray(load_row, dtype=float)
+    if p.size == 0 or p.max() <= 0:
+        return 0.0
+    counts = replica_counts(p[None, :], min(num_copies, p.size * num_gpus), num_gpus)[0]
+    return float(max(p.sum() / num_gpus, (p / counts).max()))
+
+
+def improve_replicas(load_row: np.ndarray, held: np.ndarray, slots: int, max_copies: int,
+                     max_iter: int = 5_000) -> np.ndarray:
+    """Best-improvement search on the heaviest GPU ``m`` of one layer, copies counted as they stand.
+
+    Moves (each keeps the number of copies, at most ``slots`` per GPU, one copy of an expert per GPU):
+    a copy leaves ``m`` for a GPU with a free slot; a copy on ``m`` trades places with a lighter one;
+    an expert on ``m`` gains a copy in the place of a copy of a replicated expert elsewhere (``m``'s share
+    shrinks); a replicated expert on ``m`` gives its copy there to another expert. A move is taken when
+    every GPU it changes ends below ``m``'s load, the best (lowest such maximum) first; ties: the first found.
+    """
+    p = np.asarray(load_row, dtype=float)
+    held = held.copy()
+    E, G = held.shape
+    if G < 2:
+        return held
+    for _ in range(max_iter):
+        c = held.sum(axis=1)
+        q = p / np.maximum(c, 1)
+        bl = q @ held
+        n = held.sum(axis=0)
+        m = int(np.argmax(bl))
+        top = float(bl[m])
+        limit = top - 1e-9 * max(top, 1e-300)
+        mine = np.flatnonzero(held[:, m])
+        best, move = limit, None
+        # 1. move a copy off m onto a GPU with a free slot that lacks the expert
+        ok = ~held[mine] & (n < slots)[None, :]
+        if ok.any():
+            val = np.where(ok, np.maximum(top - q[mine][:, None], bl[None, :] + q[mine][:, None]), np.inf)
+            k = int(np.argmin(val))
+            if val.flat[k] < best:
+                best, move = float(val.flat[k]), ("move", mine[k // G], None, k % G)
+        # 2. swap a copy on m with a lighter copy of another expert on another GPU
+        f_all, g_all = np.nonzero(held & ~held[:, [m]])  # copies of experts m lacks, hence on GPUs != m
+        if f_all.size:
+            d = q[mine][:, None] - q[f_all][None, :]
+            ok = (d > 0) & ~held[mine][:, g_all]
+            val = np.where(ok, np.maximum(top - d, bl[g_all][None, :] + d), np.inf)
+            k = int(np.argmin(val))
+            if val.flat[k] < best:
+                j = k % f_all.size
+                best, move = float(val.flat[k]), ("swap", mine[k // f_all.size], f_all[j], g_all[j])
+        # 3./4. re-count: expert e gains a copy on GPU g in the place of a copy of f (c_f >= 2)
+        cand = []
+        grow = mine[c[mine] < max_copies]
+        if grow.size:  # 3. e on m grows onto a GPU g that lacks it, where f (c_f >= 2) had a copy
+            f3, g3 = np.nonzero(held & (c >= 2)[:, None])
+            ee, jj = np.meshgrid(grow, np.arange(f3.size), indexing="ij")
+            ee, ff, gg = ee.ravel(), f3[jj.ravel()], g3[jj.ravel()]
+            keep = (ee != ff) & ~held[ee, gg]
+            cand.append((ee[keep], ff[keep], gg[keep]))
+        shrink = mine[c[mine] >= 2]
+        if shrink.size:  # 4. f on m (replicated) gives its copy on m to an expert e that m lacks
+            e4 = np.flatnonzero(~held[:, m] & (c < max_copies))
+            ff, ee = np.meshgrid(shrink, e4, indexing="ij")
+            cand.append((ee.ravel(), ff.ravel(), np.full(ee.size, m)))
+        if cand:
+            ee = np.concatenate([x[0] for x in cand])
+            ff = np.concatenate([x[1] for x in cand])
+            gg = np.concatenate([x[2] for x in cand])
+            if ee.size:
+                de = q[ee] - p[ee] / (c[ee] + 1)  # every copy of e gets lighter
+                df = p[ff] / np.maximum(c[ff] - 1, 1) - q[ff]  # every other copy of f heavier
+                new = bl[None, :] - de[:, None] * held[ee] + df[:, None] * held[ff]
+                r = np.arange(ee.size)
+                new[r, gg] += -df - q[ff] + p[ee] / (c[ee] + 1)
+                changed = held[ee] | held[ff]
+                changed[r, gg] = True
+                val = np.where(changed, new, -np.inf).max(axis=1)
+                k = int(np.argmin(val))
+                if val[k] < best:
+                    best, move = float(val[k]), ("recount", ee[k], ff[k], gg[k])
+        if move is None:
+            break
+        kind, e, f, g = move
+        if kind == "move":
+            held[e, m], held[e, g] = False, True
+        elif kind == "swap":
+            held[e, m], held[e, g] = False, True
+            held[f, g], held[f, m] = False, True
+        else:
+            held[f, g], held[e, g] = False, True
+    return held
+
+
+def place_missing(load_row: np.ndarray, held: np.ndarray, counts: np.ndarray, slots: int) -> np.ndarray:
+    """Give every expert its ``counts`` copies on distinct GPUs (after :func:`pack_replicas` merged twins).
+
+    A missing copy goes to the lightest GPU with a free slot that lacks the expert; where every GPU with a
+    free slot already holds it, a copy ``f`` moves from a full GPU ``h`` lacking the expert to the free
+    slot, and the expert takes ``f``'s place on ``h`` (``h`` is full and the other not, so such an ``f``
+    exists). Needs ``counts <= GPUs`` and ``counts.sum() <= GPUs x slots``.
+    """
+    p = np.asarray(load_row, dtype=float)
+    held = held.copy()
+    for e in np.flatnonzero(held.sum(axis=1) < counts):
+        while held[e].sum() < counts[e]:
+            bl = copy_loads(p, held)
+            q = p / np.maximum(held.sum(axis=1), 1)
+            n = held.sum(axis=0)
+            free = n < slots
+            direct = np.flatnonzero(free & ~held[e])
+            if direct.size:
+                held[e, direct[np.argmin(bl[direct])]] = True
+                continue
+            g = int(np.flatnonzero(free)[np.argmin(bl[free])])  # holds e
+            best = None
+            for h in np.flatnonzero(~held[e]):  # full GPUs lacking e
+                for f in np.flatnonzero(held[:, h] & ~held[:, g]):
+                    val = max(bl[g] + q[f], bl[h] - q[f])
+                    if best is None or val < best[0]:
+                        best = (val, int(h), int(f))
+            assert best is not None
+            _, h, f = best
+            held[f, h], held[f, g], held[e, h] = False, True, True
+    return held
