@@ -177,6 +177,8 @@ def main() -> None:
         elif what == "replay":
             part_replay(Path(rest[0]))
         return
+    if args.workdir:
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         work = Path(tmp)
         if args.part in ("all", "import"):
