@@ -161,13 +161,21 @@ def test_never_worse_than_greedy_and_valid(E, G, N, seed, kind, method):
     np.testing.assert_array_equal(again.gpus, placement.gpus)  # pure: same problem, same placement
 
 
-def test_neighbourhood_search_improves_a_skewed_layer():
+@pytest.mark.parametrize("solver", ["highs", "cbc"])
+def test_neighbourhood_search_improves_a_skewed_layer(solver):
+    if solver == "highs" and not highs_available():
+        pytest.skip("highspy not installed")
     rng = np.random.default_rng(2)
     E, G, N = 16, 8, 8
     load = ((np.arange(1, E + 1) ** -1.0)[rng.permutation(E)] * 1000 * rng.uniform(0.8, 1.2, E)).round(1)[None]
     prob = make_problem(load, G)
-    placement = make_placement("ilp", prob, redundant_experts=N, method="decompose", gap=0.0, time_limit_s=10.0)
-    assert gpu_max(placement, load)[0] < greedy_max(load, G, N)[0] - 1.0  # recounts that greedy cannot find
+    placement = make_placement("ilp", prob, redundant_experts=N, method="decompose", gap=0.0, time_limit_s=10.0,
+                               solver=solver)
+    ours, base = gpu_max(placement, load)[0], greedy_max(load, G, N)[0]
+    if solver == "highs":  # HiGHS takes the incumbent as a cutoff and finds recounts that greedy cannot
+        assert ours < base - 1.0
+    else:  # CBC's 100-node neighbourhoods find nothing better here; the answer is still greedy's or better
+        assert ours <= base
     check_valid(placement, prob, N)
 
 
