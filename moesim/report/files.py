@@ -109,7 +109,7 @@ def write_outputs(result: StudyResult, out_dir: str | os.PathLike[str], *, plots
             rebalance_report.write_series_csv(result.rebalance, tmp / "rebalance.csv")
             if plots_on:
                 rebalance_report.plot_series(result.rebalance, tmp / "rebalance.png",
-                                             f"{result.scenario.name}: rebalancing over time")
+                                             f"scenario {result.scenario.name}: end-to-end time and imbalance per batch")
         if plots_on:
             plots.write_all(result, tmp)
         written = sorted(p.relative_to(tmp) for p in tmp.rglob("*") if p.is_file())
