@@ -322,10 +322,11 @@ def test_coherent_dataflow_is_a_scenario_option():
 def test_traffic_weights_follow_the_dataflow():
     coherent = problem(3, 8, 4, 2, seed=12)
     standard = problem(3, 8, 4, 2, seed=12, coherent=False)
-    assert make_placement("ilp", coherent).info["weights"] == {"compute": 1.0, "comm": 1.0, "affinity": 1.0}
+    assert make_placement("ilp", coherent).info["weights"] == {"compute": 1.0, "comm": 1.0, "affinity": 1.0,
+                                                               "dispatch": 0.0}
     info = make_placement("ilp", standard).info
-    assert info["weights"] == {"compute": 1.0, "comm": 0.0, "affinity": 0.0}
-    assert info["objective"] == pytest.approx(info["load_objective"])
+    assert info["weights"] == {"compute": 1.0, "comm": 0.0, "affinity": 0.0, "dispatch": 1.0}  # two nodes
+    assert info["objective"] == pytest.approx(info["load_objective"] + info["dispatch_objective"])
     assert make_placement("ilp", standard, w_comm=2).info["weights"]["comm"] == 2.0
 
 
@@ -363,3 +364,113 @@ def test_routing_statistics_are_lazy_and_follow_the_problem():
     assert q.coactivation_counts().sum() == 5 * 3 * 2  # ordered pairs of a token's two picks, per layer
     given = dataclasses.replace(p, transitions=np.ones((2, 4, 4)))
     assert given.transition_counts().sum() == 32
+
+
+# ----------------------------------------------------------------------------------------------------
+# the standard dataflow's inter-node dispatch term (nodes first)
+
+
+def direct_dispatch(p: PlacementProblem, assign: np.ndarray, cm: I.CostModel) -> np.ndarray:
+    """Per layer: remote (token, destination) copies with homes spread evenly, over one node's NICs."""
+    N, gpn = p.num_nodes, p.gpus_per_node
+    out = np.zeros(p.num_layers)
+    for l in range(p.num_layers):
+        for t in range(p.routing.shape[0]):
+            ranks = {int(assign[l, e]) for e in p.routing[t, l] if e >= 0}
+            dests = {r // gpn for r in ranks} if cm.copies == "node" else ranks
+            out[l] += len(dests) * (N - 1) / N  # a destination is remote unless the token lives there
+    return out / N * cm.copy_s * cm.w_dispatch  # the mean node's share
+
+
+@pytest.mark.parametrize("copies", ["node", "gpu"])
+def test_dispatch_term_matches_a_direct_count(copies):
+    p = problem(3, 12, 6, 2, seed=4, tokens=60, k=3, coherent=False, a2a_copies=copies, combine_bytes=2.0)
+    cm = I.cost_model(p)
+    assert cm.w_dispatch == 1.0 and cm.copies == copies
+    assert cm.copy_s == pytest.approx((1.0 + 2.0) * 3.0 / 2)  # both directions, s_out per byte, 2 NICs a node
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        assign = np.stack([rng.permutation(np.repeat(np.arange(6), 2)) for _ in range(3)])
+        got = I.evaluate(p, assign, cm).dispatch
+        assert got == pytest.approx(direct_dispatch(p, assign, cm))
+        assert I.dispatch_lower_bound(p, cm) <= got.sum() + 1e-12
+    assert I.spans(np.array([[0, 1, -1], [-1, -1, -1]]), np.array([70, 70])).tolist() == [1, 0]  # wide owners
+
+
+def test_node_swaps_never_raise_their_objective():
+    p = problem(2, 24, 6, 2, seed=9, tokens=120, k=4, coherent=False, a2a_copies="node")
+    picks, load = p.routing[:, 0, :], p.load[0]
+
+    def value(node_of: np.ndarray) -> float:
+        bound = max(I.load_lower_bound(load[node_of == n], 2, 4) for n in range(3))
+        return 2.0 * bound + 0.5 * I.spans(picks, node_of).sum()
+
+    for start in (np.arange(24) * 3 // 24, np.arange(24) % 3):
+        out = I.node_swaps(picks, load, start, 3, gpn=2, slots=4, w_load=2.0, w_span=0.5)
+        assert np.bincount(out, minlength=3).tolist() == [8, 8, 8]
+        assert value(out) <= value(start) + 1e-12
+    assert value(I.node_swaps(picks, load, np.arange(24) % 3, 3, gpn=2, slots=4, w_load=2.0, w_span=0.5)) < \
+        value(np.arange(24) % 3)
+
+
+def group_limited(seed: int = 0, tokens: int = 400) -> PlacementProblem:
+    """2 nodes x 2 ranks, 8 experts in 2 groups of 4; each token picks 2 experts of one group."""
+    rng = np.random.default_rng(seed)
+    pop = rng.dirichlet(np.full(4, 1.0), size=(3, 2))  # [layer, group, expert in group]
+    ex = np.empty((tokens, 3, 2), dtype=np.int64)
+    for t in range(tokens):
+        for l in range(3):
+            g = rng.integers(2)
+            ex[t, l] = 4 * g + rng.choice(4, size=2, replace=False, p=pop[l, g])
+    s = np.where(np.arange(4)[:, None] // 2 == np.arange(4)[None, :] // 2, 1e-3, 1.0) * (1 - np.eye(4))
+    return PlacementProblem(num_layers=3, num_experts=8, num_gpus=4, gpus_per_node=2, slots_per_gpu=2,
+                            load=expert_loads(ex, 8), routing=ex, compute_s_per_pair=0.5, transfer_bytes=1.0,
+                            rank_s_per_byte=s, a2a_copies="node")
+
+
+def test_group_limited_routing_keeps_groups_on_nodes_and_balances():
+    p = group_limited()
+    placement = make_placement("ilp", p)
+    a = placement.gpus[:, :, 0]
+    node = a // 2
+    assert (node[:, :4] == node[:, :1]).all() and (node[:, 4:] == node[:, 4:5]).all()
+    assert (node[:, 0] != node[:, 4]).all()  # span 1 for every token
+    for l in range(3):  # and balanced as well as a group per node allows
+        best = min(max(np.bincount(n0, weights=p.load[l][:4], minlength=2).max(),
+                       np.bincount(n1, weights=p.load[l][4:], minlength=2).max())
+                   for n0 in layer_assignments(4, 2, 2) for n1 in layer_assignments(4, 2, 2))
+        assert I.layer_max_load(p.load[l], a[l], 4) == pytest.approx(best)
+    info = placement.info
+    assert info["method"] == "nodes_first" and info["layers_nodes_first"] == 3
+    assert info["dispatch_objective"] == pytest.approx(I.dispatch_lower_bound(p, I.cost_model(p)))
+    assert info["lower_bound"] <= info["objective"] < info["greedy_objective"]  # greedy splits a group
+    off = make_placement("ilp", p, w_dispatch=0.0).info  # the term off: the load-only path (here the exact DP)
+    assert off["weights"]["dispatch"] == 0.0 and off["method"] == "exact_dp"
+
+
+def test_dispatch_term_is_off_on_one_node_and_under_the_coherent_dataflow():
+    one = problem(2, 8, 4, 4, seed=1, coherent=False, a2a_copies="node")
+    assert I.cost_model(one).w_dispatch == 0.0 and I.cost_model(one, w_dispatch=1.0).w_dispatch == 0.0
+    assert I.cost_model(problem(2, 8, 4, 2, seed=1, a2a_copies="node")).w_dispatch == 0.0  # coherent
+    assert I.cost_model(problem(2, 8, 4, 2, seed=1, coherent=False, a2a_copies="expert")).w_dispatch == 0.0
+    info = make_placement("ilp", one).info
+    assert info["weights"]["dispatch"] == 0.0 and info["dispatch_objective"] == 0.0
+    with pytest.raises(InputError, match="w_dispatch"):
+        make_placement("ilp", problem(2, 8, 4, 2, coherent=False), w_dispatch=-1.0)
+    with pytest.raises(InputError, match="redundant_experts"):
+        make_placement("ilp", problem(2, 8, 4, 2, coherent=False), w_dispatch=1.0, redundant_experts=2)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_nodes_first_is_valid_bounded_and_not_worse_than_greedy(seed):
+    p = problem(4, 16, 8, 2, seed=30 + seed, tokens=200, k=3, coherent=False, a2a_copies=("node", "gpu")[seed % 2])
+    placement = make_placement("ilp", p, time_limit_s=20.0)
+    info = placement.info
+    cm = I.cost_model(p)
+    assert cm.w_dispatch == 1.0 and placement.copies_per_gpu().max() <= p.slots_per_gpu
+    assert info["objective"] <= info["greedy_objective"] + 1e-12
+    assert I.evaluate(p, placement.gpus[:, :, 0], cm).total == pytest.approx(info["objective"])
+    assert info["lower_bound"] <= info["objective"] and 0 <= info["gap"] < 1
+    assert info["load_lower_bound"] <= info["load_objective"]
+    again = make_placement("ilp", p, time_limit_s=20.0)  # deterministic
+    assert np.array_equal(again.gpus, placement.gpus)

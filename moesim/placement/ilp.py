@@ -9,12 +9,19 @@ What is optimised (every term in seconds over the profiling window; ``CostModel`
   ``sum_{e on g, f} R[l, e, f] x bytes x s[g, rank(f)]`` with ``s`` the seconds per byte between ranks
   (NVLink inside a node, the NIC across nodes, both from the hardware model; 0 on one rank);
   ``w_comm x max_g send_g`` is the tail (the busiest GPU's outgoing links);
-- cross-layer term: ``w_affinity x mean_g send_g``, the total traffic the placement did not co-locate.
+- cross-layer term: ``w_affinity x mean_g send_g``, the total traffic the placement did not co-locate;
+- dispatch term, per layer (standard dataflow, more than one node; :func:`dispatch_terms`): the mean
+  node's NIC time for dispatch + combine, ``w_dispatch x c x (N-1)/N^2 x sum_t span(t)`` with
+  ``span(t)`` the distinct nodes (``a2a_copies == "node"``: hierarchical all-to-all, one network copy per
+  token and destination node) or distinct ranks (``"gpu"``: direct, de-duplicated per rank) of token t's
+  picks in the profile, homes uniform over the N nodes (a destination is remote with probability
+  (N-1)/N) and ``c`` the seconds one copy in both directions costs a node's NICs together.
 
 ``w_comm`` and ``w_affinity`` default to 1 when the scenario's dataflow is coherent and to 0 under the
-standard dataflow (tokens return home after every layer, so co-location saves nothing); see
-:func:`cost_model`. ``method: joint`` also runs the monolithic ILP below from the decomposed answer (small
-instances), returning the incumbent and the solver's bound at ``time_limit_s``.
+standard dataflow (tokens return home after every layer, so co-location saves nothing); ``w_dispatch``
+defaults to 1 under the standard dataflow on more than one node (copies per node or per rank) and is 0
+otherwise; see :func:`cost_model`. ``method: joint`` also runs the monolithic ILP below from the
+decomposed answer (small instances), returning the incumbent and the solver's bound at ``time_limit_s``.
 
 Constraints: every expert on one rank per layer, at most ``slots_per_gpu`` experts per rank and layer,
 and at most ``memory_slots`` expert copies per rank over all layers (the memory budget; hard).
@@ -42,8 +49,16 @@ Method (``method="auto"``):
    b. cross-layer alignment: each layer's ranks are relabelled to line up with its neighbours, an
       assignment problem per layer (exact, Hungarian), in forward and backward sweeps (one forward
       sweep above 16 ranks);
+   b'. nodes first, when the dispatch term is on (:func:`place_nodes_first`): per layer, experts to
+      nodes by swap local search between nodes (:func:`node_swaps`; compute tail as the largest per-node
+      load bound, plus the dispatch term counted exactly and incrementally on a token sample),
+      from both the contiguous node partition and the balanced one, then each node's experts balanced
+      over its ranks; the best of those and the balanced layer on the exact layer terms. The dispatch
+      term's bound is one destination per ``slots x ranks per node`` distinct picks of a token (valid,
+      loose: the joint gap stays open, and ``load_gap`` grows by what is traded for fewer nodes);
    c. affinity swaps: two experts of one layer trade ranks when the exact joint objective falls
-      (screened by a vectorised first-order estimate), load tail included.
+      (screened by a vectorised first-order estimate), load tail included (b and c do not see the
+      dispatch term: their result is kept only if the whole objective falls).
 3. The answer is never worse than greedy: greedy is evaluated with the same objective and kept if better.
 
 Replicas (``redundant_experts: N > 0``, :func:`optimise_replicas`): per layer, how many copies each expert
@@ -77,15 +92,17 @@ expert has a copy on the first. Method:
 
 With replicas the objective is the load term only: the traffic terms above assume one rank per expert
 (with copies, tokens split over ranks and the cross-layer term becomes a product of three placements), so
-``w_comm`` / ``w_affinity`` must be left unset or 0 (under the coherent dataflow they are ignored).
+``w_comm`` / ``w_affinity`` / ``w_dispatch`` must be left unset or 0 (defaults are ignored).
 
 The info dict (-> results.json) holds ``objective`` and ``lower_bound`` (seconds), ``gap``, the load
 term alone (``load_objective``, ``load_lower_bound``, ``load_gap``), ``greedy_objective``,
-``solve_s``, ``method``, ``solver`` and ``status`` (with replicas also ``redundant_experts``,
-``merged_twins`` and ``layers_proven_optimal``; no traffic terms). Deliberately ignored: the
-dispatch/combine traffic of the standard dataflow (with homes spread evenly it is proportional to the
-load term), per-link contention beyond a GPU's own sends, and the de-duplication of copies when a
-token's next experts share a rank (``R`` counts top-k x top-k pairs; same-layer co-activation is
+``solve_s``, ``method``, ``solver`` and ``status`` (``dispatch_objective``, and ``layers_nodes_first``
+when nodes first ran; with replicas also ``redundant_experts``, ``merged_twins`` and
+``layers_proven_optimal``; no traffic terms). Deliberately ignored: the standard dataflow's NVLink
+dispatch/combine (with homes spread evenly it is proportional to the load term), the tokens' actual
+homes (taken as uniform over nodes), the busiest node's NICs (the dispatch term counts the mean node),
+per-link contention beyond a GPU's own sends, and the de-duplication of copies when a token's next
+experts share a rank (``R`` counts top-k x top-k pairs; same-layer co-activation is
 counted by :mod:`moesim.placement.profile` but not yet in the objective).
 """
 
@@ -138,23 +155,36 @@ class CostModel:
     w_comm: float
     w_affinity: float
     two_tier: tuple[float, float] | None = None  # (same node, other node) s/byte when ``s`` has that form
+    w_dispatch: float = 0.0
+    copy_s: float = 0.0  # seconds one node's NICs spend on one (token, remote destination) copy, both directions
+    copies: str = "node"  # what one dispatch copy goes to: "node" (hierarchical) or "gpu" (direct, deduplicated)
 
 
 def cost_model(problem: PlacementProblem, w_compute: float = 1.0, w_comm: float | None = None,
-               w_affinity: float | None = None) -> CostModel:
+               w_affinity: float | None = None, w_dispatch: float | None = None) -> CostModel:
     """Coefficients from the problem's hardware fields; unit costs where the problem has none.
 
     ``w_comm`` and ``w_affinity`` default to 1 under the context-coherent dataflow (``problem.coherent``),
     where tokens travel from expert to expert, and to 0 under the standard one, where they go home after
-    every layer and co-locating consecutive layers saves nothing.
+    every layer and co-locating consecutive layers saves nothing. ``w_dispatch`` (the standard dataflow's
+    inter-node dispatch + combine, :func:`dispatch_terms`) defaults to 1 under the standard dataflow on more
+    than one node when the problem has its routing and copies go per node or per rank, else to 0.
     """
     default = 1.0 if problem.coherent else 0.0
     w_comm = default if w_comm is None else w_comm
     w_affinity = default if w_affinity is None else w_affinity
-    for name, w in (("w_compute", w_compute), ("w_comm", w_comm), ("w_affinity", w_affinity)):
+    if problem.a2a_copies not in ("node", "gpu", "expert"):
+        raise InputError(f"must be node, gpu or expert, got {problem.a2a_copies!r}", field="a2a_copies")
+    G, gpn = problem.num_gpus, problem.gpus_per_node
+    applies = (not problem.coherent and problem.num_nodes > 1 and problem.routing is not None
+               and problem.a2a_copies != "expert")
+    w_dispatch = (1.0 if applies else 0.0) if w_dispatch is None else w_dispatch
+    for name, w in (("w_compute", w_compute), ("w_comm", w_comm), ("w_affinity", w_affinity),
+                    ("w_dispatch", w_dispatch)):
         if not (w >= 0 and math.isfinite(w)):
             raise InputError(f"must be a finite number >= 0, got {w!r}", field=name)
-    G = problem.num_gpus
+    if w_dispatch and not applies:  # nothing to count, or a term the engine does not have
+        w_dispatch = 0.0
     if problem.rank_s_per_byte is not None:
         s = np.asarray(problem.rank_s_per_byte, dtype=float)
         if s.shape != (G, G):
@@ -162,15 +192,86 @@ def cost_model(problem: PlacementProblem, w_compute: float = 1.0, w_comm: float 
         s = s * (1 - np.eye(G))
     else:
         s = 1.0 - np.eye(G)
-    node = np.arange(G) // problem.gpus_per_node
+    node = np.arange(G) // gpn
     same = (node[:, None] == node[None, :]) & ~np.eye(G, dtype=bool)
     other = node[:, None] != node[None, :]
     intra = s[same] if same.any() else np.zeros(1)
     inter = s[other] if other.any() else np.zeros(1)
     uniform = np.ptp(intra) <= 1e-12 * max(intra.max(), 1e-300) and np.ptp(inter) <= 1e-12 * max(inter.max(), 1e-300)
-    return CostModel(t_pair=problem.compute_s_per_pair or 1.0, s=s, bytes=problem.transfer_bytes or 1.0,
+    transfer = problem.transfer_bytes or 1.0
+    both = transfer + (problem.combine_bytes if problem.combine_bytes is not None else transfer)
+    # a node's NICs together: gpus_per_node ranks, each at 1 / (its cross-node seconds per byte)
+    copy_s = both * float(inter.mean()) / gpn if other.any() else 0.0
+    return CostModel(t_pair=problem.compute_s_per_pair or 1.0, s=s, bytes=transfer,
                      w_compute=w_compute, w_comm=w_comm, w_affinity=w_affinity,
-                     two_tier=(float(intra.max()), float(inter.max())) if uniform else None)
+                     two_tier=(float(intra.max()), float(inter.max())) if uniform else None,
+                     w_dispatch=w_dispatch, copy_s=copy_s, copies=problem.a2a_copies)
+
+
+def _picks(problem: PlacementProblem, l: int) -> np.ndarray:
+    """[T, K] expert ids of layer l in the profiling window (int64, -1 = none), cached on the problem."""
+    key = ("picks", l)
+    if key not in problem._cache:
+        problem._cache[key] = np.ascontiguousarray(np.asarray(problem.routing)[:, l, :], dtype=np.int64)
+    return problem._cache[key]
+
+
+def _distinct(sorted_rows: np.ndarray) -> np.ndarray:
+    """[T] distinct values >= 0 per row of an ascending-sorted [T, K] array."""
+    o = sorted_rows
+    return (o[:, 0] >= 0).astype(np.int64) + ((o[:, 1:] != o[:, :-1]) & (o[:, 1:] >= 0)).sum(axis=1)
+
+
+def spans(picks: np.ndarray, owner: np.ndarray) -> np.ndarray:
+    """[T] distinct owners (nodes or ranks: ``owner[expert]``) of each token's picks (-1 = no pick)."""
+    owner = np.asarray(owner, dtype=np.int64)
+    if owner.max(initial=0) < 64:  # a bit per owner, OR over the picks, count the bits
+        table = np.append(np.left_shift(np.uint64(1), owner.astype(np.uint64)), np.uint64(0))  # [-1]: nothing
+        mask = np.zeros(picks.shape[0], dtype=np.uint64)
+        for j in range(picks.shape[1]):
+            mask |= table[picks[:, j]]
+        return np.bitwise_count(mask).astype(np.int64)
+    return _distinct(np.sort(np.where(picks >= 0, np.append(owner, -1)[picks], -1), axis=1))
+
+
+def dispatch_scale(problem: PlacementProblem, cm: CostModel) -> float:
+    """Seconds per (token, destination) pair in the mean node's dispatch + combine time.
+
+    With homes spread evenly over N nodes a destination is remote with probability (N-1)/N, and the
+    remote copies are shared by N nodes' NICs: the mean node spends ``copy_s x (N-1)/N^2`` per pair.
+    """
+    N = problem.num_nodes
+    return cm.w_dispatch * cm.copy_s * (N - 1) / (N * N)
+
+
+def dispatch_terms(problem: PlacementProblem, assign: np.ndarray, cm: CostModel) -> np.ndarray:
+    """[L] weighted inter-node dispatch + combine time of the standard dataflow, per layer.
+
+    Counted on the profile's tokens: the distinct destination nodes (``copies == "node"``, hierarchical
+    all-to-all) or destination ranks (``"gpu"``, direct) of each token's picks, times
+    :func:`dispatch_scale`. Zero when ``w_dispatch`` is 0.
+    """
+    L = problem.num_layers
+    out = np.zeros(L)
+    if cm.w_dispatch == 0:
+        return out
+    scale = dispatch_scale(problem, cm)
+    for l in range(L):
+        owner = assign[l] // problem.gpus_per_node if cm.copies == "node" else assign[l]
+        out[l] = scale * float(spans(_picks(problem, l), np.asarray(owner)).sum())
+    return out
+
+
+def dispatch_lower_bound(problem: PlacementProblem, cm: CostModel) -> float:
+    """Every token spans at least ceil(distinct picks / experts a node (rank) holds) destinations."""
+    if cm.w_dispatch == 0:
+        return 0.0
+    cap = problem.slots_per_gpu * (problem.gpus_per_node if cm.copies == "node" else 1)
+    total = 0.0
+    for l in range(problem.num_layers):
+        distinct = _distinct(np.sort(_picks(problem, l), axis=1))
+        total += float((-(-distinct // cap)).sum())
+    return dispatch_scale(problem, cm) * total
 
 
 def layer_max_load(load_row: np.ndarray, a: np.ndarray, G: int) -> float:
@@ -194,10 +295,12 @@ class Breakdown:
     compute: np.ndarray  # [L] weighted compute tail
     comm: np.ndarray  # [L-1] weighted communication tail
     affinity: np.ndarray  # [L-1] weighted mean send
+    dispatch: np.ndarray | None = None  # [L] weighted inter-node dispatch + combine (standard dataflow)
 
     @property
     def total(self) -> float:
-        return float(self.compute.sum() + self.comm.sum() + self.affinity.sum())
+        extra = float(self.dispatch.sum()) if self.dispatch is not None else 0.0
+        return float(self.compute.sum() + self.comm.sum() + self.affinity.sum()) + extra
 
 
 def evaluate(problem: PlacementProblem, assign: np.ndarray, cm: CostModel) -> Breakdown:
@@ -210,7 +313,7 @@ def evaluate(problem: PlacementProblem, assign: np.ndarray, cm: CostModel) -> Br
             break
         sd = sends(problem.transition_counts()[l], assign[l], assign[l + 1], cm)
         comm[l], aff[l] = cm.w_comm * sd.max(), cm.w_affinity * sd.mean()
-    return Breakdown(compute, comm, aff)
+    return Breakdown(compute, comm, aff, dispatch_terms(problem, assign, cm))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -336,6 +439,189 @@ def balance_layer(load_row: np.ndarray, G: int, slots: int, *, gap: float, solve
             break
         a, ub = trial, new
     return a, ub, min(lb, ub)
+
+
+# ----------------------------------------------------------------------------------------------------
+# nodes first: the standard dataflow's inter-node dispatch on multi-node clusters
+
+
+def _layer_value(problem: PlacementProblem, l: int, a: np.ndarray, cm: CostModel) -> float:
+    """Compute tail + dispatch term of layer l under placement row ``a`` (exact, on every profile token)."""
+    G, gpn = problem.num_gpus, problem.gpus_per_node
+    val = cm.w_compute * cm.t_pair * layer_max_load(problem.load[l], a, G)
+    if cm.w_dispatch:
+        owner = a // gpn if cm.copies == "node" else a
+        val += dispatch_scale(problem, cm) * float(spans(_picks(problem, l), owner).sum())
+    return val
+
+
+_SEARCH_TOKENS = 32_768  # profile tokens the node search counts (every k-th); the final choice counts all
+
+
+def _node_move_gains(c: np.ndarray, tok_sorted: np.ndarray, exp_sorted: np.ndarray, node_of: np.ndarray,
+                     E: int, N: int) -> np.ndarray:
+    """[E, N] change of the summed token spans if expert e alone moved to node n (its own node: 0)."""
+    own = node_of[exp_sorted]
+    solo = np.bincount(exp_sorted, weights=c[tok_sorted, own] == 1, minlength=E)  # tokens e alone brings to its node
+    if N <= 10:  # histogram of (expert, nodes the token reaches) and the nodes each mask misses
+        bits = 1 << np.arange(N)
+        mask = ((c > 0) * bits).sum(axis=1)
+        hist = np.bincount(exp_sorted * (1 << N) + mask[tok_sorted], minlength=E << N).reshape(E, 1 << N)
+        missing = ((np.arange(1 << N)[:, None] & bits[None, :]) == 0).astype(float)  # [masks, N]
+        add = hist @ missing
+    else:
+        add = np.stack([np.bincount(exp_sorted, weights=c[tok_sorted, n] == 0, minlength=E) for n in range(N)], axis=1)
+    out = add - solo[:, None]
+    out[np.arange(E), node_of] = 0.0
+    return out
+
+
+def node_swaps(picks: np.ndarray, load_row: np.ndarray, node_of: np.ndarray, N: int, *, gpn: int, slots: int,
+               w_load: float, w_span: float, max_rounds: int = 40, candidates: int | None = None) -> np.ndarray:
+    """Swap experts between nodes while ``w_load x max_n bound_n + w_span x sum of token node spans`` falls.
+
+    ``bound_n`` is :func:`load_lower_bound` of node n's experts over its ``gpn`` ranks of ``slots``: no
+    split of the node has a lighter heaviest rank (its load over the ranks, or its heaviest expert with
+    the lightest others of a full rank), and the balancing inside the node then nearly attains it.
+
+    Exact and incremental on the tokens of ``picks`` [T, K]: ``c[t, n]`` counts token t's picks on node n,
+    so a swap of e (node A) and f (node B) changes the span of a token picking e but not f by
+    ``[c[t, B] == 0] - [c[t, A] == 1]`` (and symmetrically). Candidates are screened by the sum of the
+    two single moves' span changes (exact unless a token picks both) plus an estimate of the two nodes'
+    bounds, the best ``candidates`` per round tried in order; each is kept only if the exact
+    objective falls. Rounds, not the clock, bound the work, so the result is deterministic.
+    """
+    T, K = picks.shape
+    E = load_row.size
+    p = np.asarray(load_row, dtype=float)
+    node_of = np.asarray(node_of, dtype=np.int64).copy()
+    flat_e = picks.ravel()
+    flat_t = np.repeat(np.arange(T, dtype=np.int64), K)
+    ok = flat_e >= 0
+    order = np.argsort(flat_e[ok], kind="stable")
+    exp_sorted = flat_e[ok][order]
+    tok_sorted = flat_t[ok][order]
+    bounds = np.searchsorted(exp_sorted, np.arange(E + 1))
+    members = [tok_sorted[bounds[e]: bounds[e + 1]] for e in range(E)]
+    c = np.bincount(tok_sorted * N + node_of[exp_sorted], minlength=T * N).reshape(T, N).astype(np.int16)
+    nl = np.bincount(node_of, weights=p, minlength=N)
+
+    def node_bound(members_of: np.ndarray) -> float:  # the heaviest rank a node's experts force
+        return load_lower_bound(p[members_of], gpn, slots) if members_of.size else 0.0
+
+    q = np.array([node_bound(np.flatnonzero(node_of == n)) for n in range(N)])
+    candidates = candidates or max(16, 2 * E)
+    tol = 1e-12 * max(w_load * q.max() + w_span * T, 1e-300)
+    upper = np.tri(E, dtype=bool)
+    for _ in range(max_rounds):
+        move = _node_move_gains(c, tok_sorted, exp_sorted, node_of, E, N)
+        span_d = move[:, node_of] + move[:, node_of].T  # [e, f]: e -> node(f), f -> node(e)
+        # screening estimate of each node's bound after a swap: its load spread over its ranks, or its
+        # heaviest expert (e gone, f arrived) plus what the rest of that expert's rank held before
+        top1, top2, arg1 = np.zeros(N), np.zeros(N), np.full(N, -1)
+        for n in range(N):
+            mine = np.flatnonzero(node_of == n)
+            if mine.size:
+                srt = mine[np.argsort(-p[mine], kind="stable")]
+                arg1[n], top1[n] = srt[0], p[srt[0]]
+                top2[n] = p[srt[1]] if srt.size > 1 else 0.0
+        filler = np.maximum(q - top1, 0.0)  # the rest of the heaviest expert's rank, as bounded now
+        pe = p[:, None] - p[None, :]
+        na, nb = node_of[:, None], node_of[None, :]
+        ids = np.arange(E)
+        hot_a = np.maximum(np.where(ids[:, None] == arg1[na], top2[na], top1[na]), p[None, :])
+        hot_b = np.maximum(np.where(ids[None, :] == arg1[nb], top2[nb], top1[nb]), p[:, None])
+        new_a = np.maximum((nl[na] - pe) / gpn, hot_a + filler[na])
+        new_b = np.maximum((nl[nb] + pe) / gpn, hot_b + filler[nb])
+        top = q.max()
+        order_n = np.argsort(q, kind="stable")[::-1]
+        m1, m2, m3 = (q[order_n[i]] if i < N else 0.0 for i in range(3))
+        rest = np.where((na != order_n[0]) & (nb != order_n[0]), m1,  # the heaviest node other than A and B
+                        np.where((na != order_n[1]) & (nb != order_n[1]), m2, m3))
+        delta = w_span * span_d + w_load * (np.maximum(np.maximum(new_a, new_b), rest) - top)
+        delta[(na == nb) | upper] = np.inf
+        k = min(candidates, delta.size - 1)
+        flat = np.argpartition(delta, k, axis=None)[:k]
+        flat = flat[np.argsort(delta.flat[flat], kind="stable")]
+        touched: set[int] = set()
+        improved = False
+        for f_ in flat:
+            if not delta.flat[f_] < 0:
+                break
+            i, j = divmod(int(f_), E)
+            if i in touched or j in touched:
+                continue
+            A, B = node_of[i], node_of[j]
+            ti, tj = members[i], members[j]
+            ti = ti[~(picks[ti] == j).any(axis=1)]  # tokens picking i but not j
+            tj = tj[~(picks[tj] == i).any(axis=1)]
+            ds = (int(np.count_nonzero(c[ti, B] == 0)) - int(np.count_nonzero(c[ti, A] == 1))
+                  + int(np.count_nonzero(c[tj, A] == 0)) - int(np.count_nonzero(c[tj, B] == 1)))
+            node_of[i], node_of[j] = B, A
+            q2 = q.copy()
+            q2[A] = node_bound(np.flatnonzero(node_of == A))
+            q2[B] = node_bound(np.flatnonzero(node_of == B))
+            d = w_span * ds + w_load * (q2.max() - q.max())
+            if d < -tol:
+                c[ti, A] -= 1
+                c[ti, B] += 1
+                c[tj, B] -= 1
+                c[tj, A] += 1
+                nl[A] += p[j] - p[i]
+                nl[B] += p[i] - p[j]
+                q = q2
+                touched.update((i, j))
+                improved = True
+            else:
+                node_of[i], node_of[j] = A, B
+        if not improved:
+            break
+    return node_of
+
+
+def split_nodes(load_row: np.ndarray, node_of: np.ndarray, gpn: int, slots: int) -> np.ndarray:
+    """Ranks for a node partition: each node's experts balanced over its ``gpn`` ranks (LPT + swaps)."""
+    a = np.empty(node_of.size, dtype=np.int64)
+    for n in np.unique(node_of):
+        mine = np.flatnonzero(node_of == n)
+        row = np.asarray(load_row, dtype=float)[mine]
+        a[mine] = n * gpn + improve_layer(row, lpt(row, gpn, slots), gpn, slots)
+    return a
+
+
+def place_nodes_first(problem: PlacementProblem, balanced: np.ndarray, cm: CostModel, *,
+                      deadline: float) -> tuple[np.ndarray, int]:
+    """Per layer, nodes first (:func:`node_swaps` from the contiguous node partition and from the balanced
+    placement's), then ranks within each node; the best of those and ``balanced`` by the exact layer terms.
+
+    Returns the placement and the number of layers searched (all of them unless ``deadline`` passed).
+    """
+    L, E, G, gpn, s = (problem.num_layers, problem.num_experts, problem.num_gpus, problem.gpus_per_node,
+                       problem.slots_per_gpu)
+    N = problem.num_nodes
+    if G % gpn:  # nodes of unequal size: keep the balanced placement (the term is still counted)
+        return balanced, 0
+    out = balanced.copy()
+    w_load = cm.w_compute * cm.t_pair  # on the heaviest rank a node's experts force
+    w_span = dispatch_scale(problem, cm)
+    contiguous = np.arange(E) * N // E
+    searched = 0
+    for l in range(L):
+        if time.perf_counter() > deadline:
+            break
+        searched += 1
+        picks = _picks(problem, l)
+        stride = -(-picks.shape[0] // _SEARCH_TOKENS)  # every stride-th token stands for stride of them
+        best, best_val = balanced[l], _layer_value(problem, l, balanced[l], cm)
+        for start in (contiguous, balanced[l] // gpn):
+            node_of = node_swaps(picks[::stride], problem.load[l], start, N, gpn=gpn, slots=s, w_load=w_load,
+                                 w_span=w_span * stride)
+            a = split_nodes(problem.load[l], node_of, gpn, s)
+            val = _layer_value(problem, l, a, cm)
+            if val < best_val:
+                best, best_val = a, val
+        out[l] = best
+    return out, searched
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -976,7 +1262,7 @@ def optimise_replicas(problem: PlacementProblem, redundant_experts: int, *, w_co
         raise InputError(f"memory holds {problem.memory_slots} expert copies per rank, under {L} layers x {slots} "
                          f"copies with {N} redundant experts; lower redundant_experts", field="redundant_experts")
     solver_name = resolve_solver(solver)
-    cm = cost_model(problem, w_compute, 0.0, 0.0)
+    cm = cost_model(problem, w_compute, 0.0, 0.0, 0.0)
     size = E * G * max_copies
     whole = (method in ("exact", "joint") or (method == "auto" and size <= _REPLICA_WHOLE_LIMIT)
              or G <= _REPLICA_HOOD_GPUS)  # a neighbourhood of every GPU is the whole layer
@@ -1068,9 +1354,11 @@ def solve_info(problem: PlacementProblem, assign: np.ndarray, cm: CostModel, *, 
         "load_objective": load_ub, "load_lower_bound": load_lower,
         "load_gap": (load_ub - load_lower) / load_ub if load_ub > 0 else 0.0,
         "comm_objective": float(br.comm.sum()), "affinity_objective": float(br.affinity.sum()),
+        "dispatch_objective": float(br.dispatch.sum()) if br.dispatch is not None else 0.0,
         "greedy_objective": greedy_total, "method": method, "solver": solver, "status": status,
         "solve_s": round(seconds, 3),
-        "weights": {"compute": cm.w_compute, "comm": cm.w_comm, "affinity": cm.w_affinity},
+        "weights": {"compute": cm.w_compute, "comm": cm.w_comm, "affinity": cm.w_affinity,
+                    "dispatch": cm.w_dispatch},
     }
 
 
@@ -1080,11 +1368,12 @@ def objective_lower_bound(problem: PlacementProblem, cm: CostModel, load_lb: np.
     A layer-l expert shares a rank with at most ``slots`` experts of layer l+1 (a node with at most
     ``slots x ranks per node``), so at most the top ``slots`` of its row of R stays on its rank (and
     likewise per column); the rest pays at least the cheapest same-node cost, and what cannot stay in the
-    node at least the cheapest cross-node cost. The busiest rank sends at least the mean.
+    node at least the cheapest cross-node cost. The busiest rank sends at least the mean. Plus the
+    dispatch term's bound (:func:`dispatch_lower_bound`).
     """
     L, G, s, gpn = problem.num_layers, problem.num_gpus, problem.slots_per_gpu, problem.gpus_per_node
     R = problem.transition_counts()
-    total = float(load_lb.sum()) * cm.t_pair * cm.w_compute
+    total = float(load_lb.sum()) * cm.t_pair * cm.w_compute + dispatch_lower_bound(problem, cm)
     if cm.w_comm == 0 and cm.w_affinity == 0:
         return total
     node = np.arange(G) // gpn
@@ -1111,24 +1400,24 @@ def objective_lower_bound(problem: PlacementProblem, cm: CostModel, load_lb: np.
 
 
 def optimise(problem: PlacementProblem, *, w_compute: float = 1.0, w_comm: float | None = None,
-             w_affinity: float | None = None, solver: str = "auto", time_limit_s: float = 60.0, gap: float = 0.01,
-             method: str = "auto") -> tuple[np.ndarray, dict[str, Any]]:
+             w_affinity: float | None = None, w_dispatch: float | None = None, solver: str = "auto",
+             time_limit_s: float = 60.0, gap: float = 0.01, method: str = "auto") -> tuple[np.ndarray, dict[str, Any]]:
     """The ``ilp`` policy as a function returning ``(assign, info)``; weights as in :func:`cost_model`."""
     t0 = time.perf_counter()
     check_options(method, time_limit_s, gap)
     check_feasible(problem)
     solver_name = resolve_solver(solver)
-    cm = cost_model(problem, w_compute, w_comm, w_affinity)
+    cm = cost_model(problem, w_compute, w_comm, w_affinity, w_dispatch)
     deadline = t0 + time_limit_s
     L, G, s = problem.num_layers, problem.num_gpus, problem.slots_per_gpu
     greedy = np.stack([lpt(problem.load[l], G, s) for l in range(L)])
     greedy_total = evaluate(problem, greedy, cm).total
     load_lb = np.array([load_lower_bound(problem.load[l], G, s) for l in range(L)])
     dp = chain_dp_size(problem)
-    use_dp = dp is not None and cm.two_tier is not None and (
+    use_dp = dp is not None and cm.two_tier is not None and cm.w_dispatch == 0 and (
         method == "exact" or (method == "auto" and dp <= _DP_LIMIT))
     if method == "exact" and not use_dp:
-        raise InputError("method exact needs experts = ranks x slots, two-tier costs and a small instance "
+        raise InputError("method exact needs experts = ranks x slots, two-tier costs, no dispatch term and a small instance "
                          f"(states^2 x relabellings <= {_DP_LIMIT}, states x relabellings x experts x ranks <= "
                          f"{_DP_CELLS}); use auto or decompose", field="method")
     if use_dp:
@@ -1148,51 +1437,63 @@ def optimise(problem: PlacementProblem, *, w_compute: float = 1.0, w_comm: float
                                  deadline=t0 + 0.5 * time_limit_s)
         balanced[l] = a
         load_lb[l] = max(load_lb[l], lb)
+    used, searched = "decompose", None
+    if cm.w_dispatch:  # nodes first: group what tokens pick together on few nodes, then balance inside
+        balanced, searched = place_nodes_first(problem, balanced, cm, deadline=t0 + 0.7 * time_limit_s)
+        used = "nodes_first"
     # one forward sweep on large clusters: the Hungarian is O(ranks^3) and later sweeps gain little there
     assign = align_layers(problem, balanced, cm, sweeps=2 if G <= 16 else 1, deadline=t0 + 0.7 * time_limit_s)
     assign = affinity_swaps(problem, assign, cm, deadline=t0 + 0.9 * time_limit_s)
+    if cm.w_dispatch and assign is not balanced and evaluate(problem, assign, cm).total > evaluate(problem, balanced, cm).total:
+        assign = balanced  # the traffic stages do not see the dispatch term: keep their result only if it helps
     lower = objective_lower_bound(problem, cm, load_lb)
     status = "heuristic"
-    used = "decompose"
     if method == "joint":
         size = (L * problem.num_experts * G
                 + G * sum(int(np.count_nonzero(r)) for r in problem.transition_counts()) * (2 if G > problem.gpus_per_node else 1))
         if size > _JOINT_LIMIT:
             raise InputError(f"method joint would build {size} variables (limit {_JOINT_LIMIT}); the monolithic ILP is "
                              "for small instances: use auto or decompose", field="method")
+        before = assign
         assign, bound, status = solve_joint(problem, cm, assign, solver=solver_name, gap=gap,
                                             time_limit_s=max(0.05, deadline - time.perf_counter()))
-        lower = max(lower, bound) if np.isfinite(bound) else lower
+        lower = max(lower, bound) if np.isfinite(bound) else lower  # also bounds the objective with dispatch
         used = "joint"
-    if evaluate(problem, greedy, cm).total < evaluate(problem, assign, cm).total:
+        if cm.w_dispatch:  # the joint model has no dispatch term: its optimum proves nothing about ours
+            status = "time_limit" if status == "time_limit" else "heuristic"
+            if evaluate(problem, before, cm).total < evaluate(problem, assign, cm).total:
+                assign, used = before, "nodes_first"
+    if greedy_total < evaluate(problem, assign, cm).total:
         assign, used = greedy, f"{used}+greedy"
     info = solve_info(problem, assign, cm, lower=lower, load_lower=float(load_lb.sum()) * cm.t_pair * cm.w_compute,
                  greedy_total=greedy_total, method=used, solver=solver_name, status=status,
                  seconds=time.perf_counter() - t0)
+    if searched is not None:
+        info["layers_nodes_first"] = searched
     if info["gap"] <= gap + 1e-12:
         info["status"] = "optimal" if info["gap"] <= 1e-9 else "within_gap"
     elif status == "heuristic":
-        info["status"] = "gap_open"
+        info["status"] = "gap_open" if searched in (None, L) else "time_limit"
     return assign, info
 
 
 @register("ilp")
 def ilp(problem: PlacementProblem, *, w_compute: float = 1.0, w_comm: float | None = None,
-        w_affinity: float | None = None, solver: str = "auto", time_limit_s: float = 60.0, gap: float = 0.01,
-        method: str = "auto", redundant_experts: int = 0) -> Placement:
+        w_affinity: float | None = None, w_dispatch: float | None = None, solver: str = "auto",
+        time_limit_s: float = 60.0, gap: float = 0.01, method: str = "auto", redundant_experts: int = 0) -> Placement:
     """MoETuner's joint objective (compute tail, communication tail, cross-layer traffic) with a proven gap.
 
     With ``redundant_experts`` N > 0: N extra copies, their counts and every copy's GPU chosen together
     per layer to minimise the heaviest GPU (load term only; :func:`optimise_replicas`).
     """
     if redundant_experts:
-        for name, w in (("w_comm", w_comm), ("w_affinity", w_affinity)):
+        for name, w in (("w_comm", w_comm), ("w_affinity", w_affinity), ("w_dispatch", w_dispatch)):
             if w:
                 raise InputError("with redundant_experts the ilp optimises the load term only; leave it unset or 0",
                                  field=name)
         held, info = optimise_replicas(problem, redundant_experts, w_compute=w_compute, solver=solver,
                                        time_limit_s=time_limit_s, gap=gap, method=method)
         return placement_from_mask(held, "ilp", info)
-    assign, info = optimise(problem, w_compute=w_compute, w_comm=w_comm, w_affinity=w_affinity, solver=solver,
-                            time_limit_s=time_limit_s, gap=gap, method=method)
+    assign, info = optimise(problem, w_compute=w_compute, w_comm=w_comm, w_affinity=w_affinity,
+                            w_dispatch=w_dispatch, solver=solver, time_limit_s=time_limit_s, gap=gap, method=method)
     return Placement.from_assignment(assign, problem.num_gpus, "ilp", info)

@@ -41,6 +41,10 @@ class PlacementProblem:
     rank_s_per_byte: np.ndarray | None = None  # [G, G] seconds per byte between EP ranks, 0 on the diagonal
     memory_slots: int | None = None  # expert copies an EP rank's memory holds over all layers; None = unbounded
     coherent: bool = False  # the engine's dataflow is context-coherent (cross-layer co-location pays)
+    # how the standard dataflow's dispatch copies a token: "node" (hierarchical all-to-all: one network copy
+    # per destination node), "gpu" (direct, one copy per destination rank) or "expert" (one per pick)
+    a2a_copies: str = "gpu"
+    combine_bytes: float | None = None  # bytes per token copy returned in combine; None = transfer_bytes
     _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # lazy statistics
 
     @property

@@ -214,6 +214,9 @@ def placement_problem(scenario: Scenario, cluster: ClusterEntry, profile: Trace)
     cap = capacity_of(scenario, cluster)  # copies per layer that fit: bounds replicas
     max_slots = int(cap.memory_bytes_per_gpu // (cap.expert_bytes_per_gpu * m.num_layers))
     spec = cluster.spec
+    eng = scenario.engine  # a dispatch copy per destination node, rank, or expert pick
+    copies = ("node" if eng.a2a == "hierarchical" else
+              "gpu" if eng.a2a == "direct" and eng.dispatch == "per_gpu" else "expert")
     return PlacementProblem(num_layers=m.num_layers, num_experts=m.num_experts, num_gpus=ep,
                             gpus_per_node=cluster.spec.gpus_per_node // cluster.tp,
                             slots_per_gpu=-(-m.num_experts // ep), load=expert_loads(profile), seed=seed,
@@ -222,7 +225,8 @@ def placement_problem(scenario: Scenario, cluster: ClusterEntry, profile: Trace)
                             compute_s_per_pair=6.0 * m.d_model * m.d_ff / cluster.tp / spec.gpu.flops_per_s,
                             transfer_bytes=float(m.dispatch_bytes), rank_s_per_byte=rank_seconds_per_byte(cluster),
                             memory_slots=int(cap.memory_bytes_per_gpu // cap.expert_bytes_per_gpu),
-                            coherent=scenario.engine.dataflow == "coherent")
+                            coherent=scenario.engine.dataflow == "coherent",
+                            a2a_copies=copies, combine_bytes=float(m.combine_bytes))
 
 
 def rank_seconds_per_byte(cluster: ClusterEntry) -> np.ndarray:
