@@ -112,7 +112,7 @@ import itertools
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pulp
@@ -206,6 +206,17 @@ def cost_model(problem: PlacementProblem, w_compute: float = 1.0, w_comm: float 
                      w_compute=w_compute, w_comm=w_comm, w_affinity=w_affinity,
                      two_tier=(float(intra.max()), float(inter.max())) if uniform else None,
                      w_dispatch=w_dispatch, copy_s=copy_s, copies=problem.a2a_copies)
+
+
+def improving_pairs(delta: np.ndarray, candidates: int) -> Iterator[tuple[int, int]]:
+    """``(i, j)`` of the ``candidates`` most negative entries of the square ``delta``, best first (stable),
+    while they are negative: the swaps worth trying, in the order to try them."""
+    k = min(candidates, delta.size - 1)
+    flat = np.argpartition(delta, k, axis=None)[:k]
+    for f in flat[np.argsort(delta.flat[flat], kind="stable")]:
+        if not delta.flat[f] < 0:
+            return
+        yield divmod(int(f), delta.shape[1])
 
 
 def _picks(problem: PlacementProblem, l: int) -> np.ndarray:
@@ -540,15 +551,9 @@ def node_swaps(picks: np.ndarray, load_row: np.ndarray, node_of: np.ndarray, N: 
                         np.where((na != order_n[1]) & (nb != order_n[1]), m2, m3))
         delta = w_span * span_d + w_load * (np.maximum(np.maximum(new_a, new_b), rest) - top)
         delta[(na == nb) | upper] = np.inf
-        k = min(candidates, delta.size - 1)
-        flat = np.argpartition(delta, k, axis=None)[:k]
-        flat = flat[np.argsort(delta.flat[flat], kind="stable")]
         touched: set[int] = set()
         improved = False
-        for f_ in flat:
-            if not delta.flat[f_] < 0:
-                break
-            i, j = divmod(int(f_), E)
+        for i, j in improving_pairs(delta, candidates):
             if i in touched or j in touched:
                 continue
             A, B = node_of[i], node_of[j]
@@ -786,15 +791,9 @@ def affinity_swaps(problem: PlacementProblem, assign: np.ndarray, cm: CostModel,
                 rest = np.where((a[:, None] == top[0]) | (a[None, :] == top[0]), m2, m1)
                 delta += wl * (np.maximum(np.maximum(new_i, new_j), rest) - m1)
                 delta[(a[:, None] == a[None, :]) | np.tri(E, dtype=bool)] = np.inf
-                k = min(candidates, delta.size - 1)
-                flat = np.argpartition(delta, k, axis=None)[:k]
-                flat = flat[np.argsort(delta.flat[flat], kind="stable")]
                 touched: set[int] = set()
                 improved = False
-                for f in flat:
-                    if not delta.flat[f] < 0:
-                        break
-                    i, j = divmod(int(f), E)
+                for i, j in improving_pairs(delta, candidates):
                     if i in touched or j in touched:
                         continue
                     gi, gj = a[i], a[j]
