@@ -160,12 +160,20 @@ def _cluster_spec(name: str, overrides: list[str]) -> ClusterSpec:
         raise _pydantic_error(exc, name, "") from None
 
 
+def _nics(spec: ClusterSpec) -> str:
+    """'one 400 Gb/s NIC per GPU' or '2 x 400 Gb/s NICs per node, each shared by 4 GPUs'."""
+    rate = f"{spec.network.nic_Gbps:.0f} Gb/s"
+    if spec.gpus_per_nic == 1:
+        return f"one {rate} NIC per GPU"
+    return f"{spec.nics_per_node_effective} x {rate} NICs per node, each shared by {spec.gpus_per_nic} GPUs"
+
+
 def _cmd_cluster(args: argparse.Namespace) -> int:
     if args.action == "list":
         for name in preset_names():
             spec = ClusterSpec(**preset(name))
             print(f"{name:12s} {spec.gpus_per_node} x {spec.gpu.name}, {spec.nvlink.name} "
-                  f"{spec.nvlink.GBps:.0f} GB/s, NIC {spec.network.nic_Gbps:.0f} Gb/s per GPU")
+                  f"{spec.nvlink.GBps:.0f} GB/s, {_nics(spec)}")
         return 0
     if not args.name:
         raise InputError("moesim cluster show needs a preset name or a cluster YAML file")
@@ -181,7 +189,7 @@ def _cmd_cluster(args: argparse.Namespace) -> int:
         f"{g.hbm_GBps:.0f} GB/s HBM (x{g.hbm_efficiency}), {g.memory_GB:.0f} GB, {g.ffn_overhead_us:.0f} us per FFN launch",
         f"  NVLink    {nv.name}: {nv.GBps:.0f} GB/s per GPU per direction (x{nv.efficiency} = "
         f"{nv.bytes_per_s / 1e9:.0f} GB/s), {nv.latency_us} us",
-        f"  network   one {net.nic_Gbps:.0f} Gb/s NIC per GPU (x{net.nic_efficiency} = {net.nic_bytes_per_s / 1e9:.1f} GB/s), "
+        f"  network   {_nics(spec)} (x{net.nic_efficiency} = {net.nic_bytes_per_s / 1e9:.1f} GB/s each), "
         f"{net.latency_us} us; {'rail-optimised leaves' if net.rail_optimized else f'{net.nodes_per_leaf} nodes per leaf'}, "
         f"oversubscription {net.oversubscription}:1; PCIe {net.pcie_GBps:.0f} GB/s",
         f"  all-to-all launch {spec.a2a_launch_us} us; expert weights may use {spec.expert_memory_fraction:.0%} of HBM",

@@ -88,7 +88,8 @@ def run_sweep(scenario: Any, redundant: list[int], every: list[int], *, window: 
     reference: dict[str, float] = {}
     for cluster, work, problem, plans in prepared:
         topo = build_topology(cluster.spec)
-        sim = Simulation(topo, scenario.model, tp=cluster.tp, options=options)
+        sim = Simulation(topo, scenario.model, tp=cluster.tp, options=options,
+                         attention=scenario.workload.attention)
         runner = BatchRunner(sim, work.trace, work.layout, cluster.tp)
         total = len(plans) * len(every) * work.layout.num_batches
         with tqdm(total=total, desc=f"{cluster.name} / sweep", unit="batch", disable=not progress, leave=False) as bar:

@@ -103,7 +103,7 @@ def test_tokens_are_conserved(cluster, work):
                 np.testing.assert_allclose(disp, copies * 100.0)
                 np.testing.assert_allclose(comb, copies.T * 300.0)  # combine is the transpose
                 assert (f"allgather[b0.l{layer}]" in colls) == (tp > 1)
-    assert len(rec.collectives) == model.num_layers * (2 if tp == 1 else 4)
+    assert len(rec.collectives) == model.num_layers * (2 if tp == 1 else 6)  # + 2 expert and 2 attention TP
 
 
 @settings(max_examples=40, deadline=None)
@@ -268,7 +268,9 @@ def test_tp2_adds_allgather_and_reducescatter(cluster):
             assert scatter[s, d] == recv[d] * 3000  # expert outputs travel at combine size
         assert gather.sum() == sum(gather[s, d] for s, d in pairs)
         offdiag = ~np.eye(4, dtype=bool)
-        tp_bytes = (gather + scatter)[offdiag].sum()
+        attn = sum(collective_matrix(names[f"attn_{k}[b0.l{layer}]"], 4) for k in ("gather", "scatter"))
+        assert attn[offdiag].sum() == 2 * 4 * (T // 4) * 512 * 2  # every GPU's tokens, to its peer, both ways
+        tp_bytes = (gather + scatter + attn)[offdiag].sum()
         a2a_bytes = (disp[offdiag].sum() + collective_matrix(names[f"combine[b0.l{layer}]"], 4)[offdiag].sum())
         assert tp_bytes > 0
         assert g["bytes_out_intra"][0, layer].sum() == pytest.approx(a2a_bytes + tp_bytes)
@@ -279,7 +281,7 @@ def test_tp2_adds_allgather_and_reducescatter(cluster):
     assert (g["t_combine_join"] > g["t_compute_end"]).all()  # and the reduce-scatter here
     tp1 = Simulation(topo, model, tp=1, options=EXACT).run(trace, layout, Placement.from_assignment(
         np.array([[0, 1, 2, 3]] * 2), 4, "contiguous"))
-    assert not any(c.name.startswith(("allgather", "reducescatter")) for c in tp1.collectives)
+    assert not any(c.name.startswith(("allgather", "reducescatter", "attn_")) for c in tp1.collectives)
     assert (tp1.gpu["t_compute_start"] == tp1.gpu["t_dispatch_done"]).all()
 
 

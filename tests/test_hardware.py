@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
+from moesim.errors import InputError
 from moesim.hardware import PRESETS, ClusterSpec, build_topology, deep_merge, preset, preset_names
 from moesim.sim.network import binding_links
+from moesim.study import load_scenario
 
 
 def names_on_path(topo, src: int, dst: int) -> list[str]:
@@ -162,6 +164,90 @@ def test_cluster_helpers(cluster):
     assert [spec.node_of(g) for g in (0, 3, 4, 11)] == [0, 0, 1, 2]
 
 
+# ---------------------------------------------------------------- NICs shared by several GPUs
+
+def topology_arrays(topo) -> tuple:
+    return (topo.link_names, topo.link_kind, topo.capacity.tolist(), topo.latency.tolist(), topo.path_ptr.tolist(),
+            topo.path_idx.tolist(), topo.path_latency.tolist())
+
+
+def test_default_is_one_nic_per_gpu(cluster, nodes2x8):
+    spec = nodes2x8.cluster
+    assert spec.network.nics_per_node is None
+    assert (spec.nics_per_node_effective, spec.gpus_per_nic) == (8, 1)
+    assert [spec.nic_of_local(local) for local in range(8)] == list(range(8))
+    kinds = list(nodes2x8.link_kind)
+    # 16 GPUs x (NVLink, PCIe, NIC) both ways, 8 rail leaves x spine both ways
+    assert [kinds.count(k) for k in ("nvlink", "pcie", "nic", "fabric")] == [32, 32, 32, 16]
+    assert {n.split("->")[0] for n in nodes2x8.link_names if n.startswith("nic")} == {f"nic{g}" for g in range(16)}
+    # one NIC per GPU said explicitly: the very same graph, names, capacities and paths
+    explicit = build_topology(cluster(nodes=2, network={"nics_per_node": 8}))
+    assert topology_arrays(explicit) == topology_arrays(nodes2x8)
+    assert list(explicit.graph.nodes(data=True)) == list(nodes2x8.graph.nodes(data=True))
+
+
+@pytest.fixture(scope="module")
+def shared2x8(cluster):
+    """Two HGX H200 nodes with 2x 400 Gb/s NICs each: local ranks 0-3 share NIC 0, 4-7 NIC 1."""
+    return build_topology(cluster(nodes=2, network={"nics_per_node": 2}))
+
+
+def test_shared_nic_helpers(shared2x8):
+    spec = shared2x8.cluster
+    assert (spec.network.nics_per_node, spec.nics_per_node_effective, spec.gpus_per_nic) == (2, 2, 4)
+    assert [spec.nic_of_local(local) for local in range(8)] == [0, 0, 0, 0, 1, 1, 1, 1]
+
+
+def test_shared_nic_graph(shared2x8):
+    topo = shared2x8
+    kinds = list(topo.link_kind)
+    # every GPU keeps its PCIe link; 4 NICs x leaf link both ways; 2 rail leaves x spine both ways
+    assert [kinds.count(k) for k in ("nvlink", "pcie", "nic", "fabric")] == [32, 32, 8, 4]
+    nics = {n for n, role in topo.graph.nodes(data="role") if role == "nic"}
+    assert nics == {"nic0.0", "nic0.1", "nic1.0", "nic1.1"}
+    for g in range(8):  # each GPU of node 0 reaches its peer on node 1 through its group's NIC and rail leaf
+        i = g // 4
+        assert names_on_path(topo, g, g + 8) == [f"gpu{g}->nic0.{i}", f"nic0.{i}->leaf{i}", f"leaf{i}->nic1.{i}",
+                                                 f"nic1.{i}->gpu{g + 8}"]
+        assert names_on_path(topo, g + 8, g) == [f"gpu{g + 8}->nic1.{i}", f"nic1.{i}->leaf{i}",
+                                                 f"leaf{i}->nic0.{i}", f"nic0.{i}->gpu{g}"]
+    # across NIC groups: the other rail's leaf, via the spine
+    assert names_on_path(topo, 1, 14) == ["gpu1->nic0.0", "nic0.0->leaf0", "leaf0->spine", "spine->leaf1",
+                                          "leaf1->nic1.1", "nic1.1->gpu14"]
+    # GPUs sharing a NIC talk over NVLink, never back out through the NIC
+    for s in range(8):
+        for d in range(8):
+            if s != d:
+                assert kinds_on_path(topo, s, d) == ["nvlink", "nvlink"]
+
+
+def test_shared_nic_capacities(cluster):
+    spec = cluster(nodes=2, network={"nics_per_node": 2, "oversubscription": 2.0})
+    topo = build_topology(spec)
+    cap = dict(zip(topo.link_names, topo.capacity))
+    nic = 400 / 8 * 1e9 * 0.94
+    assert all(cap[f"gpu{g}->nic{g // 8}.{g % 8 // 4}"] == pytest.approx(64e9) for g in range(16))  # own PCIe
+    assert cap["nic0.0->leaf0"] == cap["leaf0->nic1.0"] == cap["nic1.1->leaf1"] == pytest.approx(nic)
+    # a rail leaf has one downlink per node (2 NICs, not 8 GPUs), 2:1 oversubscribed
+    assert cap["leaf0->spine"] == cap["spine->leaf1"] == pytest.approx(2 * nic / 2.0)
+
+
+def test_shared_nic_non_rail_optimised_leaves(cluster):
+    net = {"nics_per_node": 2, "rail_optimized": False, "nodes_per_leaf": 2, "oversubscription": 2.0}
+    topo = build_topology(cluster(nodes=4, network=net))
+    nic = 400 / 8 * 1e9 * 0.94
+    cap = dict(zip(topo.link_names, topo.capacity))
+    assert cap["leaf0->spine"] == cap["leaf1->spine"] == pytest.approx(4 * nic / 2.0)  # 2 nodes x 2 NICs per leaf
+    assert names_on_path(topo, 0, 12) == ["gpu0->nic0.0", "nic0.0->leaf0", "leaf0->nic1.1", "nic1.1->gpu12"]
+    assert names_on_path(topo, 5, 16) == ["gpu5->nic0.1", "nic0.1->leaf0", "leaf0->spine", "spine->leaf1",
+                                          "leaf1->nic2.0", "nic2.0->gpu16"]
+
+
+def test_shared_nics_on_one_node_add_no_network(cluster, node8):
+    topo = build_topology(cluster(nodes=1, network={"nics_per_node": 2}))
+    assert topology_arrays(topo) == topology_arrays(node8)
+
+
 # ---------------------------------------------------------------- binding links
 
 def kept_kinds(topo) -> set[str]:
@@ -210,10 +296,36 @@ def test_binding_links_keep_pcie_slower_than_the_nic(cluster):
     ({"bogus_key": 1}, "bogus_key"),
     ({"gpu": {"tflops": 1000.0}}, "tflops"),
     ({"network": {"nodes_per_leaf": 0}}, "nodes_per_leaf"),
+    ({"network": {"nics_per_node": 0}}, "nics_per_node"),
+    ({"network": {"nics_per_node": 3}}, "nics_per_node"),  # does not divide 8 GPUs per node
+    ({"network": {"nics_per_node": 16}}, "nics_per_node"),  # more NICs than GPUs
 ])
 def test_invalid_values_raise_validation_error(overrides, field):
     with pytest.raises(ValidationError, match=field):
         ClusterSpec(**deep_merge(preset("hgx-h200"), overrides))
+
+
+def test_nics_per_node_must_divide_gpus_per_node():
+    with pytest.raises(ValidationError, match=r"network\.nics_per_node=3 must divide gpus_per_node=8"):
+        ClusterSpec(**deep_merge(preset("hgx-h200"), {"network": {"nics_per_node": 3}}))
+    ok = ClusterSpec(**deep_merge(preset("hgx-h200"), {"gpus_per_node": 6, "network": {"nics_per_node": 3}}))
+    assert [ok.nic_of_local(local) for local in range(6)] == [0, 0, 1, 1, 2, 2]
+
+
+def test_bad_nics_per_node_in_a_scenario_names_file_and_field(tmp_path, tiny_scenario_data, yaml_writer):
+    tiny_scenario_data["clusters"][0].update(nodes=2, network={"nics_per_node": 3})
+    path = yaml_writer(tmp_path / "bad.yaml", tiny_scenario_data)
+    with pytest.raises(InputError) as exc:
+        load_scenario(path)
+    text = str(exc.value)
+    assert text.startswith(f"{path}: clusters[0].network: "), text
+    assert "nics_per_node=3 must divide gpus_per_node=8" in text and "\n" not in text
+
+
+def test_shared_nics_in_a_scenario(tmp_path, tiny_scenario_data, yaml_writer):
+    tiny_scenario_data["clusters"][0].update(nodes=2, network={"nics_per_node": 2})
+    spec = load_scenario(yaml_writer(tmp_path / "ok.yaml", tiny_scenario_data)).clusters[0].spec
+    assert (spec.network.nics_per_node, spec.gpus_per_nic) == (2, 4)
 
 
 def test_missing_field_raises():

@@ -161,6 +161,54 @@ def test_inter_node_path_latency(nodes2x8):
     assert nodes2x8.path_latency[0, 9] == pytest.approx(4e-6)
 
 
+# ---------------------------------------------------------------- NICs shared by several GPUs
+
+@pytest.fixture(scope="module")
+def shared_nics(cluster):
+    """Two HGX H200 nodes with 2x 400 Gb/s NICs each, 4 GPUs per NIC (GPUs behind one PCIe switch)."""
+    return build_topology(cluster(nodes=2, network={"nics_per_node": 2}))
+
+
+@pytest.mark.parametrize("tol", [0.0, 0.01])
+def test_gpus_behind_one_nic_share_it(nodes2x8, shared_nics, collective, tol):
+    """All 8 GPUs of node 0 send B to their same-local-rank peer on node 1 at once: 4 flows share each NIC
+    (and the peer NIC they enter by), so 4 B / nic, where one NIC per GPU takes B / nic."""
+    spec = shared_nics.cluster
+    nic, launch, B = nic_rate(spec), spec.a2a_launch_us * 1e-6, 4e6
+    lat = spec.network.latency_us * 1e-6  # same rail: NIC -> leaf -> NIC, no spine
+    m = np.zeros((16, 16))
+    for g in range(8):
+        m[g, g + 8] = B
+    for topo, per_nic in ((nodes2x8, 1), (shared_nics, 4)):
+        result = collective(topo, m, rate_tolerance=tol)
+        span = per_nic * B / nic + lat
+        # rate_tolerance may end a flow up to 2 x tol x (the collective's span) off the exact time
+        assert result.finish == pytest.approx(np.full(8, launch + span), rel=1e-12, abs=2 * tol * span)
+        assert topo.path_latency[0, 8] == pytest.approx(lat)
+    # one GPU per NIC group: each has a NIC to itself again
+    one = np.zeros((16, 16))
+    one[0, 8] = one[4, 12] = B
+    assert collective(shared_nics, one).finish == pytest.approx([launch + B / nic + lat] * 2, rel=1e-12)
+
+
+def test_uniform_all_to_all_with_shared_nics(shared_nics, collective):
+    """Every NIC carries 4 GPUs x 8 remote peers flows of B each way; the spine (2 NICs of uplink per leaf)
+    never binds, so every remote flow runs at nic / 32."""
+    spec = shared_nics.cluster
+    G, B = spec.num_gpus, 1e6
+    nic, nv, launch = nic_rate(spec), nvlink_rate(spec), spec.a2a_launch_us * 1e-6
+    net = spec.network
+    result = collective(shared_nics, uniform(G, B))
+    for s, d, fin in zip(result.src.tolist(), result.dst.tolist(), result.finish.tolist()):
+        if s // 8 == d // 8:
+            expected = launch + 7 * B / nv + spec.nvlink.latency_us * 1e-6
+        else:
+            same_rail = s % 8 // 4 == d % 8 // 4
+            lat = net.latency_us * 1e-6 + (0.0 if same_rail else 2 * net.hop_latency_us * 1e-6)
+            expected = launch + 4 * 8 * B / nic + lat
+        assert fin == pytest.approx(expected, rel=1e-12), (s, d)
+
+
 # ---------------------------------------------------------------- (c) contention on one shared link
 
 def test_two_senders_into_one_nic_share_it(nodes2x8, collective):

@@ -4,14 +4,20 @@ Units are in field names (``_GBps`` gigabytes per second, ``_Gbps`` gigabits per
 microseconds, ``_GB`` gigabytes, ``_tflops`` 10^12 FLOP/s). Line rates are what vendors sell; the
 ``*_efficiency`` fields scale them to what collectives and kernels achieve, and are what calibration fits.
 
-Deliberately ignored here: power and clocks, NVLink SHARP, PCIe switches shared by several devices,
+NICs: by default every GPU has its own NIC (a rail per local rank, as in a DGX SuperPOD). With
+``network.nics_per_node`` set, a node has fewer NICs than GPUs and each NIC serves a group of consecutive
+local ranks, as GPUs behind one PCIe switch do (an HGX H200 node with 2x 400 Gb/s ConnectX-7 for 8 GPUs:
+local ranks 0-3 on NIC 0, 4-7 on NIC 1); see :meth:`ClusterSpec.nic_of_local`.
+
+Deliberately ignored here: power and clocks, NVLink SHARP, the PCIe switch's own bandwidth (each GPU keeps
+its own GPU-to-NIC PCIe link; the switch's link to a shared NIC is taken to be no slower than the NIC),
 adaptive routing in the fabric (flows take one fixed path each).
 """
 
 from __future__ import annotations
 
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 Fraction = Field(gt=0.0, le=1.0)
 
@@ -35,11 +41,20 @@ class GPUSpec(StrictModel):
     ffn_floor_us: float = Field(default=0.0, ge=0, description="shortest possible expert FFN (launch-bound)")
     local_copy_GBps: float | None = Field(default=None, gt=0,
                                           description="a collective's copy to its own rank (default: HBM x efficiency / 2)")
+    attention_efficiency: float | None = Field(default=None, gt=0, le=1,
+                                               description="share of bf16 peak the attention core (FlashAttention) "
+                                                           "reaches (default compute_efficiency)")
+    attention_overhead_us: float = Field(default=0.0, ge=0, description="fixed cost of one attention-core launch")
 
     @property
     def flops_per_s(self) -> float:
         """Achievable bf16 rate in FLOP/s."""
         return self.bf16_tflops * 1e12 * self.compute_efficiency
+
+    @property
+    def attention_flops_per_s(self) -> float:
+        """Achievable attention-core rate in FLOP/s."""
+        return self.bf16_tflops * 1e12 * (self.attention_efficiency or self.compute_efficiency)
 
     @property
     def hbm_bytes_per_s(self) -> float:
@@ -66,7 +81,8 @@ class NVLinkSpec(StrictModel):
 
 
 class NetworkSpec(StrictModel):
-    """The scale-out network: one NIC per GPU (a rail), leaf switches, one logical spine."""
+    """The scale-out network: NICs (one per GPU, a rail each, unless ``nics_per_node`` says fewer), leaf
+    switches, one logical spine."""
 
     nic_Gbps: float = Field(gt=0, description="per NIC, per direction, line rate")
     nic_efficiency: float = Fraction
@@ -76,6 +92,10 @@ class NetworkSpec(StrictModel):
     rail_optimized: bool = Field(default=True, description="one leaf per rail (local rank) across nodes")
     nodes_per_leaf: int = Field(default=32, ge=1, description="nodes per leaf when not rail-optimized")
     oversubscription: float = Field(default=1.0, ge=1.0, description="leaf downlink:uplink ratio")
+    nics_per_node: int | None = Field(
+        default=None, ge=1,
+        description="NICs per node, shared by equal groups of consecutive local ranks (GPUs behind one PCIe "
+                    "switch); must divide gpus_per_node; default: one NIC per GPU")
 
     @property
     def nic_bytes_per_s(self) -> float:
@@ -102,6 +122,31 @@ class ClusterSpec(StrictModel):
 
     def node_of(self, gpu: int) -> int:
         return gpu // self.gpus_per_node
+
+    @property
+    def nics_per_node_effective(self) -> int:
+        """NICs per node: ``network.nics_per_node``, or one per GPU when unset."""
+        return self.network.nics_per_node or self.gpus_per_node
+
+    @property
+    def gpus_per_nic(self) -> int:
+        """How many GPUs share one NIC (1: a NIC per GPU)."""
+        return self.gpus_per_node // self.nics_per_node_effective
+
+    def nic_of_local(self, local: int) -> int:
+        """Index on its node of the NIC local rank ``local`` uses: consecutive groups of ``gpus_per_nic``
+        local ranks share one (local rank itself when every GPU has its own NIC)."""
+        return local // self.gpus_per_nic
+
+    @field_validator("network")
+    @classmethod
+    def _check_nics(cls, network: NetworkSpec, info: ValidationInfo) -> NetworkSpec:
+        per_node = info.data.get("gpus_per_node")  # absent when gpus_per_node itself failed validation
+        nics = network.nics_per_node
+        if nics is not None and per_node is not None and per_node % nics:
+            raise ValueError(f"network.nics_per_node={nics} must divide gpus_per_node={per_node} "
+                             "(each NIC serves an equal group of GPUs)")
+        return network
 
     @model_validator(mode="after")
     def _check_leaves(self) -> "ClusterSpec":

@@ -1,16 +1,24 @@
 """The cluster as a networkx graph of directed links, and the fixed path every GPU pair's traffic takes.
 
 Nodes: ``gpu{g}`` (global GPU index), ``nvsw{n}`` (the NVSwitch fabric of node n, non-blocking, one
-logical switch), ``nic{g}`` (the NIC of GPU g: one rail per local rank), ``leaf{i}`` and ``spine``.
-Every physical link is two directed edges, each with its own capacity (bytes/s, line rate x
-efficiency) and latency (s). Traffic inside a node crosses NVLink (gpu -> nvsw -> gpu); traffic between
-nodes leaves through the sender's own NIC and enters through the receiver's (NCCL does not aggregate
-NICs for one GPU's all-to-all), via the rail's leaf and, across leaves, the spine.
+logical switch), the NICs, ``leaf{i}`` and ``spine``. With one NIC per GPU (the default) the NIC of GPU g
+is ``nic{g}``, one rail per local rank. With ``network.nics_per_node`` below ``gpus_per_node`` the NICs are
+``nic{n}.{i}`` (NIC i of node n), each shared by a group of consecutive local ranks
+(:meth:`~moesim.hardware.spec.ClusterSpec.nic_of_local`), as GPUs behind one PCIe switch: every GPU keeps
+its own ``pcie`` link to its NIC, and the group shares the NIC's ``nic`` link to its leaf. Rail-optimised
+leaves are one per NIC index (rail) across nodes; leaf downlinks and spine uplinks count NICs.
 
-Paths are networkx shortest paths (fewest hops) on a view where no GPU relays traffic, found once per
-source GPU. Deliberately ignored: PXN / NVLink forwarding before the NIC (the hierarchical all-to-all
-mode of the fidelity issue), ECMP over several spines (one logical spine carries the leaf's uplinks),
-switch buffers and congestion control (bandwidth is shared max-min fairly by the simulator).
+Every physical link is two directed edges, each with its own capacity (bytes/s, line rate x
+efficiency) and latency (s). Traffic inside a node crosses NVLink (gpu -> nvsw -> gpu), never a NIC;
+traffic between nodes leaves through the sender's NIC and enters through the receiver's (NCCL does not
+aggregate NICs for one GPU's all-to-all), via the rail's leaf and, across leaves, the spine.
+
+Paths are networkx shortest paths (fewest hops) on a view where no GPU relays traffic and no NIC takes
+traffic back into the sender's own node, found once per source GPU. Deliberately ignored: PXN / NVLink
+forwarding before the NIC (the hierarchical all-to-all mode of the fidelity issue), a GPU using another
+group's NIC, the PCIe switch's own bandwidth and GPU-to-GPU PCIe peer traffic, ECMP over several spines
+(one logical spine carries the leaf's uplinks), switch buffers and congestion control (bandwidth is
+shared max-min fairly by the simulator).
 """
 
 from __future__ import annotations
@@ -75,22 +83,28 @@ def build_graph(cluster: ClusterSpec) -> nx.DiGraph:
     if cluster.nodes == 1:
         return g
 
+    nics = cluster.nics_per_node_effective
+    shared = cluster.gpus_per_nic > 1
     if net.rail_optimized:
-        leaf_of = lambda n, local: local  # noqa: E731 - one leaf per rail
-        num_leaves = per_node
+        leaf_of = lambda n, nic: nic  # noqa: E731 - one leaf per rail (NIC index)
+        num_leaves = nics
     else:
-        leaf_of = lambda n, local: n // net.nodes_per_leaf  # noqa: E731
+        leaf_of = lambda n, nic: n // net.nodes_per_leaf  # noqa: E731
         num_leaves = -(-cluster.nodes // net.nodes_per_leaf)
-    downlinks = [0] * num_leaves
+    downlinks = [0] * num_leaves  # NICs per leaf
     for n in range(cluster.nodes):
         for local in range(per_node):
             gpu = n * per_node + local
-            nic, leaf = f"nic{gpu}", f"leaf{leaf_of(n, local)}"
-            g.add_node(nic, role="nic", node=n)
-            g.add_node(leaf, role="leaf")
+            i = cluster.nic_of_local(local)
+            nic, leaf = (f"nic{n}.{i}" if shared else f"nic{gpu}"), f"leaf{leaf_of(n, i)}"
+            first = nic not in g  # the first GPU of the NIC's group adds the NIC and its leaf link
+            if first:
+                g.add_node(nic, role="nic", node=n)
+                g.add_node(leaf, role="leaf")
             link(f"gpu{gpu}", nic, net.pcie_GBps * 1e9, 0.0, "pcie")
-            link(nic, leaf, net.nic_bytes_per_s, net.latency_us * 1e-6 / 2, "nic")
-            downlinks[leaf_of(n, local)] += 1
+            if first:
+                link(nic, leaf, net.nic_bytes_per_s, net.latency_us * 1e-6 / 2, "nic")
+                downlinks[leaf_of(n, i)] += 1
     if num_leaves > 1:
         g.add_node("spine", role="spine")
         for leaf, count in enumerate(downlinks):
@@ -112,9 +126,14 @@ def build_topology(cluster: ClusterSpec) -> Topology:
     ptr = [0]
     idx: list[int] = []
     path_latency = np.zeros((G, G))
+    role = dict(graph.nodes(data="role"))
+    node = dict(graph.nodes(data="node"))
     for s, src in enumerate(gpus):
-        # No GPU but the source may forward traffic.
-        view = nx.subgraph_view(graph, filter_edge=lambda u, v, src=src: u == src or graph.nodes[u]["role"] != "gpu")
+        # No GPU but the source may forward traffic, and no NIC takes it back into the source's node (GPUs
+        # sharing a NIC talk over NVLink, not through the NIC).
+        here = node[src]
+        view = nx.subgraph_view(graph, filter_edge=lambda u, v, src=src, here=here: u == src or (
+            role[u] != "gpu" and not (role[u] == "nic" and role[v] == "gpu" and node[v] == here)))
         paths = nx.single_source_shortest_path(view, src)
         for d, dst in enumerate(gpus):
             if d != s:

@@ -1,7 +1,10 @@
 """The SimPy engine: replays a routing trace through a placement on a cluster, one MoE layer at a time.
 
 Per batch, every GPU runs one SimPy process. For each MoE layer a GPU:
-1. runs the layer's non-expert work (attention projections) for its resident tokens;
+1. runs the layer's non-expert work (attention projections, and the attention core when the workload gives
+   sequence lengths; :func:`moesim.sim.compute.dense_time`) for its resident tokens; with tensor
+   parallelism (tp > 1) the attention is tensor-parallel too, as in Megatron with sequence parallelism:
+   an all-gather of the TP group's activations before it and a reduce-scatter after it;
 2. joins the dispatch all-to-all - token copies to the GPUs holding their experts;
 3. with expert tensor parallelism (tp > 1), joins an all-gather inside its EP rank;
 4. runs its experts (roofline, grouped or one kernel per expert);
@@ -32,7 +35,7 @@ SGLang's static local choice, or an LPLB-like balanced split; :mod:`moesim.sim.r
 Token bookkeeping is numpy (:mod:`moesim.sim.traffic`); SimPy owns time and events. Everything the run
 did is recorded in flat arrays (:class:`SimRecords`); metrics are computed afterwards.
 Deliberately ignored: overlap of communication with compute (no micro-batching or two-batch overlap),
-shared experts, the gate itself, and anything outside MoE layers.
+shared experts, the gate itself, norms, embeddings and the LM head, and dense (non-MoE) layers.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ import simpy
 
 from moesim.hardware.topology import Topology
 from moesim.placement.format import Placement
-from moesim.sim.compute import dense_time, expert_time
+from moesim.sim.compute import Attention, dense_time, expert_time
 from moesim.sim.network import CollectiveResult, Fabric, Routing
 from moesim.sim.replicas import ReplicaChooser
 from moesim.sim.traffic import coherent_traffic, hierarchical_bytes, layer_traffic
@@ -152,11 +155,12 @@ class Simulation:
     """Replays traces through placements on one cluster. Reusable across placements."""
 
     def __init__(self, topo: Topology, model: ModelSpec, *, tp: int = 1,
-                 options: EngineOptions = EngineOptions()) -> None:
+                 options: EngineOptions = EngineOptions(), attention: Attention | None = None) -> None:
         cluster = topo.cluster
         if cluster.num_gpus % tp or cluster.gpus_per_node % tp:
             raise ValueError(f"tp={tp} must divide gpus_per_node={cluster.gpus_per_node}")
         self.topo, self.model, self.tp, self.options = topo, model, tp, options
+        self.attention = attention  # sequence lengths for the attention core; None: projections only
         self.num_gpus = cluster.num_gpus
         self.num_ranks = cluster.num_gpus // tp
         self.routing = Routing.of(topo)  # per topology: shared by every run's fabric
@@ -188,9 +192,10 @@ class Simulation:
             tokens = slice(idx[0], idx[-1] + 1) if idx.size and idx[-1] - idx[0] + 1 == idx.size else idx
             home = layout.home[idx]
             resident = np.bincount(home, minlength=G)
-            dense = dense_time(resident, model, gpu_spec, tp=tp)
+            dense = dense_time(resident, model, gpu_spec, tp=tp, attention=self.attention)
             coherent = self.options.dataflow == "coherent"
             dense_of = [dense] * L  # per layer: coherent dataflow moves where tokens live
+            held_of = [resident] * L
             plan = []
             for l in range(L):
                 tr = layer_traffic(trace.experts[tokens, l, :], home, idx, placement.gpus[l], num_gpus=G, tp=tp,
@@ -209,13 +214,16 @@ class Simulation:
                                                  dedup=dedup)
                     disp = coh * model.dispatch_bytes
                     tr = replace(tr, recv_copies=coh.sum(axis=0))
-                    dense_of[l] = dense_time(held, model, gpu_spec, tp=tp)
+                    dense_of[l] = dense_time(held, model, gpu_spec, tp=tp, attention=self.attention)
+                    held_of[l] = held
                 tok = tr.expert_tokens[rank_of_gpu]  # [G, E]: each GPU of a rank runs all its tokens
                 comp = expert_time(tok, model, gpu_spec, tp=tp, grouped=self.options.grouped)
                 mats = {"dispatch": disp, "combine": comb}
                 if coherent and l < L - 1:  # tokens go home only after the last layer
                     del mats["combine"]
                 if tp > 1:
+                    act = model.d_model * model.dtype_bytes
+                    mats["attn_gather"], mats["attn_scatter"] = _tp_matrices(held_of[l], tp, act, act)
                     mats["allgather"], mats["reducescatter"] = _tp_matrices(tr.recv_copies, tp, model.dispatch_bytes,
                                                                                 model.combine_bytes)
                 total = sum(mats.values())
@@ -231,7 +239,11 @@ class Simulation:
             def gpu(g: int) -> Generator[simpy.Event, None, None]:
                 for l, (coll, comp) in enumerate(plan):
                     rec["t_layer_start"][b, l, g] = env.now
+                    if tp > 1:
+                        yield coll["attn_gather"].join(g)
                     yield env.timeout(dense_of[l][g])
+                    if tp > 1:
+                        yield coll["attn_scatter"].join(g)
                     rec["t_dense_end"][b, l, g] = rec["t_dispatch_join"][b, l, g] = env.now
                     yield coll["dispatch"].join(g)
                     rec["t_dispatch_start"][b, l, g] = coll["dispatch"].start

@@ -18,6 +18,7 @@ from moesim.errors import InputError
 from moesim.hardware.presets import deep_merge, preset, preset_names
 from moesim.hardware.spec import ClusterSpec
 from moesim.placement.registry import check_option, policy_names, policy_options
+from moesim.sim.compute import Attention
 from moesim.traces.model import ModelSpec
 
 
@@ -30,7 +31,7 @@ class ClusterEntry(_Strict):
 
     name: str
     spec: ClusterSpec
-    tp: int = Field(default=1, ge=1, description="expert tensor parallelism: GPUs per EP rank")
+    tp: int = Field(default=1, ge=1, description="tensor parallelism: GPUs per EP rank, sharing each expert and the attention (Megatron)")
 
     @property
     def ep(self) -> int:
@@ -82,12 +83,28 @@ class TraceWorkload(_Strict):
 class Workload(_Strict):
     synthetic: SyntheticWorkload | None = None
     trace: TraceWorkload | None = None
+    seq_len: int | None = Field(default=None, ge=1, description="prefill: the batch is prompts of this many tokens, "
+                                "each attending causally to the ones before it (charges the attention core; needs "
+                                "model.num_heads)")
+    kv_len: int | None = Field(default=None, ge=1, description="decode: every token is the next token of a sequence "
+                               "with this many tokens cached (charges KV-cache reads; needs model.num_heads)")
 
     @model_validator(mode="after")
     def _one(self) -> "Workload":
         if (self.synthetic is None) == (self.trace is None):
             raise ValueError("give exactly one of 'synthetic' or 'trace'")
+        if self.seq_len is not None and self.kv_len is not None:
+            raise ValueError("give seq_len (prefill) or kv_len (decode), not both")
         return self
+
+    @property
+    def attention(self) -> Attention | None:
+        """The attention core's context, or None (projections only)."""
+        if self.seq_len is not None:
+            return Attention("prefill", self.seq_len)
+        if self.kv_len is not None:
+            return Attention("decode", self.kv_len)
+        return None
 
 
 class PlacementEntry(_Strict):
@@ -362,6 +379,10 @@ def parse_scenario(data: Any, source: str, base_dir: Path | None = None) -> Scen
     except ValidationError as exc:
         raise _pydantic_error(exc, source, "workload") from None
     syn = workload.synthetic
+    for key in ("seq_len", "kv_len"):
+        if getattr(workload, key) is not None and model.num_heads is None:
+            raise InputError("needs the model's attention shape (model.num_heads, num_kv_heads, head_dim)",
+                             source=source, field=f"workload.{key}")
     if syn is not None and syn.affinity >= 1 and syn.affinity_fanout < model.top_k:
         raise InputError(f"affinity 1 with affinity_fanout {syn.affinity_fanout} < top_k {model.top_k} cannot give "
                          "top_k distinct experts; lower affinity or raise affinity_fanout", source=source,
@@ -374,7 +395,7 @@ def parse_scenario(data: Any, source: str, base_dir: Path | None = None) -> Scen
         raise InputError(f"must be at most groups ({syn.groups}) and leave at least top_k ({model.top_k}) experts "
                          "to choose from", source=source, field="workload.synthetic.topk_groups")
     if syn is not None and syn.fitted is not None:
-        workload = Workload(synthetic=_fitted(syn, model, source, base_dir))
+        workload = workload.model_copy(update={"synthetic": _fitted(syn, model, source, base_dir)})
     tw = workload.trace
     if tw is not None:
         key = "file" if tw.file is not None else "files"
@@ -383,7 +404,7 @@ def parse_scenario(data: Any, source: str, base_dir: Path | None = None) -> Scen
             if not path.is_file():
                 field = f"workload.trace.{key}" + (f"[{i}]" if key == "files" else "")
                 raise InputError(f"trace file not found: {path}", source=source, field=field)
-        workload = Workload(trace=tw.model_copy(update={key: paths[0] if key == "file" else paths}))
+        workload = workload.model_copy(update={"trace": tw.model_copy(update={key: paths[0] if key == "file" else paths})})
     raw_placements = data["placements"]
     if not isinstance(raw_placements, list) or not raw_placements:
         raise InputError("must be a non-empty list", source=source, field="placements")

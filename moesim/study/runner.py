@@ -232,13 +232,14 @@ def placement_problem(scenario: Scenario, cluster: ClusterEntry, profile: Trace)
 def rank_seconds_per_byte(cluster: ClusterEntry) -> np.ndarray:
     """[EP, EP] seconds per byte between EP ranks: NVLink inside a node, the NICs across nodes.
 
-    A rank's ``tp`` GPUs each carry 1/tp of its traffic on their own links. Two tiers only: leaf/spine
-    oversubscription and PCIe are ignored here (the simulator models them).
+    A rank's ``tp`` GPUs each carry 1/tp of its traffic on their own links; GPUs that share a NIC get an
+    equal share of it (all send at once in an all-to-all). Two tiers only: leaf/spine oversubscription and
+    PCIe are ignored here (the simulator models them).
     """
     spec, tp = cluster.spec, cluster.tp
     node = np.arange(cluster.ep) * tp // spec.gpus_per_node
     same = node[:, None] == node[None, :]
-    inter = 1.0 / (tp * spec.network.nic_bytes_per_s) if spec.nodes > 1 else 0.0
+    inter = spec.gpus_per_nic / (tp * spec.network.nic_bytes_per_s) if spec.nodes > 1 else 0.0
     out = np.where(same, 1.0 / (tp * spec.nvlink.bytes_per_s), inter)
     np.fill_diagonal(out, 0.0)
     return out
@@ -297,7 +298,8 @@ def run_study(scenario: Scenario, *, progress: bool | None = None,
     workloads: dict[str, dict[str, Any]] = {}
     rebalanced: list[Any] = []
     for cluster, topo, work, problem, placements in prepared:
-        sim = Simulation(topo, scenario.model, tp=cluster.tp, options=options)
+        sim = Simulation(topo, scenario.model, tp=cluster.tp, options=options,
+                         attention=scenario.workload.attention)
         workloads[cluster.name] = {
             "tokens": work.trace.num_tokens, "batches": work.layout.num_batches,
             "profile_tokens": work.profile.num_tokens, "profile_in_sample": work.profile_in_sample,

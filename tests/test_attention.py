@@ -1,0 +1,141 @@
+"""The attention part of a layer: GQA projections, the attention core by context, TP collectives around it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from moesim.errors import InputError
+from moesim.hardware import build_topology
+from moesim.placement import Placement
+from moesim.sim import Simulation
+from moesim.sim.compute import Attention, attention_time, dense_time
+from moesim.study.config import load_scenario
+from moesim.traces import Trace, TraceMeta
+from moesim.traces.model import ModelSpec
+from moesim.sim.engine import EngineOptions
+
+MIXTRAL = dict(num_layers=32, num_experts=8, top_k=2, d_model=4096, d_ff=14336, num_heads=32, num_kv_heads=8)
+
+
+def test_mean_context_closed_form():
+    assert Attention("prefill", 4).mean_context() == pytest.approx((1 + 2 + 3 + 4) / 4)
+    assert Attention("prefill", 6).mean_context(window=2) == pytest.approx((1 + 2 * 5) / 6)
+    assert Attention("prefill", 6).mean_context(window=100) == pytest.approx(3.5)
+    assert Attention("decode", 10).mean_context() == 11  # the cache plus the new token
+    assert Attention("decode", 10).mean_context(window=4) == 4
+    with pytest.raises(ValueError, match="phase"):
+        Attention("train", 4)  # type: ignore[arg-type]
+
+
+def test_gqa_projection_shape():
+    m = ModelSpec(**MIXTRAL)
+    # Q and O: d x d each; K and V: d x (8 heads x 128) each
+    assert m.projection_params == 4096 * 4096 * 2 + 2 * 4096 * 1024
+    assert m.dense_flops == 2 * m.projection_params
+    assert m.dense_bytes == m.projection_params * 2
+    # without a head shape the old default (4 d^2 weights, 8 d^2 FLOPs) stands
+    plain = ModelSpec(**{k: v for k, v in MIXTRAL.items() if k not in ("num_heads", "num_kv_heads")})
+    assert plain.dense_flops == 8 * 4096**2
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        ModelSpec(**{**MIXTRAL, "num_kv_heads": 5})
+    with pytest.raises(ValueError, match="needs num_heads"):
+        ModelSpec(**{**MIXTRAL, "num_heads": None})
+
+
+def test_attention_core_roofline(cluster):
+    gpu = cluster().gpu
+    m = ModelSpec(**MIXTRAL)
+    rate = gpu.attention_flops_per_s
+    hbm = gpu.hbm_GBps * 1e9 * gpu.hbm_efficiency
+    T = 8192
+    # prefill of 4096-token prompts: compute-bound, mean context 2048.5
+    got = attention_time(np.array([T]), m, gpu, Attention("prefill", 4096))[0]
+    assert got == pytest.approx(T * 4 * 4096 * 2048.5 / rate + gpu.attention_overhead_us * 1e-6, rel=1e-12)
+    # decode with 4096 cached tokens: every token reads its K and V cache (8 heads x 128, 2 bytes)
+    got = attention_time(np.array([T]), m, gpu, Attention("decode", 4096))[0]
+    kv = T * (2 * 4096 * 2 + 2 * 1024 * 2 * 4097)
+    assert kv / hbm > T * 4 * 4096 * 4097 / rate  # memory-bound
+    assert got == pytest.approx(kv / hbm + gpu.attention_overhead_us * 1e-6, rel=1e-12)
+    assert attention_time(np.array([0]), m, gpu, Attention("decode", 4096))[0] == 0
+    # the sliding window caps the context; dense_time adds the core to the projections
+    windowed = ModelSpec(**MIXTRAL, sliding_window=1024)
+    long, short = (attention_time(np.array([T]), mm, gpu, Attention("prefill", 32768))[0] for mm in (m, windowed))
+    assert short < long / 10
+    with_core = dense_time(np.array([T]), m, gpu, attention=Attention("prefill", 4096))[0]
+    assert with_core == pytest.approx(dense_time(np.array([T]), m, gpu)[0]
+                                      + attention_time(np.array([T]), m, gpu, Attention("prefill", 4096))[0])
+    # no head shape: no core
+    plain = ModelSpec(num_layers=1, num_experts=2, top_k=1, d_model=64, d_ff=64)
+    assert attention_time(np.array([T]), plain, gpu, Attention("prefill", 4096))[0] == 0
+
+
+def test_time_grows_with_context(cluster):
+    gpu = cluster().gpu
+    m = ModelSpec(**MIXTRAL)
+    for phase in ("prefill", "decode"):
+        times = [attention_time(np.array([4096]), m, gpu, Attention(phase, n))[0] for n in (128, 1024, 8192)]
+        assert times == sorted(times) and times[0] < times[-1]
+
+
+def test_tp_attention_collectives(cluster):
+    """tp=2: an all-gather of the TP group's activations before the attention, a reduce-scatter after."""
+    spec = cluster(nodes=1, gpus_per_node=4)
+    model = ModelSpec(num_layers=1, num_experts=2, top_k=1, d_model=512, d_ff=1024, num_heads=4)
+    T = 64
+    experts = (np.arange(T) % 2).reshape(T, 1, 1)
+    trace = Trace(experts=experts, meta=TraceMeta(num_experts=2, num_layers=1, top_k=1)).validate()
+    layout = trace.layout(4, T // 4)
+    placement = Placement.from_assignment(np.array([[0, 1]]), 2, "contiguous")
+    sim = Simulation(build_topology(spec), model, tp=2, options=EngineOptions(rate_tolerance=0.0),
+                     attention=Attention("prefill", 16))
+    rec = sim.run(trace, layout, placement)
+    names = {c.name: c for c in rec.collectives}
+    act = 512 * 2
+    for name in ("attn_gather[b0.l0]", "attn_scatter[b0.l0]"):
+        c = names[name]
+        sent = {(int(s), int(d)): b for s, d, b in zip(c.src, c.dst, c.nbytes)}
+        # every GPU sends its 16 home tokens' activations to its TP peer, and nothing leaves the TP group
+        assert sent == {(0, 1): 16 * act, (1, 0): 16 * act, (2, 3): 16 * act, (3, 2): 16 * act}
+    g = rec.gpu
+    dense = dense_time(np.array([16]), model, spec.gpu, tp=2, attention=Attention("prefill", 16))[0]
+    assert ((g["t_dense_end"] - g["t_layer_start"]) > dense).all()  # the two collectives sit around it
+    tp1 = Simulation(build_topology(spec), model, options=EngineOptions(rate_tolerance=0.0),
+                     attention=Attention("prefill", 16)).run(
+        trace, layout, Placement.from_assignment(np.array([[0, 1]]), 4, "contiguous"))
+    assert not any(c.name.startswith("attn_") for c in tp1.collectives)
+
+
+SCENARIO = """
+name: attn
+clusters:
+  - name: one
+    preset: hgx-h200
+model:
+  name: m
+  num_layers: 2
+  num_experts: 8
+  top_k: 2
+  d_model: 1024
+  d_ff: 2048
+{heads}
+workload:
+{extra}
+  synthetic:
+    tokens_per_gpu: 64
+placements: [contiguous]
+"""
+
+
+def test_scenario_attention_fields(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(SCENARIO.format(heads="  num_heads: 8\n  num_kv_heads: 2", extra="  seq_len: 512"))
+    assert load_scenario(path).workload.attention == Attention("prefill", 512)
+    path.write_text(SCENARIO.format(heads="  num_heads: 8", extra="  kv_len: 2048"))
+    assert load_scenario(path).workload.attention == Attention("decode", 2048)
+    path.write_text(SCENARIO.format(heads="", extra="  seq_len: 512"))
+    with pytest.raises(InputError, match=r"workload\.seq_len.*num_heads"):
+        load_scenario(path)
+    path.write_text(SCENARIO.format(heads="  num_heads: 8", extra="  seq_len: 512\n  kv_len: 4"))
+    with pytest.raises(InputError, match="not both"):
+        load_scenario(path)
