@@ -16,9 +16,9 @@
    shipped preset predicting it as it is, then ``moesim calibrate`` on it with a held-out third.
 6. MoETuner's single- vs multi-node gains (arXiv 2502.06643): ``ilp`` over ``contiguous`` on the shipped
    scenarios/moetuner_standard.yaml (Megatron's dispatch/combine dataflow, EP4 x TP2 on one DGX H100, EP4 x
-   TP4 on two HGX H200), per component and end to end, beside the paper's reductions. moesim simulates the
-   MoE layers only, so the paper's end-to-end gains are compared through the share of step time that the
-   MoE layers must have taken for the paper's component reductions to give its end-to-end figures.
+   TP4 on two HGX H200; every layer's tensor-parallel attention and its collectives included), per component
+   and end to end, beside the paper's reductions; then the end-to-end gains across prefill and decode regimes
+   and both readings of the paper's network, since the paper gives neither its batch nor its lengths.
 Nothing here is fitted to the points it reports as held out.
 """
 
@@ -87,47 +87,89 @@ MOETUNER = {"e2e speedup": (1.093, 1.175), "a2a tail": (-0.363, -0.305), "a2a me
             "token-processing tail": (-0.36, -0.27)}
 
 
-def moetuner() -> None:
-    from moesim.study.config import load_scenario
+def _moetuner_runs(scenario):
+    """ilp and contiguous on both clusters: per cluster, (e2e ms, a2a tail, a2a mean, token-processing tail)
+    for each placement, every all-to-all timed as the GPU running it times it (NCCL, Megatron's profiles:
+    from joining to done, the wait for the slowest rank included); tail = the slowest GPU per layer per step,
+    as MoETuner reports."""
     from moesim.study.runner import run_study
 
-    scenario = load_scenario(ROOT / "scenarios" / "moetuner_standard.yaml")
     scenario = scenario.model_copy(update={"placements": tuple(p for p in scenario.placements
                                                                if p.name in ("contiguous", "ilp"))})
-    study = run_study(scenario, progress=False)
-    runs = {(r.cluster.name, r.name): r.metrics for r in study.runs}
-    # an all-to-all as the GPU running it times it (NCCL, Megatron's profiles): from joining to done, the
-    # wait for the slowest rank included; tail = the slowest GPU per layer per step, as MoETuner reports
-    timed = {}
-    for r in study.runs:
+    out = {}
+    for r in run_study(scenario, progress=False).runs:
         g = r.records.gpu
         spans = [g["t_dispatch_done"] - g["t_dispatch_join"], g["t_combine_done"] - g["t_combine_join"]]
-        timed[r.cluster.name, r.name] = (np.mean([s.max(axis=2).mean() for s in spans]),
-                                         np.mean([s.mean() for s in spans]))
-    clusters = [c.name for c in scenario.clusters]
+        # share of the step in MoE layers: from the dispatch join to the end of the combine, slowest GPU
+        moe = (g["t_combine_done"] - g["t_dispatch_join"]).max(axis=2).sum(axis=1)
+        share = float(np.mean(moe / (r.records.batch_end - r.records.batch_start)))
+        out[r.cluster.name, r.name] = (r.metrics.e2e_ms["mean"], np.mean([s.max(axis=2).mean() for s in spans]),
+                                       np.mean([s.mean() for s in spans]), r.metrics.compute_ms["mean"], share)
+    return out
+
+
+def _variant(scenario, *, kv_len=None, tokens_per_gpu=None, nics_per_node="keep"):
+    """The scenario with a decode workload and/or another reading of the two-node NICs."""
+    update = {}
+    if kv_len is not None:
+        work = scenario.workload
+        update["workload"] = work.model_copy(update={
+            "seq_len": None, "kv_len": kv_len,
+            "synthetic": work.synthetic.model_copy(update={"tokens_per_gpu": tokens_per_gpu})})
+    if nics_per_node != "keep":
+        update["clusters"] = tuple(c.model_copy(update={"spec": c.spec.model_copy(update={
+            "network": c.spec.network.model_copy(update={"nics_per_node": nics_per_node})})})
+            for c in scenario.clusters)
+    return scenario.model_copy(update=update)
+
+
+def moetuner() -> None:
+    from moesim.study.config import load_scenario
+
+    scenario = load_scenario(ROOT / "scenarios" / "moetuner_standard.yaml")
+    one, two = (c.name for c in scenario.clusters)
+    runs = _moetuner_runs(scenario)
     ours: dict[str, list[float]] = {k: [] for k in MOETUNER}
-    moe_share = []
-    for c in clusters:
+    for c in (one, two):
         base, ilp = runs[c, "contiguous"], runs[c, "ilp"]
-        ours["e2e speedup"].append(base.e2e_ms["mean"] / ilp.e2e_ms["mean"])
-        ours["a2a tail"].append(timed[c, "ilp"][0] / timed[c, "contiguous"][0] - 1)
-        ours["a2a mean"].append(timed[c, "ilp"][1] / timed[c, "contiguous"][1] - 1)
-        ours["token-processing tail"].append(ilp.compute_ms["mean"] / base.compute_ms["mean"] - 1)
-        moe_share.append(base.compute_skew["max_over_mean_worst"])
+        ours["e2e speedup"].append(base[0] / ilp[0])
+        for i, k in ((1, "a2a tail"), (2, "a2a mean"), (3, "token-processing tail")):
+            ours[k].append(ilp[i] / base[i] - 1)
+    print("prefill of 4096-token prompts, 4096 tokens per GPU, the shipped scenario:")
     print(f"{'ilp vs contiguous':22s} {'paper 1 node':>12s} {'moesim':>8s} {'paper 2 nodes':>13s} {'moesim':>8s}")
     for k, (p1, p2) in MOETUNER.items():
         fmt = (lambda v: f"{v:.3f}x") if k == "e2e speedup" else (lambda v: f"{v * 100:+.1f}%")
         print(f"{k:22s} {fmt(p1):>12s} {fmt(ours[k][0]):>8s} {fmt(p2):>13s} {fmt(ours[k][1]):>8s}")
     # the paper's MoE share of step time: e2e saving = share x MoE-layer saving (MoE time ~ token-processing
-    # tail + a2a tail); moesim's end to end is MoE layers only (share 1)
+    # tail + a2a tail); moesim's share: the time in MoE layers (from the dispatch join to the combine's end)
     for i, where in enumerate(("1 node", "2 nodes")):
         saving = 1 - 1 / MOETUNER["e2e speedup"][i]
         layer = -(MOETUNER["a2a tail"][i] + MOETUNER["token-processing tail"][i]) / 2
-        print(f"{where}: the paper's gains imply MoE layers were ~{saving / layer * 100:.0f}% of its step time; "
-              f"moesim's worst-layer token skew under contiguous {moe_share[i]:.2f}x the mean (paper: one GPU "
-              "took 64-69% of a layer's tokens, 2.6-2.8x)")
-    same = (ours["e2e speedup"][1] > ours["e2e speedup"][0]) == (MOETUNER["e2e speedup"][1] > MOETUNER["e2e speedup"][0])
-    print(f"direction of the end-to-end gain, 1 node -> 2 nodes: {'reproduced' if same else 'NOT reproduced'}")
+        print(f"{where}: the paper's gains imply MoE layers took ~{saving / layer * 100:.0f}% of its step time; "
+              f"moesim: {runs[(one, two)[i], 'contiguous'][4] * 100:.0f}% under contiguous")
+
+    # The paper gives neither its batch nor its sequence lengths, so the regime is swept: the end-to-end
+    # gain is the MoE-layer gain diluted by the attention's share of the step, which grows in decode.
+    print("\nend-to-end speedup by regime (the paper does not say which it ran; 2 nodes under both readings of "
+          "'ConnectX-7 800 Gb/s'):")
+    print(f"{'regime':37s} {'1 node':>7s} {'2 nodes, 2 NICs/node':>21s} {'2 nodes, NIC per GPU':>21s}  "
+          "MoE share 1/2 nodes  direction")
+    print(f"{'paper (Figure 1)':37s} {MOETUNER['e2e speedup'][0]:6.3f}x {MOETUNER['e2e speedup'][1]:20.3f}x "
+          f"{'':>21s}  {'~24% / ~52%':>19s}  2 nodes > 1 node")
+    regimes = [("prefill, 4096-token prompts", {}),
+               *[(f"decode, KV 2048, {t} tokens per GPU", {"kv_len": 2048, "tokens_per_gpu": t}) for t in (64, 256, 1024)]]
+    for label, kw in regimes:
+        speed, share = {}, {}
+        for nics in ("keep", None):
+            r = _moetuner_runs(_variant(scenario, nics_per_node=nics, **kw))
+            for c in (one, two):
+                speed[c, nics] = r[c, "contiguous"][0] / r[c, "ilp"][0]
+                share[c, nics] = r[c, "contiguous"][4]
+        same = [speed[two, n] > speed[one, "keep"] for n in ("keep", None)]
+        verdict = {(True, True): "reproduced", (False, False): "NOT reproduced"}.get(tuple(same), "2 NICs/node only" if same[0] else "NIC per GPU only")
+        shares = f"{share[one, 'keep'] * 100:.0f}% / {share[two, 'keep'] * 100:.0f}%"
+        print(f"{label:37s} {speed[one, 'keep']:6.3f}x {speed[two, 'keep']:20.3f}x {speed[two, None]:20.3f}x  "
+              f"{shares:>19s}  {verdict}")
 
 
 def main() -> None:

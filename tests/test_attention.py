@@ -49,14 +49,16 @@ def test_attention_core_roofline(cluster):
     rate = gpu.attention_flops_per_s
     hbm = gpu.hbm_GBps * 1e9 * gpu.hbm_efficiency
     T = 8192
-    # prefill of 4096-token prompts: compute-bound, mean context 2048.5
+    fixed, launch = gpu.attention_fixed_keys, gpu.attention_overhead_us * 1e-6
+    assert fixed > 0 and launch > 0  # the presets carry the H100 fit
+    # prefill of 4096-token prompts: compute-bound, mean context 2048.5 (+ the fixed work per query row)
     got = attention_time(np.array([T]), m, gpu, Attention("prefill", 4096))[0]
-    assert got == pytest.approx(T * 4 * 4096 * 2048.5 / rate + gpu.attention_overhead_us * 1e-6, rel=1e-12)
+    assert got == pytest.approx(T * 4 * 4096 * (2048.5 + fixed) / rate + launch, rel=1e-12)
     # decode with 4096 cached tokens: every token reads its K and V cache (8 heads x 128, 2 bytes)
     got = attention_time(np.array([T]), m, gpu, Attention("decode", 4096))[0]
-    kv = T * (2 * 4096 * 2 + 2 * 1024 * 2 * 4097)
+    kv = T * (2 * 4096 * 2 + 2 * 1024 * 2 * (4097 + fixed))
     assert kv / hbm > T * 4 * 4096 * 4097 / rate  # memory-bound
-    assert got == pytest.approx(kv / hbm + gpu.attention_overhead_us * 1e-6, rel=1e-12)
+    assert got == pytest.approx(kv / hbm + launch, rel=1e-12)
     assert attention_time(np.array([0]), m, gpu, Attention("decode", 4096))[0] == 0
     # the sliding window caps the context; dense_time adds the core to the projections
     windowed = ModelSpec(**MIXTRAL, sliding_window=1024)
@@ -139,3 +141,24 @@ def test_scenario_attention_fields(tmp_path):
     path.write_text(SCENARIO.format(heads="  num_heads: 8", extra="  seq_len: 512\n  kv_len: 4"))
     with pytest.raises(InputError, match="not both"):
         load_scenario(path)
+
+
+def test_presets_carry_the_h100_attention_fit():
+    """The shipped attention parameters are what a fit on the Mixtral-shaped H100 points gives, and they
+    predict the held-out Qwen3-shaped points (benchmarks/validation/attention_h100)."""
+    from pathlib import Path
+
+    from moesim.calibration.attention import errors, fit_attention, load_attention_points
+    from moesim.hardware import ClusterSpec, preset
+
+    points = load_attention_points(Path(__file__).parents[1] / "benchmarks/validation/attention_h100/attention_h100.json")
+    gpu = ClusterSpec(**preset("dgx-h100")).gpu
+    fit = fit_attention(points, gpu, train=lambda p: p.shape == "mixtral-8x7b")
+    assert (fit.attention_efficiency, fit.attention_fixed_keys, fit.attention_overhead_us) == (
+        gpu.attention_efficiency, gpu.attention_fixed_keys, gpu.attention_overhead_us)
+    h200 = ClusterSpec(**preset("hgx-h200")).gpu  # same compute: the H100 fit, assumed
+    assert (h200.attention_efficiency, h200.attention_fixed_keys, h200.attention_overhead_us) == (
+        gpu.attention_efficiency, gpu.attention_fixed_keys, gpu.attention_overhead_us)
+    held = [p for p in points if p.shape != "mixtral-8x7b"]
+    assert len(held) == 33
+    assert np.median(np.abs(errors(held, gpu))) < 0.10

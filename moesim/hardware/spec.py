@@ -44,7 +44,10 @@ class GPUSpec(StrictModel):
     attention_efficiency: float | None = Field(default=None, gt=0, le=1,
                                                description="share of bf16 peak the attention core (FlashAttention) "
                                                            "reaches (default compute_efficiency)")
-    attention_overhead_us: float = Field(default=0.0, ge=0, description="fixed cost of one attention-core launch")
+    attention_fixed_keys: float = Field(default=0.0, ge=0,
+                                        description="attention core's fixed work per query row, in key positions "
+                                                    "(loading Q, finishing the softmax, storing O; fitted)")
+    attention_overhead_us: float = Field(default=0.0, ge=0, description="fixed GPU-side cost of one attention-core kernel")
 
     @property
     def flops_per_s(self) -> float:
