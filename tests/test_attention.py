@@ -95,10 +95,11 @@ def test_tp_attention_collectives(cluster):
     names = {c.name: c for c in rec.collectives}
     act = 512 * 2
     for name in ("attn_gather[b0.l0]", "attn_scatter[b0.l0]"):
-        c = names[name]
-        sent = {(int(s), int(d)): b for s, d, b in zip(c.src, c.dst, c.nbytes)}
-        # every GPU sends its 16 home tokens' activations to its TP peer, and nothing leaves the TP group
-        assert sent == {(0, 1): 16 * act, (1, 0): 16 * act, (2, 3): 16 * act, (3, 2): 16 * act}
+        # one collective per TP group: every GPU sends its 16 home tokens' activations to its TP peer
+        for group, (a, b) in enumerate(((0, 1), (2, 3))):
+            c = names[f"{name}/tp{group}"]
+            sent = {(int(s), int(d)): n for s, d, n in zip(c.src, c.dst, c.nbytes)}
+            assert sent == {(a, b): 16 * act, (b, a): 16 * act}
     g = rec.gpu
     dense = dense_time(np.array([16]), model, spec.gpu, tp=2, attention=Attention("prefill", 16))[0]
     assert ((g["t_dense_end"] - g["t_layer_start"]) > dense).all()  # the two collectives sit around it
@@ -162,3 +163,25 @@ def test_presets_carry_the_h100_attention_fit():
     held = [p for p in points if p.shape != "mixtral-8x7b"]
     assert len(held) == 33
     assert np.median(np.abs(errors(held, gpu))) < 0.10
+
+
+def test_a_tp_group_does_not_wait_for_the_others(cluster):
+    """TP collectives rendezvous per TP group: a lightly loaded group finishes its attention first."""
+    from moesim.traces.format import Layout
+
+    spec = cluster(nodes=1, gpus_per_node=4)
+    model = ModelSpec(num_layers=1, num_experts=2, top_k=1, d_model=2048, d_ff=1024, num_heads=16)
+    home = np.array([0] * 3000 + [1] * 3000 + [2] * 100 + [3] * 100, dtype=np.int32)
+    T = home.size
+    trace = Trace(experts=(np.arange(T) % 2).reshape(T, 1, 1),
+                  meta=TraceMeta(num_experts=2, num_layers=1, top_k=1)).validate()
+    layout = Layout(home=home, batch=np.zeros(T, dtype=np.int32), num_batches=1)
+    rec = Simulation(build_topology(spec), model, tp=2, options=EngineOptions(rate_tolerance=0.0),
+                     attention=Attention("prefill", 4096)).run(
+        trace, layout, Placement.from_assignment(np.array([[0, 1]]), 2, "contiguous"))
+    start = {c.name: c.start for c in rec.collectives}
+    assert start["attn_scatter[b0.l0]/tp1"] < start["attn_scatter[b0.l0]/tp0"]
+    g = rec.gpu
+    assert (g["t_dense_end"][0, 0, 2:] < g["t_dense_end"][0, 0, :2].min()).all()
+    # the dispatch all-to-all is global: everyone waits for the heavy group there
+    assert g["t_dispatch_start"][0, 0].min() == g["t_dispatch_start"][0, 0].max()

@@ -33,6 +33,13 @@ def by_name(records) -> dict:
     return {c.name: c for c in records.collectives}
 
 
+def tp_matrix(names: dict, name: str, G: int) -> np.ndarray:
+    """A TP collective's bytes over all its groups (they run as ``NAME/tpI``, one per TP group)."""
+    parts = [c for n, c in names.items() if n.startswith(name + "/tp")]
+    assert parts, name
+    return sum(collective_matrix(c, G) for c in parts)
+
+
 def expected_copies(experts_l, home, token_ids, gpus_l, G, tp, dedup) -> np.ndarray:
     """The documented routing rules, one token at a time: replica = token id mod replicas; the copy goes to
     the destination rank's GPU in the token's TP lane; dedup sends one copy per destination rank."""
@@ -102,8 +109,9 @@ def test_tokens_are_conserved(cluster, work):
                 comb = collective_matrix(colls[f"combine[b0.l{layer}]"], G)
                 np.testing.assert_allclose(disp, copies * 100.0)
                 np.testing.assert_allclose(comb, copies.T * 300.0)  # combine is the transpose
-                assert (f"allgather[b0.l{layer}]" in colls) == (tp > 1)
-    assert len(rec.collectives) == model.num_layers * (2 if tp == 1 else 6)  # + 2 expert and 2 attention TP
+                assert (f"allgather[b0.l{layer}]/tp0" in colls) == (tp > 1)
+    # dispatch and combine, and with tp > 1 two expert and two attention collectives per TP group
+    assert len(rec.collectives) == model.num_layers * (2 + (4 * G // tp if tp > 1 else 0))
 
 
 @settings(max_examples=40, deadline=None)
@@ -257,18 +265,18 @@ def test_tp2_adds_allgather_and_reducescatter(cluster):
     names = by_name(tp2)
     g = tp2.gpu
     for layer in range(2):
-        assert {f"allgather[b0.l{layer}]", f"reducescatter[b0.l{layer}]"} <= set(names)
+        assert {f"allgather[b0.l{layer}]/tp0", f"reducescatter[b0.l{layer}]/tp1"} <= set(names)
         disp = collective_matrix(names[f"dispatch[b0.l{layer}]"], 4)
         recv = disp.sum(axis=0) / 1000  # copies each GPU received
-        gather = collective_matrix(names[f"allgather[b0.l{layer}]"], 4)
-        scatter = collective_matrix(names[f"reducescatter[b0.l{layer}]"], 4)
+        gather = tp_matrix(names, f"allgather[b0.l{layer}]", 4)
+        scatter = tp_matrix(names, f"reducescatter[b0.l{layer}]", 4)
         pairs = [(0, 1), (1, 0), (2, 3), (3, 2)]  # inside each EP rank only
         for s, d in pairs:
             assert gather[s, d] == recv[s] * 1000
             assert scatter[s, d] == recv[d] * 3000  # expert outputs travel at combine size
         assert gather.sum() == sum(gather[s, d] for s, d in pairs)
         offdiag = ~np.eye(4, dtype=bool)
-        attn = sum(collective_matrix(names[f"attn_{k}[b0.l{layer}]"], 4) for k in ("gather", "scatter"))
+        attn = sum(tp_matrix(names, f"attn_{k}[b0.l{layer}]", 4) for k in ("gather", "scatter"))
         assert attn[offdiag].sum() == 2 * 4 * (T // 4) * 512 * 2  # every GPU's tokens, to its peer, both ways
         tp_bytes = (gather + scatter + attn)[offdiag].sum()
         a2a_bytes = (disp[offdiag].sum() + collective_matrix(names[f"combine[b0.l{layer}]"], 4)[offdiag].sum())

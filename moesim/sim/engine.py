@@ -10,9 +10,9 @@ Per batch, every GPU runs one SimPy process. For each MoE layer a GPU:
 4. runs its experts (roofline, grouped or one kernel per expert);
 5. with tp > 1, joins a reduce-scatter inside its EP rank;
 6. joins the combine all-to-all that returns the expert outputs home.
-A collective starts when its last GPU joins (so every GPU waits for the slowest, as with NCCL), moves
-its bytes as max-min fair flows over the links (:mod:`moesim.sim.network`), and releases each GPU when
-that GPU's own sends and receives are done. A batch ends when its last GPU finishes the last layer;
+A collective starts when its last GPU joins (so every GPU waits for the slowest, as with NCCL; a TP
+collective waits only for its own TP group), moves its bytes as max-min fair flows over the links
+(:mod:`moesim.sim.network`), and releases each GPU when that GPU's own sends and receives are done. A batch ends when its last GPU finishes the last layer;
 batches run one after another.
 
 How an all-to-all moves its bytes is ``EngineOptions.a2a``: ``direct`` (NCCL alltoallv, DeepEP's
@@ -60,6 +60,9 @@ GPU_FIELDS = (
     "t_compute_start", "t_compute_end", "t_combine_join", "t_combine_start", "t_combine_done",
     "tokens", "recv_copies", "bytes_out_intra", "bytes_out_inter",
 )
+
+
+TP_COLLECTIVES = ("attn_gather", "attn_scatter", "allgather", "reducescatter")  # inside each TP group
 
 
 @dataclass(frozen=True)
@@ -118,18 +121,21 @@ class CountingEnvironment(simpy.Environment):
 
 
 class _Rendezvous:
-    """A collective among all GPUs: starts when the last one joins; releases each GPU when it is done."""
+    """A collective among ``members`` GPUs (default all): starts when the last one joins; releases each GPU
+    when it is done."""
 
-    def __init__(self, fabric: Fabric, name: str, nbytes: np.ndarray, sink: list[CollectiveResult] | None):
+    def __init__(self, fabric: Fabric, name: str, nbytes: np.ndarray, sink: list[CollectiveResult] | None,
+                 members: int | None = None):
         self.fabric, self.name, self.nbytes, self.sink = fabric, name, nbytes, sink
         G = nbytes.shape[0]
         self.events = [fabric.env.event() for _ in range(G)]
+        self.members = G if members is None else members
         self.joined = 0
         self.start = np.nan
 
     def join(self, g: int) -> simpy.Event:
         self.joined += 1
-        if self.joined == len(self.events):
+        if self.joined == self.members:
             self.start = self.fabric.env.now
             self.fabric.env.process(self._run())
         return self.events[g]
@@ -138,6 +144,21 @@ class _Rendezvous:
         result = yield from self.fabric.collective(self.name, self.nbytes, self.events)
         if self.sink is not None:
             self.sink.append(result)
+
+
+class _GroupRendezvous:
+    """One collective per TP group (``tp`` consecutive GPUs, an EP rank), each starting when its own GPUs
+    have joined: a TP group does not wait for the rest of the cluster. Named ``NAME/tpI``."""
+
+    def __init__(self, fabric: Fabric, name: str, nbytes: np.ndarray, sink: list[CollectiveResult] | None, tp: int):
+        G = nbytes.shape[0]
+        group = np.arange(G) // tp
+        self.tp = tp
+        self.parts = [_Rendezvous(fabric, f"{name}/tp{i}", nbytes * (group[:, None] == i) * (group[None, :] == i),
+                                  sink, members=tp) for i in range(G // tp)]
+
+    def join(self, g: int) -> simpy.Event:
+        return self.parts[g // self.tp].join(g)
 
 
 def _tp_matrices(recv: np.ndarray, tp: int, in_bytes: float, out_bytes: float) -> tuple[np.ndarray, np.ndarray]:
@@ -234,7 +255,8 @@ class Simulation:
                 rec["bytes_out_inter"][b, l] = (offdiag * ~same_node).sum(axis=1)
                 flows += sum(int(np.count_nonzero(m * ~np.eye(G, dtype=bool))) for m in mats.values())
                 sink = kept if (keep_collectives and b == 0) else None
-                plan.append(({k: _Rendezvous(fabric, f"{k}[b{b}.l{l}]", m, sink) for k, m in mats.items()}, comp))
+                plan.append(({k: _GroupRendezvous(fabric, f"{k}[b{b}.l{l}]", m, sink, tp) if k in TP_COLLECTIVES
+                              else _Rendezvous(fabric, f"{k}[b{b}.l{l}]", m, sink) for k, m in mats.items()}, comp))
 
             def gpu(g: int) -> Generator[simpy.Event, None, None]:
                 for l, (coll, comp) in enumerate(plan):
