@@ -14,9 +14,10 @@ weight bytes, and - when the model has an attention shape and the workload says 
 are (:class:`Attention`) - the attention core (:func:`attention_time`): FlashAttention-style, 4 x heads x
 head_dim FLOPs per token per context token at ``GPUSpec.attention_efficiency`` of peak, against the bytes
 of Q, K, V and O (prefill) or of the whole KV cache (decode); each query row also costs
-``GPUSpec.attention_fixed_keys`` key positions of work (fitted to H100 FlashAttention-2 timings,
-benchmarks/validation/attention_h100), and a kernel takes at least ``attention_overhead_us``. With tensor parallelism each GPU runs
-``tp`` times its tokens on ``1/tp`` of the heads, which costs the same FLOPs as its own tokens on all heads.
+``GPUSpec.attention_fixed_keys`` key positions of work, and each kernel a fixed ``attention_overhead_us``
+(both fitted to H100 FlashAttention-2 timings, benchmarks/validation/attention_h100). With tensor
+parallelism each GPU runs ``tp`` times its tokens on ``1/tp`` of the heads, which costs the same FLOPs as
+its own tokens on all heads.
 Deliberately ignored: norms, rotary embeddings, the router, the LM head, and K/V re-reads between query
 tiles (left to the fitted efficiency).
 """
