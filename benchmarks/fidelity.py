@@ -15,10 +15,12 @@
 5. A second 2x H200 host, measured with ``moesim bench`` (benchmarks/validation/h200_host2 and a2a_paths): the
    shipped preset predicting it as it is, then ``moesim calibrate`` on it with a held-out third.
 6. MoETuner's single- vs multi-node gains (arXiv 2502.06643): ``ilp`` over ``contiguous`` on the shipped
-   scenarios/moetuner_standard.yaml (Megatron's dispatch/combine dataflow, EP4 x TP2 on one DGX H100, EP4 x
-   TP4 on two HGX H200; every layer's tensor-parallel attention and its collectives included), per component
-   and end to end, beside the paper's reductions; then the end-to-end gains across prefill and decode regimes
-   and both readings of the paper's network, since the paper gives neither its batch nor its lengths.
+   scenarios/moetuner_standard.yaml (Megatron's dispatch/combine dataflow) and moetuner_coherent.yaml (ExFlow's
+   context-coherent dataflow, the one the paper's cross-layer traffic term describes), EP4 x TP2 on one DGX
+   H100 and EP4 x TP4 on two HGX H200, every layer's tensor-parallel attention and its collectives included:
+   the workload's skew beside the paper's motivation figure, the gains per component and end to end beside
+   the paper's, then the end-to-end gains across prefill and decode regimes, both dataflows and both readings
+   of the paper's network, since the paper's available text gives neither its batch nor its lengths.
 7. The attention core on one H100 (benchmarks/validation/attention_h100): fitted on Mixtral's attention shape,
    error on Qwen3-30B-A3B's; the fit is what the presets ship.
 Nothing here is fitted to the points it reports as held out.
@@ -87,13 +89,15 @@ def deepep() -> None:
 # MoETuner, Figure 1 and section 5 (../shared/reference/DOMAIN.md section 1): (single node, two nodes)
 MOETUNER = {"e2e speedup": (1.093, 1.175), "a2a tail": (-0.363, -0.305), "a2a mean": (-0.354, -0.247),
             "token-processing tail": (-0.36, -0.27)}
+MOETUNER_HOT_GPU = (0.64, 0.69)  # "one GPU can take 64-69% of a layer's tokens" under contiguous placement
 
 
 def _moetuner_runs(scenario):
-    """ilp and contiguous on both clusters: per cluster, (e2e ms, a2a tail, a2a mean, token-processing tail)
-    for each placement, every all-to-all timed as the GPU running it times it (NCCL, Megatron's profiles:
-    from joining to done, the wait for the slowest rank included); tail = the slowest GPU per layer per step,
-    as MoETuner reports."""
+    """ilp and contiguous on both clusters: per cluster, (e2e ms, a2a tail, a2a mean, token-processing tail,
+    MoE share) for each placement, every all-to-all timed as the GPU running it times it (NCCL, Megatron's
+    profiles: from joining to done, the wait for the slowest rank included); tail = the slowest GPU per layer
+    per step, as MoETuner reports. MoE share: the part of the step a GPU spends outside its attention block
+    (the block's tensor-parallel collectives included), mean over GPUs."""
     from moesim.study.runner import run_study
 
     scenario = scenario.model_copy(update={"placements": tuple(p for p in scenario.placements
@@ -102,9 +106,9 @@ def _moetuner_runs(scenario):
     for r in run_study(scenario, progress=False).runs:
         g = r.records.gpu
         spans = [g["t_dispatch_done"] - g["t_dispatch_join"], g["t_combine_done"] - g["t_combine_join"]]
-        # share of the step in MoE layers: from the dispatch join to the end of the combine, slowest GPU
-        moe = (g["t_combine_done"] - g["t_dispatch_join"]).max(axis=2).sum(axis=1)
-        share = float(np.mean(moe / (r.records.batch_end - r.records.batch_start)))
+        spans = [s for s in spans if s.any()]  # the coherent dataflow has no combine but the last layer's
+        attention = (g["t_dense_end"] - g["t_layer_start"]).sum(axis=1).mean(axis=1)
+        share = float(np.mean(1 - attention / (r.records.batch_end - r.records.batch_start)))
         out[r.cluster.name, r.name] = (r.metrics.e2e_ms["mean"], np.mean([s.max(axis=2).mean() for s in spans]),
                                        np.mean([s.mean() for s in spans]), r.metrics.compute_ms["mean"], share)
     return out
@@ -125,53 +129,96 @@ def _variant(scenario, *, kv_len=None, tokens_per_gpu=None, nics_per_node="keep"
     return scenario.model_copy(update=update)
 
 
+def _hot_rank(scenario) -> list[tuple[float, float]]:
+    """Per cluster, under contiguous placement: the share of a layer's tokens that visit the busiest expert-
+    parallel rank, and that rank's share of the (token, expert) picks, each averaged over layers and batches."""
+    from moesim.study.runner import build_workload
+
+    out = []
+    E = scenario.model.num_experts
+    for c in scenario.clusters:
+        w = build_workload(scenario, c)
+        ep = c.spec.num_gpus // c.tp
+        rank = np.asarray(w.trace.experts) // (E // ep)  # contiguous: expert e on EP rank e // (E / EP)
+        visit, picks = [], []
+        for b in np.unique(w.layout.batch):
+            sel = rank[w.layout.batch == b]
+            for lay in range(sel.shape[1]):
+                onehot = sel[:, lay, :, None] == np.arange(ep)
+                visit.append(onehot.any(axis=1).mean(axis=0).max())
+                picks.append(onehot.mean(axis=(0, 1)).max())
+        out.append((float(np.mean(visit)), float(np.mean(picks))))
+    return out
+
+
 def moetuner() -> None:
     from moesim.study.config import load_scenario
 
-    scenario = load_scenario(ROOT / "scenarios" / "moetuner_standard.yaml")
-    one, two = (c.name for c in scenario.clusters)
-    runs = _moetuner_runs(scenario)
-    ours: dict[str, list[float]] = {k: [] for k in MOETUNER}
-    for c in (one, two):
-        base, ilp = runs[c, "contiguous"], runs[c, "ilp"]
-        ours["e2e speedup"].append(base[0] / ilp[0])
-        for i, k in ((1, "a2a tail"), (2, "a2a mean"), (3, "token-processing tail")):
-            ours[k].append(ilp[i] / base[i] - 1)
-    print("prefill of 4096-token prompts, 4096 tokens per GPU, the shipped scenario:")
-    print(f"{'ilp vs contiguous':22s} {'paper 1 node':>12s} {'moesim':>8s} {'paper 2 nodes':>13s} {'moesim':>8s}")
-    for k, (p1, p2) in MOETUNER.items():
-        fmt = (lambda v: f"{v:.3f}x") if k == "e2e speedup" else (lambda v: f"{v * 100:+.1f}%")
-        print(f"{k:22s} {fmt(p1):>12s} {fmt(ours[k][0]):>8s} {fmt(p2):>13s} {fmt(ours[k][1]):>8s}")
-    # the paper's MoE share of step time: e2e saving = share x MoE-layer saving (MoE time ~ token-processing
-    # tail + a2a tail); moesim's share: the time in MoE layers (from the dispatch join to the combine's end)
-    for i, where in enumerate(("1 node", "2 nodes")):
-        saving = 1 - 1 / MOETUNER["e2e speedup"][i]
-        layer = -(MOETUNER["a2a tail"][i] + MOETUNER["token-processing tail"][i]) / 2
-        print(f"{where}: the paper's gains imply MoE layers took ~{saving / layer * 100:.0f}% of its step time; "
-              f"moesim: {runs[(one, two)[i], 'contiguous'][4] * 100:.0f}% under contiguous")
+    scenarios = {flow: load_scenario(ROOT / "scenarios" / f"moetuner_{flow}.yaml") for flow in ("standard", "coherent")}
+    one, two = (c.name for c in scenarios["standard"].clusters)
+    lo, hi = MOETUNER_HOT_GPU
+    print(f"workload skew under contiguous placement (the paper: one GPU takes {lo:.0%}-{hi:.0%} of a layer's tokens):")
+    for c, (visit, picks) in zip((one, two), _hot_rank(scenarios["standard"])):
+        print(f"  {c}: the busiest EP rank is visited by {visit:.0%} of the tokens and serves {picks:.0%} of the picks")
 
-    # The paper gives neither its batch nor its sequence lengths, so the regime is swept: the end-to-end
+    ours: dict[str, dict[str, list[float]]] = {}
+    shares = {}
+    for flow, scenario in scenarios.items():
+        runs = _moetuner_runs(scenario)
+        ours[flow] = {k: [] for k in MOETUNER}
+        for c in (one, two):
+            base, ilp = runs[c, "contiguous"], runs[c, "ilp"]
+            ours[flow]["e2e speedup"].append(base[0] / ilp[0])
+            for i, k in ((1, "a2a tail"), (2, "a2a mean"), (3, "token-processing tail")):
+                ours[flow][k].append(ilp[i] / base[i] - 1)
+            shares[flow, c] = base[4]
+    print("\nthe shipped scenarios, prefill of 4096-token prompts, 4096 tokens per GPU; ilp vs contiguous "
+          "(standard: moetuner_standard.yaml, coherent: moetuner_coherent.yaml):")
+    print(f"{'':22s} {'---------- 1 node ----------':>30s} {'---------- 2 nodes ---------':>30s}")
+    print(f"{'':22s} {'paper':>8s} {'standard':>10s} {'coherent':>10s} {'paper':>8s} {'standard':>10s} {'coherent':>10s}")
+    for k, paper in MOETUNER.items():
+        fmt = (lambda v: f"{v:.3f}x") if k == "e2e speedup" else (lambda v: f"{v * 100:+.1f}%")
+        cells = [f"{fmt(paper[i]):>8s} {fmt(ours['standard'][k][i]):>10s} {fmt(ours['coherent'][k][i]):>10s}"
+                 for i in (0, 1)]
+        print(f"{k:22s} {cells[0]} {cells[1]}")
+    # the paper's MoE share of step time: e2e saving = share x MoE-layer saving (MoE time ~ token-processing
+    # tail + a2a tail)
+    implied = []
+    for i in (0, 1):
+        saving = 1 - 1 / MOETUNER["e2e speedup"][i]
+        implied.append(saving / (-(MOETUNER["a2a tail"][i] + MOETUNER["token-processing tail"][i]) / 2))
+    print(f"{'MoE share of the step':22s} {implied[0] * 100:7.0f}% {shares['standard', one] * 100:9.0f}% "
+          f"{shares['coherent', one] * 100:9.0f}% {implied[1] * 100:7.0f}% {shares['standard', two] * 100:9.0f}% "
+          f"{shares['coherent', two] * 100:9.0f}%   (paper: implied by its gains; moesim: under contiguous)")
+
+    # The paper gives neither its batch nor its sequence lengths nor (in the text available here) whether its
+    # modified Megatron sends tokens home after every layer, so regimes and dataflows are swept: the end-to-end
     # gain is the MoE-layer gain diluted by the attention's share of the step, which grows in decode.
-    print("\nend-to-end speedup by regime (the paper does not say which it ran; 2 nodes under both readings of "
-          "'ConnectX-7 800 Gb/s'):")
-    print(f"{'regime':37s} {'1 node':>7s} {'2 nodes, 2 NICs/node':>21s} {'2 nodes, NIC per GPU':>21s}  "
-          "MoE share 1/2 nodes  direction")
-    print(f"{'paper (Figure 1)':37s} {MOETUNER['e2e speedup'][0]:6.3f}x {MOETUNER['e2e speedup'][1]:20.3f}x "
-          f"{'':>21s}  {'~24% / ~52%':>19s}  2 nodes > 1 node")
+    print("\nend-to-end speedup by regime and dataflow (2 nodes under both readings of 'ConnectX-7 800 Gb/s'):")
+    print(f"{'dataflow, regime':46s} {'1 node':>7s} {'2 nodes, 2 NICs/node':>21s} {'NIC per GPU':>12s}  "
+          f"{'MoE share 1/2 nodes':>19s}  direction")
+    print(f"{'paper (Figure 1)':46s} {MOETUNER['e2e speedup'][0]:6.3f}x {MOETUNER['e2e speedup'][1]:20.3f}x "
+          f"{'':>12s}  {f'~{implied[0]:.0%} / ~{implied[1]:.0%}':>19s}  2 nodes > 1 node")
     regimes = [("prefill, 4096-token prompts", {}),
-               *[(f"decode, KV 2048, {t} tokens per GPU", {"kv_len": 2048, "tokens_per_gpu": t}) for t in (64, 256, 1024)]]
-    for label, kw in regimes:
-        speed, share = {}, {}
-        for nics in ("keep", None):
-            r = _moetuner_runs(_variant(scenario, nics_per_node=nics, **kw))
-            for c in (one, two):
-                speed[c, nics] = r[c, "contiguous"][0] / r[c, "ilp"][0]
-                share[c, nics] = r[c, "contiguous"][4]
-        same = [speed[two, n] > speed[one, "keep"] for n in ("keep", None)]
-        verdict = {(True, True): "reproduced", (False, False): "NOT reproduced"}.get(tuple(same), "2 NICs/node only" if same[0] else "NIC per GPU only")
-        shares = f"{share[one, 'keep'] * 100:.0f}% / {share[two, 'keep'] * 100:.0f}%"
-        print(f"{label:37s} {speed[one, 'keep']:6.3f}x {speed[two, 'keep']:20.3f}x {speed[two, None]:20.3f}x  "
-              f"{shares:>19s}  {verdict}")
+               *[(f"decode, KV 2048, {t} tokens/GPU", {"kv_len": 2048, "tokens_per_gpu": t}) for t in (64, 256, 1024)]]
+    verdicts = []
+    for flow, scenario in scenarios.items():
+        for label, kw in regimes:
+            speed, share = {}, {}
+            for nics in ("keep", None):
+                r = _moetuner_runs(_variant(scenario, nics_per_node=nics, **kw))
+                for c in (one, two):
+                    speed[c, nics] = r[c, "contiguous"][0] / r[c, "ilp"][0]
+                    share[c, nics] = r[c, "contiguous"][4]
+            same = tuple(speed[two, n] > speed[one, "keep"] for n in ("keep", None))
+            verdict = {(True, True): "reproduced", (False, False): "NOT reproduced"}.get(
+                same, "2 NICs/node only" if same[0] else "NIC per GPU only")
+            verdicts.append(verdict)
+            shares_txt = f"{share[one, 'keep'] * 100:.0f}% / {share[two, 'keep'] * 100:.0f}%"
+            print(f"{flow + ', ' + label:46s} {speed[one, 'keep']:6.3f}x {speed[two, 'keep']:20.3f}x "
+                  f"{speed[two, None]:11.3f}x  {shares_txt:>19s}  {verdict}")
+    print(f"direction reproduced under both NIC readings in {verdicts.count('reproduced')} of {len(verdicts)} "
+          "regimes; which one the paper ran is not known here")
 
 
 def main() -> None:
@@ -189,7 +236,7 @@ def main() -> None:
     print("\n== 5. a second 2x H200 host (not fitted to the shipped preset) ==")
     for folder in ("h200_host2", "a2a_paths"):
         runpy.run_path(str(ROOT / "benchmarks" / "validation" / folder / "compare.py"), run_name="__main__")
-    print("\n== 6. MoETuner's single- vs multi-node gains (scenarios/moetuner_standard.yaml) ==")
+    print("\n== 6. MoETuner's single- vs multi-node gains (scenarios/moetuner_{standard,coherent}.yaml) ==")
     moetuner()
     print("\n== 7. attention core, one H100 (fitted on one shape, error on the other) ==")
     runpy.run_path(str(ROOT / "benchmarks" / "validation" / "attention_h100" / "compare.py"), run_name="__main__")
