@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from moesim.errors import InputError
+from moesim.fileio import atomic_write
 from moesim.hardware.presets import deep_merge, preset, preset_names
 from moesim.hardware.spec import ClusterSpec
 from moesim.hardware.topology import build_topology
@@ -213,25 +214,46 @@ def _rounded(value: object, digits: int = 4) -> object:
     return value
 
 
+# GPU names as torch.cuda.get_device_name reports them -> the preset that models that GPU
+_DEVICE_PRESETS = (("GB200", "gb200-nvl72"), ("B200", "gb200-nvl72"), ("H800", "h800"), ("H200", "hgx-h200"),
+                   ("H100", "dgx-h100"), ("A100", "dgx-a100"))
+
+
+def _preset_of_device(device: str) -> str | None:
+    return next((name for key, name in _DEVICE_PRESETS if key in device.upper()), None)
+
+
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     import numpy as np
 
     from moesim.calibration import calibrate, load_bench
 
     data = load_bench(args.bench)
-    if not data.a2a and not data.ffn:
-        raise InputError("no all-to-all or expert-FFN points in the benchmark files")
+    if not data.a2a and not data.ffn and not data.attention:
+        raise InputError("no all-to-all, expert-FFN or attention-core points in the benchmark files")
+    matched = {_preset_of_device(d) for d in data.devices}
+    guess = matched.pop() if len(matched) == 1 else None
+    if args.preset is None:
+        args.preset = guess or "hgx-h200"
+        print(f"fitting the {args.preset} preset's parameters" + (
+            f" (measured on {', '.join(sorted(data.devices))})" if guess else
+            f": no single preset matches the devices measured ({', '.join(sorted(data.devices))}); choose with --preset"))
     try:
         preset(args.preset)
     except KeyError as exc:
         raise InputError(str(exc.args[0]), field="--preset") from None
+    if guess and guess != args.preset:
+        print(f"note: measured on {', '.join(sorted(data.devices))}, which the {guess} preset models; fitting "
+              f"{args.preset}'s parameters as asked (those not fitted stay {args.preset}'s)")
     result = calibrate(data, args.preset, name=args.name)
-    print(f"calibrated {args.preset} on {len(data.a2a)} all-to-all, {len(data.p2p)} p2p and {len(data.ffn)} FFN "
-          f"points from {', '.join(sorted(data.devices))}")
+    timings = sorted({p.timing for p in data.attention})
+    print(f"calibrated {args.preset} on {len(data.a2a)} all-to-all, {len(data.p2p)} p2p, {len(data.ffn)} FFN and "
+          f"{len(data.attention)} attention-core{' (' + ' and '.join(timings) + ')' if timings else ''} points "
+          f"from {', '.join(sorted(data.devices))}")
     for key, value in result.fitted.items():
         print(f"  {key:26s} {value:10.4g}")
     print(f"{'points':22s} {'n':>4s} {'median |err|':>13s} {'max |err|':>10s}")
-    groups = {"network": ("a2a-uniform", "a2a-skew", "p2p"), "expert FFN": ("ffn",)}
+    groups = {"network": ("a2a-uniform", "a2a-skew", "p2p"), "expert FFN": ("ffn",), "attention core": ("attention",)}
     for label, kinds in groups.items():
         for held in (False, True):
             e = result.errors(held, kinds)
@@ -241,13 +263,11 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     spec = _rounded(result.spec.model_dump(mode="json"))
     doc = {"preset": args.preset, **{k: spec[k] for k in ("name", "gpu", "nvlink", "a2a_launch_us")}}
     out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
+    held = [f"{label} {np.median(e) * 100:.1f}%" for label, kinds in groups.items()
+            if (e := result.errors(True, kinds)).size]
     header = (f"# moesim calibrate {' '.join(args.bench)} --preset {args.preset}\n"
-              f"# held-out median |error|: network {np.median(result.errors(True, groups['network']) if data.a2a else [0]) * 100:.1f}%, "
-              f"expert FFN {np.median(result.errors(True, ('ffn',)) if data.ffn else [0]) * 100:.1f}%\n")
-    tmp.write_text(header + yaml.safe_dump(doc, sort_keys=False))
-    tmp.replace(out)
+              f"# held-out median |error|: {', '.join(held) or 'no held-out points'}\n")
+    atomic_write(out, lambda fh: fh.write(header + yaml.safe_dump(doc, sort_keys=False)))
     print(f"wrote {out}: use it in a scenario as clusters: [{{file: {out}, nodes: N}}]")
     return 0
 
@@ -261,6 +281,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from moesim.bench import a2a
 
         path = a2a.run(args.output, args.nproc, cpu=args.cpu)
+    elif args.what == "attention":
+        from moesim.bench import attention
+
+        path = attention.run(args.output, cpu=args.cpu, log=lambda line: print(line, flush=True))
     else:
         from moesim.bench import ffn
 
@@ -289,15 +313,20 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("-o", "--output")
     pl.add_argument("--list", action="store_true", help="list the registered policies")
     pl.set_defaults(func=_cmd_place)
-    b = sub.add_parser("bench", help="measure all-to-all or expert-FFN timings on this host's GPUs (needs torch)")
-    b.add_argument("what", choices=["a2a", "ffn"])
+    b = sub.add_parser("bench", help="measure all-to-all, expert-FFN or attention-block timings on this host's GPUs "
+                       "(needs torch)")
+    b.add_argument("what", choices=["a2a", "ffn", "attention"],
+                   help="a2a: all-to-all and p2p among --nproc GPUs; ffn: expert FFNs on one GPU; attention: "
+                   "QKV/core/O projections of two attention shapes at tp 1/2/4, prefill and decode, on one GPU")
     b.add_argument("--nproc", type=int, default=2, help="ranks for a2a (GPUs of this host)")
     b.add_argument("--cpu", action="store_true", help="dry run on the CPU (gloo, tiny shapes)")
-    b.add_argument("-o", "--output", required=True, help="folder for the JSON")
+    b.add_argument("-o", "--output", required=True,
+                   help="folder for the JSON (a2a_<nproc>.json, expert_ffn.json or attention.json)")
     b.set_defaults(func=_cmd_bench)
     cal = sub.add_parser("calibrate", help="fit the hardware model to micro-benchmark JSON and write a cluster YAML")
-    cal.add_argument("bench", nargs="+", help="a2a_<world>.json and/or expert_ffn*.json files")
-    cal.add_argument("--preset", default="hgx-h200", help="preset whose parameters are fitted")
+    cal.add_argument("bench", nargs="+", help="a2a_<world>.json, expert_ffn*.json and/or attention*.json files")
+    cal.add_argument("--preset", help="preset whose parameters are fitted (default: the one that models the GPU "
+                     "named in the benchmark files, else hgx-h200)")
     cal.add_argument("--name", help="name of the calibrated cluster")
     cal.add_argument("-o", "--output", required=True, help="cluster YAML to write")
     cal.set_defaults(func=_cmd_calibrate)

@@ -4,15 +4,23 @@ from __future__ import annotations
 
 import json
 import socket
+from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
-from moesim.bench import a2a, ffn  # noqa: E402
+from moesim.bench import a2a, attention, ffn  # noqa: E402
 from moesim.calibration import calibrate, load_bench  # noqa: E402
+from moesim.calibration.attention import EFFICIENCIES, FIXED_KEYS, OVERHEADS_US, fit_attention  # noqa: E402
+from moesim.calibration.fit import split  # noqa: E402
 from moesim.cli import main  # noqa: E402
+from moesim.hardware import ClusterSpec, preset  # noqa: E402
+
+H100_ATTENTION = Path(__file__).parents[1] / "benchmarks/validation/attention_h100/attention_h100.json"
+TINY_ATTENTION = {"tiny": {"d_model": 128, "n_heads": 8, "n_kv_heads": 4, "head_dim": 16}}
 
 
 def _free_port() -> int:
@@ -26,7 +34,8 @@ def bench_files(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     a2a_path = a2a.run(out, 2, cpu=True, port=_free_port())
     ffn_path = ffn.run(out, cpu=True, shapes={"tiny": (64, 128), "small": (128, 256)})
-    return a2a_path, ffn_path
+    attention_path = attention.run(out, cpu=True, shapes=TINY_ATTENTION, log=None)
+    return a2a_path, ffn_path, attention_path
 
 
 def test_a2a_json_has_the_calibration_format(bench_files):
@@ -55,9 +64,143 @@ def test_calibrate_reads_what_bench_wrote(bench_files, tmp_path):
     data = load_bench(list(bench_files))
     assert data.world == 2 and len(data.a2a) == 6 + 6 and len(data.p2p) == 2
     assert len(data.ffn) == 2 * 2 + 12
+    assert len(data.attention) == 12
     result = calibrate(data, iters=20)
-    assert {p.kind for p in result.predictions} == {"a2a-uniform", "a2a-skew", "p2p", "ffn"}
+    assert {p.kind for p in result.predictions} == {"a2a-uniform", "a2a-skew", "p2p", "ffn", "attention"}
     assert any(p.held_out for p in result.predictions) and any(not p.held_out for p in result.predictions)
+    # the attention core is fitted last, on the GPU the FFN fit gave
+    ffn_only = calibrate(load_bench(list(bench_files[:2])), iters=20)
+    assert result.spec.gpu.hbm_efficiency == ffn_only.spec.gpu.hbm_efficiency
+    held = split(data.attention, key=lambda p: (p.shape, p.phase))
+    fit = fit_attention([p for p, h in zip(data.attention, held) if not h], ffn_only.spec.gpu)
+    assert {k: result.fitted[f"gpu.{k}"] for k in asdict(fit)} == asdict(fit)
     out = tmp_path / "cpu.yaml"
     assert main(["calibrate", *map(str, bench_files), "-o", str(out)]) == 0
-    assert out.read_text().startswith("# moesim calibrate")
+    header = out.read_text().splitlines()[:2]
+    assert header[0].startswith("# moesim calibrate")
+    assert all(group in header[1] for group in ("network", "expert FFN", "attention core"))
+
+
+def test_attention_json_has_the_bench_format(bench_files):
+    raw = json.loads(bench_files[2].read_text())
+    assert set(raw) == {"device", "torch", "cuda", "cudnn", "python", "date", "warmup", "reps", "l2_flush", "shapes",
+                        "ceilings", "method", "records", "elapsed_s"}
+    assert raw["shapes"] == TINY_ATTENTION and raw["method"] == attention.METHOD
+    assert (raw["warmup"], raw["reps"], raw["l2_flush"]) == (1, 3, True)
+    assert raw["ceilings"]["bf16_tflops"] > 0 and raw["ceilings"]["copy_GBps_rw"] > 0
+    recs = raw["records"]
+    assert len(recs) == 3 * (2 + 2) * 4 and not any("skipped" in r for r in recs)  # tp x (prefill + decode) x parts
+    for phase, size in (("prefill", "seq_len"), ("decode", "context")):
+        sel = [r for r in recs if r["phase"] == phase]
+        assert {r["part"] for r in sel} == {"qkv", "core", "o", "block"}
+        assert {r["tp"] for r in sel} == {1, 2, 4}
+        assert all(r[size] > 0 and r["tokens"] > 0 and r["batch"] > 0 for r in sel)
+    assert all(r["median_ms"] > 0 and r["min_ms"] > 0 and r["reps"] == 3 and r["flops"] > 0 for r in recs)
+    assert all("gpu_kernel_ms" not in r for r in recs)  # no profiler on the CPU
+    core = [r for r in recs if r["part"] == "core"]
+    assert all(r["sdpa_backend_requested"] in ("flash", "default") for r in core)
+    block = next(r for r in recs if r["part"] == "block")
+    parts = [r for r in recs if r["part"] != "block" and all(r[k] == block[k] for k in ("tp", "phase", "seq_len"))]
+    assert block["flops"] == sum(r["flops"] for r in parts)
+
+
+def test_load_bench_reads_attention_core_points(bench_files):
+    data = load_bench([bench_files[2]])
+    assert not data.a2a and not data.ffn and data.devices == {"cpu (quick smoke run)"}
+    points = data.attention
+    assert len(points) == 12 and all(p.timing == "median_ms" for p in points)  # CPU: event time
+    assert {(p.phase, p.length) for p in points} == {("prefill", 32), ("prefill", 128), ("decode", 64)}
+    raw = json.loads(bench_files[2].read_text())
+    first = next(r for r in raw["records"] if r["part"] == "core")
+    assert points[0].tokens == first["tokens"] / first["tp"]
+    assert points[0].measured_s == pytest.approx(first["median_ms"] * 1e-3)
+    assert points[0].model.num_kv_heads == 4 and points[0].model.head_size == 16
+
+
+def test_calibrate_fits_attention_alone(bench_files):
+    result = calibrate(load_bench([bench_files[2]]))
+    assert {p.kind for p in result.predictions} == {"attention"}
+    held = [p for p in result.predictions if p.held_out]
+    assert len(held) == 4 and len(result.predictions) == 12  # every third of each (shape, phase) group of six
+    assert all(p.measured_ms > 0 and p.predicted_ms > 0 for p in result.predictions)
+    assert set(result.fitted) == {"gpu.attention_efficiency", "gpu.attention_fixed_keys", "gpu.attention_overhead_us"}
+    assert EFFICIENCIES.min() <= result.fitted["gpu.attention_efficiency"] <= EFFICIENCIES.max()
+    assert min(FIXED_KEYS) <= result.fitted["gpu.attention_fixed_keys"] <= max(FIXED_KEYS)
+    assert min(OVERHEADS_US) <= result.fitted["gpu.attention_overhead_us"] <= max(OVERHEADS_US)
+    assert result.spec.gpu.attention_efficiency == result.fitted["gpu.attention_efficiency"]
+    base = ClusterSpec(**preset("hgx-h200"))
+    assert result.spec.gpu.compute_efficiency == base.gpu.compute_efficiency  # nothing else fitted
+    assert result.spec.nvlink == base.nvlink
+
+
+def test_calibrate_cli_writes_the_attention_fit(bench_files, tmp_path, capsys):
+    import yaml
+
+    from moesim.study.config import load_scenario
+
+    out = tmp_path / "att.yaml"
+    assert main(["calibrate", str(bench_files[2]), "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "12 attention-core (median_ms) points" in printed
+    assert "attention core fit" in printed and "attention core held-out" in printed
+    text = out.read_text()
+    assert text.splitlines()[1].startswith("# held-out median |error|: attention core ")
+    gpu = yaml.safe_load(text)["gpu"]
+    fit = calibrate(load_bench([bench_files[2]])).fitted
+    for key in ("attention_efficiency", "attention_fixed_keys", "attention_overhead_us"):
+        assert gpu[key] == pytest.approx(fit[f"gpu.{key}"], rel=1e-3)
+    scenario = tmp_path / "s.yaml"
+    scenario.write_text(f"name: s\nclusters: [{{file: {out.name}, nodes: 1}}]\nmodel: {{num_layers: 1, "
+                        "num_experts: 8, top_k: 2, d_model: 64, d_ff: 64}\nworkload: {synthetic: {tokens_per_gpu: 8}}"
+                        "\nplacements: [contiguous]\n")
+    spec = load_scenario(scenario).clusters[0].spec
+    assert spec.gpu.attention_efficiency == gpu["attention_efficiency"]
+    assert spec.gpu.attention_fixed_keys == gpu["attention_fixed_keys"]
+
+
+@pytest.mark.parametrize("drop, field", [("phase", "phase"), ("median_ms", "median_ms")])
+def test_malformed_attention_file_is_one_line_error(bench_files, tmp_path, capsys, drop, field):
+    raw = json.loads(bench_files[2].read_text())
+    i = next(i for i, r in enumerate(raw["records"]) if r["part"] == "core")
+    del raw["records"][i][drop]
+    bad = tmp_path / "bad_attention.json"
+    bad.write_text(json.dumps(raw))
+    out = tmp_path / "c.yaml"
+    assert main(["calibrate", str(bad), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(bad) in err and f"records[{i}].{field}: missing" in err
+    assert not out.exists()
+
+
+def test_stored_h100_attention_refits_through_calibrate():
+    """benchmarks/validation/attention_h100 through moesim calibrate: every third point of each (shape, phase)
+    held out, GPU kernel time, the H100 preset's HBM."""
+    data = load_bench([H100_ATTENTION])
+    assert len(data.attention) == 66 and {p.timing for p in data.attention} == {"gpu_kernel_ms"}
+    result = calibrate(data, "dgx-h100")
+    held = result.errors(True, ("attention",))
+    assert held.size == 22 and result.errors(False, ("attention",)).size == 44
+    assert np.median(held) < 0.05  # 3.0% when written
+    gpu = ClusterSpec(**preset("dgx-h100")).gpu  # the split fit lands on the shipped values too
+    assert result.fitted == {"gpu.attention_efficiency": gpu.attention_efficiency,
+                             "gpu.attention_fixed_keys": gpu.attention_fixed_keys,
+                             "gpu.attention_overhead_us": gpu.attention_overhead_us}
+
+
+def test_calibrate_picks_the_preset_of_the_measured_gpu(tmp_path, capsys):
+    import yaml
+
+    out = tmp_path / "h100.yaml"
+    assert main(["calibrate", str(H100_ATTENTION), "-o", str(out)]) == 0
+    assert "fitting the dgx-h100 preset's parameters (measured on NVIDIA H100 80GB HBM3)" in capsys.readouterr().out
+    doc = yaml.safe_load(out.read_text())
+    assert doc["preset"] == "dgx-h100" and doc["gpu"]["name"] == "H100-SXM"
+    assert main(["calibrate", str(H100_ATTENTION), "--preset", "hgx-h200", "-o", str(out)]) == 0
+    assert "note: measured on NVIDIA H100 80GB HBM3, which the dgx-h100 preset models" in capsys.readouterr().out
+    assert yaml.safe_load(out.read_text())["preset"] == "hgx-h200"
+
+
+def test_calibrate_without_a_known_gpu_says_which_preset_it_fits(bench_files, tmp_path, capsys):
+    assert main(["calibrate", str(bench_files[1]), "-o", str(tmp_path / "c.yaml")]) == 0
+    assert "fitting the hgx-h200 preset's parameters: no single preset matches the devices measured (cpu)" \
+        in capsys.readouterr().out

@@ -1,6 +1,7 @@
-"""Micro-benchmarks on the user's GPUs (optional extra ``bench``: torch): all-to-all, p2p, expert FFN.
+"""Micro-benchmarks on the user's GPUs (optional extra ``bench``: torch): all-to-all, p2p, expert FFN, attention.
 
-``moesim bench a2a --nproc N -o DIR`` and ``moesim bench ffn -o DIR`` write the JSON that
-``moesim calibrate`` reads (the format of ../shared/calibration). ``--cpu`` runs them on the CPU with
-gloo and tiny shapes, which is how the tests exercise this code.
+``moesim bench a2a --nproc N -o DIR``, ``moesim bench ffn -o DIR`` and ``moesim bench attention -o DIR`` write
+the JSON that ``moesim calibrate`` reads (a2a and ffn: the format of ../shared/calibration; attention: the
+format of benchmarks/validation/attention_h100, see :mod:`moesim.bench.attention`). ``--cpu`` runs them on the
+CPU with gloo and tiny shapes, which is how the tests exercise this code.
 """

@@ -32,9 +32,10 @@ def sync(cpu: bool) -> None:
         torch.cuda.synchronize()
 
 
-def median_ms(fn: Callable[[], object], cpu: bool, warm: int = 3, iters: int = 15,
-              before: Callable[[], object] | None = None) -> tuple[float, float, float]:
-    """Median, min and max milliseconds of ``fn`` over ``iters`` timed runs after ``warm`` untimed ones.
+def times_ms(fn: Callable[[], object], cpu: bool, warm: int = 3, iters: int = 15,
+             before: Callable[[], object] | None = None) -> list[float]:
+    """Milliseconds of each of ``iters`` timed runs of ``fn`` after ``warm`` untimed ones; ``before`` runs
+    (untimed) ahead of every timed run, e.g. to flush the L2 cache.
 
     A CPU dry run times 1 + 3 runs: it checks the plumbing, not the numbers.
     """
@@ -55,4 +56,11 @@ def median_ms(fn: Callable[[], object], cpu: bool, warm: int = 3, iters: int = 1
         b.synchronize()
         sync(cpu)
         times.append(a.elapsed_time(b))
+    return times
+
+
+def median_ms(fn: Callable[[], object], cpu: bool, warm: int = 3, iters: int = 15,
+              before: Callable[[], object] | None = None) -> tuple[float, float, float]:
+    """Median, min and max milliseconds of ``fn`` (see :func:`times_ms`)."""
+    times = times_ms(fn, cpu, warm, iters, before)
     return statistics.median(times), min(times), max(times)

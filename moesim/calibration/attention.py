@@ -1,25 +1,33 @@
 """Fit the attention-core model (:func:`moesim.sim.compute.attention_time`) to measured kernel timings.
 
-Input: the JSON that benchmarks/validation/attention_h100/measure.py writes - per attention shape, tensor
-parallel degree and phase, the GPU-side time (``gpu_kernel_ms``, summed kernel durations from the profiler)
-of the FlashAttention core: causal prefill over ``seq_len``-token prompts, or decode of ``batch`` sequences over
-a ``context``-token KV cache. Three GPU parameters are fitted by grid search for the smallest median absolute
-relative error on the training points: ``attention_efficiency`` (share of bf16 peak), ``attention_fixed_keys``
-(fixed work per query row, in key positions) and ``attention_overhead_us`` (fixed cost per kernel). The rest
-of the GPU (peak, HBM bandwidth and efficiency) is the preset's, unchanged. Errors are reported per point so
-that a fit on one attention shape can be checked on another.
+Input: the JSON that ``moesim bench attention`` and benchmarks/validation/attention_h100/measure.py write
+(:mod:`moesim.bench.attention`) - per attention shape, tensor parallel degree and phase, the time of the
+FlashAttention core: causal prefill over ``seq_len``-token prompts, or decode of ``batch`` sequences over a
+``context``-token KV cache. The time is the GPU-side ``gpu_kernel_ms`` (summed kernel durations from the
+profiler) where the record has it, else the event-timed ``median_ms`` (a CPU run has no profiler; that time
+includes the host's launch cost); each point says which (``timing``). Only the ``core`` records are read; the
+projections and the block are left to the GEMM model, and skipped points are ignored.
+
+Three GPU parameters are fitted by grid search for the smallest median absolute relative error on the
+training points: ``attention_efficiency`` (share of bf16 peak), ``attention_fixed_keys`` (fixed work per
+query row, in key positions) and ``attention_overhead_us`` (fixed cost per kernel). The rest of the GPU
+(peak, HBM bandwidth and efficiency) is taken as given. Errors are reported per point so that a fit on one
+attention shape can be checked on another.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
+import math
+import os
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
+from pydantic import ValidationError
 
+from moesim.errors import InputError
+from moesim.fileio import read_json_object
 from moesim.hardware.spec import GPUSpec
 from moesim.sim.compute import Attention, attention_time
 from moesim.traces.model import ModelSpec
@@ -38,6 +46,7 @@ class AttentionPoint:
     tokens: float  # tokens each GPU holds in moesim's terms: the TP group's tokens / tp
     model: ModelSpec
     measured_s: float
+    timing: str  # the record field measured_s comes from: gpu_kernel_ms or median_ms
 
     @property
     def label(self) -> str:
@@ -57,22 +66,78 @@ class AttentionFit:
                                       "attention_overhead_us": self.attention_overhead_us})
 
 
-def load_attention_points(path: Path) -> list[AttentionPoint]:
-    """The attention-core records of a measure.py JSON, as points moesim can predict."""
-    data = json.loads(Path(path).read_text())
+def _positive(r: dict, key: str, src: str | None, where: str, integer: bool = False) -> Any:
+    v = r.get(key)
+    if v is None:
+        raise InputError("missing", source=src, field=f"{where}.{key}")
+    ok = isinstance(v, int) if integer else isinstance(v, (int, float)) and math.isfinite(v)
+    if isinstance(v, bool) or not ok or v <= 0:
+        raise InputError(f"must be a positive {'integer' if integer else 'number'} (got {v!r})", source=src,
+                         field=f"{where}.{key}")
+    return v
+
+
+def _shape_model(shapes: Any, name: Any, src: str | None, where: str) -> ModelSpec:
+    if not isinstance(shapes, dict):
+        raise InputError("must be a mapping of shape name to d_model, n_heads, n_kv_heads, head_dim", source=src,
+                         field="shapes")
+    if not isinstance(name, str) or name not in shapes:
+        raise InputError(f"not one of the file's shapes ({', '.join(map(str, shapes)) or 'none'}; got {name!r})",
+                         source=src, field=f"{where}.shape")
+    s = shapes[name]
+    if not isinstance(s, dict):
+        raise InputError("must be a mapping with d_model, n_heads, n_kv_heads, head_dim", source=src,
+                         field=f"shapes.{name}")
+    dims = {k: _positive(s, k, src, f"shapes.{name}", integer=True) for k in ("d_model", "n_heads", "n_kv_heads",
+                                                                               "head_dim")}
+    try:
+        return ModelSpec(name=name, num_layers=1, num_experts=1, top_k=1, d_model=dims["d_model"], d_ff=1,
+                         num_heads=dims["n_heads"], num_kv_heads=dims["n_kv_heads"], head_dim=dims["head_dim"])
+    except ValidationError as exc:
+        msg = exc.errors()[0]["msg"].removeprefix("Value error, ")
+        raise InputError(msg, source=src, field=f"shapes.{name}") from None
+
+
+def attention_points(raw: dict, source: str | None = None) -> list[AttentionPoint]:
+    """The attention-core records of a parsed attention-bench JSON (``records`` and ``shapes``), as points
+    moesim can predict. A malformed record is an :class:`InputError` naming ``source`` and the field."""
+    records = raw.get("records")
+    if not isinstance(records, list):
+        raise InputError("must be a list of measured records", source=source, field="records")
+    models: dict[str, ModelSpec] = {}
     out = []
-    for r in data["records"]:
-        if r["part"] != "core" or r.get("gpu_kernel_ms") is None:
+    for i, r in enumerate(records):
+        where = f"records[{i}]"
+        if not isinstance(r, dict):
+            raise InputError("must be a mapping", source=source, field=where)
+        if "skipped" in r:
+            continue  # a point the run could not measure
+        if "part" not in r:
+            raise InputError("missing (one of qkv, core, o, block)", source=source, field=f"{where}.part")
+        if r["part"] != "core":
             continue
-        s = data["shapes"][r["shape"]]
-        model = ModelSpec(name=r["shape"], num_layers=1, num_experts=1, top_k=1, d_model=s["d_model"], d_ff=1,
-                          num_heads=s["n_heads"], num_kv_heads=s["n_kv_heads"], head_dim=s["head_dim"])
-        prefill = r["phase"] == "prefill"
-        group_tokens = r["tokens"] if prefill else r["batch"]
-        out.append(AttentionPoint(shape=r["shape"], tp=r["tp"], phase=r["phase"],
-                                  length=r["seq_len"] if prefill else r["context"],
-                                  tokens=group_tokens / r["tp"], model=model, measured_s=r["gpu_kernel_ms"] * 1e-3))
+        name = r.get("shape")
+        model = models.get(name) if isinstance(name, str) else None
+        if model is None:
+            model = models[name] = _shape_model(raw.get("shapes"), name, source, where)
+        tp = _positive(r, "tp", source, where, integer=True)
+        phase = r.get("phase")
+        if phase not in ("prefill", "decode"):
+            raise InputError("missing" if phase is None else f"must be 'prefill' or 'decode' (got {phase!r})",
+                             source=source, field=f"{where}.phase")
+        prefill = phase == "prefill"
+        length = _positive(r, "seq_len" if prefill else "context", source, where, integer=True)
+        group_tokens = _positive(r, "tokens" if prefill else "batch", source, where, integer=True)
+        timing = "gpu_kernel_ms" if r.get("gpu_kernel_ms") is not None else "median_ms"
+        ms = _positive(r, timing, source, where)
+        out.append(AttentionPoint(shape=name, tp=tp, phase=phase, length=length, tokens=group_tokens / tp,
+                                  model=model, measured_s=ms * 1e-3, timing=timing))
     return out
+
+
+def load_attention_points(path: str | os.PathLike[str]) -> list[AttentionPoint]:
+    """The attention-core points of an attention-bench JSON file (see :func:`attention_points`)."""
+    return attention_points(read_json_object(path), str(path))
 
 
 def predict(point: AttentionPoint, gpu: GPUSpec) -> float:
@@ -80,9 +145,22 @@ def predict(point: AttentionPoint, gpu: GPUSpec) -> float:
     return float(attention_time(np.array([point.tokens]), point.model, gpu, Attention(point.phase, point.length))[0])  # type: ignore[arg-type]
 
 
+def predict_all(points: list[AttentionPoint], gpu: GPUSpec) -> np.ndarray:
+    """:func:`predict` for every point, one model call per (shape, phase, length) with the token counts as
+    an array (the same numbers, faster: the grid search calls this for every candidate)."""
+    out = np.empty(len(points))
+    groups: dict[tuple[ModelSpec, str, int], list[int]] = {}
+    for i, p in enumerate(points):
+        groups.setdefault((p.model, p.phase, p.length), []).append(i)
+    for (model, phase, length), idx in groups.items():
+        tokens = np.array([points[i].tokens for i in idx])
+        out[idx] = attention_time(tokens, model, gpu, Attention(phase, length))  # type: ignore[arg-type]
+    return out
+
+
 def errors(points: list[AttentionPoint], gpu: GPUSpec) -> np.ndarray:
     """Relative errors (predicted / measured - 1), one per point."""
-    return np.array([predict(p, gpu) / p.measured_s - 1 for p in points])
+    return predict_all(points, gpu) / np.array([p.measured_s for p in points]) - 1
 
 
 def fit_attention(points: list[AttentionPoint], gpu: GPUSpec,

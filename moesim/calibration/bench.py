@@ -1,7 +1,10 @@
-"""Micro-benchmark results as moesim reads them: all-to-all, point-to-point and expert-FFN timings.
+"""Micro-benchmark results as moesim reads them: all-to-all, point-to-point, expert-FFN and attention timings.
 
-Reads the JSON that ``moesim bench`` and the scripts in ../shared/calibration write (``a2a_<world>.json``:
-``uniform``/``skew``/``p2p``; ``expert_ffn*.json``: ``single``/``multi``), recognising each file by its keys.
+Reads the JSON that ``moesim bench`` and the scripts in ../shared/calibration and
+benchmarks/validation/attention_h100 write (``a2a_<world>.json``: ``uniform``/``skew``/``p2p``;
+``expert_ffn*.json``: ``single``/``multi``; ``attention*.json``: ``records`` with a ``part`` each, of which the
+attention-core ones are kept, :func:`moesim.calibration.attention.attention_points`), recognising each file by
+its keys.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from moesim.calibration.attention import AttentionPoint, attention_points
 from moesim.errors import InputError
 from moesim.fileio import read_json_object
 
@@ -52,6 +56,7 @@ class BenchData:
     a2a: list[A2APoint] = field(default_factory=list)
     p2p: list[P2PPoint] = field(default_factory=list)
     ffn: list[FFNPoint] = field(default_factory=list)
+    attention: list[AttentionPoint] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
 
 
@@ -93,9 +98,11 @@ def load_bench(paths: list[str | Path]) -> BenchData:
                 _a2a(raw, data, src)
             elif "single" in raw:
                 _ffn(raw, data)
+            elif "records" in raw:
+                data.attention.extend(attention_points(raw, src))
             else:
-                raise InputError("neither an all-to-all (uniform/skew/p2p) nor an expert-FFN (single/multi) "
-                                 "benchmark", source=src)
+                raise InputError("neither an all-to-all (uniform/skew/p2p), an expert-FFN (single/multi) nor an "
+                                 "attention (records) benchmark", source=src)
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, InputError):
                 raise

@@ -2,21 +2,27 @@
 
 Every prediction goes through the ordinary simulation path: an all-to-all or point-to-point transfer is a
 collective on the cluster's graph run by :class:`moesim.sim.network.Fabric` (exact max-min), an expert FFN
-is :func:`moesim.sim.compute.expert_time`. Parameters are fitted by Nelder-Mead on the mean absolute log
-error over the training points (every third point of each sweep, ordered by size, is held out).
+is :func:`moesim.sim.compute.expert_time`, an attention core :func:`moesim.sim.compute.attention_time`.
+Network and FFN parameters are fitted by Nelder-Mead on the mean absolute log error over the training points;
+the attention core by the grid search of :func:`moesim.calibration.attention.fit_attention` (smallest median
+absolute relative error), after the FFN fit, on the GPU it gives. Every third point of each sweep, ordered
+by size, is held out of the fit.
 
 Fitted: NVLink efficiency (achievable bandwidth), per-call all-to-all launch cost, per-message latency,
-local (self) copy bandwidth; GPU compute and HBM efficiency, FFN launch cost and launch-bound floor.
+local (self) copy bandwidth; GPU compute and HBM efficiency, FFN launch cost and launch-bound floor;
+attention-core efficiency, fixed keys per query row and per-kernel cost. A group of parameters is fitted only
+when the benchmark files have its points; the others stay the preset's.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 import numpy as np
 import simpy
 
+from moesim.calibration.attention import AttentionPoint, fit_attention, predict_all
 from moesim.calibration.bench import A2APoint, BenchData, FFNPoint, P2PPoint
 from moesim.hardware.presets import deep_merge, preset
 from moesim.hardware.spec import ClusterSpec
@@ -28,7 +34,7 @@ from moesim.traces.model import ModelSpec
 
 @dataclass(frozen=True)
 class Prediction:
-    kind: str  # a2a-uniform, a2a-skew, p2p, ffn
+    kind: str  # a2a-uniform, a2a-skew, p2p, ffn, attention
     label: str
     measured_ms: float
     predicted_ms: float
@@ -76,6 +82,8 @@ def _size(p: Any) -> float:
         return float(p.matrix.sum())
     if isinstance(p, P2PPoint):
         return p.nbytes
+    if isinstance(p, AttentionPoint):
+        return p.tokens * p.length  # proportional to the core's work per GPU within a (shape, phase) group
     return float(sum(p.tokens))
 
 
@@ -168,12 +176,17 @@ def _network_predictions(spec: ClusterSpec, data: BenchData, held: list[bool]) -
     return out
 
 
+def _attention_predictions(spec: ClusterSpec, points: list[AttentionPoint], held: list[bool]) -> list[Prediction]:
+    return [Prediction("attention", p.label, p.measured_s * 1e3, float(s) * 1e3, h)
+            for p, s, h in zip(points, predict_all(points, spec.gpu), held)]
+
+
 def predictions(spec: ClusterSpec, data: BenchData) -> list[Prediction]:
     """Every point of ``data`` predicted by ``spec`` as it is (nothing fitted; all points marked held out)."""
     net_points: list[Any] = [*data.a2a, *data.p2p]
     preds = _network_predictions(spec, data, [True] * len(net_points))
     return preds + [Prediction("ffn", f"{p.shape} {list(p.tokens)}", p.ms, predict_ffn(spec, p), True)
-                    for p in data.ffn]
+                    for p in data.ffn] + _attention_predictions(spec, data.attention, [True] * len(data.attention))
 
 
 def calibrate(data: BenchData, base_preset: str = "hgx-h200", name: str | None = None,
@@ -187,6 +200,7 @@ def calibrate(data: BenchData, base_preset: str = "hgx-h200", name: str | None =
     net_points: list[Any] = [*data.a2a, *data.p2p]
     net_held = split(net_points, key=lambda p: p.kind if isinstance(p, A2APoint) else "p2p")
     ffn_held = split(data.ffn, key=lambda p: (p.shape, len(p.tokens)))
+    att_held = split(data.attention, key=lambda p: (p.shape, p.phase))
 
     def log_err(preds: list[Prediction]) -> float:
         train = [p for p in preds if not p.held_out]
@@ -205,15 +219,22 @@ def calibrate(data: BenchData, base_preset: str = "hgx-h200", name: str | None =
         x0 = np.log([v for _, v, _ in FFN_PARAMS])
         x = nelder_mead(lambda x: log_err(ffn_preds(ClusterSpec(**_apply(base, FFN_PARAMS, x)))), x0, iters=iters)
         base = _apply(base, FFN_PARAMS, x)
+    attention: dict[str, float] = {}
+    if data.attention:  # on the GPU the FFN fit gave: decode attention reads the KV cache at its HBM rate
+        train = [p for p, h in zip(data.attention, att_held) if not h]
+        attention = asdict(fit_attention(train, ClusterSpec(**base).gpu))
+        base = deep_merge(base, {"gpu": attention})
     spec = ClusterSpec(**base)
     preds = _network_predictions(spec, data, net_held) if net_points else []
     if data.ffn:
         preds += [Prediction("ffn", f"{p.shape} {list(p.tokens)}", p.ms, predict_ffn(spec, p), h)
                   for p, h in zip(data.ffn, ffn_held)]
+    preds += _attention_predictions(spec, data.attention, att_held)
     for params in (NETWORK_PARAMS if net_points else ()) + (FFN_PARAMS if data.ffn else ()):
         (*path, leaf), _, _ = params
         node = base
         for p in path:
             node = node[p]
         fitted[".".join((*path, leaf))] = node[leaf]
+    fitted.update({f"gpu.{k}": v for k, v in attention.items()})
     return Calibration(spec=spec, predictions=preds, fitted=fitted)
