@@ -21,8 +21,8 @@
    the workload's skew beside the paper's motivation figure, the gains per component and end to end beside
    the paper's, then the end-to-end gains across prefill and decode regimes, both dataflows and both readings
    of the paper's network, since the paper's available text gives neither its batch nor its lengths.
-7. The attention core on one H100 (benchmarks/validation/attention_h100): fitted on Mixtral's attention shape,
-   error on Qwen3-30B-A3B's; the fit is what the presets ship.
+7. The attention core on one H100 and one H200 (benchmarks/validation/attention_h100, attention_h200): fitted on
+   Mixtral's attention shape, error on Qwen3-30B-A3B's; the shipped presets, and the H100's fit on the H200.
 Nothing here is fitted to the points it reports as held out.
 """
 
@@ -238,7 +238,7 @@ def main() -> None:
         runpy.run_path(str(ROOT / "benchmarks" / "validation" / folder / "compare.py"), run_name="__main__")
     print("\n== 6. MoETuner's single- vs multi-node gains (scenarios/moetuner_{standard,coherent}.yaml) ==")
     moetuner()
-    print("\n== 7. attention core, one H100 (fitted on one shape, error on the other) ==")
+    print("\n== 7. attention core, one H100 and one H200 (fitted on one shape, error on the other) ==")
     runpy.run_path(str(ROOT / "benchmarks" / "validation" / "attention_h100" / "compare.py"), run_name="__main__")
 
 

@@ -52,7 +52,9 @@ def test_shipped_h200_preset_is_what_moesim_calibrate_fits() -> None:
     spec = preset("hgx-h200")
     assert spec["gpu"] == shipped["gpu"] and spec["nvlink"] == shipped["nvlink"]
     assert spec["a2a_launch_us"] == shipped["a2a_launch_us"]
-    fit = calibrate(load_bench([DATA.parent / "a2a_2xh200.json", DATA]), "hgx-h200")
+    attention = Path(__file__).resolve().parents[1] / "benchmarks/validation/attention_h200/attention_h200.json"
+    fit = calibrate(load_bench([DATA.parent / "a2a_2xh200.json", DATA, attention]), "hgx-h200")
+    assert "gpu.attention_hbm_efficiency" in fit.fitted
     for key, value in fit.fitted.items():
         node = shipped
         for part in key.split("."):

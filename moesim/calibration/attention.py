@@ -8,16 +8,17 @@ profiler) where the record has it, else the event-timed ``median_ms`` (a CPU run
 includes the host's launch cost); each point says which (``timing``). Only the ``core`` records are read; the
 projections and the block are left to the GEMM model, and skipped points are ignored.
 
-Three GPU parameters are fitted by grid search for the smallest median absolute relative error on the
-training points: ``attention_efficiency`` (share of bf16 peak), ``attention_fixed_keys`` (fixed work per
-query row, in key positions) and ``attention_overhead_us`` (fixed cost per kernel). The rest of the GPU
-(peak, HBM bandwidth and efficiency) is taken as given. Errors are reported per point so that a fit on one
-attention shape can be checked on another.
+Four GPU parameters are fitted by an exhaustive grid search for the smallest mean absolute log error on
+the training points (the objective of :mod:`moesim.calibration.fit`): ``attention_efficiency`` (share of bf16 peak), ``attention_hbm_efficiency``
+(share of HBM bandwidth reading K and V, which bounds decode), ``attention_fixed_keys`` (fixed work per query
+row, in key positions) and ``attention_overhead_us`` (fixed cost per kernel). The rest of the GPU (peak, HBM
+bandwidth) is taken as given. The whole grid is evaluated at once: the core's FLOPs and bytes are linear in
+the context, so every candidate's time is a maximum of two linear terms. Errors are reported per point so
+that a fit on one attention shape can be checked on another.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 import os
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from moesim.traces.model import ModelSpec
 EFFICIENCIES = np.round(np.arange(0.20, 0.701, 0.01), 2)
 FIXED_KEYS = tuple(range(0, 641, 32))
 OVERHEADS_US = (0.0, 5.0, 10.0, 15.0, 20.0, 30.0)
+HBM_EFFICIENCIES = np.round(np.arange(0.40, 1.001, 0.02), 2)
 
 
 @dataclass(frozen=True)
@@ -59,11 +61,13 @@ class AttentionFit:
     attention_efficiency: float
     attention_fixed_keys: float
     attention_overhead_us: float
+    attention_hbm_efficiency: float
 
     def apply(self, gpu: GPUSpec) -> GPUSpec:
         return gpu.model_copy(update={"attention_efficiency": self.attention_efficiency,
                                       "attention_fixed_keys": self.attention_fixed_keys,
-                                      "attention_overhead_us": self.attention_overhead_us})
+                                      "attention_overhead_us": self.attention_overhead_us,
+                                      "attention_hbm_efficiency": self.attention_hbm_efficiency})
 
 
 def _positive(r: dict, key: str, src: str | None, where: str, integer: bool = False) -> Any:
@@ -165,15 +169,40 @@ def errors(points: list[AttentionPoint], gpu: GPUSpec) -> np.ndarray:
 
 def fit_attention(points: list[AttentionPoint], gpu: GPUSpec,
                   train: Callable[[AttentionPoint], bool] = lambda p: True) -> AttentionFit:
-    """Grid-search the three attention parameters on the points ``train`` selects."""
+    """Grid-search the four attention parameters on the points ``train`` selects.
+
+    The core's time on a point is ``max(F(k) / rate, B(k) / bandwidth) + overhead``, with FLOPs F and bytes
+    B linear in the fixed keys k (:func:`moesim.sim.compute.attention_time`); F and B are read off the model
+    at k = 0 and k = 1 and the grid is evaluated as one array. Ties go to the first candidate in the order
+    (efficiency, fixed keys, overhead, HBM efficiency), each ascending.
+    """
     chosen = [p for p in points if train(p)]
     if not chosen:
         raise ValueError("no training points")
-    best, best_err = None, np.inf
-    for eff, keys, over in itertools.product(EFFICIENCIES, FIXED_KEYS, OVERHEADS_US):
-        fit = AttentionFit(float(eff), float(keys), float(over))
-        err = float(np.median(np.abs(errors(chosen, fit.apply(gpu)))))
-        if err < best_err - 1e-12:
-            best, best_err = fit, err
-    assert best is not None
-    return best
+    # FLOPs and bytes of each point at k = 0 and k = 1: with both rates 1 and no overhead the model returns the
+    # larger of the two, so probe each alone by making the other free.
+    probe = gpu.model_copy(update={"attention_overhead_us": 0.0})
+
+    def terms(keys: float) -> tuple[np.ndarray, np.ndarray]:
+        g = probe.model_copy(update={"attention_fixed_keys": keys})
+        flops = predict_all(chosen, g.model_copy(update={"bf16_tflops": 1e-12, "attention_efficiency": 1.0,
+                                                         "hbm_GBps": 1e30, "attention_hbm_efficiency": 1.0}))
+        nbytes = predict_all(chosen, g.model_copy(update={"hbm_GBps": 1e-9, "attention_hbm_efficiency": 1.0,
+                                                          "bf16_tflops": 1e30, "attention_efficiency": 1.0}))
+        return flops, nbytes
+
+    (f0, b0), (f1, b1) = terms(0.0), terms(1.0)
+    keys = np.asarray(FIXED_KEYS, dtype=float)[:, None]
+    flops = f0 + keys * (f1 - f0)  # [keys, points]
+    nbytes = b0 + keys * (b1 - b0)
+    rate = gpu.bf16_tflops * 1e12 * EFFICIENCIES  # [eff]
+    bandwidth = gpu.hbm_GBps * 1e9 * HBM_EFFICIENCIES  # [hbm]
+    over = np.asarray(OVERHEADS_US) * 1e-6  # [over]
+    measured = np.array([p.measured_s for p in chosen])
+    t = np.maximum(flops[None, :, None, None, :] / rate[:, None, None, None, None],
+                   nbytes[None, :, None, None, :] / bandwidth[None, None, None, :, None]) \
+        + over[None, None, :, None, None]  # [eff, keys, over, hbm, points]
+    err = np.mean(np.abs(np.log(t / measured)), axis=-1)  # the objective of the network and FFN fits
+    i, j, k, m = np.unravel_index(int(np.argmin(err)), err.shape)
+    return AttentionFit(float(EFFICIENCIES[i]), float(FIXED_KEYS[j]), float(OVERHEADS_US[k]),
+                        float(HBM_EFFICIENCIES[m]))

@@ -44,15 +44,18 @@ _FITTED_NVLINK = {k: _H200["nvlink"][k] for k in ("efficiency", "latency_us")}
 _A2A_LAUNCH_US = _H200["a2a_launch_us"]
 
 
-# The attention core (FlashAttention-2 as PyTorch ships it), fitted on one H100 to the Mixtral-shaped points of
-# benchmarks/validation/attention_h100 (GPU-side kernel time; held-out Qwen3 shape: median error 3.7%);
-# ``python benchmarks/validation/attention_h100/compare.py`` re-fits and prints it. Assumed for other GPUs.
-_ATTENTION_H100 = {"attention_efficiency": 0.35, "attention_fixed_keys": 224.0, "attention_overhead_us": 10.0}
+# The attention core (FlashAttention-2 as PyTorch ships it), fitted by ``moesim calibrate`` on one H100
+# (benchmarks/validation/attention_h100, GPU-side kernel time; every third point held out: median error 3.9%).
+# An H200 fits the same compute terms and a lower share of its faster HBM (0.58: calibrated/hgx-h200.yaml);
+# ``python benchmarks/validation/attention_h100/compare.py`` prints both, and each fit on one attention shape
+# checked on another. The H800 is an H100; for the A100 and the B200 the H100's fit is assumed.
+_ATTENTION_H100 = {"attention_efficiency": 0.31, "attention_fixed_keys": 160.0, "attention_overhead_us": 10.0,
+                   "attention_hbm_efficiency": 0.78}
 
 
 def _gpu(name: str, tflops: float, hbm_GBps: float, memory_GB: float) -> dict[str, Any]:
     """A GPU with the H200's fitted efficiencies (assumed), the H100's attention fit (assumed but for the
-    H100) and its local copy scaled by HBM bandwidth."""
+    H100 and the H800) and its local copy scaled by HBM bandwidth."""
     return {"name": name, "bf16_tflops": tflops, "hbm_GBps": hbm_GBps, "memory_GB": memory_GB, **_FITTED_GPU,
             **_ATTENTION_H100, "local_copy_GBps": round(_LOCAL_COPY_PER_HBM * hbm_GBps, 1)}
 
@@ -73,12 +76,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         "a2a_launch_us": _A2A_LAUNCH_US,  # NCCL all-to-all call cost fitted on 2x H200
     },
     # NVIDIA HGX H200: H200 SXM (same compute as H100, 141 GB HBM3e at 4.8 TB/s), NVLink 4, one
-    # ConnectX-7 400 Gb/s per GPU. Efficiencies measured (../shared/calibration).
+    # ConnectX-7 400 Gb/s per GPU. Efficiencies measured (../shared/calibration; attention:
+    # benchmarks/validation/attention_h200).
     "hgx-h200": {
         "name": "hgx-h200",
         "nodes": 1,
         "gpus_per_node": 8,
-        "gpu": _H200["gpu"],  # its attention fields are _ATTENTION_H100 (assumed), carried over by moesim calibrate
+        "gpu": _H200["gpu"],  # attention fitted on one H200 (benchmarks/validation/attention_h200)
         "nvlink": _H200["nvlink"],
         "network": dict(_CX7_400G),
         "a2a_launch_us": _A2A_LAUNCH_US,

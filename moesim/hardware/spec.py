@@ -48,6 +48,9 @@ class GPUSpec(StrictModel):
                                         description="attention core's fixed work per query row, in key positions "
                                                     "(loading Q, finishing the softmax, storing O; fitted)")
     attention_overhead_us: float = Field(default=0.0, ge=0, description="fixed GPU-side cost of one attention-core kernel")
+    attention_hbm_efficiency: float | None = Field(default=None, gt=0, le=1,
+                                                   description="share of HBM bandwidth the attention core reaches "
+                                                               "reading K and V (default hbm_efficiency)")
 
     @property
     def flops_per_s(self) -> float:
@@ -63,6 +66,11 @@ class GPUSpec(StrictModel):
     def hbm_bytes_per_s(self) -> float:
         """Achievable HBM bandwidth in bytes/s."""
         return self.hbm_GBps * 1e9 * self.hbm_efficiency
+
+    @property
+    def attention_hbm_bytes_per_s(self) -> float:
+        """HBM bandwidth the attention core reaches, in bytes/s (decode reads the KV cache at this rate)."""
+        return self.hbm_GBps * 1e9 * (self.attention_hbm_efficiency or self.hbm_efficiency)
 
     @property
     def local_copy_bytes_per_s(self) -> float:

@@ -13,9 +13,10 @@ Non-expert work per layer (:func:`dense_time`): the attention projections as a r
 weight bytes, and - when the model has an attention shape and the workload says how long its sequences
 are (:class:`Attention`) - the attention core (:func:`attention_time`): FlashAttention-style, 4 x heads x
 head_dim FLOPs per token per context token at ``GPUSpec.attention_efficiency`` of peak, against the bytes
-of Q, K, V and O (prefill) or of the whole KV cache (decode); each query row also costs
-``GPUSpec.attention_fixed_keys`` key positions of work, and each kernel a fixed ``attention_overhead_us``
-(both fitted to H100 FlashAttention-2 timings, benchmarks/validation/attention_h100). With tensor
+of Q, K, V and O (prefill) or of the whole KV cache (decode) at ``attention_hbm_efficiency`` of HBM
+bandwidth; each query row also costs ``GPUSpec.attention_fixed_keys`` key positions of work, and each kernel
+a fixed ``attention_overhead_us`` (all four fitted to FlashAttention-2 timings on the GPU,
+benchmarks/validation/attention_h100 and attention_h200). With tensor
 parallelism each GPU runs ``tp`` times its tokens on ``1/tp`` of the heads, which costs the same FLOPs as
 its own tokens on all heads.
 Deliberately ignored: norms, rotary embeddings, the router, the LM head, and K/V re-reads between query
@@ -93,11 +94,11 @@ def attention_time(tokens: np.ndarray, model: ModelSpec, gpu: GPUSpec, attention
         return np.zeros_like(tokens)
     hd, b = model.head_size, model.dtype_bytes
     q_width, kv_width = model.num_heads * hd, model.kv_heads * hd
-    ctx = attention.mean_context(model.sliding_window) + gpu.attention_fixed_keys
-    flops = tokens * 4.0 * q_width * ctx
+    ctx = attention.mean_context(model.sliding_window)
+    flops = tokens * 4.0 * q_width * (ctx + gpu.attention_fixed_keys)
     if attention.phase == "prefill":  # Q in, O out, K and V once
         nbytes = tokens * (2 * q_width + 2 * kv_width) * b
     else:  # every token reads its sequence's whole KV cache
         nbytes = tokens * (2 * q_width * b + 2 * kv_width * b * ctx)
-    busy = np.maximum(flops / gpu.attention_flops_per_s, nbytes / gpu.hbm_bytes_per_s)
+    busy = np.maximum(flops / gpu.attention_flops_per_s, nbytes / gpu.attention_hbm_bytes_per_s)
     return (busy + gpu.attention_overhead_us * 1e-6) * (tokens > 0)
