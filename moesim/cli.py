@@ -247,18 +247,19 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
               f"{args.preset}'s parameters as asked (those not fitted stay {args.preset}'s)")
     result = calibrate(data, args.preset, name=args.name)
     timings = sorted({p.timing for p in data.attention})
-    print(f"calibrated {args.preset} on {len(data.a2a)} all-to-all, {len(data.p2p)} p2p, {len(data.ffn)} FFN and "
-          f"{len(data.attention)} attention-core{' (' + ' and '.join(timings) + ')' if timings else ''} points "
-          f"from {', '.join(sorted(data.devices))}")
+    print(f"calibrated {args.preset} on {len(data.a2a)} all-to-all, {len(data.p2p)} p2p, {len(data.ffn)} FFN, "
+          f"{len(data.attention)} attention-core and {len(data.projections)} attention-projection"
+          f"{' (' + ' and '.join(timings) + ')' if timings else ''} points from {', '.join(sorted(data.devices))}")
     for key, value in result.fitted.items():
         print(f"  {key:26s} {value:10.4g}")
-    print(f"{'points':24s} {'n':>4s} {'median |err|':>13s} {'max |err|':>10s}")
-    groups = {"network": ("a2a-uniform", "a2a-skew", "p2p"), "expert FFN": ("ffn",), "attention core": ("attention",)}
+    print(f"{'points':31s} {'n':>4s} {'median |err|':>13s} {'max |err|':>10s}")
+    groups = {"network": ("a2a-uniform", "a2a-skew", "p2p"), "expert FFN": ("ffn",), "attention core": ("attention",),
+              "attention projections": ("projection",)}
     for label, kinds in groups.items():
         for held in (False, True):
             e = result.errors(held, kinds)
             if e.size:
-                print(f"{label + (' held-out' if held else ' fit'):24s} {e.size:4d} {np.median(e) * 100:12.1f}% "
+                print(f"{label + (' held-out' if held else ' fit'):31s} {e.size:4d} {np.median(e) * 100:12.1f}% "
                       f"{e.max() * 100:9.1f}%")
     spec = _rounded(result.spec.model_dump(mode="json"))
     doc = {"preset": args.preset, **{k: spec[k] for k in ("name", "gpu", "nvlink", "a2a_launch_us")}}

@@ -66,7 +66,7 @@ def test_calibrate_reads_what_bench_wrote(bench_files, tmp_path):
     assert len(data.ffn) == 2 * 2 + 12
     assert len(data.attention) == 12
     result = calibrate(data, iters=20)
-    assert {p.kind for p in result.predictions} == {"a2a-uniform", "a2a-skew", "p2p", "ffn", "attention"}
+    assert {p.kind for p in result.predictions} == {"a2a-uniform", "a2a-skew", "p2p", "ffn", "attention", "projection"}
     assert any(p.held_out for p in result.predictions) and any(not p.held_out for p in result.predictions)
     # the attention core is fitted last, on the GPU the FFN fit gave
     ffn_only = calibrate(load_bench(list(bench_files[:2])), iters=20)
@@ -119,12 +119,14 @@ def test_load_bench_reads_attention_core_points(bench_files):
 
 def test_calibrate_fits_attention_alone(bench_files):
     result = calibrate(load_bench([bench_files[2]]))
-    assert {p.kind for p in result.predictions} == {"attention"}
-    held = [p for p in result.predictions if p.held_out]
-    assert len(held) == 4 and len(result.predictions) == 12  # every third of each (shape, phase) group of six
+    assert {p.kind for p in result.predictions} == {"attention", "projection"}
+    core = [p for p in result.predictions if p.kind == "attention"]
+    assert len([p for p in core if p.held_out]) == 4 and len(core) == 12  # every third of each (shape, phase) group of six
+    proj = [p for p in result.predictions if p.kind == "projection"]  # qkv and o: every third of each (shape, phase, part)
+    assert len([p for p in proj if p.held_out]) == 8 and len(proj) == 24
     assert all(p.measured_ms > 0 and p.predicted_ms > 0 for p in result.predictions)
     assert set(result.fitted) == {"gpu.attention_efficiency", "gpu.attention_fixed_keys", "gpu.attention_overhead_us",
-                                  "gpu.attention_hbm_efficiency"}
+                                  "gpu.attention_hbm_efficiency", "gpu.dense_efficiency"}
     assert HBM_EFFICIENCIES.min() <= result.fitted["gpu.attention_hbm_efficiency"] <= HBM_EFFICIENCIES.max()
     assert EFFICIENCIES.min() <= result.fitted["gpu.attention_efficiency"] <= EFFICIENCIES.max()
     assert min(FIXED_KEYS) <= result.fitted["gpu.attention_fixed_keys"] <= max(FIXED_KEYS)
@@ -143,7 +145,7 @@ def test_calibrate_cli_writes_the_attention_fit(bench_files, tmp_path, capsys):
     out = tmp_path / "att.yaml"
     assert main(["calibrate", str(bench_files[2]), "-o", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "12 attention-core (median_ms) points" in printed
+    assert "12 attention-core and 24 attention-projection (median_ms) points" in printed
     assert "attention core fit" in printed and "attention core held-out" in printed
     text = out.read_text()
     assert text.splitlines()[1].startswith("# held-out median |error|: attention core ")

@@ -15,6 +15,9 @@ row, in key positions) and ``attention_overhead_us`` (fixed cost per kernel). Th
 bandwidth) is taken as given. The whole grid is evaluated at once: the core's FLOPs and bytes are linear in
 the context, so every candidate's time is a maximum of two linear terms. Errors are reported per point so
 that a fit on one attention shape can be checked on another.
+
+The ``qkv`` and ``o`` records (plain GEMMs of the FLOPs and bytes the record gives) fit the fifth,
+``dense_efficiency``: the share of peak at which :func:`moesim.sim.compute.dense_time` runs the projections.
 """
 
 from __future__ import annotations
@@ -30,13 +33,14 @@ from pydantic import ValidationError
 from moesim.errors import InputError
 from moesim.fileio import read_json_object
 from moesim.hardware.spec import GPUSpec
-from moesim.sim.compute import Attention, attention_time
+from moesim.sim.compute import Attention, attention_time, gemm_time
 from moesim.traces.model import ModelSpec
 
 EFFICIENCIES = np.round(np.arange(0.20, 0.701, 0.01), 2)
 FIXED_KEYS = tuple(range(0, 641, 32))
 OVERHEADS_US = (0.0, 5.0, 10.0, 15.0, 20.0, 30.0)
 HBM_EFFICIENCIES = np.round(np.arange(0.40, 1.001, 0.02), 2)
+DENSE_EFFICIENCIES = np.round(np.arange(0.30, 1.001, 0.01), 2)
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,27 @@ class AttentionPoint:
     def label(self) -> str:
         what = "s" if self.phase == "prefill" else "ctx"
         return f"{self.shape} tp{self.tp} {self.phase} {what}={self.length} tokens/GPU={self.tokens:g}"
+
+
+@dataclass(frozen=True)
+class ProjectionPoint:
+    """One measured attention projection (``qkv`` or ``o``): a plain GEMM of the record's FLOPs and bytes."""
+
+    shape: str
+    tp: int
+    phase: str
+    part: str
+    length: int
+    tokens: int  # tokens of the TP group, all of which the GPU's slice of the weights processes
+    flops: float
+    nbytes: float
+    measured_s: float
+    timing: str
+
+    @property
+    def label(self) -> str:
+        what = "s" if self.phase == "prefill" else "ctx"
+        return f"{self.shape} tp{self.tp} {self.phase} {self.part} {what}={self.length} tokens={self.tokens}"
 
 
 @dataclass(frozen=True)
@@ -102,14 +127,16 @@ def _shape_model(shapes: Any, name: Any, src: str | None, where: str) -> ModelSp
         raise InputError(msg, source=src, field=f"shapes.{name}") from None
 
 
-def attention_points(raw: dict, source: str | None = None) -> list[AttentionPoint]:
-    """The attention-core records of a parsed attention-bench JSON (``records`` and ``shapes``), as points
-    moesim can predict. A malformed record is an :class:`InputError` naming ``source`` and the field."""
+def bench_points(raw: dict, source: str | None = None) -> tuple[list[AttentionPoint], list[ProjectionPoint]]:
+    """The attention-core and projection records of a parsed attention-bench JSON (``records`` and
+    ``shapes``), as points moesim can predict. A malformed record is an :class:`InputError` naming ``source``
+    and the field."""
     records = raw.get("records")
     if not isinstance(records, list):
         raise InputError("must be a list of measured records", source=source, field="records")
     models: dict[str, ModelSpec] = {}
-    out = []
+    cores: list[AttentionPoint] = []
+    projections: list[ProjectionPoint] = []
     for i, r in enumerate(records):
         where = f"records[{i}]"
         if not isinstance(r, dict):
@@ -118,7 +145,7 @@ def attention_points(raw: dict, source: str | None = None) -> list[AttentionPoin
             continue  # a point the run could not measure
         if "part" not in r:
             raise InputError("missing (one of qkv, core, o, block)", source=source, field=f"{where}.part")
-        if r["part"] != "core":
+        if r["part"] not in ("core", "qkv", "o"):
             continue
         name = r.get("shape")
         model = models.get(name) if isinstance(name, str) else None
@@ -133,10 +160,21 @@ def attention_points(raw: dict, source: str | None = None) -> list[AttentionPoin
         length = _positive(r, "seq_len" if prefill else "context", source, where, integer=True)
         group_tokens = _positive(r, "tokens" if prefill else "batch", source, where, integer=True)
         timing = "gpu_kernel_ms" if r.get("gpu_kernel_ms") is not None else "median_ms"
-        ms = _positive(r, timing, source, where)
-        out.append(AttentionPoint(shape=name, tp=tp, phase=phase, length=length, tokens=group_tokens / tp,
-                                  model=model, measured_s=ms * 1e-3, timing=timing))
-    return out
+        seconds = _positive(r, timing, source, where) * 1e-3
+        if r["part"] == "core":
+            cores.append(AttentionPoint(shape=name, tp=tp, phase=phase, length=length, tokens=group_tokens / tp,
+                                        model=model, measured_s=seconds, timing=timing))
+        else:
+            projections.append(ProjectionPoint(shape=name, tp=tp, phase=phase, part=r["part"], length=length,
+                                               tokens=group_tokens, flops=float(_positive(r, "flops", source, where)),
+                                               nbytes=float(_positive(r, "bytes", source, where)),
+                                               measured_s=seconds, timing=timing))
+    return cores, projections
+
+
+def attention_points(raw: dict, source: str | None = None) -> list[AttentionPoint]:
+    """The attention-core records of a parsed attention-bench JSON (see :func:`bench_points`)."""
+    return bench_points(raw, source)[0]
 
 
 def load_attention_points(path: str | os.PathLike[str]) -> list[AttentionPoint]:
@@ -206,3 +244,19 @@ def fit_attention(points: list[AttentionPoint], gpu: GPUSpec,
     i, j, k, m = np.unravel_index(int(np.argmin(err)), err.shape)
     return AttentionFit(float(EFFICIENCIES[i]), float(FIXED_KEYS[j]), float(OVERHEADS_US[k]),
                         float(HBM_EFFICIENCIES[m]))
+
+
+def predict_projections(points: list[ProjectionPoint], gpu: GPUSpec) -> np.ndarray:
+    """moesim's GPU-side seconds for measured projections (:func:`moesim.sim.compute.gemm_time`)."""
+    return gemm_time(np.array([p.flops for p in points]), np.array([p.nbytes for p in points]), gpu)
+
+
+def fit_dense_efficiency(points: list[ProjectionPoint], gpu: GPUSpec) -> float:
+    """The ``dense_efficiency`` (share of bf16 peak for the attention projections) with the smallest mean
+    absolute log error on ``points``; their bytes go at the GPU's HBM rate as given."""
+    if not points:
+        raise ValueError("no training points")
+    measured = np.array([p.measured_s for p in points])
+    err = [np.mean(np.abs(np.log(predict_projections(points, gpu.model_copy(update={"dense_efficiency": float(e)}))
+                                 / measured))) for e in DENSE_EFFICIENCIES]
+    return float(DENSE_EFFICIENCIES[int(np.argmin(err))])

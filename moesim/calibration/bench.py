@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moesim.calibration.attention import AttentionPoint, attention_points
+from moesim.calibration.attention import AttentionPoint, ProjectionPoint, bench_points
 from moesim.errors import InputError
 from moesim.fileio import read_json_object
 
@@ -57,6 +57,7 @@ class BenchData:
     p2p: list[P2PPoint] = field(default_factory=list)
     ffn: list[FFNPoint] = field(default_factory=list)
     attention: list[AttentionPoint] = field(default_factory=list)
+    projections: list[ProjectionPoint] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
 
 
@@ -99,7 +100,9 @@ def load_bench(paths: list[str | Path]) -> BenchData:
             elif "single" in raw:
                 _ffn(raw, data)
             elif "records" in raw:
-                data.attention.extend(attention_points(raw, src))
+                cores, projections = bench_points(raw, src)
+                data.attention.extend(cores)
+                data.projections.extend(projections)
             else:
                 raise InputError("neither an all-to-all (uniform/skew/p2p), an expert-FFN (single/multi) nor an "
                                  "attention (records) benchmark", source=src)

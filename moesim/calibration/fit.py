@@ -10,7 +10,8 @@ by size, is held out of the fit.
 
 Fitted: NVLink efficiency (achievable bandwidth), per-call all-to-all launch cost, per-message latency,
 local (self) copy bandwidth; GPU compute and HBM efficiency, FFN launch cost and launch-bound floor;
-attention-core efficiency, fixed keys per query row and per-kernel cost. A group of parameters is fitted only
+attention-core efficiency, HBM efficiency, fixed keys per query row and per-kernel cost; the attention
+projections' GEMM efficiency (``dense_efficiency``). A group of parameters is fitted only
 when the benchmark files have its points; the others stay the preset's.
 """
 
@@ -22,7 +23,8 @@ from typing import Any, Callable
 import numpy as np
 import simpy
 
-from moesim.calibration.attention import AttentionPoint, fit_attention, predict_all
+from moesim.calibration.attention import (AttentionPoint, ProjectionPoint, fit_attention, fit_dense_efficiency,
+                                         predict_all, predict_projections)
 from moesim.calibration.bench import A2APoint, BenchData, FFNPoint, P2PPoint
 from moesim.hardware.presets import deep_merge, preset
 from moesim.hardware.spec import ClusterSpec
@@ -84,6 +86,8 @@ def _size(p: Any) -> float:
         return p.nbytes
     if isinstance(p, AttentionPoint):
         return p.tokens * p.length  # proportional to the core's work per GPU within a (shape, phase) group
+    if isinstance(p, ProjectionPoint):
+        return p.flops
     return float(sum(p.tokens))
 
 
@@ -181,12 +185,18 @@ def _attention_predictions(spec: ClusterSpec, points: list[AttentionPoint], held
             for p, s, h in zip(points, predict_all(points, spec.gpu), held)]
 
 
+def _projection_predictions(spec: ClusterSpec, points: list[ProjectionPoint], held: list[bool]) -> list[Prediction]:
+    return [Prediction("projection", p.label, p.measured_s * 1e3, float(s) * 1e3, h)
+            for p, s, h in zip(points, predict_projections(points, spec.gpu), held)]
+
+
 def predictions(spec: ClusterSpec, data: BenchData) -> list[Prediction]:
     """Every point of ``data`` predicted by ``spec`` as it is (nothing fitted; all points marked held out)."""
     net_points: list[Any] = [*data.a2a, *data.p2p]
     preds = _network_predictions(spec, data, [True] * len(net_points))
     return preds + [Prediction("ffn", f"{p.shape} {list(p.tokens)}", p.ms, predict_ffn(spec, p), True)
-                    for p in data.ffn] + _attention_predictions(spec, data.attention, [True] * len(data.attention))
+                    for p in data.ffn] + _attention_predictions(spec, data.attention, [True] * len(data.attention)) \
+        + _projection_predictions(spec, data.projections, [True] * len(data.projections))
 
 
 def calibrate(data: BenchData, base_preset: str = "hgx-h200", name: str | None = None,
@@ -201,6 +211,7 @@ def calibrate(data: BenchData, base_preset: str = "hgx-h200", name: str | None =
     net_held = split(net_points, key=lambda p: p.kind if isinstance(p, A2APoint) else "p2p")
     ffn_held = split(data.ffn, key=lambda p: (p.shape, len(p.tokens)))
     att_held = split(data.attention, key=lambda p: (p.shape, p.phase))
+    proj_held = split(data.projections, key=lambda p: (p.shape, p.phase, p.part))
 
     def log_err(preds: list[Prediction]) -> float:
         train = [p for p in preds if not p.held_out]
@@ -224,12 +235,17 @@ def calibrate(data: BenchData, base_preset: str = "hgx-h200", name: str | None =
         train = [p for p, h in zip(data.attention, att_held) if not h]
         attention = asdict(fit_attention(train, ClusterSpec(**base).gpu))
         base = deep_merge(base, {"gpu": attention})
+    if data.projections:  # plain GEMMs, after the FFN fit: their bytes go at its HBM rate
+        train_proj = [p for p, h in zip(data.projections, proj_held) if not h]
+        attention["dense_efficiency"] = fit_dense_efficiency(train_proj, ClusterSpec(**base).gpu)
+        base = deep_merge(base, {"gpu": {"dense_efficiency": attention["dense_efficiency"]}})
     spec = ClusterSpec(**base)
     preds = _network_predictions(spec, data, net_held) if net_points else []
     if data.ffn:
         preds += [Prediction("ffn", f"{p.shape} {list(p.tokens)}", p.ms, predict_ffn(spec, p), h)
                   for p, h in zip(data.ffn, ffn_held)]
     preds += _attention_predictions(spec, data.attention, att_held)
+    preds += _projection_predictions(spec, data.projections, proj_held)
     for params in (NETWORK_PARAMS if net_points else ()) + (FFN_PARAMS if data.ffn else ()):
         (*path, leaf), _, _ = params
         node = base

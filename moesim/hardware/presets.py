@@ -49,8 +49,10 @@ _A2A_LAUNCH_US = _H200["a2a_launch_us"]
 # An H200 fits the same compute terms and a lower share of its faster HBM (0.58: calibrated/hgx-h200.yaml);
 # ``python benchmarks/validation/attention_h100/compare.py`` prints both, and each fit on one attention shape
 # checked on another. The H800 is an H100; for the A100 and the B200 the H100's fit is assumed.
+# The same file's QKV and O projections fit ``dense_efficiency``, the share of peak plain GEMMs reach (0.74;
+# the H200: 0.76), above the SwiGLU experts' compute_efficiency.
 _ATTENTION_H100 = {"attention_efficiency": 0.31, "attention_fixed_keys": 160.0, "attention_overhead_us": 10.0,
-                   "attention_hbm_efficiency": 0.78}
+                   "attention_hbm_efficiency": 0.78, "dense_efficiency": 0.74}
 
 
 def _gpu(name: str, tflops: float, hbm_GBps: float, memory_GB: float) -> dict[str, Any]:

@@ -48,6 +48,9 @@ class GPUSpec(StrictModel):
                                         description="attention core's fixed work per query row, in key positions "
                                                     "(loading Q, finishing the softmax, storing O; fitted)")
     attention_overhead_us: float = Field(default=0.0, ge=0, description="fixed GPU-side cost of one attention-core kernel")
+    dense_efficiency: float | None = Field(default=None, gt=0, le=1,
+                                           description="share of bf16 peak the attention projections (plain GEMMs) "
+                                                       "reach (default compute_efficiency)")
     attention_hbm_efficiency: float | None = Field(default=None, gt=0, le=1,
                                                    description="share of HBM bandwidth the attention core reaches "
                                                                "reading K and V (default hbm_efficiency)")
@@ -56,6 +59,11 @@ class GPUSpec(StrictModel):
     def flops_per_s(self) -> float:
         """Achievable bf16 rate in FLOP/s."""
         return self.bf16_tflops * 1e12 * self.compute_efficiency
+
+    @property
+    def dense_flops_per_s(self) -> float:
+        """Achievable bf16 rate of the attention projections in FLOP/s."""
+        return self.bf16_tflops * 1e12 * (self.dense_efficiency or self.compute_efficiency)
 
     @property
     def attention_flops_per_s(self) -> float:

@@ -9,8 +9,9 @@ experts in one grouped GEMM (one launch); otherwise one kernel per expert with t
 tokens cost nothing. Deliberately ignored: tile quantisation, wave effects, and overlap of compute with
 communication.
 
-Non-expert work per layer (:func:`dense_time`): the attention projections as a roofline of their FLOPs and
-weight bytes, and - when the model has an attention shape and the workload says how long its sequences
+Non-expert work per layer (:func:`dense_time`): the attention projections as a roofline of their FLOPs (at
+``GPUSpec.dense_efficiency`` of peak: plain GEMMs run faster than the SwiGLU experts the compute efficiency was
+fitted on) and weight bytes, and - when the model has an attention shape and the workload says how long its sequences
 are (:class:`Attention`) - the attention core (:func:`attention_time`): FlashAttention-style, 4 x heads x
 head_dim FLOPs per token per context token at ``GPUSpec.attention_efficiency`` of peak, against the bytes
 of Q, K, V and O (prefill) or of the whole KV cache (decode) at ``attention_hbm_efficiency`` of HBM
@@ -83,7 +84,13 @@ def dense_time(tokens: np.ndarray, model: ModelSpec, gpu: GPUSpec, *, tp: int = 
         return np.zeros_like(tokens) + core
     flops = tokens * model.dense_flops
     nbytes = model.dense_bytes / tp + tokens * 2.0 * model.d_model * model.dtype_bytes
-    return np.maximum(flops / gpu.flops_per_s, nbytes / gpu.hbm_bytes_per_s) + gpu.ffn_overhead_us * 1e-6 + core
+    return gemm_time(flops, nbytes, gpu) + gpu.ffn_overhead_us * 1e-6 + core
+
+
+def gemm_time(flops: np.ndarray | float, nbytes: np.ndarray | float, gpu: GPUSpec) -> np.ndarray:
+    """GPU-side seconds of plain GEMMs (the attention projections): FLOPs at ``dense_efficiency`` of peak
+    against bytes at the HBM rate, no launch cost."""
+    return np.maximum(np.asarray(flops, dtype=float) / gpu.dense_flops_per_s, np.asarray(nbytes) / gpu.hbm_bytes_per_s)
 
 
 def attention_time(tokens: np.ndarray, model: ModelSpec, gpu: GPUSpec, attention: Attention) -> np.ndarray:

@@ -7,8 +7,8 @@ hgx-h200): fits the four attention parameters (:mod:`moesim.calibration.attentio
 attention-core points (prefill and decode, tp 1/2/4), GPU-side kernel time, and prints the error on the
 held-out qwen3-30b-a3b points; the error of the preset as shipped (what ``moesim calibrate`` fits on that file,
 every third point held out) on all points; the H100's fit carried to the H200 (what a GPU without its own
-attention measurement gets); and the whole block (QKV and O projections at the preset's GEMM efficiency, plus
-the core) against the measured block.
+attention measurement gets); and the whole block (QKV and O projections at the preset's ``dense_efficiency``,
+fitted by ``moesim calibrate`` on the same file's projection records, plus the core) against the measured block.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def main() -> None:
         gpu = fit.apply(shipped)
         print(f"{name} ({path.name}): fitted on mixtral-8x7b: " + ", ".join(f"{k} {getattr(fit, k):g}" for k in KEYS))
         print(f"  {preset_name} ships (moesim calibrate on the whole file): "
-              + ", ".join(f"{getattr(shipped, k):g}" for k in KEYS))
+              + ", ".join(f"{getattr(shipped, k):g}" for k in KEYS) + f"; dense_efficiency {shipped.dense_efficiency:g}")
         held = [p for p in points if p.shape != "mixtral-8x7b"]
         e = errors(held, gpu)
         if args.points:
