@@ -5,7 +5,8 @@
 1. Micro-benchmarks on 2x H200 (../shared/calibration): the hgx-h200 parameters are fitted on two thirds of
    the points (``moesim calibrate``) and the error is reported on the held-out third, per point.
 2. A real expert-parallel MoE layer on 2x H200 under three placements (benchmarks/validation/ep_layer):
-   moesim's layer time and the speedups between placements, against the measurement.
+   moesim's layer time and the speedups between placements, against the measurement; then whole layers
+   (attention + experts) on one H200 in prefill and decode: layer time and the attention's share of it.
 3. Expert-FFN timings on one H100 (benchmarks/validation/ffn_h100) against the dgx-h100 preset, which was
    not fitted to them.
 4. DeepEP's published tables (H800; ../shared/reference/DOMAIN.md section 6): normal-kernel bandwidths
@@ -239,7 +240,7 @@ def main() -> None:
     args = ap.parse_args()
     print("== 1. micro-benchmarks, 2x H200, held-out points ==")
     micro_benchmarks(args.shared)
-    print("\n== 2. expert-parallel MoE layer, 2x H200, three placements ==")
+    print("\n== 2. expert-parallel MoE layer, 2x H200, three placements; whole layers on one H200 ==")
     runpy.run_path(str(ROOT / "benchmarks" / "validation" / "ep_layer" / "compare.py"), run_name="__main__")
     print("\n== 3. expert FFN, one H100, dgx-h100 preset (not fitted to these) ==")
     ffn_h100()

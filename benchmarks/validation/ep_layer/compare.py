@@ -1,4 +1,5 @@
-"""Compare moesim's prediction with the measured 2x H200 expert-parallel layer (measured_2xh200.json).
+"""Compare moesim's prediction with the measured 2x H200 expert-parallel layer (measured_2xh200.json), and with
+whole layers (attention + MoE) on one H200 (measured_1xh200_*.json).
 
     python benchmarks/validation/ep_layer/compare.py
 
@@ -7,16 +8,25 @@ loop's settings: no attention work, one copy per destination GPU, experts run on
 placement, summed over layers, predicted vs measured: the slowest rank's dispatch, expert compute and layer
 time, and the combine of the rank that joins it last (the other rank's combine includes waiting for it, which
 moesim reports apart as sync wait); then the speedups between placements.
+
+The one-GPU files hold the same trace's first 128 / 512 tokens per home GPU (decode over a 2048-token KV cache)
+or all of them (prefill of 4096-token prompts), every token and expert on the one GPU: each layer is the
+attention block (QKV, FlashAttention core, O; Mixtral's 32 query and 8 KV heads), the eight experts one after
+another, and two all-to-alls that are local copies. moesim runs the same on a one-GPU hgx-h200 cluster with the
+workload's ``seq_len`` / ``kv_len``; the per-phase sums over the 8 layers are printed beside the measurement.
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from moesim.study import parse_scenario, run_study
+from moesim.traces.format import load_trace, save_trace
 
 HERE = Path(__file__).resolve().parent
 
@@ -64,5 +74,52 @@ def main() -> None:
         print(f"speedup of {n} over {base}: measured {m_speed:.3f}x, moesim {p_speed:.3f}x")
 
 
+ONE_GPU = {"prefill": {"seq_len": 4096}, "decode256": {"kv_len": 2048}, "decode1024": {"kv_len": 2048},
+           "noattn": {}}
+
+
+def one_gpu() -> None:
+    """Whole layers on one H200: moesim vs measured_1xh200_*.json, per phase summed over the layers."""
+    full = load_trace(HERE / "trace.npz")
+    print(f"\n{'one H200, 8 layers':26s} {'phase':9s} {'measured ms':>12s} {'moesim ms':>10s} {'error':>7s}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, attention in ONE_GPU.items():
+            measured = json.loads((HERE / f"measured_1xh200_{name}.json").read_text())
+            n = measured["tokens_per_gpu"]
+            keep = np.zeros(full.num_tokens, dtype=bool)  # the first n/2 tokens of each of the two home GPUs
+            for g in (0, 1):
+                keep[np.flatnonzero(full.home == g)[: n // 2]] = True
+            trace = replace(full, experts=full.experts[keep], weights=None if full.weights is None else full.weights[keep],
+                            home=np.zeros(n, dtype=np.int32), batch=np.zeros(n, dtype=np.int32))
+            path = save_trace(trace, Path(tmp) / f"{name}.npz")
+            heads = {"num_heads": measured["heads"], "num_kv_heads": measured["kv_heads"]} if attention else \
+                {"dense_flops_per_token": 0, "dense_weight_bytes": 0}
+            scenario = parse_scenario({
+                "clusters": [{"name": "1xh200", "preset": "hgx-h200", "gpus_per_node": 1}],
+                "model": {"name": "mixtral-8x7b", "num_layers": 8, "num_experts": 8, "top_k": 2,
+                          "d_model": measured["d_model"], "d_ff": measured["d_ff"], **heads},
+                "workload": {"trace": {"file": str(path), "tokens_per_gpu": n}, **attention},
+                "placements": ["contiguous"],
+                "engine": {"dispatch": "per_gpu", "expert_kernel": "per_expert", "rate_tolerance": 0.0,
+                           "progress": False},
+            }, str(HERE / "compare.py"), HERE)
+            g = run_study(scenario).runs[0].records.gpu
+            pred = {"attention": g["t_dense_end"] - g["t_layer_start"],
+                    "dispatch": g["t_dispatch_done"] - g["t_dispatch_start"],
+                    "compute": g["t_compute_end"] - g["t_compute_start"],
+                    "combine": g["t_combine_done"] - g["t_combine_start"],
+                    "layer": g["t_combine_done"] - g["t_layer_start"]}
+            meas = measured["placements"]["contiguous.json"]["ms_median_per_rank"][0]
+            label = f"{name} ({n} tokens)"
+            for phase in ("attention", "compute", "layer") if attention else ("compute", "layer"):
+                m, p = sum(meas[phase]), pred[phase][0, :, 0].sum() * 1e3
+                print(f"{label:26s} {phase:9s} {m:12.3f} {p:10.3f} {(p - m) / m * 100:+6.1f}%")
+            if attention:  # what dilutes a placement's gain end to end
+                m = sum(meas["attention"]) / sum(meas["layer"])
+                p = pred["attention"].sum() / pred["layer"].sum()
+                print(f"{label:26s} {'attention share of the layer':30s} measured {m:.1%}, moesim {p:.1%}")
+
+
 if __name__ == "__main__":
     main()
+    one_gpu()
