@@ -78,8 +78,10 @@ ONE_GPU = {"prefill": {"seq_len": 4096}, "decode256": {"kv_len": 2048}, "decode1
            "noattn": {}}
 
 
-def one_gpu() -> None:
-    """Whole layers on one H200: moesim vs measured_1xh200_*.json, per phase summed over the layers."""
+def one_gpu() -> dict[str, dict[str, tuple[float, float]]]:
+    """Whole layers on one H200: moesim vs measured_1xh200_*.json, per phase summed over the layers; returns
+    per run {phase: (measured ms, moesim ms)} with ``share``: the attention's (measured, moesim) share."""
+    results: dict[str, dict[str, tuple[float, float]]] = {}
     full = load_trace(HERE / "trace.npz")
     print(f"\n{'one H200, 8 layers':26s} {'phase':9s} {'measured ms':>12s} {'moesim ms':>10s} {'error':>7s}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -111,13 +113,17 @@ def one_gpu() -> None:
                     "layer": g["t_combine_done"] - g["t_layer_start"]}
             meas = measured["placements"]["contiguous.json"]["ms_median_per_rank"][0]
             label = f"{name} ({n} tokens)"
+            res = results[name] = {}
             for phase in ("attention", "compute", "layer") if attention else ("compute", "layer"):
                 m, p = sum(meas[phase]), pred[phase][0, :, 0].sum() * 1e3
+                res[phase] = (m, p)
                 print(f"{label:26s} {phase:9s} {m:12.3f} {p:10.3f} {(p - m) / m * 100:+6.1f}%")
             if attention:  # what dilutes a placement's gain end to end
                 m = sum(meas["attention"]) / sum(meas["layer"])
                 p = pred["attention"].sum() / pred["layer"].sum()
+                res["share"] = (m, p)
                 print(f"{label:26s} {'attention share of the layer':30s} measured {m:.1%}, moesim {p:.1%}")
+    return results
 
 
 if __name__ == "__main__":
