@@ -7,8 +7,9 @@
 2. A real expert-parallel MoE layer on 2x H200 under three placements (benchmarks/validation/ep_layer):
    moesim's layer time and the speedups between placements, against the measurement; then whole layers
    (attention + experts) on one H200 in prefill and decode: layer time and the attention's share of it.
-3. Expert-FFN timings on one H100 (benchmarks/validation/ffn_h100) against the dgx-h100 preset, which was
-   not fitted to them.
+3. Expert-FFN timings on one H100 (benchmarks/validation/ffn_h100): the dgx-h100 preset, which ``moesim
+   calibrate`` fits on two thirds of them, on the held-out third; and the H200's efficiencies carried to the
+   H100 (what a GPU without its own measurement gets).
 4. DeepEP's published tables (H800; ../shared/reference/DOMAIN.md section 6): normal-kernel bandwidths
    (intranode EP8, internode EP16/32/64, hierarchical all-to-all) and low-latency latencies and bandwidths
    (EP8-256), simulated on the unchanged ``h800`` preset and measured the way DeepEP's tests measure them
@@ -62,14 +63,21 @@ def micro_benchmarks(shared: Path) -> None:
 def ffn_h100() -> None:
     from moesim.calibration import predict_ffn
     from moesim.hardware import ClusterSpec, preset
+    from moesim.hardware.presets import deep_merge
 
     data = load_bench([ROOT / "benchmarks" / "validation" / "ffn_h100" / "expert_ffn_h100.json"])
-    spec = ClusterSpec(**preset("dgx-h100"))
-    rows = [(p, (predict_ffn(spec, p) - p.ms) / p.ms) for p in data.ffn]
+    fit = calibrate(data, "dgx-h100")  # what calibrated/dgx-h100.yaml holds: every third point held out
+    e = fit.errors(True, ("ffn",))
+    print(f"dgx-h100 preset (moesim calibrate on this file), held out  n={e.size:3d}  median |error| "
+          f"{np.median(e) * 100:5.1f}%  max {e.max() * 100:5.1f}%")
+    h200 = preset("hgx-h200")["gpu"]
+    assumed = ClusterSpec(**deep_merge(preset("dgx-h100"), {"gpu": {k: h200[k] for k in (
+        "compute_efficiency", "hbm_efficiency", "ffn_overhead_us", "ffn_floor_us")}}))
+    rows = [(p, (predict_ffn(assumed, p) - p.ms) / p.ms) for p in data.ffn]
     for label, keep in (("< 1024 tokens", lambda p: sum(p.tokens) < 1024), (">= 1024 tokens", lambda p: sum(p.tokens) >= 1024)):
         e = np.abs([err for p, err in rows if keep(p)])
-        print(f"expert FFN on H100, {label:15s} n={e.size:3d}  median |error| {np.median(e) * 100:5.1f}%  "
-              f"max {e.max() * 100:5.1f}%")
+        print(f"the H200's FFN efficiencies on the H100, {label:15s} n={e.size:3d}  median |error| "
+              f"{np.median(e) * 100:5.1f}%  max {e.max() * 100:5.1f}%")
 
 
 def deepep() -> None:
@@ -242,7 +250,7 @@ def main() -> None:
     micro_benchmarks(args.shared)
     print("\n== 2. expert-parallel MoE layer, 2x H200, three placements; whole layers on one H200 ==")
     runpy.run_path(str(ROOT / "benchmarks" / "validation" / "ep_layer" / "compare.py"), run_name="__main__")
-    print("\n== 3. expert FFN, one H100, dgx-h100 preset (not fitted to these) ==")
+    print("\n== 3. expert FFN, one H100: the dgx-h100 preset fitted on two thirds; the H200's efficiencies ==")
     ffn_h100()
     print("\n== 4. DeepEP's published tables, h800 preset (not fitted to these) ==")
     deepep()

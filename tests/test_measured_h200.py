@@ -87,3 +87,27 @@ def test_whole_layers_on_one_h200() -> None:
         assert abs(predicted / measured - 1) < 0.10, name  # -1.6% to -6.9% when written
         if "share" in res:
             assert abs(res["share"][1] - res["share"][0]) < 0.05, name  # within 3 points when written
+
+
+def test_shipped_h100_gpu_is_what_moesim_calibrate_fits() -> None:
+    """The dgx-h100 preset's GPU is calibrated/dgx-h100.yaml, which moesim calibrate writes from the H100 FFN and
+    attention measurements (benchmarks/validation/ffn_h100, attention_h100); the H800 shares it."""
+    import yaml
+
+    from moesim.calibration import calibrate, load_bench
+
+    root = Path(__file__).resolve().parents[1]
+    shipped = yaml.safe_load((root / "moesim" / "hardware" / "calibrated" / "dgx-h100.yaml").read_text())
+    assert preset("dgx-h100")["gpu"] == shipped["gpu"]
+    assert {**preset("h800")["gpu"], "name": "H100-SXM"} == shipped["gpu"]
+    files = [root / "benchmarks/validation/ffn_h100/expert_ffn_h100.json",
+             root / "benchmarks/validation/attention_h100/attention_h100.json"]
+    fit = calibrate(load_bench(files), "dgx-h100")
+    assert len(fit.fitted) == 9
+    for key, value in fit.fitted.items():
+        node = shipped
+        for part in key.split("."):
+            node = node[part]
+        assert value == pytest.approx(node, rel=1e-3), key
+    held = fit.errors(True, ("ffn",))
+    assert np.median(held) < 0.08  # 4.9% when written

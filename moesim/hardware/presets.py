@@ -3,10 +3,11 @@
 A preset is a plain nested dict of :class:`~moesim.hardware.spec.ClusterSpec` fields; scenarios deep-merge
 their overrides into it before validation, so a preset can never hold a value a YAML file could not.
 
-Efficiencies come from measurements on 2x H200 (../shared/calibration), fitted by ``moesim calibrate`` on
-two thirds of the points and checked on the rest; the fit ships as ``calibrated/hgx-h200.yaml`` (its header
-is the command that wrote it) and the ``hgx-h200`` preset is that file. Where a machine was not measured,
-the H200's fitted efficiencies are assumed and marked so.
+Efficiencies come from measurements on 2x H200 (../shared/calibration, benchmarks/validation/attention_h200) and
+one H100 (benchmarks/validation/ffn_h100, attention_h100), fitted by ``moesim calibrate`` on two thirds of the
+points and checked on the rest; the fits ship as ``calibrated/hgx-h200.yaml`` and ``calibrated/dgx-h100.yaml``
+(each header is the command that wrote it) and the ``hgx-h200`` preset and the ``dgx-h100`` GPU are those
+files. Where a machine was not measured, the H200's fitted efficiencies are assumed and marked so.
 """
 
 from __future__ import annotations
@@ -44,20 +45,20 @@ _FITTED_NVLINK = {k: _H200["nvlink"][k] for k in ("efficiency", "latency_us")}
 _A2A_LAUNCH_US = _H200["a2a_launch_us"]
 
 
-# The attention core (FlashAttention-2 as PyTorch ships it), fitted by ``moesim calibrate`` on one H100
-# (benchmarks/validation/attention_h100, GPU-side kernel time; every third point held out: median error 3.9%).
-# An H200 fits the same compute terms and a lower share of its faster HBM (0.58: calibrated/hgx-h200.yaml);
-# ``python benchmarks/validation/attention_h100/compare.py`` prints both, and each fit on one attention shape
-# checked on another. The H800 is an H100; for the A100 and the B200 the H100's fit is assumed.
-# The same file's QKV and O projections fit ``dense_efficiency``, the share of peak plain GEMMs reach (0.74;
-# the H200: 0.76), above the SwiGLU experts' compute_efficiency.
-_ATTENTION_H100 = {"attention_efficiency": 0.31, "attention_fixed_keys": 160.0, "attention_overhead_us": 10.0,
-                   "attention_hbm_efficiency": 0.78, "dense_efficiency": 0.74}
+# Fitted on one H100 (benchmarks/validation/ffn_h100 and attention_h100, ``moesim calibrate``, every third point
+# held out): its expert-FFN efficiencies, launch cost and floor (that host's floor is 88 us against the H200
+# host's 58), the attention core (FlashAttention-2 as PyTorch ships it) and the projections' GEMM efficiency.
+# An H200 fits the same attention compute terms and a lower share of its faster HBM (calibrated/hgx-h200.yaml).
+# The H800 is an H100 with NVLink cut down and takes this fit; for the A100 and the B200 the H200's FFN
+# efficiencies and the H100's attention fit are assumed.
+_H100 = _calibrated("dgx-h100")
+_ATTENTION_H100 = {k: _H100["gpu"][k] for k in ("attention_efficiency", "attention_fixed_keys", "attention_overhead_us",
+                                                 "attention_hbm_efficiency", "dense_efficiency")}
 
 
 def _gpu(name: str, tflops: float, hbm_GBps: float, memory_GB: float) -> dict[str, Any]:
-    """A GPU with the H200's fitted efficiencies (assumed), the H100's attention fit (assumed but for the
-    H100 and the H800) and its local copy scaled by HBM bandwidth."""
+    """A GPU that was not measured: the H200's fitted FFN efficiencies and the H100's attention fit (both
+    assumed), its local copy scaled by HBM bandwidth."""
     return {"name": name, "bf16_tflops": tflops, "hbm_GBps": hbm_GBps, "memory_GB": memory_GB, **_FITTED_GPU,
             **_ATTENTION_H100, "local_copy_GBps": round(_LOCAL_COPY_PER_HBM * hbm_GBps, 1)}
 
@@ -67,12 +68,13 @@ _NVLINK4 = {"name": "nvlink4", "GBps": 450.0, **_FITTED_NVLINK}
 
 PRESETS: dict[str, dict[str, Any]] = {
     # NVIDIA DGX H100: 8x H100 SXM5 (989 TFLOP/s dense bf16, 80 GB HBM3 at 3.35 TB/s), 4 NVSwitch,
-    # 8x ConnectX-7 400 Gb/s, one per GPU (DGX H100 datasheet). Efficiencies assumed from the H200.
+    # 8x ConnectX-7 400 Gb/s, one per GPU (DGX H100 datasheet). GPU efficiencies measured on one H100
+    # (calibrated/dgx-h100.yaml); NVLink and NCCL figures from the H200 (same NVLink 4).
     "dgx-h100": {
         "name": "dgx-h100",
         "nodes": 1,
         "gpus_per_node": 8,
-        "gpu": _gpu("H100-SXM", 989.0, 3350.0, 80.0),
+        "gpu": _H100["gpu"],
         "nvlink": dict(_NVLINK4),
         "network": dict(_CX7_400G),
         "a2a_launch_us": _A2A_LAUNCH_US,  # NCCL all-to-all call cost fitted on 2x H200
@@ -95,7 +97,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "name": "h800",
         "nodes": 1,
         "gpus_per_node": 8,
-        "gpu": _gpu("H800-SXM", 989.0, 3350.0, 80.0),
+        "gpu": {**_H100["gpu"], "name": "H800-SXM"},  # an H100's compute and memory
         "nvlink": {"name": "nvlink4-8links", "GBps": 200.0, "efficiency": 0.80, "latency_us": 2.0},
         "network": dict(_CX7_400G),
         "a2a_launch_us": _A2A_LAUNCH_US,
