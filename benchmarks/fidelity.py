@@ -6,7 +6,7 @@
    the points (``moesim calibrate``) and the error is reported on the held-out third, per point.
 2. A real expert-parallel MoE layer on 2x H200 under three placements (benchmarks/validation/ep_layer):
    moesim's layer time and the speedups between placements, against the measurement; then whole layers
-   (attention + experts) on one H200 in prefill and decode: layer time and the attention's share of it.
+   (attention + experts) on one H200 and one H100 in prefill and decode: layer time and the attention's share.
 3. Expert-FFN timings on one H100 (benchmarks/validation/ffn_h100): the dgx-h100 preset, which ``moesim
    calibrate`` fits on two thirds of them, on the held-out third; and the H200's efficiencies carried to the
    H100 (what a GPU without its own measurement gets).
@@ -248,7 +248,7 @@ def main() -> None:
     args = ap.parse_args()
     print("== 1. micro-benchmarks, 2x H200, held-out points ==")
     micro_benchmarks(args.shared)
-    print("\n== 2. expert-parallel MoE layer, 2x H200, three placements; whole layers on one H200 ==")
+    print("\n== 2. expert-parallel MoE layer, 2x H200, three placements; whole layers on one H200 / H100 ==")
     runpy.run_path(str(ROOT / "benchmarks" / "validation" / "ep_layer" / "compare.py"), run_name="__main__")
     print("\n== 3. expert FFN, one H100: the dgx-h100 preset fitted on two thirds; the H200's efficiencies ==")
     ffn_h100()

@@ -1,5 +1,5 @@
 """Compare moesim's prediction with the measured 2x H200 expert-parallel layer (measured_2xh200.json), and with
-whole layers (attention + MoE) on one H200 (measured_1xh200_*.json).
+whole layers (attention + MoE) on one H200 and one H100 (measured_1xh200_*.json, measured_1xh100_*.json).
 
     python benchmarks/validation/ep_layer/compare.py
 
@@ -12,8 +12,8 @@ moesim reports apart as sync wait); then the speedups between placements.
 The one-GPU files hold the same trace's first 128 / 512 tokens per home GPU (decode over a 2048-token KV cache)
 or all of them (prefill of 4096-token prompts), every token and expert on the one GPU: each layer is the
 attention block (QKV, FlashAttention core, O; Mixtral's 32 query and 8 KV heads), the eight experts one after
-another, and two all-to-alls that are local copies. moesim runs the same on a one-GPU hgx-h200 cluster with the
-workload's ``seq_len`` / ``kv_len``; the per-phase sums over the 8 layers are printed beside the measurement.
+another, and two all-to-alls that are local copies. moesim runs the same on a one-GPU hgx-h200 (dgx-h100) cluster
+with the workload's ``seq_len`` / ``kv_len``; the per-phase sums over the 8 layers are printed beside the measurement.
 """
 
 from __future__ import annotations
@@ -78,15 +78,17 @@ ONE_GPU = {"prefill": {"seq_len": 4096}, "decode256": {"kv_len": 2048}, "decode1
            "noattn": {}}
 
 
-def one_gpu() -> dict[str, dict[str, tuple[float, float]]]:
-    """Whole layers on one H200: moesim vs measured_1xh200_*.json, per phase summed over the layers; returns
-    per run {phase: (measured ms, moesim ms)} with ``share``: the attention's (measured, moesim) share."""
+def one_gpu(gpu: str = "h200") -> dict[str, dict[str, tuple[float, float]]]:
+    """Whole layers on one GPU (``h200``: hgx-h200 preset, ``h100``: dgx-h100): moesim vs
+    measured_1x{gpu}_*.json, per phase summed over the layers; returns per run {phase: (measured ms, moesim
+    ms)} with ``share``: the attention's (measured, moesim) share of the layer."""
+    preset_name = {"h200": "hgx-h200", "h100": "dgx-h100"}[gpu]
     results: dict[str, dict[str, tuple[float, float]]] = {}
     full = load_trace(HERE / "trace.npz")
-    print(f"\n{'one H200, 8 layers':26s} {'phase':9s} {'measured ms':>12s} {'moesim ms':>10s} {'error':>7s}")
+    print(f"\n{f'one {gpu.upper()}, 8 layers':26s} {'phase':9s} {'measured ms':>12s} {'moesim ms':>10s} {'error':>7s}")
     with tempfile.TemporaryDirectory() as tmp:
         for name, attention in ONE_GPU.items():
-            measured = json.loads((HERE / f"measured_1xh200_{name}.json").read_text())
+            measured = json.loads((HERE / f"measured_1x{gpu}_{name}.json").read_text())
             n = measured["tokens_per_gpu"]
             keep = np.zeros(full.num_tokens, dtype=bool)  # the first n/2 tokens of each of the two home GPUs
             for g in (0, 1):
@@ -97,7 +99,7 @@ def one_gpu() -> dict[str, dict[str, tuple[float, float]]]:
             heads = {"num_heads": measured["heads"], "num_kv_heads": measured["kv_heads"]} if attention else \
                 {"dense_flops_per_token": 0, "dense_weight_bytes": 0}
             scenario = parse_scenario({
-                "clusters": [{"name": "1xh200", "preset": "hgx-h200", "gpus_per_node": 1}],
+                "clusters": [{"name": f"1x{gpu}", "preset": preset_name, "gpus_per_node": 1}],
                 "model": {"name": "mixtral-8x7b", "num_layers": 8, "num_experts": 8, "top_k": 2,
                           "d_model": measured["d_model"], "d_ff": measured["d_ff"], **heads},
                 "workload": {"trace": {"file": str(path), "tokens_per_gpu": n}, **attention},
@@ -128,4 +130,5 @@ def one_gpu() -> dict[str, dict[str, tuple[float, float]]]:
 
 if __name__ == "__main__":
     main()
-    one_gpu()
+    one_gpu("h200")
+    one_gpu("h100")
