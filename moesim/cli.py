@@ -233,23 +233,24 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         raise InputError("no all-to-all, expert-FFN or attention-core points in the benchmark files")
     matched = {_preset_of_device(d) for d in data.devices}
     guess = matched.pop() if len(matched) == 1 else None
+    devices = ", ".join(sorted(data.devices))
     if args.preset is None:
         args.preset = guess or "hgx-h200"
         print(f"fitting the {args.preset} preset's parameters" + (
-            f" (measured on {', '.join(sorted(data.devices))})" if guess else
-            f": no single preset matches the devices measured ({', '.join(sorted(data.devices))}); choose with --preset"))
+            f" (measured on {devices})" if guess else
+            f": no single preset matches the devices measured ({devices}); choose with --preset"))
     try:
         preset(args.preset)
     except KeyError as exc:
         raise InputError(str(exc.args[0]), field="--preset") from None
     if guess and guess != args.preset:
-        print(f"note: measured on {', '.join(sorted(data.devices))}, which the {guess} preset models; fitting "
+        print(f"note: measured on {devices}, which the {guess} preset models; fitting "
               f"{args.preset}'s parameters as asked (those not fitted stay {args.preset}'s)")
     result = calibrate(data, args.preset, name=args.name)
     timings = sorted({p.timing for p in data.attention})
     print(f"calibrated {args.preset} on {len(data.a2a)} all-to-all, {len(data.p2p)} p2p, {len(data.ffn)} FFN, "
           f"{len(data.attention)} attention-core and {len(data.projections)} attention-projection"
-          f"{' (' + ' and '.join(timings) + ')' if timings else ''} points from {', '.join(sorted(data.devices))}")
+          f"{' (' + ' and '.join(timings) + ')' if timings else ''} points from {devices}")
     for key, value in result.fitted.items():
         print(f"  {key:26s} {value:10.4g}")
     print(f"{'points':31s} {'n':>4s} {'median |err|':>13s} {'max |err|':>10s}")

@@ -5,13 +5,14 @@ Input: the JSON that ``moesim bench attention`` and benchmarks/validation/attent
 FlashAttention core: causal prefill over ``seq_len``-token prompts, or decode of ``batch`` sequences over a
 ``context``-token KV cache. The time is the GPU-side ``gpu_kernel_ms`` (summed kernel durations from the
 profiler) where the record has it, else the event-timed ``median_ms`` (a CPU run has no profiler; that time
-includes the host's launch cost); each point says which (``timing``). Only the ``core`` records are read; the
-projections and the block are left to the GEMM model, and skipped points are ignored.
+includes the host's launch cost); each point says which (``timing``). The ``core``, ``qkv`` and ``o`` records
+are read; the ``block`` records (the three as one region) are left for validation, skipped points ignored.
 
-Four GPU parameters are fitted by an exhaustive grid search for the smallest mean absolute log error on
-the training points (the objective of :mod:`moesim.calibration.fit`): ``attention_efficiency`` (share of bf16 peak), ``attention_hbm_efficiency``
-(share of HBM bandwidth reading K and V, which bounds decode), ``attention_fixed_keys`` (fixed work per query
-row, in key positions) and ``attention_overhead_us`` (fixed cost per kernel). The rest of the GPU (peak, HBM
+Four GPU parameters are fitted to the core by an exhaustive grid search for the smallest mean absolute log
+error on the training points (the objective of :mod:`moesim.calibration.fit`): ``attention_efficiency``
+(share of bf16 peak), ``attention_hbm_efficiency`` (share of HBM bandwidth reading K and V, which bounds
+decode), ``attention_fixed_keys`` (fixed work per query row, in key positions) and ``attention_overhead_us``
+(fixed cost per kernel). The rest of the GPU (peak, HBM
 bandwidth) is taken as given. The whole grid is evaluated at once: the core's FLOPs and bytes are linear in
 the context, so every candidate's time is a maximum of two linear terms. Errors are reported per point so
 that a fit on one attention shape can be checked on another.
