@@ -204,3 +204,37 @@ def test_calibrate_without_a_known_gpu_says_which_preset_it_fits(bench_files, tm
     assert main(["calibrate", str(bench_files[1]), "-o", str(tmp_path / "c.yaml")]) == 0
     assert "fitting the hgx-h200 preset's parameters: no single preset matches the devices measured (cpu)" \
         in capsys.readouterr().out
+
+
+SCENARIO_FOR_BENCH = """name: mine
+clusters: [{{preset: hgx-h200}}]
+model: {{name: my-moe, num_layers: 2, num_experts: 8, top_k: 2, d_model: 512, d_ff: 768{heads}}}
+workload: {{synthetic: {{tokens_per_gpu: 16}}}}
+placements: [contiguous]
+"""
+
+
+def test_bench_measures_the_scenario_models_shape(tmp_path):
+    """--scenario: the expert FFN and the attention of the user's model, not the built-in list (scaled 16x down
+    on the CPU, as the built-in shapes are); tp values that do not divide the heads are left out."""
+    path = tmp_path / "mine.yaml"
+    path.write_text(SCENARIO_FOR_BENCH.format(heads=", num_heads: 6, num_kv_heads: 2, head_dim: 64"))
+    assert main(["bench", "ffn", "--cpu", "--scenario", str(path), "-o", str(tmp_path / "b")]) == 0
+    raw = json.loads((tmp_path / "b" / "expert_ffn.json").read_text())
+    assert raw["single"] == {"my-moe": {"d_model": 32, "d_ff": 48, "rows": raw["single"]["my-moe"]["rows"]}}
+    assert main(["bench", "attention", "--cpu", "--scenario", str(path), "-o", str(tmp_path / "b")]) == 0
+    raw = json.loads((tmp_path / "b" / "attention.json").read_text())
+    assert raw["shapes"] == {"my-moe": {"d_model": 32, "n_heads": 6, "n_kv_heads": 2, "head_dim": 16}}
+    assert {r["tp"] for r in raw["records"]} == {1, 2}  # 6 query and 2 KV heads do not split over 4 GPUs
+    assert load_bench([tmp_path / "b" / "attention.json"]).attention
+
+
+def test_bench_scenario_errors(tmp_path, capsys):
+    path = tmp_path / "mine.yaml"
+    path.write_text(SCENARIO_FOR_BENCH.format(heads=""))
+    assert main(["bench", "attention", "--cpu", "--scenario", str(path), "-o", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "model.num_heads" in err and str(path) in err
+    assert main(["bench", "a2a", "--cpu", "--scenario", str(path), "-o", str(tmp_path / "b")]) == 2
+    assert "--scenario" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
