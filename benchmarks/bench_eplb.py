@@ -29,7 +29,7 @@ import numpy as np
 from moesim.placement import Placement, PlacementProblem, make_placement
 from moesim.placement.eplb import rebalance_experts
 from moesim.sim.replicas import rank_tokens
-from moesim.study.runner import expert_loads
+from moesim.study import expert_loads
 from moesim.traces import SyntheticParams, generate_trace
 
 LAYERS, EXPERTS, TOP_K, GPUS, GPUS_PER_NODE, GROUPS = 58, 256, 8, 32, 8, 8

@@ -29,7 +29,7 @@ from pathlib import Path
 from moesim.placement import make_placement
 from moesim.study import load_scenario
 from moesim.study.config import parse_scenario
-from moesim.study.runner import build_workload, placement_problem
+from moesim.study.plan import prepare
 
 ROOT = Path(__file__).resolve().parent.parent / "scenarios"
 
@@ -63,9 +63,9 @@ LOAD = {"w_dispatch": 0.0}  # the standard dataflow's inter-node dispatch term o
 def run(label: str, scenario: object, policies: list, solver: str) -> dict[str, dict]:
     """``policies``: names, or (name, options) to run a policy with options."""
     out = {}
-    for cluster in scenario.clusters:  # type: ignore[attr-defined]
-        work = build_workload(scenario, cluster)  # type: ignore[arg-type]
-        problem = placement_problem(scenario, cluster, work.profile)  # type: ignore[arg-type]
+    for cp in prepare(scenario, placements=[]).clusters:  # type: ignore[arg-type]
+        cluster, problem = cp.cluster, cp.problem
+        assert problem is not None
         t0 = time.perf_counter()
         problem.transition_counts()
         stats_s = time.perf_counter() - t0

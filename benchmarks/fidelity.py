@@ -146,7 +146,7 @@ def _variant(scenario, *, kv_len=None, tokens_per_gpu=None, nics_per_node="keep"
 def _hot_rank(scenario) -> list[tuple[float, float]]:
     """Per cluster, under contiguous placement: the share of a layer's tokens that visit the busiest expert-
     parallel rank, and that rank's share of the (token, expert) picks, each averaged over layers and batches."""
-    from moesim.study.runner import build_workload
+    from moesim.study import build_workload
 
     out = []
     E = scenario.model.num_experts

@@ -49,29 +49,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from moesim.placement.format import load_placement
-    from moesim.placement.validate import validate_placement
-    from moesim.study import load_scenario
-    from moesim.study.config import check_rebalance_batches
-    from moesim.study.runner import capacity_of, check_fits, check_replica_fit, load_workload_trace
+    from moesim.study import load_scenario, prepare
 
     scenario = load_scenario(args.scenario)
-    trace = load_workload_trace(scenario)
-    for cluster in scenario.clusters:
-        check_fits(scenario, cluster)
-        build_topology(cluster.spec)
-        if trace is not None and scenario.workload.trace is not None:
-            tw = scenario.workload.trace
-            layout = trace.layout(cluster.spec.num_gpus, tw.tokens_per_gpu, source=tw.label)
-            if scenario.rebalance is not None:
-                check_rebalance_batches(scenario.rebalance.every_batches, scenario.rebalance.window_batches,
-                                        layout.num_batches, scenario.source)
-        for entry in scenario.placements:
-            check_replica_fit(scenario, cluster, entry)
-            if entry.file is not None:
-                validate_placement(load_placement(entry.file), num_layers=scenario.model.num_layers,
-                                   num_experts=scenario.model.num_experts, num_gpus=cluster.ep,
-                                   capacity=capacity_of(scenario, cluster), source=str(entry.file))
+    prepare(scenario, build=False)
     names = ", ".join(f"{c.name} ({c.spec.num_gpus} GPUs, EP{c.ep}" + (f" x TP{c.tp})" if c.tp > 1 else ")")
                       for c in scenario.clusters)
     print(f"{args.scenario}: ok - {len(scenario.clusters)} cluster(s): {names}; "
@@ -83,9 +64,8 @@ def _cmd_place(args: argparse.Namespace) -> int:
     from moesim.placement.format import save_placement
     from moesim.placement.registry import policy_names
     from moesim.report.text import solve_summary
-    from moesim.study import load_scenario
+    from moesim.study import load_scenario, prepare
     from moesim.study.config import PlacementEntry
-    from moesim.study.runner import build_placement, build_workload, placement_problem
 
     if args.list:
         print("\n".join(policy_names()))
@@ -93,11 +73,6 @@ def _cmd_place(args: argparse.Namespace) -> int:
     if not args.scenario or not args.policy or not args.output:
         raise InputError("moesim place needs SCENARIO, --policy and -o (or --list)")
     scenario = load_scenario(args.scenario)
-    clusters = {c.name: c for c in scenario.clusters}
-    if args.cluster and args.cluster not in clusters:
-        raise InputError(f"no cluster {args.cluster!r}; valid: {', '.join(clusters)}", source=args.scenario,
-                         field="clusters")
-    cluster = clusters[args.cluster] if args.cluster else scenario.clusters[0]
     options = {}
     for item in args.set or []:
         key, sep, value = item.partition("=")
@@ -107,14 +82,12 @@ def _cmd_place(args: argparse.Namespace) -> int:
     if args.policy not in policy_names():
         raise InputError(f"unknown policy {args.policy!r}; valid: {', '.join(policy_names())}", field="--policy")
     entry = PlacementEntry(name=args.policy, policy=args.policy, options=options)
-    scenario = scenario.model_copy(update={"placements": (*scenario.placements, entry)})
-    work = build_workload(scenario, cluster)
-    try:
-        placement = build_placement(scenario, cluster, entry, placement_problem(scenario, cluster, work.profile))
-    except InputError as exc:  # name the command-line option, not the entry it was appended as
-        raise InputError(exc.detail, source=args.scenario, field=f"--policy {args.policy}") from None
+    plan = prepare(scenario, placements=[entry], where={entry.name: f"--policy {args.policy}"},
+                   clusters=[args.cluster or scenario.clusters[0].name], cluster_field="--cluster")
+    cp = plan.clusters[0]
+    placement = cp.placement(entry.name)
     save_placement(placement, args.output)
-    print(f"wrote {args.output}: {args.policy} for {cluster.name} (EP{cluster.ep}), "
+    print(f"wrote {args.output}: {args.policy} for {cp.cluster.name} (EP{cp.cluster.ep}), "
           f"{placement.num_layers} layers x {placement.num_experts} experts")
     solved = solve_summary(placement.info)
     if solved:

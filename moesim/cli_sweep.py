@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from moesim.errors import InputError
+from moesim.study.config import check_rebalance_batches
 
 
 def _ints(text: str, flag: str) -> list[int]:
@@ -39,14 +40,10 @@ def run_sweep(scenario: Any, redundant: list[int], every: list[int], *, window: 
     never-rebalanced total (when 0 is among ``redundant``)."""
     from tqdm import tqdm
 
-    from moesim.hardware.topology import build_topology
     from moesim.report.rebalance import sweep_row
-    from moesim.sim.engine import Simulation
-    from moesim.study.config import PlacementEntry, check_rebalance_batches
+    from moesim.study.config import PlacementEntry
+    from moesim.study.plan import prepare
     from moesim.study.rebalance import BatchRunner, simulate_rebalancing
-    from moesim.study.runner import (
-        build_placement, build_workload, check_fits, engine_options, load_workload_trace, placement_problem,
-    )
 
     cfg = scenario.rebalance
     if cfg is None:
@@ -57,50 +54,39 @@ def run_sweep(scenario: Any, redundant: list[int], every: list[int], *, window: 
             raise InputError(f"must be >= 1, got {window}", field="--window")
         cfg = cfg.model_copy(update={"window_batches": window})
     entry = next(p for p in scenario.placements if p.name == cfg.policy)
-    clusters = [c for c in scenario.clusters if cluster_name in (None, c.name)]
-    if not clusters:
-        raise InputError(f"no cluster {cluster_name!r}; valid: {', '.join(c.name for c in scenario.clusters)}",
-                         source=scenario.source, field="--cluster")
-    options = engine_options(scenario)
-    shared = load_workload_trace(scenario)
-    prepared = []
-    for cluster in clusters:  # validate every plan and interval before simulating
-        check_fits(scenario, cluster)
-        work = build_workload(scenario, cluster, shared)
-        B = work.layout.num_batches
+    entries = [PlacementEntry(name=f"{entry.name} R={red}", policy=entry.policy,
+                              options={**entry.options, "redundant_experts": red}) for red in redundant]
+    # the scenario checks its own rebalance section against the trace; here the swept one is checked
+    checked = scenario.model_copy(update={"rebalance": None})
+    plan = prepare(checked, placements=entries, where={e.name: f"--redundant {red}" for e, red in zip(entries, redundant)},
+                   clusters=None if cluster_name is None else [cluster_name], cluster_field="--cluster")
+    for cp in plan.clusters:  # validate every interval before simulating
+        assert cp.workload is not None
+        B = cp.workload.layout.num_batches
         if max(every) >= B or min(every) < 1:
             raise InputError(f"intervals must be between 1 and {B - 1} (the workload has {B} batches)",
                              source=scenario.source, field="--every")
         check_rebalance_batches(min(every), cfg.window_batches, B, scenario.source,
                                 window_field="--window" if window is not None else "rebalance.window_batches")
-        problem = placement_problem(scenario, cluster, work.profile)
-        plans = {}
-        for red in redundant:
-            e = PlacementEntry(name=entry.name, policy=entry.policy, options={**entry.options, "redundant_experts": red})
-            try:
-                plans[red] = (e, build_placement(scenario.model_copy(update={"placements": (e,)}), cluster, e, problem))
-            except InputError as exc:
-                detail = exc.detail if f"redundant_experts={red}" in exc.detail else f"redundant_experts={red}: {exc.detail}"
-                raise InputError(detail, source=scenario.source, field="--redundant") from None
-        prepared.append((cluster, work, problem, plans))
 
     rows: list[dict[str, Any]] = []
     reference: dict[str, float] = {}
-    for cluster, work, problem, plans in prepared:
-        topo = build_topology(cluster.spec)
-        sim = Simulation(topo, scenario.model, tp=cluster.tp, options=options,
-                         attention=scenario.workload.attention)
-        runner = BatchRunner(sim, work.trace, work.layout, cluster.tp)
-        total = len(plans) * len(every) * work.layout.num_batches
-        with tqdm(total=total, desc=f"{cluster.name} / sweep", unit="batch", disable=not progress, leave=False) as bar:
-            for red, (e, static) in plans.items():
+    for cp in plan.clusters:
+        work = cp.workload
+        assert work is not None and cp.problem is not None
+        sim = plan.simulation(cp)
+        runner = BatchRunner(sim, work.trace, work.layout, cp.cluster.tp)
+        total = len(redundant) * len(every) * work.layout.num_batches
+        with tqdm(total=total, desc=f"{cp.cluster.name} / sweep", unit="batch", disable=not progress,
+                  leave=False) as bar:
+            for red, (e, static) in zip(redundant, cp.placements):
                 for n in every:
-                    result = simulate_rebalancing(scenario, cluster, topo, sim, work.trace, work.layout, problem,
-                                                  static, None, cfg.model_copy(update={"every_batches": n}),
+                    result = simulate_rebalancing(scenario, cp.cluster, cp.topology, sim, work.trace, work.layout,
+                                                  cp.problem, static, None, cfg.model_copy(update={"every_batches": n}),
                                                   options=e.options, runner=runner, progress=bar.update)
                     rows.append(sweep_row(result, red))
                     if red == 0:
-                        reference[cluster.name] = float(result.batch_ms["static"].sum())
+                        reference[cp.cluster.name] = float(result.batch_ms["static"].sum())
     return rows, reference
 
 

@@ -386,7 +386,7 @@ def test_validate_catches_replicas_that_do_not_fit_in_memory(tmp_path, capsys):
     for cmd in (["validate", str(path)], ["run", str(path), "-o", str(tmp_path / "out")]):
         assert main(cmd) == 2
         err = capsys.readouterr().err
-        assert "placements[1].redundant_experts" in err and "at most 1152" in err, err
+        assert "placements.greedy.redundant_experts" in err and "at most 1152" in err, err
     assert not (tmp_path / "out").exists()
 
 

@@ -24,7 +24,8 @@ from moesim.study.rebalance import (
     batch_loads, break_even, held_mask, migration_bytes, relabel_for_overlap, transfer_time,
 )
 from moesim.study.config import load_scenario
-from moesim.study.runner import chain_traces, load_workload_trace, run_study
+from moesim.study.runner import run_study
+from moesim.study.workload import chain_traces, load_workload_trace
 from moesim.traces.format import Trace, save_trace
 from moesim.traces.model import ModelSpec
 from moesim.traces.synthetic import SyntheticParams, drift_trace, generate_trace

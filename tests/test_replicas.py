@@ -20,7 +20,7 @@ from moesim.sim.replicas import (
     ReplicaChooser, balanced_split, check_rule, local_table, split_loads, token_index_ranks, water_fill,
 )
 from moesim.study.config import parse_scenario
-from moesim.study.runner import expert_loads, run_study
+from moesim.study import expert_loads, run_study
 from moesim.traces.model import ModelSpec
 from moesim.traces.synthetic import SyntheticParams, generate_trace
 
@@ -207,7 +207,7 @@ def test_scenario_rejects_unknown_rule_and_oversized_replicas():
                                       "gpu": {"memory_GB": 0.005}, "expert_memory_fraction": 1.0}],
             "placements": [{"policy": "eplb", "redundant_experts": 24}]}
     sc = parse_scenario(tiny, "rep.yaml")
-    with pytest.raises(InputError, match=r"rep.yaml: placements\[0\].redundant_experts: .* do not fit in memory"):
+    with pytest.raises(InputError, match=r"rep.yaml: placements.eplb.redundant_experts: .* do not fit in memory"):
         run_study(sc, progress=False)
 
 

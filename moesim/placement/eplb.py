@@ -303,7 +303,7 @@ def check_replica_memory(problem: PlacementProblem, slots_per_gpu: int, policy: 
                          f"redundant_experts to at most {most}")
 
 
-@register("eplb")
+@register("eplb", replicas="redundant_experts")
 def eplb(problem: PlacementProblem, *, redundant_experts: int | None = None, num_groups: int = 1,
          mode: Literal["auto", "hierarchical", "global"] = "auto") -> Placement:
     """DeepSeek EPLB on the profiled loads: ``redundant_experts`` extra copies of hot experts (default: the

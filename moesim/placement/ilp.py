@@ -1476,7 +1476,7 @@ def optimise(problem: PlacementProblem, *, w_compute: float = 1.0, w_comm: float
     return assign, info
 
 
-@register("ilp")
+@register("ilp", replicas="redundant_experts")
 def ilp(problem: PlacementProblem, *, w_compute: float = 1.0, w_comm: float | None = None,
         w_affinity: float | None = None, w_dispatch: float | None = None, solver: str = "auto",
         time_limit_s: float = 60.0, gap: float = 0.01, method: str = "auto", redundant_experts: int = 0) -> Placement:

@@ -56,7 +56,7 @@ def lpt(load: np.ndarray, num_bins: int, slots: int) -> np.ndarray:
     return out
 
 
-@register("greedy")
+@register("greedy", replicas="redundant_experts")
 def greedy(problem: PlacementProblem, *, redundant_experts: int = 0) -> Placement:
     """Per layer, largest profiled load first onto the least-loaded GPU, equal expert slots per GPU.
 

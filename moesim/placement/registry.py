@@ -80,17 +80,38 @@ class PlacementProblem:
 
 Policy = Callable[..., Placement]
 _REGISTRY: dict[str, Policy] = {}
+_REPLICAS: dict[str, str] = {}  # policy -> the option giving its number of extra expert copies
 
 
-def register(name: str) -> Callable[[Policy], Policy]:
+def register(name: str, *, replicas: str | None = None) -> Callable[[Policy], Policy]:
+    """Register ``policy(problem, **options)`` under ``name``. ``replicas`` declares that the policy
+    replicates experts and names its option giving the number of extra copies (e.g. ``redundant_experts``):
+    memory checks and slot limits read it from there."""
     def deco(fn: Policy) -> Policy:
         if name in _REGISTRY:
             raise ValueError(f"placement policy {name!r} is already registered; registered: "
                              f"{', '.join(policy_names())}")
+        if replicas is not None and replicas not in inspect.signature(fn).parameters:
+            raise ValueError(f"placement policy {name!r} declares replicas option {replicas!r}, which it does not take")
         _REGISTRY[name] = fn
+        if replicas is not None:
+            _REPLICAS[name] = replicas
         return fn
 
     return deco
+
+
+def replica_option(name: str) -> str | None:
+    """The option of policy ``name`` that gives its number of extra expert copies (None: it does not replicate)."""
+    return _REPLICAS.get(name)
+
+
+def replica_slots(name: str, options: dict[str, Any]) -> int:
+    """Extra expert copies per layer that policy ``name`` is asked for by ``options`` (0 if it does not
+    replicate)."""
+    key = _REPLICAS.get(name)
+    value = options.get(key) if key is not None else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 def policy_names() -> list[str]:
@@ -135,7 +156,7 @@ def make_placement(name: str, problem: PlacementProblem, **options: Any) -> Plac
                        num_gpus=problem.num_gpus, source=f"policy {name}")
     slots = placement.copies_per_gpu().max()
     # redundant experts (replicas) add ceil(R / G) slots per GPU beyond the equal share
-    allowed = problem.slots_per_gpu + -(-int(options.get("redundant_experts") or 0) // problem.num_gpus)
+    allowed = problem.slots_per_gpu + -(-replica_slots(name, options) // problem.num_gpus)
     if slots > allowed:
         raise AssertionError(f"policy {name} used {slots} slots on a GPU, over {allowed}")
     return placement

@@ -186,9 +186,10 @@ class Simulation:
         self.num_ranks = cluster.num_gpus // tp
         self.routing = Routing.of(topo)  # per topology: shared by every run's fabric
 
-    def run(self, trace: Trace, layout: Layout, placement: Placement, *,
+    def run(self, trace: Trace, layout: Layout, placement: Placement, *, name: str | None = None,
             progress: Callable[[int], None] | None = None, keep_collectives: bool = True) -> SimRecords:
-        """Simulate every batch of ``trace`` under ``placement``. ``progress(n)`` is told of finished layers."""
+        """Simulate every batch of ``trace`` under ``placement`` (recorded as ``name``, default its policy).
+        ``progress(n)`` is told of finished layers."""
         topo, model, tp, G = self.topo, self.model, self.tp, self.num_gpus
         gpu_spec = topo.cluster.gpu
         L = model.num_layers
@@ -291,7 +292,7 @@ class Simulation:
             batch_end[b] = env.now
 
         return SimRecords(
-            cluster=topo.cluster.name, placement=placement.policy, num_gpus=G, tp=tp,
+            cluster=topo.cluster.name, placement=placement.policy if name is None else name, num_gpus=G, tp=tp,
             gpus_per_node=topo.cluster.gpus_per_node, gpu=rec, batch_start=batch_start, batch_end=batch_end,
             link_names=topo.link_names, link_kind=topo.link_kind, link_capacity=topo.capacity,
             link_bytes=fabric.link_bytes, sim_time=env.now, events=env.scheduled, flows=flows,

@@ -19,6 +19,7 @@ from moesim.hardware.presets import deep_merge, preset, preset_names
 from moesim.hardware.spec import ClusterSpec
 from moesim.placement.registry import check_option, policy_names, policy_options
 from moesim.sim.compute import Attention
+from moesim.sim.engine import EngineOptions
 from moesim.traces.model import ModelSpec
 
 
@@ -135,11 +136,14 @@ class EngineConfig(_Strict):
     def _a2a(self) -> "EngineConfig":
         if self.a2a == "low_latency" and "dispatch" in self.model_fields_set and self.dispatch == "per_gpu":
             raise ValueError("a2a low_latency sends one message per (token, expert); drop dispatch: per_gpu")
-        if self.dataflow == "coherent" and self.a2a == "hierarchical":
-            raise ValueError("dataflow coherent moves tokens directly between expert GPUs; use a2a direct")
-        if self.dataflow == "coherent" and self.replica_rule != "token_index":
-            raise ValueError("dataflow coherent picks replicas by token index; use replica_rule token_index")
+        self.options()  # the engine's own checks (EngineOptions), defined once there
         return self
+
+    def options(self) -> EngineOptions:
+        """The engine options these settings ask for."""
+        return EngineOptions(dedup=self.dispatch == "per_gpu", grouped=self.expert_kernel == "grouped",
+                             rate_tolerance=self.rate_tolerance, a2a=self.a2a, replica_rule=self.replica_rule,
+                             dataflow=self.dataflow)
 
 
 class RebalanceConfig(_Strict):

@@ -1,0 +1,139 @@
+"""The workload of a study: the evaluation trace and the profiling trace, laid out for one cluster.
+
+A synthetic workload is generated (plain or fitted generator), a trace workload is loaded (memory-mapped
+where stored uncompressed) and checked against the model; a sequence of trace files is replayed as one
+trace. One ``numpy.random.Generator`` per purpose is derived from the workload seed, so the same scenario
+gives the same tokens on every machine. Deliberately ignored: traces larger than memory when compressed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from moesim.errors import InputError
+from moesim.study.config import ClusterEntry, Scenario
+from moesim.traces.fitted import generate_fitted, load_params
+from moesim.traces.format import Layout, Trace, load_trace
+from moesim.traces.stats import expert_counts
+from moesim.traces.synthetic import SyntheticParams, drift_trace, generate_trace
+
+
+@dataclass
+class Workload:
+    """The evaluation trace and the profiling trace, laid out for one cluster."""
+
+    trace: Trace
+    layout: Layout
+    profile: Trace
+    profile_in_sample: bool
+
+
+def expert_loads(trace: Trace) -> np.ndarray:
+    """[layers, experts] token-expert pairs per expert (counted block by block: memory-mapped traces stay so)."""
+    return expert_counts(trace).astype(float)
+
+
+def _check_trace(trace: Trace, scenario: Scenario, source: str) -> None:
+    m = scenario.model
+    for key in ("num_layers", "num_experts", "top_k"):
+        have, want = getattr(trace.meta, key), getattr(m, key)
+        if have != want:
+            raise InputError(f"trace has {key}={have}, the scenario's model has {want}", source=source,
+                             field=f"meta.{key}")
+
+
+def load_workload_trace(scenario: Scenario) -> Trace | None:
+    """The scenario's trace file (or sequence of files, joined by :func:`chain_traces`), loaded and checked
+    against the model (None for synthetic workloads)."""
+    tw = scenario.workload.trace
+    if tw is None:
+        return None
+    parts = []
+    for path in tw.paths:
+        part = load_trace(path, mmap=True)  # stored (uncompressed) traces are memory-mapped, not read
+        _check_trace(part, scenario, str(path))
+        parts.append(part)
+    if tw.files is None:
+        return parts[0]
+    return chain_traces(parts, [str(p) for p in tw.paths], one_batch_each=tw.tokens_per_gpu is None)
+
+
+def chain_traces(parts: list[Trace], sources: list[str], *, one_batch_each: bool) -> Trace:
+    """Traces replayed one after another, as one trace: batches keep their order, each part's after the
+    previous part's. Parts either all carry batch arrays (renumbered consecutively) or none does; then
+    each part is one batch (``one_batch_each``) or the whole sequence is cut into batches at replay. Home
+    GPUs and gate weights are kept when every part has them."""
+    with_batch = [p.batch is not None for p in parts]
+    if any(with_batch) and not all(with_batch):
+        i = with_batch.index(False)
+        raise InputError("has no batch array while other traces of the sequence do; import them alike (moesim "
+                         "trace import --gpus) or give none a batch array", source=sources[i], field="batch")
+    with_home = [p.home is not None for p in parts]
+    if any(with_home) and not all(with_home):
+        i = with_home.index(False)
+        raise InputError("has no home array while other traces of the sequence do", source=sources[i], field="home")
+    batch = None
+    if all(with_batch):
+        chunks, offset = [], 0
+        for p in parts:
+            ids, renumbered = np.unique(np.asarray(p.batch), return_inverse=True)  # consecutive, order kept
+            chunks.append(renumbered.astype(np.int64) + offset)
+            offset += ids.size
+        batch = np.concatenate(chunks)
+    elif one_batch_each:
+        batch = np.repeat(np.arange(len(parts), dtype=np.int64), [p.num_tokens for p in parts])
+
+    def joined(name: str) -> np.ndarray | None:
+        arrays = [getattr(p, name) for p in parts]
+        return None if any(a is None for a in arrays) else np.concatenate([np.asarray(a) for a in arrays])
+
+    meta = replace(parts[0].meta, source=" + ".join(sources))
+    return Trace(experts=np.concatenate([np.asarray(p.experts) for p in parts]), meta=meta,
+                 weights=joined("weights"), home=joined("home"), batch=batch)
+
+
+def build_workload(scenario: Scenario, cluster: ClusterEntry, trace: Trace | None = None) -> Workload:
+    m, G = scenario.model, cluster.spec.num_gpus
+    syn = scenario.workload.synthetic
+    if syn is not None and syn.fitted is not None:  # a generator fitted to a real trace (moesim.traces.fitted)
+        fitted = load_params(syn.fitted)
+        if fitted.num_layers > m.num_layers:  # a model cut short (smoke tests): keep the fit's first layers
+            fitted = fitted.first_layers(m.num_layers)
+
+        def gen_fitted(batches: int, stream: int) -> Trace:
+            return generate_fitted(fitted, num_gpus=G, tokens_per_gpu=syn.tokens_per_gpu, batches=batches,
+                                   rng=np.random.default_rng([syn.seed, stream]), model=m.name)
+
+        evaluation = gen_fitted(syn.batches, 1)
+        return Workload(evaluation, evaluation.layout(G, syn.tokens_per_gpu), gen_fitted(syn.profile_batches, 2),
+                        False)
+    if syn is not None:
+        params = SyntheticParams(zipf_alpha=syn.zipf_alpha, gpu_mix_sigma=syn.gpu_mix_sigma,
+                                 affinity=syn.affinity, affinity_fanout=syn.affinity_fanout,
+                                 groups=syn.groups, topk_groups=syn.topk_groups)
+
+        def gen(batches: int, stream: int) -> Trace:
+            return generate_trace(num_layers=m.num_layers, num_experts=m.num_experts, top_k=m.top_k, num_gpus=G,
+                                  tokens_per_gpu=syn.tokens_per_gpu, batches=batches, params=params,
+                                  rng=np.random.default_rng([syn.seed, stream]),
+                                  structure_rng=np.random.default_rng(syn.seed), model=m.name)
+
+        evaluation = gen(syn.batches, 1)
+        if syn.drift_swaps_per_batch > 0:  # the evaluation drifts away from what the profile saw
+            evaluation = drift_trace(evaluation, swaps_per_batch=syn.drift_swaps_per_batch,
+                                     rng=np.random.default_rng([syn.seed, 3]))
+        return Workload(evaluation, evaluation.layout(G, syn.tokens_per_gpu), gen(syn.profile_batches, 2), False)
+    tw = scenario.workload.trace
+    assert tw is not None
+    trace = trace if trace is not None else load_workload_trace(scenario)
+    assert trace is not None
+    layout = trace.layout(G, tw.tokens_per_gpu, source=tw.label)
+    if tw.profile_batches is None:
+        return Workload(trace, layout, trace, True)
+    keep = layout.batch < tw.profile_batches
+    profile = Trace(experts=trace.experts[keep], meta=trace.meta)
+    return Workload(trace, layout, profile, False)
+
+
