@@ -26,7 +26,7 @@ import numpy as np
 from moesim.traces.fit import fit_counts, fit_trace
 from moesim.traces.fitted import DATA_DIR, generate_fitted, save_params
 from moesim.traces.format import save_trace
-from moesim.traces.importers import import_trace
+from moesim.traces.readers import import_trace
 
 OLMOE_CREDIT = ("derived from allenai/OLMoE (commit 357454f4f647385839c0ff6b99a688dc7cd9c13f, "
                 "scripts/routing_output), Apache-2.0; see moesim/data/NOTICE.md")

@@ -22,7 +22,7 @@ def _n(count: int, one: str, many: str | None = None) -> str:
 
 def _cmd_import(args: argparse.Namespace) -> int:
     from moesim.traces.format import save_trace
-    from moesim.traces.importers import import_trace
+    from moesim.traces.readers import import_trace
 
     t0 = time.perf_counter()
     res = import_trace(args.inputs, fmt=args.format, num_experts=args.num_experts, top_k=args.top_k,
@@ -120,10 +120,12 @@ def add_trace_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
     t = sub.add_parser("trace", help="import, capture, inspect and fit routing traces")
     ts = t.add_subparsers(dest="trace_command", required=True)
 
+    from moesim.traces.readers import READERS
+
     i = ts.add_parser("import", help="convert CSV / JSONL / numpy routing logs to a .npz trace")
     i.add_argument("inputs", nargs="+", help="log files (.csv[.gz], .jsonl[.gz], .npy, .npz)")
     i.add_argument("-o", "--output", required=True, help=".npz trace to write")
-    i.add_argument("--format", choices=["csv", "jsonl", "numpy"], help="default: from the file names")
+    i.add_argument("--format", choices=list(READERS), help="default: from the file names")
     i.add_argument("--num-experts", type=int, help="routed experts per layer (default: highest id + 1)")
     i.add_argument("--top-k", type=int, help="picks per token (default: the most any record has)")
     i.add_argument("--gpus", type=int, help="pack requests onto this many GPUs (home ranks) and batches")

@@ -12,7 +12,7 @@ import pytest
 
 from moesim.traces.fit import LOAD_TOLERANCE, SUCCESSOR_TOLERANCE
 from moesim.traces.fitted import generate_fitted, load_params
-from moesim.traces.importers import import_trace
+from moesim.traces.readers import import_trace
 from moesim.traces.stats import trace_stats
 
 LOGS = Path(__file__).resolve().parents[2] / "shared" / "traces" / "deepseek-v2-lite-prefill"
