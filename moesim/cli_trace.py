@@ -66,9 +66,9 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
 
 def _cmd_fit(args: argparse.Namespace) -> int:
-    from moesim.traces.fit import fit_trace
-    from moesim.traces.fitted import save_params
-    from moesim.traces.fitted import fitted_vs_real
+    from moesim.traces.generator_fit import fit_trace
+    from moesim.traces.fitted_generator import save_params
+    from moesim.traces.fitted_generator import fitted_vs_real
     from moesim.traces.format import load_trace
 
     trace = load_trace(args.trace, mmap=True)
@@ -86,8 +86,8 @@ def _cmd_fit(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from moesim.traces.fitted import load_params
-    from moesim.traces.fitted import write_fitted_trace
+    from moesim.traces.fitted_generator import load_params
+    from moesim.traces.fitted_generator import write_fitted_trace
 
     params = load_params(args.params)
     if args.tokens_per_gpu < 1 or args.gpus < 1 or args.batches < 1:

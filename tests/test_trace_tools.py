@@ -19,10 +19,10 @@ import moesim.traces.stats as stats_mod
 from moesim.cli import main
 from moesim.errors import InputError
 from moesim.traces import Trace, TraceMeta, load_trace, save_trace
-from moesim.traces.fit import fit_trace, initial_params
-from moesim.traces.fitted import (FittedParams, generate_fitted, load_params, save_params, shipped_params,
-                                  write_fitted_trace)
+from moesim.traces.fitted_generator import (FittedParams, generate_fitted, load_params, save_params,
+                                            shipped_params, write_fitted_trace)
 from moesim.traces.format import save_trace_blocks
+from moesim.traces.generator_fit import fit_trace, initial_params
 from moesim.traces.readers import import_trace, pack_requests
 from moesim.traces.stats import (coactivation_counts, expert_counts, mutual_information, trace_stats,
                                  transition_counts)

@@ -22,7 +22,7 @@ from moesim.placement.registry import PlacementProblem, make_placement
 from moesim.placement.validate import Capacity, validate_placement
 from moesim.sim.engine import EngineOptions, Simulation, SimRecords
 from moesim.study.config import ClusterEntry, PlacementEntry, Scenario, check_rebalance_batches
-from moesim.traces.fitted import generate_fitted, load_params
+from moesim.traces.fitted_generator import generate_fitted, load_params
 from moesim.traces.format import Layout, Trace, load_trace
 from moesim.traces.stats import expert_counts
 from moesim.traces.synthetic import SyntheticParams, drift_trace, generate_trace
@@ -125,7 +125,7 @@ def chain_traces(parts: list[Trace], sources: list[str], *, one_batch_each: bool
 def build_workload(scenario: Scenario, cluster: ClusterEntry, trace: Trace | None = None) -> Workload:
     m, G = scenario.model, cluster.spec.num_gpus
     syn = scenario.workload.synthetic
-    if syn is not None and syn.fitted is not None:  # a generator fitted to a real trace (moesim.traces.fitted)
+    if syn is not None and syn.fitted is not None:  # a generator fitted to real data (moesim.traces.fitted_generator)
         fitted = load_params(syn.fitted)
         if fitted.num_layers > m.num_layers:  # a model cut short (smoke tests): keep the fit's first layers
             fitted = fitted.first_layers(m.num_layers)

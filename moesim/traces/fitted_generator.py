@@ -1,4 +1,4 @@
-"""A routing generator whose parameters are fitted to a real trace (see :mod:`moesim.traces.fit`).
+"""A routing generator whose parameters are fitted to a real trace (see :mod:`moesim.traces.generator_fit`).
 
 The model is log-linear: at MoE layer l a token of batch b scores every expert e with the logit
 ``log popularity[l, e] + z[b, l, e] + coupling[l-1] * sum over its k experts p at layer l-1 of

@@ -1,4 +1,4 @@
-"""Fit the generator of :mod:`moesim.traces.fitted` to a real trace: popularity, transitions, drift.
+"""Fit the generator of :mod:`moesim.traces.fitted_generator` to a real trace: popularity, transitions, drift.
 
 Two steps:
 1. Closed form, from the trace's counts (:func:`initial_params`): popularity = each layer's load shares;
@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from moesim.errors import InputError
-from moesim.traces.fitted import FittedParams, generate_fitted
+from moesim.traces.fitted_generator import FittedParams, generate_fitted
 from moesim.traces.format import Trace
 from moesim.traces.stats import (TraceStats, expert_counts, trace_stats, transition_counts, weighted_top_share,
                                   window_counts)
