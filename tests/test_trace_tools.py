@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import moesim.traces.counts as counts_mod
 import moesim.traces.format as fmt
 import moesim.traces.stats as stats_mod
 from moesim.cli import main
@@ -306,9 +307,22 @@ def test_counts_match_brute_force_in_any_block_size(monkeypatch):
     tr.experts[3, 2, 1] = -1
     want = brute_force(tr)
     for block in (1 << 22, 7):  # one block, and many blocks of a token or two
-        monkeypatch.setattr(stats_mod, "_PAIR_BLOCK", block)
+        monkeypatch.setattr(counts_mod, "_PAIR_BLOCK", block)
         for got, exp in zip((expert_counts(tr), coactivation_counts(tr), transition_counts(tr)), want):
             np.testing.assert_array_equal(got, exp)
+
+
+def test_placement_profile_counts_are_the_trace_counts():
+    from moesim.placement import profile
+
+    tr = random_trace(T=30, L=4, K=3, E=6, seed=6)
+    tr.experts[3, 2, 1] = -1
+    E = tr.meta.num_experts
+    for got, exp in ((profile.expert_loads(tr.experts, E), expert_counts(tr)),
+                     (profile.transition_counts(tr.experts, E), transition_counts(tr)),
+                     (profile.coactivation_counts(tr.experts, E), coactivation_counts(tr))):
+        assert got.dtype == np.float64
+        np.testing.assert_array_equal(got, exp)
 
 
 def test_closed_forms_deterministic_chain_and_independence():
