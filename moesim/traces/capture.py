@@ -294,7 +294,7 @@ def capture_trace(model: Any, prompts: Sequence[str | Sequence[int]], *, tokeniz
         if vocab is not None and max(seq) >= vocab:
             raise InputError(f"prompt {i}: token id {max(seq)} >= vocab_size {vocab}")
     experts, weights, lengths, E = capture_model(model, ids, device=device)
-    T, L, K = experts.shape
+    _, L, K = experts.shape
     extra: dict[str, Any] = {"requests": len(lengths), "capture": {"routers": L, "prompts": len(lengths)}}
     home = batch = None
     if num_gpus:

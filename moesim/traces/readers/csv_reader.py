@@ -85,7 +85,7 @@ def _float_list(text: str) -> list[float]:
     return [float(v) for v in inner]
 
 
-def _padded(flat: np.ndarray, counts: np.ndarray, fill: int | float) -> np.ndarray:
+def _padded(flat: np.ndarray, counts: np.ndarray, fill: float) -> np.ndarray:
     """Concatenated lists ``flat`` of lengths ``counts`` as rows [n, max count], padded with ``fill``."""
     n, k = counts.size, int(counts.max())
     if (counts == k).all():
