@@ -51,8 +51,8 @@ def peak_rss_mb() -> float:
 
 
 def part_import(workdir: Path) -> None:
-    from moesim.traces.fitted import generate_fitted, load_params
-    from moesim.traces.importers import import_trace
+    from moesim.traces.fitted_generator import generate_fitted, load_params
+    from moesim.traces.readers import import_trace
     from moesim.traces.stats import trace_stats
 
     params = load_params("deepseek-v2-lite")

@@ -3,7 +3,7 @@
     python benchmarks/derive_trace_data.py [--shared ../shared] [--only olmoe|deepseek]
 
 - ``olmoe-1b-7b-c4.params.yaml``, ``mixtral-8x7b-c4.params.yaml``: fitted with
-  :func:`moesim.traces.fit.fit_counts` to the aggregate routing counts that allenai/OLMoE publishes
+  :func:`moesim.traces.generator_fit.fit_counts` to the aggregate routing counts that allenai/OLMoE publishes
   (Apache-2.0; ``olmoe-routing-stats/derived_dense_counts.npz``, text domain c4): expert counts of layers
   0, 7 and 15 and the rank-aligned cross-layer counts 0 -> 7 and 7 -> 15, used as the transition counts of a
   3-layer model whose layers stand for those three.
@@ -23,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from moesim.traces.fit import fit_counts, fit_trace
-from moesim.traces.fitted import DATA_DIR, generate_fitted, save_params
+from moesim.traces.fitted_generator import DATA_DIR, generate_fitted, save_params
 from moesim.traces.format import save_trace
-from moesim.traces.importers import import_trace
+from moesim.traces.generator_fit import fit_counts, fit_trace
+from moesim.traces.readers import import_trace
 
 OLMOE_CREDIT = ("derived from allenai/OLMoE (commit 357454f4f647385839c0ff6b99a688dc7cd9c13f, "
                 "scripts/routing_output), Apache-2.0; see moesim/data/NOTICE.md")

@@ -22,7 +22,7 @@ def _n(count: int, one: str, many: str | None = None) -> str:
 
 def _cmd_import(args: argparse.Namespace) -> int:
     from moesim.traces.format import save_trace
-    from moesim.traces.importers import import_trace
+    from moesim.traces.readers import import_trace
 
     t0 = time.perf_counter()
     res = import_trace(args.inputs, fmt=args.format, num_experts=args.num_experts, top_k=args.top_k,
@@ -66,9 +66,9 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
 
 def _cmd_fit(args: argparse.Namespace) -> int:
-    from moesim.traces.fit import fit_trace
-    from moesim.traces.fitted import save_params
-    from moesim.traces.fitted import fitted_vs_real
+    from moesim.traces.generator_fit import fit_trace
+    from moesim.traces.fitted_generator import save_params
+    from moesim.traces.fitted_generator import fitted_vs_real
     from moesim.traces.format import load_trace
 
     trace = load_trace(args.trace, mmap=True)
@@ -86,8 +86,8 @@ def _cmd_fit(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from moesim.traces.fitted import load_params
-    from moesim.traces.fitted import write_fitted_trace
+    from moesim.traces.fitted_generator import load_params
+    from moesim.traces.fitted_generator import write_fitted_trace
 
     params = load_params(args.params)
     if args.tokens_per_gpu < 1 or args.gpus < 1 or args.batches < 1:
@@ -120,10 +120,12 @@ def add_trace_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
     t = sub.add_parser("trace", help="import, capture, inspect and fit routing traces")
     ts = t.add_subparsers(dest="trace_command", required=True)
 
+    from moesim.traces.readers import READERS
+
     i = ts.add_parser("import", help="convert CSV / JSONL / numpy routing logs to a .npz trace")
     i.add_argument("inputs", nargs="+", help="log files (.csv[.gz], .jsonl[.gz], .npy, .npz)")
     i.add_argument("-o", "--output", required=True, help=".npz trace to write")
-    i.add_argument("--format", choices=["csv", "jsonl", "numpy"], help="default: from the file names")
+    i.add_argument("--format", choices=list(READERS), help="default: from the file names")
     i.add_argument("--num-experts", type=int, help="routed experts per layer (default: highest id + 1)")
     i.add_argument("--top-k", type=int, help="picks per token (default: the most any record has)")
     i.add_argument("--gpus", type=int, help="pack requests onto this many GPUs (home ranks) and batches")

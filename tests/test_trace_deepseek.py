@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from moesim.traces.fit import LOAD_TOLERANCE, SUCCESSOR_TOLERANCE
-from moesim.traces.fitted import generate_fitted, load_params
-from moesim.traces.importers import import_trace
+from moesim.traces.fitted_generator import generate_fitted, load_params
+from moesim.traces.generator_fit import LOAD_TOLERANCE, SUCCESSOR_TOLERANCE
+from moesim.traces.readers import import_trace
 from moesim.traces.stats import trace_stats
 
 LOGS = Path(__file__).resolve().parents[2] / "shared" / "traces" / "deepseek-v2-lite-prefill"

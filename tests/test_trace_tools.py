@@ -14,16 +14,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import moesim.traces.counts as counts_mod
 import moesim.traces.format as fmt
 import moesim.traces.stats as stats_mod
 from moesim.cli import main
 from moesim.errors import InputError
 from moesim.traces import Trace, TraceMeta, load_trace, save_trace
-from moesim.traces.fit import fit_trace, initial_params
-from moesim.traces.fitted import (FittedParams, generate_fitted, load_params, save_params, shipped_params,
-                                  write_fitted_trace)
+from moesim.traces.fitted_generator import (FittedParams, generate_fitted, load_params, save_params,
+                                            shipped_params, write_fitted_trace)
 from moesim.traces.format import save_trace_blocks
-from moesim.traces.importers import import_trace, pack_requests
+from moesim.traces.generator_fit import fit_trace, initial_params
+from moesim.traces.readers import import_trace, pack_requests
 from moesim.traces.stats import (coactivation_counts, expert_counts, mutual_information, trace_stats,
                                  transition_counts)
 
@@ -64,14 +65,14 @@ def test_csv_import_round_trip_keeps_every_pick(tmp_path):
 
 
 def test_csv_fast_path_equals_the_csv_module(tmp_path, monkeypatch):
-    import moesim.traces.importers as importers
+    import moesim.traces.readers.csv_reader as csv_reader
 
     reqs = [random_trace(T=n, seed=n).experts for n in (4, 6)]
     path = write_csv(tmp_path / "p.csv.gz", reqs)  # tokens hold commas, quotes and brackets
     with gzip.open(path, "rt", newline="") as fh:
-        assert importers._csv_bytes_fast(fh.read(), True) is not None
+        assert csv_reader._csv_bytes_fast(fh.read(), True) is not None
     fast = import_trace([path], num_experts=8)
-    monkeypatch.setattr(importers, "_csv_bytes_fast", lambda *a: None)
+    monkeypatch.setattr(csv_reader, "_csv_bytes_fast", lambda *a: None)
     slow = import_trace([path], num_experts=8)
     np.testing.assert_array_equal(fast.trace.experts, slow.trace.experts)
     np.testing.assert_array_equal(fast.trace.experts, np.concatenate(reqs))
@@ -109,7 +110,7 @@ def test_jsonl_import_with_weights_requests_and_multi_token_records(tmp_path):
 
 
 def test_jsonl_fast_paths_equal_the_line_by_line_parse(tmp_path, monkeypatch):
-    import moesim.traces.importers as importers
+    import moesim.traces.readers.jsonl_reader as jsonl_reader
 
     tr = random_trace(T=9, L=3, K=4, E=16, weights=True, seed=4)
     path = tmp_path / "uniform.jsonl"
@@ -119,11 +120,11 @@ def test_jsonl_fast_paths_equal_the_line_by_line_parse(tmp_path, monkeypatch):
                 fh.write(json.dumps({"request_id": t // 5, "layer": l, "token": t % 5,
                                      "topk_ids": tr.experts[t, l].tolist(),
                                      "topk_weights": [float(x) for x in tr.weights[t, l]]}) + "\n")
-    assert importers._jsonl_numbers(path.read_text()) is not None  # the one-pass numeric reader applies
+    assert jsonl_reader._jsonl_numbers(path.read_text()) is not None  # the one-pass numeric reader applies
     fast = import_trace([path], num_experts=16)
-    monkeypatch.setattr(importers, "_jsonl_numbers", lambda text: None)
+    monkeypatch.setattr(jsonl_reader, "_jsonl_numbers", lambda text: None)
     middle = import_trace([path], num_experts=16)
-    monkeypatch.setattr(importers, "_jsonl_fast", lambda *a: None)
+    monkeypatch.setattr(jsonl_reader, "_jsonl_fast", lambda *a: None)
     slow = import_trace([path], num_experts=16)
     for res in (fast, middle, slow):
         np.testing.assert_array_equal(res.trace.experts, tr.experts)
@@ -306,9 +307,22 @@ def test_counts_match_brute_force_in_any_block_size(monkeypatch):
     tr.experts[3, 2, 1] = -1
     want = brute_force(tr)
     for block in (1 << 22, 7):  # one block, and many blocks of a token or two
-        monkeypatch.setattr(stats_mod, "_PAIR_BLOCK", block)
+        monkeypatch.setattr(counts_mod, "_PAIR_BLOCK", block)
         for got, exp in zip((expert_counts(tr), coactivation_counts(tr), transition_counts(tr)), want):
             np.testing.assert_array_equal(got, exp)
+
+
+def test_placement_profile_counts_are_the_trace_counts():
+    from moesim.placement import profile
+
+    tr = random_trace(T=30, L=4, K=3, E=6, seed=6)
+    tr.experts[3, 2, 1] = -1
+    E = tr.meta.num_experts
+    for got, exp in ((profile.expert_loads(tr.experts, E), expert_counts(tr)),
+                     (profile.transition_counts(tr.experts, E), transition_counts(tr)),
+                     (profile.coactivation_counts(tr.experts, E), coactivation_counts(tr))):
+        assert got.dtype == np.float64
+        np.testing.assert_array_equal(got, exp)
 
 
 def test_closed_forms_deterministic_chain_and_independence():

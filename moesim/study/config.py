@@ -337,7 +337,7 @@ FITTED_KEEPS = {"tokens_per_gpu", "batches", "profile_batches", "seed", "fitted"
 def _fitted(syn: SyntheticWorkload, model: ModelSpec, source: str, base_dir: Path) -> SyntheticWorkload:
     """Resolve and check ``workload.synthetic.fitted``: the file (or shipped name) loads, its shape matches
     the model, and no plain-generator field is set beside it."""
-    from moesim.traces.fitted import load_params, resolve_params
+    from moesim.traces.fitted_generator import load_params, resolve_params
 
     field = "workload.synthetic.fitted"
     others = sorted(set(syn.model_fields_set) - FITTED_KEEPS)

@@ -14,7 +14,7 @@ import numpy as np
 
 from moesim.errors import InputError
 from moesim.study.config import ClusterEntry, Scenario
-from moesim.traces.fitted import generate_fitted, load_params
+from moesim.traces.fitted_generator import generate_fitted, load_params
 from moesim.traces.format import Layout, Trace, load_trace
 from moesim.traces.stats import expert_counts
 from moesim.traces.synthetic import SyntheticParams, drift_trace, generate_trace

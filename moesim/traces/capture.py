@@ -12,7 +12,7 @@ reads depends on what the router returns: ``(logits, top-k weights, top-k indice
 top-k tensor with its weights), ``(scores, logits)`` over all experts with the scores zero outside the top-k
 (Llama 4), or bare logits, to which softmax, top-k and the model's ``norm_topk_prob`` renormalisation are
 applied as those older sparse-MoE blocks do. Prompts are packed onto GPUs and batches like imported logs
-(:func:`moesim.traces.importers.pack_requests`). Model and tokenizer come from local files only unless
+(:func:`moesim.traces.readers.pack_requests`). Model and tokenizer come from local files only unless
 downloading is allowed.
 
 Ignored: decode steps (each prompt is one prefill), shared experts (they do not route), and sampling; the
@@ -30,7 +30,7 @@ import numpy as np
 
 from moesim.errors import InputError
 from moesim.traces.format import Trace, TraceMeta
-from moesim.traces.importers import ASSIGN_POLICIES, pack_requests
+from moesim.traces.readers import ASSIGN_POLICIES, pack_tokens
 
 _ROUTER_SUFFIXES = ("TopKRouter", "TopkRouter", "Router")
 
@@ -123,6 +123,90 @@ def _config_int(config: Any, *names: str) -> int | None:
     return None
 
 
+def _need_k(name: str, K: int | None) -> int:
+    if K is None:
+        raise InputError(f"router {name} returns scores only and the model config names no top-k "
+                         "(num_experts_per_tok, top_k, moe_topk)")
+    return K
+
+
+def _scores_logits_picks(torch: Any, name: str, floats: list[Any], k: int) -> tuple[Any, Any]:
+    """(scores, logits) over all experts, Llama-4 style: the picks are the top-k logits, their weights the
+    scores there (zero elsewhere); which tensor is which is told by the zeros."""
+    a, b = (t.reshape(-1, t.shape[-1]) for t in floats)
+    if int((a != 0).sum(dim=-1).max()) <= k:
+        scores, logits = a, b
+    elif int((b != 0).sum(dim=-1).max()) <= k:
+        scores, logits = b, a
+    else:
+        raise InputError(f"router {name} returns two [tokens, experts] tensors, neither zero outside "
+                         "the top-k: cannot tell which experts it picked")
+    indices = torch.topk(logits, k, dim=-1).indices
+    return indices, scores.gather(-1, indices)
+
+
+def _logits_picks(torch: Any, out: Any, k: int, norm: bool) -> tuple[Any, Any]:
+    """A gate Linear's logits: softmax, top-k, renormalised as the sparse-MoE block does."""
+    probs = torch.softmax(out.float().reshape(-1, out.shape[-1]), dim=-1)
+    weights, indices = torch.topk(probs, k, dim=-1)
+    if norm:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return indices, weights
+
+
+def _router_picks(torch: Any, name: str, output: Any, K: int | None, norm: bool) -> tuple[Any, Any]:
+    """(indices, weights) from what a router returned."""
+    tensors = [o for o in output if torch.is_tensor(o)] if isinstance(output, (tuple, list)) else [output]
+    ints = [t for t in tensors if torch.is_tensor(t) and not t.is_floating_point()]
+    floats = [t for t in tensors if torch.is_tensor(t) and t.is_floating_point()]
+    if len(ints) == 1:  # top-k indices, with the top-k weights of the same shape: (logits, weights, indices)
+        same = [f for f in floats if f.shape == ints[0].shape]
+        if len(same) == 1:
+            return ints[0], same[0]
+    elif not ints and len(floats) == 2 and floats[0].shape == floats[1].shape \
+            and floats[0].shape[-1] > _need_k(name, K):
+        return _scores_logits_picks(torch, name, floats, _need_k(name, K))
+    elif not ints and len(floats) == 1:
+        return _logits_picks(torch, floats[0], _need_k(name, K), norm)
+    shapes = ", ".join(f"{t.dtype} {tuple(t.shape)}" for t in tensors if torch.is_tensor(t))
+    raise InputError(f"router {name} returns {type(output).__name__} of {shapes or 'no tensors'}: not "
+                     "(logits, weights, indices), (scores, logits) nor logits, so moesim cannot read its picks")
+
+
+def _recorder(torch: Any, record: list[tuple[Any, Any]], name: str, K: int | None, norm: bool) -> Any:
+    """A forward hook appending the router's (indices [tokens, k], weights [tokens, k]) to ``record``."""
+    def hook(_module: Any, _inputs: Any, output: Any) -> None:
+        indices, weights = _router_picks(torch, name, output, K, norm)
+        record.append((indices.detach().reshape(-1, indices.shape[-1]).cpu(),
+                       weights.detach().float().reshape(-1, weights.shape[-1]).cpu()))
+    return hook
+
+
+def _run_prompts(torch: Any, model: Any, prompts: Sequence[Sequence[int]], routers: list[tuple[str, Any, str]],
+                 records: list[list[tuple[Any, Any]]], device: str
+                 ) -> tuple[list[list[Any]], list[list[Any]], list[int]]:
+    """One forward pass per prompt; per router, the picks and weights of every prompt, and the lengths."""
+    lengths = []
+    experts_parts: list[list[Any]] = [[] for _ in routers]
+    weight_parts: list[list[Any]] = [[] for _ in routers]
+    model.eval()
+    with torch.no_grad():
+        for ids in prompts:
+            for r in records:
+                r.clear()
+            model(input_ids=torch.tensor([list(ids)], dtype=torch.long, device=device), use_cache=False)
+            n = len(ids)
+            for (name, _, _), r in zip(routers, records):
+                if len(r) != 1 or r[0][0].shape[0] != n:
+                    raise InputError(f"router {name} ran {len(r)} times on {sum(x[0].shape[0] for x in r)} "
+                                     f"tokens for a prompt of {n}; cannot attribute its picks")
+            for i, r in enumerate(records):
+                experts_parts[i].append(r[0][0].numpy())
+                weight_parts[i].append(r[0][1].numpy())
+            lengths.append(n)
+    return experts_parts, weight_parts, lengths
+
+
 def capture_model(model: Any, prompts: Sequence[Sequence[int]], *, device: str = "cpu"
                   ) -> tuple[np.ndarray, np.ndarray, list[int], int]:
     """Run ``model`` on each prompt (token ids) and return (experts [T, L, K], weights [T, L, K], prompt
@@ -138,79 +222,12 @@ def capture_model(model: Any, prompts: Sequence[Sequence[int]], *, device: str =
     K = _config_int(config, "num_experts_per_tok", "top_k", "moe_topk")
     norm = bool(getattr(config, "norm_topk_prob", True))
     records: list[list[tuple[Any, Any]]] = [[] for _ in routers]
-    handles = []
-
-    def need_k(name: str) -> int:
-        if K is None:
-            raise InputError(f"router {name} returns scores only and the model config names no top-k "
-                             "(num_experts_per_tok, top_k, moe_topk)")
-        return K
-
-    def picks(name: str, output: Any) -> tuple[Any, Any]:
-        """(indices, weights) from what a router returned."""
-        tensors = [o for o in output if torch.is_tensor(o)] if isinstance(output, (tuple, list)) else [output]
-        ints = [t for t in tensors if torch.is_tensor(t) and not t.is_floating_point()]
-        floats = [t for t in tensors if torch.is_tensor(t) and t.is_floating_point()]
-        if len(ints) == 1:  # top-k indices, with the top-k weights of the same shape: (logits, weights, indices)
-            same = [f for f in floats if f.shape == ints[0].shape]
-            if len(same) == 1:
-                return ints[0], same[0]
-        elif not ints and len(floats) == 2 and floats[0].shape == floats[1].shape and floats[0].shape[-1] > need_k(name):
-            # (scores, logits) over all experts, Llama-4 style: the picks are the top-k logits, their weights
-            # the scores there (zero elsewhere)
-            k = need_k(name)
-            a, b = (t.reshape(-1, t.shape[-1]) for t in floats)
-            if int((a != 0).sum(dim=-1).max()) <= k:
-                scores, logits = a, b
-            elif int((b != 0).sum(dim=-1).max()) <= k:
-                scores, logits = b, a
-            else:
-                raise InputError(f"router {name} returns two [tokens, experts] tensors, neither zero outside "
-                                 "the top-k: cannot tell which experts it picked")
-            indices = torch.topk(logits, k, dim=-1).indices
-            return indices, scores.gather(-1, indices)
-        elif not ints and len(floats) == 1:
-            # a gate Linear's logits: softmax, top-k, renormalised as the sparse-MoE block does
-            out = floats[0]
-            probs = torch.softmax(out.float().reshape(-1, out.shape[-1]), dim=-1)
-            weights, indices = torch.topk(probs, need_k(name), dim=-1)
-            if norm:
-                weights = weights / weights.sum(dim=-1, keepdim=True)
-            return indices, weights
-        shapes = ", ".join(f"{t.dtype} {tuple(t.shape)}" for t in tensors if torch.is_tensor(t))
-        raise InputError(f"router {name} returns {type(output).__name__} of {shapes or 'no tensors'}: not "
-                         "(logits, weights, indices), (scores, logits) nor logits, so moesim cannot read its picks")
-
-    def hook_for(i: int, name: str) -> Any:
-        def hook(_module: Any, _inputs: Any, output: Any) -> None:
-            indices, weights = picks(name, output)
-            records[i].append((indices.detach().reshape(-1, indices.shape[-1]).cpu(),
-                               weights.detach().float().reshape(-1, weights.shape[-1]).cpu()))
-        return hook
-
-    for i, (name, module, _) in enumerate(routers):
-        handles.append(module.register_forward_hook(hook_for(i, name)))
+    handles = [module.register_forward_hook(_recorder(torch, records[i], name, K, norm))
+               for i, (name, module, _) in enumerate(routers)]
     if not prompts:
         raise InputError("no prompts")
-    lengths = []
-    experts_parts: list[list[Any]] = [[] for _ in routers]
-    weight_parts: list[list[Any]] = [[] for _ in routers]
     try:
-        model.eval()
-        with torch.no_grad():
-            for ids in prompts:
-                for r in records:
-                    r.clear()
-                model(input_ids=torch.tensor([list(ids)], dtype=torch.long, device=device), use_cache=False)
-                n = len(ids)
-                for (name, _, _), r in zip(routers, records):
-                    if len(r) != 1 or r[0][0].shape[0] != n:
-                        raise InputError(f"router {name} ran {len(r)} times on {sum(x[0].shape[0] for x in r)} "
-                                         f"tokens for a prompt of {n}; cannot attribute its picks")
-                for i, r in enumerate(records):
-                    experts_parts[i].append(r[0][0].numpy())
-                    weight_parts[i].append(r[0][1].numpy())
-                lengths.append(n)
+        experts_parts, weight_parts, lengths = _run_prompts(torch, model, prompts, routers, records, device)
     finally:
         for h in handles:
             h.remove()
@@ -230,7 +247,7 @@ def capture_trace(model: Any, prompts: Sequence[str | Sequence[int]], *, tokeniz
 
     Text prompts need ``tokenizer`` (or one saved with the model, loaded before the weights); token-id prompts
     need none. Each prompt is cut to ``max_tokens``. With ``num_gpus``, prompts are packed into batches and
-    home GPUs (see :func:`moesim.traces.importers.pack_requests`)."""
+    home GPUs (see :func:`moesim.traces.readers.pack_requests`)."""
     torch, transformers = _require()
     if assign not in ASSIGN_POLICIES:
         raise InputError(f"unknown assignment {assign!r}; valid: {', '.join(ASSIGN_POLICIES)}", field="assign")
@@ -277,21 +294,14 @@ def capture_trace(model: Any, prompts: Sequence[str | Sequence[int]], *, tokeniz
         if vocab is not None and max(seq) >= vocab:
             raise InputError(f"prompt {i}: token id {max(seq)} >= vocab_size {vocab}")
     experts, weights, lengths, E = capture_model(model, ids, device=device)
-    T, L, K = experts.shape
+    _, L, K = experts.shape
     extra: dict[str, Any] = {"requests": len(lengths), "capture": {"routers": L, "prompts": len(lengths)}}
     home = batch = None
     if num_gpus:
-        length_arr = np.array(lengths)
-        budget = tokens_per_gpu or int(length_arr.max())
-        unit_req, unit_batch, unit_home = pack_requests(length_arr, num_gpus=num_gpus, tokens_per_gpu=budget,
-                                                        assign=assign)
-        starts = np.searchsorted(unit_req, unit_req)
-        unit_len = np.minimum(length_arr[unit_req] - (np.arange(unit_req.size) - starts) * budget, budget)
-        tok_batch, tok_home = np.repeat(unit_batch, unit_len), np.repeat(unit_home, unit_len)
-        perm = np.lexsort((np.arange(T), tok_home, tok_batch))
-        experts, weights = experts[perm], weights[perm]
-        home, batch = tok_home[perm].astype(np.int32), tok_batch[perm].astype(np.int32)
-        extra["packing"] = {"num_gpus": num_gpus, "tokens_per_gpu": budget, "assign": assign}
+        packing = pack_tokens(np.array(lengths), num_gpus=num_gpus, tokens_per_gpu=tokens_per_gpu, assign=assign)
+        experts, weights = experts[packing.perm], weights[packing.perm]
+        home, batch = packing.home, packing.batch
+        extra["packing"] = packing.to_json()
     dtype_ids = np.int16 if E < 2**15 else np.int32
     meta = TraceMeta(num_experts=E, num_layers=L, top_k=K, model=name, source="moesim.capture", extra=extra)
     return Trace(experts=experts.astype(dtype_ids), meta=meta, weights=weights, home=home, batch=batch

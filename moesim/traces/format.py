@@ -99,7 +99,8 @@ class Trace:
     def validate(self, source: str | None = None) -> "Trace":
         m, e = self.meta, self.experts
         if e.ndim != 3:
-            raise InputError(f"must be 3-D [tokens, layers, top_k], got shape {e.shape}", source=source, field="experts")
+            raise InputError(f"must be 3-D [tokens, layers, top_k], got shape {e.shape}", source=source,
+                             field="experts")
         if not np.issubdtype(e.dtype, np.integer):
             raise InputError(f"must be integer, got {e.dtype}", source=source, field="experts")
         if e.shape[1:] != (m.num_layers, m.top_k):
@@ -112,14 +113,14 @@ class Trace:
             lo, hi = int(blk.min()), int(blk.max())
             if lo < -1 or hi >= m.num_experts:
                 bad = lo if lo < -1 else hi
-                t, l, k = (int(i[0]) for i in np.nonzero(blk == bad))
+                t, lay, k = (int(i[0]) for i in np.nonzero(blk == bad))
                 raise InputError(f"expert id {bad} out of range [0, {m.num_experts}) (-1 = none) at token {a + t}, "
-                                 f"layer {l}, choice {k}", source=source, field="experts")
+                                 f"layer {lay}, choice {k}", source=source, field="experts")
             srt = np.sort(blk, axis=2)
             dup = (srt[:, :, 1:] == srt[:, :, :-1]) & (srt[:, :, 1:] >= 0)
             if dup.any():
-                t, l, _ = (int(i[0]) for i in np.nonzero(dup))
-                raise InputError(f"token {a + t} picks the same expert twice at layer {l}", source=source,
+                t, lay, _ = (int(i[0]) for i in np.nonzero(dup))
+                raise InputError(f"token {a + t} picks the same expert twice at layer {lay}", source=source,
                                  field="experts")
         for name in ("home", "batch"):
             arr = getattr(self, name)
@@ -131,7 +132,8 @@ class Trace:
             if arr.size and int(arr.min()) < 0:
                 raise InputError("must be >= 0", source=source, field=name)
         if self.weights is not None and self.weights.shape != e.shape:
-            raise InputError(f"shape {self.weights.shape} must equal experts' {e.shape}", source=source, field="weights")
+            raise InputError(f"shape {self.weights.shape} must equal experts' {e.shape}", source=source,
+                             field="weights")
         return self
 
 
@@ -166,8 +168,9 @@ def _write_npz(fh: Any, arrays: dict[str, np.ndarray], compress: bool) -> None:
                     out.write(np.ascontiguousarray(arr[a : a + step]).tobytes())
 
 
-def save_trace_blocks(path: str | os.PathLike[str], meta: TraceMeta, blocks: Iterable[tuple[np.ndarray, np.ndarray | None]],
-                      *, num_tokens: int, home: np.ndarray | None = None, batch: np.ndarray | None = None,
+def save_trace_blocks(path: str | os.PathLike[str], meta: TraceMeta,
+                      blocks: Iterable[tuple[np.ndarray, np.ndarray | None]], *, num_tokens: int,
+                      home: np.ndarray | None = None, batch: np.ndarray | None = None,
                       with_weights: bool = False) -> Path:
     """Write a trace given as consecutive token blocks ``(experts, weights or None)`` as an uncompressed
     ``.npz`` (memory-mappable), atomically, holding one block in memory at a time. Weights, when given, are
@@ -242,13 +245,8 @@ def _stored_member(path: str | os.PathLike[str], zf: zipfile.ZipFile, name: str)
         return np.memmap(path, dtype=dtype, mode="r", offset=raw.tell(), shape=shape)
 
 
-def load_trace(path: str | os.PathLike[str], *, mmap: bool = False) -> Trace:
-    """Read and validate a ``.npz`` trace; every problem is an :class:`InputError` naming file and field.
-
-    With ``mmap=True``, ``experts`` and ``weights`` stored uncompressed (``save_trace(..., compress=False)``)
-    are memory-mapped read-only instead of read; compressed members are read as usual.
-    """
-    src = str(path)
+def _check_magic(path: str | os.PathLike[str], src: str) -> None:
+    """A ``.npz`` (a ZIP archive) by its first bytes; a raw array or a text log is named as such."""
     try:
         with open(path, "rb") as fh:
             magic = fh.read(6)
@@ -262,6 +260,10 @@ def load_trace(path: str | os.PathLike[str], *, mmap: bool = False) -> Trace:
     if not magic.startswith(b"PK"):
         raise InputError("not a .npz trace (a routing log? convert it with 'moesim trace import', docs/traces.md)",
                          source=src)
+
+
+def _read_members(path: str | os.PathLike[str], src: str, mmap: bool) -> dict[str, np.ndarray]:
+    """Every array of the archive, the big ones memory-mapped when asked and stored uncompressed."""
     try:
         with np.load(path, allow_pickle=False) as z:
             mapped: dict[str, np.ndarray] = {}
@@ -271,11 +273,15 @@ def load_trace(path: str | os.PathLike[str], *, mmap: bool = False) -> Trace:
                         arr = _stored_member(path, zf, name)
                         if arr is not None:
                             mapped[name] = arr
-            data = {k: mapped[k] if k in mapped else z[k] for k in z.files}
+            return {k: mapped[k] if k in mapped else z[k] for k in z.files}
     except FileNotFoundError:
         raise InputError("file not found", source=src) from None
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
         raise InputError(f"not a readable .npz file ({exc})", source=src) from None
+
+
+def _parse_meta(data: dict[str, np.ndarray], src: str) -> TraceMeta:
+    """The archive's arrays are the known ones, with ``experts``; ``meta`` is JSON with positive sizes."""
     if "meta" not in data:
         raise InputError("missing (JSON with num_experts, num_layers, top_k): a plain array archive, not a moesim "
                          "trace? convert it with 'moesim trace import'", source=src, field="meta")
@@ -293,11 +299,23 @@ def load_trace(path: str | os.PathLike[str], *, mmap: bool = False) -> Trace:
         value = meta_raw.get(key)
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise InputError(f"must be a positive integer, got {meta_raw.get(key)!r}", source=src, field=f"meta.{key}")
-    meta = TraceMeta(
+    return TraceMeta(
         num_experts=meta_raw["num_experts"], num_layers=meta_raw["num_layers"], top_k=meta_raw["top_k"],
         model=str(meta_raw.get("model", "")), source=str(meta_raw.get("source", "")),
         extra={k: v for k, v in meta_raw.items() if k not in META_KEYS},
     )
+
+
+def load_trace(path: str | os.PathLike[str], *, mmap: bool = False) -> Trace:
+    """Read and validate a ``.npz`` trace; every problem is an :class:`InputError` naming file and field.
+
+    With ``mmap=True``, ``experts`` and ``weights`` stored uncompressed (``save_trace(..., compress=False)``)
+    are memory-mapped read-only instead of read; compressed members are read as usual.
+    """
+    src = str(path)
+    _check_magic(path, src)
+    data = _read_members(path, src, mmap)
+    meta = _parse_meta(data, src)
     trace = Trace(experts=data["experts"], meta=meta, weights=data.get("weights"),
                   home=data.get("home"), batch=data.get("batch"))
     return trace.validate(src)

@@ -20,14 +20,16 @@ class ModelSpec(BaseModel):
     d_model: int = Field(ge=1, description="hidden size")
     d_ff: int = Field(ge=1, description="expert FFN intermediate size (SwiGLU: three d_model x d_ff matrices)")
     dtype_bytes: float = Field(default=2, gt=0, description="bytes per weight and activation element")
-    dispatch_bytes_per_token: float | None = Field(default=None, gt=0,
-                                                   description="bytes per dispatched token copy (default d_model x dtype_bytes)")
-    combine_bytes_per_token: float | None = Field(default=None, gt=0,
-                                                  description="bytes per combined token copy (default d_model x dtype_bytes)")
-    dense_flops_per_token: float | None = Field(default=None, ge=0,
-                                                description="non-expert FLOPs per token per layer (default: the attention projections, 2 FLOPs per weight; 8 d_model^2 without num_heads)")
-    dense_weight_bytes: float | None = Field(default=None, ge=0,
-                                             description="non-expert weight bytes per layer (default: the attention projections; 4 d_model^2 x dtype_bytes without num_heads)")
+    dispatch_bytes_per_token: float | None = Field(
+        default=None, gt=0, description="bytes per dispatched token copy (default d_model x dtype_bytes)")
+    combine_bytes_per_token: float | None = Field(
+        default=None, gt=0, description="bytes per combined token copy (default d_model x dtype_bytes)")
+    dense_flops_per_token: float | None = Field(
+        default=None, ge=0, description="non-expert FLOPs per token per layer (default: the attention projections, "
+                                        "2 FLOPs per weight; 8 d_model^2 without num_heads)")
+    dense_weight_bytes: float | None = Field(
+        default=None, ge=0, description="non-expert weight bytes per layer (default: the attention projections; "
+                                        "4 d_model^2 x dtype_bytes without num_heads)")
     num_heads: int | None = Field(default=None, ge=1, description="attention query heads (enables the attention "
                                   "core; projections then follow the GQA shape)")
     num_kv_heads: int | None = Field(default=None, ge=1, description="key/value heads (default num_heads)")

@@ -13,70 +13,37 @@ transitions and drift, computed as pure functions of a :class:`~moesim.traces.fo
   distance between consecutive windows and to the whole trace, set against the distance that sampling
   alone would give (multinomial noise, normal approximation), and churn of the hottest-expert set.
 
-Every count is accumulated over blocks of tokens, so a memory-mapped trace of any length is read once,
-block by block, and never copied whole. Ignored: gate weights (placement moves tokens, not weights), the
-order of the top-k picks, and token homes (see the engine for per-GPU load).
+Every count comes from :mod:`moesim.traces.counts`, accumulated over blocks of tokens, so a memory-mapped
+trace of any length is read once, block by block, and never copied whole. Ignored: gate weights (placement
+moves tokens, not weights), the order of the top-k picks, and token homes (see the engine for per-GPU load).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
 from moesim.fileio import atomic_write
+from moesim.traces.counts import count_coactivations, count_picks, count_transitions, count_window_picks
 from moesim.traces.format import Trace
-
-_PAIR_BLOCK = 1 << 22  # pair indices built per numpy call
-
-
-def _blocks(total: int, per_token: int) -> Iterator[slice]:
-    step = max(1, _PAIR_BLOCK // max(per_token, 1))
-    for a in range(0, total, step):
-        yield slice(a, min(a + step, total))
 
 
 def expert_counts(trace: Trace) -> np.ndarray:
     """Picks per (layer, expert): int64 [L, E]; -1 (no expert) is not counted."""
-    L, E, K = trace.meta.num_layers, trace.meta.num_experts, trace.meta.top_k
-    out = np.zeros(L * E, dtype=np.int64)
-    offset = (np.arange(L, dtype=np.int64) * E)[None, :, None]
-    for blk in _blocks(trace.num_tokens, L * K):
-        ex = np.asarray(trace.experts[blk], dtype=np.int64)
-        flat = (ex + offset)[ex >= 0]
-        out += np.bincount(flat, minlength=L * E)
-    return out.reshape(L, E)
+    return count_picks(trace.experts, trace.meta.num_experts)
 
 
 def coactivation_counts(trace: Trace) -> np.ndarray:
     """Same-token, same-layer expert pairs: int64 [L, E, E], symmetric, zero diagonal."""
-    L, E, K = trace.meta.num_layers, trace.meta.num_experts, trace.meta.top_k
-    out = np.zeros(L * E * E, dtype=np.int64)
-    offset = (np.arange(L, dtype=np.int64) * E * E)[None, :, None, None]
-    off_diag = ~np.eye(K, dtype=bool)
-    for blk in _blocks(trace.num_tokens, L * K * K):
-        ex = np.asarray(trace.experts[blk], dtype=np.int64)
-        a, b = ex[:, :, :, None], ex[:, :, None, :]
-        keep = (a >= 0) & (b >= 0) & off_diag
-        out += np.bincount((offset + a * E + b)[keep], minlength=L * E * E)
-    return out.reshape(L, E, E)
+    return count_coactivations(trace.experts, trace.meta.num_experts)
 
 
 def transition_counts(trace: Trace) -> np.ndarray:
     """Adjacent-layer pairs of one token, every pick at l with every pick at l+1: int64 [L-1, E, E]."""
-    L, E, K = trace.meta.num_layers, trace.meta.num_experts, trace.meta.top_k
-    if L < 2:
-        return np.zeros((0, E, E), dtype=np.int64)
-    out = np.zeros((L - 1) * E * E, dtype=np.int64)
-    offset = (np.arange(L - 1, dtype=np.int64) * E * E)[None, :, None, None]
-    for blk in _blocks(trace.num_tokens, (L - 1) * K * K):
-        ex = np.asarray(trace.experts[blk], dtype=np.int64)
-        a, b = ex[:, :-1, :, None], ex[:, 1:, None, :]
-        keep = (a >= 0) & (b >= 0)
-        out += np.bincount((offset + a * E + b)[keep], minlength=(L - 1) * E * E)
-    return out.reshape(L - 1, E, E)
+    return count_transitions(trace.experts, trace.meta.num_experts)
 
 
 def window_ids(trace: Trace, window: int | None = None) -> np.ndarray:
@@ -91,15 +58,7 @@ def window_ids(trace: Trace, window: int | None = None) -> np.ndarray:
 
 def window_counts(trace: Trace, windows: np.ndarray) -> np.ndarray:
     """Picks per (window, layer, expert): int64 [W, L, E]."""
-    L, E, K = trace.meta.num_layers, trace.meta.num_experts, trace.meta.top_k
-    W = int(windows.max()) + 1 if windows.size else 0
-    out = np.zeros(W * L * E, dtype=np.int64)
-    lay = (np.arange(L, dtype=np.int64) * E)[None, :, None]
-    for blk in _blocks(trace.num_tokens, L * K):
-        ex = np.asarray(trace.experts[blk], dtype=np.int64)
-        idx = ex + lay + (windows[blk] * (L * E))[:, None, None]
-        out += np.bincount(idx[ex >= 0], minlength=W * L * E)
-    return out.reshape(W, L, E)
+    return count_window_picks(trace.experts, trace.meta.num_experts, windows)
 
 
 def top_share(counts: np.ndarray, m: int) -> np.ndarray:
@@ -159,11 +118,11 @@ class TraceStats:
     window_load: np.ndarray  # [W, L, E]
     layer_ids: tuple[int, ...] | None = None  # the model's own id of each MoE layer (imported logs), if known
 
-    def layer_name(self, l: int) -> str:
+    def layer_name(self, layer: int) -> str:
         """``"13"``, or ``"13 (model layer 14)"`` when the model numbers its layers otherwise."""
-        if self.layer_ids is None or self.layer_ids[l] == l:
-            return str(l)
-        return f"{l} (model layer {self.layer_ids[l]})"
+        if self.layer_ids is None or self.layer_ids[layer] == layer:
+            return str(layer)
+        return f"{layer} (model layer {self.layer_ids[layer]})"
 
     @property
     def uniform_succ_share(self) -> float:
@@ -199,13 +158,13 @@ class TraceStats:
             "hot_set_churn": self.hot_set_churn,
             "layer_ids": list(self.layer_ids) if self.layer_ids is not None else None,
             "per_layer": [
-                {"layer": l, "max_over_mean": float(self.max_over_mean[l]), "cv": float(self.cv[l]),
-                 "hottest": [[e, round(s, 5)] for e, s in self.hottest(l)],
-                 "coactivation_top_m_share": _num(self.coact_top_share[l]),
-                 "successor_top_m_share": _num(self.succ_top_share[l]) if l < self.num_layers - 1 else None,
-                 "successor_mi_bits": _num(self.succ_mi_bits[l]) if l < self.num_layers - 1 else None,
-                 "drift_tv_consecutive": _num(self.drift_tv_consecutive[l])}
-                for l in range(self.num_layers)
+                {"layer": i, "max_over_mean": float(self.max_over_mean[i]), "cv": float(self.cv[i]),
+                 "hottest": [[e, round(s, 5)] for e, s in self.hottest(i)],
+                 "coactivation_top_m_share": _num(self.coact_top_share[i]),
+                 "successor_top_m_share": _num(self.succ_top_share[i]) if i < self.num_layers - 1 else None,
+                 "successor_mi_bits": _num(self.succ_mi_bits[i]) if i < self.num_layers - 1 else None,
+                 "drift_tv_consecutive": _num(self.drift_tv_consecutive[i])}
+                for i in range(self.num_layers)
             ],
         }
 
@@ -274,29 +233,33 @@ def format_stats(st: TraceStats, *, name: str = "trace", layers: int | None = No
     def f(x: float | None, fmt: str = ".3f") -> str:
         return "-" if x is None or not np.isfinite(x) else format(x, fmt)
 
+    independent_coact = min(st.top_m, st.num_experts - 1) / max(st.num_experts - 1, 1)
+    windows = f"{st.windows} window{'' if st.windows == 1 else 's'}"
     lines = [
         f"{name}: {st.num_tokens} tokens x {st.num_layers} layers x top-{st.top_k} of {st.num_experts} experts",
         f"  load skew        max/mean median {f(s['load_max_over_mean_median'], '.2f')} "
         f"(worst layer {f(s['load_max_over_mean_max'], '.2f')}), CV median {f(s['load_cv_median'], '.2f')}",
         f"  co-activation    top-{st.top_m} partners take {f(s['coactivation_top_m_share_median'])} of an expert's "
-        f"same-layer pairs (median over layers; independent: {min(st.top_m, st.num_experts - 1) / max(st.num_experts - 1, 1):.3f})",
+        f"same-layer pairs (median over layers; independent: {independent_coact:.3f})",
         f"  transitions      top-{st.top_m} successors take {f(s['successor_top_m_share_mean'])} of next-layer picks "
         f"(mean over layer pairs; independent: {st.uniform_succ_share:.3f}); MI median "
         f"{f(s['successor_mi_bits_median'])} bits",
-        f"  drift            {st.windows} window{'' if st.windows == 1 else 's'}: TV consecutive {f(s['drift_tv_consecutive_median'])}, to whole "
+        f"  drift            {windows}: TV consecutive {f(s['drift_tv_consecutive_median'])}, to whole "
         f"trace {f(s['drift_tv_to_all_median'])}, sampling noise alone {f(s['drift_tv_noise_median'])}; "
         f"hot-set churn {f(s['hot_set_churn'], '.2f')}",
         *([f"  layers are numbered 0..{st.num_layers - 1} over the MoE layers; 'id' is the model's own layer id"]
           if st.layer_ids is not None else []),
         "",
-        ("   id " if st.layer_ids is not None else "") + f"{'layer':>5s} {'max/mean':>8s} {'cv':>6s}  {'hottest experts (share)':34s} {'coact':>6s} "
+        ("   id " if st.layer_ids is not None else "")
+        + f"{'layer':>5s} {'max/mean':>8s} {'cv':>6s}  {'hottest experts (share)':34s} {'coact':>6s} "
         f"{'succ':>6s} {'MI':>6s} {'drift':>6s}",
     ]
     shown = range(st.num_layers) if layers is None else range(min(layers, st.num_layers))
-    for l in shown:
-        row = s["per_layer"][l]
+    for i in shown:
+        row = s["per_layer"][i]
         hot = ", ".join(f"{e} ({v:.1%})" for e, v in row["hottest"])
-        lines.append((f"{st.layer_ids[l]:5d} " if st.layer_ids is not None else "") + f"{l:5d} {row['max_over_mean']:8.2f} {row['cv']:6.2f}  {hot:34s} "
+        model_id = f"{st.layer_ids[i]:5d} " if st.layer_ids is not None else ""
+        lines.append(model_id + f"{i:5d} {row['max_over_mean']:8.2f} {row['cv']:6.2f}  {hot:34s} "
                      f"{f(row['coactivation_top_m_share']):>6s} {f(row['successor_top_m_share']):>6s} "
                      f"{f(row['successor_mi_bits']):>6s} {f(row['drift_tv_consecutive']):>6s}")
     if layers is not None and layers < st.num_layers:

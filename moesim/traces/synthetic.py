@@ -164,6 +164,84 @@ def _successive_sampling(draw: Draw, pop_row: np.ndarray, succ_row: np.ndarray, 
     return picks
 
 
+def _check_shape(num_layers: int, num_experts: int, top_k: int, params: SyntheticParams) -> None:
+    """Raise ValueError when no trace of this shape can be drawn with ``params``."""
+    if top_k > num_experts:
+        raise ValueError(f"top_k={top_k} exceeds num_experts={num_experts}")
+    if num_layers > 1 and params.affinity >= 1 and min(params.affinity_fanout, num_experts) < top_k:
+        raise ValueError("could not draw top_k distinct experts: raise affinity_fanout or lower affinity")
+    if params.groups < 1 or num_experts % params.groups:
+        raise ValueError(f"groups={params.groups} must divide num_experts={num_experts}")
+    if params.topk_groups is not None and not 1 <= params.topk_groups <= params.groups:
+        raise ValueError(f"topk_groups={params.topk_groups} must be between 1 and groups={params.groups}")
+    if params.group_limited and params.topk_groups * (num_experts // params.groups) < top_k:
+        raise ValueError(f"topk_groups={params.topk_groups} groups of {num_experts // params.groups} experts "
+                         f"hold fewer than top_k={top_k} experts")
+
+
+def _routing_structure(num_layers: int, num_experts: int, num_gpus: int, params: SyntheticParams,
+                       srng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per layer: popularity seen from each home GPU [L, G, E], and every expert's successors [L, E, fan]
+    with their weights [L, E, fan]."""
+    E, G = num_experts, num_gpus
+    ranks = np.arange(1, E + 1, dtype=float)
+    base = ranks ** -params.zipf_alpha
+    fan = min(params.affinity_fanout, E)
+    pops = np.empty((num_layers, G, E))
+    succ_ids = np.empty((num_layers, E, fan), dtype=np.int64)
+    succ_w = np.empty((num_layers, E, fan))
+    for lay in range(num_layers):
+        pop = base[srng.permutation(E)]
+        tilt = np.exp(params.gpu_mix_sigma * srng.standard_normal((G, E)))
+        pops[lay] = pop[None, :] * tilt
+        pops[lay] /= pops[lay].sum(axis=1, keepdims=True)
+        # Successors without replacement by popularity: the first ``fan`` of independent exponential
+        # clocks with rates ``pop`` (the same law as successive sampling), one race per predecessor.
+        clocks = srng.standard_exponential((E, E)) / pop
+        succ_ids[lay] = np.argsort(clocks, axis=1)[:, :fan]
+        succ_w[lay] = pop[succ_ids[lay]]
+    return pops, succ_ids, succ_w
+
+
+def _mixture_draw(table: _AliasTable, use_affinity: bool, affinity: float, dtype: np.dtype,
+                  rng: np.random.Generator) -> Draw:
+    def draw(pop: np.ndarray, succ: np.ndarray, m: int) -> np.ndarray:
+        """``m`` i.i.d. draws from the mixture for each token: [m, tokens]."""
+        out = np.empty((m, pop.size), dtype=dtype)
+        step = max(_DRAW_BLOCK // m, 1)
+        for a in range(0, pop.size, step):
+            u = rng.random((2 if use_affinity else 1, m, min(a + step, pop.size) - a))
+            rows = np.where(u[1] < affinity, succ[a : a + step], pop[a : a + step]) if use_affinity \
+                else pop[a : a + step]
+            out[:, a : a + step] = table.sample(rows, u[0])
+        return out
+
+    return draw
+
+
+def _group_filter(pops: np.ndarray, groups: int, topk_groups: int, pop_row: np.ndarray,
+                  rng: np.random.Generator) -> Allowed:
+    """Group-limited routing: each token's ``topk_groups`` groups, drawn by their popularity mass at its home
+    (``pops`` [G, E] of one layer); the filter keeps the candidates in the token's groups."""
+    G, E = pops.shape
+    T = pop_row.size
+    size = E // groups
+    group_table = _AliasTable([(pops.reshape(G, groups, size).sum(axis=2),
+                                np.broadcast_to(np.arange(groups), (G, groups)))], np.int64)
+
+    def draw_group(pop: np.ndarray, _succ: np.ndarray, m: int) -> np.ndarray:
+        return group_table.sample(pop[None, :], rng.random((m, pop.size)))
+
+    chosen = np.zeros((T, groups), dtype=bool)
+    gpicks = _successive_sampling(draw_group, pop_row, pop_row, topk_groups)
+    chosen[np.arange(T)[None, :], gpicks] = True
+
+    def in_chosen_groups(cand: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+        return chosen[tokens[None, :], cand // size]
+
+    return in_chosen_groups
+
+
 def generate_trace(
     *,
     num_layers: int,
@@ -182,37 +260,11 @@ def generate_trace(
     ``structure_rng`` draws the popularity ranks, GPU tilts and successor sets; pass generators with the
     same seed to get traces of one distribution with independent tokens (profiling vs evaluation).
     """
-    if top_k > num_experts:
-        raise ValueError(f"top_k={top_k} exceeds num_experts={num_experts}")
-    if num_layers > 1 and params.affinity >= 1 and min(params.affinity_fanout, num_experts) < top_k:
-        raise ValueError("could not draw top_k distinct experts: raise affinity_fanout or lower affinity")
-    if params.groups < 1 or num_experts % params.groups:
-        raise ValueError(f"groups={params.groups} must divide num_experts={num_experts}")
-    if params.topk_groups is not None and not 1 <= params.topk_groups <= params.groups:
-        raise ValueError(f"topk_groups={params.topk_groups} must be between 1 and groups={params.groups}")
-    if params.group_limited and params.topk_groups * (num_experts // params.groups) < top_k:
-        raise ValueError(f"topk_groups={params.topk_groups} groups of {num_experts // params.groups} experts "
-                         f"hold fewer than top_k={top_k} experts")
+    _check_shape(num_layers, num_experts, top_k, params)
     srng = structure_rng if structure_rng is not None else rng
     E, G, K = num_experts, num_gpus, top_k
     T = batches * G * tokens_per_gpu
-    ranks = np.arange(1, E + 1, dtype=float)
-    base = ranks ** -params.zipf_alpha
-    fan = min(params.affinity_fanout, E)
-
-    pops = np.empty((num_layers, G, E))
-    succ_ids = np.empty((num_layers, E, fan), dtype=np.int64)
-    succ_w = np.empty((num_layers, E, fan))
-    for l in range(num_layers):
-        pop = base[srng.permutation(E)]
-        tilt = np.exp(params.gpu_mix_sigma * srng.standard_normal((G, E)))
-        pops[l] = pop[None, :] * tilt
-        pops[l] /= pops[l].sum(axis=1, keepdims=True)
-        # Successors without replacement by popularity: the first ``fan`` of independent exponential
-        # clocks with rates ``pop`` (the same law as successive sampling), one race per predecessor.
-        clocks = srng.standard_exponential((E, E)) / pop
-        succ_ids[l] = np.argsort(clocks, axis=1)[:, :fan]
-        succ_w[l] = pop[succ_ids[l]]
+    pops, succ_ids, succ_w = _routing_structure(num_layers, E, G, params, srng)
 
     home = ((np.arange(T) % (G * tokens_per_gpu)) // tokens_per_gpu).astype(np.int32)
     batch = (np.arange(T) // (G * tokens_per_gpu)).astype(np.int32)
@@ -221,48 +273,22 @@ def generate_trace(
     pop_row = home.astype(np.int64)  # table row of a token's popularity component: its home GPU
     prev_top1 = np.zeros(T, dtype=np.int64)
     all_experts = np.broadcast_to(np.arange(E), (G, E))
-    for l in range(num_layers):
+    for lay in range(num_layers):
         # Rows 0..G-1: popularity seen from each home GPU; rows G + e: the successors of expert e.
-        use_affinity = l > 0 and params.affinity > 0
-        blocks = [(pops[l], all_experts)] + ([(succ_w[l], succ_ids[l])] if use_affinity else [])
+        use_affinity = lay > 0 and params.affinity > 0
+        blocks = [(pops[lay], all_experts)] + ([(succ_w[lay], succ_ids[lay])] if use_affinity else [])
         table = _AliasTable(blocks, experts.dtype)
-
-        def draw(pop: np.ndarray, succ: np.ndarray, m: int) -> np.ndarray:
-            """``m`` i.i.d. draws from the mixture for each token: [m, tokens]."""
-            out = np.empty((m, pop.size), dtype=experts.dtype)
-            step = max(_DRAW_BLOCK // m, 1)
-            for a in range(0, pop.size, step):
-                u = rng.random((2 if use_affinity else 1, m, min(a + step, pop.size) - a))
-                rows = np.where(u[1] < params.affinity, succ[a : a + step], pop[a : a + step]) if use_affinity \
-                    else pop[a : a + step]
-                out[:, a : a + step] = table.sample(rows, u[0])
-            return out
-
+        draw = _mixture_draw(table, use_affinity, params.affinity, experts.dtype, rng)
         allowed = None
         if params.group_limited:  # the token's groups first, by their popularity mass at its home
-            size = E // params.groups
-            group_table = _AliasTable([(pops[l].reshape(G, params.groups, size).sum(axis=2),
-                                        np.broadcast_to(np.arange(params.groups), (G, params.groups)))], np.int64)
-
-            def draw_group(pop: np.ndarray, _succ: np.ndarray, m: int) -> np.ndarray:
-                return group_table.sample(pop[None, :], rng.random((m, pop.size)))
-
-            chosen = np.zeros((T, params.groups), dtype=bool)
-            gpicks = _successive_sampling(draw_group, pop_row, pop_row, params.topk_groups)
-            chosen[np.arange(T)[None, :], gpicks] = True
-
-            def in_chosen_groups(cand: np.ndarray, tokens: np.ndarray) -> np.ndarray:
-                return chosen[tokens[None, :], cand // size]
-
-            allowed = in_chosen_groups
-
+            allowed = _group_filter(pops[lay], params.groups, params.topk_groups, pop_row, rng)  # type: ignore[arg-type]
         picks = _successive_sampling(draw, pop_row, G + prev_top1, K, allowed)
-        w = pops[l].astype(np.float32).ravel()[pop_row * E + picks]
+        w = pops[lay].astype(np.float32).ravel()[pop_row * E + picks]
         w /= w.sum(axis=0)
         for a in range(0, T, _TOKEN_BLOCK):  # into the trace's [token, layer, pick] layout, cache-sized
             blk = slice(a, a + _TOKEN_BLOCK)
-            experts[blk, l] = picks[:, blk].T
-            weights[blk, l] = w[:, blk].T
+            experts[blk, lay] = picks[:, blk].T
+            weights[blk, lay] = w[:, blk].T
         prev_top1 = picks[0].astype(np.int64)
 
     meta = TraceMeta(num_experts=E, num_layers=num_layers, top_k=K, model=model,
@@ -287,10 +313,10 @@ def drift_trace(trace: Trace, *, swaps_per_batch: float, rng: np.random.Generato
     perm = np.broadcast_to(np.arange(E), (L, E)).copy()
     for b in range(B):
         if b:
-            for l in range(L):
+            for lay in range(L):
                 for _ in range(int(rng.poisson(swaps_per_batch))):
                     i, j = rng.integers(0, E, 2)
-                    perm[l, [i, j]] = perm[l, [j, i]]
+                    perm[lay, [i, j]] = perm[lay, [j, i]]
         perms[b, :, :E] = perm
         perms[b, :, E] = -1
     ex = trace.experts.astype(np.int64)

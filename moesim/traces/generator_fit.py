@@ -1,4 +1,4 @@
-"""Fit the generator of :mod:`moesim.traces.fitted` to a real trace: popularity, transitions, drift.
+"""Fit the generator of :mod:`moesim.traces.fitted_generator` to a real trace: popularity, transitions, drift.
 
 Two steps:
 1. Closed form, from the trace's counts (:func:`initial_params`): popularity = each layer's load shares;
@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from moesim.errors import InputError
-from moesim.traces.fitted import FittedParams, generate_fitted
+from moesim.traces.fitted_generator import FittedParams, generate_fitted
 from moesim.traces.format import Trace
 from moesim.traces.stats import (TraceStats, expert_counts, trace_stats, transition_counts, weighted_top_share,
                                   window_counts)
@@ -48,12 +48,12 @@ def initial_params(load: np.ndarray, transitions: np.ndarray, top_k: int, *, fan
     pop /= pop.sum(axis=1, keepdims=True)
     succ = np.zeros((max(L - 1, 0), E, F), dtype=np.int64)
     logits = np.zeros((max(L - 1, 0), E, F))
-    for l in range(L - 1):  # per layer pair, vectorised over experts
-        rows = transitions[l].astype(float)
-        cond = (rows + smoothing * pop[l + 1]) / (rows.sum(axis=1, keepdims=True) + smoothing)
-        pmi = np.log(cond / pop[l + 1])
+    for pair in range(L - 1):  # per layer pair, vectorised over experts
+        rows = transitions[pair].astype(float)
+        cond = (rows + smoothing * pop[pair + 1]) / (rows.sum(axis=1, keepdims=True) + smoothing)
+        pmi = np.log(cond / pop[pair + 1])
         ids = np.argsort(-pmi, axis=1, kind="stable")[:, :F]
-        succ[l], logits[l] = ids, np.take_along_axis(pmi, ids, axis=1)
+        succ[pair], logits[pair] = ids, np.take_along_axis(pmi, ids, axis=1)
     return FittedParams(name=name, num_layers=L, num_experts=E, top_k=top_k, popularity=pop, successors=succ,
                         successor_logits=logits, coupling=np.full(max(L - 1, 0), 0.5))
 

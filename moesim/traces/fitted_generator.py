@@ -1,4 +1,4 @@
-"""A routing generator whose parameters are fitted to a real trace (see :mod:`moesim.traces.fit`).
+"""A routing generator whose parameters are fitted to a real trace (see :mod:`moesim.traces.generator_fit`).
 
 The model is log-linear: at MoE layer l a token of batch b scores every expert e with the logit
 ``log popularity[l, e] + z[b, l, e] + coupling[l-1] * sum over its k experts p at layer l-1 of
@@ -13,8 +13,8 @@ exactly sampling k experts without replacement in proportion to exp(logit) (Plac
 - same-layer co-activation is not a parameter: it arises from picks that share predecessors;
 - drift: per batch and layer a tilt ``z[b, l, e]`` of the logits, an AR(1) process over batches
   (innovation ``drift_sigma``, persistence ``drift_rho``), centred so that each expert's tilt exp(z)
-  averages to 1 over the generated batches and the whole trace keeps the fitted popularity; optional per-GPU mix: a fixed tilt per home GPU
-  (``gpu_mix_sigma``), as in the plain generator.
+  averages to 1 over the generated batches and the whole trace keeps the fitted popularity; optional per-GPU
+  mix: a fixed tilt per home GPU (``gpu_mix_sigma``), as in the plain generator.
 Gate weights are the softmax of the picked experts' logits. Generation runs block by block of whole batches
 with one ``numpy.random.Generator``, so traces of any length can be streamed to disk
 (:func:`write_fitted_trace`, stored uncompressed and memory-mapped on load). Cost: tokens x experts per
@@ -77,9 +77,9 @@ class FittedParams:
             raise InputError(f"must be {L} rows of {E} non-negative numbers, not all zero", source=source,
                              field="layers[].popularity")
         if ((pop > 0).sum(axis=1) < K).any():
-            l = int(np.argmax((pop > 0).sum(axis=1) < K))
+            bad = int(np.argmax((pop > 0).sum(axis=1) < K))
             raise InputError(f"fewer than top_k={K} experts have popularity > 0", source=source,
-                             field=f"layers[{l}].popularity")
+                             field=f"layers[{bad}].popularity")
         F = self.fanout
         if self.successors.shape != (max(L - 1, 0), E, F) or self.successor_logits.shape != self.successors.shape:
             raise InputError(f"successors and successor_logits must be [{E} experts x fanout] for each of the "
@@ -107,12 +107,12 @@ class FittedParams:
         return replace(self, num_layers=n, popularity=self.popularity[:n], successors=self.successors[: n - 1],
                        successor_logits=self.successor_logits[: n - 1], coupling=self.coupling[: n - 1])
 
-    def dense_logits(self, l: int) -> np.ndarray:
-        """Successor boosts of layer pair l -> l+1 as a dense [E + 1, E] matrix, coupling applied; the last
-        row (a predecessor of -1, no expert) is zero."""
+    def dense_logits(self, pair: int) -> np.ndarray:
+        """Successor boosts of layer pair ``pair`` -> ``pair + 1`` as a dense [E + 1, E] matrix, coupling
+        applied; the last row (a predecessor of -1, no expert) is zero."""
         E = self.num_experts
         out = np.zeros((E + 1, E))
-        np.put_along_axis(out[:E], self.successors[l], self.successor_logits[l] * self.coupling[l], axis=1)
+        np.put_along_axis(out[:E], self.successors[pair], self.successor_logits[pair] * self.coupling[pair], axis=1)
         return out
 
     def to_yaml(self, header: str = "") -> str:
@@ -120,12 +120,12 @@ class FittedParams:
             return np.round(np.asarray(a, dtype=float), 5).tolist()
 
         layers = []
-        for l in range(self.num_layers):
-            entry: dict[str, Any] = {"popularity": r(self.popularity[l] / self.popularity[l].sum())}
-            if l < self.num_layers - 1:
-                entry["coupling"] = round(float(self.coupling[l]), 5)
-                entry["successors"] = self.successors[l].tolist()
-                entry["successor_logits"] = np.round(self.successor_logits[l], 3).tolist()
+        for i in range(self.num_layers):
+            entry: dict[str, Any] = {"popularity": r(self.popularity[i] / self.popularity[i].sum())}
+            if i < self.num_layers - 1:
+                entry["coupling"] = round(float(self.coupling[i]), 5)
+                entry["successors"] = self.successors[i].tolist()
+                entry["successor_logits"] = np.round(self.successor_logits[i], 3).tolist()
             layers.append(entry)
         doc = {"format": FORMAT, "name": self.name, "num_layers": self.num_layers, "num_experts": self.num_experts,
                "top_k": self.top_k, "fanout": self.fanout, "drift_sigma": round(float(self.drift_sigma), 5),
@@ -160,10 +160,12 @@ def resolve_params(name: str | os.PathLike[str], base_dir: Path | None = None) -
                      source=str(name))
 
 
-def load_params(path: str | os.PathLike[str], base_dir: Path | None = None) -> FittedParams:
-    """Read and check a params YAML (or a shipped name); errors name the file and the field."""
-    p = resolve_params(path, base_dir)
-    src = str(p)
+_PARAM_KEYS = frozenset({"format", "name", "num_layers", "num_experts", "top_k", "fanout", "drift_sigma", "drift_rho",
+                         "gpu_mix_sigma", "fitted_to", "layers"})
+
+
+def _read_params_yaml(p: Path, src: str) -> dict[str, Any]:
+    """The params YAML as a mapping whose format, keys and sizes are checked (not yet the layers)."""
     try:
         raw = yaml.load(p.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # C loader: 10x faster
     except (OSError, yaml.YAMLError) as exc:
@@ -172,43 +174,57 @@ def load_params(path: str | os.PathLike[str], base_dir: Path | None = None) -> F
         raise InputError("must be a YAML mapping", source=src)
     if raw.get("format") != FORMAT:
         raise InputError(f"must be {FORMAT!r}, got {raw.get('format')!r}", source=src, field="format")
-    known = {"format", "name", "num_layers", "num_experts", "top_k", "fanout", "drift_sigma", "drift_rho",
-             "gpu_mix_sigma", "fitted_to", "layers"}
     for key in raw:
-        if key not in known:
-            raise InputError(f"unknown key; valid: {', '.join(sorted(known))}", source=src, field=str(key))
+        if key not in _PARAM_KEYS:
+            raise InputError(f"unknown key; valid: {', '.join(sorted(_PARAM_KEYS))}", source=src, field=str(key))
     for key in ("num_layers", "num_experts", "top_k", "fanout", "layers"):
         if key not in raw:
             raise InputError("missing", source=src, field=key)
     for key in ("num_layers", "num_experts", "top_k", "fanout"):
         if not isinstance(raw[key], int) or isinstance(raw[key], bool) or raw[key] < 1:
             raise InputError(f"must be a positive integer, got {raw[key]!r}", source=src, field=key)
+    return raw
+
+
+def _layer_arrays(layers: list[Any], L: int, E: int, F: int, src: str
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(popularity [L, E], successors [L-1, E, F], successor_logits [L-1, E, F], coupling [L-1]) from the
+    ``layers`` list, each entry's shape checked."""
+    def arr(i: int, key: str, shape: tuple[int, ...], dtype: type) -> np.ndarray:
+        entry = layers[i]
+        if not isinstance(entry, dict) or key not in entry:
+            raise InputError("missing", source=src, field=f"layers[{i}].{key}")
+        try:
+            a = np.array(entry[key], dtype=dtype)
+        except (TypeError, ValueError):
+            raise InputError(f"must be numbers of shape {shape}", source=src, field=f"layers[{i}].{key}") from None
+        if a.shape != shape:
+            raise InputError(f"shape {a.shape}, expected {shape}", source=src, field=f"layers[{i}].{key}")
+        return a
+
+    pairs = range(L - 1)
+    pop = np.stack([arr(i, "popularity", (E,), float) for i in range(L)])
+    succ = np.stack([arr(i, "successors", (E, F), np.int64) for i in pairs]) if L > 1 else np.zeros((0, E, F), np.int64)
+    logit = np.stack([arr(i, "successor_logits", (E, F), float) for i in pairs]) if L > 1 else np.zeros((0, E, F))
+    coupling = np.array([arr(i, "coupling", (), float) for i in pairs], dtype=float).reshape(L - 1)
+    return pop, succ, logit, coupling
+
+
+def load_params(path: str | os.PathLike[str], base_dir: Path | None = None) -> FittedParams:
+    """Read and check a params YAML (or a shipped name); errors name the file and the field."""
+    p = resolve_params(path, base_dir)
+    src = str(p)
+    raw = _read_params_yaml(p, src)
     L, E, F = raw["num_layers"], raw["num_experts"], raw["fanout"]
     layers = raw["layers"]
     if not isinstance(layers, list) or len(layers) != L:
         raise InputError(f"must be a list of {L} layers", source=src, field="layers")
-
-    def arr(l: int, key: str, shape: tuple[int, ...], dtype: type) -> np.ndarray:
-        entry = layers[l]
-        if not isinstance(entry, dict) or key not in entry:
-            raise InputError("missing", source=src, field=f"layers[{l}].{key}")
-        try:
-            a = np.array(entry[key], dtype=dtype)
-        except (TypeError, ValueError):
-            raise InputError(f"must be numbers of shape {shape}", source=src, field=f"layers[{l}].{key}") from None
-        if a.shape != shape:
-            raise InputError(f"shape {a.shape}, expected {shape}", source=src, field=f"layers[{l}].{key}")
-        return a
-
-    pairs = range(L - 1)
-    pop = np.stack([arr(l, "popularity", (E,), float) for l in range(L)])
-    succ = np.stack([arr(l, "successors", (E, F), np.int64) for l in pairs]) if L > 1 else np.zeros((0, E, F), np.int64)
-    logit = np.stack([arr(l, "successor_logits", (E, F), float) for l in pairs]) if L > 1 else np.zeros((0, E, F))
-    coupling = np.array([arr(l, "coupling", (), float) for l in pairs], dtype=float).reshape(L - 1)
+    pop, succ, logit, coupling = _layer_arrays(layers, L, E, F, src)
     try:
         params = FittedParams(name=str(raw.get("name", p.stem)), num_layers=L, num_experts=E, top_k=raw["top_k"],
                               popularity=pop, successors=succ, successor_logits=logit, coupling=coupling,
-                              drift_sigma=float(raw.get("drift_sigma", 0.0)), drift_rho=float(raw.get("drift_rho", 0.0)),
+                              drift_sigma=float(raw.get("drift_sigma", 0.0)),
+                              drift_rho=float(raw.get("drift_rho", 0.0)),
                               gpu_mix_sigma=float(raw.get("gpu_mix_sigma", 0.0)),
                               fitted_to=dict(raw.get("fitted_to") or {}))
     except (TypeError, ValueError) as exc:
@@ -248,26 +264,26 @@ def _generate_block(params: FittedParams, tilt: np.ndarray, gpu_tilt: np.ndarray
     weights = np.empty((T, L, K), dtype=np.float32) if with_weights else None
     logpop = np.log(np.maximum(params.popularity, 1e-300))
     prev = np.empty((T, K), dtype=np.int64)
-    for l in range(L):
-        base = (logpop[l][None, :] + tilt[:, l]).astype(np.float32)  # [B, E]
-        boost = params.dense_logits(l - 1).astype(np.float32) if l > 0 else None
+    for lay in range(L):
+        base = (logpop[lay][None, :] + tilt[:, lay]).astype(np.float32)  # [B, E]
+        boost = params.dense_logits(lay - 1).astype(np.float32) if lay > 0 else None
         for a in range(0, T, _TOKEN_BLOCK):
             blk = slice(a, min(a + _TOKEN_BLOCK, T))
             logits = base[local_batch[blk]]
             if gpu_tilt is not None:
-                logits = logits + gpu_tilt[l][home[blk]]
+                logits = logits + gpu_tilt[lay][home[blk]]
             if boost is not None:
                 p = prev[blk]
                 logits = logits + boost[np.where(p >= 0, p, E)].sum(axis=1)
             u = rng.random(logits.shape, dtype=np.float32)
             keys = logits - np.log(-np.log(np.maximum(u, np.float32(1e-30))))  # + Gumbel noise
             top = np.argpartition(-keys, K - 1, axis=1)[:, :K]
-            experts[blk, l] = top
+            experts[blk, lay] = top
             if weights is not None:
                 chosen = np.take_along_axis(logits, top, axis=1)
                 w = np.exp(chosen - chosen.max(axis=1, keepdims=True))
-                weights[blk, l] = w / w.sum(axis=1, keepdims=True)
-        prev = experts[:, l].astype(np.int64)
+                weights[blk, lay] = w / w.sum(axis=1, keepdims=True)
+        prev = experts[:, lay].astype(np.int64)
     return experts, weights
 
 
