@@ -28,11 +28,47 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
 
+MOE_STEP_US = {  # fixed cost per step of the MoE kernel pipelines (moesim.sim.kernels); fitted per GPU
+    "router": 40.0, "permute": 60.0, "align": 30.0, "regroup": 40.0, "quant": 10.0, "gemm_gate_up": 15.0,
+    "activation": 8.0, "gemm_down": 15.0, "unregroup": 15.0, "reduce": 20.0,
+}
+
+
+class MoEKernelSpec(StrictModel):
+    """How the MoE layer's kernels run on this GPU (:mod:`moesim.sim.kernels`): grouped-GEMM tiling and rate,
+    the HBM rate of the copy and elementwise kernels, and each step's fixed cost (launches, host syncs).
+    Fitted by ``moesim calibrate`` on ``moesim bench moe`` timings."""
+
+    sms: int = Field(default=132, ge=1, description="streaming multiprocessors (tiles run in waves over them)")
+    tile_m: int = Field(default=128, ge=1, description="grouped-GEMM tile rows: each expert's rows are padded to it")
+    tile_n: int = Field(default=128, ge=1, description="grouped-GEMM tile columns")
+    gemm_efficiency: float = Field(default=0.7, gt=0, le=1,
+                                   description="share of the bf16 peak per SM that a full GEMM tile reaches")
+    fp8_gemm_efficiency: float = Field(default=0.5, gt=0, le=1,
+                                       description="share of the FP8 peak per SM that a full FP8 GEMM tile reaches")
+    memory_efficiency: float = Field(default=0.8, gt=0, le=1,
+                                     description="share of HBM bandwidth the copy, gather and elementwise kernels reach")
+    step_us: dict[str, float] = Field(default_factory=lambda: dict(MOE_STEP_US),
+                                      description="fixed cost of each pipeline step, microseconds")
+
+    @field_validator("step_us")
+    @classmethod
+    def _steps(cls, value: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(value) - set(MOE_STEP_US))
+        if unknown:
+            raise ValueError(f"unknown step {unknown[0]!r}; valid: {', '.join(MOE_STEP_US)}")
+        if any(not (v >= 0 and v < 1e6) for v in value.values()):
+            raise ValueError("step costs must be finite microseconds >= 0")
+        return {**MOE_STEP_US, **value}
+
+
 class GPUSpec(StrictModel):
     """One accelerator: compute rate, memory bandwidth and capacity, kernel overhead."""
 
     name: str
     bf16_tflops: float = Field(gt=0, description="dense bf16 tensor-core peak, TFLOP/s")
+    fp8_tflops: float | None = Field(default=None, gt=0, description="dense FP8 tensor-core peak, TFLOP/s "
+                                                                     "(default: twice bf16)")
     hbm_GBps: float = Field(gt=0, description="HBM bandwidth, GB/s")
     memory_GB: float = Field(gt=0, description="HBM capacity, GB")
     compute_efficiency: float = Fraction
@@ -54,6 +90,12 @@ class GPUSpec(StrictModel):
     attention_hbm_efficiency: float | None = Field(default=None, gt=0, le=1,
                                                    description="share of HBM bandwidth the attention core reaches "
                                                                "reading K and V (default hbm_efficiency)")
+    moe: MoEKernelSpec = Field(default_factory=MoEKernelSpec, description="the MoE layer's kernels on this GPU")
+
+    @field_validator("fp8_tflops", mode="after")
+    @classmethod
+    def _fp8(cls, value: float | None, info: ValidationInfo) -> float | None:
+        return value if value is not None else 2.0 * info.data["bf16_tflops"] if "bf16_tflops" in info.data else None
 
     @property
     def flops_per_s(self) -> float:

@@ -73,7 +73,7 @@ def summarize(rec: SimRecords) -> RunMetrics:
     comb = g["t_combine_done"] - g["t_combine_start"]
     wait = (g["t_dispatch_start"] - g["t_dispatch_join"]) + (g["t_combine_start"] - g["t_combine_join"])
     tails = np.concatenate([disp.max(axis=2).ravel(), comb.max(axis=2).ravel()])
-    layer_end = g["t_combine_done"].max(axis=2)
+    layer_end = g["t_layer_end"].max(axis=2)
     layer_start = g["t_layer_start"].min(axis=2)
 
     tokens = per_rank(g["tokens"], rec.tp)

@@ -26,7 +26,7 @@ from moesim.study.runner import StudyResult
 
 RESULTS_FORMAT = "moesim.results/1"
 CSV_FIELDS = ("cluster", "placement", "batch", "layer", "gpu", "ep_rank", "tokens", "recv_copies", "dense_ms",
-              "dispatch_ms", "compute_ms", "combine_ms", "sync_wait_ms", "bytes_out_intra", "bytes_out_inter")
+              "route_ms", "dispatch_ms", "compute_ms", "combine_ms", "reduce_ms", "sync_wait_ms", "bytes_out_intra", "bytes_out_inter")
 
 
 def _round(x: Any, digits: int = 6) -> Any:
@@ -84,9 +84,11 @@ def write_csv(result: StudyResult, path: Path) -> None:
                 b, l, gpu, gpu // run.records.tp, g["tokens"].ravel().astype(np.int64),
                 g["recv_copies"].ravel().astype(np.int64),
                 ms(g["t_dense_end"] - g["t_layer_start"]),
+                ms(g["t_dispatch_join"] - g["t_dense_end"]),
                 ms(g["t_dispatch_done"] - g["t_dispatch_start"]),
                 ms(g["t_compute_end"] - g["t_compute_start"]),
                 ms(g["t_combine_done"] - g["t_combine_start"]),
+                ms(g["t_layer_end"] - g["t_combine_done"]),
                 ms((g["t_dispatch_start"] - g["t_dispatch_join"]) + (g["t_combine_start"] - g["t_combine_join"])),
                 g["bytes_out_intra"].ravel().astype(np.int64), g["bytes_out_inter"].ravel().astype(np.int64),
             ]

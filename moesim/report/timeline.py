@@ -43,11 +43,13 @@ def events(result: StudyResult) -> list[dict[str, Any]]:
                 at = lambda k: float(g[k][0, layer, gpu]) * 1e6  # noqa: E731  (us)
                 spans = [
                     ("dense", "t_layer_start", "t_dense_end"),
+                    ("route", "t_dense_end", "t_dispatch_join"),
                     ("wait", "t_dispatch_join", "t_dispatch_start"),
                     ("dispatch", "t_dispatch_start", "t_dispatch_done"),
                     ("compute", "t_compute_start", "t_compute_end"),
                     ("wait", "t_combine_join", "t_combine_start"),
                     ("combine", "t_combine_start", "t_combine_done"),
+                    ("reduce", "t_combine_done", "t_layer_end"),
                 ]
                 for name, a, b in spans:
                     dur = at(b) - at(a)

@@ -49,6 +49,7 @@ import simpy
 from moesim.hardware.topology import Topology
 from moesim.placement.format import Placement
 from moesim.sim.compute import Attention, dense_time, expert_time
+from moesim.sim.kernels import PIPELINES, LayerWork, phase_times
 from moesim.sim.network import CollectiveResult, Fabric, Routing
 from moesim.sim.replicas import ReplicaChooser
 from moesim.sim.traffic import coherent_traffic, hierarchical_bytes, layer_traffic
@@ -57,7 +58,7 @@ from moesim.traces.model import ModelSpec
 
 GPU_FIELDS = (
     "t_layer_start", "t_dense_end", "t_dispatch_join", "t_dispatch_start", "t_dispatch_done",
-    "t_compute_start", "t_compute_end", "t_combine_join", "t_combine_start", "t_combine_done",
+    "t_compute_start", "t_compute_end", "t_combine_join", "t_combine_start", "t_combine_done", "t_layer_end",
     "tokens", "recv_copies", "bytes_out_intra", "bytes_out_inter",
 )
 
@@ -73,6 +74,8 @@ class EngineOptions:
     a2a: Literal["direct", "hierarchical", "low_latency"] = "direct"  # see the module docstring
     replica_rule: str = "token_index"  # token_index (vLLM), local (SGLang static), balanced_split (LPLB)
     dataflow: Literal["standard", "coherent"] = "standard"  # see the module docstring
+    moe_kernels: Literal["ffn", "torch_reference", "fused"] = "torch_reference"  # moesim.sim.kernels; ffn: experts only
+    expert_dtype: Literal["bf16", "fp8"] = "bf16"  # the expert GEMMs' dtype (fp8 only with a kernel pipeline)
 
     def __post_init__(self) -> None:
         if self.dataflow not in ("standard", "coherent"):
@@ -81,6 +84,12 @@ class EngineOptions:
             raise ValueError("dataflow coherent moves tokens directly between expert GPUs; use a2a direct")
         if self.dataflow == "coherent" and self.replica_rule != "token_index":
             raise ValueError("dataflow coherent picks replicas by token index; use replica_rule token_index")
+        if self.moe_kernels not in ("ffn", *PIPELINES):
+            raise ValueError(f"moe_kernels must be ffn, {' or '.join(PIPELINES)}, got {self.moe_kernels!r}")
+        if self.expert_dtype not in ("bf16", "fp8"):
+            raise ValueError(f"expert_dtype must be bf16 or fp8, got {self.expert_dtype!r}")
+        if self.expert_dtype == "fp8" and self.moe_kernels == "ffn":
+            raise ValueError("expert_dtype fp8 needs a kernel pipeline (moe_kernels torch_reference or fused)")
         if self.a2a not in ("direct", "hierarchical", "low_latency"):
             raise ValueError(f"a2a must be direct, hierarchical or low_latency, got {self.a2a!r}")
 
@@ -172,6 +181,17 @@ def _tp_matrices(recv: np.ndarray, tp: int, in_bytes: float, out_bytes: float) -
     return gather, scatter
 
 
+@dataclass
+class LayerPlan:
+    """One layer of one batch, ready to run: its collectives and every GPU's compute phases (seconds)."""
+
+    collectives: dict[str, "_Rendezvous | _GroupRendezvous"]
+    dense: np.ndarray
+    before: np.ndarray  # the MoE pipeline's steps before the dispatch (router, permutation)
+    experts: np.ndarray
+    after: np.ndarray  # the steps after the combine (top-k reduction)
+
+
 class Simulation:
     """Replays traces through placements on one cluster. Reusable across placements."""
 
@@ -190,111 +210,132 @@ class Simulation:
             progress: Callable[[int], None] | None = None, keep_collectives: bool = True) -> SimRecords:
         """Simulate every batch of ``trace`` under ``placement`` (recorded as ``name``, default its policy).
         ``progress(n)`` is told of finished layers."""
-        topo, model, tp, G = self.topo, self.model, self.tp, self.num_gpus
-        gpu_spec = topo.cluster.gpu
-        L = model.num_layers
+        topo, G = self.topo, self.num_gpus
         batches = layout.batch_indices()
-        B = len(batches)
-        rec = {name: np.zeros((B, L, G)) for name in GPU_FIELDS}
-        same_node = topo.same_node()
+        B, L = len(batches), self.model.num_layers
+        rec = {f: np.zeros((B, L, G)) for f in GPU_FIELDS}
         env = CountingEnvironment()
         fabric = Fabric(env, topo, rate_tolerance=self.options.rate_tolerance, routing=self.routing)
         batch_start, batch_end = np.zeros(B), np.zeros(B)
         kept: list[CollectiveResult] = []
         flows = 0
-        rank_of_gpu = np.arange(G) // tp
-        a2a = self.options.a2a
-        dedup = self.options.dedup and a2a != "low_latency"
-        gpn = topo.cluster.gpus_per_node
-        hierarchical = a2a == "hierarchical" and topo.cluster.nodes > 1
-        chooser = ReplicaChooser(self.options.replica_rule, placement, topo.cluster.gpus_per_node // tp)
-
+        chooser = ReplicaChooser(self.options.replica_rule, placement, topo.cluster.gpus_per_node // self.tp)
         for b, idx in enumerate(batches):
-            # A batch's tokens are increasing indices; a contiguous run is sliced, not gathered.
-            tokens = slice(idx[0], idx[-1] + 1) if idx.size and idx[-1] - idx[0] + 1 == idx.size else idx
-            home = layout.home[idx]
-            resident = np.bincount(home, minlength=G)
-            dense = dense_time(resident, model, gpu_spec, tp=tp, attention=self.attention)
-            coherent = self.options.dataflow == "coherent"
-            dense_of = [dense] * L  # per layer: coherent dataflow moves where tokens live
-            held_of = [resident] * L
-            plan = []
-            for l in range(L):
-                tr = layer_traffic(trace.experts[tokens, l, :], home, idx, placement.gpus[l], num_gpus=G, tp=tp,
-                                   num_experts=model.num_experts, dedup=dedup,
-                                   gpus_per_node=gpn if hierarchical else None,
-                                   replica_ranks=chooser.ranks(l, trace.experts[tokens, l, :], home // tp))
-                if hierarchical:
-                    disp = hierarchical_bytes(tr.copies, tr.node_copies, gpn, model.dispatch_bytes)
-                    comb = hierarchical_bytes(tr.copies, tr.node_copies, gpn, model.combine_bytes).T
-                else:
-                    disp = tr.copies * model.dispatch_bytes
-                    comb = tr.copies.T * model.combine_bytes
-                if coherent and l > 0:  # context-coherent: from layer l-1's experts straight to layer l's
-                    coh, held = coherent_traffic(trace.experts[tokens, l - 1, :], trace.experts[tokens, l, :], home,
-                                                 idx, placement.gpus[l - 1], placement.gpus[l], num_gpus=G, tp=tp,
-                                                 dedup=dedup)
-                    disp = coh * model.dispatch_bytes
-                    tr = replace(tr, recv_copies=coh.sum(axis=0))
-                    dense_of[l] = dense_time(held, model, gpu_spec, tp=tp, attention=self.attention)
-                    held_of[l] = held
-                tok = tr.expert_tokens[rank_of_gpu]  # [G, E]: each GPU of a rank runs all its tokens
-                comp = expert_time(tok, model, gpu_spec, tp=tp, grouped=self.options.grouped)
-                mats = {"dispatch": disp, "combine": comb}
-                if coherent and l < L - 1:  # tokens go home only after the last layer
-                    del mats["combine"]
-                if tp > 1:
-                    act = model.d_model * model.dtype_bytes
-                    mats["attn_gather"], mats["attn_scatter"] = _tp_matrices(held_of[l], tp, act, act)
-                    mats["allgather"], mats["reducescatter"] = _tp_matrices(tr.recv_copies, tp, model.dispatch_bytes,
-                                                                                model.combine_bytes)
-                total = sum(mats.values())
-                offdiag = total * ~np.eye(G, dtype=bool)
-                rec["tokens"][b, l] = tok.sum(axis=1)
-                rec["recv_copies"][b, l] = tr.recv_copies
-                rec["bytes_out_intra"][b, l] = (offdiag * same_node).sum(axis=1)
-                rec["bytes_out_inter"][b, l] = (offdiag * ~same_node).sum(axis=1)
-                flows += sum(int(np.count_nonzero(m * ~np.eye(G, dtype=bool))) for m in mats.values())
-                sink = kept if (keep_collectives and b == 0) else None
-                plan.append(({k: _GroupRendezvous(fabric, f"{k}[b{b}.l{l}]", m, sink, tp) if k in TP_COLLECTIVES
-                              else _Rendezvous(fabric, f"{k}[b{b}.l{l}]", m, sink) for k, m in mats.items()}, comp))
-
-            def gpu(g: int) -> Generator[simpy.Event, None, None]:
-                for l, (coll, comp) in enumerate(plan):
-                    rec["t_layer_start"][b, l, g] = env.now
-                    if tp > 1:
-                        yield coll["attn_gather"].join(g)
-                    yield env.timeout(dense_of[l][g])
-                    if tp > 1:
-                        yield coll["attn_scatter"].join(g)
-                    rec["t_dense_end"][b, l, g] = rec["t_dispatch_join"][b, l, g] = env.now
-                    yield coll["dispatch"].join(g)
-                    rec["t_dispatch_start"][b, l, g] = coll["dispatch"].start
-                    rec["t_dispatch_done"][b, l, g] = env.now
-                    if tp > 1:
-                        yield coll["allgather"].join(g)
-                    rec["t_compute_start"][b, l, g] = env.now
-                    yield env.timeout(comp[g])
-                    rec["t_compute_end"][b, l, g] = env.now
-                    if tp > 1:
-                        yield coll["reducescatter"].join(g)
-                    rec["t_combine_join"][b, l, g] = env.now
-                    if "combine" in coll:
-                        yield coll["combine"].join(g)
-                    rec["t_combine_start"][b, l, g] = coll["combine"].start if "combine" in coll else env.now
-                    rec["t_combine_done"][b, l, g] = env.now
-                    if g == 0 and progress is not None:
-                        progress(1)
-
+            sink = kept if (keep_collectives and b == 0) else None
+            plan, n = self._plan_batch(b, trace, layout, idx, placement, chooser, fabric, rec, sink)
+            flows += n
             batch_start[b] = env.now
-            procs = [env.process(gpu(g)) for g in range(G)]
+            procs = [env.process(self._gpu(env, b, g, plan, rec, progress)) for g in range(G)]
             env.run(until=env.all_of(procs))
             batch_end[b] = env.now
 
         return SimRecords(
-            cluster=topo.cluster.name, placement=placement.policy if name is None else name, num_gpus=G, tp=tp,
-            gpus_per_node=topo.cluster.gpus_per_node, gpu=rec, batch_start=batch_start, batch_end=batch_end,
-            link_names=topo.link_names, link_kind=topo.link_kind, link_capacity=topo.capacity,
+            cluster=topo.cluster.name, placement=placement.policy if name is None else name, num_gpus=G,
+            tp=self.tp, gpus_per_node=topo.cluster.gpus_per_node, gpu=rec, batch_start=batch_start,
+            batch_end=batch_end, link_names=topo.link_names, link_kind=topo.link_kind, link_capacity=topo.capacity,
             link_bytes=fabric.link_bytes, sim_time=env.now, events=env.scheduled, flows=flows,
             recomputations=fabric.recomputations, collectives=kept,
         )
+
+    def _compute(self, held: np.ndarray, sent: np.ndarray, tok: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Per GPU: non-expert work (attention), the pipeline's steps before the dispatch, the experts' side,
+        the steps after the combine (:mod:`moesim.sim.kernels`; ``moe_kernels: ffn`` is the expert FFNs alone)."""
+        model, gpu, tp, opt = self.model, self.topo.cluster.gpu, self.tp, self.options
+        dense = dense_time(held, model, gpu, tp=tp, attention=self.attention)
+        if opt.moe_kernels == "ffn":
+            zero = np.zeros_like(dense)
+            return dense, zero, expert_time(tok, model, gpu, tp=tp, grouped=opt.grouped), zero
+        before, experts, after = phase_times(LayerWork(home=held, sent=sent, rows=tok), model, gpu,
+                                             pipeline=opt.moe_kernels, tp=tp, dtype=opt.expert_dtype)
+        return dense, before, experts, after
+
+    def _plan_batch(self, b: int, trace: Trace, layout: Layout, idx: np.ndarray, placement: Placement,
+                    chooser: ReplicaChooser, fabric: Fabric, rec: dict[str, np.ndarray],
+                    sink: list[CollectiveResult] | None) -> tuple[list[LayerPlan], int]:
+        """Traffic, collectives and compute of every layer of batch ``b``; records the per-GPU counts."""
+        model, tp, G, opt = self.model, self.tp, self.num_gpus, self.options
+        L, gpn = model.num_layers, self.topo.cluster.gpus_per_node
+        dedup = opt.dedup and opt.a2a != "low_latency"
+        hierarchical = opt.a2a == "hierarchical" and self.topo.cluster.nodes > 1
+        coherent = opt.dataflow == "coherent"
+        same_node = self.topo.same_node()
+        offdiag_mask = ~np.eye(G, dtype=bool)
+        rank_of_gpu = np.arange(G) // tp
+        # A batch's tokens are increasing indices; a contiguous run is sliced, not gathered.
+        tokens = slice(idx[0], idx[-1] + 1) if idx.size and idx[-1] - idx[0] + 1 == idx.size else idx
+        home = layout.home[idx]
+        held = np.bincount(home, minlength=G)
+        plan, flows = [], 0
+        for l in range(L):
+            picks = trace.experts[tokens, l, :]
+            tr = layer_traffic(picks, home, idx, placement.gpus[l], num_gpus=G, tp=tp,
+                               num_experts=model.num_experts, dedup=dedup, gpus_per_node=gpn if hierarchical else None,
+                               replica_ranks=chooser.ranks(l, picks, home // tp))
+            if hierarchical:
+                disp = hierarchical_bytes(tr.copies, tr.node_copies, gpn, model.dispatch_bytes)
+                comb = hierarchical_bytes(tr.copies, tr.node_copies, gpn, model.combine_bytes).T
+            else:
+                disp = tr.copies * model.dispatch_bytes
+                comb = tr.copies.T * model.combine_bytes
+            if coherent and l > 0:  # context-coherent: from layer l-1's experts straight to layer l's
+                coh, held = coherent_traffic(trace.experts[tokens, l - 1, :], picks, home, idx, placement.gpus[l - 1],
+                                             placement.gpus[l], num_gpus=G, tp=tp, dedup=dedup)
+                disp = coh * model.dispatch_bytes
+                tr = replace(tr, recv_copies=coh.sum(axis=0))
+            tok = tr.expert_tokens[rank_of_gpu]  # [G, E]: each GPU of a rank runs all its tokens
+            sent = held * model.top_k  # the pipeline's send buffer: one row per (token, pick)
+            mats = {"dispatch": disp, "combine": comb}
+            if coherent and l < L - 1:  # tokens go home only after the last layer
+                del mats["combine"]
+            if tp > 1:
+                act = model.d_model * model.dtype_bytes
+                mats["attn_gather"], mats["attn_scatter"] = _tp_matrices(held, tp, act, act)
+                mats["allgather"], mats["reducescatter"] = _tp_matrices(tr.recv_copies, tp, model.dispatch_bytes,
+                                                                            model.combine_bytes)
+            offdiag = sum(mats.values()) * offdiag_mask
+            rec["tokens"][b, l] = tok.sum(axis=1)
+            rec["recv_copies"][b, l] = tr.recv_copies
+            rec["bytes_out_intra"][b, l] = (offdiag * same_node).sum(axis=1)
+            rec["bytes_out_inter"][b, l] = (offdiag * ~same_node).sum(axis=1)
+            flows += sum(int(np.count_nonzero(m * offdiag_mask)) for m in mats.values())
+            coll = {k: _GroupRendezvous(fabric, f"{k}[b{b}.l{l}]", m, sink, tp) if k in TP_COLLECTIVES
+                    else _Rendezvous(fabric, f"{k}[b{b}.l{l}]", m, sink) for k, m in mats.items()}
+            plan.append(LayerPlan(coll, *self._compute(held, sent, tok)))
+        return plan, flows
+
+    def _gpu(self, env: CountingEnvironment, b: int, g: int, plan: list[LayerPlan], rec: dict[str, np.ndarray],
+             progress: Callable[[int], None] | None) -> Generator[simpy.Event, None, None]:
+        """One GPU's pass through the layers of batch ``b`` (see the module docstring for the steps)."""
+        tp = self.tp
+        for l, lp in enumerate(plan):
+            coll = lp.collectives
+            rec["t_layer_start"][b, l, g] = env.now
+            if tp > 1:
+                yield coll["attn_gather"].join(g)
+            yield env.timeout(lp.dense[g])
+            if tp > 1:
+                yield coll["attn_scatter"].join(g)
+            rec["t_dense_end"][b, l, g] = env.now
+            if lp.before[g] > 0:
+                yield env.timeout(lp.before[g])
+            rec["t_dispatch_join"][b, l, g] = env.now
+            yield coll["dispatch"].join(g)
+            rec["t_dispatch_start"][b, l, g] = coll["dispatch"].start
+            rec["t_dispatch_done"][b, l, g] = env.now
+            if tp > 1:
+                yield coll["allgather"].join(g)
+            rec["t_compute_start"][b, l, g] = env.now
+            yield env.timeout(lp.experts[g])
+            rec["t_compute_end"][b, l, g] = env.now
+            if tp > 1:
+                yield coll["reducescatter"].join(g)
+            rec["t_combine_join"][b, l, g] = env.now
+            if "combine" in coll:
+                yield coll["combine"].join(g)
+            rec["t_combine_start"][b, l, g] = coll["combine"].start if "combine" in coll else env.now
+            rec["t_combine_done"][b, l, g] = env.now
+            if lp.after[g] > 0:
+                yield env.timeout(lp.after[g])
+            rec["t_layer_end"][b, l, g] = env.now
+            if g == 0 and progress is not None:
+                progress(1)

@@ -116,8 +116,15 @@ class PlacementEntry(_Strict):
 
 
 class EngineConfig(_Strict):
-    dispatch: Literal["per_gpu", "per_expert"] = Field(
-        default="per_gpu", description="one token copy per destination GPU (DeepEP) or per expert (naive)")
+    moe_kernels: Literal["torch_reference", "fused", "ffn"] | None = Field(
+        default=None, description="the MoE layer's kernel pipeline (moesim.sim.kernels): torch_reference "
+        "(plain PyTorch EP: router, permute, all_to_all_single, regroup, grouped GEMMs, unpermute, index_add), fused "
+        "(vLLM fused_moe, SGLang/DeepEP + DeepGEMM, TensorRT-LLM CUTLASS MoE), ffn (the expert FFNs alone); default: "
+        "fused with the DeepEP all-to-alls (a2a hierarchical or low_latency), else torch_reference")
+    expert_dtype: Literal["bf16", "fp8"] = Field(default="bf16", description="the expert GEMMs' dtype")
+    dispatch: Literal["per_gpu", "per_expert"] | None = Field(
+        default=None, description="one token copy per destination GPU (DeepEP) or per expert (naive); default: "
+        "per_expert with moe_kernels torch_reference (its send buffer has a row per pick), else per_gpu")
     expert_kernel: Literal["grouped", "per_expert"] = "grouped"
     rate_tolerance: float = Field(default=0.01, ge=0, le=0.2)
     a2a: Literal["direct", "hierarchical", "low_latency"] = Field(
@@ -141,9 +148,11 @@ class EngineConfig(_Strict):
 
     def options(self) -> EngineOptions:
         """The engine options these settings ask for."""
-        return EngineOptions(dedup=self.dispatch == "per_gpu", grouped=self.expert_kernel == "grouped",
+        kernels = self.moe_kernels or ("fused" if self.a2a in ("hierarchical", "low_latency") else "torch_reference")
+        dispatch = self.dispatch or ("per_expert" if kernels == "torch_reference" else "per_gpu")
+        return EngineOptions(dedup=dispatch == "per_gpu", grouped=self.expert_kernel == "grouped",
                              rate_tolerance=self.rate_tolerance, a2a=self.a2a, replica_rule=self.replica_rule,
-                             dataflow=self.dataflow)
+                             dataflow=self.dataflow, moe_kernels=kernels, expert_dtype=self.expert_dtype)
 
 
 class RebalanceConfig(_Strict):
