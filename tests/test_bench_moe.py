@@ -72,7 +72,10 @@ def test_cpu_run_writes_the_schema(cpu_run):
     assert path.name == "moe.json" and set(raw) == TOP_KEYS
     assert raw["format"] == "moesim.bench.moe/1" and raw["world_size"] == 1 and raw["sms"] == 0
     assert isinstance(raw["device"], str) and isinstance(raw["torch"], str) and isinstance(raw["cuda"], str)
-    assert raw["method"].startswith(moe.METHOD) and "Self-check" in raw["method"]
+    assert raw["method"].startswith(moe.METHOD)
+    assert "Self-check at the start of this run" in raw["method"] and "torch_reference bf16 " in raw["method"]
+    assert ("Self-check after the sweep" in raw["method"]) == HAS_TRITON  # fused: after the reference points
+    assert "failed" not in raw["method"] and "Blockwise" not in raw["method"]  # no fp8 probe on the CPU
     assert (raw["warmup"], raw["reps"], raw["l2_flush"]) == (1, 2, True)
     assert set(raw["ceilings"]) == {"bf16_tflops_8k", "fp8_tflops_8k", "copy_GBps_rw"}
     assert raw["ceilings"]["bf16_tflops_8k"] > 0 and raw["ceilings"]["copy_GBps_rw"] > 0

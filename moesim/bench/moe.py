@@ -643,9 +643,9 @@ def probe_blockwise(dev: torch.device) -> str:
             "were measured with rowwise scales (fp8_scaling), not blockwise.")
 
 
-def self_check(dev: torch.device, cpu: bool, comm: Comm, pipelines: tuple[str, ...], dtypes: tuple[str, ...]) -> str:
-    """Run each pipeline once on a small problem and compare its output with :func:`dense_moe`; a sentence
-    for the method text."""
+def self_check(dev: torch.device, cpu: bool, comm: Comm, cases: list[tuple[str, str]], when: str) -> str:
+    """Run each (pipeline, dtype) of ``cases`` once on a small problem and compare its output with
+    :func:`dense_moe`; a sentence for the method text."""
     sh = {"d_model": 256, "d_ff": 128, "num_experts": 16, "top_k": 4}
     T, dtype = (16, torch.float32) if cpu else (64, torch.bfloat16)
     p = make_plan("self-check", sh, 1, "zipf1.0", T, world=1, rank=0, dev=dev, dtype=dtype)
@@ -653,19 +653,15 @@ def self_check(dev: torch.device, cpu: bool, comm: Comm, pipelines: tuple[str, .
     gate = torch.softmax(p.x @ w.wg, dim=-1, dtype=torch.float32).topk(p.k, dim=-1).values
     ref = dense_moe(p.x, p.ids, gate / gate.sum(-1, keepdim=True), w.w13, w.w2)
     found = []
-    cases = [("torch_reference", dt) for dt in dtypes if not (cpu and dt == "fp8")]
-    cases += [("fused", "bf16")] if "fused" in pipelines and comm.world == 1 else []
     for pipe, dt in cases:
-        if pipe == "torch_reference" and "torch_reference" not in pipelines:
-            continue
         try:
             steps = reference_steps(p, w, dt, comm) if pipe == "torch_reference" else fused_steps(p, w)
             out = run_layer(steps, p.x).out.float()
             found.append(f"{pipe} {dt} {float((out - ref).abs().max() / ref.abs().max()):.2e}")
         except Exception as e:  # reported in the method text; the sweep records the error per point
             found.append(f"{pipe} {dt} failed ({_first_line(e)})")
-    return (f"Self-check at the start of this run (T={T}, d=256, f=128, E=16, k=4, zipf1.0): max |output - dense "
-            "fp32 per-token MoE| / max |dense|: " + "; ".join(found) + ".")
+    return (f" Self-check {when} (T={T}, d=256, f=128, E=16, k=4, zipf1.0): max |output - dense fp32 per-token "
+            "MoE| / max |dense|: " + "; ".join(found) + ".")
 
 
 # ----------------------------------------------------------------------------------------------- driver
@@ -822,7 +818,10 @@ def _point_record(pt: Point, sh: dict[str, int], w: Weights | str | None, run: _
             raise  # the other ranks would wait in a collective forever
         rec = dict(_base(pt, sh), skipped=f"error: {type(e).__name__}: {_first_line(e)}")
     if not run.cpu:
-        torch.cuda.empty_cache()
+        try:
+            torch.cuda.empty_cache()
+        except RuntimeError:  # a sticky CUDA error: the next points will say so
+            pass
     return rec
 
 
@@ -942,6 +941,28 @@ def run(out: str | Path, *, cpu: bool = False, quick: bool = False, nproc: int =
     return path
 
 
+def _checks_before(run: _Run, points: list[Point]) -> str:
+    """The method text's notes that can be made before the sweep: the torch_reference self-check (the kernels
+    the sweep itself runs first)."""
+    kinds = {(p.pipeline, p.dtype) for p in points}
+    cases = [("torch_reference", dt) for dt in DTYPES if ("torch_reference", dt) in kinds
+             and (dt == "bf16" or run.fp8_ok)]
+    if run.timer.comm.world > 1 or not cases:
+        return ""
+    return self_check(run.dev, run.cpu, run.timer.comm, cases, "at the start of this run")
+
+
+def _checks_after(run: _Run, points: list[Point]) -> str:
+    """The notes made after the sweep, so that a kernel fault in them cannot spoil a measurement: the fused
+    pipeline's self-check and the blockwise fp8 probe."""
+    extra = ""
+    if run.timer.comm.world == 1 and run.fused_error is None and any(p.pipeline == "fused" for p in points):
+        extra += self_check(run.dev, run.cpu, run.timer.comm, [("fused", "bf16")], "after the sweep")
+    if run.fp8_ok and run.rank == 0 and any(p.dtype == "fp8" for p in points):
+        extra += " " + probe_blockwise(run.dev)
+    return extra
+
+
 def _run(path: Path, shapes: dict[str, dict[str, int]], points: list[Point], comm: Comm, note: str, *, cpu: bool,
          warmup: int, reps: int, flush: bool, max_seconds: float | None, t0: float,
          log: Callable[[str], None]) -> None:
@@ -958,23 +979,19 @@ def _run(path: Path, shapes: dict[str, dict[str, int]], points: list[Point], com
         f"{estimate_seconds(shapes, points, warmup, reps):.0f} s on an H200"
         + (f" (points not started after {max_seconds:.0f} s are skipped)" if max_seconds is not None else ""))
     torch.backends.cuda.matmul.allow_tf32 = False
-    run.res["ceilings"] = ceilings(dev, cpu)
-    extra = note
-    if not cpu and rank == 0 and "fp8" in {p.dtype for p in points}:
-        extra += " " + probe_blockwise(dev)
-    if comm.world == 1:
-        extra += " " + self_check(dev, cpu, comm, tuple({p.pipeline for p in points}),
-                                  tuple({p.dtype for p in points}))
-    if cpu:
-        extra += " This is a --cpu dry run: float32 instead of bf16, wall-clock timers, tiny shapes."
+    run.res["ceilings"] = c = ceilings(dev, cpu)
+    extra = note + (" This is a --cpu dry run: float32 instead of bf16, wall-clock timers, tiny shapes." if cpu
+                    else "") + _checks_before(run, points)
     run.res["method"] = METHOD + extra
-    c = run.res["ceilings"]
     say(f"ceilings: bf16 {c['bf16_tflops_8k']:.0f} TFLOP/s, fp8 {c['fp8_tflops_8k'] or 0:.0f} TFLOP/s, copy "
-        f"{c['copy_GBps_rw']:.0f} GB/s; {extra.strip()}")
+        f"{c['copy_GBps_rw']:.0f} GB/s;{extra}")
     run.dump()
     _sweep(shapes, points, run, est)
+    after = _checks_after(run, points)
+    run.res["method"] += after
+    run.dump()
     n_ok = sum("total_ms" in r for r in run.res["records"])
-    say(f"{n_ok} of {len(points)} points measured in {time.time() - t0:.0f} s; wrote {path}")
+    say(f"{n_ok} of {len(points)} points measured in {time.time() - t0:.0f} s;{after} Wrote {path}")
 
 
 def main(argv: list[str] | None = None) -> None:
