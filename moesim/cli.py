@@ -253,10 +253,13 @@ def _bench_shapes(args: argparse.Namespace) -> dict:
     from moesim.study.config import load_scenario
 
     if args.what == "a2a":
-        raise InputError("applies to moesim bench ffn and attention (the all-to-all sweep has no model shape)",
+        raise InputError("applies to moesim bench ffn, attention and moe (the all-to-all sweep has no model shape)",
                          field="--scenario")
     m = load_scenario(args.scenario).model
     name, scale = m.name or "model", 16 if args.cpu else 1
+    if args.what == "moe":
+        return {name: {"d_model": max(m.d_model // scale, 1), "d_ff": max(m.d_ff // scale, 1),
+                       "num_experts": m.num_experts, "top_k": m.top_k}}
     if args.what == "ffn":
         return {name: (max(m.d_model // scale, 1), max(m.d_ff // scale, 1))}
     if m.num_heads is None:
@@ -275,7 +278,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "a2a":
         from moesim.bench import a2a
 
-        path = a2a.run(args.output, args.nproc, cpu=args.cpu)
+        path = a2a.run(args.output, args.nproc or 2, cpu=args.cpu)
+    elif args.what == "moe":
+        from moesim.bench import moe
+
+        path = moe.run(args.output, cpu=args.cpu, quick=args.quick, nproc=args.nproc or 1, shapes=shapes,
+                       dtypes=tuple(args.dtypes.split(",")), pipelines=tuple(args.pipelines.split(",")),
+                       log=lambda line: print(line, flush=True))
+        print(f"wrote {path}")
+        return 0
     elif args.what == "attention":
         from moesim.bench import attention
 
@@ -308,17 +319,21 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("-o", "--output")
     pl.add_argument("--list", action="store_true", help="list the registered policies")
     pl.set_defaults(func=_cmd_place)
-    b = sub.add_parser("bench", help="measure all-to-all, expert-FFN or attention-block timings on this host's GPUs "
-                       "(needs torch)")
-    b.add_argument("what", choices=["a2a", "ffn", "attention"],
+    b = sub.add_parser("bench", help="measure all-to-all, expert-FFN, attention-block or MoE-layer timings on this "
+                       "host's GPUs (needs torch)")
+    b.add_argument("what", choices=["a2a", "ffn", "attention", "moe"],
                    help="a2a: all-to-all and p2p among --nproc GPUs; ffn: expert FFNs on one GPU; attention: "
-                   "QKV/core/O projections of two attention shapes at tp 1/2/4, prefill and decode, on one GPU")
-    b.add_argument("--nproc", type=int, default=2, help="ranks for a2a (GPUs of this host)")
+                   "QKV/core/O projections of two attention shapes at tp 1/2/4, prefill and decode, on one GPU; "
+                   "moe: the whole MoE layer's kernel pipeline step by step (moesim/bench/moe.py)")
+    b.add_argument("--nproc", type=int, help="ranks (GPUs of this host): a2a (default 2), moe (default 1)")
     b.add_argument("--cpu", action="store_true", help="dry run on the CPU (gloo, tiny shapes)")
-    b.add_argument("--scenario", help="measure this scenario's model shape (expert FFN or attention) instead of "
-                   "the built-in list of common MoE shapes")
+    b.add_argument("--scenario", help="measure this scenario's model shape (expert FFN, attention or MoE layer) "
+                   "instead of the built-in list of common MoE shapes")
+    b.add_argument("--quick", action="store_true", help="moe: a handful of points")
+    b.add_argument("--dtypes", default="bf16,fp8", help="moe: expert dtypes (bf16, fp8)")
+    b.add_argument("--pipelines", default="torch_reference,fused", help="moe: pipelines (torch_reference, fused)")
     b.add_argument("-o", "--output", required=True,
-                   help="folder for the JSON (a2a_<nproc>.json, expert_ffn.json or attention.json)")
+                   help="folder for the JSON (a2a_<nproc>.json, expert_ffn.json, attention.json or moe.json)")
     b.set_defaults(func=_cmd_bench)
     cal = sub.add_parser("calibrate", help="fit the hardware model to micro-benchmark JSON and write a cluster YAML")
     cal.add_argument("bench", nargs="+", help="a2a_<world>.json, expert_ffn*.json and/or attention*.json files")
