@@ -21,6 +21,12 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[2]))  # the repository root: moesim without pip install
+if "moesim" not in sys.modules:  # a bare GPU machine has torch but not moesim's own dependencies (pydantic, simpy,
+    import types                 # ...): load moesim.bench without running the package's __init__, which needs them
+
+    _pkg = types.ModuleType("moesim")
+    _pkg.__path__ = [str(HERE.parents[2] / "moesim")]
+    sys.modules["moesim"] = _pkg
 
 from moesim.bench import moe  # noqa: E402
 
