@@ -202,8 +202,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     from moesim.calibration import calibrate, load_bench
 
     data = load_bench(args.bench)
-    if not data.a2a and not data.ffn and not data.attention:
-        raise InputError("no all-to-all, expert-FFN or attention-core points in the benchmark files")
+    if not data.a2a and not data.ffn and not data.attention and not data.moe:
+        raise InputError("no all-to-all, expert-FFN, attention-core or MoE-layer points in the benchmark files")
     matched = {_preset_of_device(d) for d in data.devices}
     guess = matched.pop() if len(matched) == 1 else None
     devices = ", ".join(sorted(data.devices))
@@ -222,18 +222,21 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     result = calibrate(data, args.preset, name=args.name)
     timings = sorted({p.timing for p in data.attention})
     print(f"calibrated {args.preset} on {len(data.a2a)} all-to-all, {len(data.p2p)} p2p, {len(data.ffn)} FFN, "
-          f"{len(data.attention)} attention-core and {len(data.projections)} attention-projection"
+          f"{len(data.attention)} attention-core, {len(data.projections)} attention-projection and "
+          f"{len(data.moe)} MoE-layer"
           f"{' (' + ' and '.join(timings) + ')' if timings else ''} points from {devices}")
     for key, value in result.fitted.items():
         print(f"  {key:26s} {value:10.4g}")
-    print(f"{'points':31s} {'n':>4s} {'median |err|':>13s} {'max |err|':>10s}")
+    print(f"{'points':38s} {'n':>4s} {'median |err|':>13s} {'max |err|':>10s}")
+    steps = tuple(sorted({p.kind for p in result.predictions if p.kind.startswith("moe-step:")}))
     groups = {"network": ("a2a-uniform", "a2a-skew", "p2p"), "expert FFN": ("ffn",), "attention core": ("attention",),
-              "attention projections": ("projection",)}
+              "attention projections": ("projection",), "MoE layer kernels, decode": ("moe-decode",),
+              "MoE layer kernels, prefill": ("moe-prefill",), "MoE pipeline steps": steps}
     for label, kinds in groups.items():
         for held in (False, True):
             e = result.errors(held, kinds)
             if e.size:
-                print(f"{label + (' held-out' if held else ' fit'):31s} {e.size:4d} {np.median(e) * 100:12.1f}% "
+                print(f"{label + (' held-out' if held else ' fit'):38s} {e.size:4d} {np.median(e) * 100:12.1f}% "
                       f"{e.max() * 100:9.1f}%")
     spec = _rounded(result.spec.model_dump(mode="json"))
     doc = {"preset": args.preset, **{k: spec[k] for k in ("name", "gpu", "nvlink", "a2a_launch_us")}}

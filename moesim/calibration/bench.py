@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from moesim.calibration.attention import AttentionPoint, ProjectionPoint, bench_points
+from moesim.calibration.moe import MoEPoint, moe_points
 from moesim.errors import InputError
 from moesim.fileio import read_json_object
 
@@ -58,6 +59,7 @@ class BenchData:
     ffn: list[FFNPoint] = field(default_factory=list)
     attention: list[AttentionPoint] = field(default_factory=list)
     projections: list[ProjectionPoint] = field(default_factory=list)
+    moe: list[MoEPoint] = field(default_factory=list)  # moesim bench moe records (moesim.calibration.moe)
     sources: list[str] = field(default_factory=list)
 
 
@@ -99,6 +101,8 @@ def load_bench(paths: list[str | Path]) -> BenchData:
                 _a2a(raw, data, src)
             elif "single" in raw:
                 _ffn(raw, data)
+            elif raw.get("format") == "moesim.bench.moe/1":
+                data.moe.extend(moe_points(raw, src))
             elif "records" in raw:
                 cores, projections = bench_points(raw, src)
                 data.attention.extend(cores)

@@ -28,38 +28,44 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
 
-MOE_STEP_US = {  # fixed cost per step of the MoE kernel pipelines (moesim.sim.kernels); fitted per GPU
-    "router": 40.0, "permute": 60.0, "align": 30.0, "regroup": 40.0, "quant": 10.0, "gemm_gate_up": 15.0,
-    "activation": 8.0, "gemm_down": 15.0, "unregroup": 15.0, "reduce": 20.0,
-}
+class StepCost(StrictModel):
+    """One step of an MoE kernel pipeline (:mod:`moesim.sim.kernels`): a fixed cost (its launches and host
+    work) plus its bytes at a share of HBM bandwidth (gathers, scatters and atomics reach far less than a copy)."""
+
+    fixed_us: float = Field(ge=0, lt=1e6)
+    hbm_efficiency: float = Field(default=1.0, gt=0, le=1)
 
 
-class MoEKernelSpec(StrictModel):
-    """How the MoE layer's kernels run on this GPU (:mod:`moesim.sim.kernels`): grouped-GEMM tiling and rate,
-    the HBM rate of the copy and elementwise kernels, and each step's fixed cost (launches, host syncs).
-    Fitted by ``moesim calibrate`` on ``moesim bench moe`` timings."""
+def _steps(**fixed_eff: tuple[float, float]) -> dict[str, StepCost]:
+    return {k: StepCost(fixed_us=f, hbm_efficiency=e) for k, (f, e) in fixed_eff.items()}
 
-    sms: int = Field(default=132, ge=1, description="streaming multiprocessors (tiles run in waves over them)")
+
+class PipelineSpec(StrictModel):
+    """How one MoE kernel pipeline runs on this GPU: its grouped-GEMM tiling and rates, and every other
+    step's cost. Fitted by ``moesim calibrate`` on ``moesim bench moe`` timings."""
+
     tile_m: int = Field(default=128, ge=1, description="grouped-GEMM tile rows: each expert's rows are padded to it")
     tile_n: int = Field(default=128, ge=1, description="grouped-GEMM tile columns")
     gemm_efficiency: float = Field(default=0.7, gt=0, le=1,
                                    description="share of the bf16 peak per SM that a full GEMM tile reaches")
     fp8_gemm_efficiency: float = Field(default=0.5, gt=0, le=1,
                                        description="share of the FP8 peak per SM that a full FP8 GEMM tile reaches")
-    memory_efficiency: float = Field(default=0.8, gt=0, le=1,
-                                     description="share of HBM bandwidth the copy, gather and elementwise kernels reach")
-    step_us: dict[str, float] = Field(default_factory=lambda: dict(MOE_STEP_US),
-                                      description="fixed cost of each pipeline step, microseconds")
+    gemm_hbm_efficiency: float = Field(default=0.65, gt=0, le=1,
+                                       description="share of HBM bandwidth a grouped GEMM reads its weights at")
+    gemm_fixed_us: float = Field(default=20.0, ge=0, lt=1e6, description="fixed cost of one grouped GEMM")
+    fp8_gemm_hbm_efficiency: float = Field(default=0.65, gt=0, le=1,
+                                           description="share of HBM bandwidth an FP8 grouped GEMM reads its weights at")
+    fp8_gemm_fixed_us: float = Field(default=20.0, ge=0, lt=1e6, description="fixed cost of one FP8 grouped GEMM")
+    steps: dict[str, StepCost] = Field(default_factory=dict, description="every other step's cost, by name")
 
-    @field_validator("step_us")
-    @classmethod
-    def _steps(cls, value: dict[str, float]) -> dict[str, float]:
-        unknown = sorted(set(value) - set(MOE_STEP_US))
-        if unknown:
-            raise ValueError(f"unknown step {unknown[0]!r}; valid: {', '.join(MOE_STEP_US)}")
-        if any(not (v >= 0 and v < 1e6) for v in value.values()):
-            raise ValueError("step costs must be finite microseconds >= 0")
-        return {**MOE_STEP_US, **value}
+
+DEFAULT_PIPELINES = {  # unfitted starting points; the presets ship fitted values (hardware/calibrated/*.yaml)
+    "torch_reference": PipelineSpec(steps=_steps(router=(150, 0.5), permute=(330, 0.5), regroup=(100, 0.5),
+                                                 quant=(40, 0.3), activation=(12, 0.4), quant_down=(30, 0.3),
+                                                 unregroup=(10, 0.3), reduce=(30, 0.15))),
+    "fused": PipelineSpec(tile_m=64, steps=_steps(router=(150, 0.5), align=(450, 1.0), activation=(5, 0.7),
+                                                  reduce=(8, 0.7))),
+}
 
 
 class GPUSpec(StrictModel):
@@ -90,7 +96,9 @@ class GPUSpec(StrictModel):
     attention_hbm_efficiency: float | None = Field(default=None, gt=0, le=1,
                                                    description="share of HBM bandwidth the attention core reaches "
                                                                "reading K and V (default hbm_efficiency)")
-    moe: MoEKernelSpec = Field(default_factory=MoEKernelSpec, description="the MoE layer's kernels on this GPU")
+    sms: int = Field(default=132, ge=1, description="streaming multiprocessors (GEMM tiles run in waves over them)")
+    moe_pipelines: dict[str, PipelineSpec] = Field(default_factory=lambda: dict(DEFAULT_PIPELINES),
+                                                   description="the MoE kernel pipelines on this GPU, by name")
 
     @field_validator("fp8_tflops", mode="after")
     @classmethod

@@ -29,20 +29,22 @@ and pad each expert to the GEMM tile: a few small kernels on S ids), ``gemm_gate
 through the sorted ids, ``activation``, ``gemm_down`` writing weighted rows in token order, ``reduce`` (sum of
 the k rows per token, ``S d b + T d b``). No permute, regroup or unregroup copies.
 
-Every step costs ``max(FLOPs / rate, bytes / HBM rate) + its fixed cost`` (``GPUSpec.moe.step_us``: kernel
-launches, host work such as the split-size sync, small sorts). The grouped GEMMs follow the work: each
-expert's rows are padded to the kernel's M tile (``tile_m``), an expert's tiles are ``ceil(r_e / tile_m) x
-ceil(N / tile_n)``, tiles run in waves over the SMs (the last wave costs as much as a full one), and the
-weights of every expert with rows are read once (experts with no rows cost nothing). So 256 experts with a
-few rows each cost far more than one expert with all of them, and small-M GEMMs are bound by reading weights.
-FP8 experts (``dtype: fp8``, block- or row-scaled e4m3 as DeepSeek-V3 serves) read 1-byte weights and
-activations, run at the GPU's FP8 peak times ``fp8_gemm_efficiency``, and add a ``quant`` step before each
-GEMM (read R d b, write R d bytes). With expert tensor parallelism ``tp`` each GPU runs every row of its rank
-on 1/tp of f.
+Every step but the GEMMs costs ``fixed_us + bytes / (HBM rate x hbm_efficiency)`` (``GPUSpec.moe_pipelines[
+pipeline].steps``): the fixed cost holds its kernel launches and host work (eager PyTorch launches every op from
+Python; ``permute`` waits for the split sizes on the host), and each step has its own bandwidth share because a
+gather, a scatter and an atomic ``index_add_`` reach very different fractions of a plain copy. The grouped GEMMs
+follow the work: each expert's rows are padded to the kernel's M tile (``tile_m``), an expert's tiles are
+``ceil(r_e / tile_m) x ceil(N / tile_n)``, tiles run in waves over the SMs (the last wave costs a full one),
+and the weights of every expert with rows are read once (at ``gemm_hbm_efficiency``; experts with no rows cost
+nothing): ``max(waves x tile time, bytes / rate) + gemm_fixed_us``. So 256 experts with a few rows each cost
+far more than one expert with all of them, and small-M GEMMs are bound by reading weights. FP8 experts
+(``expert_dtype: fp8``) read 1-byte weights and activations, run at the FP8 peak times
+``fp8_gemm_efficiency``, and add a ``quant`` step before each GEMM (``quant``, ``quant_down``). With expert
+tensor parallelism ``tp`` each GPU runs every row of its rank on 1/tp of f. All parameters are fitted per GPU by
+``moesim calibrate`` on ``moesim bench moe`` timings (:mod:`moesim.calibration.moe`).
 
-Deliberately ignored: L2 reuse between steps, the overlap of one step's tail with the next step's launch
-(the fixed costs are fitted on whole-pipeline timings, which include it), split-K, stream-K and other
-schedulers that break the wave quantisation, and the gate's shared-expert or bias terms.
+Deliberately ignored: L2 reuse between steps, the overlap of one step's tail with the next step's launch,
+split-K, stream-K and other schedulers that break the wave quantisation, and the gate's bias terms.
 """
 
 from __future__ import annotations
@@ -52,16 +54,11 @@ from typing import Literal
 
 import numpy as np
 
-from moesim.hardware.spec import GPUSpec
+from moesim.hardware.spec import GPUSpec, PipelineSpec
 from moesim.traces.model import ModelSpec
 
 Pipeline = Literal["torch_reference", "fused"]
 PIPELINES: tuple[str, ...] = ("torch_reference", "fused")
-STEPS: dict[str, tuple[str, ...]] = {
-    "torch_reference": ("router", "permute", "regroup", "gemm_gate_up", "activation", "gemm_down", "unregroup",
-                        "reduce"),
-    "fused": ("router", "align", "gemm_gate_up", "activation", "gemm_down", "reduce"),
-}
 BEFORE_DISPATCH = ("router", "permute", "align")  # on the tokens at home, before the dispatch all-to-all
 AFTER_COMBINE = ("reduce",)  # on the tokens at home, after the combine all-to-all
 
@@ -76,64 +73,78 @@ class LayerWork:
     rows: np.ndarray  # [..., E]
 
 
-def grouped_gemm_time(rows: np.ndarray, n: int, k: int, gpu: GPUSpec, *, weight_bytes: float,
-                      act_bytes: float, out_bytes: float, fp8: bool = False) -> np.ndarray:
-    """Seconds of one grouped GEMM over ``rows[..., e]`` rows per expert, each ``[r_e, k] x [k, n]``, without
-    the fixed cost: tile-padded waves over the SMs against the bytes of the touched experts' weights and the
-    rows' activations."""
-    spec = gpu.moe
+def gemm_work(rows: np.ndarray, n: int, k: int, spec: PipelineSpec, *, weight_bytes: float, act_bytes: float,
+              out_bytes: float) -> tuple[np.ndarray, np.ndarray]:
+    """Tiles (``ceil(r_e / tile_m) x ceil(n / tile_n)`` summed over experts) and bytes (the touched experts'
+    weights, the rows in and out) of one grouped GEMM over ``rows[..., e]`` rows per expert."""
     rows = np.asarray(rows, dtype=float)
     tiles = (np.ceil(rows / spec.tile_m) * np.ceil(n / spec.tile_n)).sum(-1)
-    waves = np.ceil(tiles / spec.sms)
-    peak = gpu.fp8_tflops if fp8 else gpu.bf16_tflops
-    eff = spec.fp8_gemm_efficiency if fp8 else spec.gemm_efficiency
-    tile_s = 2.0 * spec.tile_m * spec.tile_n * k / (peak * 1e12 * eff / spec.sms)
     touched = (rows > 0).sum(-1)
     nbytes = touched * float(k * n) * weight_bytes + rows.sum(-1) * (k * act_bytes + n * out_bytes)
-    return np.maximum(waves * tile_s, nbytes / (gpu.hbm_GBps * 1e9 * spec.memory_efficiency))
+    return tiles, nbytes
+
+
+def grouped_gemm_time(rows: np.ndarray, n: int, k: int, gpu: GPUSpec, spec: PipelineSpec, *, weight_bytes: float,
+                      act_bytes: float, out_bytes: float, fp8: bool = False) -> np.ndarray:
+    """Seconds of one grouped GEMM (``[r_e, k] x [k, n]`` per expert), its fixed cost included: tile-padded
+    waves over the SMs against the bytes of the touched experts' weights and the rows' activations."""
+    tiles, nbytes = gemm_work(rows, n, k, spec, weight_bytes=weight_bytes, act_bytes=act_bytes, out_bytes=out_bytes)
+    peak = (gpu.fp8_tflops or 2 * gpu.bf16_tflops) if fp8 else gpu.bf16_tflops
+    eff, meff, fixed = ((spec.fp8_gemm_efficiency, spec.fp8_gemm_hbm_efficiency, spec.fp8_gemm_fixed_us) if fp8 else
+                        (spec.gemm_efficiency, spec.gemm_hbm_efficiency, spec.gemm_fixed_us))
+    tile_s = 2.0 * spec.tile_m * spec.tile_n * k / (peak * 1e12 * eff / gpu.sms)
+    busy = np.maximum(np.ceil(tiles / gpu.sms) * tile_s, nbytes / (gpu.hbm_GBps * 1e9 * meff))
+    return (busy + fixed * 1e-6) * (tiles > 0)
+
+
+def step_bytes(work: LayerWork, model: ModelSpec, *, pipeline: str, tp: int = 1, dtype: str = "bf16"
+               ) -> dict[str, np.ndarray]:
+    """Bytes each non-GEMM step of ``pipeline`` moves (the module docstring's table)."""
+    d, f, E, b = model.d_model, model.d_ff // tp, model.num_experts, model.dtype_bytes
+    T, S = np.asarray(work.home, dtype=float), np.asarray(work.sent, dtype=float)
+    R = np.asarray(work.rows, dtype=float).sum(-1)
+    out = {"router": T * d * b + d * E * b + 12.0 * T * E}
+    if pipeline == "torch_reference":
+        out["permute"] = 2.0 * S * d * b + 16.0 * S
+        out["regroup"] = 2.0 * R * d * b + 16.0 * R
+        out["activation"] = 5.0 * R * f * b  # chunk, SiLU (read f, write f), multiply (read 2f, write f)
+        out["unregroup"] = 2.0 * R * d * b
+        out["reduce"] = (3.0 * S * d + T * d) * b  # weigh the returned rows, index_add_ them into [T, d]
+    else:
+        out["align"] = 16.0 * S
+        out["activation"] = 3.0 * R * f * b
+        out["reduce"] = (S * d + T * d) * b
+    if dtype == "fp8":
+        out["quant"] = R * d * (2.0 * b + 1.0)  # amax, scale, cast
+        out["quant_down"] = R * f * (2.0 * b + 1.0)
+    return out
 
 
 def step_times(work: LayerWork, model: ModelSpec, gpu: GPUSpec, *, pipeline: str, tp: int = 1,
                dtype: str = "bf16") -> dict[str, np.ndarray]:
     """Seconds of every step of ``pipeline`` (see the module docstring), fixed costs included; a step with no
     work (no tokens at home, no rows) costs nothing."""
-    if pipeline not in STEPS:
-        raise ValueError(f"unknown MoE kernel pipeline {pipeline!r}; valid: {', '.join(PIPELINES)}")
-    spec = gpu.moe
+    if pipeline not in gpu.moe_pipelines:
+        raise ValueError(f"no MoE kernel pipeline {pipeline!r} on {gpu.name}; valid: {', '.join(gpu.moe_pipelines)}")
+    spec = gpu.moe_pipelines[pipeline]
     d, f, E, b = model.d_model, model.d_ff // tp, model.num_experts, model.dtype_bytes
-    home, sent = np.asarray(work.home, dtype=float), np.asarray(work.sent, dtype=float)
+    T = np.asarray(work.home, dtype=float)
     rows = np.asarray(work.rows, dtype=float)
     R = rows.sum(-1)
-    mem = gpu.hbm_GBps * 1e9 * spec.memory_efficiency
+    hbm = gpu.hbm_GBps * 1e9
+    out: dict[str, np.ndarray] = {}
+    for name, nbytes in step_bytes(work, model, pipeline=pipeline, tp=tp, dtype=dtype).items():
+        cost = spec.steps.get(name)
+        if cost is None:
+            raise ValueError(f"pipeline {pipeline!r} on {gpu.name} has no cost for step {name!r}")
+        active = T if name in BEFORE_DISPATCH + AFTER_COMBINE else R
+        out[name] = (cost.fixed_us * 1e-6 + nbytes / (hbm * cost.hbm_efficiency)) * (active > 0)
+    out["router"] = np.maximum(out["router"], 2.0 * T * d * E / gpu.dense_flops_per_s * (T > 0))
     fp8 = dtype == "fp8"
     wb = 1.0 if fp8 else float(b)
-
-    def fixed(name: str, active: np.ndarray) -> np.ndarray:
-        return spec.step_us.get(name, 0.0) * 1e-6 * (active > 0)
-
-    router_flops = 2.0 * home * d * E
-    router_bytes = home * d * b + d * E * b + 12.0 * home * E
-    out: dict[str, np.ndarray] = {
-        "router": np.maximum(router_flops / (gpu.bf16_tflops * 1e12 * spec.gemm_efficiency),
-                             router_bytes / mem) * (home > 0) + fixed("router", home),
-    }
-    if pipeline == "torch_reference":
-        out["permute"] = 2.0 * sent * d * b / mem + fixed("permute", home)
-        out["regroup"] = 2.0 * R * d * b / mem + fixed("regroup", R)
-    else:
-        out["align"] = 8.0 * sent / mem + fixed("align", home)
-    if fp8:
-        out["quant"] = 2.0 * R * (d * b + d) / mem + fixed("quant", R)
-    out["gemm_gate_up"] = grouped_gemm_time(rows, 2 * f, d, gpu, weight_bytes=wb, act_bytes=wb, out_bytes=b,
-                                            fp8=fp8) + fixed("gemm_gate_up", R)
-    out["activation"] = 3.0 * R * f * b / mem + fixed("activation", R)
-    out["gemm_down"] = grouped_gemm_time(rows, d, f, gpu, weight_bytes=wb, act_bytes=wb, out_bytes=b,
-                                         fp8=fp8) + fixed("gemm_down", R)
-    if pipeline == "torch_reference":
-        out["unregroup"] = 2.0 * R * d * b / mem + fixed("unregroup", R)
-        out["reduce"] = (3.0 * sent * d + 2.0 * home * d) * b / mem + fixed("reduce", home)
-    else:
-        out["reduce"] = (sent * d + home * d) * b / mem + fixed("reduce", home)
+    out["gemm_gate_up"] = grouped_gemm_time(rows, 2 * f, d, gpu, spec, weight_bytes=wb, act_bytes=wb, out_bytes=b,
+                                            fp8=fp8)
+    out["gemm_down"] = grouped_gemm_time(rows, d, f, gpu, spec, weight_bytes=wb, act_bytes=wb, out_bytes=b, fp8=fp8)
     return out
 
 

@@ -1,0 +1,227 @@
+"""Fit the MoE kernel pipelines (:mod:`moesim.sim.kernels`) to ``moesim bench moe`` timings, and predict them.
+
+Each record of ``moe.json`` is one MoE layer on one GPU: a model shape, a pipeline and expert dtype, T tokens
+at home, T x k copies sent, the exact rows of every local expert, and the median time of every step and of the
+whole layer. Per pipeline the fit is, in order:
+
+1. every non-GEMM step: its fixed cost and its share of HBM bandwidth, by grid search over both (mean absolute
+   log error over the training points of that step);
+2. the bf16 grouped GEMMs (gate-up and down together): the tile shape (from the tiles real kernels use), the
+   share of the per-SM peak a full tile reaches, the weight-read bandwidth share and the fixed cost per GEMM;
+3. with FP8 records, the FP8 GEMM efficiency at the bf16 fit's tiles and bandwidth share.
+
+Every third point of each (pipeline, dtype, EP slice, routing) group, ordered by shape and token count, is held
+out of the fit; :func:`moe_predictions` reports every point's layer and step errors with the held-out ones
+marked. The layer time adds the dispatch and combine all-to-alls as the network model predicts them (on one GPU
+NCCL's copies to itself: two calls for the dispatch, rows and expert ids, one for the combine).
+
+Deliberately ignored: run-to-run noise beyond the medians, and clock or power states.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from moesim.errors import InputError
+from moesim.hardware.spec import ClusterSpec, GPUSpec, PipelineSpec, StepCost
+from moesim.sim.kernels import LayerWork, gemm_work, step_bytes, step_times
+from moesim.traces.model import ModelSpec
+
+GEMMS = ("gemm_gate_up", "gemm_down")
+TILES = {"torch_reference": ((64, 128), (128, 128), (128, 256), (256, 128)),
+         "fused": ((16, 64), (32, 64), (64, 64), (64, 128), (128, 128))}
+
+
+@dataclass(frozen=True)
+class MoEPoint:
+    """One measured MoE layer on one GPU (a ``moesim bench moe`` record)."""
+
+    shape: str
+    pipeline: str
+    dtype: str
+    routing: str
+    ep: int
+    model: ModelSpec
+    work: LayerWork
+    steps_ms: dict[str, float] = field(hash=False)
+    total_ms: float = 0.0
+
+    @property
+    def tokens(self) -> int:
+        return int(self.work.home)
+
+    @property
+    def phase(self) -> str:
+        """``decode`` up to 512 tokens per GPU, else ``prefill``."""
+        return "decode" if self.tokens <= 512 else "prefill"
+
+    @property
+    def kernels_ms(self) -> float:
+        """The layer without its all-to-alls (which the network model times): the whole-layer median less the
+        all-to-alls' share of the step medians."""
+        a2a = self.steps_ms.get("dispatch", 0.0) + self.steps_ms.get("combine", 0.0)
+        return self.total_ms * (1.0 - a2a / sum(self.steps_ms.values()))
+
+    @property
+    def label(self) -> str:
+        return f"{self.shape} ep{self.ep} {self.pipeline} {self.dtype} {self.routing} T={self.tokens}"
+
+
+def moe_points(raw: dict, src: str) -> list[MoEPoint]:
+    """The measured records of a ``moesim.bench.moe/1`` file (skipped points left out)."""
+    points = []
+    for i, r in enumerate(raw["records"]):
+        if "skipped" in r:
+            continue
+        rows = np.asarray(r["rows_per_expert"], dtype=float)
+        if rows.ndim != 1 or rows.size != int(r["local_experts"]) or (rows < 0).any():
+            raise InputError("must list each local expert's rows", source=src, field=f"records[{i}].rows_per_expert")
+        E = int(r["num_experts"])
+        model = ModelSpec(name=r["shape"], num_layers=1, num_experts=E, top_k=int(r["top_k"]),
+                          d_model=int(r["d_model"]), d_ff=int(r["d_ff"]))
+        rows = np.concatenate([rows, np.zeros(max(E - rows.size, 0))])  # the other ranks' experts: no rows here
+        steps = {k: float(v) for k, v in r["steps_ms"].items()}
+        if any(not (v > 0 and np.isfinite(v)) for v in [*steps.values(), float(r["total_ms"])]):
+            raise InputError("timings must be positive", source=src, field=f"records[{i}]")
+        points.append(MoEPoint(r["shape"], r["pipeline"], r["dtype"], r["routing"], int(r["ep"]), model,
+                               LayerWork(np.array(float(r["tokens"])), np.array(float(r["send_rows"])), rows),
+                               steps, float(r["total_ms"])))
+    return points
+
+
+def held_out(points: list[MoEPoint]) -> list[bool]:
+    """Every third point of each (pipeline, dtype, EP slice, routing) group, ordered by shape and tokens."""
+    held = [False] * len(points)
+    groups: dict[tuple, list[int]] = {}
+    for i, p in enumerate(points):
+        groups.setdefault((p.pipeline, p.dtype, p.ep, p.routing), []).append(i)
+    for idx in groups.values():
+        for j, i in enumerate(sorted(idx, key=lambda i: (points[i].shape, points[i].tokens))):
+            held[i] = j % 3 == 1
+    return held
+
+
+def _grid_step(nbytes: np.ndarray, seconds: np.ndarray, hbm: float) -> StepCost:
+    """Fixed cost and bandwidth share minimising the mean |log error| of ``fixed + bytes / (hbm x eff)``."""
+    fixed = np.concatenate([[0.0], np.geomspace(1e-6, 3e-3, 160)])
+    eff = np.geomspace(0.01, 1.0, 120)
+    pred = fixed[:, None, None] + nbytes[None, None, :] / (hbm * eff[None, :, None])
+    err = np.abs(np.log(pred / seconds[None, None, :])).mean(-1)
+    i, j = np.unravel_index(int(np.argmin(err)), err.shape)
+    return StepCost(fixed_us=round(float(fixed[i]) * 1e6, 2), hbm_efficiency=round(float(eff[j]), 4))
+
+
+def fit_steps(points: list[MoEPoint], gpu: GPUSpec) -> dict[str, StepCost]:
+    """Each non-GEMM step's cost, from the points that ran it."""
+    out: dict[str, StepCost] = {}
+    byts: dict[str, list[float]] = {}
+    secs: dict[str, list[float]] = {}
+    for p in points:
+        for name, b in step_bytes(p.work, p.model, pipeline=p.pipeline, dtype=p.dtype).items():
+            if name in p.steps_ms:
+                byts.setdefault(name, []).append(float(b))
+                secs.setdefault(name, []).append(p.steps_ms[name] * 1e-3)
+    for name in byts:
+        out[name] = _grid_step(np.array(byts[name]), np.array(secs[name]), gpu.hbm_GBps * 1e9)
+    return out
+
+
+def _gemm_obs(points: list[MoEPoint], spec: PipelineSpec, gpu: GPUSpec, fp8: bool) -> tuple[np.ndarray, ...]:
+    """Per (point, GEMM): seconds of one wave-quantised pass at full peak, seconds of its bytes at full HBM
+    bandwidth, and the measured seconds."""
+    waves, mem, meas = [], [], []
+    peak = ((gpu.fp8_tflops or 2 * gpu.bf16_tflops) if fp8 else gpu.bf16_tflops) * 1e12
+    for p in points:
+        d, f = p.model.d_model, p.model.d_ff
+        wb = 1.0 if fp8 else 2.0
+        for name, n, k in (("gemm_gate_up", 2 * f, d), ("gemm_down", d, f)):
+            tiles, nbytes = gemm_work(p.work.rows, n, k, spec, weight_bytes=wb, act_bytes=wb, out_bytes=2.0)
+            waves.append(np.ceil(tiles / gpu.sms) * 2.0 * spec.tile_m * spec.tile_n * k / (peak / gpu.sms))
+            mem.append(nbytes / (gpu.hbm_GBps * 1e9))
+            meas.append(p.steps_ms[name] * 1e-3)
+    return np.array(waves, dtype=float), np.array(mem, dtype=float), np.array(meas)
+
+
+def _grid_gemm(w: np.ndarray, m: np.ndarray, t: np.ndarray, effs: np.ndarray, meffs: np.ndarray,
+               fixeds: np.ndarray) -> tuple[float, float, float, float]:
+    """(error, eff, mem eff, fixed) minimising mean |log error| of ``max(w / eff, m / meff) + fixed``."""
+    best = (np.inf, 0.0, 0.0, 0.0)
+    for fx in fixeds:
+        pred = np.maximum(w[None, None, :] / effs[:, None, None], m[None, None, :] / meffs[None, :, None]) + fx
+        err = np.abs(np.log(pred / t[None, None, :])).mean(-1)
+        i, j = np.unravel_index(int(np.argmin(err)), err.shape)
+        if err[i, j] < best[0]:
+            best = (float(err[i, j]), float(effs[i]), float(meffs[j]), float(fx))
+    return best
+
+
+def fit_gemms(points: list[MoEPoint], gpu: GPUSpec, pipeline: str, base: PipelineSpec) -> PipelineSpec:
+    """Tiles, efficiency, weight-read bandwidth share and fixed cost of the bf16 grouped GEMMs; then the FP8
+    efficiency at those."""
+    effs, meffs = np.linspace(0.2, 1.0, 81), np.linspace(0.1, 1.0, 91)
+    fixeds = np.concatenate([[0.0], np.geomspace(2e-6, 2e-4, 30)])
+    bf16 = [p for p in points if p.dtype == "bf16"]
+    best: tuple[float, PipelineSpec] = (np.inf, base)
+    for tm, tn in TILES.get(pipeline, ((128, 128),)):
+        spec = base.model_copy(update={"tile_m": tm, "tile_n": tn})
+        err, eff, meff, fx = _grid_gemm(*_gemm_obs(bf16, spec, gpu, False), effs, meffs, fixeds)
+        if err < best[0]:
+            best = (err, spec.model_copy(update={"gemm_efficiency": round(eff, 4), "gemm_hbm_efficiency": round(meff, 4),
+                                                 "gemm_fixed_us": round(fx * 1e6, 2)}))
+    spec = best[1]
+    fp8 = [p for p in points if p.dtype == "fp8"]
+    if fp8:
+        _, eff, meff, fx = _grid_gemm(*_gemm_obs(fp8, spec, gpu, True), np.linspace(0.1, 1.0, 91), meffs, fixeds)
+        spec = spec.model_copy(update={"fp8_gemm_efficiency": round(eff, 4), "fp8_gemm_hbm_efficiency": round(meff, 4),
+                                       "fp8_gemm_fixed_us": round(fx * 1e6, 2)})
+    return spec
+
+
+def fit_pipelines(points: list[MoEPoint], held: list[bool], gpu: GPUSpec) -> dict[str, PipelineSpec]:
+    """Every pipeline measured in ``points``, fitted on the points not held out."""
+    out = dict(gpu.moe_pipelines)
+    for pipeline in sorted({p.pipeline for p in points}):
+        train = [p for p, h in zip(points, held) if not h and p.pipeline == pipeline]
+        if not any(p.dtype == "bf16" for p in train):
+            raise InputError(f"no bf16 points of pipeline {pipeline!r} to fit its GEMMs on", field="records")
+        base = out.get(pipeline, PipelineSpec())
+        base = base.model_copy(update={"steps": {**base.steps, **fit_steps(train, gpu)}})
+        out[pipeline] = fit_gemms(train, gpu, pipeline, base)
+    return out
+
+
+def one_gpu_a2a_ms(spec: ClusterSpec, nbytes: float, calls: int) -> float:
+    """An all-to-all on one GPU as the network model times it: ``calls`` NCCL launches and a copy to itself."""
+    return calls * spec.a2a_launch_us * 1e-3 + nbytes / spec.gpu.local_copy_bytes_per_s * 1e3
+
+
+def predict_kernels(p: MoEPoint, gpu: GPUSpec) -> tuple[float, dict[str, float]]:
+    """The layer's kernel milliseconds (all-to-alls left out) and each step's, as the kernel model predicts them."""
+    steps = {k: float(v) * 1e3 for k, v in step_times(p.work, p.model, gpu, pipeline=p.pipeline,
+                                                          dtype=p.dtype).items()}
+    return sum(steps.values()), steps
+
+
+def moe_predictions(points: list[MoEPoint], held: list[bool], gpu: GPUSpec) -> list[tuple[str, str, float, float, bool]]:
+    """(kind, label, measured ms, predicted ms, held out) for every point's kernels (kind ``moe-decode`` or
+    ``moe-prefill``) and every step it ran but the all-to-alls (kind ``moe-step:NAME``)."""
+    out = []
+    for p, h in zip(points, held):
+        total, steps = predict_kernels(p, gpu)
+        out.append((f"moe-{p.phase}", p.label, p.kernels_ms, total, h))
+        out += [(f"moe-step:{k}", p.label, p.steps_ms[k], v, h) for k, v in steps.items() if k in p.steps_ms]
+    return out
+
+
+def predict_point(p: MoEPoint, spec: ClusterSpec) -> tuple[float, dict[str, float]]:
+    """The layer's milliseconds and each step's, as the kernel and network models predict them."""
+    steps = {k: float(v) * 1e3 for k, v in step_times(p.work, p.model, spec.gpu, pipeline=p.pipeline,
+                                                          dtype=p.dtype).items()}
+    if "dispatch" in p.steps_ms:  # the measured pipeline ran its all-to-alls (on one GPU: copies to itself)
+        rows = float(np.asarray(p.work.rows).sum())
+        row_bytes = rows * p.model.d_model * p.model.dtype_bytes
+        steps["dispatch"] = one_gpu_a2a_ms(spec, row_bytes + 8.0 * rows, 2)
+        steps["combine"] = one_gpu_a2a_ms(spec, row_bytes, 1)
+    return sum(steps.values()), steps
