@@ -27,8 +27,9 @@ def _cluster_spec(name: str, overrides: list[str]) -> ClusterSpec:
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = value
-    from moesim.study.config import _pydantic_error  # one formatter for every config error
     from pydantic import ValidationError
+
+    from moesim.study.config import _pydantic_error  # one formatter for every config error
 
     try:
         return ClusterSpec(**raw)

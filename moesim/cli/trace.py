@@ -70,10 +70,9 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
 
 def _cmd_fit(args: argparse.Namespace) -> int:
-    from moesim.traces.generator_fit import fit_trace
-    from moesim.traces.fitted_generator import save_params
-    from moesim.traces.fitted_generator import fitted_vs_real
+    from moesim.traces.fitted_generator import fitted_vs_real, save_params
     from moesim.traces.format import load_trace
+    from moesim.traces.generator_fit import fit_trace
 
     trace = load_trace(args.trace, mmap=True)
     t0 = time.perf_counter()
@@ -90,8 +89,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from moesim.traces.fitted_generator import load_params
-    from moesim.traces.fitted_generator import write_fitted_trace
+    from moesim.traces.fitted_generator import load_params, write_fitted_trace
 
     params = load_params(args.params)
     if args.tokens_per_gpu < 1 or args.gpus < 1 or args.batches < 1:
