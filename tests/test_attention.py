@@ -176,7 +176,8 @@ def test_h200_reaches_a_smaller_share_of_its_hbm_than_the_h100():
     from moesim.hardware import ClusterSpec, preset
 
     h100, h200 = (ClusterSpec(**preset(n)).gpu for n in ("dgx-h100", "hgx-h200"))
-    assert (h100.attention_efficiency, h100.attention_fixed_keys) == (h200.attention_efficiency, h200.attention_fixed_keys)
+    assert ((h100.attention_efficiency, h100.attention_fixed_keys)
+            == (h200.attention_efficiency, h200.attention_fixed_keys))
     assert h200.attention_hbm_efficiency < h100.attention_hbm_efficiency
     assert 0.8 < h200.attention_hbm_bytes_per_s / h100.attention_hbm_bytes_per_s < 1.2
 

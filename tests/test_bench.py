@@ -121,8 +121,10 @@ def test_calibrate_fits_attention_alone(bench_files):
     result = calibrate(load_bench([bench_files[2]]))
     assert {p.kind for p in result.predictions} == {"attention", "projection"}
     core = [p for p in result.predictions if p.kind == "attention"]
-    assert len([p for p in core if p.held_out]) == 4 and len(core) == 12  # every third of each (shape, phase) group of six
-    proj = [p for p in result.predictions if p.kind == "projection"]  # qkv and o: every third of each (shape, phase, part)
+    # every third of each (shape, phase) group of six
+    assert len([p for p in core if p.held_out]) == 4 and len(core) == 12
+    # qkv and o: every third of each (shape, phase, part)
+    proj = [p for p in result.predictions if p.kind == "projection"]
     assert len([p for p in proj if p.held_out]) == 8 and len(proj) == 24
     assert all(p.measured_ms > 0 and p.predicted_ms > 0 for p in result.predictions)
     assert set(result.fitted) == {"gpu.attention_efficiency", "gpu.attention_fixed_keys", "gpu.attention_overhead_us",

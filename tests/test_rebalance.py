@@ -241,7 +241,8 @@ def test_verdict_when_rebalancing_loses_names_the_interval_it_would_need():
     assert " costs 1.7% net vs planning once; it would pay only at intervals above about 5.0 batches (" in text
     assert "1 rebalance moved 0.0 GB (1 expert copy), 5.00 ms each" in text
     r = _result([10] * 6, [10, 10, 9.5, 9.5, 9.5, 9.5], stall=[0, 0, 5, 0, 0, 0])
-    assert "above about 10.0 batches, longer than this 6-batch run (break-even: 5.00 ms per rebalance over 0.50 ms" in verdict(r)
+    assert ("above about 10.0 batches, longer than this 6-batch run (break-even: 5.00 ms per rebalance over 0.50 ms"
+            in verdict(r))
 
 
 def test_full_replan_moves_more_than_incremental(stall_result):

@@ -124,9 +124,9 @@ FAMILIES = {  # model class, config: 8 experts, top-2 (top-3 for OLMoE), tiny ev
         "DeepseekV3Config", n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=16,
         first_k_dense_replace=1, n_group=4, topk_group=2, rope_scaling=None, **{**MLA, "q_lora_rank": 16})),
     # top-k of the logits, then softmax over the k
-    "gpt_oss": ("GptOssForCausalLM", lambda: _cfg("GptOssConfig", num_local_experts=8, num_experts_per_tok=2, head_dim=8,
-                                                  layer_types=["sliding_attention", "full_attention",
-                                                               "sliding_attention"])),
+    "gpt_oss": ("GptOssForCausalLM", lambda: _cfg(
+        "GptOssConfig", num_local_experts=8, num_experts_per_tok=2, head_dim=8,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"])),
     # hybrid linear attention: its cache breaks a plain forward call (the capture runs without one)
     "qwen3_next": ("Qwen3NextForCausalLM", lambda: _cfg("Qwen3NextConfig", num_experts=8, num_experts_per_tok=2,
                                                         moe_intermediate_size=16, shared_expert_intermediate_size=16,
@@ -147,7 +147,8 @@ def experts_inputs(model, prompts):
 
     def pre(_mod, args, kwargs):
         a = list(args) + list(kwargs.values())
-        seen.append((a[1].reshape(-1, a[1].shape[-1]).numpy().copy(), a[2].float().reshape(-1, a[2].shape[-1]).numpy().copy()))
+        seen.append((a[1].reshape(-1, a[1].shape[-1]).numpy().copy(),
+                     a[2].float().reshape(-1, a[2].shape[-1]).numpy().copy()))
 
     handles = [m.register_forward_pre_hook(pre, with_kwargs=True) for m in mods]
     out = []
@@ -193,7 +194,8 @@ def test_llama4_router_scores_and_logits():
     experts, weights, _, _ = capture_model(model, PROMPTS)
     routers = [m for _, m, _ in find_routers(model)]
     scores: list = []
-    handles = [r.register_forward_hook(lambda _m, _i, out: scores.append(out[0].float().numpy().copy())) for r in routers]
+    handles = [r.register_forward_hook(lambda _m, _i, out: scores.append(out[0].float().numpy().copy()))
+               for r in routers]
     start = 0
     try:
         for ids in PROMPTS:

@@ -546,7 +546,8 @@ def test_fitted_workload_in_a_scenario(tiny_scenario_data, tmp_path):
     assert [r.name for r in result.runs] == ["contiguous", "greedy"]
     assert result.workloads["1x8-h200"]["tokens"] == 2 * 8 * 32
     data["model"]["top_k"] = 6
-    with pytest.raises(InputError, match=r"s\.yaml: workload\.synthetic\.fitted: .* has top_k=8, the scenario's model has 6"):
+    with pytest.raises(InputError,
+                       match=r"s\.yaml: workload\.synthetic\.fitted: .* has top_k=8, the scenario's model has 6"):
         parse_scenario(data, "s.yaml", tmp_path)
     data["model"]["top_k"] = 8
     data["workload"]["synthetic"]["zipf_alpha"] = 0.5

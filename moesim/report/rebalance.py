@@ -2,7 +2,7 @@
 
 Pure functions of :class:`moesim.study.rebalance.RebalanceResult` (and of sweep rows); files are written by
 the caller into a temporary folder that is moved into place only when complete (:mod:`moesim.report.files`,
-:mod:`moesim.cli_sweep`).
+:mod:`moesim.cli.sweep`).
 """
 
 from __future__ import annotations

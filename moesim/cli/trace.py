@@ -11,7 +11,9 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import IO, Any
 
+from moesim.cli.common import at_least_one
 from moesim.errors import InputError
 from moesim.fileio import atomic_write
 
@@ -47,17 +49,19 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     from moesim.traces.stats import format_stats, plot_stats, trace_stats
 
     trace = load_trace(args.trace, mmap=True)
-    if args.top < 1:
-        raise InputError(f"must be >= 1, got {args.top}", field="--top")
-    if args.window is not None and args.window < 1:
-        raise InputError(f"must be >= 1, got {args.window}", field="--window")
+    at_least_one(args.top, "--top")
+    at_least_one(args.window, "--window")
     if args.layer is not None and not 0 <= args.layer < trace.meta.num_layers:
         raise InputError(f"layer {args.layer} out of range [0, {trace.meta.num_layers})", field="--layer")
     st = trace_stats(trace, top_m=args.top, window=args.window)
     print(format_stats(st, name=str(args.trace), layers=None if args.all_layers else 12))
     if args.json:
         text = json.dumps(st.summary(), indent=1)
-        atomic_write(args.json, lambda fh: fh.write(text + "\n"))
+
+        def write(fh: IO[Any]) -> None:
+            fh.write(text + "\n")
+
+        atomic_write(args.json, write)
         print(f"wrote {args.json}")
     if args.plots:
         written = plot_stats(st, args.plots, layer=args.layer, name=Path(args.trace).name)
@@ -66,10 +70,9 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
 
 def _cmd_fit(args: argparse.Namespace) -> int:
-    from moesim.traces.generator_fit import fit_trace
-    from moesim.traces.fitted_generator import save_params
-    from moesim.traces.fitted_generator import fitted_vs_real
+    from moesim.traces.fitted_generator import fitted_vs_real, save_params
     from moesim.traces.format import load_trace
+    from moesim.traces.generator_fit import fit_trace
 
     trace = load_trace(args.trace, mmap=True)
     t0 = time.perf_counter()
@@ -86,8 +89,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from moesim.traces.fitted_generator import load_params
-    from moesim.traces.fitted_generator import write_fitted_trace
+    from moesim.traces.fitted_generator import load_params, write_fitted_trace
 
     params = load_params(args.params)
     if args.tokens_per_gpu < 1 or args.gpus < 1 or args.batches < 1:
@@ -115,11 +117,18 @@ def _cmd_capture(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_trace_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Register ``moesim trace ...`` on the top-level subparsers."""
     t = sub.add_parser("trace", help="import, capture, inspect and fit routing traces")
     ts = t.add_subparsers(dest="trace_command", required=True)
+    _add_import_parser(ts)
+    _add_stats_parser(ts)
+    _add_fit_parser(ts)
+    _add_generate_parser(ts)
+    _add_capture_parser(ts)
 
+
+def _add_import_parser(ts: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     from moesim.traces.readers import READERS
 
     i = ts.add_parser("import", help="convert CSV / JSONL / numpy routing logs to a .npz trace")
@@ -139,6 +148,8 @@ def add_trace_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
     i.add_argument("--stored", action="store_true", help="write uncompressed (memory-mappable)")
     i.set_defaults(func=_cmd_import)
 
+
+def _add_stats_parser(ts: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     s = ts.add_parser("stats", help="load skew, co-activation, transitions, drift; heatmaps with --plots")
     s.add_argument("trace")
     s.add_argument("--top", type=int, default=8, help="m of the top-m successor / partner shares (8)")
@@ -149,18 +160,23 @@ def add_trace_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
     s.add_argument("--all-layers", action="store_true", help="print every layer (default: the first 12)")
     s.set_defaults(func=_cmd_stats)
 
+
+def _add_fit_parser(ts: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     f = ts.add_parser("fit", help="fit generator parameters (YAML) to a real trace")
     f.add_argument("trace")
     f.add_argument("-o", "--output", required=True, help="parameters YAML to write")
     f.add_argument("--fanout", type=int, default=16, help="successors kept per expert (16)")
     f.add_argument("--rounds", type=int, default=24, help="calibration rounds against simulated samples (24)")
-    f.add_argument("--calibration-tokens", type=int, help="tokens per calibration sample (default: as many as the trace)")
+    f.add_argument("--calibration-tokens", type=int,
+                   help="tokens per calibration sample (default: as many as the trace)")
     f.add_argument("--window", type=int, help="drift window in tokens (default: the trace's batches, or 16 windows)")
     f.add_argument("--check-tokens", type=int, default=32768, help="tokens generated for the printed comparison")
     f.add_argument("--name", help="name stored in the parameters")
     f.add_argument("--seed", type=int, default=0)
     f.set_defaults(func=_cmd_fit)
 
+
+def _add_generate_parser(ts: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     g = ts.add_parser("generate", help="generate a trace from fitted parameters (memory-mappable .npz)")
     g.add_argument("params", help="parameters YAML from 'moesim trace fit' (or a shipped name)")
     g.add_argument("-o", "--output", required=True)
@@ -171,6 +187,8 @@ def add_trace_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
     g.add_argument("--weights", action="store_true", help="also store gate weights")
     g.set_defaults(func=_cmd_generate)
 
+
+def _add_capture_parser(ts: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     c = ts.add_parser("capture", help="run a Hugging Face MoE model over prompts and record its routing "
                                       "(needs pip install -e '.[capture]')")
     c.add_argument("model", help="local model folder, or a hub id already in the Hugging Face cache")

@@ -18,10 +18,15 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from moesim.cli.common import at_least_one
 from moesim.errors import InputError
 from moesim.study.config import check_rebalance_batches
+
+if TYPE_CHECKING:
+    from moesim.study.config import RebalanceConfig, Scenario
+    from moesim.study.plan import ClusterPlan, StudyPlan
 
 
 def _ints(text: str, flag: str) -> list[int]:
@@ -34,64 +39,85 @@ def _ints(text: str, flag: str) -> list[int]:
     return sorted(set(values))
 
 
-def run_sweep(scenario: Any, redundant: list[int], every: list[int], *, window: int | None = None,
+def run_sweep(scenario: Scenario, redundant: list[int], every: list[int], *, window: int | None = None,
               cluster_name: str | None = None, progress: bool = True) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """Sweep rows (one per cluster, redundant count and interval) and, per cluster, the no-replica
     never-rebalanced total (when 0 is among ``redundant``)."""
-    from tqdm import tqdm
+    plan, cfg = _swept_plan(scenario, redundant, every, window=window, cluster_name=cluster_name)
+    rows: list[dict[str, Any]] = []
+    reference: dict[str, float] = {}
+    for cp in plan.clusters:
+        cluster_rows, static_ms = _sweep_cluster(scenario, plan, cp, cfg, redundant, every, progress=progress)
+        rows += cluster_rows
+        if static_ms is not None:
+            reference[cp.cluster.name] = static_ms
+    return rows, reference
 
-    from moesim.report.rebalance import sweep_row
+
+def _swept_plan(scenario: Scenario, redundant: list[int], every: list[int], *, window: int | None,
+                cluster_name: str | None) -> tuple[StudyPlan, RebalanceConfig]:
+    """The study plan with one copy of the rebalanced placement per redundant count, and the rebalance
+    settings with ``window`` applied; every interval is checked against every cluster's workload."""
     from moesim.study.config import PlacementEntry
     from moesim.study.plan import prepare
-    from moesim.study.rebalance import BatchRunner, simulate_rebalancing
 
     cfg = scenario.rebalance
     if cfg is None:
         raise InputError("moesim sweep needs a 'rebalance' section (policy, every_batches, window_batches)",
                          source=scenario.source, field="rebalance")
+    at_least_one(window, "--window")
     if window is not None:
-        if window < 1:
-            raise InputError(f"must be >= 1, got {window}", field="--window")
         cfg = cfg.model_copy(update={"window_batches": window})
     entry = next(p for p in scenario.placements if p.name == cfg.policy)
     entries = [PlacementEntry(name=f"{entry.name} R={red}", policy=entry.policy,
                               options={**entry.options, "redundant_experts": red}) for red in redundant]
     # the scenario checks its own rebalance section against the trace; here the swept one is checked
     checked = scenario.model_copy(update={"rebalance": None})
-    plan = prepare(checked, placements=entries, where={e.name: f"--redundant {red}" for e, red in zip(entries, redundant)},
+    plan = prepare(checked, placements=entries,
+                   where={e.name: f"--redundant {red}" for e, red in zip(entries, redundant)},
                    clusters=None if cluster_name is None else [cluster_name], cluster_field="--cluster")
+    window_field = "--window" if window is not None else "rebalance.window_batches"
     for cp in plan.clusters:  # validate every interval before simulating
         assert cp.workload is not None
         B = cp.workload.layout.num_batches
         if max(every) >= B or min(every) < 1:
             raise InputError(f"intervals must be between 1 and {B - 1} (the workload has {B} batches)",
                              source=scenario.source, field="--every")
-        check_rebalance_batches(min(every), cfg.window_batches, B, scenario.source,
-                                window_field="--window" if window is not None else "rebalance.window_batches")
+        check_rebalance_batches(min(every), cfg.window_batches, B, scenario.source, window_field=window_field)
+    return plan, cfg
 
+
+def _sweep_cluster(scenario: Scenario, plan: StudyPlan, cp: ClusterPlan, cfg: RebalanceConfig, redundant: list[int],
+                   every: list[int], *, progress: bool) -> tuple[list[dict[str, Any]], float | None]:
+    """One cluster's sweep rows, every (redundant count, interval) simulated, and its never-rebalanced total
+    without replicas (None unless 0 is among ``redundant``)."""
+    from tqdm import tqdm
+
+    from moesim.report.rebalance import sweep_row
+    from moesim.study.rebalance import BatchRunner, simulate_rebalancing
+
+    work = cp.workload
+    assert work is not None and cp.problem is not None
+    sim = plan.simulation(cp)
+    runner = BatchRunner(sim, work.trace, work.layout, cp.cluster.tp)
+    total = len(redundant) * len(every) * work.layout.num_batches
     rows: list[dict[str, Any]] = []
-    reference: dict[str, float] = {}
-    for cp in plan.clusters:
-        work = cp.workload
-        assert work is not None and cp.problem is not None
-        sim = plan.simulation(cp)
-        runner = BatchRunner(sim, work.trace, work.layout, cp.cluster.tp)
-        total = len(redundant) * len(every) * work.layout.num_batches
-        with tqdm(total=total, desc=f"{cp.cluster.name} / sweep", unit="batch", disable=not progress,
-                  leave=False) as bar:
-            for red, (e, static) in zip(redundant, cp.placements):
-                for n in every:
-                    result = simulate_rebalancing(scenario, cp.cluster, cp.topology, sim, work.trace, work.layout,
-                                                  cp.problem, static, None, cfg.model_copy(update={"every_batches": n}),
-                                                  options=e.options, runner=runner, progress=bar.update)
-                    rows.append(sweep_row(result, red))
-                    if red == 0:
-                        reference[cp.cluster.name] = float(result.batch_ms["static"].sum())
-    return rows, reference
+    static_ms: float | None = None
+    with tqdm(total=total, desc=f"{cp.cluster.name} / sweep", unit="batch", disable=not progress,
+              leave=False) as bar:
+        for red, (e, static) in zip(redundant, cp.placements):
+            for n in every:
+                result = simulate_rebalancing(scenario, cp.cluster, cp.topology, sim, work.trace, work.layout,
+                                              cp.problem, static, None, cfg.model_copy(update={"every_batches": n}),
+                                              options=e.options, runner=runner, progress=bar.update)
+                rows.append(sweep_row(result, red))
+                if red == 0:
+                    static_ms = float(result.batch_ms["static"].sum())
+    return rows, static_ms
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from moesim.report.rebalance import plot_tradeoff, sweep_break_even, sweep_verdict, write_sweep_csv
+    from moesim.report.rebalance import sweep_verdict
     from moesim.study import load_scenario
 
     scenario = load_scenario(args.scenario)
@@ -106,6 +132,18 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
                     f"net {r['net_gain_pct']:+6.1f}%  gross {r['gross_gain_pct']:+6.1f}%  "
                     f"migration {r['migration_ms']:8.2f} ms  moved {r['GB_moved']:7.1f} GB" for r in rows))
     print("\nVerdict:\n" + "\n".join(f"  {line}" for line in lines))
+    written = _write_sweep(rows, lines, scenario, out, plots_on=not args.no_plots)
+    print(f"\n{len(rows)} settings simulated in {time.perf_counter() - t0:.1f} s; results in {out}/ "
+          f"({', '.join(written)})")
+    return 0
+
+
+def _write_sweep(rows: list[dict[str, Any]], lines: list[str], scenario: Scenario, out: Path, *,
+                 plots_on: bool) -> list[str]:
+    """sweep.csv, sweep.json and (with ``plots_on``) tradeoff.png into ``out``, all or nothing: written into
+    a temporary folder beside it, then moved in. Returns the names written."""
+    from moesim.report.rebalance import plot_tradeoff, sweep_break_even, write_sweep_csv
+
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -113,7 +151,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         (tmp / "sweep.json").write_text(json.dumps({"format": "moesim.sweep/1", "scenario": scenario.name,
                                                     "rows": rows, "break_even": sweep_break_even(rows),
                                                     "verdict": lines}, indent=1) + "\n")
-        if not args.no_plots:
+        if plots_on:
             plot_tradeoff(rows, tmp / "tradeoff.png", f"{scenario.name}: redundant experts x rebalance interval")
         out.mkdir(parents=True, exist_ok=True)
         written = sorted(p.name for p in tmp.iterdir())
@@ -121,12 +159,11 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
             os.replace(tmp / name, out / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"\n{len(rows)} settings simulated in {time.perf_counter() - t0:.1f} s; results in {out}/ "
-          f"({', '.join(written)})")
-    return 0
+    return written
 
 
-def add_sweep_parser(sub: Any) -> None:
+def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Register ``moesim sweep`` on the top-level subparsers."""
     s = sub.add_parser("sweep", help="sweep redundant experts x rebalance intervals of a scenario's rebalance section")
     s.add_argument("scenario")
     s.add_argument("--redundant", required=True, help="redundant-expert counts, e.g. 0,8,16,32")

@@ -1,0 +1,39 @@
+"""Command line: ``moesim run | validate | place | cluster | bench | calibrate | sweep | trace``.
+
+Bad input of any kind prints one line naming the file and field, and exits with status 2, before any
+output file is written.
+
+One module per command group, each registering its subcommands through ``add_parsers``: :mod:`.run` (run,
+validate, place), :mod:`.bench`, :mod:`.calibrate`, :mod:`.sweep`, :mod:`.cluster`, :mod:`.trace`;
+:mod:`.common` holds what several share. This is the top layer: it may import every other one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from moesim.cli import bench, calibrate, cluster, run, sweep, trace
+from moesim.errors import InputError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="moesim", description="Simulate MoE expert placements on GPU clusters.")
+    sub = p.add_subparsers(dest="command", required=True)
+    for group in (run, bench, calibrate, sweep, cluster, trace):  # the order ``moesim --help`` lists them in
+        group.add_parsers(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except InputError as exc:
+        print(f"moesim: error: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # output piped into head or less, closed early: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0

@@ -1,0 +1,81 @@
+"""``moesim bench a2a | ffn | attention``: measure this host's GPUs into the JSON ``moesim calibrate`` fits.
+
+Needs PyTorch (``pip install -e '.[bench]'``); without it the command fails as bad input, naming the extra.
+The measuring itself lives in :mod:`moesim.bench`; this module only picks the shapes and the runner.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from moesim.errors import InputError
+
+
+def _bench_shapes(args: argparse.Namespace) -> dict:
+    """The expert (ffn) or attention (attention) shape of ``--scenario``'s model, to measure instead of the
+    built-in list; scaled down 16x with ``--cpu`` (a plumbing check), as the built-in shapes are."""
+    from moesim.study.config import load_scenario
+
+    if args.what == "a2a":
+        raise InputError("applies to moesim bench ffn, attention and moe (the all-to-all sweep has no model shape)",
+                         field="--scenario")
+    m = load_scenario(args.scenario).model
+    name, scale = m.name or "model", 16 if args.cpu else 1
+    if args.what == "moe":
+        return {name: {"d_model": max(m.d_model // scale, 1), "d_ff": max(m.d_ff // scale, 1),
+                       "num_experts": m.num_experts, "top_k": m.top_k}}
+    if args.what == "ffn":
+        return {name: (max(m.d_model // scale, 1), max(m.d_ff // scale, 1))}
+    if m.num_heads is None:
+        raise InputError("needed for moesim bench attention: give the model's num_heads (and num_kv_heads)",
+                         source=args.scenario, field="model.num_heads")
+    return {name: {"d_model": max(m.d_model // scale, 1), "n_heads": m.num_heads, "n_kv_heads": m.kv_heads,
+                   "head_dim": 16 if args.cpu else m.head_size}}
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise InputError("moesim bench needs PyTorch: pip install -e '.[bench]'") from None
+    shapes = _bench_shapes(args) if args.scenario else None
+    if args.what == "a2a":
+        from moesim.bench import a2a
+
+        path = a2a.run(args.output, args.nproc or 2, cpu=args.cpu)
+    elif args.what == "moe":
+        from moesim.bench import moe
+
+        path = moe.run(args.output, cpu=args.cpu, quick=args.quick, nproc=args.nproc or 1, shapes=shapes,
+                       dtypes=tuple(args.dtypes.split(",")), pipelines=tuple(args.pipelines.split(",")),
+                       log=lambda line: print(line, flush=True))
+    elif args.what == "attention":
+        from moesim.bench import attention
+
+        path = attention.run(args.output, cpu=args.cpu, shapes=shapes, log=lambda line: print(line, flush=True))
+    else:
+        from moesim.bench import ffn
+
+        path = ffn.run(args.output, cpu=args.cpu, shapes=shapes)
+    print(f"wrote {path}; fit it with: moesim calibrate {path} -o cluster.yaml")
+    return 0
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Register ``moesim bench`` on the top-level subparsers."""
+    b = sub.add_parser("bench", help="measure all-to-all, expert-FFN, attention-block or MoE-layer timings on this "
+                       "host's GPUs (needs torch)")
+    b.add_argument("what", choices=["a2a", "ffn", "attention", "moe"],
+                   help="a2a: all-to-all and p2p among --nproc GPUs; ffn: expert FFNs on one GPU; attention: "
+                   "QKV/core/O projections of two attention shapes at tp 1/2/4, prefill and decode, on one GPU; "
+                   "moe: the whole MoE layer's kernel pipeline step by step (moesim/bench/moe.py)")
+    b.add_argument("--nproc", type=int, help="ranks (GPUs of this host): a2a (default 2), moe (default 1)")
+    b.add_argument("--cpu", action="store_true", help="dry run on the CPU (gloo, tiny shapes)")
+    b.add_argument("--scenario", help="measure this scenario's model shape (expert FFN, attention or MoE layer) "
+                   "instead of the built-in list of common MoE shapes")
+    b.add_argument("--quick", action="store_true", help="moe: a handful of points")
+    b.add_argument("--dtypes", default="bf16,fp8", help="moe: expert dtypes (bf16, fp8)")
+    b.add_argument("--pipelines", default="torch_reference,fused", help="moe: pipelines (torch_reference, fused)")
+    b.add_argument("-o", "--output", required=True,
+                   help="folder for the JSON (a2a_<nproc>.json, expert_ffn.json, attention.json or moe.json)")
+    b.set_defaults(func=_cmd_bench)

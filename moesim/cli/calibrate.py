@@ -1,0 +1,127 @@
+"""``moesim calibrate``: fit a preset's hardware parameters to ``moesim bench`` JSON, write a cluster YAML.
+
+Prints the fitted values and the median / max relative error on fitted and held-out points per group; the
+YAML's header repeats the held-out errors, so the file says how far to trust it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+import yaml
+
+from moesim.errors import InputError
+from moesim.fileio import atomic_write
+from moesim.hardware.presets import preset
+
+if TYPE_CHECKING:
+    from moesim.calibration import BenchData, Calibration
+
+# GPU names as torch.cuda.get_device_name reports them -> the preset that models that GPU
+_DEVICE_PRESETS = (("GB200", "gb200-nvl72"), ("B200", "gb200-nvl72"), ("H800", "h800"), ("H200", "hgx-h200"),
+                   ("H100", "dgx-h100"), ("A100", "dgx-a100"))
+
+# point groups whose errors are printed (and, held out, written into the YAML's header): label -> point kinds
+_ERROR_GROUPS = {"network": ("a2a-uniform", "a2a-skew", "p2p"), "expert FFN": ("ffn",),
+                 "attention core": ("attention",), "attention projections": ("projection",),
+                 "MoE layer kernels, decode": ("moe-decode",), "MoE layer kernels, prefill": ("moe-prefill",)}
+
+
+def _rounded(value: Any, digits: int = 4) -> Any:
+    """Floats to ``digits`` significant digits, recursively (fitted values carry no more)."""
+    if isinstance(value, dict):
+        return {k: _rounded(v, digits) for k, v in value.items()}
+    if isinstance(value, float):
+        return float(f"{value:.{digits}g}")
+    return value
+
+
+def _preset_of_device(device: str) -> str | None:
+    return next((name for key, name in _DEVICE_PRESETS if key in device.upper()), None)
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from moesim.calibration import calibrate, load_bench
+
+    data = load_bench(args.bench)
+    if not data.a2a and not data.ffn and not data.attention and not data.moe:
+        raise InputError("no all-to-all, expert-FFN, attention-core or MoE-layer points in the benchmark files")
+    devices = ", ".join(sorted(data.devices))
+    name = _choose_preset(args.preset, data, devices)
+    result = calibrate(data, name, name=args.name)
+    _print_fit(result, data, name, devices)
+    out = Path(args.output)
+    _write_cluster_yaml(result, out, name, args.bench)
+    print(f"wrote {out}: use it in a scenario as clusters: [{{file: {out}, nodes: N}}]")
+    return 0
+
+
+def _choose_preset(asked: str | None, data: BenchData, devices: str) -> str:
+    """The preset to fit: ``--preset`` if given, else the one that models the measured GPU (else hgx-h200)."""
+    matched = {_preset_of_device(d) for d in data.devices}
+    guess = matched.pop() if len(matched) == 1 else None
+    name = asked
+    if name is None:
+        name = guess or "hgx-h200"
+        print(f"fitting the {name} preset's parameters" + (
+            f" (measured on {devices})" if guess else
+            f": no single preset matches the devices measured ({devices}); choose with --preset"))
+    try:
+        preset(name)
+    except KeyError as exc:
+        raise InputError(str(exc.args[0]), field="--preset") from None
+    if guess and guess != name:
+        print(f"note: measured on {devices}, which the {guess} preset models; fitting "
+              f"{name}'s parameters as asked (those not fitted stay {name}'s)")
+    return name
+
+
+def _print_fit(result: Calibration, data: BenchData, name: str, devices: str) -> None:
+    """The points used, the fitted values, and per group the errors on fitted and held-out points."""
+    import numpy as np
+
+    timings = sorted({p.timing for p in data.attention})
+    print(f"calibrated {name} on {len(data.a2a)} all-to-all, {len(data.p2p)} p2p, {len(data.ffn)} FFN, "
+          f"{len(data.attention)} attention-core, {len(data.projections)} attention-projection and "
+          f"{len(data.moe)} MoE-layer"
+          f"{' (' + ' and '.join(timings) + ')' if timings else ''} points from {devices}")
+    for key, value in result.fitted.items():
+        print(f"  {key:26s} {value:10.4g}")
+    print(f"{'points':38s} {'n':>4s} {'median |err|':>13s} {'max |err|':>10s}")
+    steps = tuple(sorted({p.kind for p in result.predictions if p.kind.startswith("moe-step:")}))
+    for label, kinds in {**_ERROR_GROUPS, "MoE pipeline steps": steps}.items():
+        for held in (False, True):
+            e = result.errors(held, kinds)
+            if e.size:
+                print(f"{label + (' held-out' if held else ' fit'):38s} {e.size:4d} {np.median(e) * 100:12.1f}% "
+                      f"{e.max() * 100:9.1f}%")
+
+
+def _write_cluster_yaml(result: Calibration, out: Path, name: str, bench: list[str]) -> None:
+    """The calibrated cluster as YAML (the preset it starts from and the fitted sections), atomically."""
+    import numpy as np
+
+    spec = _rounded(result.spec.model_dump(mode="json"))
+    doc = {"preset": name, **{k: spec[k] for k in ("name", "gpu", "nvlink", "a2a_launch_us")}}
+    held = [f"{label} {np.median(e) * 100:.1f}%" for label, kinds in _ERROR_GROUPS.items()
+            if (e := result.errors(True, kinds)).size]
+    header = (f"# moesim calibrate {' '.join(bench)} --preset {name}\n"
+              f"# held-out median |error|: {', '.join(held) or 'no held-out points'}\n")
+
+    def write(fh: IO[Any]) -> None:
+        fh.write(header + yaml.safe_dump(doc, sort_keys=False))
+
+    atomic_write(out, write)
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Register ``moesim calibrate`` on the top-level subparsers."""
+    cal = sub.add_parser("calibrate", help="fit the hardware model to micro-benchmark JSON and write a cluster YAML")
+    cal.add_argument("bench", nargs="+", help="a2a_<world>.json, expert_ffn*.json and/or attention*.json files")
+    cal.add_argument("--preset", help="preset whose parameters are fitted (default: the one that models the GPU "
+                     "named in the benchmark files, else hgx-h200)")
+    cal.add_argument("--name", help="name of the calibrated cluster")
+    cal.add_argument("-o", "--output", required=True, help="cluster YAML to write")
+    cal.set_defaults(func=_cmd_calibrate)

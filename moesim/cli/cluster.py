@@ -1,0 +1,120 @@
+"""``moesim cluster list | show``: the shipped presets, and one cluster's hardware and topology in words.
+
+``show`` takes a preset name or a cluster YAML file (optionally naming a ``preset`` to start from), with
+``--set KEY=VALUE`` overrides on dotted paths (``--set network.nic_Gbps=200``).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from moesim.cli.common import key_values
+from moesim.errors import InputError
+from moesim.hardware.presets import deep_merge, preset, preset_names
+from moesim.hardware.spec import ClusterSpec
+from moesim.hardware.topology import build_topology
+
+
+def _cluster_spec(name: str, overrides: list[str]) -> ClusterSpec:
+    raw = _read_cluster_file(name) if Path(name).suffix in (".yaml", ".yml") else _preset(name)
+    for key, value in key_values(overrides):
+        node: dict = raw
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    from pydantic import ValidationError
+
+    from moesim.study.config import _pydantic_error  # one formatter for every config error
+
+    try:
+        return ClusterSpec(**raw)
+    except ValidationError as exc:
+        raise _pydantic_error(exc, name, "") from None
+
+
+def _preset(name: str) -> dict[str, Any]:
+    try:
+        return preset(name)
+    except KeyError as exc:
+        raise InputError(str(exc.args[0])) from None
+
+
+def _read_cluster_file(name: str) -> dict[str, Any]:
+    """A cluster YAML file as a mapping, merged over the preset it names (if any)."""
+    try:
+        raw = yaml.safe_load(Path(name).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise InputError(f"cannot read cluster file ({' '.join(str(exc).split())})", source=name) from None
+    if not isinstance(raw, dict):
+        raise InputError("a cluster file must be a YAML mapping", source=name)
+    base: dict = {}
+    if "preset" in raw:
+        try:
+            base = preset(str(raw.pop("preset")))
+        except KeyError as exc:
+            raise InputError(str(exc.args[0]), source=name, field="preset") from None
+    return deep_merge(base, raw)
+
+
+def _nics(spec: ClusterSpec) -> str:
+    """'one 400 Gb/s NIC per GPU' or '2 x 400 Gb/s NICs per node, each shared by 4 GPUs'."""
+    rate = f"{spec.network.nic_Gbps:.0f} Gb/s"
+    if spec.gpus_per_nic == 1:
+        return f"one {rate} NIC per GPU"
+    return f"{spec.nics_per_node_effective} x {rate} NICs per node, each shared by {spec.gpus_per_nic} GPUs"
+
+
+def _cmd_cluster(args: argparse.Namespace) -> int:
+    if args.action == "list":
+        for name in preset_names():
+            spec = ClusterSpec(**preset(name))
+            print(f"{name:12s} {spec.gpus_per_node} x {spec.gpu.name}, {spec.nvlink.name} "
+                  f"{spec.nvlink.GBps:.0f} GB/s, {_nics(spec)}")
+        return 0
+    if not args.name:
+        raise InputError("moesim cluster show needs a preset name or a cluster YAML file")
+    print("\n".join(_describe(_cluster_spec(args.name, args.set or []))))
+    return 0
+
+
+def _describe(spec: ClusterSpec) -> list[str]:
+    """The lines of ``moesim cluster show``: hardware, links, the topology graph and its longest path."""
+    topo = build_topology(spec)
+    g, nv, net = spec.gpu, spec.nvlink, spec.network
+    kinds: dict[str, int] = {}
+    for k in topo.link_kind:
+        kinds[k] = kinds.get(k, 0) + 1
+    fabric = "rail-optimised leaves" if net.rail_optimized else f"{net.nodes_per_leaf} nodes per leaf"
+    lines = [
+        f"{spec.name}: {spec.nodes} node(s) x {spec.gpus_per_node} GPUs = {spec.num_gpus} GPUs",
+        f"  GPU       {g.name}: {g.bf16_tflops:.0f} TFLOP/s bf16 dense (x{g.compute_efficiency} achieved), "
+        f"{g.hbm_GBps:.0f} GB/s HBM (x{g.hbm_efficiency}), {g.memory_GB:.0f} GB, "
+        f"{g.ffn_overhead_us:.0f} us per FFN launch",
+        f"  NVLink    {nv.name}: {nv.GBps:.0f} GB/s per GPU per direction (x{nv.efficiency} = "
+        f"{nv.bytes_per_s / 1e9:.0f} GB/s), {nv.latency_us} us",
+        f"  network   {_nics(spec)} (x{net.nic_efficiency} = {net.nic_bytes_per_s / 1e9:.1f} GB/s each), "
+        f"{net.latency_us} us; {fabric}, oversubscription {net.oversubscription}:1; PCIe {net.pcie_GBps:.0f} GB/s",
+        f"  all-to-all launch {spec.a2a_launch_us} us; "
+        f"expert weights may use {spec.expert_memory_fraction:.0%} of HBM",
+        f"  graph     {topo.graph.number_of_nodes()} nodes, {topo.num_links} directed links "
+        + "(" + ", ".join(f"{v} {k}" for k, v in sorted(kinds.items())) + ")",
+    ]
+    if spec.num_gpus > 1:
+        far = spec.num_gpus - 1
+        path = " -> ".join([topo.link_names[i].split("->")[0] for i in topo.path(0, far)] + [f"gpu{far}"])
+        lines.append(f"  path gpu0 -> gpu{far}: {path} ({topo.path_latency[0, far] * 1e6:.1f} us)")
+    return lines
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Register ``moesim cluster`` on the top-level subparsers."""
+    c = sub.add_parser("cluster", help="show cluster presets")
+    c.add_argument("action", choices=["show", "list"])
+    c.add_argument("name", nargs="?", help="preset name or cluster YAML file")
+    c.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. nodes=2")
+    c.set_defaults(func=_cmd_cluster)

@@ -1,0 +1,119 @@
+"""``moesim run | validate | place``: simulate a scenario, check it without running, or write one placement.
+
+All three go through :func:`moesim.study.prepare`, so a scenario is checked the same way whichever runs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from moesim.cli.common import key_values
+from moesim.errors import InputError
+
+if TYPE_CHECKING:
+    from moesim.study import StudyResult
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from moesim.report.files import write_outputs
+    from moesim.report.text import format_report
+    from moesim.study import load_scenario, run_study
+
+    scenario = load_scenario(args.scenario)
+    out = Path(args.output) if args.output else scenario.output
+    t0 = time.perf_counter()
+    result = run_study(scenario, progress=False if args.quiet else None)
+    wall = time.perf_counter() - t0
+    print(format_report(result.metrics(), scenario.baseline))
+    _print_solves(result)
+    if result.rebalance:  # the scenario's rebalance section (moesim.study.rebalance)
+        _print_rebalancing(result)
+    written = write_outputs(result, out, plots_on=not args.no_plots)
+    print(f"\n{len(result.runs)} runs simulated in {wall:.1f} s; results in {out}/ "
+          f"({', '.join(p.name for p in written if p.parent == out)})")
+    return 0
+
+
+def _print_solves(result: StudyResult) -> None:
+    """One line per optimised placement: its solver's verdict (nothing when no placement was solved)."""
+    from moesim.report.text import solve_summary
+
+    solves = [(r, solve_summary(r.placement.info)) for r in result.runs]
+    if any(line for _, line in solves):
+        print("\nOptimising placements (gap: how far above the proven lower bound; see docs/ilp.md):")
+        print("\n".join(f"  {r.cluster.name} / {r.name}: {line}" for r, line in solves if line))
+
+
+def _print_rebalancing(result: StudyResult) -> None:
+    from moesim.report.files import rebalance_infos
+    from moesim.report.rebalance import verdict as rebalance_verdict
+
+    infos = rebalance_infos(result)
+    print("\nRebalancing:\n"
+          + "\n".join(f"  {rebalance_verdict(r, infos.get(r.cluster))}" for r in result.rebalance))
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from moesim.study import load_scenario, prepare
+
+    scenario = load_scenario(args.scenario)
+    prepare(scenario, build=False)
+    names = ", ".join(f"{c.name} ({c.spec.num_gpus} GPUs, EP{c.ep}" + (f" x TP{c.tp})" if c.tp > 1 else ")")
+                      for c in scenario.clusters)
+    print(f"{args.scenario}: ok - {len(scenario.clusters)} cluster(s): {names}; "
+          f"{len(scenario.placements)} placement(s); baseline {scenario.baseline}")
+    return 0
+
+
+def _cmd_place(args: argparse.Namespace) -> int:
+    from moesim.placement.format import save_placement
+    from moesim.placement.registry import policy_names
+    from moesim.report.text import solve_summary
+    from moesim.study import load_scenario, prepare
+    from moesim.study.config import PlacementEntry
+
+    if args.list:
+        print("\n".join(policy_names()))
+        return 0
+    if not args.scenario or not args.policy or not args.output:
+        raise InputError("moesim place needs SCENARIO, --policy and -o (or --list)")
+    scenario = load_scenario(args.scenario)
+    options = dict(key_values(args.set))
+    if args.policy not in policy_names():
+        raise InputError(f"unknown policy {args.policy!r}; valid: {', '.join(policy_names())}", field="--policy")
+    entry = PlacementEntry(name=args.policy, policy=args.policy, options=options)
+    plan = prepare(scenario, placements=[entry], where={entry.name: f"--policy {args.policy}"},
+                   clusters=[args.cluster or scenario.clusters[0].name], cluster_field="--cluster")
+    cp = plan.clusters[0]
+    placement = cp.placement(entry.name)
+    save_placement(placement, args.output)
+    print(f"wrote {args.output}: {args.policy} for {cp.cluster.name} (EP{cp.cluster.ep}), "
+          f"{placement.num_layers} layers x {placement.num_experts} experts")
+    solved = solve_summary(placement.info)
+    if solved:
+        print(f"  {solved}")
+    return 0
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Register ``moesim run``, ``moesim validate`` and ``moesim place`` on the top-level subparsers."""
+    r = sub.add_parser("run", help="simulate a scenario and write results")
+    r.add_argument("scenario")
+    r.add_argument("-o", "--output", help="output folder (default: the scenario's 'output', or results/NAME)")
+    r.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    r.add_argument("--no-plots", action="store_true")
+    r.set_defaults(func=_cmd_run)
+    v = sub.add_parser("validate", help="check a scenario without running it")
+    v.add_argument("scenario")
+    v.set_defaults(func=_cmd_validate)
+    pl = sub.add_parser("place", help="compute a placement with a registered policy and write it as JSON")
+    pl.add_argument("scenario", nargs="?")
+    pl.add_argument("--policy")
+    pl.add_argument("--cluster", help="cluster name in the scenario (default: the first)")
+    pl.add_argument("--set", action="append", metavar="KEY=VALUE", help="policy option")
+    pl.add_argument("-o", "--output")
+    pl.add_argument("--list", action="store_true", help="list the registered policies")
+    pl.set_defaults(func=_cmd_place)
