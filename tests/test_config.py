@@ -38,7 +38,8 @@ def test_defaults(tiny_scenario_data):
     sc = parse_scenario(tiny_scenario_data, "x/tiny.yaml")
     assert sc.baseline == "contiguous"  # the first placement
     assert sc.name == "tiny" and sc.output == Path("results/tiny")
-    assert sc.engine.dispatch == "per_gpu" and sc.engine.rate_tolerance == 0.01
+    assert sc.engine.dispatch is None and sc.engine.rate_tolerance == 0.01
+    assert sc.engine.options().moe_kernels == "torch_reference" and not sc.engine.options().dedup  # a row per pick
     assert [p.name for p in sc.placements] == ["contiguous", "round_robin", "random", "greedy"]
     assert sc.placements[2].options == {"seed": 1}
 

@@ -15,7 +15,7 @@ from moesim.sim.engine import GPU_FIELDS
 from moesim.traces import Trace, TraceMeta
 from moesim.traces.model import ModelSpec
 
-EXACT = EngineOptions(rate_tolerance=0.0)
+EXACT = EngineOptions(rate_tolerance=0.0, moe_kernels="ffn")  # the expert FFNs alone: their closed form below
 
 
 def make_trace(experts: np.ndarray, num_experts: int) -> Trace:

@@ -56,10 +56,11 @@ _ATTENTION_H100 = {k: _H100["gpu"][k] for k in ("attention_efficiency", "attenti
                                                  "attention_hbm_efficiency", "dense_efficiency")}
 
 
-def _gpu(name: str, tflops: float, hbm_GBps: float, memory_GB: float) -> dict[str, Any]:
-    """A GPU that was not measured: the H200's fitted FFN efficiencies and the H100's attention fit (both
-    assumed), its local copy scaled by HBM bandwidth."""
-    return {"name": name, "bf16_tflops": tflops, "hbm_GBps": hbm_GBps, "memory_GB": memory_GB, **_FITTED_GPU,
+def _gpu(name: str, tflops: float, hbm_GBps: float, memory_GB: float, sms: int) -> dict[str, Any]:
+    """A GPU that was not measured: the H200's fitted FFN efficiencies and MoE kernel pipelines and the H100's
+    attention fit (all assumed), its local copy scaled by HBM bandwidth."""
+    return {"name": name, "bf16_tflops": tflops, "hbm_GBps": hbm_GBps, "memory_GB": memory_GB, "sms": sms,
+            **_FITTED_GPU, "moe_pipelines": _H200["gpu"]["moe_pipelines"],
             **_ATTENTION_H100, "local_copy_GBps": round(_LOCAL_COPY_PER_HBM * hbm_GBps, 1)}
 
 
@@ -108,7 +109,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "name": "dgx-a100",
         "nodes": 1,
         "gpus_per_node": 8,
-        "gpu": _gpu("A100-SXM-80GB", 312.0, 2039.0, 80.0),
+        "gpu": _gpu("A100-SXM-80GB", 312.0, 2039.0, 80.0, 108),
         "nvlink": {"name": "nvlink3", "GBps": 300.0, **_FITTED_NVLINK},
         "network": {**_CX7_400G, "nic_Gbps": 200.0},
         "a2a_launch_us": _A2A_LAUNCH_US,
@@ -120,7 +121,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "name": "gb200-nvl72",
         "nodes": 1,
         "gpus_per_node": 72,
-        "gpu": _gpu("B200-GB200", 2500.0, 8000.0, 186.0),
+        "gpu": _gpu("B200-GB200", 2500.0, 8000.0, 186.0, 148),
         "nvlink": {"name": "nvlink5", "GBps": 900.0, **_FITTED_NVLINK},
         "network": dict(_CX7_400G),
         "a2a_launch_us": _A2A_LAUNCH_US,

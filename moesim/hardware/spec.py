@@ -36,10 +36,6 @@ class StepCost(StrictModel):
     hbm_efficiency: float = Field(default=1.0, gt=0, le=1)
 
 
-def _steps(**fixed_eff: tuple[float, float]) -> dict[str, StepCost]:
-    return {k: StepCost(fixed_us=f, hbm_efficiency=e) for k, (f, e) in fixed_eff.items()}
-
-
 class PipelineSpec(StrictModel):
     """How one MoE kernel pipeline runs on this GPU: its grouped-GEMM tiling and rates, and every other
     step's cost. Fitted by ``moesim calibrate`` on ``moesim bench moe`` timings."""
@@ -59,13 +55,15 @@ class PipelineSpec(StrictModel):
     steps: dict[str, StepCost] = Field(default_factory=dict, description="every other step's cost, by name")
 
 
-DEFAULT_PIPELINES = {  # unfitted starting points; the presets ship fitted values (hardware/calibrated/*.yaml)
-    "torch_reference": PipelineSpec(steps=_steps(router=(150, 0.5), permute=(330, 0.5), regroup=(100, 0.5),
-                                                 quant=(40, 0.3), activation=(12, 0.4), quant_down=(30, 0.3),
-                                                 unregroup=(10, 0.3), reduce=(30, 0.15))),
-    "fused": PipelineSpec(tile_m=64, steps=_steps(router=(150, 0.5), align=(450, 1.0), activation=(5, 0.7),
-                                                  reduce=(8, 0.7))),
-}
+def measured_pipelines() -> dict[str, PipelineSpec]:
+    """The MoE kernel pipelines as fitted on one H200 (``calibrated/hgx-h200.yaml``, from ``moesim bench moe``):
+    the default of a GPU given without its own fit, whose shares of peak and HBM bandwidth are then assumed."""
+    from importlib import resources
+
+    import yaml
+
+    text = resources.files("moesim.hardware").joinpath("calibrated", "hgx-h200.yaml").read_text()
+    return {k: PipelineSpec(**v) for k, v in yaml.safe_load(text)["gpu"]["moe_pipelines"].items()}
 
 
 class GPUSpec(StrictModel):
@@ -97,7 +95,7 @@ class GPUSpec(StrictModel):
                                                    description="share of HBM bandwidth the attention core reaches "
                                                                "reading K and V (default hbm_efficiency)")
     sms: int = Field(default=132, ge=1, description="streaming multiprocessors (GEMM tiles run in waves over them)")
-    moe_pipelines: dict[str, PipelineSpec] = Field(default_factory=lambda: dict(DEFAULT_PIPELINES),
+    moe_pipelines: dict[str, PipelineSpec] = Field(default_factory=measured_pipelines,
                                                    description="the MoE kernel pipelines on this GPU, by name")
 
     @field_validator("fp8_tflops", mode="after")

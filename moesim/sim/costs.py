@@ -18,8 +18,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from moesim.hardware.spec import GPUSpec
 from moesim.hardware.topology import Topology
+from moesim.sim.compute import expert_time
 from moesim.sim.engine import EngineOptions
+from moesim.sim.kernels import LayerWork, phase_times
 from moesim.traces.model import ModelSpec
 
 
@@ -43,30 +46,62 @@ def a2a_copies(options: EngineOptions) -> str:
     return "gpu" if options.a2a == "direct" and options.dedup else "expert"
 
 
-def compute_s_per_pair(topo: Topology, model: ModelSpec, tp: int) -> float:
-    """Seconds of expert GEMM work per token-expert pair on an EP rank (its ``tp`` GPUs share it)."""
-    return 6.0 * model.d_model * model.d_ff / tp / topo.cluster.gpu.flops_per_s
+def expert_seconds(rows_per_rank: np.ndarray, model: ModelSpec, gpu: GPUSpec, tp: int, options: EngineOptions,
+                   experts_per_rank: int) -> np.ndarray:
+    """Seconds of an EP rank's expert side (what the engine times between dispatch and combine) for
+    ``rows_per_rank`` token-expert pairs spread evenly over its ``experts_per_rank`` experts."""
+    rows = np.asarray(rows_per_rank, dtype=float)
+    per_expert = np.repeat((rows / experts_per_rank)[..., None], experts_per_rank, axis=-1)
+    if options.moe_kernels == "ffn":
+        return expert_time(per_expert, model, gpu, tp=tp, grouped=options.grouped)
+    work = LayerWork(home=np.zeros_like(rows), sent=np.zeros_like(rows), rows=per_expert)
+    return phase_times(work, model, gpu, pipeline=options.moe_kernels, tp=tp, dtype=options.expert_dtype)[1]
+
+
+def compute_s_per_pair(topo: Topology, model: ModelSpec, tp: int, options: EngineOptions,
+                       tokens_per_gpu: float) -> float:
+    """Marginal seconds of expert work per token-expert pair on an EP rank at the workload's operating point
+    (``tokens_per_gpu`` x top-k x tp pairs per rank): the secant of :func:`expert_seconds` over +-25% of it,
+    so tile padding, waves and weight reads count as the engine counts them."""
+    ep = topo.cluster.num_gpus // tp
+    experts = -(-model.num_experts // ep)
+    r0 = max(float(tokens_per_gpu) * model.top_k * tp, 1.0)
+    lo, hi = expert_seconds(np.array([0.75 * r0, 1.25 * r0]), model, topo.cluster.gpu, tp, options, experts)
+    return float(hi - lo) / (0.5 * r0)
 
 
 def rank_seconds_per_byte(topo: Topology, tp: int) -> np.ndarray:
-    """[EP, EP] seconds per byte between EP ranks: NVLink inside a node, the NICs across nodes.
+    """[EP, EP] seconds per byte between EP ranks under a uniform all-to-all, from the topology's own links.
 
-    A rank's ``tp`` GPUs each carry 1/tp of its traffic on their own links; GPUs that share a NIC get an
-    equal share of it (all send at once in an all-to-all).
+    Every GPU sends to every other, flows sharing a link equally. A link crossed by ``L`` flows, ``m`` of
+    them from the pair's sender and ``n`` to its receiver, costs the pair ``L / (max(m, n) x capacity)`` per
+    byte: summed over the sender's (or receiver's) flows that is the time the link needs for all of them, so
+    NVLink ports (one GPU's flows), NICs shared by several GPUs, PCIe and a leaf's oversubscribed uplinks
+    each count as they load. A pair pays its path's tightest link; a rank's ``tp`` GPUs each carry 1/tp of
+    its traffic on their own paths.
     """
-    spec = topo.cluster
-    ep = spec.num_gpus // tp
-    node = np.arange(ep) * tp // spec.gpus_per_node
-    same = node[:, None] == node[None, :]
-    inter = spec.gpus_per_nic / (tp * spec.network.nic_bytes_per_s) if spec.nodes > 1 else 0.0
-    out = np.where(same, 1.0 / (tp * spec.nvlink.bytes_per_s), inter)
+    G, nl = topo.num_gpus, topo.num_links
+    ep = G // tp
+    lengths = np.diff(topo.path_ptr)
+    pair = np.repeat(np.arange(G * G), lengths)
+    src, dst, link = pair // G, pair % G, topo.path_idx
+    flows = np.bincount(link, minlength=nl).astype(float)
+    per_src = np.bincount(src * nl + link, minlength=G * nl)
+    per_dst = np.bincount(dst * nl + link, minlength=G * nl)
+    cost = flows[link] / (np.maximum(per_src[src * nl + link], per_dst[dst * nl + link]) * topo.capacity[link])
+    worst = np.zeros(G * G)
+    starts = topo.path_ptr[:-1][lengths > 0]
+    worst[lengths > 0] = np.maximum.reduceat(cost, starts)
+    first = np.arange(ep) * tp
+    out = worst.reshape(G, G)[np.ix_(first, first)] / tp
     np.fill_diagonal(out, 0.0)
     return out
 
 
-def hardware_costs(topo: Topology, model: ModelSpec, *, tp: int, options: EngineOptions) -> HardwareCosts:
-    """The placement cost terms of ``model`` on ``topo`` under the engine ``options``."""
-    return HardwareCosts(compute_s_per_pair=compute_s_per_pair(topo, model, tp),
+def hardware_costs(topo: Topology, model: ModelSpec, *, tp: int, options: EngineOptions,
+                   tokens_per_gpu: float) -> HardwareCosts:
+    """The placement cost terms of ``model`` on ``topo`` under the engine ``options``, at ``tokens_per_gpu``."""
+    return HardwareCosts(compute_s_per_pair=compute_s_per_pair(topo, model, tp, options, tokens_per_gpu),
                          rank_s_per_byte=rank_seconds_per_byte(topo, tp),
                          dispatch_bytes=float(model.dispatch_bytes), combine_bytes=float(model.combine_bytes),
                          a2a_copies=a2a_copies(options), coherent=options.dataflow == "coherent")

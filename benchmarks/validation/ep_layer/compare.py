@@ -42,7 +42,7 @@ def main() -> None:
         "workload": {"trace": {"file": "trace.npz"}},
         "placements": [{"file": f"{n}.json"} for n in names],
         "baseline": names[0],
-        "engine": {"dispatch": "per_gpu", "expert_kernel": "per_expert", "rate_tolerance": 0.0, "progress": False},
+        "engine": {"moe_kernels": "ffn", "dispatch": "per_gpu", "expert_kernel": "per_expert", "rate_tolerance": 0.0, "progress": False},
     }, str(HERE / "compare.py"), HERE)
     result = run_study(scenario)
     print(f"{'placement':12s} {'phase':9s} {'measured ms':>12s} {'moesim ms':>10s} {'error':>7s}")
@@ -104,7 +104,7 @@ def one_gpu(gpu: str = "h200") -> dict[str, dict[str, tuple[float, float]]]:
                           "d_model": measured["d_model"], "d_ff": measured["d_ff"], **heads},
                 "workload": {"trace": {"file": str(path), "tokens_per_gpu": n}, **attention},
                 "placements": ["contiguous"],
-                "engine": {"dispatch": "per_gpu", "expert_kernel": "per_expert", "rate_tolerance": 0.0,
+                "engine": {"moe_kernels": "ffn", "dispatch": "per_gpu", "expert_kernel": "per_expert", "rate_tolerance": 0.0,
                            "progress": False},
             }, str(HERE / "compare.py"), HERE)
             g = run_study(scenario).runs[0].records.gpu
