@@ -1,0 +1,133 @@
+"""The monolithic joint ILP (docs/ilp.md, "Linearisation"; ``method: joint``), in PuLP.
+
+Binaries ``x[l, e, g]``, the communication products linearised exactly for two-tier costs, memory as a
+hard constraint. For small instances only (it does not scale); ignores the dispatch term.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pulp
+
+from moesim.errors import InputError
+from moesim.placement.ilp.costs import CostModel, evaluate
+from moesim.placement.ilp_solver import new_var, solve
+from moesim.placement.registry import PlacementProblem
+
+_JOINT_LIMIT = 200_000  # variables of the monolithic joint ILP (method: joint)
+
+
+
+def joint_model(problem: PlacementProblem, cm: CostModel, layers: range | None = None,
+                fixed: dict[int, np.ndarray] | None = None) -> tuple[pulp.LpProblem, dict[tuple[int, int, int], Any]]:
+    """The monolithic MoETuner-style ILP (docs/ilp.md, "Linearisation") over ``layers``; ``fixed`` pins some layers.
+
+    Needs a two-tier cost (``CostModel.two_tier``). Returns the model and its ``x[l, e, g]`` binaries.
+    """
+    tiers = cm.two_tier
+    if tiers is None:
+        raise InputError("the joint ILP needs same-node and cross-node costs that are uniform per tier",
+                         field="rank_s_per_byte")
+    s_in, s_out = tiers
+    E, G, gpn, slots = problem.num_experts, problem.num_gpus, problem.gpus_per_node, problem.slots_per_gpu
+    layers = layers if layers is not None else range(problem.num_layers)
+    Ls = list(layers)
+    R = problem.transition_counts()
+    N = -(-G // gpn)
+    m = pulp.LpProblem("moetuner_joint", pulp.LpMinimize)
+    x = {(l, e, g): new_var(m, f"x_{l}_{e}_{g}", 0, 1, cat="Binary") for l in Ls for e in range(E) for g in range(G)}
+    objective = []
+    for l in Ls:
+        C = new_var(m, f"C_{l}", 0)
+        for e in range(E):
+            m += pulp.lpSum(x[l, e, g] for g in range(G)) == 1, f"one_rank_{l}_{e}"
+        for g in range(G):
+            m += pulp.lpSum(x[l, e, g] for e in range(E)) <= slots, f"slots_{l}_{g}"
+            m += C >= pulp.lpSum(float(problem.load[l, e]) * x[l, e, g] for e in range(E)), f"tail_{l}_{g}"
+        objective.append(cm.w_compute * cm.t_pair * C)
+        if fixed and l in fixed:
+            for e in range(E):
+                m += x[l, e, int(fixed[l][e])] == 1, f"fixed_{l}_{e}"
+    if problem.memory_slots is not None:
+        for g in range(G):
+            m += pulp.lpSum(x[l, e, g] for l in Ls for e in range(E)) <= problem.memory_slots, f"memory_{g}"
+    for l in Ls[:-1]:
+        if cm.w_comm == 0 and cm.w_affinity == 0:
+            break
+        send: list[list[Any]] = [[] for _ in range(G)]
+        for e, f in zip(*np.nonzero(R[l])):
+            w = float(R[l, e, f]) * cm.bytes
+            for g in range(G):
+                d = new_var(m, f"d_{l}_{e}_{f}_{g}", 0)
+                m += d >= x[l, e, g] - x[l + 1, f, g]
+                send[g].append(w * s_in * d)
+                if N > 1 and s_out != s_in:
+                    n = g // gpn
+                    q = new_var(m, f"q_{l}_{e}_{f}_{g}", 0)
+                    m += q >= x[l, e, g] - pulp.lpSum(x[l + 1, f, h] for h in range(n * gpn, min(G, (n + 1) * gpn)))
+                    send[g].append(w * (s_out - s_in) * q)
+        M = new_var(m, f"M_{l}", 0)
+        for g in range(G):
+            m += M >= pulp.lpSum(send[g]), f"send_{l}_{g}"
+        objective.append(cm.w_comm * M + cm.w_affinity / G * pulp.lpSum(t for row in send for t in row))
+    if not fixed or Ls[0] not in fixed:  # symmetry: ranks are interchangeable, so expert 0 starts on rank 0
+        m += x[Ls[0], 0, 0] == 1, "symmetry"
+        if N == 1:
+            for e in range(E):
+                for g in range(e + 1, G):
+                    m += x[Ls[0], e, g] == 0, f"symmetry_{e}_{g}"
+    m += pulp.lpSum(objective)
+    return m, x
+
+
+
+def _canonical(assign: np.ndarray, gpn: int, G: int) -> np.ndarray:
+    """Relabel ranks (nodes, then ranks in nodes) so layer 0 meets the joint model's symmetry rows."""
+    N = G // gpn
+    first = assign[0]
+    node_order, seen = [], set()
+    for e in range(first.size):
+        n = int(first[e]) // gpn
+        if n not in seen:
+            seen.add(n)
+            node_order.append(n)
+    node_order += [n for n in range(N) if n not in seen]
+    perm = np.empty(G, dtype=np.int64)
+    for new_n, n in enumerate(node_order):
+        local_order, lseen = [], set()
+        for e in range(first.size):
+            g = int(first[e])
+            if g // gpn == n and g not in lseen:
+                lseen.add(g)
+                local_order.append(g)
+        local_order += [g for g in range(n * gpn, (n + 1) * gpn) if g not in lseen]
+        for j, g in enumerate(local_order):
+            perm[g] = new_n * gpn + j
+    return perm[assign]
+
+
+
+def solve_joint(problem: PlacementProblem, cm: CostModel, incumbent: np.ndarray, *, solver: str,
+                time_limit_s: float, gap: float) -> tuple[np.ndarray, float, str]:
+    """Solve the joint ILP from ``incumbent``: (best assignment, proven lower bound, status)."""
+    model, x = joint_model(problem, cm)
+    G, gpn = problem.num_gpus, problem.gpus_per_node
+    start = _canonical(incumbent, gpn, G) if G % gpn == 0 else incumbent
+    for (l, e, g), var in x.items():
+        var.setInitialValue(1 if start[l, e] == g else 0)
+    inc_val = evaluate(problem, start, cm).total
+    res = solve(model, solver=solver, time_limit_s=time_limit_s, gap=gap, incumbent=inc_val * (1 + 1e-9),
+                warm_start=True)
+    if res.status == "infeasible" and res.objective is None and not np.isfinite(res.bound):
+        raise InputError("joint ILP infeasible", field="memory_slots")
+    best = start
+    if res.objective is not None:
+        sol = np.zeros_like(start)
+        for (l, e, g), var in x.items():
+            if (var.value() or 0) > 0.5:
+                sol[l, e] = g
+        if evaluate(problem, sol, cm).total < inc_val:
+            best = sol
+    return best, res.bound, res.status
