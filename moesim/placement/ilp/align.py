@@ -59,7 +59,6 @@ def linear_assignment(cost: np.ndarray) -> np.ndarray:
     return col
 
 
-
 def _align_cost(problem: PlacementProblem, assign: np.ndarray, l: int, cm: CostModel) -> np.ndarray:
     """[c, g]: linear (mean-send) cost of moving layer l's rank-c cluster onto rank g, neighbours fixed."""
     G = problem.num_gpus
@@ -75,7 +74,6 @@ def _align_cost(problem: PlacementProblem, assign: np.ndarray, l: int, cm: CostM
         T = onehot.T @ R[l] @ nxt  # [c, g']
         cost += T @ cm.s.T
     return cost * cm.bytes
-
 
 
 def align_layers(problem: PlacementProblem, assign: np.ndarray, cm: CostModel, *, sweeps: int = 2,

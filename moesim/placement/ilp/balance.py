@@ -8,16 +8,17 @@ budget (deterministic work). Models the compute tail only: no traffic, no other 
 from __future__ import annotations
 
 import time
+from functools import partial
 
 import numpy as np
 import pulp
 
 from moesim.placement.ilp.costs import layer_max_load
+from moesim.placement.ilp.search import Move, descend
 from moesim.placement.ilp_solver import new_var, solve
 from moesim.placement.policies import lpt
 
 _NODE_LIMIT = 200  # branch-and-bound nodes per neighbourhood ILP: deterministic work, not wall time
-
 
 
 def load_lower_bound(load_row: np.ndarray, G: int, slots: int) -> float:
@@ -34,50 +35,33 @@ def load_lower_bound(load_row: np.ndarray, G: int, slots: int) -> float:
     return float(lb)
 
 
+def _heaviest_rank_move(p: np.ndarray, a: np.ndarray, bl: np.ndarray, cnt: np.ndarray, *, slots: int) -> Move | None:
+    """The swap or move of an expert off the heaviest rank that lowers the pair's maximum most (strictly)."""
+    m = int(np.argmax(bl))
+    top = bl[m]
+    mine = np.flatnonzero(a == m)
+    others = np.flatnonzero(a != m)
+    best, move = top, None
+    if others.size:  # swaps: i (on m) <-> j (elsewhere), delta = p_i - p_j > 0
+        delta = p[mine][:, None] - p[others][None, :]
+        new = np.maximum(top - delta, bl[a[others]][None, :] + delta)
+        new = np.where(delta > 1e-12, new, np.inf)
+        k = int(np.argmin(new))
+        if new.flat[k] < best - 1e-9 * max(top, 1.0):
+            best, move = new.flat[k], ("swap", mine[k // others.size], others[k % others.size])
+    free = np.flatnonzero(cnt < slots)
+    free = free[free != m]
+    if free.size:  # moves: i (on m) -> a rank with a free slot
+        new = np.maximum(top - p[mine][:, None], bl[free][None, :] + p[mine][:, None])
+        k = int(np.argmin(new))
+        if new.flat[k] < best - 1e-9 * max(top, 1.0):
+            best, move = new.flat[k], ("move", mine[k // free.size], free[k % free.size])
+    return move
+
 
 def improve_layer(load_row: np.ndarray, a: np.ndarray, G: int, slots: int, max_iter: int = 10_000) -> np.ndarray:
     """Swap and move experts off the heaviest rank while that strictly lowers the pair's maximum."""
-    p = np.asarray(load_row, dtype=float)
-    a = a.copy()
-    bl = np.bincount(a, weights=p, minlength=G)
-    cnt = np.bincount(a, minlength=G)
-    for _ in range(max_iter):
-        m = int(np.argmax(bl))
-        top = bl[m]
-        mine = np.flatnonzero(a == m)
-        others = np.flatnonzero(a != m)
-        best, move = top, None
-        if others.size:  # swaps: i (on m) <-> j (elsewhere), delta = p_i - p_j > 0
-            delta = p[mine][:, None] - p[others][None, :]
-            new = np.maximum(top - delta, bl[a[others]][None, :] + delta)
-            new = np.where(delta > 1e-12, new, np.inf)
-            k = int(np.argmin(new))
-            if new.flat[k] < best - 1e-9 * max(top, 1.0):
-                best, move = new.flat[k], ("swap", mine[k // others.size], others[k % others.size])
-        free = np.flatnonzero(cnt < slots)
-        free = free[free != m]
-        if free.size:  # moves: i (on m) -> a rank with a free slot
-            new = np.maximum(top - p[mine][:, None], bl[free][None, :] + p[mine][:, None])
-            k = int(np.argmin(new))
-            if new.flat[k] < best - 1e-9 * max(top, 1.0):
-                best, move = new.flat[k], ("move", mine[k // free.size], free[k % free.size])
-        if move is None:
-            break
-        if move[0] == "swap":
-            i, j = move[1], move[2]
-            gi, gj = a[i], a[j]
-            a[i], a[j] = gj, gi
-            bl[gi] += p[j] - p[i]
-            bl[gj] += p[i] - p[j]
-        else:
-            i, g = move[1], move[2]
-            bl[a[i]] -= p[i]
-            cnt[a[i]] -= 1
-            a[i] = g
-            bl[g] += p[i]
-            cnt[g] += 1
-    return a
-
+    return descend(load_row, a, G, partial(_heaviest_rank_move, slots=slots), max_iter)
 
 
 def _pack_ilp(p: np.ndarray, bins: int, slots: np.ndarray, *, solver: str, time_limit_s: float, gap: float,
@@ -103,7 +87,6 @@ def _pack_ilp(p: np.ndarray, bins: int, slots: np.ndarray, *, solver: str, time_
         return None, res.bound, res.status
     out = np.array([max(range(bins), key=lambda b: x[i, b].value() or 0) for i in range(n)])
     return out, res.bound, res.status
-
 
 
 def balance_layer(load_row: np.ndarray, G: int, slots: int, *, gap: float, solver: str, deadline: float,

@@ -13,7 +13,6 @@ from moesim.placement.registry import PlacementProblem
 METHODS = ("auto", "exact", "joint", "decompose")
 
 
-
 def check_feasible(problem: PlacementProblem) -> None:
     """One-line InputError naming the constraint an instance cannot meet."""
     E, G, s, L = problem.num_experts, problem.num_gpus, problem.slots_per_gpu, problem.num_layers
@@ -30,10 +29,15 @@ def check_feasible(problem: PlacementProblem) -> None:
         raise InputError(f"load must be [{L}, {E}], got {list(problem.load.shape)}", field="load")
 
 
-
 def check_options(method: str, time_limit_s: float, gap: float) -> None:
+    """The ``ilp`` policy's method, time limit and relative gap."""
     if method not in METHODS:
         raise InputError(f"must be one of {', '.join(METHODS)}, got {method!r}", field="method")
+    check_budget(time_limit_s, gap)
+
+
+def check_budget(time_limit_s: float, gap: float) -> None:
+    """A time limit > 0 and a relative gap in [0, 1)."""
     if not time_limit_s > 0:
         raise InputError(f"must be > 0, got {time_limit_s!r}", field="time_limit_s")
     if not 0 <= gap < 1:

@@ -37,7 +37,6 @@ class CostModel:
     copies: str = "node"  # what one dispatch copy goes to: "node" (hierarchical) or "gpu" (direct, deduplicated)
 
 
-
 def cost_model(problem: PlacementProblem, w_compute: float = 1.0, w_comm: float | None = None,
                w_affinity: float | None = None, w_dispatch: float | None = None) -> CostModel:
     """Coefficients from the problem's hardware fields; unit costs where the problem has none.
@@ -86,7 +85,6 @@ def cost_model(problem: PlacementProblem, w_compute: float = 1.0, w_comm: float 
                      w_dispatch=w_dispatch, copy_s=copy_s, copies=problem.a2a_copies)
 
 
-
 def layer_picks(problem: PlacementProblem, l: int) -> np.ndarray:
     """[T, K] expert ids of layer l in the profiling window (int64, -1 = none), cached on the problem."""
     key = ("picks", l)
@@ -95,12 +93,10 @@ def layer_picks(problem: PlacementProblem, l: int) -> np.ndarray:
     return problem._cache[key]
 
 
-
 def _distinct(sorted_rows: np.ndarray) -> np.ndarray:
     """[T] distinct values >= 0 per row of an ascending-sorted [T, K] array."""
     o = sorted_rows
     return (o[:, 0] >= 0).astype(np.int64) + ((o[:, 1:] != o[:, :-1]) & (o[:, 1:] >= 0)).sum(axis=1)
-
 
 
 def spans(picks: np.ndarray, owner: np.ndarray) -> np.ndarray:
@@ -115,7 +111,6 @@ def spans(picks: np.ndarray, owner: np.ndarray) -> np.ndarray:
     return _distinct(np.sort(np.where(picks >= 0, np.append(owner, -1)[picks], -1), axis=1))
 
 
-
 def dispatch_scale(problem: PlacementProblem, cm: CostModel) -> float:
     """Seconds per (token, destination) pair in the mean node's dispatch + combine time.
 
@@ -124,7 +119,6 @@ def dispatch_scale(problem: PlacementProblem, cm: CostModel) -> float:
     """
     N = problem.num_nodes
     return cm.w_dispatch * cm.copy_s * (N - 1) / (N * N)
-
 
 
 def dispatch_terms(problem: PlacementProblem, assign: np.ndarray, cm: CostModel) -> np.ndarray:
@@ -145,7 +139,6 @@ def dispatch_terms(problem: PlacementProblem, assign: np.ndarray, cm: CostModel)
     return out
 
 
-
 def dispatch_lower_bound(problem: PlacementProblem, cm: CostModel) -> float:
     """Every token spans at least ceil(distinct picks / experts a node (rank) holds) destinations."""
     if cm.w_dispatch == 0:
@@ -158,10 +151,8 @@ def dispatch_lower_bound(problem: PlacementProblem, cm: CostModel) -> float:
     return dispatch_scale(problem, cm) * total
 
 
-
 def layer_max_load(load_row: np.ndarray, a: np.ndarray, G: int) -> float:
     return float(np.bincount(a, weights=load_row, minlength=G).max())
-
 
 
 def sends(R: np.ndarray, a: np.ndarray, b: np.ndarray, cm: CostModel) -> np.ndarray:
@@ -171,11 +162,9 @@ def sends(R: np.ndarray, a: np.ndarray, b: np.ndarray, cm: CostModel) -> np.ndar
     return np.bincount(a, weights=per_expert, minlength=G)
 
 
-
 def pair_cost(R: np.ndarray, a: np.ndarray, b: np.ndarray, cm: CostModel) -> float:
     sd = sends(R, a, b, cm)
     return cm.w_comm * float(sd.max()) + cm.w_affinity * float(sd.mean())
-
 
 
 @dataclass(frozen=True)
@@ -191,7 +180,6 @@ class Breakdown:
         return float(self.compute.sum() + self.comm.sum() + self.affinity.sum()) + extra
 
 
-
 def evaluate(problem: PlacementProblem, assign: np.ndarray, cm: CostModel) -> Breakdown:
     """The joint objective of ``assign[l, e]`` (one rank per expert), term by term."""
     L, G = problem.num_layers, problem.num_gpus
@@ -203,7 +191,6 @@ def evaluate(problem: PlacementProblem, assign: np.ndarray, cm: CostModel) -> Br
         sd = sends(problem.transition_counts()[l], assign[l], assign[l + 1], cm)
         comm[l], aff[l] = cm.w_comm * sd.max(), cm.w_affinity * sd.mean()
     return Breakdown(compute, comm, aff, dispatch_terms(problem, assign, cm))
-
 
 
 def objective_lower_bound(problem: PlacementProblem, cm: CostModel, load_lb: np.ndarray) -> float:
@@ -241,7 +228,6 @@ def objective_lower_bound(problem: PlacementProblem, cm: CostModel, load_lb: np.
         cost = (s_in * moved_rank + (s_out - s_in) * moved_node) * cm.bytes
         total += (cm.w_comm + cm.w_affinity) * cost / G
     return total
-
 
 
 def solve_info(problem: PlacementProblem, assign: np.ndarray, cm: CostModel, *, lower: float, load_lower: float,

@@ -14,9 +14,11 @@ import numpy as np
 
 from moesim.placement.ilp.balance import improve_layer, load_lower_bound
 from moesim.placement.ilp.costs import CostModel, dispatch_scale, layer_max_load, layer_picks, spans
-from moesim.placement.ilp.search import improving_pairs
+from moesim.placement.ilp.search import screened_swaps
 from moesim.placement.policies import lpt
 from moesim.placement.registry import PlacementProblem
+
+_SEARCH_TOKENS = 32_768  # profile tokens the node search counts (every k-th); the final choice counts all
 
 
 def _layer_value(problem: PlacementProblem, l: int, a: np.ndarray, cm: CostModel) -> float:
@@ -27,11 +29,6 @@ def _layer_value(problem: PlacementProblem, l: int, a: np.ndarray, cm: CostModel
         owner = a // gpn if cm.copies == "node" else a
         val += dispatch_scale(problem, cm) * float(spans(layer_picks(problem, l), owner).sum())
     return val
-
-
-
-_SEARCH_TOKENS = 32_768  # profile tokens the node search counts (every k-th); the final choice counts all
-
 
 
 def _node_move_gains(c: np.ndarray, tok_sorted: np.ndarray, exp_sorted: np.ndarray, node_of: np.ndarray,
@@ -52,7 +49,6 @@ def _node_move_gains(c: np.ndarray, tok_sorted: np.ndarray, exp_sorted: np.ndarr
     return out
 
 
-
 def node_swaps(picks: np.ndarray, load_row: np.ndarray, node_of: np.ndarray, N: int, *, gpn: int, slots: int,
                w_load: float, w_span: float, max_rounds: int = 40, candidates: int | None = None) -> np.ndarray:
     """Swap experts between nodes while ``w_load x max_n bound_n + w_span x sum of token node spans`` falls.
@@ -68,87 +64,113 @@ def node_swaps(picks: np.ndarray, load_row: np.ndarray, node_of: np.ndarray, N: 
     bounds, the best ``candidates`` per round tried in order; each is kept only if the exact
     objective falls. Rounds, not the clock, bound the work, so the result is deterministic.
     """
-    T, K = picks.shape
-    E = load_row.size
-    p = np.asarray(load_row, dtype=float)
-    node_of = np.asarray(node_of, dtype=np.int64).copy()
-    flat_e = picks.ravel()
-    flat_t = np.repeat(np.arange(T, dtype=np.int64), K)
-    ok = flat_e >= 0
-    order = np.argsort(flat_e[ok], kind="stable")
-    exp_sorted = flat_e[ok][order]
-    tok_sorted = flat_t[ok][order]
-    bounds = np.searchsorted(exp_sorted, np.arange(E + 1))
-    members = [tok_sorted[bounds[e]: bounds[e + 1]] for e in range(E)]
-    c = np.bincount(tok_sorted * N + node_of[exp_sorted], minlength=T * N).reshape(T, N).astype(np.int16)
-    nl = np.bincount(node_of, weights=p, minlength=N)
+    search = _NodeSwaps(picks, load_row, node_of, N, gpn=gpn, slots=slots, w_load=w_load, w_span=w_span)
+    screened_swaps(search, candidates or max(16, 2 * search.E), max_rounds)
+    return search.node_of
 
-    def node_bound(members_of: np.ndarray) -> float:  # the heaviest rank a node's experts force
-        return load_lower_bound(p[members_of], gpn, slots) if members_of.size else 0.0
 
-    q = np.array([node_bound(np.flatnonzero(node_of == n)) for n in range(N)])
-    candidates = candidates or max(16, 2 * E)
-    tol = 1e-12 * max(w_load * q.max() + w_span * T, 1e-300)
-    upper = np.tri(E, dtype=bool)
-    for _ in range(max_rounds):
-        move = _node_move_gains(c, tok_sorted, exp_sorted, node_of, E, N)
+class _NodeSwaps:
+    """:func:`node_swaps`'s state: each expert's node, per token its picks on each node (``c``), and per
+    node its load (``nl``) and the bound on its heaviest rank (``q``)."""
+
+    def __init__(self, picks: np.ndarray, load_row: np.ndarray, node_of: np.ndarray, N: int, *, gpn: int,
+                 slots: int, w_load: float, w_span: float) -> None:
+        T, K = picks.shape
+        E = load_row.size
+        self.picks, self.E, self.N, self.gpn, self.slots = picks, E, N, gpn, slots
+        self.w_load, self.w_span = w_load, w_span
+        self.p = np.asarray(load_row, dtype=float)
+        self.node_of = np.asarray(node_of, dtype=np.int64).copy()
+        flat_e = picks.ravel()
+        flat_t = np.repeat(np.arange(T, dtype=np.int64), K)
+        ok = flat_e >= 0
+        order = np.argsort(flat_e[ok], kind="stable")
+        self.exp_sorted = flat_e[ok][order]
+        self.tok_sorted = flat_t[ok][order]
+        bounds = np.searchsorted(self.exp_sorted, np.arange(E + 1))
+        self.members = [self.tok_sorted[bounds[e]: bounds[e + 1]] for e in range(E)]  # tokens picking e
+        self.c = np.bincount(self.tok_sorted * N + self.node_of[self.exp_sorted],
+                             minlength=T * N).reshape(T, N).astype(np.int16)
+        self.nl = np.bincount(self.node_of, weights=self.p, minlength=N)
+        self.q = np.array([self.node_bound(n) for n in range(N)])
+        self.tol = 1e-12 * max(w_load * self.q.max() + w_span * T, 1e-300)
+        self.upper = np.tri(E, dtype=bool)
+
+    def node_bound(self, n: int) -> float:
+        """The heaviest rank node n's experts force."""
+        members_of = np.flatnonzero(self.node_of == n)
+        return load_lower_bound(self.p[members_of], self.gpn, self.slots) if members_of.size else 0.0
+
+    def screen(self) -> np.ndarray:
+        """[e, f]: the two single moves' exact span changes plus the estimated change of the heaviest bound."""
+        node_of = self.node_of
+        move = _node_move_gains(self.c, self.tok_sorted, self.exp_sorted, node_of, self.E, self.N)
         span_d = move[:, node_of] + move[:, node_of].T  # [e, f]: e -> node(f), f -> node(e)
-        # screening estimate of each node's bound after a swap: its load spread over its ranks, or its
-        # heaviest expert (e gone, f arrived) plus what the rest of that expert's rank held before
-        top1, top2, arg1 = np.zeros(N), np.zeros(N), np.full(N, -1)
-        for n in range(N):
-            mine = np.flatnonzero(node_of == n)
-            if mine.size:
-                srt = mine[np.argsort(-p[mine], kind="stable")]
-                arg1[n], top1[n] = srt[0], p[srt[0]]
-                top2[n] = p[srt[1]] if srt.size > 1 else 0.0
+        na, nb = node_of[:, None], node_of[None, :]
+        top = self.q.max()
+        delta = self.w_span * span_d + self.w_load * (self.heaviest_after_swap() - top)
+        delta[(na == nb) | self.upper] = np.inf
+        return delta
+
+    def heaviest_after_swap(self) -> np.ndarray:
+        """[e, f] screening estimate of the heaviest node bound after e and f swap nodes.
+
+        Each of the two nodes' bounds: its load spread over its ranks, or its heaviest expert (e gone, f
+        arrived) plus what the rest of that expert's rank held before; the other nodes keep theirs.
+        """
+        p, q, N, gpn, nl = self.p, self.q, self.N, self.gpn, self.nl
+        top1, top2, arg1 = _heaviest_two(p, self.node_of, N)
         filler = np.maximum(q - top1, 0.0)  # the rest of the heaviest expert's rank, as bounded now
         pe = p[:, None] - p[None, :]
-        na, nb = node_of[:, None], node_of[None, :]
-        ids = np.arange(E)
+        na, nb = self.node_of[:, None], self.node_of[None, :]
+        ids = np.arange(self.E)
         hot_a = np.maximum(np.where(ids[:, None] == arg1[na], top2[na], top1[na]), p[None, :])
         hot_b = np.maximum(np.where(ids[None, :] == arg1[nb], top2[nb], top1[nb]), p[:, None])
         new_a = np.maximum((nl[na] - pe) / gpn, hot_a + filler[na])
         new_b = np.maximum((nl[nb] + pe) / gpn, hot_b + filler[nb])
-        top = q.max()
         order_n = np.argsort(q, kind="stable")[::-1]
         m1, m2, m3 = (q[order_n[i]] if i < N else 0.0 for i in range(3))
         rest = np.where((na != order_n[0]) & (nb != order_n[0]), m1,  # the heaviest node other than A and B
                         np.where((na != order_n[1]) & (nb != order_n[1]), m2, m3))
-        delta = w_span * span_d + w_load * (np.maximum(np.maximum(new_a, new_b), rest) - top)
-        delta[(na == nb) | upper] = np.inf
-        touched: set[int] = set()
-        improved = False
-        for i, j in improving_pairs(delta, candidates):
-            if i in touched or j in touched:
-                continue
-            A, B = node_of[i], node_of[j]
-            ti, tj = members[i], members[j]
-            ti = ti[~(picks[ti] == j).any(axis=1)]  # tokens picking i but not j
-            tj = tj[~(picks[tj] == i).any(axis=1)]
-            ds = (int(np.count_nonzero(c[ti, B] == 0)) - int(np.count_nonzero(c[ti, A] == 1))
-                  + int(np.count_nonzero(c[tj, A] == 0)) - int(np.count_nonzero(c[tj, B] == 1)))
-            node_of[i], node_of[j] = B, A
-            q2 = q.copy()
-            q2[A] = node_bound(np.flatnonzero(node_of == A))
-            q2[B] = node_bound(np.flatnonzero(node_of == B))
-            d = w_span * ds + w_load * (q2.max() - q.max())
-            if d < -tol:
-                c[ti, A] -= 1
-                c[ti, B] += 1
-                c[tj, B] -= 1
-                c[tj, A] += 1
-                nl[A] += p[j] - p[i]
-                nl[B] += p[i] - p[j]
-                q = q2
-                touched.update((i, j))
-                improved = True
-            else:
-                node_of[i], node_of[j] = A, B
-        if not improved:
-            break
-    return node_of
+        return np.maximum(np.maximum(new_a, new_b), rest)
 
+    def try_swap(self, i: int, j: int) -> bool:
+        """Swap experts i and j between their nodes if the exact objective falls; whether it did."""
+        node_of, c, p = self.node_of, self.c, self.p
+        A, B = node_of[i], node_of[j]
+        ti, tj = self.members[i], self.members[j]
+        ti = ti[~(self.picks[ti] == j).any(axis=1)]  # tokens picking i but not j
+        tj = tj[~(self.picks[tj] == i).any(axis=1)]
+        ds = (int(np.count_nonzero(c[ti, B] == 0)) - int(np.count_nonzero(c[ti, A] == 1))
+              + int(np.count_nonzero(c[tj, A] == 0)) - int(np.count_nonzero(c[tj, B] == 1)))
+        node_of[i], node_of[j] = B, A
+        q2 = self.q.copy()
+        q2[A] = self.node_bound(A)
+        q2[B] = self.node_bound(B)
+        d = self.w_span * ds + self.w_load * (q2.max() - self.q.max())
+        if not d < -self.tol:
+            node_of[i], node_of[j] = A, B
+            return False
+        c[ti, A] -= 1
+        c[ti, B] += 1
+        c[tj, B] -= 1
+        c[tj, A] += 1
+        self.nl[A] += p[j] - p[i]
+        self.nl[B] += p[i] - p[j]
+        self.q = q2
+        return True
+
+
+def _heaviest_two(p: np.ndarray, node_of: np.ndarray, N: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per node: its heaviest expert's load, the second heaviest's (0 if none) and the heaviest's id (-1)."""
+    top1, top2, arg1 = np.zeros(N), np.zeros(N), np.full(N, -1)
+    for n in range(N):
+        mine = np.flatnonzero(node_of == n)
+        if mine.size:
+            srt = mine[np.argsort(-p[mine], kind="stable")]
+            arg1[n], top1[n] = srt[0], p[srt[0]]
+            top2[n] = p[srt[1]] if srt.size > 1 else 0.0
+    return top1, top2, arg1
 
 
 def split_nodes(load_row: np.ndarray, node_of: np.ndarray, gpn: int, slots: int) -> np.ndarray:
@@ -159,7 +181,6 @@ def split_nodes(load_row: np.ndarray, node_of: np.ndarray, gpn: int, slots: int)
         row = np.asarray(load_row, dtype=float)[mine]
         a[mine] = n * gpn + improve_layer(row, lpt(row, gpn, slots), gpn, slots)
     return a
-
 
 
 def place_nodes_first(problem: PlacementProblem, balanced: np.ndarray, cm: CostModel, *,

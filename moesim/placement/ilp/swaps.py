@@ -12,7 +12,7 @@ import time
 import numpy as np
 
 from moesim.placement.ilp.costs import CostModel
-from moesim.placement.ilp.search import improving_pairs
+from moesim.placement.ilp.search import screened_swaps
 from moesim.placement.registry import PlacementProblem
 
 
@@ -29,74 +29,89 @@ def affinity_swaps(problem: PlacementProblem, assign: np.ndarray, cm: CostModel,
     L, G, E = problem.num_layers, problem.num_gpus, problem.num_experts
     if L < 2 or cm.w_affinity + cm.w_comm == 0 or not problem.transition_counts().any():
         return assign
-    R = problem.transition_counts()
     out = assign.copy()
     candidates = candidates or max(8, min(E, 2 * G))
-    wl = cm.w_compute * cm.t_pair
     for _ in range(sweeps):
         changed = False
         for l in range(L):
             if time.perf_counter() > deadline:
                 return out
-            p = problem.load[l]
-            a = out[l].copy()
-            # exact state of the layer's terms: rank loads, sends into layer l, sends out of layer l
-            h_out = R[l] @ cm.s[:, out[l + 1]].T * cm.bytes if l < L - 1 else np.zeros((E, G))  # [e, g]
-            prev = out[l - 1] if l > 0 else None
-            h_in = R[l - 1].T @ cm.s[prev] * cm.bytes if l > 0 else np.zeros((E, G))  # [e, g]: into e on g
-            bl = np.bincount(a, weights=p, minlength=G)
-            s_out = np.bincount(a, weights=h_out[np.arange(E), a], minlength=G)
-            if l > 0:
-                per_prev = (R[l - 1] * cm.s[prev][:, a]).sum(axis=1) * cm.bytes  # [e'] send of layer l-1 experts
-                s_in = np.bincount(prev, weights=per_prev, minlength=G)
-
-            def terms(bl: np.ndarray, s_in: np.ndarray | None, s_out: np.ndarray) -> float:
-                val = wl * bl.max()
-                for sd in ((s_in, s_out) if s_in is not None else (s_out,)):
-                    if l < L - 1 or sd is s_in:
-                        val += cm.w_comm * sd.max() + cm.w_affinity * sd.mean()
-                return val
-
-            s_in_cur = s_in if l > 0 else None
-            cur = terms(bl, s_in_cur, s_out)
-            h = (h_out + h_in) * (cm.w_affinity + cm.w_comm) / G  # screening: linear in the swap
-            for _ in range(rounds):
-                X = h[:, a]  # X[e, e'] = h[e, rank of e']
-                d = np.diag(X)
-                delta = X + X.T - d[:, None] - d[None, :]
-                top = np.argsort(bl)[::-1]
-                m1, m2 = bl[top[0]], bl[top[1]] if G > 1 else 0.0
-                dp = p[:, None] - p[None, :]
-                new_i = bl[a][:, None] - dp  # rank of e after e leaves and e' arrives
-                new_j = bl[a][None, :] + dp
-                rest = np.where((a[:, None] == top[0]) | (a[None, :] == top[0]), m2, m1)
-                delta += wl * (np.maximum(np.maximum(new_i, new_j), rest) - m1)
-                delta[(a[:, None] == a[None, :]) | np.tri(E, dtype=bool)] = np.inf
-                touched: set[int] = set()
-                improved = False
-                for i, j in improving_pairs(delta, candidates):
-                    if i in touched or j in touched:
-                        continue
-                    gi, gj = a[i], a[j]
-                    bl2 = bl.copy()
-                    bl2[gi] += p[j] - p[i]
-                    bl2[gj] += p[i] - p[j]
-                    so2 = s_out.copy()
-                    so2[gi] += h_out[j, gi] - h_out[i, gi]
-                    so2[gj] += h_out[i, gj] - h_out[j, gj]
-                    si2 = None
-                    if l > 0:
-                        change = (R[l - 1][:, i] - R[l - 1][:, j]) * (cm.s[prev, gj] - cm.s[prev, gi]) * cm.bytes
-                        si2 = s_in_cur + np.bincount(prev, weights=change, minlength=G)
-                    val = terms(bl2, si2, so2)
-                    if val < cur - 1e-12 * max(cur, 1e-300):
-                        a[i], a[j] = gj, gi
-                        bl, s_out, s_in_cur, cur = bl2, so2, si2, val
-                        improved = changed = True
-                        touched.update((i, j))
-                if not improved:
-                    break
-            out[l] = a
+            search = _LayerSwaps(problem, out, l, cm)
+            changed = screened_swaps(search, candidates, rounds) or changed
+            out[l] = search.a
         if not changed:
             break
     return out
+
+
+class _LayerSwaps:
+    """The exact objective terms of layer l's placement ``a``, the neighbouring layers fixed: rank loads
+    (``bl``), sends out of layer l (``s_out``) and into it (``s_in``, from layer l-1), and their value."""
+
+    def __init__(self, problem: PlacementProblem, out: np.ndarray, l: int, cm: CostModel) -> None:
+        L, G, E = problem.num_layers, problem.num_gpus, problem.num_experts
+        R = problem.transition_counts()
+        self.cm, self.G, self.E, self.has_next = cm, G, E, l < L - 1
+        self.wl = cm.w_compute * cm.t_pair
+        self.p = p = problem.load[l]
+        self.a = a = out[l].copy()
+        self.h_out = R[l] @ cm.s[:, out[l + 1]].T * cm.bytes if l < L - 1 else np.zeros((E, G))  # [e, g]
+        self.prev = prev = out[l - 1] if l > 0 else None
+        self.r_in = R[l - 1] if l > 0 else None
+        h_in = R[l - 1].T @ cm.s[prev] * cm.bytes if l > 0 else np.zeros((E, G))  # [e, g]: into e on g
+        self.bl = np.bincount(a, weights=p, minlength=G)
+        self.s_out = np.bincount(a, weights=self.h_out[np.arange(E), a], minlength=G)
+        self.s_in = None
+        if l > 0:
+            per_prev = (R[l - 1] * cm.s[prev][:, a]).sum(axis=1) * cm.bytes  # [e'] send of layer l-1 experts
+            self.s_in = np.bincount(prev, weights=per_prev, minlength=G)
+        self.cur = self.terms(self.bl, self.s_in, self.s_out)
+        self.h = (self.h_out + h_in) * (cm.w_affinity + cm.w_comm) / G  # screening: linear in the swap
+
+    def terms(self, bl: np.ndarray, s_in: np.ndarray | None, s_out: np.ndarray) -> float:
+        """Compute tail, then the sends into the layer (if any), then out of it (if a next layer)."""
+        cm = self.cm
+        val = self.wl * bl.max()
+        if s_in is not None:
+            val += cm.w_comm * s_in.max() + cm.w_affinity * s_in.mean()
+        if self.has_next:
+            val += cm.w_comm * s_out.max() + cm.w_affinity * s_out.mean()
+        return val
+
+    def screen(self) -> np.ndarray:
+        """[e, e'] first-order change: the mean-send change (linear) plus the heaviest rank's change."""
+        a, bl, p, G, E = self.a, self.bl, self.p, self.G, self.E
+        X = self.h[:, a]  # X[e, e'] = h[e, rank of e']
+        d = np.diag(X)
+        delta = X + X.T - d[:, None] - d[None, :]
+        top = np.argsort(bl)[::-1]
+        m1, m2 = bl[top[0]], bl[top[1]] if G > 1 else 0.0
+        dp = p[:, None] - p[None, :]
+        new_i = bl[a][:, None] - dp  # rank of e after e leaves and e' arrives
+        new_j = bl[a][None, :] + dp
+        rest = np.where((a[:, None] == top[0]) | (a[None, :] == top[0]), m2, m1)
+        delta += self.wl * (np.maximum(np.maximum(new_i, new_j), rest) - m1)
+        delta[(a[:, None] == a[None, :]) | np.tri(E, dtype=bool)] = np.inf
+        return delta
+
+    def try_swap(self, i: int, j: int) -> bool:
+        """Swap experts i and j if the layer's exact terms fall (updated in O(experts)); whether they did."""
+        a, p, h_out, cm = self.a, self.p, self.h_out, self.cm
+        gi, gj = a[i], a[j]
+        bl2 = self.bl.copy()
+        bl2[gi] += p[j] - p[i]
+        bl2[gj] += p[i] - p[j]
+        so2 = self.s_out.copy()
+        so2[gi] += h_out[j, gi] - h_out[i, gi]
+        so2[gj] += h_out[i, gj] - h_out[j, gj]
+        si2 = None
+        if self.r_in is not None:
+            prev = self.prev
+            change = (self.r_in[:, i] - self.r_in[:, j]) * (cm.s[prev, gj] - cm.s[prev, gi]) * cm.bytes
+            si2 = self.s_in + np.bincount(prev, weights=change, minlength=self.G)
+        val = self.terms(bl2, si2, so2)
+        if not val < self.cur - 1e-12 * max(self.cur, 1e-300):
+            return False
+        a[i], a[j] = gj, gi
+        self.bl, self.s_out, self.s_in, self.cur = bl2, so2, si2, val
+        return True
