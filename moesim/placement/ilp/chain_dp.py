@@ -12,13 +12,12 @@ import math
 
 import numpy as np
 
+from moesim.errors import InputError
 from moesim.placement.ilp.costs import CostModel
 from moesim.placement.registry import PlacementProblem
 
 _DP_LIMIT = 4_000_000  # states x next states x relabellings evaluated by the exact chain DP
-
 _DP_CELLS = 10_000_000  # states x relabellings x experts x ranks held by the DP per layer
-
 
 
 def _set_partitions(items: tuple[int, ...], size: int) -> list[list[tuple[int, ...]]]:
@@ -35,10 +34,8 @@ def _set_partitions(items: tuple[int, ...], size: int) -> list[list[tuple[int, .
     return out
 
 
-
 def _count_partitions(n: int, size: int) -> int:
     return math.factorial(n) // (math.factorial(size) ** (n // size) * math.factorial(n // size)) if n else 1
-
 
 
 def chain_dp_size(problem: PlacementProblem) -> int | None:
@@ -53,6 +50,18 @@ def chain_dp_size(problem: PlacementProblem) -> int | None:
         return None
     return states * states * relabel
 
+
+def use_chain_dp(problem: PlacementProblem, cm: CostModel, method: str) -> bool:
+    """Whether ``method`` runs the exact DP here (``exact``: always, and an error where it cannot; ``auto``:
+    where it is small enough); it needs a two-tier cost and no dispatch term."""
+    dp = chain_dp_size(problem)
+    use_dp = dp is not None and cm.two_tier is not None and cm.w_dispatch == 0 and (
+        method == "exact" or (method == "auto" and dp <= _DP_LIMIT))
+    if method == "exact" and not use_dp:
+        raise InputError("method exact needs experts = ranks x slots, two-tier costs, no dispatch term and a small "
+                         f"instance (states^2 x relabellings <= {_DP_LIMIT}, states x relabellings x experts x ranks "
+                         f"<= {_DP_CELLS}); use auto or decompose", field="method")
+    return use_dp
 
 
 def _dp_states(E: int, G: int, gpn: int, s: int) -> np.ndarray:
@@ -71,7 +80,6 @@ def _dp_states(E: int, G: int, gpn: int, s: int) -> np.ndarray:
     return np.array(rows)
 
 
-
 def _relabellings(G: int, gpn: int) -> np.ndarray:
     """[A, G] every rank permutation that keeps nodes together."""
     N = G // gpn
@@ -83,7 +91,6 @@ def _relabellings(G: int, gpn: int) -> np.ndarray:
         node_of = np.repeat(np.arange(N), gpn)
         out.append(nodes[:, node_of] * gpn + within[None, :])
     return np.concatenate(out)
-
 
 
 def chain_dp(problem: PlacementProblem, cm: CostModel) -> np.ndarray:

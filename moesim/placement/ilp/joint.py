@@ -19,10 +19,10 @@ from moesim.placement.registry import PlacementProblem
 _JOINT_LIMIT = 200_000  # variables of the monolithic joint ILP (method: joint)
 
 
-
 def joint_model(problem: PlacementProblem, cm: CostModel, layers: range | None = None,
                 fixed: dict[int, np.ndarray] | None = None) -> tuple[pulp.LpProblem, dict[tuple[int, int, int], Any]]:
-    """The monolithic MoETuner-style ILP (docs/ilp.md, "Linearisation") over ``layers``; ``fixed`` pins some layers.
+    """The monolithic MoETuner-style ILP (docs/ilp.md, "Linearisation") over ``layers``; ``fixed`` pins
+    some layers.
 
     Needs a two-tier cost (``CostModel.two_tier``). Returns the model and its ``x[l, e, g]`` binaries.
     """
@@ -30,48 +30,18 @@ def joint_model(problem: PlacementProblem, cm: CostModel, layers: range | None =
     if tiers is None:
         raise InputError("the joint ILP needs same-node and cross-node costs that are uniform per tier",
                          field="rank_s_per_byte")
-    s_in, s_out = tiers
-    E, G, gpn, slots = problem.num_experts, problem.num_gpus, problem.gpus_per_node, problem.slots_per_gpu
+    E, G = problem.num_experts, problem.num_gpus
+    N = -(-G // problem.gpus_per_node)
     layers = layers if layers is not None else range(problem.num_layers)
     Ls = list(layers)
-    R = problem.transition_counts()
-    N = -(-G // gpn)
     m = pulp.LpProblem("moetuner_joint", pulp.LpMinimize)
     x = {(l, e, g): new_var(m, f"x_{l}_{e}_{g}", 0, 1, cat="Binary") for l in Ls for e in range(E) for g in range(G)}
-    objective = []
-    for l in Ls:
-        C = new_var(m, f"C_{l}", 0)
-        for e in range(E):
-            m += pulp.lpSum(x[l, e, g] for g in range(G)) == 1, f"one_rank_{l}_{e}"
-        for g in range(G):
-            m += pulp.lpSum(x[l, e, g] for e in range(E)) <= slots, f"slots_{l}_{g}"
-            m += C >= pulp.lpSum(float(problem.load[l, e]) * x[l, e, g] for e in range(E)), f"tail_{l}_{g}"
-        objective.append(cm.w_compute * cm.t_pair * C)
-        if fixed and l in fixed:
-            for e in range(E):
-                m += x[l, e, int(fixed[l][e])] == 1, f"fixed_{l}_{e}"
+    objective = [_add_layer_rows(m, x, problem, cm, l, fixed) for l in Ls]
     if problem.memory_slots is not None:
         for g in range(G):
             m += pulp.lpSum(x[l, e, g] for l in Ls for e in range(E)) <= problem.memory_slots, f"memory_{g}"
-    for l in Ls[:-1]:
-        if cm.w_comm == 0 and cm.w_affinity == 0:
-            break
-        send: list[list[Any]] = [[] for _ in range(G)]
-        for e, f in zip(*np.nonzero(R[l])):
-            w = float(R[l, e, f]) * cm.bytes
-            for g in range(G):
-                d = new_var(m, f"d_{l}_{e}_{f}_{g}", 0)
-                m += d >= x[l, e, g] - x[l + 1, f, g]
-                send[g].append(w * s_in * d)
-                if N > 1 and s_out != s_in:
-                    n = g // gpn
-                    q = new_var(m, f"q_{l}_{e}_{f}_{g}", 0)
-                    m += q >= x[l, e, g] - pulp.lpSum(x[l + 1, f, h] for h in range(n * gpn, min(G, (n + 1) * gpn)))
-                    send[g].append(w * (s_out - s_in) * q)
-        M = new_var(m, f"M_{l}", 0)
-        for g in range(G):
-            m += M >= pulp.lpSum(send[g]), f"send_{l}_{g}"
-        objective.append(cm.w_comm * M + cm.w_affinity / G * pulp.lpSum(t for row in send for t in row))
+    if cm.w_comm != 0 or cm.w_affinity != 0:
+        objective += [_add_send_rows(m, x, problem, cm, l, tiers) for l in Ls[:-1]]
     if not fixed or Ls[0] not in fixed:  # symmetry: ranks are interchangeable, so expert 0 starts on rank 0
         m += x[Ls[0], 0, 0] == 1, "symmetry"
         if N == 1:
@@ -81,6 +51,60 @@ def joint_model(problem: PlacementProblem, cm: CostModel, layers: range | None =
     m += pulp.lpSum(objective)
     return m, x
 
+
+def _add_layer_rows(m: pulp.LpProblem, x: dict[tuple[int, int, int], Any], problem: PlacementProblem,
+                    cm: CostModel, l: int, fixed: dict[int, np.ndarray] | None) -> Any:
+    """Layer l's placement rows (one rank per expert, slots per rank, pinned experts) and its compute-tail
+    variable; returns the layer's compute term of the objective."""
+    E, G, slots = problem.num_experts, problem.num_gpus, problem.slots_per_gpu
+    C = new_var(m, f"C_{l}", 0)
+    for e in range(E):
+        m += pulp.lpSum(x[l, e, g] for g in range(G)) == 1, f"one_rank_{l}_{e}"
+    for g in range(G):
+        m += pulp.lpSum(x[l, e, g] for e in range(E)) <= slots, f"slots_{l}_{g}"
+        m += C >= pulp.lpSum(float(problem.load[l, e]) * x[l, e, g] for e in range(E)), f"tail_{l}_{g}"
+    if fixed and l in fixed:
+        for e in range(E):
+            m += x[l, e, int(fixed[l][e])] == 1, f"fixed_{l}_{e}"
+    return cm.w_compute * cm.t_pair * C
+
+
+def _add_send_rows(m: pulp.LpProblem, x: dict[tuple[int, int, int], Any], problem: PlacementProblem,
+                   cm: CostModel, l: int, tiers: tuple[float, float]) -> Any:
+    """The linearised sends from layer l to layer l+1 (``d``: off the rank, ``q``: off the node) and the
+    busiest rank's send ``M_l``; returns the pair's communication and affinity terms of the objective."""
+    s_in, s_out = tiers
+    G, gpn = problem.num_gpus, problem.gpus_per_node
+    N = -(-G // gpn)
+    R = problem.transition_counts()
+    send: list[list[Any]] = [[] for _ in range(G)]
+    for e, f in zip(*np.nonzero(R[l])):
+        w = float(R[l, e, f]) * cm.bytes
+        for g in range(G):
+            d = new_var(m, f"d_{l}_{e}_{f}_{g}", 0)
+            m += d >= x[l, e, g] - x[l + 1, f, g]
+            send[g].append(w * s_in * d)
+            if N > 1 and s_out != s_in:
+                n = g // gpn
+                q = new_var(m, f"q_{l}_{e}_{f}_{g}", 0)
+                m += q >= x[l, e, g] - pulp.lpSum(x[l + 1, f, h] for h in range(n * gpn, min(G, (n + 1) * gpn)))
+                send[g].append(w * (s_out - s_in) * q)
+    M = new_var(m, f"M_{l}", 0)
+    for g in range(G):
+        m += M >= pulp.lpSum(send[g]), f"send_{l}_{g}"
+    return cm.w_comm * M + cm.w_affinity / G * pulp.lpSum(t for row in send for t in row)
+
+
+def check_joint_size(problem: PlacementProblem) -> None:
+    """An InputError when the joint model would be too large to build (``method: joint`` is for small
+    instances)."""
+    G = problem.num_gpus
+    size = (problem.num_layers * problem.num_experts * G
+            + G * sum(int(np.count_nonzero(r)) for r in problem.transition_counts())
+            * (2 if G > problem.gpus_per_node else 1))
+    if size > _JOINT_LIMIT:
+        raise InputError(f"method joint would build {size} variables (limit {_JOINT_LIMIT}); the monolithic ILP is "
+                         "for small instances: use auto or decompose", field="method")
 
 
 def _canonical(assign: np.ndarray, gpn: int, G: int) -> np.ndarray:
@@ -106,7 +130,6 @@ def _canonical(assign: np.ndarray, gpn: int, G: int) -> np.ndarray:
         for j, g in enumerate(local_order):
             perm[g] = new_n * gpn + j
     return perm[assign]
-
 
 
 def solve_joint(problem: PlacementProblem, cm: CostModel, incumbent: np.ndarray, *, solver: str,

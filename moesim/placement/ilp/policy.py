@@ -15,10 +15,10 @@ from moesim.errors import InputError
 from moesim.placement.format import Placement
 from moesim.placement.ilp.align import align_layers
 from moesim.placement.ilp.balance import balance_layer, load_lower_bound
-from moesim.placement.ilp.chain_dp import _DP_CELLS, _DP_LIMIT, chain_dp, chain_dp_size
+from moesim.placement.ilp.chain_dp import chain_dp, use_chain_dp
 from moesim.placement.ilp.checks import check_feasible, check_options
-from moesim.placement.ilp.costs import cost_model, evaluate, objective_lower_bound, solve_info
-from moesim.placement.ilp.joint import _JOINT_LIMIT, solve_joint
+from moesim.placement.ilp.costs import CostModel, cost_model, evaluate, objective_lower_bound, solve_info
+from moesim.placement.ilp.joint import check_joint_size, solve_joint
 from moesim.placement.ilp.nodes import place_nodes_first
 from moesim.placement.ilp.replicas import optimise_replicas
 from moesim.placement.ilp.swaps import affinity_swaps
@@ -42,27 +42,52 @@ def optimise(problem: PlacementProblem, *, w_compute: float = 1.0, w_comm: float
     greedy = np.stack([lpt(problem.load[l], G, s) for l in range(L)])
     greedy_total = evaluate(problem, greedy, cm).total
     load_lb = np.array([load_lower_bound(problem.load[l], G, s) for l in range(L)])
-    dp = chain_dp_size(problem)
-    use_dp = dp is not None and cm.two_tier is not None and cm.w_dispatch == 0 and (
-        method == "exact" or (method == "auto" and dp <= _DP_LIMIT))
-    if method == "exact" and not use_dp:
-        raise InputError("method exact needs experts = ranks x slots, two-tier costs, no dispatch term and a small instance "
-                         f"(states^2 x relabellings <= {_DP_LIMIT}, states x relabellings x experts x ranks <= "
-                         f"{_DP_CELLS}); use auto or decompose", field="method")
-    if use_dp:
-        assign = chain_dp(problem, cm)
-        total = evaluate(problem, assign, cm).total
-        load_lower = float(load_lb.sum()) * cm.t_pair * cm.w_compute
-        if cm.w_comm == 0 and cm.w_affinity == 0:  # the load term is the whole objective: the DP proved it too
-            load_lower = total
-        info = solve_info(problem, assign, cm, lower=total, load_lower=load_lower,
-                     greedy_total=greedy_total, method="exact_dp", solver="numpy", status="optimal",
-                     seconds=time.perf_counter() - t0)
-        return assign, info
-    # decomposition: balance each layer, align layers, trade experts for affinity
-    balanced = np.empty_like(greedy)
+    if use_chain_dp(problem, cm, method):
+        return _exact_dp(problem, cm, load_lb, greedy_total, t0)
+    assign, used, searched = _decompose(problem, cm, load_lb, solver=solver_name, gap=gap, t0=t0,
+                                        time_limit_s=time_limit_s)
+    lower = objective_lower_bound(problem, cm, load_lb)
+    status = "heuristic"
+    if method == "joint":
+        assign, lower, status, used = _joint(problem, cm, assign, lower, solver=solver_name, gap=gap,
+                                             deadline=deadline)
+    if greedy_total < evaluate(problem, assign, cm).total:
+        assign, used = greedy, f"{used}+greedy"
+    info = solve_info(problem, assign, cm, lower=lower, load_lower=float(load_lb.sum()) * cm.t_pair * cm.w_compute,
+                      greedy_total=greedy_total, method=used, solver=solver_name, status=status,
+                      seconds=time.perf_counter() - t0)
+    if searched is not None:
+        info["layers_nodes_first"] = searched
+    if info["gap"] <= gap + 1e-12:
+        info["status"] = "optimal" if info["gap"] <= 1e-9 else "within_gap"
+    elif status == "heuristic":
+        info["status"] = "gap_open" if searched in (None, L) else "time_limit"
+    return assign, info
+
+
+def _exact_dp(problem: PlacementProblem, cm: CostModel, load_lb: np.ndarray, greedy_total: float,
+              t0: float) -> tuple[np.ndarray, dict[str, Any]]:
+    """The chain DP's optimum with its info: proven optimal, so the bound is the objective itself."""
+    assign = chain_dp(problem, cm)
+    total = evaluate(problem, assign, cm).total
+    load_lower = float(load_lb.sum()) * cm.t_pair * cm.w_compute
+    if cm.w_comm == 0 and cm.w_affinity == 0:  # the load term is the whole objective: the DP proved it too
+        load_lower = total
+    info = solve_info(problem, assign, cm, lower=total, load_lower=load_lower,
+                      greedy_total=greedy_total, method="exact_dp", solver="numpy", status="optimal",
+                      seconds=time.perf_counter() - t0)
+    return assign, info
+
+
+def _decompose(problem: PlacementProblem, cm: CostModel, load_lb: np.ndarray, *, solver: str, gap: float,
+               t0: float, time_limit_s: float) -> tuple[np.ndarray, str, int | None]:
+    """Balance each layer (raising ``load_lb`` in place to each layer's proven bound), nodes first when the
+    dispatch term is on, align layers, trade experts for affinity: ``(assign, method, layers searched by
+    nodes first or None)``."""
+    L, G, s = problem.num_layers, problem.num_gpus, problem.slots_per_gpu
+    balanced = np.empty((L, problem.num_experts), dtype=np.int64)
     for l in range(L):
-        a, _, lb = balance_layer(problem.load[l], G, s, gap=gap * 0.5, solver=solver_name,
+        a, _, lb = balance_layer(problem.load[l], G, s, gap=gap * 0.5, solver=solver,
                                  deadline=t0 + 0.5 * time_limit_s)
         balanced[l] = a
         load_lb[l] = max(load_lb[l], lb)
@@ -73,38 +98,27 @@ def optimise(problem: PlacementProblem, *, w_compute: float = 1.0, w_comm: float
     # one forward sweep on large clusters: the Hungarian is O(ranks^3) and later sweeps gain little there
     assign = align_layers(problem, balanced, cm, sweeps=2 if G <= 16 else 1, deadline=t0 + 0.7 * time_limit_s)
     assign = affinity_swaps(problem, assign, cm, deadline=t0 + 0.9 * time_limit_s)
-    if cm.w_dispatch and assign is not balanced and evaluate(problem, assign, cm).total > evaluate(problem, balanced, cm).total:
+    if (cm.w_dispatch and assign is not balanced
+            and evaluate(problem, assign, cm).total > evaluate(problem, balanced, cm).total):
         assign = balanced  # the traffic stages do not see the dispatch term: keep their result only if it helps
-    lower = objective_lower_bound(problem, cm, load_lb)
-    status = "heuristic"
-    if method == "joint":
-        size = (L * problem.num_experts * G
-                + G * sum(int(np.count_nonzero(r)) for r in problem.transition_counts()) * (2 if G > problem.gpus_per_node else 1))
-        if size > _JOINT_LIMIT:
-            raise InputError(f"method joint would build {size} variables (limit {_JOINT_LIMIT}); the monolithic ILP is "
-                             "for small instances: use auto or decompose", field="method")
-        before = assign
-        assign, bound, status = solve_joint(problem, cm, assign, solver=solver_name, gap=gap,
-                                            time_limit_s=max(0.05, deadline - time.perf_counter()))
-        lower = max(lower, bound) if np.isfinite(bound) else lower  # also bounds the objective with dispatch
-        used = "joint"
-        if cm.w_dispatch:  # the joint model has no dispatch term: its optimum proves nothing about ours
-            status = "time_limit" if status == "time_limit" else "heuristic"
-            if evaluate(problem, before, cm).total < evaluate(problem, assign, cm).total:
-                assign, used = before, "nodes_first"
-    if greedy_total < evaluate(problem, assign, cm).total:
-        assign, used = greedy, f"{used}+greedy"
-    info = solve_info(problem, assign, cm, lower=lower, load_lower=float(load_lb.sum()) * cm.t_pair * cm.w_compute,
-                 greedy_total=greedy_total, method=used, solver=solver_name, status=status,
-                 seconds=time.perf_counter() - t0)
-    if searched is not None:
-        info["layers_nodes_first"] = searched
-    if info["gap"] <= gap + 1e-12:
-        info["status"] = "optimal" if info["gap"] <= 1e-9 else "within_gap"
-    elif status == "heuristic":
-        info["status"] = "gap_open" if searched in (None, L) else "time_limit"
-    return assign, info
+    return assign, used, searched
 
+
+def _joint(problem: PlacementProblem, cm: CostModel, assign: np.ndarray, lower: float, *, solver: str, gap: float,
+           deadline: float) -> tuple[np.ndarray, float, str, str]:
+    """``method: joint``: the monolithic ILP from the decomposed answer, ``(assign, lower bound, status,
+    method)``; with the dispatch term (which the model lacks) its answer is kept only if it is better."""
+    check_joint_size(problem)
+    before = assign
+    assign, bound, status = solve_joint(problem, cm, assign, solver=solver, gap=gap,
+                                        time_limit_s=max(0.05, deadline - time.perf_counter()))
+    lower = max(lower, bound) if np.isfinite(bound) else lower  # also bounds the objective with dispatch
+    used = "joint"
+    if cm.w_dispatch:  # the joint model has no dispatch term: its optimum proves nothing about ours
+        status = "time_limit" if status == "time_limit" else "heuristic"
+        if evaluate(problem, before, cm).total < evaluate(problem, assign, cm).total:
+            assign, used = before, "nodes_first"
+    return assign, lower, status, used
 
 
 @register("ilp")

@@ -25,19 +25,14 @@ from moesim.placement.replication import (
 )
 
 _REPLICA_WHOLE_LIMIT = 256  # experts x ranks x most copies up to which method auto solves a layer whole
-
 _REPLICA_JOINT_LIMIT = 4_096  # the same, for methods exact and joint (whole layers only)
-
 _REPLICA_WHOLE_NODES = 2_000  # branch-and-bound nodes of one whole-layer replica MILP
-
 _REPLICA_HOOD_NODES = 100  # branch-and-bound nodes of one neighbourhood replica MILP
-
 _REPLICA_HOOD_GPUS = 4  # GPUs in one neighbourhood: the heaviest and three others
 
 
-
-def replica_hood_model(load_row: np.ndarray, held: np.ndarray, hood: np.ndarray, slots: int,
-                       max_copies: int, grow: int | None = None) -> tuple[pulp.LpProblem, Any, Callable[[], np.ndarray]]:
+def replica_hood_model(load_row: np.ndarray, held: np.ndarray, hood: np.ndarray, slots: int, max_copies: int,
+                       grow: int | None = None) -> tuple[pulp.LpProblem, Any, Callable[[], np.ndarray]]:
     """The MILP that re-places every copy on the GPUs ``hood`` of one layer (docs/ilp.md, "Replicas").
 
     Experts with every copy in ``hood`` ("inner") choose their count k (1 to ``grow`` more than now, all
@@ -108,7 +103,6 @@ def replica_hood_model(load_row: np.ndarray, held: np.ndarray, hood: np.ndarray,
     return m, top, decode
 
 
-
 def solve_replica_hood(load_row: np.ndarray, held: np.ndarray, hood: np.ndarray, slots: int, max_copies: int, *,
                        solver: str, time_limit_s: float, gap: float, node_limit: int | None,
                        grow: int | None = None) -> tuple[np.ndarray | None, float, str]:
@@ -132,7 +126,6 @@ def solve_replica_hood(load_row: np.ndarray, held: np.ndarray, hood: np.ndarray,
     if not valid or float(copy_loads(p, out)[hood].max()) >= current * (1 - 1e-9):
         return None, res.bound, res.status
     return out, res.bound, res.status
-
 
 
 def balance_replicated_layer(load_row: np.ndarray, held: np.ndarray, slots: int, max_copies: int, *, solver: str,
@@ -207,7 +200,6 @@ def balance_replicated_layer(load_row: np.ndarray, held: np.ndarray, slots: int,
         ub = float(copy_loads(p, held).max())
         fails = 0
     return held, ub, min(lb, ub), status
-
 
 
 def optimise_replicas(problem: PlacementProblem, redundant_experts: int, *, w_compute: float = 1.0,
