@@ -144,34 +144,34 @@ def moetuner(problem: PlacementProblem, *, solver: str = "auto", time_limit_s: f
     stage1_deadline = t0 + 0.8 * time_limit_s
     clusters = np.empty((L, E), dtype=np.int64)
     ub1, lb1, load_lb = np.zeros(L), np.zeros(L), np.zeros(L)
-    for l in range(L):
-        p = problem.load[l]
+    for layer in range(L):
+        p = problem.load[layer]
         a = deviation_search(p, improve_layer(p, lpt(p, G, s), G, s), G)
         mu = p.sum() / G
-        load_lb[l] = load_lower_bound(p, G, s)
-        lb = 2 * max(0.0, load_lb[l] - mu)
+        load_lb[layer] = load_lower_bound(p, G, s)
+        lb = 2 * max(0.0, load_lb[layer] - mu)
         ub = deviation(p, a, G)
         if ub - lb > gap * p.sum() and E * G <= _EXACT_VARS and time.perf_counter() < stage1_deadline:
-            left = max(1.0, (stage1_deadline - time.perf_counter()) / max(L - l, 1))
+            left = max(1.0, (stage1_deadline - time.perf_counter()) / max(L - layer, 1))
             a, bound = stage1_ilp(p, G, s, solver=name, time_limit_s=left, gap=gap, incumbent=a)
             ub = deviation(p, a, G)
             lb = max(lb, bound) if np.isfinite(bound) else lb
-        clusters[l], ub1[l], lb1[l] = a, ub, min(lb, ub)
+        clusters[layer], ub1[layer], lb1[layer] = a, ub, min(lb, ub)
     # stage 2: clusters onto GPUs, layer by layer
     cm = cost_model(problem)  # bandwidths for stage 2; the reported objective is the ilp's, same weights
     R = problem.transition_counts()
     assign = clusters.copy()
     tails = np.zeros(max(L - 1, 0))
-    for l in range(1, L):
-        onehot_prev = np.eye(G)[assign[l - 1]]  # [E, G]: rank of each layer l-1 expert
-        onehot_c = np.eye(G)[clusters[l]]  # [E, G]: cluster of each layer-l expert
-        T = onehot_prev.T @ R[l - 1] @ onehot_c * cm.bytes  # [g', c]: bytes from rank g' to cluster c
+    for layer in range(1, L):
+        onehot_prev = np.eye(G)[assign[layer - 1]]  # [E, G]: rank of each layer l-1 expert
+        onehot_c = np.eye(G)[clusters[layer]]  # [E, G]: cluster of each layer-l expert
+        T = onehot_prev.T @ R[layer - 1] @ onehot_c * cm.bytes  # [g', c]: bytes from rank g' to cluster c
         pair = T[:, :, None] * cm.s[:, None, :]  # [g', c, g] seconds if c sits on g
         w = pair.max(axis=0)  # [c, g]: heaviest pair into g (s is 0 on the diagonal)
         col = bottleneck_assignment(w, pair.sum(axis=0))
-        assign[l] = col[clusters[l]]
-        tails[l - 1] = float(w[np.arange(G), col].max())
-    greedy = np.stack([lpt(problem.load[l], G, s) for l in range(L)])
+        assign[layer] = col[clusters[layer]]
+        tails[layer - 1] = float(w[np.arange(G), col].max())
+    greedy = np.stack([lpt(problem.load[layer], G, s) for layer in range(L)])
     info = solve_info(problem, assign, cm, lower=objective_lower_bound(problem, cm, load_lb),
                       load_lower=float(load_lb.sum()) * cm.t_pair * cm.w_compute,
                       greedy_total=evaluate(problem, greedy, cm).total, method="two_stage", solver=name,

@@ -59,19 +59,19 @@ def linear_assignment(cost: np.ndarray) -> np.ndarray:
     return col
 
 
-def _align_cost(problem: PlacementProblem, assign: np.ndarray, l: int, cm: CostModel) -> np.ndarray:
+def _align_cost(problem: PlacementProblem, assign: np.ndarray, layer: int, cm: CostModel) -> np.ndarray:
     """[c, g]: linear (mean-send) cost of moving layer l's rank-c cluster onto rank g, neighbours fixed."""
     G = problem.num_gpus
     R = problem.transition_counts()
-    onehot = np.eye(G)[assign[l]]  # [E, G]: expert -> current label c
+    onehot = np.eye(G)[assign[layer]]  # [E, G]: expert -> current label c
     cost = np.zeros((G, G))
-    if l > 0:
-        prev = np.eye(G)[assign[l - 1]]
-        T = prev.T @ R[l - 1] @ onehot  # [g', c]: tokens from rank g' (layer l-1) to cluster c
+    if layer > 0:
+        prev = np.eye(G)[assign[layer - 1]]
+        T = prev.T @ R[layer - 1] @ onehot  # [g', c]: tokens from rank g' (layer l-1) to cluster c
         cost += T.T @ cm.s  # [c, g]
-    if l < problem.num_layers - 1:
-        nxt = np.eye(G)[assign[l + 1]]
-        T = onehot.T @ R[l] @ nxt  # [c, g']
+    if layer < problem.num_layers - 1:
+        nxt = np.eye(G)[assign[layer + 1]]
+        T = onehot.T @ R[layer] @ nxt  # [c, g']
         cost += T @ cm.s.T
     return cost * cm.bytes
 
@@ -86,18 +86,18 @@ def align_layers(problem: PlacementProblem, assign: np.ndarray, cm: CostModel, *
     R = problem.transition_counts()
     if not R.any():
         return out
-    order = list(range(1, L)) + [l for _ in range(sweeps - 1) for l in (*range(L - 2, -1, -1), *range(1, L))]
-    for l in order:
+    order = list(range(1, L)) + [layer for _ in range(sweeps - 1) for layer in (*range(L - 2, -1, -1), *range(1, L))]
+    for layer in order:
         if time.perf_counter() > deadline:
             break
-        col = linear_assignment(_align_cost(problem, out, l, cm))
-        trial = col[out[l]]
-        if np.array_equal(trial, out[l]):
+        col = linear_assignment(_align_cost(problem, out, layer, cm))
+        trial = col[out[layer]]
+        if np.array_equal(trial, out[layer]):
             continue
-        before = sum(pair_cost(R[k], out[k], out[k + 1], cm) for k in (l - 1, l) if 0 <= k < L - 1)
+        before = sum(pair_cost(R[k], out[k], out[k + 1], cm) for k in (layer - 1, layer) if 0 <= k < L - 1)
         new = out.copy()
-        new[l] = trial
-        after = sum(pair_cost(R[k], new[k], new[k + 1], cm) for k in (l - 1, l) if 0 <= k < L - 1)
+        new[layer] = trial
+        after = sum(pair_cost(R[k], new[k], new[k + 1], cm) for k in (layer - 1, layer) if 0 <= k < L - 1)
         if after < before:
             out = new
     return out

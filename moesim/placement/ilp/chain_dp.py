@@ -112,10 +112,10 @@ def chain_dp(problem: PlacementProblem, cm: CostModel) -> np.ndarray:
     cols = np.arange(E)
     value = loads[0].copy()
     back = np.zeros((L, S, 2), dtype=np.int64)
-    for l in range(L - 1):
+    for layer in range(L - 1):
         # Two-tier cost: e on rank g pays s_in for each pick of f off g, and s_out - s_in more off g's node.
-        ry = (R[l] @ nxt_onehot).reshape(E, G, -1)  # [E, G, B]: e's picks landing on each rank
-        out = R[l].sum(axis=1)[None, :, None]  # [1, E, 1]: e's picks in all
+        ry = (R[layer] @ nxt_onehot).reshape(E, G, -1)  # [E, G, B]: e's picks landing on each rank
+        out = R[layer].sum(axis=1)[None, :, None]  # [1, E, 1]: e's picks in all
         per = s_in * (out - ry[cols, states])  # [S, E, B]: e's send seconds (per byte) in each pair
         if N > 1 and s_out != s_in:
             ry_node = ry.reshape(E, N, gpn, -1).sum(axis=2)  # [E, N, B]
@@ -129,21 +129,21 @@ def chain_dp(problem: PlacementProblem, cm: CostModel) -> np.ndarray:
         best = total.argmin(axis=0)
         bv = total[best, np.arange(S * A)].reshape(S, A)
         ba = bv.argmin(axis=1)
-        value = bv[np.arange(S), ba] + loads[l + 1]
-        back[l + 1, :, 0] = best.reshape(S, A)[np.arange(S), ba]
-        back[l + 1, :, 1] = ba
+        value = bv[np.arange(S), ba] + loads[layer + 1]
+        back[layer + 1, :, 0] = best.reshape(S, A)[np.arange(S), ba]
+        back[layer + 1, :, 1] = ba
     q = int(np.argmin(value))
     chain = [(q, 0)]
-    for l in range(L - 1, 0, -1):
-        i, a = back[l, q]
+    for layer in range(L - 1, 0, -1):
+        i, a = back[layer, q]
         chain.append((int(i), int(a)))
         q = int(i)
     chain.reverse()  # chain[l] = (state at l, relabelling from l's frame to l+1's)
     assign = np.empty((L, E), dtype=np.int64)
     phi = np.arange(G)
-    for l in range(L):
-        st, _ = chain[l]
-        assign[l] = phi[states[st]]
-        if l < L - 1:
-            phi = phi[perms[chain[l][1]]]
+    for layer in range(L):
+        st, _ = chain[layer]
+        assign[layer] = phi[states[st]]
+        if layer < L - 1:
+            phi = phi[perms[chain[layer][1]]]
     return assign

@@ -85,11 +85,11 @@ def cost_model(problem: PlacementProblem, w_compute: float = 1.0, w_comm: float 
                      w_dispatch=w_dispatch, copy_s=copy_s, copies=problem.a2a_copies)
 
 
-def layer_picks(problem: PlacementProblem, l: int) -> np.ndarray:
+def layer_picks(problem: PlacementProblem, layer: int) -> np.ndarray:
     """[T, K] expert ids of layer l in the profiling window (int64, -1 = none), cached on the problem."""
-    key = ("picks", l)
+    key = ("picks", layer)
     if key not in problem._cache:
-        problem._cache[key] = np.ascontiguousarray(np.asarray(problem.routing)[:, l, :], dtype=np.int64)
+        problem._cache[key] = np.ascontiguousarray(np.asarray(problem.routing)[:, layer, :], dtype=np.int64)
     return problem._cache[key]
 
 
@@ -133,9 +133,9 @@ def dispatch_terms(problem: PlacementProblem, assign: np.ndarray, cm: CostModel)
     if cm.w_dispatch == 0:
         return out
     scale = dispatch_scale(problem, cm)
-    for l in range(L):
-        owner = assign[l] // problem.gpus_per_node if cm.copies == "node" else assign[l]
-        out[l] = scale * float(spans(layer_picks(problem, l), np.asarray(owner)).sum())
+    for layer in range(L):
+        owner = assign[layer] // problem.gpus_per_node if cm.copies == "node" else assign[layer]
+        out[layer] = scale * float(spans(layer_picks(problem, layer), np.asarray(owner)).sum())
     return out
 
 
@@ -145,8 +145,8 @@ def dispatch_lower_bound(problem: PlacementProblem, cm: CostModel) -> float:
         return 0.0
     cap = problem.slots_per_gpu * (problem.gpus_per_node if cm.copies == "node" else 1)
     total = 0.0
-    for l in range(problem.num_layers):
-        distinct = _distinct(np.sort(layer_picks(problem, l), axis=1))
+    for layer in range(problem.num_layers):
+        distinct = _distinct(np.sort(layer_picks(problem, layer), axis=1))
         total += float((-(-distinct // cap)).sum())
     return dispatch_scale(problem, cm) * total
 
@@ -183,13 +183,14 @@ class Breakdown:
 def evaluate(problem: PlacementProblem, assign: np.ndarray, cm: CostModel) -> Breakdown:
     """The joint objective of ``assign[l, e]`` (one rank per expert), term by term."""
     L, G = problem.num_layers, problem.num_gpus
-    compute = np.array([layer_max_load(problem.load[l], assign[l], G) for l in range(L)]) * cm.t_pair * cm.w_compute
+    compute = (np.array([layer_max_load(problem.load[layer], assign[layer], G) for layer in range(L)])
+               * cm.t_pair * cm.w_compute)
     comm, aff = np.zeros(max(L - 1, 0)), np.zeros(max(L - 1, 0))
-    for l in range(L - 1):
+    for layer in range(L - 1):
         if cm.w_comm == 0 and cm.w_affinity == 0:  # no traffic terms: the routing statistics are not needed
             break
-        sd = sends(problem.transition_counts()[l], assign[l], assign[l + 1], cm)
-        comm[l], aff[l] = cm.w_comm * sd.max(), cm.w_affinity * sd.mean()
+        sd = sends(problem.transition_counts()[layer], assign[layer], assign[layer + 1], cm)
+        comm[layer], aff[layer] = cm.w_comm * sd.max(), cm.w_affinity * sd.mean()
     return Breakdown(compute, comm, aff, dispatch_terms(problem, assign, cm))
 
 
@@ -222,9 +223,9 @@ def objective_lower_bound(problem: PlacementProblem, cm: CostModel, load_lb: np.
         cols = np.sort(m, axis=0)[::-1][:k].sum()
         return float(min(rows, cols))
 
-    for l in range(L - 1):
-        moved_rank = max(0.0, R[l].sum() - kept(R[l], s))
-        moved_node = max(0.0, R[l].sum() - kept(R[l], s * gpn)) if other.any() else 0.0
+    for layer in range(L - 1):
+        moved_rank = max(0.0, R[layer].sum() - kept(R[layer], s))
+        moved_node = max(0.0, R[layer].sum() - kept(R[layer], s * gpn)) if other.any() else 0.0
         cost = (s_in * moved_rank + (s_out - s_in) * moved_node) * cm.bytes
         total += (cm.w_comm + cm.w_affinity) * cost / G
     return total

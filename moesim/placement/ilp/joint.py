@@ -35,13 +35,14 @@ def joint_model(problem: PlacementProblem, cm: CostModel, layers: range | None =
     layers = layers if layers is not None else range(problem.num_layers)
     Ls = list(layers)
     m = pulp.LpProblem("moetuner_joint", pulp.LpMinimize)
-    x = {(l, e, g): new_var(m, f"x_{l}_{e}_{g}", 0, 1, cat="Binary") for l in Ls for e in range(E) for g in range(G)}
-    objective = [_add_layer_rows(m, x, problem, cm, l, fixed) for l in Ls]
+    x = {(layer, e, g): new_var(m, f"x_{layer}_{e}_{g}", 0, 1, cat="Binary")
+         for layer in Ls for e in range(E) for g in range(G)}
+    objective = [_add_layer_rows(m, x, problem, cm, layer, fixed) for layer in Ls]
     if problem.memory_slots is not None:
         for g in range(G):
-            m += pulp.lpSum(x[l, e, g] for l in Ls for e in range(E)) <= problem.memory_slots, f"memory_{g}"
+            m += pulp.lpSum(x[layer, e, g] for layer in Ls for e in range(E)) <= problem.memory_slots, f"memory_{g}"
     if cm.w_comm != 0 or cm.w_affinity != 0:
-        objective += [_add_send_rows(m, x, problem, cm, l, tiers) for l in Ls[:-1]]
+        objective += [_add_send_rows(m, x, problem, cm, layer, tiers) for layer in Ls[:-1]]
     if not fixed or Ls[0] not in fixed:  # symmetry: ranks are interchangeable, so expert 0 starts on rank 0
         m += x[Ls[0], 0, 0] == 1, "symmetry"
         if N == 1:
@@ -53,24 +54,24 @@ def joint_model(problem: PlacementProblem, cm: CostModel, layers: range | None =
 
 
 def _add_layer_rows(m: pulp.LpProblem, x: dict[tuple[int, int, int], Any], problem: PlacementProblem,
-                    cm: CostModel, l: int, fixed: dict[int, np.ndarray] | None) -> Any:
+                    cm: CostModel, layer: int, fixed: dict[int, np.ndarray] | None) -> Any:
     """Layer l's placement rows (one rank per expert, slots per rank, pinned experts) and its compute-tail
     variable; returns the layer's compute term of the objective."""
     E, G, slots = problem.num_experts, problem.num_gpus, problem.slots_per_gpu
-    C = new_var(m, f"C_{l}", 0)
+    C = new_var(m, f"C_{layer}", 0)
     for e in range(E):
-        m += pulp.lpSum(x[l, e, g] for g in range(G)) == 1, f"one_rank_{l}_{e}"
+        m += pulp.lpSum(x[layer, e, g] for g in range(G)) == 1, f"one_rank_{layer}_{e}"
     for g in range(G):
-        m += pulp.lpSum(x[l, e, g] for e in range(E)) <= slots, f"slots_{l}_{g}"
-        m += C >= pulp.lpSum(float(problem.load[l, e]) * x[l, e, g] for e in range(E)), f"tail_{l}_{g}"
-    if fixed and l in fixed:
+        m += pulp.lpSum(x[layer, e, g] for e in range(E)) <= slots, f"slots_{layer}_{g}"
+        m += C >= pulp.lpSum(float(problem.load[layer, e]) * x[layer, e, g] for e in range(E)), f"tail_{layer}_{g}"
+    if fixed and layer in fixed:
         for e in range(E):
-            m += x[l, e, int(fixed[l][e])] == 1, f"fixed_{l}_{e}"
+            m += x[layer, e, int(fixed[layer][e])] == 1, f"fixed_{layer}_{e}"
     return cm.w_compute * cm.t_pair * C
 
 
 def _add_send_rows(m: pulp.LpProblem, x: dict[tuple[int, int, int], Any], problem: PlacementProblem,
-                   cm: CostModel, l: int, tiers: tuple[float, float]) -> Any:
+                   cm: CostModel, layer: int, tiers: tuple[float, float]) -> Any:
     """The linearised sends from layer l to layer l+1 (``d``: off the rank, ``q``: off the node) and the
     busiest rank's send ``M_l``; returns the pair's communication and affinity terms of the objective."""
     s_in, s_out = tiers
@@ -78,20 +79,20 @@ def _add_send_rows(m: pulp.LpProblem, x: dict[tuple[int, int, int], Any], proble
     N = -(-G // gpn)
     R = problem.transition_counts()
     send: list[list[Any]] = [[] for _ in range(G)]
-    for e, f in zip(*np.nonzero(R[l])):
-        w = float(R[l, e, f]) * cm.bytes
+    for e, f in zip(*np.nonzero(R[layer])):
+        w = float(R[layer, e, f]) * cm.bytes
         for g in range(G):
-            d = new_var(m, f"d_{l}_{e}_{f}_{g}", 0)
-            m += d >= x[l, e, g] - x[l + 1, f, g]
+            d = new_var(m, f"d_{layer}_{e}_{f}_{g}", 0)
+            m += d >= x[layer, e, g] - x[layer + 1, f, g]
             send[g].append(w * s_in * d)
             if N > 1 and s_out != s_in:
                 n = g // gpn
-                q = new_var(m, f"q_{l}_{e}_{f}_{g}", 0)
-                m += q >= x[l, e, g] - pulp.lpSum(x[l + 1, f, h] for h in range(n * gpn, min(G, (n + 1) * gpn)))
+                q = new_var(m, f"q_{layer}_{e}_{f}_{g}", 0)
+                m += q >= x[layer, e, g] - pulp.lpSum(x[layer + 1, f, h] for h in range(n * gpn, min(G, (n + 1) * gpn)))
                 send[g].append(w * (s_out - s_in) * q)
-    M = new_var(m, f"M_{l}", 0)
+    M = new_var(m, f"M_{layer}", 0)
     for g in range(G):
-        m += M >= pulp.lpSum(send[g]), f"send_{l}_{g}"
+        m += M >= pulp.lpSum(send[g]), f"send_{layer}_{g}"
     return cm.w_comm * M + cm.w_affinity / G * pulp.lpSum(t for row in send for t in row)
 
 
@@ -138,8 +139,8 @@ def solve_joint(problem: PlacementProblem, cm: CostModel, incumbent: np.ndarray,
     model, x = joint_model(problem, cm)
     G, gpn = problem.num_gpus, problem.gpus_per_node
     start = _canonical(incumbent, gpn, G) if G % gpn == 0 else incumbent
-    for (l, e, g), var in x.items():
-        var.setInitialValue(1 if start[l, e] == g else 0)
+    for (layer, e, g), var in x.items():
+        var.setInitialValue(1 if start[layer, e] == g else 0)
     inc_val = evaluate(problem, start, cm).total
     res = solve(model, solver=solver, time_limit_s=time_limit_s, gap=gap, incumbent=inc_val * (1 + 1e-9),
                 warm_start=True)
@@ -148,9 +149,9 @@ def solve_joint(problem: PlacementProblem, cm: CostModel, incumbent: np.ndarray,
     best = start
     if res.objective is not None:
         sol = np.zeros_like(start)
-        for (l, e, g), var in x.items():
+        for (layer, e, g), var in x.items():
             if (var.value() or 0) > 0.5:
-                sol[l, e] = g
+                sol[layer, e] = g
         if evaluate(problem, sol, cm).total < inc_val:
             best = sol
     return best, res.bound, res.status

@@ -21,13 +21,13 @@ from moesim.placement.registry import PlacementProblem
 _SEARCH_TOKENS = 32_768  # profile tokens the node search counts (every k-th); the final choice counts all
 
 
-def _layer_value(problem: PlacementProblem, l: int, a: np.ndarray, cm: CostModel) -> float:
+def _layer_value(problem: PlacementProblem, layer: int, a: np.ndarray, cm: CostModel) -> float:
     """Compute tail + dispatch term of layer l under placement row ``a`` (exact, on every profile token)."""
     G, gpn = problem.num_gpus, problem.gpus_per_node
-    val = cm.w_compute * cm.t_pair * layer_max_load(problem.load[l], a, G)
+    val = cm.w_compute * cm.t_pair * layer_max_load(problem.load[layer], a, G)
     if cm.w_dispatch:
         owner = a // gpn if cm.copies == "node" else a
-        val += dispatch_scale(problem, cm) * float(spans(layer_picks(problem, l), owner).sum())
+        val += dispatch_scale(problem, cm) * float(spans(layer_picks(problem, layer), owner).sum())
     return val
 
 
@@ -200,19 +200,19 @@ def place_nodes_first(problem: PlacementProblem, balanced: np.ndarray, cm: CostM
     w_span = dispatch_scale(problem, cm)
     contiguous = np.arange(E) * N // E
     searched = 0
-    for l in range(L):
+    for layer in range(L):
         if time.perf_counter() > deadline:
             break
         searched += 1
-        picks = layer_picks(problem, l)
+        picks = layer_picks(problem, layer)
         stride = -(-picks.shape[0] // _SEARCH_TOKENS)  # every stride-th token stands for stride of them
-        best, best_val = balanced[l], _layer_value(problem, l, balanced[l], cm)
-        for start in (contiguous, balanced[l] // gpn):
-            node_of = node_swaps(picks[::stride], problem.load[l], start, N, gpn=gpn, slots=s, w_load=w_load,
+        best, best_val = balanced[layer], _layer_value(problem, layer, balanced[layer], cm)
+        for start in (contiguous, balanced[layer] // gpn):
+            node_of = node_swaps(picks[::stride], problem.load[layer], start, N, gpn=gpn, slots=s, w_load=w_load,
                                  w_span=w_span * stride)
-            a = split_nodes(problem.load[l], node_of, gpn, s)
-            val = _layer_value(problem, l, a, cm)
+            a = split_nodes(problem.load[layer], node_of, gpn, s)
+            val = _layer_value(problem, layer, a, cm)
             if val < best_val:
                 best, best_val = a, val
-        out[l] = best
+        out[layer] = best
     return out, searched

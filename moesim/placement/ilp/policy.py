@@ -39,9 +39,9 @@ def optimise(problem: PlacementProblem, *, w_compute: float = 1.0, w_comm: float
     cm = cost_model(problem, w_compute, w_comm, w_affinity, w_dispatch)
     deadline = t0 + time_limit_s
     L, G, s = problem.num_layers, problem.num_gpus, problem.slots_per_gpu
-    greedy = np.stack([lpt(problem.load[l], G, s) for l in range(L)])
+    greedy = np.stack([lpt(problem.load[layer], G, s) for layer in range(L)])
     greedy_total = evaluate(problem, greedy, cm).total
-    load_lb = np.array([load_lower_bound(problem.load[l], G, s) for l in range(L)])
+    load_lb = np.array([load_lower_bound(problem.load[layer], G, s) for layer in range(L)])
     if use_chain_dp(problem, cm, method):
         return _exact_dp(problem, cm, load_lb, greedy_total, t0)
     assign, used, searched = _decompose(problem, cm, load_lb, solver=solver_name, gap=gap, t0=t0,
@@ -86,11 +86,11 @@ def _decompose(problem: PlacementProblem, cm: CostModel, load_lb: np.ndarray, *,
     nodes first or None)``."""
     L, G, s = problem.num_layers, problem.num_gpus, problem.slots_per_gpu
     balanced = np.empty((L, problem.num_experts), dtype=np.int64)
-    for l in range(L):
-        a, _, lb = balance_layer(problem.load[l], G, s, gap=gap * 0.5, solver=solver,
+    for layer in range(L):
+        a, _, lb = balance_layer(problem.load[layer], G, s, gap=gap * 0.5, solver=solver,
                                  deadline=t0 + 0.5 * time_limit_s)
-        balanced[l] = a
-        load_lb[l] = max(load_lb[l], lb)
+        balanced[layer] = a
+        load_lb[layer] = max(load_lb[layer], lb)
     used, searched = "decompose", None
     if cm.w_dispatch:  # nodes first: group what tokens pick together on few nodes, then balance inside
         balanced, searched = place_nodes_first(problem, balanced, cm, deadline=t0 + 0.7 * time_limit_s)

@@ -242,22 +242,22 @@ def optimise_replicas(problem: PlacementProblem, redundant_experts: int, *, w_co
     load = np.asarray(problem.load, dtype=float)
     counts = replica_counts(load, total, G)
     greedy = pack_replicas(load, counts, G, slots)
-    greedy_ub = np.array([copy_loads(load[l], greedy[l]).max() for l in range(L)])
+    greedy_ub = np.array([copy_loads(load[layer], greedy[layer]).max() for layer in range(L)])
     rng = np.random.default_rng(problem.seed)
     held = np.empty_like(greedy)
     ub, lb = np.zeros(L), np.zeros(L)
     statuses, kept_greedy = [], 0
     deadline = t0 + 0.95 * time_limit_s
-    for l in range(L):
+    for layer in range(L):
         now = time.perf_counter()
-        layer_deadline = now + max(0.0, deadline - now) / (L - l)
-        start = place_missing(load[l], greedy[l], counts[l], slots)
-        held[l], ub[l], lb[l], st = balance_replicated_layer(
-            load[l], start, slots, max_copies, solver=solver_name, gap=gap * 0.5, deadline=layer_deadline,
+        layer_deadline = now + max(0.0, deadline - now) / (L - layer)
+        start = place_missing(load[layer], greedy[layer], counts[layer], slots)
+        held[layer], ub[layer], lb[layer], st = balance_replicated_layer(
+            load[layer], start, slots, max_copies, solver=solver_name, gap=gap * 0.5, deadline=layer_deadline,
             rng=rng, whole=whole)
-        if greedy_ub[l] < ub[l]:  # greedy merged a twin and came out lighter: keep its answer
-            held[l], ub[l], kept_greedy = greedy[l], greedy_ub[l], kept_greedy + 1
-        lb[l] = min(lb[l], ub[l])
+        if greedy_ub[layer] < ub[layer]:  # greedy merged a twin and came out lighter: keep its answer
+            held[layer], ub[layer], kept_greedy = greedy[layer], greedy_ub[layer], kept_greedy + 1
+        lb[layer] = min(lb[layer], ub[layer])
         statuses.append(st)
     scale = cm.t_pair * cm.w_compute
     objective, lower = float(ub.sum()) * scale, float(lb.sum()) * scale

@@ -33,12 +33,12 @@ def affinity_swaps(problem: PlacementProblem, assign: np.ndarray, cm: CostModel,
     candidates = candidates or max(8, min(E, 2 * G))
     for _ in range(sweeps):
         changed = False
-        for l in range(L):
+        for layer in range(L):
             if time.perf_counter() > deadline:
                 return out
-            search = _LayerSwaps(problem, out, l, cm)
+            search = _LayerSwaps(problem, out, layer, cm)
             changed = screened_swaps(search, candidates, rounds) or changed
-            out[l] = search.a
+            out[layer] = search.a
         if not changed:
             break
     return out
@@ -48,22 +48,22 @@ class _LayerSwaps:
     """The exact objective terms of layer l's placement ``a``, the neighbouring layers fixed: rank loads
     (``bl``), sends out of layer l (``s_out``) and into it (``s_in``, from layer l-1), and their value."""
 
-    def __init__(self, problem: PlacementProblem, out: np.ndarray, l: int, cm: CostModel) -> None:
+    def __init__(self, problem: PlacementProblem, out: np.ndarray, layer: int, cm: CostModel) -> None:
         L, G, E = problem.num_layers, problem.num_gpus, problem.num_experts
         R = problem.transition_counts()
-        self.cm, self.G, self.E, self.has_next = cm, G, E, l < L - 1
+        self.cm, self.G, self.E, self.has_next = cm, G, E, layer < L - 1
         self.wl = cm.w_compute * cm.t_pair
-        self.p = p = problem.load[l]
-        self.a = a = out[l].copy()
-        self.h_out = R[l] @ cm.s[:, out[l + 1]].T * cm.bytes if l < L - 1 else np.zeros((E, G))  # [e, g]
-        self.prev = prev = out[l - 1] if l > 0 else None
-        self.r_in = R[l - 1] if l > 0 else None
-        h_in = R[l - 1].T @ cm.s[prev] * cm.bytes if l > 0 else np.zeros((E, G))  # [e, g]: into e on g
+        self.p = p = problem.load[layer]
+        self.a = a = out[layer].copy()
+        self.h_out = R[layer] @ cm.s[:, out[layer + 1]].T * cm.bytes if layer < L - 1 else np.zeros((E, G))  # [e, g]
+        self.prev = prev = out[layer - 1] if layer > 0 else None
+        self.r_in = R[layer - 1] if layer > 0 else None
+        h_in = R[layer - 1].T @ cm.s[prev] * cm.bytes if layer > 0 else np.zeros((E, G))  # [e, g]: into e on g
         self.bl = np.bincount(a, weights=p, minlength=G)
         self.s_out = np.bincount(a, weights=self.h_out[np.arange(E), a], minlength=G)
         self.s_in = None
-        if l > 0:
-            per_prev = (R[l - 1] * cm.s[prev][:, a]).sum(axis=1) * cm.bytes  # [e'] send of layer l-1 experts
+        if layer > 0:
+            per_prev = (R[layer - 1] * cm.s[prev][:, a]).sum(axis=1) * cm.bytes  # [e'] send of layer l-1 experts
             self.s_in = np.bincount(prev, weights=per_prev, minlength=G)
         self.cur = self.terms(self.bl, self.s_in, self.s_out)
         self.h = (self.h_out + h_in) * (cm.w_affinity + cm.w_comm) / G  # screening: linear in the swap
