@@ -16,7 +16,7 @@ Modules, lower ones first (each imports only those above it in this list):
 - :mod:`~moesim.placement.ilp.replicas`: replica counts and packing together (``redundant_experts``);
 - :mod:`~moesim.placement.ilp.policy`: the method choice and the registered ``ilp`` policy.
 
-Every name the former single module offered is importable from here.
+Every name the former single module ``moesim/placement/ilp.py`` defined is importable from here (and ``lpt``).
 """
 
 from moesim.placement.ilp.align import align_layers, linear_assignment
