@@ -6,7 +6,7 @@ layers: the paper's memory constraint), minimise ``sum_c |T[c] - mean|`` with ``
 profiled load (absolute values through ``dev[c] >= +-(T[c] - mean)``). Solved exactly with PuLP when the
 layer is small; otherwise a swap local search from LPT gives the incumbent and the bound
 ``sum_c |T[c] - mean| >= 2 (max_c T[c] - mean) >= 2 (LB_max - mean)`` (deviations sum to zero; LB_max from
-:func:`moesim.placement.ilp.load_lower_bound`) proves the gap, with the ILP run only where it is open.
+:func:`moesim.placement.ilp.balance.load_lower_bound`) proves the gap, with the ILP run only where it is open.
 
 Stage 2 (ILP-2), per layer in order: map layer l's clusters one-to-one onto GPUs, minimising the heaviest
 GPU-pair traffic divided by that pair's bandwidth, the traffic being the layer-(l-1)-to-l transitions
@@ -28,18 +28,20 @@ constraint and keeps each layer's expert count per GPU equal.
 from __future__ import annotations
 
 import time
+from functools import partial
 from typing import Any
 
 import networkx as nx
 import numpy as np
 import pulp
 
-from moesim.errors import InputError
 from moesim.placement.format import Placement
 from moesim.placement.ilp import (
     check_feasible, cost_model, evaluate, improve_layer, linear_assignment, load_lower_bound, objective_lower_bound,
     solve_info,
 )
+from moesim.placement.ilp.checks import check_budget
+from moesim.placement.ilp.search import Move, descend
 from moesim.placement.ilp_solver import new_var, resolve_solver, solve
 from moesim.placement.policies import lpt
 from moesim.placement.registry import PlacementProblem, register
@@ -57,23 +59,21 @@ def deviation(load_row: np.ndarray, a: np.ndarray, G: int) -> float:
 def deviation_search(load_row: np.ndarray, a: np.ndarray, G: int, max_iter: int = 5000) -> np.ndarray:
     """Best-improvement swaps of two experts between clusters while sum |T - mean| falls."""
     p = np.asarray(load_row, dtype=float)
-    a = a.copy()
-    t = np.bincount(a, weights=p, minlength=G)
-    mu = t.mean()
-    for _ in range(max_iter):
-        d = p[:, None] - p[None, :]  # i leaves a[i], j leaves a[j]
-        ti, tj = t[a][:, None], t[a][None, :]
-        gain = np.abs(ti - d - mu) + np.abs(tj + d - mu) - np.abs(ti - mu) - np.abs(tj - mu)
-        gain[a[:, None] == a[None, :]] = np.inf
-        k = int(np.argmin(gain))
-        if not gain.flat[k] < -1e-9 * max(mu, 1.0):
-            break
-        i, j = divmod(k, p.size)
-        gi, gj = a[i], a[j]
-        a[i], a[j] = gj, gi
-        t[gi] += p[j] - p[i]
-        t[gj] += p[i] - p[j]
-    return a
+    mu = np.bincount(a, weights=p, minlength=G).mean()
+    return descend(p, a, G, partial(_deviation_swap, mu=mu), max_iter)
+
+
+def _deviation_swap(p: np.ndarray, a: np.ndarray, t: np.ndarray, counts: np.ndarray, *, mu: float) -> Move | None:
+    """The swap of two experts between clusters that lowers sum |T - mean| most, if any does."""
+    d = p[:, None] - p[None, :]  # i leaves a[i], j leaves a[j]
+    ti, tj = t[a][:, None], t[a][None, :]
+    gain = np.abs(ti - d - mu) + np.abs(tj + d - mu) - np.abs(ti - mu) - np.abs(tj - mu)
+    gain[a[:, None] == a[None, :]] = np.inf
+    k = int(np.argmin(gain))
+    if not gain.flat[k] < -1e-9 * max(mu, 1.0):
+        return None
+    i, j = divmod(k, p.size)
+    return ("swap", i, j)
 
 
 def stage1_ilp(load_row: np.ndarray, G: int, slots: int, *, solver: str, time_limit_s: float, gap: float,
@@ -137,44 +137,41 @@ def moetuner(problem: PlacementProblem, *, solver: str = "auto", time_limit_s: f
              gap: float = 0.01) -> tuple[np.ndarray, dict[str, Any]]:
     """Both stages; returns ``(assign, info)``."""
     t0 = time.perf_counter()
-    if not time_limit_s > 0:
-        raise InputError(f"must be > 0, got {time_limit_s!r}", field="time_limit_s")
-    if not 0 <= gap < 1:
-        raise InputError(f"must be in [0, 1), got {gap!r}", field="gap")
+    check_budget(time_limit_s, gap)
     check_feasible(problem)
     name = resolve_solver(solver)
     L, E, G, s = problem.num_layers, problem.num_experts, problem.num_gpus, problem.slots_per_gpu
     stage1_deadline = t0 + 0.8 * time_limit_s
     clusters = np.empty((L, E), dtype=np.int64)
     ub1, lb1, load_lb = np.zeros(L), np.zeros(L), np.zeros(L)
-    for l in range(L):
-        p = problem.load[l]
+    for layer in range(L):
+        p = problem.load[layer]
         a = deviation_search(p, improve_layer(p, lpt(p, G, s), G, s), G)
         mu = p.sum() / G
-        load_lb[l] = load_lower_bound(p, G, s)
-        lb = 2 * max(0.0, load_lb[l] - mu)
+        load_lb[layer] = load_lower_bound(p, G, s)
+        lb = 2 * max(0.0, load_lb[layer] - mu)
         ub = deviation(p, a, G)
         if ub - lb > gap * p.sum() and E * G <= _EXACT_VARS and time.perf_counter() < stage1_deadline:
-            left = max(1.0, (stage1_deadline - time.perf_counter()) / max(L - l, 1))
+            left = max(1.0, (stage1_deadline - time.perf_counter()) / max(L - layer, 1))
             a, bound = stage1_ilp(p, G, s, solver=name, time_limit_s=left, gap=gap, incumbent=a)
             ub = deviation(p, a, G)
             lb = max(lb, bound) if np.isfinite(bound) else lb
-        clusters[l], ub1[l], lb1[l] = a, ub, min(lb, ub)
+        clusters[layer], ub1[layer], lb1[layer] = a, ub, min(lb, ub)
     # stage 2: clusters onto GPUs, layer by layer
     cm = cost_model(problem)  # bandwidths for stage 2; the reported objective is the ilp's, same weights
     R = problem.transition_counts()
     assign = clusters.copy()
     tails = np.zeros(max(L - 1, 0))
-    for l in range(1, L):
-        onehot_prev = np.eye(G)[assign[l - 1]]  # [E, G]: rank of each layer l-1 expert
-        onehot_c = np.eye(G)[clusters[l]]  # [E, G]: cluster of each layer-l expert
-        T = onehot_prev.T @ R[l - 1] @ onehot_c * cm.bytes  # [g', c]: bytes from rank g' to cluster c
+    for layer in range(1, L):
+        onehot_prev = np.eye(G)[assign[layer - 1]]  # [E, G]: rank of each layer l-1 expert
+        onehot_c = np.eye(G)[clusters[layer]]  # [E, G]: cluster of each layer-l expert
+        T = onehot_prev.T @ R[layer - 1] @ onehot_c * cm.bytes  # [g', c]: bytes from rank g' to cluster c
         pair = T[:, :, None] * cm.s[:, None, :]  # [g', c, g] seconds if c sits on g
         w = pair.max(axis=0)  # [c, g]: heaviest pair into g (s is 0 on the diagonal)
         col = bottleneck_assignment(w, pair.sum(axis=0))
-        assign[l] = col[clusters[l]]
-        tails[l - 1] = float(w[np.arange(G), col].max())
-    greedy = np.stack([lpt(problem.load[l], G, s) for l in range(L)])
+        assign[layer] = col[clusters[layer]]
+        tails[layer - 1] = float(w[np.arange(G), col].max())
+    greedy = np.stack([lpt(problem.load[layer], G, s) for layer in range(L)])
     info = solve_info(problem, assign, cm, lower=objective_lower_bound(problem, cm, load_lb),
                       load_lower=float(load_lb.sum()) * cm.t_pair * cm.w_compute,
                       greedy_total=evaluate(problem, greedy, cm).total, method="two_stage", solver=name,
