@@ -261,6 +261,8 @@ def main() -> None:
     moetuner()
     print("\n== 7. attention core, one H100 and one H200 (fitted on one shape, error on the other) ==")
     runpy.run_path(str(ROOT / "benchmarks" / "validation" / "attention_h100" / "compare.py"), run_name="__main__")
+    print("\n== 8. the whole MoE layer's kernel pipeline, one H200, 8 model shapes (moesim bench moe) ==")
+    runpy.run_path(str(ROOT / "benchmarks" / "validation" / "moe_h200" / "compare.py"), run_name="__main__")
 
 
 if __name__ == "__main__":
