@@ -168,7 +168,8 @@ def fit_gemms(points: list[MoEPoint], gpu: GPUSpec, pipeline: str, base: Pipelin
         spec = base.model_copy(update={"tile_m": tm, "tile_n": tn})
         err, eff, meff, fx = _grid_gemm(*_gemm_obs(bf16, spec, gpu, False), effs, meffs, fixeds)
         if err < best[0]:
-            best = (err, spec.model_copy(update={"gemm_efficiency": round(eff, 4), "gemm_hbm_efficiency": round(meff, 4),
+            best = (err, spec.model_copy(update={"gemm_efficiency": round(eff, 4),
+                                                 "gemm_hbm_efficiency": round(meff, 4),
                                                  "gemm_fixed_us": round(fx * 1e6, 2)}))
     spec = best[1]
     fp8 = [p for p in points if p.dtype == "fp8"]
@@ -204,7 +205,8 @@ def predict_kernels(p: MoEPoint, gpu: GPUSpec) -> tuple[float, dict[str, float]]
     return sum(steps.values()), steps
 
 
-def moe_predictions(points: list[MoEPoint], held: list[bool], gpu: GPUSpec) -> list[tuple[str, str, float, float, bool]]:
+def moe_predictions(points: list[MoEPoint], held: list[bool],
+                    gpu: GPUSpec) -> list[tuple[str, str, float, float, bool]]:
     """(kind, label, measured ms, predicted ms, held out) for every point's kernels (kind ``moe-decode`` or
     ``moe-prefill``) and every step it ran but the all-to-alls (kind ``moe-step:NAME``)."""
     out = []
