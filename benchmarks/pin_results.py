@@ -4,7 +4,9 @@
     python benchmarks/pin_results.py --update   # write the digests (run before a refactor)
 
 A refactor must leave every digest as it was; the optimiser's wall time (``placement_info.solve_s``) is
-dropped before hashing. Takes minutes (the DeepSeek-V3 scenario dominates).
+dropped before hashing. Takes minutes (the DeepSeek-V3 scenario dominates). The DeepSeek-V3 ``ilp`` cuts its
+stages at fractions of its time limit, so its digest depends on how busy the machine is: pin and check it on a
+quiet machine.
 """
 
 from __future__ import annotations
