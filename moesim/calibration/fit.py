@@ -26,7 +26,7 @@ import simpy
 from moesim.calibration.attention import (AttentionPoint, ProjectionPoint, fit_attention, fit_dense_efficiency,
                                          predict_all, predict_projections)
 from moesim.calibration.bench import A2APoint, BenchData, FFNPoint, P2PPoint
-from moesim.calibration.moe import fit_pipelines, held_out, moe_predictions
+from moesim.calibration.moe import fit_pipelines, fit_self_a2a, held_out, moe_predictions
 from moesim.hardware.presets import deep_merge, preset
 from moesim.hardware.spec import ClusterSpec
 from moesim.hardware.topology import build_topology
@@ -241,15 +241,18 @@ def calibrate(data: BenchData, base_preset: str = "hgx-h200", name: str | None =
         attention["dense_efficiency"] = fit_dense_efficiency(train_proj, ClusterSpec(**base).gpu)
         base = deep_merge(base, {"gpu": {"dense_efficiency": attention["dense_efficiency"]}})
     moe_held = held_out(data.moe)
-    if data.moe:  # the MoE kernel pipelines, on this GPU's HBM and peak
-        pipes = fit_pipelines(data.moe, moe_held, ClusterSpec(**base).gpu)
+    if data.moe:  # the MoE kernel pipelines, on this GPU's HBM and peak; NCCL's all-to-all with one rank
+        gpu = ClusterSpec(**base).gpu
+        base["a2a_self_launch_us"] = fit_self_a2a([p for p, h in zip(data.moe, moe_held) if not h], gpu)
+        fitted["a2a_self_launch_us"] = base["a2a_self_launch_us"]
+        pipes = fit_pipelines(data.moe, moe_held, gpu, base["a2a_self_launch_us"])
         base = deep_merge(base, {"gpu": {"moe_pipelines": {k: v.model_dump() for k, v in pipes.items()}}})
         fitted.update({f"gpu.moe_pipelines.{k}.{f}": getattr(v, f) for k, v in pipes.items()
                        for f in ("tile_m", "tile_n", "gemm_efficiency", "fp8_gemm_efficiency") if k in
                        {p.pipeline for p in data.moe}})
     spec = ClusterSpec(**base)
     preds = _network_predictions(spec, data, net_held) if net_points else []
-    preds += [Prediction(*row) for row in moe_predictions(data.moe, moe_held, spec.gpu)]
+    preds += [Prediction(*row) for row in moe_predictions(data.moe, moe_held, spec)]
     if data.ffn:
         preds += [Prediction("ffn", f"{p.shape} {list(p.tokens)}", p.ms, predict_ffn(spec, p), h)
                   for p, h in zip(data.ffn, ffn_held)]

@@ -60,18 +60,27 @@ class MoEPoint:
     @property
     def kernels_ms(self) -> float:
         """The layer without its all-to-alls (which the network model times): the whole-layer median less the
-        all-to-alls' share of the step medians."""
-        a2a = self.steps_ms.get("dispatch", 0.0) + self.steps_ms.get("combine", 0.0)
-        return self.total_ms * (1.0 - a2a / sum(self.steps_ms.values()))
+        all-to-alls' step medians."""
+        return self.total_ms - self.steps_ms.get("dispatch", 0.0) - self.steps_ms.get("combine", 0.0)
 
     @property
     def label(self) -> str:
         return f"{self.shape} ep{self.ep} {self.pipeline} {self.dtype} {self.routing} T={self.tokens}"
 
 
+def event_overhead_ms(records: list[dict]) -> float:
+    """What timing each step with its own CUDA events adds per step (the events' host calls slow a host-bound
+    pipeline): the median over the records of (sum of the step medians - whole-layer median) / steps."""
+    per = [(float(r["steps_sum_ms"]) - float(r["total_ms"])) / len(r["steps_ms"]) for r in records
+           if "skipped" not in r and r.get("steps_ms")]
+    return max(float(np.median(per)), 0.0) if per else 0.0
+
+
 def moe_points(raw: dict, src: str) -> list[MoEPoint]:
-    """The measured records of a ``moesim.bench.moe/1`` file (skipped points left out)."""
+    """The measured records of a ``moesim.bench.moe/1`` file (skipped points left out), each step's median less
+    the per-step cost of timing it with events (:func:`event_overhead_ms`, measured on the same file)."""
     points = []
+    overhead = event_overhead_ms(raw["records"])
     for i, r in enumerate(raw["records"]):
         if "skipped" in r:
             continue
@@ -85,6 +94,7 @@ def moe_points(raw: dict, src: str) -> list[MoEPoint]:
         steps = {k: float(v) for k, v in r["steps_ms"].items()}
         if any(not (v > 0 and np.isfinite(v)) for v in [*steps.values(), float(r["total_ms"])]):
             raise InputError("timings must be positive", source=src, field=f"records[{i}]")
+        steps = {k: max(v - overhead, 0.5 * v) for k, v in steps.items()}
         points.append(MoEPoint(r["shape"], r["pipeline"], r["dtype"], r["routing"], int(r["ep"]), model,
                                LayerWork(np.array(float(r["tokens"])), np.array(float(r["send_rows"])), rows),
                                steps, float(r["total_ms"])))
@@ -180,22 +190,55 @@ def fit_gemms(points: list[MoEPoint], gpu: GPUSpec, pipeline: str, base: Pipelin
     return spec
 
 
-def fit_pipelines(points: list[MoEPoint], held: list[bool], gpu: GPUSpec) -> dict[str, PipelineSpec]:
-    """Every pipeline measured in ``points``, fitted on the points not held out."""
+def _a2a_bytes(p: MoEPoint) -> tuple[float, float]:
+    """Bytes of the dispatch (the received rows and their int64 expert ids) and of the combine (the rows)."""
+    rows = float(np.asarray(p.work.rows).sum())
+    row_bytes = rows * p.model.d_model * p.model.dtype_bytes
+    return row_bytes + 8.0 * rows, row_bytes
+
+
+def fit_self_a2a(points: list[MoEPoint], gpu: GPUSpec) -> float:
+    """Microseconds of an all-to-all among one GPU beyond its copy (at half the HBM rate): the median over the
+    combine steps (one call each) of measured less copy time."""
+    rate = gpu.hbm_GBps * 1e9 * gpu.hbm_efficiency / 2
+    res = [p.steps_ms["combine"] * 1e-3 - _a2a_bytes(p)[1] / rate for p in points if "combine" in p.steps_ms]
+    return round(max(float(np.median(res)), 0.0) * 1e6, 2) if res else 0.0
+
+
+def fit_a2a_issue(points: list[MoEPoint], gpu: GPUSpec, self_us: float) -> StepCost:
+    """The host's cost of issuing the dispatch's two calls after permute's sync: the median over the dispatch
+    steps of measured less the two calls as the network model times them on one GPU."""
+    rate = gpu.hbm_GBps * 1e9 * gpu.hbm_efficiency / 2
+    res = [p.steps_ms["dispatch"] * 1e-3 - 2 * self_us * 1e-6 - _a2a_bytes(p)[0] / rate
+           for p in points if "dispatch" in p.steps_ms]
+    return StepCost(fixed_us=round(max(float(np.median(res)), 0.0) * 1e6, 2))
+
+
+def fit_pipelines(points: list[MoEPoint], held: list[bool], gpu: GPUSpec,
+                  self_us: float | None = None) -> dict[str, PipelineSpec]:
+    """Every pipeline measured in ``points``, fitted on the points not held out (``self_us``: the one-GPU
+    all-to-all's fixed cost, default fitted here)."""
+    if self_us is None:
+        self_us = fit_self_a2a([p for p, h in zip(points, held) if not h], gpu)
     out = dict(gpu.moe_pipelines)
     for pipeline in sorted({p.pipeline for p in points}):
         train = [p for p, h in zip(points, held) if not h and p.pipeline == pipeline]
         if not any(p.dtype == "bf16" for p in train):
             raise InputError(f"no bf16 points of pipeline {pipeline!r} to fit its GEMMs on", field="records")
         base = out.get(pipeline, PipelineSpec())
-        base = base.model_copy(update={"steps": {**base.steps, **fit_steps(train, gpu)}})
+        steps = {**base.steps, **fit_steps(train, gpu)}
+        if any("dispatch" in p.steps_ms for p in train):
+            steps["a2a_issue"] = fit_a2a_issue(train, gpu, self_us)
+        base = base.model_copy(update={"steps": steps})
         out[pipeline] = fit_gemms(train, gpu, pipeline, base)
     return out
 
 
 def one_gpu_a2a_ms(spec: ClusterSpec, nbytes: float, calls: int) -> float:
-    """An all-to-all on one GPU as the network model times it: ``calls`` NCCL launches and a copy to itself."""
-    return calls * spec.a2a_launch_us * 1e-3 + nbytes / spec.gpu.local_copy_bytes_per_s * 1e3
+    """An all-to-all on one GPU as the network model times it (:class:`moesim.sim.network.Fabric`): ``calls``
+    NCCL calls with one rank, each a fixed cost, and a device copy at half the HBM rate."""
+    launch = spec.a2a_self_launch_us if spec.a2a_self_launch_us is not None else spec.a2a_launch_us
+    return calls * launch * 1e-3 + nbytes / (spec.gpu.hbm_bytes_per_s / 2) * 1e3
 
 
 def predict_kernels(p: MoEPoint, gpu: GPUSpec) -> tuple[float, dict[str, float]]:
@@ -206,13 +249,14 @@ def predict_kernels(p: MoEPoint, gpu: GPUSpec) -> tuple[float, dict[str, float]]
 
 
 def moe_predictions(points: list[MoEPoint], held: list[bool],
-                    gpu: GPUSpec) -> list[tuple[str, str, float, float, bool]]:
-    """(kind, label, measured ms, predicted ms, held out) for every point's kernels (kind ``moe-decode`` or
-    ``moe-prefill``) and every step it ran but the all-to-alls (kind ``moe-step:NAME``)."""
+                    spec: ClusterSpec) -> list[tuple[str, str, float, float, bool]]:
+    """(kind, label, measured ms, predicted ms, held out) for every point's whole layer (kind ``moe-decode`` or
+    ``moe-prefill``: the kernels and the all-to-alls among one GPU, :func:`predict_point`) and every step it
+    ran (kind ``moe-step:NAME``)."""
     out = []
     for p, h in zip(points, held):
-        total, steps = predict_kernels(p, gpu)
-        out.append((f"moe-{p.phase}", p.label, p.kernels_ms, total, h))
+        total, steps = predict_point(p, spec)
+        out.append((f"moe-{p.phase}", p.label, p.total_ms, total, h))
         out += [(f"moe-step:{k}", p.label, p.steps_ms[k], v, h) for k, v in steps.items() if k in p.steps_ms]
     return out
 
@@ -222,8 +266,7 @@ def predict_point(p: MoEPoint, spec: ClusterSpec) -> tuple[float, dict[str, floa
     steps = {k: float(v) * 1e3 for k, v in step_times(p.work, p.model, spec.gpu, pipeline=p.pipeline,
                                                           dtype=p.dtype).items()}
     if "dispatch" in p.steps_ms:  # the measured pipeline ran its all-to-alls (on one GPU: copies to itself)
-        rows = float(np.asarray(p.work.rows).sum())
-        row_bytes = rows * p.model.d_model * p.model.dtype_bytes
-        steps["dispatch"] = one_gpu_a2a_ms(spec, row_bytes + 8.0 * rows, 2)
-        steps["combine"] = one_gpu_a2a_ms(spec, row_bytes, 1)
+        disp, comb = _a2a_bytes(p)
+        steps["dispatch"] = one_gpu_a2a_ms(spec, disp, 2) + steps.pop("a2a_issue", 0.0)  # measured as one step
+        steps["combine"] = one_gpu_a2a_ms(spec, comb, 1)
     return sum(steps.values()), steps

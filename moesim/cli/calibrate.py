@@ -26,7 +26,7 @@ _DEVICE_PRESETS = (("GB200", "gb200-nvl72"), ("B200", "gb200-nvl72"), ("H800", "
 # point groups whose errors are printed (and, held out, written into the YAML's header): label -> point kinds
 _ERROR_GROUPS = {"network": ("a2a-uniform", "a2a-skew", "p2p"), "expert FFN": ("ffn",),
                  "attention core": ("attention",), "attention projections": ("projection",),
-                 "MoE layer kernels, decode": ("moe-decode",), "MoE layer kernels, prefill": ("moe-prefill",)}
+                 "MoE layer, decode": ("moe-decode",), "MoE layer, prefill": ("moe-prefill",)}
 
 
 def _rounded(value: Any, digits: int = 4) -> Any:
@@ -104,7 +104,7 @@ def _write_cluster_yaml(result: Calibration, out: Path, name: str, bench: list[s
     import numpy as np
 
     spec = _rounded(result.spec.model_dump(mode="json"))
-    doc = {"preset": name, **{k: spec[k] for k in ("name", "gpu", "nvlink", "a2a_launch_us")}}
+    doc = {"preset": name, **{k: spec[k] for k in ("name", "gpu", "nvlink", "a2a_launch_us", "a2a_self_launch_us")}}
     held = [f"{label} {np.median(e) * 100:.1f}%" for label, kinds in _ERROR_GROUPS.items()
             if (e := result.errors(True, kinds)).size]
     header = (f"# moesim calibrate {' '.join(bench)} --preset {name}\n"

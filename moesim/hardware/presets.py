@@ -43,6 +43,7 @@ _FITTED_GPU = {k: _H200["gpu"][k] for k in ("compute_efficiency", "hbm_efficienc
 _LOCAL_COPY_PER_HBM = _H200["gpu"]["local_copy_GBps"] / _H200["gpu"]["hbm_GBps"]
 _FITTED_NVLINK = {k: _H200["nvlink"][k] for k in ("efficiency", "latency_us")}
 _A2A_LAUNCH_US = _H200["a2a_launch_us"]
+_A2A_SELF_US = _H200.get("a2a_self_launch_us")  # NCCL with one rank (moesim bench moe on one H200)
 
 
 # Fitted on one H100 (benchmarks/validation/ffn_h100 and attention_h100, ``moesim calibrate``, every third point
@@ -91,6 +92,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "nvlink": _H200["nvlink"],
         "network": dict(_CX7_400G),
         "a2a_launch_us": _A2A_LAUNCH_US,
+        "a2a_self_launch_us": _A2A_SELF_US,
     },
     # H800 (DeepEP's testbed): H100 compute and memory, NVLink cut to 8 links = 200 GB/s per direction,
     # "about 160 GB/s" achievable per DeepEP's README => 0.8; one CX7 400 Gb/s per GPU.

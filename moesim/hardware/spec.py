@@ -179,6 +179,9 @@ class ClusterSpec(StrictModel):
     nvlink: NVLinkSpec
     network: NetworkSpec
     a2a_launch_us: float = Field(ge=0, description="fixed cost of one all-to-all call (launch, handshake)")
+    a2a_self_launch_us: float | None = Field(
+        default=None, ge=0, lt=1e6, description="fixed cost of an all-to-all among one GPU (NCCL with one rank "
+        "copies with cudaMemcpy, at the device copy rate); default a2a_launch_us")
     expert_memory_fraction: float = Field(
         default=0.8, gt=0, le=1, description="share of HBM that expert weights may use"
     )

@@ -13,6 +13,8 @@ step            what runs                                                   FLOP
 router          logits = x @ W_gate, softmax (fp32), top-k, renormalise     2 T d E / (T d + d E) b + 12 T E
 permute         sort the T x k picks by destination, ``x[idx]``, split      2 S d b
                 sizes to the host (a sync)
+a2a_issue       the host issuing the dispatch's all_to_all_single calls      fixed cost only
+                (rows, expert ids) after permute's sync: the GPU is idle
 (dispatch)      all_to_all_single - the engine's network model
 regroup         sort received rows by local expert, gather                  2 R d b
 gemm_gate_up    ``torch._grouped_mm``: rows x W13 [d, 2f]                   grouped GEMM (below)
@@ -59,7 +61,7 @@ from moesim.traces.model import ModelSpec
 
 Pipeline = Literal["torch_reference", "fused"]
 PIPELINES: tuple[str, ...] = ("torch_reference", "fused")
-BEFORE_DISPATCH = ("router", "permute", "align")  # on the tokens at home, before the dispatch all-to-all
+BEFORE_DISPATCH = ("router", "permute", "a2a_issue", "align")  # on the tokens at home, before the dispatch all-to-all
 AFTER_COMBINE = ("reduce",)  # on the tokens at home, after the combine all-to-all
 
 
@@ -106,6 +108,7 @@ def step_bytes(work: LayerWork, model: ModelSpec, *, pipeline: str, tp: int = 1,
     out = {"router": T * d * b + d * E * b + 12.0 * T * E}
     if pipeline == "torch_reference":
         out["permute"] = 2.0 * S * d * b + 16.0 * S
+        out["a2a_issue"] = 0.0 * T  # the host issuing the dispatch calls after the split-size sync (GPU idle)
         out["regroup"] = 2.0 * R * d * b + 16.0 * R
         out["activation"] = 5.0 * R * f * b  # chunk, SiLU (read f, write f), multiply (read 2f, write f)
         out["unregroup"] = 2.0 * R * d * b

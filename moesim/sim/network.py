@@ -5,7 +5,8 @@ move, each following its fixed path of links (:mod:`moesim.hardware.topology`). 
 every link's capacity is shared among the flows crossing it max-min fairly (progressive filling): two
 GPUs sending through one NIC get half each; a flow limited elsewhere leaves its unused share to the
 others. Rates are recomputed whenever flows finish; a flow's bytes arrive ``path latency`` after its
-last byte leaves, and every call pays the cluster's fixed ``a2a_launch_us``.
+last byte leaves, and every call pays the cluster's fixed ``a2a_launch_us``. On a single GPU (NCCL with one rank)
+a collective is a device-to-device copy: ``a2a_self_launch_us`` and half the HBM rate (read and write).
 
 The solver freezes, in one vectorised step, every link whose fair share is the smallest among all links
 its flows cross (a local bottleneck): those rates are final, so the number of steps is the depth of the
@@ -263,6 +264,10 @@ class Fabric:
         self.link_bytes = np.zeros(topo.num_links)
         self.recomputations = 0
         self.local_bytes_per_s = topo.cluster.gpu.local_copy_bytes_per_s
+        if topo.num_gpus == 1:  # NCCL with one rank: a device-to-device copy, no kernel of its own
+            self.launch_s = (topo.cluster.a2a_self_launch_us if topo.cluster.a2a_self_launch_us is not None
+                             else topo.cluster.a2a_launch_us) * 1e-6
+            self.local_bytes_per_s = topo.cluster.gpu.hbm_bytes_per_s / 2
         self._recent: list[_Fluid] = []
 
     def collective(self, name: str, nbytes: np.ndarray, gpu_events: list[simpy.Event] | None = None,
