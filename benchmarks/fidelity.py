@@ -263,6 +263,8 @@ def main() -> None:
     runpy.run_path(str(ROOT / "benchmarks" / "validation" / "attention_h100" / "compare.py"), run_name="__main__")
     print("\n== 8. the whole MoE layer's kernel pipeline, one H200, 8 model shapes (moesim bench moe) ==")
     runpy.run_path(str(ROOT / "benchmarks" / "validation" / "moe_h200" / "compare.py"), run_name="__main__")
+    print("\n== 9. multi-layer MoE blocks with real DeepSeek-V2-Lite routing, one H200 (not fitted to these) ==")
+    runpy.run_path(str(ROOT / "benchmarks" / "validation" / "moe_h200" / "compare_block.py"), run_name="__main__")
 
 
 if __name__ == "__main__":
