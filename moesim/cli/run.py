@@ -15,6 +15,7 @@ from moesim.errors import InputError
 
 if TYPE_CHECKING:
     from moesim.study import StudyResult
+    from moesim.study.runner import Run
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -44,7 +45,17 @@ def _print_solves(result: StudyResult) -> None:
     solves = [(r, solve_summary(r.placement.info)) for r in result.runs]
     if any(line for _, line in solves):
         print("\nOptimising placements (gap: how far above the proven lower bound; see docs/ilp.md):")
-        print("\n".join(f"  {r.cluster.name} / {r.name}: {line}" for r, line in solves if line))
+        print("\n".join(f"  {r.cluster.name} / {r.name}: {line}{_predicted(r)}" for r, line in solves if line))
+        print("  (an optimiser minimises its own model of the hardware, moesim/sim/costs.py: the simulation can rank "
+              "its plan differently)")
+
+
+def _predicted(run: Run) -> str:
+    """The optimiser's own estimate of a batch beside the simulated time."""
+    if run.predicted_ms is None:
+        return ""
+    sim = run.metrics.e2e_ms["mean"]
+    return f"; its model predicts {run.predicted_ms:.2f} ms per batch, simulated {sim:.2f} ({(run.predicted_ms / sim - 1) * 100:+.0f}%)"
 
 
 def _print_rebalancing(result: StudyResult) -> None:

@@ -20,7 +20,7 @@ import numpy as np
 
 from moesim.hardware.spec import GPUSpec
 from moesim.hardware.topology import Topology
-from moesim.sim.compute import expert_time
+from moesim.sim.compute import Attention, dense_time, expert_time
 from moesim.sim.engine import EngineOptions
 from moesim.sim.kernels import LayerWork, phase_times
 from moesim.traces.model import ModelSpec
@@ -36,6 +36,18 @@ class HardwareCosts:
     combine_bytes: float  # bytes one expert output carries back
     a2a_copies: str  # what one dispatch copy goes to: "node", "gpu" or "expert"
     coherent: bool  # context-coherent dataflow: tokens travel from layer l's experts to layer l+1's
+    layer_fixed_s: float = 0.0  # per layer, what no placement changes (see layer_fixed_seconds)
+    a2a_uniform_s: tuple[float, float] = (0.0, 0.0)  # per layer, dispatch + combine spread evenly: (intra, inter)
+
+    def predicted_batch_s(self, objective_s: float, profile_batches: float, num_layers: int, *,
+                          dispatch_counted: bool) -> float:
+        """A batch's time as the optimiser's model sees it: its objective (compute tails, and the inter-node
+        dispatch when ``dispatch_counted``, over the profile window, per batch) plus every layer's
+        placement-independent time and its all-to-alls spread evenly (the intra-node part only when the
+        objective counted the inter-node one)."""
+        intra, inter = self.a2a_uniform_s
+        a2a = intra + (0.0 if dispatch_counted else inter)
+        return objective_s / max(profile_batches, 1e-12) + num_layers * (self.layer_fixed_s + a2a)
 
 
 def a2a_copies(options: EngineOptions) -> str:
@@ -98,10 +110,49 @@ def rank_seconds_per_byte(topo: Topology, tp: int) -> np.ndarray:
     return out
 
 
+def layer_fixed_seconds(topo: Topology, model: ModelSpec, tp: int, options: EngineOptions, tokens_per_gpu: float,
+                        attention: Attention | None) -> float:
+    """Seconds of a layer that no placement changes, at the workload's mean tokens per GPU: the attention
+    (:func:`~moesim.sim.compute.dense_time`), the pipeline's steps before the dispatch and after the combine,
+    the expert side's intercept (its time at the operating point less the marginal cost the optimiser counts)
+    and the two all-to-all launches."""
+    gpu, T = topo.cluster.gpu, float(tokens_per_gpu)
+    ep = topo.cluster.num_gpus // tp
+    experts = -(-model.num_experts // ep)
+    r0 = max(T * model.top_k * tp, 1.0)
+    dense = float(dense_time(np.array([T]), model, gpu, tp=tp, attention=attention)[0])
+    around = 0.0
+    if options.moe_kernels != "ffn":
+        work = LayerWork(home=np.array(T), sent=np.array(T * model.top_k), rows=np.zeros(model.num_experts))
+        before, _, after = phase_times(work, model, gpu, pipeline=options.moe_kernels, tp=tp,
+                                       dtype=options.expert_dtype)
+        around = float(before + after)
+    at = float(expert_seconds(np.array([r0]), model, gpu, tp, options, experts)[0])
+    slope = compute_s_per_pair(topo, model, tp, options, tokens_per_gpu)
+    return dense + around + max(at - slope * r0, 0.0) + 2 * topo.cluster.a2a_launch_us * 1e-6
+
+
+def a2a_uniform_seconds(topo: Topology, model: ModelSpec, tp: int, options: EngineOptions, tokens_per_gpu: float,
+                        s: np.ndarray) -> tuple[float, float]:
+    """A layer's dispatch and combine with every token's picks spread evenly over the EP ranks, from rank 0's
+    row of ``s`` (seconds per byte): (inside its node, to other nodes). A token sends a copy to a rank with
+    probability ``k / EP`` (one copy per pick) or ``1 - (1 - 1/EP)^k`` (one per destination rank)."""
+    ep = s.shape[0]
+    T = float(tokens_per_gpu) * tp
+    q = (1.0 - (1.0 - 1.0 / ep) ** model.top_k) if a2a_copies(options) != "expert" else model.top_k / ep
+    per_byte = T * q * (model.dispatch_bytes + model.combine_bytes)
+    node = np.arange(ep) * tp // topo.cluster.gpus_per_node
+    same = node == node[0]
+    return float(per_byte * s[0][same].sum()), float(per_byte * s[0][~same].sum())
+
+
 def hardware_costs(topo: Topology, model: ModelSpec, *, tp: int, options: EngineOptions,
-                   tokens_per_gpu: float) -> HardwareCosts:
+                   tokens_per_gpu: float, attention: Attention | None = None) -> HardwareCosts:
     """The placement cost terms of ``model`` on ``topo`` under the engine ``options``, at ``tokens_per_gpu``."""
+    s = rank_seconds_per_byte(topo, tp)
     return HardwareCosts(compute_s_per_pair=compute_s_per_pair(topo, model, tp, options, tokens_per_gpu),
-                         rank_s_per_byte=rank_seconds_per_byte(topo, tp),
+                         rank_s_per_byte=s,
                          dispatch_bytes=float(model.dispatch_bytes), combine_bytes=float(model.combine_bytes),
-                         a2a_copies=a2a_copies(options), coherent=options.dataflow == "coherent")
+                         a2a_copies=a2a_copies(options), coherent=options.dataflow == "coherent",
+                         layer_fixed_s=layer_fixed_seconds(topo, model, tp, options, tokens_per_gpu, attention),
+                         a2a_uniform_s=a2a_uniform_seconds(topo, model, tp, options, tokens_per_gpu, s))

@@ -181,7 +181,7 @@ def prepare(scenario: Scenario, *, placements: Sequence[PlacementEntry] | None =
             work = plan.workload
             tokens = work.trace.num_tokens / max(work.layout.num_batches * cluster.spec.num_gpus, 1)
             plan.costs = hardware_costs(plan.topology, scenario.model, tp=cluster.tp, options=options,
-                                        tokens_per_gpu=tokens)
+                                        tokens_per_gpu=tokens, attention=scenario.workload.attention)
             plan.problem = placement_problem(scenario, cluster, plan.workload.profile, plan.costs)
         plan.placements = [(e, build_placement(scenario, cluster, e, plan.problem, label[e.name]))
                            for e in entries if build or e.file is not None]

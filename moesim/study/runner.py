@@ -26,6 +26,7 @@ class Run:
     placement: Placement
     records: SimRecords
     metrics: RunMetrics
+    predicted_ms: float | None = None  # an optimising policy's own model of a batch (moesim.sim.costs)
 
 
 @dataclass
@@ -38,6 +39,17 @@ class StudyResult:
 
     def metrics(self) -> list[RunMetrics]:
         return [r.metrics for r in self.runs]
+
+
+def _predicted_ms(cp: ClusterPlan, placement: Placement, num_layers: int) -> float | None:
+    """What an optimising policy (one that reports its ``objective``) predicts a batch takes."""
+    objective = placement.info.get("objective") if placement.info else None
+    if objective is None or cp.costs is None or cp.workload is None:
+        return None
+    per_batch = cp.workload.trace.num_tokens / max(cp.workload.layout.num_batches, 1)
+    counted = bool(placement.info.get("dispatch_objective"))
+    profile = cp.workload.profile.num_tokens / per_batch
+    return cp.costs.predicted_batch_s(float(objective), profile, num_layers, dispatch_counted=counted) * 1e3
 
 
 def _simulate_cluster(plan: StudyPlan, cp: ClusterPlan, show: bool,
@@ -53,7 +65,7 @@ def _simulate_cluster(plan: StudyPlan, cp: ClusterPlan, show: bool,
                   leave=False) as bar:
             records = sim.run(work.trace, work.layout, placement, name=entry.name, progress=bar.update)
         run = Run(cluster=cp.cluster, name=entry.name, placement=placement, records=records,
-                  metrics=summarize(records))
+                  metrics=summarize(records), predicted_ms=_predicted_ms(cp, placement, scenario.model.num_layers))
         runs.append(run)
         if on_run is not None:
             on_run(run)
