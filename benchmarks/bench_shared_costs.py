@@ -45,9 +45,14 @@ def main() -> None:
         e2e = summarize(rec).e2e_ms["mean"]
         tail = float((rec.gpu["t_compute_end"] - rec.gpu["t_compute_start"]).max(axis=2).sum(axis=1).mean())
         info = placement.info
-        print(f"  ilp planned on {label}: simulated e2e {e2e:8.2f} ms per batch; objective {info['objective'] * 1e3:8.2f} "
-              f"ms vs simulated expert tail over layers {tail * 1e3:8.2f} ms ({(info['objective'] / tail - 1) * 100:+.1f}%); "
-              f"gap {info.get('gap', float('nan')) * 100:.2f}%; solved in {solve:.0f} s")
+        profile = work.profile.num_tokens / (work.trace.num_tokens / work.layout.num_batches)
+        predicted = cp.costs.predicted_batch_s(info["objective"], profile, m.num_layers,
+                                               dispatch_counted=bool(info.get("dispatch_objective"))) * 1e3
+        print(f"  ilp planned on {label}: simulated e2e {e2e:8.2f} ms per batch, its model predicts {predicted:8.2f} "
+              f"({(predicted / e2e - 1) * 100:+.1f}%); objective {info['objective'] * 1e3:.2f} ms (compute "
+              f"{info.get('load_objective', 0) * 1e3:.2f}, dispatch {info.get('dispatch_objective', 0) * 1e3:.2f}) vs "
+              f"simulated expert tail {tail * 1e3:.2f} ms; gap {info.get('gap', float('nan')) * 100:.2f}%; "
+              f"solved in {solve:.0f} s")
     base = summarize(sim.run(work.trace, work.layout, cp.placement("contiguous"))).e2e_ms["mean"]
     print(f"  contiguous: simulated e2e {base:8.2f} ms per batch")
     np.set_printoptions(precision=3)

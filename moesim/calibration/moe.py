@@ -102,14 +102,17 @@ def moe_points(raw: dict, src: str) -> list[MoEPoint]:
 
 
 def held_out(points: list[MoEPoint]) -> list[bool]:
-    """Every third point of each (pipeline, dtype, EP slice, routing) group, ordered by shape and tokens."""
+    """Every third point of each (pipeline, dtype, EP slice, routing) group, ordered by shape and tokens; a point
+    measured in several runs is held out (or not) in all of them."""
     held = [False] * len(points)
     groups: dict[tuple, list[int]] = {}
     for i, p in enumerate(points):
         groups.setdefault((p.pipeline, p.dtype, p.ep, p.routing), []).append(i)
     for idx in groups.values():
-        for j, i in enumerate(sorted(idx, key=lambda i: (points[i].shape, points[i].tokens))):
-            held[i] = j % 3 == 1
+        order = sorted({(points[i].shape, points[i].tokens) for i in idx})
+        out = {key for j, key in enumerate(order) if j % 3 == 1}
+        for i in idx:
+            held[i] = (points[i].shape, points[i].tokens) in out
     return held
 
 

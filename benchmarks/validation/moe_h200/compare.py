@@ -20,8 +20,27 @@ from moesim.calibration.moe import held_out, moe_points, predict_kernels, predic
 from moesim.hardware import ClusterSpec, preset  # noqa: E402
 
 
+RUNS = ("moe_h200.json", "moe_h200_run2.json")  # the same sweep twice, minutes apart
+
+
+def repeatability() -> None:
+    """The same point measured in the two runs: how far apart, by phase (the floor under any model's error)."""
+    a, b = (json.loads((HERE / name).read_text())["records"] for name in RUNS)
+
+    def key(r: dict) -> tuple:
+        return r["shape"], r["ep"], r["pipeline"], r["dtype"], r["routing"], r["tokens"]
+
+    second = {key(r): r for r in b if "skipped" not in r}
+    print("Repeatability: the same point in two runs of the sweep, |difference| of the whole-layer medians:")
+    for phase, lo, hi in (("decode", 0, 512), ("prefill", 2048, 1 << 40)):
+        d = np.abs([second[key(r)]["total_ms"] / r["total_ms"] - 1 for r in a
+                    if "skipped" not in r and key(r) in second and lo <= r["tokens"] <= hi])
+        print(f"  {phase:8s} n={d.size:3d} median {np.median(d) * 100:4.1f}%  p90 {np.percentile(d, 90) * 100:4.1f}%  "
+              f"max {d.max() * 100:5.1f}%")
+
+
 def main() -> None:
-    points = moe_points(json.loads((HERE / "moe_h200.json").read_text()), "moe_h200.json")
+    points = [p for name in RUNS for p in moe_points(json.loads((HERE / name).read_text()), name)]
     held = held_out(points)
     spec = ClusterSpec(**preset("hgx-h200"))
     gpu = spec.gpu
@@ -67,3 +86,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    repeatability()
