@@ -5,11 +5,14 @@ Per batch, every GPU runs one SimPy process. For each MoE layer a GPU:
    sequence lengths; :func:`moesim.sim.compute.dense_time`) for its resident tokens; with tensor
    parallelism (tp > 1) the attention is tensor-parallel too, as in Megatron with sequence parallelism:
    an all-gather of the TP group's activations before it and a reduce-scatter after it;
-2. joins the dispatch all-to-all - token copies to the GPUs holding their experts;
+2. runs the MoE kernel pipeline's steps before the dispatch (router, permutation; :mod:`moesim.sim.kernels`,
+   ``EngineOptions.moe_kernels``), then joins the dispatch all-to-all - token copies to the GPUs holding their
+   experts;
 3. with expert tensor parallelism (tp > 1), joins an all-gather inside its EP rank;
-4. runs its experts (roofline, grouped or one kernel per expert);
+4. runs its experts: the pipeline's regroup, grouped GEMMs, activation and unregroup (``moe_kernels: ffn``: the
+   expert FFNs alone, roofline, grouped or one kernel per expert);
 5. with tp > 1, joins a reduce-scatter inside its EP rank;
-6. joins the combine all-to-all that returns the expert outputs home.
+6. joins the combine all-to-all that returns the expert outputs home, then runs the weighted top-k reduction.
 A collective starts when its last GPU joins (so every GPU waits for the slowest, as with NCCL; a TP
 collective waits only for its own TP group), moves its bytes as max-min fair flows over the links
 (:mod:`moesim.sim.network`), and releases each GPU when that GPU's own sends and receives are done. A batch ends when its last GPU finishes the last layer;
@@ -35,7 +38,7 @@ SGLang's static local choice, or an LPLB-like balanced split; :mod:`moesim.sim.r
 Token bookkeeping is numpy (:mod:`moesim.sim.traffic`); SimPy owns time and events. Everything the run
 did is recorded in flat arrays (:class:`SimRecords`); metrics are computed afterwards.
 Deliberately ignored: overlap of communication with compute (no micro-batching or two-batch overlap),
-shared experts, the gate itself, norms, embeddings and the LM head, and dense (non-MoE) layers.
+shared experts, norms, embeddings and the LM head, and dense (non-MoE) layers.
 """
 
 from __future__ import annotations
