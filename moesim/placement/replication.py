@@ -127,6 +127,97 @@ def replica_lower_bound(load_row: np.ndarray, num_gpus: int, num_copies: int) ->
     return float(max(p.sum() / num_gpus, (p / counts).max()))
 
 
+# A candidate of :func:`improve_replicas`: (kind, e, f, g) - see :func:`_apply_move`.
+_Move = tuple[str, int, int, int]
+
+
+def _best_move_off(held: np.ndarray, q: np.ndarray, bl: np.ndarray, n: np.ndarray, m: int, mine: np.ndarray,
+                   slots: int, best: float) -> tuple[float, _Move | None]:
+    """1. The best move of a copy off ``m`` onto a GPU with a free slot that lacks the expert, when it beats
+    ``best``: ``(its value, move)``, else ``(best, None)``."""
+    G = held.shape[1]
+    ok = ~held[mine] & (n < slots)[None, :]
+    if ok.any():
+        top = bl[m]
+        val = np.where(ok, np.maximum(top - q[mine][:, None], bl[None, :] + q[mine][:, None]), np.inf)
+        k = int(np.argmin(val))
+        if val.flat[k] < best:
+            return float(val.flat[k]), ("move", int(mine[k // G]), -1, k % G)
+    return best, None
+
+
+def _best_swap(held: np.ndarray, q: np.ndarray, bl: np.ndarray, m: int, mine: np.ndarray,
+               best: float) -> tuple[float, _Move | None]:
+    """2. The best swap of a copy on ``m`` with a lighter copy of another expert on another GPU, when it beats
+    ``best``."""
+    f_all, g_all = np.nonzero(held & ~held[:, [m]])  # copies of experts m lacks, hence on GPUs != m
+    if f_all.size:
+        d = q[mine][:, None] - q[f_all][None, :]
+        ok = (d > 0) & ~held[mine][:, g_all]
+        val = np.where(ok, np.maximum(bl[m] - d, bl[g_all][None, :] + d), np.inf)
+        k = int(np.argmin(val))
+        if val.flat[k] < best:
+            j = k % f_all.size
+            return float(val.flat[k]), ("swap", int(mine[k // f_all.size]), int(f_all[j]), int(g_all[j]))
+    return best, None
+
+
+def _recount_candidates(held: np.ndarray, c: np.ndarray, m: int, mine: np.ndarray,
+                        max_copies: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The re-counts to try, as arrays ``(e, f, g)``: expert ``e`` gains a copy on GPU ``g`` in the place of
+    a copy of ``f`` (``c_f >= 2``)."""
+    cand = []
+    grow = mine[c[mine] < max_copies]
+    if grow.size:  # 3. e on m grows onto a GPU g that lacks it, where f (c_f >= 2) had a copy
+        f3, g3 = np.nonzero(held & (c >= 2)[:, None])
+        ee, jj = np.meshgrid(grow, np.arange(f3.size), indexing="ij")
+        ee, ff, gg = ee.ravel(), f3[jj.ravel()], g3[jj.ravel()]
+        keep = (ee != ff) & ~held[ee, gg]
+        cand.append((ee[keep], ff[keep], gg[keep]))
+    shrink = mine[c[mine] >= 2]
+    if shrink.size:  # 4. f on m (replicated) gives its copy on m to an expert e that m lacks
+        e4 = np.flatnonzero(~held[:, m] & (c < max_copies))
+        ff, ee = np.meshgrid(shrink, e4, indexing="ij")
+        cand.append((ee.ravel(), ff.ravel(), np.full(ee.size, m)))
+    if not cand:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, empty
+    return (np.concatenate([x[0] for x in cand]), np.concatenate([x[1] for x in cand]),
+            np.concatenate([x[2] for x in cand]))
+
+
+def _best_recount(p: np.ndarray, held: np.ndarray, c: np.ndarray, q: np.ndarray, bl: np.ndarray, m: int,
+                  mine: np.ndarray, max_copies: int, best: float) -> tuple[float, _Move | None]:
+    """3./4. The best re-count (:func:`_recount_candidates`), when it beats ``best``."""
+    ee, ff, gg = _recount_candidates(held, c, m, mine, max_copies)
+    if ee.size:
+        de = q[ee] - p[ee] / (c[ee] + 1)  # every copy of e gets lighter
+        df = p[ff] / np.maximum(c[ff] - 1, 1) - q[ff]  # every other copy of f heavier
+        new = bl[None, :] - de[:, None] * held[ee] + df[:, None] * held[ff]
+        r = np.arange(ee.size)
+        new[r, gg] += -df - q[ff] + p[ee] / (c[ee] + 1)
+        changed = held[ee] | held[ff]
+        changed[r, gg] = True
+        val = np.where(changed, new, -np.inf).max(axis=1)
+        k = int(np.argmin(val))
+        if val[k] < best:
+            return float(val[k]), ("recount", int(ee[k]), int(ff[k]), int(gg[k]))
+    return best, None
+
+
+def _apply_move(held: np.ndarray, m: int, move: _Move) -> None:
+    """Apply ``move`` in place: ``move`` takes ``e``'s copy from ``m`` to ``g``; ``swap`` also takes ``f``'s
+    from ``g`` to ``m``; ``recount`` gives ``f``'s copy on ``g`` to ``e``."""
+    kind, e, f, g = move
+    if kind == "move":
+        held[e, m], held[e, g] = False, True
+    elif kind == "swap":
+        held[e, m], held[e, g] = False, True
+        held[f, g], held[f, m] = False, True
+    else:
+        held[f, g], held[e, g] = False, True
+
+
 def improve_replicas(load_row: np.ndarray, held: np.ndarray, slots: int, max_copies: int,
                      max_iter: int = 5_000) -> np.ndarray:
     """Best-improvement search on the heaviest GPU ``m`` of one layer, copies counted as they stand.
@@ -139,8 +230,7 @@ def improve_replicas(load_row: np.ndarray, held: np.ndarray, slots: int, max_cop
     """
     p = np.asarray(load_row, dtype=float)
     held = held.copy()
-    E, G = held.shape
-    if G < 2:
+    if held.shape[1] < 2:
         return held
     for _ in range(max_iter):
         c = held.sum(axis=1)
@@ -149,66 +239,15 @@ def improve_replicas(load_row: np.ndarray, held: np.ndarray, slots: int, max_cop
         n = held.sum(axis=0)
         m = int(np.argmax(bl))
         top = float(bl[m])
-        limit = top - 1e-9 * max(top, 1e-300)
         mine = np.flatnonzero(held[:, m])
-        best, move = limit, None
-        # 1. move a copy off m onto a GPU with a free slot that lacks the expert
-        ok = ~held[mine] & (n < slots)[None, :]
-        if ok.any():
-            val = np.where(ok, np.maximum(top - q[mine][:, None], bl[None, :] + q[mine][:, None]), np.inf)
-            k = int(np.argmin(val))
-            if val.flat[k] < best:
-                best, move = float(val.flat[k]), ("move", mine[k // G], None, k % G)
-        # 2. swap a copy on m with a lighter copy of another expert on another GPU
-        f_all, g_all = np.nonzero(held & ~held[:, [m]])  # copies of experts m lacks, hence on GPUs != m
-        if f_all.size:
-            d = q[mine][:, None] - q[f_all][None, :]
-            ok = (d > 0) & ~held[mine][:, g_all]
-            val = np.where(ok, np.maximum(top - d, bl[g_all][None, :] + d), np.inf)
-            k = int(np.argmin(val))
-            if val.flat[k] < best:
-                j = k % f_all.size
-                best, move = float(val.flat[k]), ("swap", mine[k // f_all.size], f_all[j], g_all[j])
-        # 3./4. re-count: expert e gains a copy on GPU g in the place of a copy of f (c_f >= 2)
-        cand = []
-        grow = mine[c[mine] < max_copies]
-        if grow.size:  # 3. e on m grows onto a GPU g that lacks it, where f (c_f >= 2) had a copy
-            f3, g3 = np.nonzero(held & (c >= 2)[:, None])
-            ee, jj = np.meshgrid(grow, np.arange(f3.size), indexing="ij")
-            ee, ff, gg = ee.ravel(), f3[jj.ravel()], g3[jj.ravel()]
-            keep = (ee != ff) & ~held[ee, gg]
-            cand.append((ee[keep], ff[keep], gg[keep]))
-        shrink = mine[c[mine] >= 2]
-        if shrink.size:  # 4. f on m (replicated) gives its copy on m to an expert e that m lacks
-            e4 = np.flatnonzero(~held[:, m] & (c < max_copies))
-            ff, ee = np.meshgrid(shrink, e4, indexing="ij")
-            cand.append((ee.ravel(), ff.ravel(), np.full(ee.size, m)))
-        if cand:
-            ee = np.concatenate([x[0] for x in cand])
-            ff = np.concatenate([x[1] for x in cand])
-            gg = np.concatenate([x[2] for x in cand])
-            if ee.size:
-                de = q[ee] - p[ee] / (c[ee] + 1)  # every copy of e gets lighter
-                df = p[ff] / np.maximum(c[ff] - 1, 1) - q[ff]  # every other copy of f heavier
-                new = bl[None, :] - de[:, None] * held[ee] + df[:, None] * held[ff]
-                r = np.arange(ee.size)
-                new[r, gg] += -df - q[ff] + p[ee] / (c[ee] + 1)
-                changed = held[ee] | held[ff]
-                changed[r, gg] = True
-                val = np.where(changed, new, -np.inf).max(axis=1)
-                k = int(np.argmin(val))
-                if val[k] < best:
-                    best, move = float(val[k]), ("recount", ee[k], ff[k], gg[k])
+        best = top - 1e-9 * max(top, 1e-300)
+        best, move = _best_move_off(held, q, bl, n, m, mine, slots, best)
+        best, swap = _best_swap(held, q, bl, m, mine, best)
+        best, recount = _best_recount(p, held, c, q, bl, m, mine, max_copies, best)
+        move = recount or swap or move
         if move is None:
             break
-        kind, e, f, g = move
-        if kind == "move":
-            held[e, m], held[e, g] = False, True
-        elif kind == "swap":
-            held[e, m], held[e, g] = False, True
-            held[f, g], held[f, m] = False, True
-        else:
-            held[f, g], held[e, g] = False, True
+        _apply_move(held, m, move)
     return held
 
 
