@@ -315,6 +315,10 @@ def sweep(shapes: dict[str, dict[str, int]], cpu: bool) -> list[tuple[str, int, 
     context, batch). On a GPU: tp 1/2/4 (those that divide the shape's query and KV heads), prefill seq_len
     512/2048/8192 x tokens 4096/16384 (seq_len <= tokens),
     decode batch 16/128/512 x context 1024/4096; on the CPU a tiny version of the same."""
+    seqs: tuple[int, ...]
+    totals: tuple[int, ...]
+    batches: tuple[int, ...]
+    contexts: tuple[int, ...]
     if cpu:
         seqs, totals, batches, contexts = (32, 128), (256,), (4, 16), (64,)
     else:

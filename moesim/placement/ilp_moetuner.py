@@ -120,7 +120,7 @@ def bottleneck_assignment(w: np.ndarray, tiebreak: np.ndarray) -> np.ndarray:
     while lo < hi:  # smallest threshold with a perfect matching
         mid = (lo + hi) // 2
         rows, cols = np.nonzero(w <= values[mid])
-        g = nx.Graph()
+        g: nx.Graph[int] = nx.Graph()
         g.add_nodes_from(range(2 * n))
         g.add_edges_from(zip(rows.tolist(), (cols + n).tolist()))
         match = nx.bipartite.hopcroft_karp_matching(g, top_nodes=range(n))

@@ -66,7 +66,7 @@ def pack_replicas(load: np.ndarray, counts: np.ndarray, num_gpus: int, slots_per
         room = gpu_n < slots_per_gpu
         ok = room & ~held[r, e]
         # a copy that could only land beside its twin (a rare end-game) takes any free slot and merges
-        ok = np.where(ok.any(axis=1)[:, None], ok, room)
+        ok = np.where(np.any(ok, axis=1, keepdims=True), ok, room)
         g = np.where(ok, gpu_load, np.inf).argmin(axis=1)
         held[r, e, g] = True
         gpu_load[r, g] += item_load[:, j]
@@ -279,6 +279,6 @@ def place_missing(load_row: np.ndarray, held: np.ndarray, counts: np.ndarray, sl
                     if best is None or val < best[0]:
                         best = (val, int(h), int(f))
             assert best is not None
-            _, h, f = best
-            held[f, h], held[f, g], held[e, h] = False, True, True
+            _, full, moved = best  # moved leaves the full GPU for g; e takes its place
+            held[moved, full], held[moved, g], held[e, full] = False, True, True
     return held

@@ -258,7 +258,7 @@ def simulate_rebalancing(scenario: Scenario, cluster: ClusterEntry, topo: Topolo
                          trace: Trace, layout: Layout, problem: PlacementProblem, static: Placement,
                          baseline: Placement | None, config: RebalanceConfig, *,
                          options: dict[str, Any] | None = None, runner: BatchRunner | None = None,
-                         progress: Callable[[int], None] | None = None) -> RebalanceResult:
+                         progress: Callable[[int], object] | None = None) -> RebalanceResult:
     """The static / rebalanced / baseline series for one cluster (see the module docstring).
 
     ``static`` is the placement planned on the profile; ``options`` are its policy options (default: the
@@ -335,7 +335,7 @@ def _replan(scenario: Scenario, policy: str, problem: PlacementProblem, options:
 def run_rebalance(scenario: Scenario, cluster: ClusterEntry, topo: Topology, sim: Simulation, trace: Trace,
                   layout: Layout, problem: PlacementProblem, placements: dict[str, Placement], *,
                   records: dict[str, SimRecords] | None = None,
-                  progress: Callable[[int], None] | None = None) -> RebalanceResult:
+                  progress: Callable[[int], object] | None = None) -> RebalanceResult:
     """The scenario's ``rebalance`` study on one cluster, with the placements the study already made
     (and, in ``records``, their whole-trace runs, so their batches are not simulated again)."""
     config = scenario.rebalance

@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import IO, Callable
 
 import torch
 import torch.distributed as dist
@@ -106,7 +106,11 @@ class _Run:
         if self.rank == 0:
             head = json.dumps({k: v for k, v in self.res.items() if k != "records"}, indent=1)
             text = head[:-2] + ',\n "records": [\n' + ",\n".join(self.lines) + "\n ]\n}\n"
-            atomic_write(self.path, lambda fh: fh.write(text))
+
+            def write(fh: IO[str]) -> None:
+                fh.write(text)
+
+            atomic_write(self.path, write)
 
     def out_of_time(self) -> bool:
         late = self.max_seconds is not None and time.time() - self.t0 > self.max_seconds
@@ -224,10 +228,13 @@ def _fused_error(cpu: bool) -> str | None:
 
 
 def _header(cpu: bool, world: int, warmup: int, reps: int, flush: bool) -> dict:
-    props = None if cpu else torch.cuda.get_device_properties(torch.cuda.current_device())
-    return {"format": FORMAT, "device": "cpu (plumbing dry run)" if cpu else props.name,
-            "torch": torch.__version__, "cuda": torch.version.cuda or "none",
-            "sms": 0 if cpu else props.multi_processor_count, "world_size": world,
+    if cpu:
+        device, sms = "cpu (plumbing dry run)", 0
+    else:
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        device, sms = props.name, props.multi_processor_count
+    return {"format": FORMAT, "device": device, "torch": torch.__version__, "cuda": torch.version.cuda or "none",
+            "sms": sms, "world_size": world,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "method": METHOD, "warmup": warmup, "reps": reps, "l2_flush": flush,
             "ceilings": {"bf16_tflops_8k": 0.0, "fp8_tflops_8k": None, "copy_GBps_rw": 0.0},

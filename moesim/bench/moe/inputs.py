@@ -38,6 +38,13 @@ class Plan:
     def rows(self) -> int:
         return sum(self.rows_per_expert)
 
+    def emulated_rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """An emulated slice's rows from other GPUs: those sent here (``incoming_x``, ``incoming_ids``) and those
+        returned (``returned``)."""
+        if self.incoming_x is None or self.incoming_ids is None or self.returned is None:
+            raise ValueError("not an emulated expert-parallel slice: no rows from other GPUs")
+        return self.incoming_x, self.incoming_ids, self.returned
+
 
 @dataclass
 class Weights:

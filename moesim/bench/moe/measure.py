@@ -134,11 +134,12 @@ def probe_blockwise(dev: torch.device) -> str:
     except (RuntimeError, TypeError, ValueError) as e:
         dense = f"failed ({first_line(e)})"
     try:
-        rec = F.ScalingType  # type: ignore[attr-defined]
+        rec = F.ScalingType
         bg = torch.randn(2, N, K, device=dev).to(torch.float8_e4m3fn)
         sbg = torch.ones(2, N // 128, K // 128, device=dev).transpose(-2, -1)
-        F.scaled_grouped_mm(a, bg.transpose(-2, -1), sa, rec.BlockWise1x128, sbg, rec.BlockWise128x128,
-                            offs=torch.tensor([M // 2, M], device=dev, dtype=torch.int32))
+        # torch's functional.pyi leaves out scaled_grouped_mm, which functional.py defines (torch 2.10+)
+        F.scaled_grouped_mm(a, bg.transpose(-2, -1), sa, rec.BlockWise1x128, sbg,  # type: ignore[attr-defined]
+                            rec.BlockWise128x128, offs=torch.tensor([M // 2, M], device=dev, dtype=torch.int32))
         grouped = "ran"
     except (RuntimeError, TypeError, ValueError, AttributeError) as e:
         grouped = f"failed ({first_line(e)})"

@@ -62,9 +62,11 @@ def _send_steps(p: Plan, comm: Comm) -> list[Step]:
         sizes = torch.cat((counts, recv)).tolist()
         s.send_splits, s.recv_splits = sizes[:p.ep], sizes[p.ep:]
 
+    incoming = p.emulated_rows() if p.emulated else None
+
     def dispatch(s: SimpleNamespace) -> None:
-        if p.emulated:
-            src_x, src_ids, ins, outs = p.incoming_x, p.incoming_ids, [p.rows], [p.rows]
+        if incoming is not None:
+            src_x, src_ids, ins, outs = incoming[0], incoming[1], [p.rows], [p.rows]
         else:
             src_x, src_ids, ins, outs = s.send_x, s.send_ids, s.send_splits, s.recv_splits
         n = sum(outs)
@@ -152,8 +154,10 @@ def _return_steps(p: Plan, comm: Comm) -> list[Step]:
         comm.a2a(s.back, s.unsorted, outs, ins)
         del s.unsorted
 
+    returned = p.emulated_rows()[2] if p.emulated else None
+
     def reduce(s: SimpleNamespace) -> None:
-        src = p.returned if p.emulated else s.back
+        src = returned if returned is not None else s.back
         gate = s.gate.reshape(-1).index_select(0, s.order).to(src.dtype)
         s.out = torch.zeros((p.T, p.d), device=src.device, dtype=src.dtype).index_add_(0, s.token,
                                                                                        src * gate.unsqueeze(1))

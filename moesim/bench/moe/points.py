@@ -67,6 +67,11 @@ def sweep(shapes: dict[str, dict[str, int]], *, world: int = 1, quick: bool = Fa
     count and routing (EP1 and, for E >= 64, the EP8 slice); fp8 at T 128/2048/16384 with uniform and zipf1.0
     routing; fused (bf16, EP1) at every token count with uniform routing and at 2048/16384 with zipf1.0.
     ``quick``: T 128 and 2048, uniform routing. ``cpu``: T 8 and 32, uniform and zipf2.0, fused only at T 8."""
+    tok: tuple[int, ...]
+    routes: tuple[str, ...]
+    tok8: tuple[int, ...]
+    routes8: tuple[str, ...]
+    fused_tok: tuple[tuple[int, str], ...]
     if cpu:
         tok, routes, tok8, routes8, fused_tok = (8, 32), ("uniform", "zipf2.0"), (32,), ("uniform",), ((8, "uniform"),)
     elif quick:
@@ -75,7 +80,7 @@ def sweep(shapes: dict[str, dict[str, int]], *, world: int = 1, quick: bool = Fa
     else:
         tok, routes, tok8, routes8 = TOKENS, ROUTINGS, (128, 2048, 16384), ("uniform", "zipf1.0")
         fused_tok = tuple((t, "uniform") for t in TOKENS) + ((2048, "zipf1.0"), (16384, "zipf1.0"))
-    points = []
+    points: list[Point] = []
     if "bf16" in dtypes and "torch_reference" in pipelines:
         points += [Point(n, ep, "torch_reference", "bf16", r, t) for n, sh in shapes.items() for ep in _eps(sh, world)
                    for r in routes for t in tok]

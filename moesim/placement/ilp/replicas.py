@@ -67,7 +67,7 @@ def replica_hood_model(load_row: np.ndarray, held: np.ndarray, hood: np.ndarray,
         xs[int(e)] = row
         first[int(e)] = row
     ys: dict[int, dict[tuple[int, int], Any]] = {}
-    counts = []
+    counts: list[Any] = []  # k * z_k terms (pulp expressions)
     for e in inner:
         ks = range(1, min(kmax, int(c[e]) + grow) + 1)
         z = {k: new_var(m, f"z_{e}_{k}", 0, 1, cat="Binary") for k in ks}
