@@ -138,7 +138,7 @@ def part_replay(path: Path) -> None:
     G = GPUS_PER_NODE * NODES
     load = expert_counts(trace).astype(float)
     t2 = time.perf_counter()
-    problem = PlacementProblem(num_layers=BIG_LAYERS, num_experts=BIG_EXPERTS, num_gpus=G, gpus_per_node=GPUS_PER_NODE,
+    problem = PlacementProblem(num_layers=BIG_LAYERS, num_experts=BIG_EXPERTS, num_ranks=G, gpus_per_node=GPUS_PER_NODE,
                                slots_per_gpu=BIG_EXPERTS // G, load=load, seed=0)
     placement = make_placement("greedy", problem)
     spec = ClusterSpec(**deep_merge(preset("hgx-h200"), {"nodes": NODES}))

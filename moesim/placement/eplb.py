@@ -270,7 +270,7 @@ def rebalance_experts(weight: np.ndarray, num_replicas: int, num_groups: int, nu
                       num_gpus: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """DeepSeek EPLB: ``weight [layers, experts]`` loads -> ``(phy2log, log2phy, logcnt)``; see the module
     docstring. Raises ValueError on the reference's preconditions (experts divisible by groups, slots by
-    GPUs, GPUs by nodes)."""
+    GPUs, GPUs by nodes). Arguments are named as the reference's: its GPUs are moesim's EP ranks."""
     weight = np.asarray(weight, dtype=np.float32)
     if weight.ndim != 2:
         raise ValueError("weight must be [layers, experts]")
@@ -294,29 +294,29 @@ def rebalance_experts(weight: np.ndarray, num_replicas: int, num_groups: int, nu
     return phy2log, log2phy.reshape(L, E, width), logcnt
 
 
-def placement_from_phy2log(phy2log: np.ndarray, num_experts: int, num_gpus: int, policy: str,
+def placement_from_phy2log(phy2log: np.ndarray, num_experts: int, num_ranks: int, policy: str,
                            info: dict | None = None) -> Placement:
     """A placement from a physical-slot map (slot ``p`` on GPU ``p // slots_per_gpu``); twins of one expert
     on one GPU become one copy (counted in ``info["merged_twins"]``)."""
     L, P = phy2log.shape
-    gpu = np.broadcast_to(np.arange(P) // (P // num_gpus), (L, P))
-    held = np.zeros((L, num_experts, num_gpus), dtype=bool)
+    gpu = np.broadcast_to(np.arange(P) // (P // num_ranks), (L, P))
+    held = np.zeros((L, num_experts, num_ranks), dtype=bool)
     held[np.arange(L)[:, None], phy2log, gpu] = True
     twins = int(P * L - held.sum())
     return placement_from_mask(held, policy, {**(info or {}), "merged_twins": twins})
 
 
-def redundant_count(num_experts: int, num_gpus: int, redundant_experts: int | None) -> int:
+def redundant_count(num_experts: int, num_ranks: int, redundant_experts: int | None) -> int:
     """Redundant experts to use: the given number, or by default the fewest that fill every GPU's slots
     equally (0 when the GPUs divide the experts). Raises ValueError when slots would be unequal."""
     if redundant_experts is None:
-        return (-num_experts) % num_gpus
+        return (-num_experts) % num_ranks
     if redundant_experts < 0:
         raise ValueError(f"redundant_experts must be >= 0, got {redundant_experts}")
-    if (num_experts + redundant_experts) % num_gpus:
+    if (num_experts + redundant_experts) % num_ranks:
         raise ValueError(f"redundant_experts={redundant_experts}: {num_experts} experts + {redundant_experts} "
-                         f"redundant must fill the {num_gpus} GPUs (EP ranks) equally; use a multiple of "
-                         f"{num_gpus} plus {(-num_experts) % num_gpus}")
+                         f"redundant must fill the {num_ranks} GPUs (EP ranks) equally; use a multiple of "
+                         f"{num_ranks} plus {(-num_experts) % num_ranks}")
     return redundant_experts
 
 
@@ -324,7 +324,7 @@ def check_replica_memory(problem: PlacementProblem, slots_per_gpu: int, policy: 
     """Raise ValueError when ``slots_per_gpu`` copies per layer exceed what the GPUs' memory holds."""
     cap = problem.max_slots_per_gpu
     if cap is not None and slots_per_gpu > cap:
-        most = cap * problem.num_gpus - problem.num_experts
+        most = cap * problem.num_ranks - problem.num_experts
         raise ValueError(f"{policy}: {slots_per_gpu} expert copies per GPU per layer do not fit in memory "
                          f"(room for {cap}: memory_GB x expert_memory_fraction over every layer's copies); lower "
                          f"redundant_experts to at most {most}")
@@ -336,7 +336,7 @@ def eplb(problem: PlacementProblem, *, redundant_experts: int | None = None, num
     """DeepSeek EPLB on the profiled loads: ``redundant_experts`` extra copies of hot experts (default: the
     fewest that fill every GPU equally), ``num_groups`` expert groups (DeepSeek-V3: 8), nodes and GPUs from
     the cluster. ``auto`` is hierarchical when the nodes divide the groups, else global (as the reference)."""
-    E, G = problem.num_experts, problem.num_gpus
+    E, G = problem.num_experts, problem.num_ranks
     if num_groups < 1 or E % num_groups:
         raise ValueError(f"eplb: num_groups={num_groups} must divide the {E} experts (DeepSeek-V3: 8 groups of 32)")
     R = redundant_count(E, G, redundant_experts)

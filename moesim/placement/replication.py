@@ -43,14 +43,14 @@ def replica_counts(load: np.ndarray, num_copies: int, max_copies: int) -> np.nda
     return counts
 
 
-def pack_replicas(load: np.ndarray, counts: np.ndarray, num_gpus: int, slots_per_gpu: int) -> np.ndarray:
+def pack_replicas(load: np.ndarray, counts: np.ndarray, num_ranks: int, slots_per_gpu: int) -> np.ndarray:
     """``held [layers, experts, gpus]``: copies (``counts``) packed heaviest first onto the least-loaded GPU
     with a free slot that does not hold the expert yet (ties: lowest GPU)."""
     load = np.asarray(load, dtype=float)
     L, E = load.shape
     total = int(counts[0].sum())
-    if (counts.sum(axis=1) != total).any() or total > num_gpus * slots_per_gpu:
-        raise ValueError(f"{total} copies do not fit {num_gpus} GPUs x {slots_per_gpu} slots")
+    if (counts.sum(axis=1) != total).any() or total > num_ranks * slots_per_gpu:
+        raise ValueError(f"{total} copies do not fit {num_ranks} EP ranks x {slots_per_gpu} slots")
     # every layer's copies as items: expert id and per-copy load, heaviest first (stable: lower id first)
     item_expert = np.stack([np.repeat(np.arange(E), counts[l]) for l in range(L)])
     item_load = np.take_along_axis(load / counts, item_expert, axis=1)
@@ -58,9 +58,9 @@ def pack_replicas(load: np.ndarray, counts: np.ndarray, num_gpus: int, slots_per
     item_expert = np.take_along_axis(item_expert, order, axis=1)
     item_load = np.take_along_axis(item_load, order, axis=1)
     r = np.arange(L)
-    held = np.zeros((L, E, num_gpus), dtype=bool)
-    gpu_load = np.zeros((L, num_gpus))
-    gpu_n = np.zeros((L, num_gpus), dtype=np.int64)
+    held = np.zeros((L, E, num_ranks), dtype=bool)
+    gpu_load = np.zeros((L, num_ranks))
+    gpu_n = np.zeros((L, num_ranks), dtype=np.int64)
     for j in range(total):
         e = item_expert[:, j]
         room = gpu_n < slots_per_gpu
@@ -82,18 +82,18 @@ def placement_from_mask(held: np.ndarray, policy: str, info: dict | None = None)
     order = np.argsort(~held, axis=2, kind="stable")[:, :, :width]
     ok = np.take_along_axis(held, order, axis=2)
     gpus = np.where(ok, order, -1).astype(np.int32)
-    return Placement(num_gpus=G, gpus=gpus, policy=policy, info=dict(info or {}))
+    return Placement(num_ranks=G, gpus=gpus, policy=policy, info=dict(info or {}))
 
 
-def replicate_and_pack(load: np.ndarray, num_gpus: int, redundant_experts: int, policy: str,
+def replicate_and_pack(load: np.ndarray, num_ranks: int, redundant_experts: int, policy: str,
                        info: dict | None = None) -> Placement:
     """Choose replica counts and pack them (see the module docstring) into a :class:`Placement`."""
     L, E = np.asarray(load).shape
     if redundant_experts < 0:
         raise ValueError(f"redundant_experts must be >= 0, got {redundant_experts}")
     total = E + redundant_experts
-    counts = replica_counts(load, total, num_gpus)
-    held = pack_replicas(load, counts, num_gpus, -(-total // num_gpus))
+    counts = replica_counts(load, total, num_ranks)
+    held = pack_replicas(load, counts, num_ranks, -(-total // num_ranks))
     merged = int(counts.sum() - held.sum())
     return placement_from_mask(held, policy, {**(info or {}), "redundant_experts": redundant_experts,
                                               "merged_twins": merged})
@@ -110,7 +110,7 @@ def copy_loads(load_row: np.ndarray, held: np.ndarray) -> np.ndarray:
     return share @ held
 
 
-def replica_lower_bound(load_row: np.ndarray, num_gpus: int, num_copies: int) -> float:
+def replica_lower_bound(load_row: np.ndarray, num_ranks: int, num_copies: int) -> float:
     """A proven lower bound on the heaviest GPU of one layer over every count vector (at most ``num_copies``
     copies, at most one per GPU) and every packing, copies splitting their expert evenly.
 
@@ -123,8 +123,8 @@ def replica_lower_bound(load_row: np.ndarray, num_gpus: int, num_copies: int) ->
     p = np.asarray(load_row, dtype=float)
     if p.size == 0 or p.max() <= 0:
         return 0.0
-    counts = replica_counts(p[None, :], min(num_copies, p.size * num_gpus), num_gpus)[0]
-    return float(max(p.sum() / num_gpus, (p / counts).max()))
+    counts = replica_counts(p[None, :], min(num_copies, p.size * num_ranks), num_ranks)[0]
+    return float(max(p.sum() / num_ranks, (p / counts).max()))
 
 
 # A candidate of :func:`improve_replicas`: (kind, e, f, g) - see :func:`_apply_move`.

@@ -214,7 +214,7 @@ def optimise_replicas(problem: PlacementProblem, redundant_experts: int, *, w_co
     t0 = time.perf_counter()
     check_options(method, time_limit_s, gap)
     check_feasible(problem)
-    L, E, G = problem.num_layers, problem.num_experts, problem.num_gpus
+    L, E, G = problem.num_layers, problem.num_experts, problem.num_ranks
     N = redundant_experts
     if N < 0:
         raise InputError(f"must be >= 0, got {N}", field="redundant_experts")

@@ -26,7 +26,7 @@ def affinity_swaps(problem: PlacementProblem, assign: np.ndarray, cm: CostModel,
     objective terms of the layer fall (updated in O(experts) per try). Iteration counts, not the clock,
     bound the work (``deadline`` is a safety net), so the result does not depend on the machine.
     """
-    L, G, E = problem.num_layers, problem.num_gpus, problem.num_experts
+    L, G, E = problem.num_layers, problem.num_ranks, problem.num_experts
     if L < 2 or cm.w_affinity + cm.w_comm == 0 or not problem.transition_counts().any():
         return assign
     out = assign.copy()
@@ -49,7 +49,7 @@ class _LayerSwaps:
     (``bl``), sends out of layer l (``s_out``) and into it (``s_in``, from layer l-1), and their value."""
 
     def __init__(self, problem: PlacementProblem, out: np.ndarray, layer: int, cm: CostModel) -> None:
-        L, G, E = problem.num_layers, problem.num_gpus, problem.num_experts
+        L, G, E = problem.num_layers, problem.num_ranks, problem.num_experts
         R = problem.transition_counts()
         self.cm, self.G, self.E, self.has_next = cm, G, E, layer < L - 1
         self.wl = cm.w_compute * cm.t_pair
