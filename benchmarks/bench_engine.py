@@ -53,7 +53,7 @@ def timed_run(nodes: int, trace: Trace, policy: str, tolerance: float) -> dict[s
     cluster = ClusterSpec(**deep_merge(preset("hgx-h200"), {"nodes": nodes, "gpus_per_node": GPUS_PER_NODE}))
     G, L = cluster.num_gpus, trace.meta.num_layers
     load = np.stack([np.bincount(trace.experts[:, l].ravel(), minlength=EXPERTS) for l in range(L)]).astype(float)
-    problem = PlacementProblem(num_layers=L, num_experts=EXPERTS, num_gpus=G, gpus_per_node=GPUS_PER_NODE,
+    problem = PlacementProblem(num_layers=L, num_experts=EXPERTS, num_ranks=G, gpus_per_node=GPUS_PER_NODE,
                                slots_per_gpu=-(-EXPERTS // G), load=load)
     placement = make_placement(policy, problem)
     sim = Simulation(build_topology(cluster), model(L), options=EngineOptions(rate_tolerance=tolerance))

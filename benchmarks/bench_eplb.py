@@ -56,7 +56,7 @@ def planned_loads(placement: Placement, load: np.ndarray) -> np.ndarray:
     """[layers, gpus] profiled load per GPU, every copy taking an even share of its expert's load."""
     L, E, _ = placement.gpus.shape
     share = load / placement.replicas()
-    out = np.zeros((L, placement.num_gpus))
+    out = np.zeros((L, placement.num_ranks))
     for l, e, r in zip(*np.nonzero(placement.gpus >= 0)):
         out[l, placement.gpus[l, e, r]] += share[l, e]
     return out
@@ -93,7 +93,7 @@ def main() -> None:
     layout = evaluation.layout(GPUS, tokens)
 
     def problem(trace_) -> PlacementProblem:
-        return PlacementProblem(num_layers=layers, num_experts=EXPERTS, num_gpus=GPUS, gpus_per_node=GPUS_PER_NODE,
+        return PlacementProblem(num_layers=layers, num_experts=EXPERTS, num_ranks=GPUS, gpus_per_node=GPUS_PER_NODE,
                                 slots_per_gpu=EXPERTS // GPUS, load=expert_loads(trace_))
 
     out_of_sample, in_sample = problem(profile), problem(evaluation)
@@ -131,7 +131,7 @@ def main() -> None:
                             rng=np.random.default_rng([0, 2]), structure_rng=np.random.default_rng(0),
                             model="deepseek-v3-shape")
         load = expert_loads(tr)
-        prob = PlacementProblem(num_layers=layers, num_experts=EXPERTS, num_gpus=gpus, gpus_per_node=GPUS_PER_NODE,
+        prob = PlacementProblem(num_layers=layers, num_experts=EXPERTS, num_ranks=gpus, gpus_per_node=GPUS_PER_NODE,
                                 slots_per_gpu=EXPERTS // gpus, load=load)
         ilp = make_placement("ilp", prob, redundant_experts=32, time_limit_s=ILP_LIMIT_S)
         greedy = make_placement("greedy", prob, redundant_experts=32)

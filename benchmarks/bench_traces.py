@@ -12,9 +12,9 @@ Part ``big``: 1,000,000 tokens x 58 MoE layers x top-8 of 256 experts (DeepSeek-
 of int16 ids) from the plain synthetic generator, written block by block to an uncompressed .npz
 (``save_trace_blocks``), memory-mapped back (``load_trace(mmap=True)``, validation included), planned
 (greedy, on counts accumulated block by block) and replayed through ``Simulation.run`` on 2 x 8 H200
-(2048 tokens per GPU per batch: 31 batches of 32,768 tokens, 1,015,808 tokens in all). Generation+storing and loading+replay each
-run in a fresh child process, and each prints the child's peak resident memory (``VmHWM``, mapped file
-pages included) next to the 2 GB budget. Wall times depend on the machine and its load.
+(2048 tokens per GPU per batch: 31 batches of 32,768 tokens, 1,015,808 tokens in all). Generation+storing and
+loading+replay each run in a fresh child process, and each prints the child's peak resident memory (``VmHWM``,
+mapped file pages included) next to the 2 GB budget. Wall times depend on the machine and its load.
 """
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ def part_replay(path: Path) -> None:
     G = GPUS_PER_NODE * NODES
     load = expert_counts(trace).astype(float)
     t2 = time.perf_counter()
-    problem = PlacementProblem(num_layers=BIG_LAYERS, num_experts=BIG_EXPERTS, num_gpus=G, gpus_per_node=GPUS_PER_NODE,
+    problem = PlacementProblem(num_layers=BIG_LAYERS, num_experts=BIG_EXPERTS, num_ranks=G, gpus_per_node=GPUS_PER_NODE,
                                slots_per_gpu=BIG_EXPERTS // G, load=load, seed=0)
     placement = make_placement("greedy", problem)
     spec = ClusterSpec(**deep_merge(preset("hgx-h200"), {"nodes": NODES}))

@@ -74,7 +74,8 @@ def ffn_h100() -> None:
     assumed = ClusterSpec(**deep_merge(preset("dgx-h100"), {"gpu": {k: h200[k] for k in (
         "compute_efficiency", "hbm_efficiency", "ffn_overhead_us", "ffn_floor_us")}}))
     rows = [(p, (predict_ffn(assumed, p) - p.ms) / p.ms) for p in data.ffn]
-    for label, keep in (("< 1024 tokens", lambda p: sum(p.tokens) < 1024), (">= 1024 tokens", lambda p: sum(p.tokens) >= 1024)):
+    for label, keep in (("< 1024 tokens", lambda p: sum(p.tokens) < 1024),
+                        (">= 1024 tokens", lambda p: sum(p.tokens) >= 1024)):
         e = np.abs([err for p, err in rows if keep(p)])
         print(f"the H200's FFN efficiencies on the H100, {label:15s} n={e.size:3d}  median |error| "
               f"{np.median(e) * 100:5.1f}%  max {e.max() * 100:5.1f}%")
@@ -84,7 +85,8 @@ def deepep() -> None:
     from moesim.calibration.deepep import low_latency_points, normal_points
 
     points = normal_points() + low_latency_points()
-    print(f"{'DeepEP kernel':12s} {'EP':>4s} {'phase':9s} {'quantity':15s} {'published':>9s} {'moesim':>8s} {'error':>7s}")
+    print(f"{'DeepEP kernel':12s} {'EP':>4s} {'phase':9s} {'quantity':15s} {'published':>9s} {'moesim':>8s} "
+          f"{'error':>7s}")
     for p in points:
         print(f"{p.kernel:12s} {p.ep:4d} {p.phase:9s} {p.quantity:15s} {p.published:9.1f} {p.predicted:8.1f} "
               f"{p.error * 100:+6.1f}%")
@@ -189,7 +191,8 @@ def moetuner() -> None:
     print("\nthe shipped scenarios, prefill of 4096-token prompts, 4096 tokens per GPU; ilp vs contiguous "
           "(standard: moetuner_standard.yaml, coherent: moetuner_coherent.yaml):")
     print(f"{'':22s} {'---------- 1 node ----------':>30s} {'---------- 2 nodes ---------':>30s}")
-    print(f"{'':22s} {'paper':>8s} {'standard':>10s} {'coherent':>10s} {'paper':>8s} {'standard':>10s} {'coherent':>10s}")
+    print(f"{'':22s} {'paper':>8s} {'standard':>10s} {'coherent':>10s} {'paper':>8s} {'standard':>10s} "
+          f"{'coherent':>10s}")
     for k, paper in MOETUNER.items():
         fmt = (lambda v: f"{v:.3f}x") if k == "e2e speedup" else (lambda v: f"{v * 100:+.1f}%")
         cells = [f"{fmt(paper[i]):>8s} {fmt(ours['standard'][k][i]):>10s} {fmt(ours['coherent'][k][i]):>10s}"

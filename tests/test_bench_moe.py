@@ -139,7 +139,8 @@ def test_emulated_slice_processes_the_rows_its_experts_receive(world_one):
         ids = p.incoming_ids
         assert ((ids >= p.first) & (ids < p.first + p.L)).all() and len(ids) == p.rows
         assert torch.bincount(ids - p.first, minlength=p.L).tolist() == p.rows_per_expert
-        group = moe.pick_experts(24 * 8, 16, 4, routing, moe._seed("t", routing, 24, 8), moe._seed("t", routing), CPU)
+        group = moe.pick_experts(24 * 8, 16, 4, routing, moe.seed_of("t", routing, 24, 8), moe.seed_of("t", routing),
+                                 CPU)
         per_rank = torch.bincount(group.reshape(-1) // 2, minlength=8)
         assert p.rows == int(per_rank.max())  # the busiest GPU of the slice
         s = moe.run_layer(moe.reference_steps(p, w, "bf16", world_one), p.x)

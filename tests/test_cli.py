@@ -129,7 +129,7 @@ def test_placements_written_are_loadable(tiny_run):
     _, out = tiny_run
     for policy in POLICIES:
         p = load_placement(out / "placements" / "1x8-h200" / f"{policy}.json")
-        validate_placement(p, num_layers=4, num_experts=16, num_gpus=8)
+        validate_placement(p, num_layers=4, num_experts=16, num_ranks=8)
 
 
 def test_run_twice_gives_byte_identical_results(tiny_run, tmp_path):
@@ -208,7 +208,7 @@ def bad_placement_file(folder: Path) -> Path:
     layers = [{"expert_gpus": [[e % 8] for e in range(16)]} for _ in range(4)]
     layers[2]["expert_gpus"][3] = [9]
     path = folder / "p.json"
-    path.write_text(json.dumps({"format": "moesim.placement/1", "num_gpus": 8, "layers": layers}))
+    path.write_text(json.dumps({"format": "moesim.placement/1", "num_ranks": 8, "layers": layers}))
     return path
 
 
@@ -332,8 +332,8 @@ def test_place_writes_a_loadable_placement(tiny_scenario_file, tmp_path, capsys)
     assert main(["place", str(tiny_scenario_file), "--policy", "greedy", "-o", str(out)]) == 0
     assert "wrote" in capsys.readouterr().out
     p = load_placement(out)
-    assert p.policy == "greedy" and p.num_gpus == 8
-    validate_placement(p, num_layers=4, num_experts=16, num_gpus=8)
+    assert p.policy == "greedy" and p.num_ranks == 8
+    validate_placement(p, num_layers=4, num_experts=16, num_ranks=8)
     assert (p.copies_per_gpu() == 2).all()
     # and it can be used as a placement file in a scenario
     assert main(["place", str(tiny_scenario_file), "--policy", "random", "--set", "seed=5", "-o",

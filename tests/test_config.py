@@ -183,8 +183,8 @@ def test_trace_homes_out_of_range_for_the_cluster(tmp_path, tiny_scenario_data, 
     assert str(exc.value).startswith(f"{trace}: home: ")
 
 
-def write_placement(tmp_path: Path, assign: list[list[int]], num_gpus: int = 8) -> Path:
-    return save_placement(Placement.from_assignment(np.array(assign), num_gpus, "hand"), tmp_path / "p.json")
+def write_placement(tmp_path: Path, assign: list[list[int]], num_ranks: int = 8) -> Path:
+    return save_placement(Placement.from_assignment(np.array(assign), num_ranks, "hand"), tmp_path / "p.json")
 
 
 def test_placement_file_with_out_of_range_gpu(tmp_path, tiny_scenario_data, yaml_writer):
@@ -200,14 +200,14 @@ def test_placement_file_with_out_of_range_gpu(tmp_path, tiny_scenario_data, yaml
 
 
 def test_placement_file_for_another_cluster(tmp_path, tiny_scenario_data, yaml_writer):
-    pfile = write_placement(tmp_path, [[0, 1, 2, 3] * 4] * 4, num_gpus=4)
+    pfile = write_placement(tmp_path, [[0, 1, 2, 3] * 4] * 4, num_ranks=4)
     tiny_scenario_data["placements"] = [{"file": str(pfile)}]
     del tiny_scenario_data["baseline"]
     sc = load_scenario(yaml_writer(tmp_path / "s.yaml", tiny_scenario_data))
     assert sc.baseline == "p"
     with pytest.raises(InputError, match="placement is for 4 GPUs") as exc:
         run_study(sc, progress=False)
-    assert str(exc.value).startswith(f"{pfile}: num_gpus: ")
+    assert str(exc.value).startswith(f"{pfile}: num_ranks: ")
 
 
 def test_placement_file_is_used(tmp_path, tiny_scenario_data, yaml_writer):

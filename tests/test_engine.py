@@ -77,7 +77,7 @@ def workloads(draw):
             gpus_arr[layer, e, :n] = rng.choice(ranks, n, replace=False)
     tpg = draw(st.integers(1, 6))
     dedup = draw(st.booleans())
-    return gpus, tp, E, experts, Placement(num_gpus=ranks, gpus=gpus_arr, policy="rand"), tpg, dedup
+    return gpus, tp, E, experts, Placement(num_ranks=ranks, gpus=gpus_arr, policy="rand"), tpg, dedup
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])

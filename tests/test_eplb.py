@@ -149,7 +149,7 @@ def test_deepseek_v3_shape_is_fast():
 
 def _problem(load: np.ndarray, gpus: int, gpus_per_node: int, max_slots: int | None = None) -> PlacementProblem:
     L, E = load.shape
-    return PlacementProblem(num_layers=L, num_experts=E, num_gpus=gpus, gpus_per_node=gpus_per_node,
+    return PlacementProblem(num_layers=L, num_experts=E, num_ranks=gpus, gpus_per_node=gpus_per_node,
                             slots_per_gpu=-(-E // gpus), load=load, max_slots_per_gpu=max_slots)
 
 
@@ -172,7 +172,7 @@ def test_policy_merges_twins_on_one_gpu():
     assert p.gpus[0, 1][p.gpus[0, 1] >= 0].tolist() == [7]
     assert p.gpus[1, 8][p.gpus[1, 8] >= 0].tolist() == [6]
     assert p.gpus[1, 7][p.gpus[1, 7] >= 0].tolist() == [4, 7]
-    validate_placement(p, num_layers=2, num_experts=12, num_gpus=8)
+    validate_placement(p, num_layers=2, num_experts=12, num_ranks=8)
 
 
 def test_policy_defaults_fill_slots_and_balance_better_than_no_replicas():
@@ -193,7 +193,7 @@ def test_policy_defaults_fill_slots_and_balance_better_than_no_replicas():
         return out.max(axis=1)
 
     assert (max_gpu_load(more) < max_gpu_load(plain)).all()
-    validate_placement(more, num_layers=2, num_experts=64, num_gpus=8,
+    validate_placement(more, num_layers=2, num_experts=64, num_ranks=8,
                        capacity=Capacity(slots_per_gpu=10, expert_bytes_per_gpu=1, memory_bytes_per_gpu=20))
 
 

@@ -37,7 +37,7 @@ def problem(L: int, E: int, G: int, gpn: int, *, seed: int = 0, tokens: int = 30
             ex[t, l] = [first, *rest]
     node = np.arange(G) // gpn
     s = np.where(node[:, None] == node[None, :], s_in, s_out) * (1 - np.eye(G))
-    fields = dict(num_layers=L, num_experts=E, num_gpus=G, gpus_per_node=gpn, slots_per_gpu=-(-E // G),
+    fields = dict(num_layers=L, num_experts=E, num_ranks=G, gpus_per_node=gpn, slots_per_gpu=-(-E // G),
                   load=expert_loads(ex, E), routing=ex, compute_s_per_pair=0.02, transfer_bytes=1.0,
                   rank_s_per_byte=s, coherent=True)
     fields.update(extra)
@@ -50,7 +50,7 @@ def layer_assignments(E: int, G: int, slots: int) -> list[np.ndarray]:
 
 
 def brute_force(p: PlacementProblem, cm: I.CostModel) -> float:
-    rows = layer_assignments(p.num_experts, p.num_gpus, p.slots_per_gpu)
+    rows = layer_assignments(p.num_experts, p.num_ranks, p.slots_per_gpu)
     best = np.inf
     for combo in itertools.product(rows, repeat=p.num_layers):
         best = min(best, I.evaluate(p, np.stack(combo), cm).total)
@@ -423,7 +423,7 @@ def group_limited(seed: int = 0, tokens: int = 400) -> PlacementProblem:
             g = rng.integers(2)
             ex[t, l] = 4 * g + rng.choice(4, size=2, replace=False, p=pop[l, g])
     s = np.where(np.arange(4)[:, None] // 2 == np.arange(4)[None, :] // 2, 1e-3, 1.0) * (1 - np.eye(4))
-    return PlacementProblem(num_layers=3, num_experts=8, num_gpus=4, gpus_per_node=2, slots_per_gpu=2,
+    return PlacementProblem(num_layers=3, num_experts=8, num_ranks=4, gpus_per_node=2, slots_per_gpu=2,
                             load=expert_loads(ex, 8), routing=ex, compute_s_per_pair=0.5, transfer_bytes=1.0,
                             rank_s_per_byte=s, a2a_copies="node")
 

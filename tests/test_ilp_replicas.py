@@ -29,7 +29,7 @@ SOLVERS = ["cbc", pytest.param("highs", marks=pytest.mark.skipif(not highs_avail
 
 def make_problem(load: np.ndarray, gpus: int, **extra) -> PlacementProblem:
     L, E = load.shape
-    return PlacementProblem(num_layers=L, num_experts=E, num_gpus=gpus, gpus_per_node=gpus,
+    return PlacementProblem(num_layers=L, num_experts=E, num_ranks=gpus, gpus_per_node=gpus,
                             slots_per_gpu=-(-E // gpus), load=np.asarray(load, dtype=float), **extra)
 
 
@@ -58,16 +58,16 @@ def greedy_max(load: np.ndarray, G: int, N: int) -> np.ndarray:
 
 def gpu_max(placement, load: np.ndarray) -> np.ndarray:
     L, E, _ = placement.gpus.shape
-    held = np.zeros((L, E, placement.num_gpus), dtype=bool)
+    held = np.zeros((L, E, placement.num_ranks), dtype=bool)
     for l, e, r in zip(*np.nonzero(placement.gpus >= 0)):
         held[l, e, placement.gpus[l, e, r]] = True
     return np.array([copy_loads(load[l], held[l]).max() for l in range(L)])
 
 
 def check_valid(placement, problem: PlacementProblem, N: int) -> None:
-    L, E, G = problem.num_layers, problem.num_experts, problem.num_gpus
+    L, E, G = problem.num_layers, problem.num_experts, problem.num_ranks
     slots = -(-(E + N) // G)
-    validate_placement(placement, num_layers=L, num_experts=E, num_gpus=G,
+    validate_placement(placement, num_layers=L, num_experts=E, num_ranks=G,
                        capacity=Capacity(slots_per_gpu=slots, expert_bytes_per_gpu=1.0,
                                          memory_bytes_per_gpu=float(L * slots)))  # twins, range, slots
     assert (placement.replicas() >= 1).all()

@@ -19,18 +19,18 @@ from moesim.placement.policies import lpt
 BASELINES = {"contiguous", "round_robin", "random", "greedy"}
 
 
-def problem(num_layers: int, num_experts: int, num_gpus: int, load: np.ndarray | None = None,
+def problem(num_layers: int, num_experts: int, num_ranks: int, load: np.ndarray | None = None,
             seed: int = 0, gpus_per_node: int | None = None) -> PlacementProblem:
     if load is None:
         load = np.random.default_rng(seed).random((num_layers, num_experts))
-    return PlacementProblem(num_layers=num_layers, num_experts=num_experts, num_gpus=num_gpus,
-                            gpus_per_node=gpus_per_node or num_gpus, slots_per_gpu=-(-num_experts // num_gpus),
+    return PlacementProblem(num_layers=num_layers, num_experts=num_experts, num_ranks=num_ranks,
+                            gpus_per_node=gpus_per_node or num_ranks, slots_per_gpu=-(-num_experts // num_ranks),
                             load=load, seed=seed)
 
 
 def gpu_loads(placement: Placement, load: np.ndarray) -> np.ndarray:
     """[layers, gpus] summed load of the experts each GPU holds (single-copy placements)."""
-    out = np.zeros((placement.num_layers, placement.num_gpus))
+    out = np.zeros((placement.num_layers, placement.num_ranks))
     for layer in range(placement.num_layers):
         np.add.at(out[layer], placement.gpus[layer, :, 0], load[layer])
     return out
@@ -63,7 +63,7 @@ def test_every_policy_gives_a_valid_placement(layers, gpus, experts, seed, kind)
     slots = prob.slots_per_gpu
     for name in policy_names():
         p = make_placement(name, prob)
-        validate_placement(p, num_layers=layers, num_experts=experts, num_gpus=gpus,
+        validate_placement(p, num_layers=layers, num_experts=experts, num_ranks=gpus,
                            capacity=Capacity(slots_per_gpu=slots, expert_bytes_per_gpu=1.0,
                                              memory_bytes_per_gpu=float(layers * slots)))
         copies = p.copies_per_gpu()
@@ -169,15 +169,15 @@ def test_unknown_option_is_rejected_listing_valid_options():
 # ---------------------------------------------------------------- JSON format
 
 def test_placement_json_round_trip(tmp_path):
-    p = Placement.from_lists([[[0], [1, 2], [3]], [[2], [0], [1, 3, 0]]], num_gpus=4, policy="hand",
+    p = Placement.from_lists([[[0], [1, 2], [3]], [[2], [0], [1, 3, 0]]], num_ranks=4, policy="hand",
                              info={"note": "replicas"})
     path = save_placement(p, tmp_path / "a" / "p.json")
     raw = json.loads(path.read_text())
-    assert raw["format"] == "moesim.placement/1" and raw["num_gpus"] == 4
+    assert raw["format"] == "moesim.placement/1" and raw["num_ranks"] == 4
     assert raw["layers"][1]["expert_gpus"] == [[2], [0], [1, 3, 0]]
     back = load_placement(path)
     np.testing.assert_array_equal(back.gpus, p.gpus)
-    assert (back.num_gpus, back.policy, back.info) == (4, "hand", {"note": "replicas"})
+    assert (back.num_ranks, back.policy, back.info) == (4, "hand", {"note": "replicas"})
     np.testing.assert_array_equal(back.replicas(), [[1, 2, 1], [1, 1, 3]])
     np.testing.assert_array_equal(back.copies_per_gpu(), [[1, 1, 1, 1], [2, 1, 1, 1]])
     assert [q.name for q in path.parent.iterdir()] == ["p.json"]
@@ -191,7 +191,7 @@ def test_policy_output_round_trips(tmp_path):
 
 
 def good_json() -> dict:
-    return {"format": "moesim.placement/1", "num_gpus": 2, "policy": "x",
+    return {"format": "moesim.placement/1", "num_ranks": 2, "policy": "x",
             "layers": [{"expert_gpus": [[0], [1]]}, {"expert_gpus": [[1], [0]]}]}
 
 
@@ -209,8 +209,9 @@ def mutate(**changes):
 
 @pytest.mark.parametrize("change, field, message", [
     (mutate(format="moesim.placement/2"), "format", "moesim.placement/1"),
-    (mutate(num_gpus=0), "num_gpus", "positive integer"),
-    (mutate(num_gpus=True), "num_gpus", "positive integer"),
+    (mutate(num_ranks=0), "num_ranks", "positive integer"),
+    (mutate(num_ranks=True), "num_ranks", "positive integer"),
+    (mutate(num_gpus=2), "num_gpus", "num_ranks only"),
     (mutate(layers=[]), "layers", "non-empty"),
     (mutate(layers__1={"gpus": [[0]]}), "layers[1]", "expert_gpus"),
     (mutate(layers__0__expert_gpus=[]), "layers[0].expert_gpus", "non-empty"),
@@ -229,6 +230,21 @@ def test_load_placement_errors_name_file_and_field(tmp_path, change, field, mess
     text = str(exc.value)
     assert text.startswith(f"{path}: {field}: "), text
     assert "\n" not in text
+
+
+def test_load_placement_reads_the_former_field_name(tmp_path):
+    """Files written before num_ranks was named so give it as num_gpus."""
+    raw = good_json()
+    raw["num_gpus"] = raw.pop("num_ranks")
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(raw))
+    back = load_placement(path)
+    assert back.num_ranks == 2 and back.gpus.shape == (2, 2, 1)
+    assert "num_ranks" in json.loads(save_placement(back, tmp_path / "new.json").read_text())
+    path.write_text(json.dumps({**raw, "num_gpus": 0}))
+    with pytest.raises(InputError, match="positive integer") as exc:
+        load_placement(path)
+    assert str(exc.value).startswith(f"{path}: num_gpus: ")
 
 
 @pytest.mark.parametrize("content, message", [(None, "not found"), ("{not json", "not valid JSON"),
@@ -251,9 +267,9 @@ def test_load_placement_non_object_info(tmp_path):
 
 # ---------------------------------------------------------------- validate_placement
 
-def check(layers, num_gpus=4, num_experts=3, num_layers=1, capacity=None):
-    p = Placement.from_lists(layers, num_gpus=num_gpus, policy="t")
-    return validate_placement(p, num_layers=num_layers, num_experts=num_experts, num_gpus=4, capacity=capacity,
+def check(layers, num_ranks=4, num_experts=3, num_layers=1, capacity=None):
+    p = Placement.from_lists(layers, num_ranks=num_ranks, policy="t")
+    return validate_placement(p, num_layers=num_layers, num_experts=num_experts, num_ranks=4, capacity=capacity,
                               source="p.json")
 
 
@@ -267,7 +283,7 @@ def test_valid_placement_passes():
     ([[[0], [1], [-2]]], {}, "layers[0].expert_gpus[2]", "out of range"),
     ([[[0], [], [1]]], {}, "layers[0].expert_gpus[1]", "no GPU"),
     ([[[0], [1, 1], [2]]], {}, "layers[0].expert_gpus[1]", "twice"),
-    ([[[0], [1], [2]]], {"num_gpus": 8}, "num_gpus", "8 GPUs"),
+    ([[[0], [1], [2]]], {"num_ranks": 8}, "num_ranks", "8 GPUs"),
     ([[[0], [1], [2]]] * 2, {}, "layers", "2 layers"),
     ([[[0], [1]]], {}, "layers[0].expert_gpus", "2 experts"),
 ])

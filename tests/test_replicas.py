@@ -114,7 +114,7 @@ def test_local_table_prefers_same_gpu_then_node_then_spreads():
 
 def test_chooser_rules_and_errors():
     gpus, experts, home = _layer(0)
-    placement = Placement(num_gpus=4, gpus=gpus[None].astype(np.int32))
+    placement = Placement(num_ranks=4, gpus=gpus[None].astype(np.int32))
     assert ReplicaChooser("token_index", placement, 4).ranks(0, experts, home) is None
     local = ReplicaChooser("local", placement, 2).ranks(0, experts, home)
     valid = experts.T >= 0
@@ -130,7 +130,7 @@ def test_chooser_rules_and_errors():
 
 def _problem(load, gpus, max_slots=None):
     L, E = load.shape
-    return PlacementProblem(num_layers=L, num_experts=E, num_gpus=gpus, gpus_per_node=gpus,
+    return PlacementProblem(num_layers=L, num_experts=E, num_ranks=gpus, gpus_per_node=gpus,
                             slots_per_gpu=-(-E // gpus), load=load, max_slots_per_gpu=max_slots)
 
 
@@ -150,7 +150,7 @@ def test_greedy_with_replicas_is_valid_and_no_worse(layers, gpus, experts, redun
     prob = _problem(load, gpus)
     p = make_placement("greedy", prob, redundant_experts=redundant)
     slots = -(-(experts + redundant) // gpus)
-    validate_placement(p, num_layers=layers, num_experts=experts, num_gpus=gpus,
+    validate_placement(p, num_layers=layers, num_experts=experts, num_ranks=gpus,
                        capacity=Capacity(slots_per_gpu=slots, expert_bytes_per_gpu=1, memory_bytes_per_gpu=1e9))
     assert p.replicas().sum() + p.info.get("merged_twins", 0) == layers * (experts + redundant)
     share = load / p.replicas()

@@ -11,6 +11,7 @@ import json
 import os
 import random
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -25,8 +26,10 @@ def _worker(rank: int, world: int, out: str, cpu: bool, port: int) -> None:
     if not cpu:
         torch.cuda.set_device(rank)
     dev = torch.device("cpu") if cpu else torch.device("cuda", rank)
-    res = {"world": world, "device": "cpu" if cpu else torch.cuda.get_device_name(rank), "torch": torch.__version__,
-           "nccl": "" if cpu else ".".join(map(str, torch.cuda.nccl.version())), "uniform": [], "skew": [], "p2p": []}
+    res: dict[str, Any] = {"world": world, "device": "cpu" if cpu else torch.cuda.get_device_name(rank),
+                           "torch": torch.__version__,
+                           "nccl": "" if cpu else ".".join(map(str, torch.cuda.nccl.version())), "uniform": [],
+                           "skew": [], "p2p": []}
     barrier = dist.barrier
 
     def gather_max(value: float) -> float:

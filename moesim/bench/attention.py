@@ -62,13 +62,15 @@ METHOD = (
     "(sdpa_backend_requested); GQA through enable_gqa=True if supported, else k/v repeat_interleave'd "
     "outside the timed core region (inside block) (gqa_mode); the kernels one core call launches are "
     "recorded from the torch profiler (kernels, sdpa_backend_ran). Timing: CUDA events around each "
-    "repetition, synchronised, warm-up runs untimed, L2 flushed (bitwise_not_ of a 256 MiB buffer) before every repetition; "
+    "repetition, synchronised, warm-up runs untimed, L2 flushed (bitwise_not_ of a 256 MiB buffer) before every "
+    "repetition; "
     "median_ms and min_ms over reps. flops: qkv 2*T*d*(nh+2nkv)*hd/tp, o 2*T*nh*hd*d/tp, causal core "
     "4*b*(nh/tp)*hd*s*(s+1)/2, decode core 4*b*(nh/tp)*hd*c, block the sum. bytes: weights + input + output "
     "of a projection; q,k,v,o tensor bytes for the core (k/v at nkv/tp heads); block the sum of the three. "
     "tflops = flops/median, GBps = bytes/median. gpu_kernel_ms: summed duration of the part's GPU kernels "
     "per call from the torch profiler (mean of 5 calls, L2 flushed before each), i.e. GPU busy time without "
-    "the host launch gaps that the event-timed median_ms includes; tflops_kernel/GBps_kernel use it. Ceilings: 8192^3 bf16 matmul, 2 GiB device-to-device "
+    "the host launch gaps that the event-timed median_ms includes; tflops_kernel/GBps_kernel use it. Ceilings: "
+    "8192^3 bf16 matmul, 2 GiB device-to-device "
     "copy (read+write counted), same timer."
 )
 
@@ -313,6 +315,10 @@ def sweep(shapes: dict[str, dict[str, int]], cpu: bool) -> list[tuple[str, int, 
     context, batch). On a GPU: tp 1/2/4 (those that divide the shape's query and KV heads), prefill seq_len
     512/2048/8192 x tokens 4096/16384 (seq_len <= tokens),
     decode batch 16/128/512 x context 1024/4096; on the CPU a tiny version of the same."""
+    seqs: tuple[int, ...]
+    totals: tuple[int, ...]
+    batches: tuple[int, ...]
+    contexts: tuple[int, ...]
     if cpu:
         seqs, totals, batches, contexts = (32, 128), (256,), (4, 16), (64,)
     else:
@@ -394,7 +400,8 @@ def run(out: str | Path, *, cpu: bool = False, warmup: int = 5, reps: int = 20, 
             recs = [dict(head, **r) for r in recs]
             res["records"].extend(recs)
             say(f"{name:14s} tp{tp} {phase:7s} {a:5d} {bT:6d} " + "  ".join(
-                f"{r['part']} {r['median_ms']:.3f}/{r.get('gpu_kernel_ms') or 0:.3f}ms {r['tflops']:.0f}TF {r['GBps']:.0f}GB/s"
+                f"{r['part']} {r['median_ms']:.3f}/{r.get('gpu_kernel_ms') or 0:.3f}ms {r['tflops']:.0f}TF "
+                f"{r['GBps']:.0f}GB/s"
                 for r in recs)
                 + f"  [{recs[1].get('sdpa_backend_requested')}/{recs[1].get('gqa_mode')}"
                 f"/{recs[1].get('sdpa_backend_ran')}]")

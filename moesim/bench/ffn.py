@@ -25,6 +25,18 @@ def ffn(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     return (torch.nn.functional.silu(g) * u) @ w2
 
 
+def _ceilings(dev: torch.device, dtype: torch.dtype, cpu: bool) -> dict[str, float]:
+    """8192^3 matmul TFLOP/s in ``dtype`` and 2 GiB device copy GB/s (read + write counted)."""
+    n = 256 if cpu else 8192
+    a = torch.randn(n, n, device=dev, dtype=dtype)
+    b = torch.randn_like(a)
+    tflops = 2 * n**3 / median_ms(lambda: a @ b, cpu)[0] / 1e9
+    size = 2**20 if cpu else 2**31
+    src = torch.empty(size, device=dev, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    return {"bf16_tflops_8k": tflops, "copy_GBps_rw": 2 * size / median_ms(lambda: dst.copy_(src), cpu)[0] / 1e6}
+
+
 def run(out: str | Path, *, cpu: bool = False, shapes: dict[str, tuple[int, int]] | None = None) -> Path:
     dev = torch.device("cpu") if cpu else torch.device("cuda", 0)
     dtype = torch.float32 if cpu else torch.bfloat16  # bf16 matmuls crawl on most CPUs
@@ -32,15 +44,7 @@ def run(out: str | Path, *, cpu: bool = False, shapes: dict[str, tuple[int, int]
     shapes = shapes or ({k: (d // 16, f // 16) for k, (d, f) in SHAPES.items()} if cpu else SHAPES)
     res: dict = {"device": "cpu" if cpu else torch.cuda.get_device_name(0), "torch": torch.__version__,
                  "single": {}, "multi": []}
-    n = 256 if cpu else 8192
-    a = torch.randn(n, n, device=dev, dtype=dtype)
-    b = torch.randn_like(a)
-    res["bf16_tflops_8k"] = 2 * n**3 / median_ms(lambda: a @ b, cpu)[0] / 1e9
-    size = 2**20 if cpu else 2**31
-    src = torch.empty(size, device=dev, dtype=torch.uint8)
-    dst = torch.empty_like(src)
-    res["copy_GBps_rw"] = 2 * size / median_ms(lambda: dst.copy_(src), cpu)[0] / 1e6
-    del a, b, src, dst
+    res.update(_ceilings(dev, dtype, cpu))  # its buffers are freed before the sweep
     counts = [1, 64] if cpu else [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
     for name, (d, f) in shapes.items():
         w1 = torch.randn(d, 2 * f, device=dev, dtype=dtype) * 0.02

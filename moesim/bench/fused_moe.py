@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import triton
@@ -44,11 +44,11 @@ def _interpreter_numpy_fix() -> None:
     if orig is None or getattr(orig, "moesim_fix", False):
         return
 
-    def patched(tensor: type, scope: object) -> None:
+    def patched(tensor: type, scope: Any) -> None:  # scope: the interpreter's own patch scope (untyped)
         orig(tensor, scope)
         scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
 
-    patched.moesim_fix = True  # type: ignore[attr-defined]
+    setattr(patched, "moesim_fix", True)  # marks the patch as applied (read back with getattr above)
     interpreter._patch_lang_tensor = patched
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import numpy as np
 from pydantic import ValidationError
@@ -42,13 +42,14 @@ FIXED_KEYS = tuple(range(0, 641, 32))
 OVERHEADS_US = (0.0, 5.0, 10.0, 15.0, 20.0, 30.0)
 HBM_EFFICIENCIES = np.round(np.arange(0.40, 1.001, 0.02), 2)
 DENSE_EFFICIENCIES = np.round(np.arange(0.30, 1.001, 0.01), 2)
+Phase = Literal["prefill", "decode"]
 
 
 @dataclass(frozen=True)
 class AttentionPoint:
     shape: str
     tp: int
-    phase: str
+    phase: Phase
     length: int  # seq_len (prefill) or context (decode)
     tokens: float  # tokens each GPU holds in moesim's terms: the TP group's tokens / tp
     model: ModelSpec
@@ -67,7 +68,7 @@ class ProjectionPoint:
 
     shape: str
     tp: int
-    phase: str
+    phase: Phase
     part: str
     length: int
     tokens: int  # tokens of the TP group, all of which the GPU's slice of the weights processes
@@ -150,8 +151,9 @@ def bench_points(raw: dict, source: str | None = None) -> tuple[list[AttentionPo
             continue
         name = r.get("shape")
         model = models.get(name) if isinstance(name, str) else None
-        if model is None:
-            model = models[name] = _shape_model(raw.get("shapes"), name, source, where)
+        if model is None:  # raises unless name is one of the file's shapes
+            model = _shape_model(raw.get("shapes"), name, source, where)
+            models[model.name] = model
         tp = _positive(r, "tp", source, where, integer=True)
         phase = r.get("phase")
         if phase not in ("prefill", "decode"):
@@ -163,10 +165,10 @@ def bench_points(raw: dict, source: str | None = None) -> tuple[list[AttentionPo
         timing = "gpu_kernel_ms" if r.get("gpu_kernel_ms") is not None else "median_ms"
         seconds = _positive(r, timing, source, where) * 1e-3
         if r["part"] == "core":
-            cores.append(AttentionPoint(shape=name, tp=tp, phase=phase, length=length, tokens=group_tokens / tp,
+            cores.append(AttentionPoint(shape=model.name, tp=tp, phase=phase, length=length, tokens=group_tokens / tp,
                                         model=model, measured_s=seconds, timing=timing))
         else:
-            projections.append(ProjectionPoint(shape=name, tp=tp, phase=phase, part=r["part"], length=length,
+            projections.append(ProjectionPoint(shape=model.name, tp=tp, phase=phase, part=r["part"], length=length,
                                                tokens=group_tokens, flops=float(_positive(r, "flops", source, where)),
                                                nbytes=float(_positive(r, "bytes", source, where)),
                                                measured_s=seconds, timing=timing))
@@ -185,19 +187,19 @@ def load_attention_points(path: str | os.PathLike[str]) -> list[AttentionPoint]:
 
 def predict(point: AttentionPoint, gpu: GPUSpec) -> float:
     """moesim's attention-core seconds for one measured point."""
-    return float(attention_time(np.array([point.tokens]), point.model, gpu, Attention(point.phase, point.length))[0])  # type: ignore[arg-type]
+    return float(attention_time(np.array([point.tokens]), point.model, gpu, Attention(point.phase, point.length))[0])
 
 
 def predict_all(points: list[AttentionPoint], gpu: GPUSpec) -> np.ndarray:
     """:func:`predict` for every point, one model call per (shape, phase, length) with the token counts as
     an array (the same numbers, faster: the grid search calls this for every candidate)."""
     out = np.empty(len(points))
-    groups: dict[tuple[ModelSpec, str, int], list[int]] = {}
+    groups: dict[tuple[ModelSpec, Phase, int], list[int]] = {}
     for i, p in enumerate(points):
         groups.setdefault((p.model, p.phase, p.length), []).append(i)
     for (model, phase, length), idx in groups.items():
         tokens = np.array([points[i].tokens for i in idx])
-        out[idx] = attention_time(tokens, model, gpu, Attention(phase, length))  # type: ignore[arg-type]
+        out[idx] = attention_time(tokens, model, gpu, Attention(phase, length))
     return out
 
 

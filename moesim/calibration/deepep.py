@@ -26,6 +26,7 @@ reports the best), the notify/layout kernels, and the ten masked top-k positions
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
@@ -75,7 +76,8 @@ def _cluster(ep: int, cluster: dict | None) -> ClusterSpec:
     return ClusterSpec(**{**base, "nodes": ep // gpn, "name": f"{base.get('name', 'cluster')}-ep{ep}"})
 
 
-def _run(ep: int, *, tokens: int, experts: int, groups: int, topk_groups: int | None, a2a: str,
+def _run(ep: int, *, tokens: int, experts: int, groups: int, topk_groups: int | None,
+         a2a: Literal["direct", "hierarchical", "low_latency"],
          cluster: dict | None, seed: int) -> tuple[np.ndarray, dict[str, float], np.ndarray]:
     """Simulate one MoE layer; returns rank 0's top-k choices, its dispatch/combine times (s) and the
     expert-to-GPU map."""

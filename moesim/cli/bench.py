@@ -68,7 +68,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     b.add_argument("what", choices=["a2a", "ffn", "attention", "moe"],
                    help="a2a: all-to-all and p2p among --nproc GPUs; ffn: expert FFNs on one GPU; attention: "
                    "QKV/core/O projections of two attention shapes at tp 1/2/4, prefill and decode, on one GPU; "
-                   "moe: the whole MoE layer's kernel pipeline step by step (moesim/bench/moe.py)")
+                   "moe: the whole MoE layer's kernel pipeline step by step (moesim/bench/moe/)")
     b.add_argument("--nproc", type=int, help="ranks (GPUs of this host): a2a (default 2), moe (default 1)")
     b.add_argument("--cpu", action="store_true", help="dry run on the CPU (gloo, tiny shapes)")
     b.add_argument("--scenario", help="measure this scenario's model shape (expert FFN, attention or MoE layer) "

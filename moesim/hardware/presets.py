@@ -32,7 +32,7 @@ _CX7_400G = {
 
 def _calibrated(name: str) -> dict[str, Any]:
     """A cluster file written by ``moesim calibrate`` and shipped with the package."""
-    text = resources.files("moesim.hardware").joinpath("calibrated", f"{name}.yaml").read_text()
+    text = resources.files("moesim.hardware").joinpath("calibrated").joinpath(f"{name}.yaml").read_text()
     return yaml.safe_load(text)
 
 

@@ -24,6 +24,7 @@ shared max-min fairly by the simulator).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import networkx as nx
 import numpy as np
@@ -65,7 +66,7 @@ class Topology:
 
 def build_graph(cluster: ClusterSpec) -> nx.DiGraph:
     """The cluster's links as a directed graph with ``capacity`` (B/s), ``latency`` (s) and ``kind``."""
-    g = nx.DiGraph(name=cluster.name)
+    g: nx.DiGraph[str] = nx.DiGraph(name=cluster.name)
     nv, net = cluster.nvlink, cluster.network
     per_node = cluster.gpus_per_node
 
@@ -107,10 +108,21 @@ def build_graph(cluster: ClusterSpec) -> nx.DiGraph:
                 downlinks[leaf_of(n, i)] += 1
     if num_leaves > 1:
         g.add_node("spine", role="spine")
-        for leaf, count in enumerate(downlinks):
+        for leaf_index, count in enumerate(downlinks):
             uplink = count * net.nic_bytes_per_s / net.oversubscription
-            link(f"leaf{leaf}", "spine", uplink, net.hop_latency_us * 1e-6, "fabric")
+            link(f"leaf{leaf_index}", "spine", uplink, net.hop_latency_us * 1e-6, "fabric")
     return g
+
+
+def _forwarding(src: str, role: dict[str, str], node: dict[str, int]) -> Callable[[str, str], bool]:
+    """The links a flow from ``src`` may take: out of ``src``, or out of a switch or NIC - but not from a NIC
+    back into a GPU of the source's node."""
+    here = node[src]
+
+    def keep(u: str, v: str) -> bool:
+        return u == src or (role[u] != "gpu" and not (role[u] == "nic" and role[v] == "gpu" and node[v] == here))
+
+    return keep
 
 
 def build_topology(cluster: ClusterSpec) -> Topology:
@@ -131,9 +143,7 @@ def build_topology(cluster: ClusterSpec) -> Topology:
     for s, src in enumerate(gpus):
         # No GPU but the source may forward traffic, and no NIC takes it back into the source's node (GPUs
         # sharing a NIC talk over NVLink, not through the NIC).
-        here = node[src]
-        view = nx.subgraph_view(graph, filter_edge=lambda u, v, src=src, here=here: u == src or (
-            role[u] != "gpu" and not (role[u] == "nic" and role[v] == "gpu" and node[v] == here)))
+        view = nx.subgraph_view(graph, filter_edge=_forwarding(src, role, node))
         paths = nx.single_source_shortest_path(view, src)
         for d, dst in enumerate(gpus):
             if d != s:

@@ -28,7 +28,7 @@ def affinity_assign(problem: PlacementProblem, load_slack: float = 0.05) -> np.n
     if not load_slack >= 0:
         raise InputError(f"must be >= 0, got {load_slack!r}", field="load_slack")
     check_feasible(problem)
-    L, E, G, s = problem.num_layers, problem.num_experts, problem.num_gpus, problem.slots_per_gpu
+    L, E, G, s = problem.num_layers, problem.num_experts, problem.num_ranks, problem.slots_per_gpu
     R = problem.transition_counts()
     assign = np.empty((L, E), dtype=np.int64)
     assign[0] = lpt(problem.load[0], G, s)
@@ -57,7 +57,7 @@ def affinity(problem: PlacementProblem, *, load_slack: float = 0.05) -> Placemen
     t0 = time.perf_counter()
     assign = affinity_assign(problem, load_slack)
     cm = cost_model(problem)
-    L, G, s = problem.num_layers, problem.num_gpus, problem.slots_per_gpu
+    L, G, s = problem.num_layers, problem.num_ranks, problem.slots_per_gpu
     load_lb = np.array([load_lower_bound(problem.load[l], G, s) for l in range(L)])
     greedy = np.stack([lpt(problem.load[l], G, s) for l in range(L)])
     info = solve_info(problem, assign, cm, lower=objective_lower_bound(problem, cm, load_lb),
@@ -65,4 +65,4 @@ def affinity(problem: PlacementProblem, *, load_slack: float = 0.05) -> Placemen
                       greedy_total=evaluate(problem, greedy, cm).total, method="greedy_colocation", solver="numpy",
                       status="heuristic", seconds=time.perf_counter() - t0)
     info["load_slack"] = load_slack
-    return Placement.from_assignment(assign, problem.num_gpus, "affinity", info)
+    return Placement.from_assignment(assign, problem.num_ranks, "affinity", info)

@@ -3,8 +3,9 @@
 Semantics follow ``eplb.py`` of github.com/deepseek-ai/EPLB exactly, ties included:
 
 - :func:`balanced_packing` ``(w[X, n], m)``: items by weight, heaviest first (in the order torch's CPU sort
-  leaves equal weights: libstdc++'s introsort, emulated for rows with ties), each into the lightest pack that still has one of its ``n / m`` places (the lowest
-  pack index among equals, as Python's ``min``); pack weights accumulate in float32 as torch does.
+  leaves equal weights: libstdc++'s introsort, emulated for rows with ties), each into the lightest pack that
+  still has one of its ``n / m`` places (the lowest pack index among equals, as Python's ``min``); pack weights
+  accumulate in float32 as torch does.
 - :func:`replicate_experts` ``(w[X, E], P)``: each of the ``P - E`` extra slots goes to
   ``argmax_e w_e / count_e`` (the first maximum, as ``torch.max``), divisions in float32.
 - :func:`rebalance_experts`: hierarchical when ``num_groups % num_nodes == 0`` (expert groups packed onto
@@ -37,113 +38,139 @@ from moesim.placement.replication import placement_from_mask
 _THRESHOLD = 16  # libstdc++'s _S_threshold
 
 
+def _adjust_heap(k: list[float], ix: list[int], first: int, hole: int, length: int, vk: float, vi: int) -> None:
+    """libstdc++'s ``__adjust_heap`` (with its ``__push_heap``) on the min-heap the descending order makes."""
+    top = hole
+    child = hole
+    while child < (length - 1) // 2:
+        child = 2 * (child + 1)
+        if k[first + child] > k[first + child - 1]:
+            child -= 1
+        k[first + hole], ix[first + hole] = k[first + child], ix[first + child]
+        hole = child
+    if (length & 1) == 0 and child == (length - 2) // 2:
+        child = 2 * (child + 1)
+        k[first + hole], ix[first + hole] = k[first + child - 1], ix[first + child - 1]
+        hole = child - 1
+    parent = (hole - 1) // 2  # __push_heap
+    while hole > top and k[first + parent] > vk:
+        k[first + hole], ix[first + hole] = k[first + parent], ix[first + parent]
+        hole = parent
+        parent = (hole - 1) // 2
+    k[first + hole], ix[first + hole] = vk, vi
+
+
+def _heap_sort(k: list[float], ix: list[int], first: int, last: int) -> None:
+    """``__partial_sort(first, last, last)``: make a heap of ``[first, last)``, then pop it."""
+    n = last - first
+    if n >= 2:
+        for parent in range((n - 2) // 2, -1, -1):
+            _adjust_heap(k, ix, first, parent, n, k[first + parent], ix[first + parent])
+    while last - first > 1:
+        last -= 1
+        vk, vi = k[last], ix[last]
+        k[last], ix[last] = k[first], ix[first]
+        _adjust_heap(k, ix, first, 0, last - first, vk, vi)
+
+
+def _median_to_first(k: list[float], ix: list[int], first: int, last: int) -> None:
+    """``__move_median_to_first``: the median of items ``first + 1``, the middle and ``last - 1`` to ``first``."""
+    x, y, z = first + 1, first + (last - first) // 2, last - 1
+    kx, ky, kz = k[x], k[y], k[z]
+    if kx > ky:
+        m = y if ky > kz else (z if kx > kz else x)
+    elif kx > kz:
+        m = x
+    elif ky > kz:
+        m = z
+    else:
+        m = y
+    k[first], k[m] = k[m], k[first]
+    ix[first], ix[m] = ix[m], ix[first]
+
+
+def _unguarded_partition(k: list[float], ix: list[int], first: int, last: int) -> int:
+    """``__unguarded_partition`` of ``[first + 1, last)`` around the pivot at ``first``; returns the cut."""
+    lo, hi, pk = first + 1, last, k[first]
+    while True:
+        while k[lo] > pk:
+            lo += 1
+        hi -= 1
+        while pk > k[hi]:
+            hi -= 1
+        if not lo < hi:
+            return lo
+        k[lo], k[hi] = k[hi], k[lo]
+        ix[lo], ix[hi] = ix[hi], ix[lo]
+        lo += 1
+
+
+def _introsort(k: list[float], ix: list[int], first: int, last: int, depth: int) -> None:
+    """``__introsort_loop``: quicksort down to runs of ``_THRESHOLD`` items, heap sort past ``depth``."""
+    while last - first > _THRESHOLD:
+        if depth == 0:
+            _heap_sort(k, ix, first, last)
+            return
+        depth -= 1
+        _median_to_first(k, ix, first, last)
+        cut = _unguarded_partition(k, ix, first, last)
+        _introsort(k, ix, cut, last, depth)
+        last = cut
+
+
+def _insertion_sort(k: list[float], ix: list[int], first: int, last: int) -> None:
+    """``__insertion_sort`` of ``[first, last)``."""
+    for i in range(first + 1, last):
+        vk, vi = k[i], ix[i]
+        if vk > k[first]:
+            k[first + 1 : i + 1] = k[first:i]
+            ix[first + 1 : i + 1] = ix[first:i]
+            k[first], ix[first] = vk, vi
+        else:
+            _unguarded_linear_insert(k, ix, i)
+
+
+def _unguarded_linear_insert(k: list[float], ix: list[int], i: int) -> None:
+    """``__unguarded_linear_insert``: move item ``i`` down to its place (an item before it is not lighter)."""
+    vk, vi = k[i], ix[i]
+    while vk > k[i - 1]:
+        k[i], ix[i] = k[i - 1], ix[i - 1]
+        i -= 1
+    k[i], ix[i] = vk, vi
+
+
+def _unguarded_insertion_sort(k: list[float], ix: list[int], first: int, last: int) -> None:
+    """``__unguarded_insertion_sort`` of ``[first, last)``, the hot loop: the linear insert inlined and entered
+    only for items that move."""
+    for i in range(first, last):
+        vk = k[i]
+        if vk > k[i - 1]:
+            vi = ix[i]
+            j = i
+            while vk > k[j - 1]:
+                k[j] = k[j - 1]
+                ix[j] = ix[j - 1]
+                j -= 1
+            k[j] = vk
+            ix[j] = vi
+
+
 def _std_sort_desc(keys: list[float]) -> list[int]:
     """The permutation libstdc++'s ``std::sort`` (introsort) leaves when it sorts (key, index) pairs by key,
     descending - what torch's CPU ``sort(descending=True)`` does (it is not stable past 16 items). Only the
-    order of equal keys depends on this; rows without ties are sorted by numpy. (Comparisons are inlined:
-    this runs in pure Python.)"""
+    order of equal keys depends on this; rows without ties are sorted by numpy. The helpers above are the
+    libstdc++ routines of the same names, on the lists of keys ``k`` and indices ``ix`` (comparisons
+    inlined: this runs in pure Python)."""
     k = list(keys)
     ix = list(range(len(k)))
-
-    def adjust_heap(first: int, hole: int, length: int, vk: float, vi: int) -> None:
-        top = hole
-        child = hole
-        while child < (length - 1) // 2:
-            child = 2 * (child + 1)
-            if k[first + child] > k[first + child - 1]:
-                child -= 1
-            k[first + hole], ix[first + hole] = k[first + child], ix[first + child]
-            hole = child
-        if (length & 1) == 0 and child == (length - 2) // 2:
-            child = 2 * (child + 1)
-            k[first + hole], ix[first + hole] = k[first + child - 1], ix[first + child - 1]
-            hole = child - 1
-        parent = (hole - 1) // 2  # __push_heap
-        while hole > top and k[first + parent] > vk:
-            k[first + hole], ix[first + hole] = k[first + parent], ix[first + parent]
-            hole = parent
-            parent = (hole - 1) // 2
-        k[first + hole], ix[first + hole] = vk, vi
-
-    def heap_sort(first: int, last: int) -> None:  # __partial_sort(first, last, last)
-        n = last - first
-        if n >= 2:
-            for parent in range((n - 2) // 2, -1, -1):
-                adjust_heap(first, parent, n, k[first + parent], ix[first + parent])
-        while last - first > 1:
-            last -= 1
-            vk, vi = k[last], ix[last]
-            k[last], ix[last] = k[first], ix[first]
-            adjust_heap(first, 0, last - first, vk, vi)
-
-    def introsort(first: int, last: int, depth: int) -> None:
-        while last - first > _THRESHOLD:
-            if depth == 0:
-                heap_sort(first, last)
-                return
-            depth -= 1
-            x, y, z = first + 1, first + (last - first) // 2, last - 1  # __move_median_to_first
-            kx, ky, kz = k[x], k[y], k[z]
-            if kx > ky:
-                m = y if ky > kz else (z if kx > kz else x)
-            elif kx > kz:
-                m = x
-            elif ky > kz:
-                m = z
-            else:
-                m = y
-            k[first], k[m] = k[m], k[first]
-            ix[first], ix[m] = ix[m], ix[first]
-            lo, hi, pk = first + 1, last, k[first]  # __unguarded_partition
-            while True:
-                while k[lo] > pk:
-                    lo += 1
-                hi -= 1
-                while pk > k[hi]:
-                    hi -= 1
-                if not lo < hi:
-                    break
-                k[lo], k[hi] = k[hi], k[lo]
-                ix[lo], ix[hi] = ix[hi], ix[lo]
-                lo += 1
-            introsort(lo, last, depth)
-            last = lo
-
-    def linear_insert(i: int) -> None:
-        vk, vi = k[i], ix[i]
-        while vk > k[i - 1]:
-            k[i], ix[i] = k[i - 1], ix[i - 1]
-            i -= 1
-        k[i], ix[i] = vk, vi
-
-    def insertion_sort(first: int, last: int) -> None:
-        for i in range(first + 1, last):
-            if k[i] > k[first]:
-                vk, vi = k[i], ix[i]
-                k[first + 1 : i + 1] = k[first:i]
-                ix[first + 1 : i + 1] = ix[first:i]
-                k[first], ix[first] = vk, vi
-            else:
-                linear_insert(i)
-
     n = len(k)
     if n:
-        introsort(0, n, 2 * (n.bit_length() - 1))
+        _introsort(k, ix, 0, n, 2 * (n.bit_length() - 1))  # std::__sort: then __final_insertion_sort
         if n > _THRESHOLD:
-            insertion_sort(0, _THRESHOLD)
-            for i in range(_THRESHOLD, n):  # __unguarded_linear_insert, inlined (the hot loop)
-                vk = k[i]
-                if vk > k[i - 1]:
-                    vi = ix[i]
-                    j = i
-                    while vk > k[j - 1]:
-                        k[j] = k[j - 1]
-                        ix[j] = ix[j - 1]
-                        j -= 1
-                    k[j] = vk
-                    ix[j] = vi
+            _insertion_sort(k, ix, 0, _THRESHOLD)
+            _unguarded_insertion_sort(k, ix, _THRESHOLD, n)
         else:
-            insertion_sort(0, n)
+            _insertion_sort(k, ix, 0, n)
     return ix
 
 
@@ -243,7 +270,7 @@ def rebalance_experts(weight: np.ndarray, num_replicas: int, num_groups: int, nu
                       num_gpus: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """DeepSeek EPLB: ``weight [layers, experts]`` loads -> ``(phy2log, log2phy, logcnt)``; see the module
     docstring. Raises ValueError on the reference's preconditions (experts divisible by groups, slots by
-    GPUs, GPUs by nodes)."""
+    GPUs, GPUs by nodes). Arguments are named as the reference's: its GPUs are moesim's EP ranks."""
     weight = np.asarray(weight, dtype=np.float32)
     if weight.ndim != 2:
         raise ValueError("weight must be [layers, experts]")
@@ -267,29 +294,29 @@ def rebalance_experts(weight: np.ndarray, num_replicas: int, num_groups: int, nu
     return phy2log, log2phy.reshape(L, E, width), logcnt
 
 
-def placement_from_phy2log(phy2log: np.ndarray, num_experts: int, num_gpus: int, policy: str,
+def placement_from_phy2log(phy2log: np.ndarray, num_experts: int, num_ranks: int, policy: str,
                            info: dict | None = None) -> Placement:
     """A placement from a physical-slot map (slot ``p`` on GPU ``p // slots_per_gpu``); twins of one expert
     on one GPU become one copy (counted in ``info["merged_twins"]``)."""
     L, P = phy2log.shape
-    gpu = np.broadcast_to(np.arange(P) // (P // num_gpus), (L, P))
-    held = np.zeros((L, num_experts, num_gpus), dtype=bool)
+    gpu = np.broadcast_to(np.arange(P) // (P // num_ranks), (L, P))
+    held = np.zeros((L, num_experts, num_ranks), dtype=bool)
     held[np.arange(L)[:, None], phy2log, gpu] = True
     twins = int(P * L - held.sum())
     return placement_from_mask(held, policy, {**(info or {}), "merged_twins": twins})
 
 
-def redundant_count(num_experts: int, num_gpus: int, redundant_experts: int | None) -> int:
+def redundant_count(num_experts: int, num_ranks: int, redundant_experts: int | None) -> int:
     """Redundant experts to use: the given number, or by default the fewest that fill every GPU's slots
     equally (0 when the GPUs divide the experts). Raises ValueError when slots would be unequal."""
     if redundant_experts is None:
-        return (-num_experts) % num_gpus
+        return (-num_experts) % num_ranks
     if redundant_experts < 0:
         raise ValueError(f"redundant_experts must be >= 0, got {redundant_experts}")
-    if (num_experts + redundant_experts) % num_gpus:
+    if (num_experts + redundant_experts) % num_ranks:
         raise ValueError(f"redundant_experts={redundant_experts}: {num_experts} experts + {redundant_experts} "
-                         f"redundant must fill the {num_gpus} GPUs (EP ranks) equally; use a multiple of "
-                         f"{num_gpus} plus {(-num_experts) % num_gpus}")
+                         f"redundant must fill the {num_ranks} GPUs (EP ranks) equally; use a multiple of "
+                         f"{num_ranks} plus {(-num_experts) % num_ranks}")
     return redundant_experts
 
 
@@ -297,7 +324,7 @@ def check_replica_memory(problem: PlacementProblem, slots_per_gpu: int, policy: 
     """Raise ValueError when ``slots_per_gpu`` copies per layer exceed what the GPUs' memory holds."""
     cap = problem.max_slots_per_gpu
     if cap is not None and slots_per_gpu > cap:
-        most = cap * problem.num_gpus - problem.num_experts
+        most = cap * problem.num_ranks - problem.num_experts
         raise ValueError(f"{policy}: {slots_per_gpu} expert copies per GPU per layer do not fit in memory "
                          f"(room for {cap}: memory_GB x expert_memory_fraction over every layer's copies); lower "
                          f"redundant_experts to at most {most}")
@@ -309,7 +336,7 @@ def eplb(problem: PlacementProblem, *, redundant_experts: int | None = None, num
     """DeepSeek EPLB on the profiled loads: ``redundant_experts`` extra copies of hot experts (default: the
     fewest that fill every GPU equally), ``num_groups`` expert groups (DeepSeek-V3: 8), nodes and GPUs from
     the cluster. ``auto`` is hierarchical when the nodes divide the groups, else global (as the reference)."""
-    E, G = problem.num_experts, problem.num_gpus
+    E, G = problem.num_experts, problem.num_ranks
     if num_groups < 1 or E % num_groups:
         raise ValueError(f"eplb: num_groups={num_groups} must divide the {E} experts (DeepSeek-V3: 8 groups of 32)")
     R = redundant_count(E, G, redundant_experts)

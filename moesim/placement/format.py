@@ -1,13 +1,14 @@
-"""Expert placements: per MoE layer, per expert, the GPUs (EP ranks) that hold a copy.
+"""Expert placements: per MoE layer, per expert, the EP ranks that hold a copy.
 
 JSON interchange format::
 
-    {"format": "moesim.placement/1", "num_gpus": G, "policy": "greedy",
+    {"format": "moesim.placement/1", "num_ranks": R, "policy": "greedy",
      "layers": [{"expert_gpus": [[g], [g1, g2], ...]}, ...]}
 
-With expert tensor parallelism (``tp > 1``) a "GPU" here is an EP rank: a group of ``tp`` GPUs that
-shard every expert it holds. In memory a placement is a dense int array ``gpus[layer, expert, replica]``
-padded with -1, so the engine can look replicas up with numpy.
+An EP rank is a GPU, or with expert tensor parallelism (``tp > 1``) a group of ``tp`` GPUs that shard every
+expert it holds (``num_ranks`` = GPUs / tp); the ids in ``expert_gpus`` are EP ranks. The reader also takes
+``num_gpus``, the field's former name. In memory a placement is a dense int array ``gpus[layer, expert,
+replica]`` padded with -1, so the engine can look replicas up with numpy.
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ from moesim.errors import InputError
 from moesim.fileio import atomic_write, read_json_object
 
 FORMAT = "moesim.placement/1"
+_FORMER_NUM_RANKS = "num_gpus"  # what files written before the rename call num_ranks; still read
 
 
 @dataclass(frozen=True)
 class Placement:
-    num_gpus: int
+    num_ranks: int  # EP ranks (GPUs / tp)
     gpus: np.ndarray  # int32 [layers, experts, max_replicas], -1 padded
     policy: str = ""
     info: dict[str, Any] = field(default_factory=dict)
@@ -47,21 +49,21 @@ class Placement:
 
     def copies_per_gpu(self) -> np.ndarray:
         """[layers, gpus] number of expert copies each GPU holds."""
-        out = np.zeros((self.num_layers, self.num_gpus), dtype=np.int64)
+        out = np.zeros((self.num_layers, self.num_ranks), dtype=np.int64)
         for l in range(self.num_layers):
             g = self.gpus[l][self.gpus[l] >= 0]
-            out[l] = np.bincount(g, minlength=self.num_gpus)
+            out[l] = np.bincount(g, minlength=self.num_ranks)
         return out
 
     @classmethod
-    def from_assignment(cls, assign: np.ndarray, num_gpus: int, policy: str = "",
+    def from_assignment(cls, assign: np.ndarray, num_ranks: int, policy: str = "",
                         info: dict[str, Any] | None = None) -> "Placement":
         """One copy per expert: ``assign[layer, expert]`` is its GPU."""
-        return cls(num_gpus=num_gpus, gpus=np.asarray(assign, dtype=np.int32)[:, :, None],
+        return cls(num_ranks=num_ranks, gpus=np.asarray(assign, dtype=np.int32)[:, :, None],
                    policy=policy, info=dict(info or {}))
 
     @classmethod
-    def from_lists(cls, layers: list[list[list[int]]], num_gpus: int, policy: str = "",
+    def from_lists(cls, layers: list[list[list[int]]], num_ranks: int, policy: str = "",
                    info: dict[str, Any] | None = None) -> "Placement":
         width = max((len(r) for layer in layers for r in layer), default=1)
         num_experts = max((len(layer) for layer in layers), default=0)
@@ -69,11 +71,11 @@ class Placement:
         for l, layer in enumerate(layers):
             for e, reps in enumerate(layer):
                 gpus[l, e, : len(reps)] = reps
-        return cls(num_gpus=num_gpus, gpus=gpus, policy=policy, info=dict(info or {}))
+        return cls(num_ranks=num_ranks, gpus=gpus, policy=policy, info=dict(info or {}))
 
     def to_json(self) -> dict[str, Any]:
         layers = [{"expert_gpus": [[int(g) for g in reps if g >= 0] for reps in layer]} for layer in self.gpus]
-        return {"format": FORMAT, "num_gpus": self.num_gpus, "policy": self.policy, "info": self.info,
+        return {"format": FORMAT, "num_ranks": self.num_ranks, "policy": self.policy, "info": self.info,
                 "layers": layers}
 
 
@@ -93,15 +95,21 @@ def load_placement(path: str | os.PathLike[str]) -> Placement:
     """
     src = str(path)
     raw = read_json_object(path)
-    unknown = set(raw) - {"format", "num_gpus", "layers", "policy", "info"}
+    unknown = set(raw) - {"format", "num_ranks", _FORMER_NUM_RANKS, "layers", "policy", "info"}
     if unknown:
-        raise InputError("unknown key; expected format, num_gpus, layers, policy, info", source=src,
+        raise InputError("unknown key; expected format, num_ranks, layers, policy, info", source=src,
                          field=sorted(unknown)[0])
     if raw.get("format") != FORMAT:
         raise InputError(f"must be {FORMAT!r}, got {raw.get('format')!r}", source=src, field="format")
-    num_gpus = raw.get("num_gpus")
-    if not isinstance(num_gpus, int) or isinstance(num_gpus, bool) or num_gpus <= 0:
-        raise InputError(f"must be a positive integer, got {num_gpus!r}", source=src, field="num_gpus")
+    key = "num_ranks"
+    if _FORMER_NUM_RANKS in raw:
+        if key in raw:
+            raise InputError(f"give num_ranks only ({_FORMER_NUM_RANKS} is its former name)", source=src,
+                             field=_FORMER_NUM_RANKS)
+        key = _FORMER_NUM_RANKS
+    num_ranks = raw.get(key)
+    if not isinstance(num_ranks, int) or isinstance(num_ranks, bool) or num_ranks <= 0:
+        raise InputError(f"must be a positive integer, got {num_ranks!r}", source=src, field=key)
     layers = raw.get("layers")
     if not isinstance(layers, list) or not layers:
         raise InputError("must be a non-empty list", source=src, field="layers")
@@ -123,4 +131,4 @@ def load_placement(path: str | os.PathLike[str]) -> Placement:
         raise InputError("must be a JSON object", source=src, field="info")
     if len({len(layer) for layer in lists}) != 1:
         raise InputError("every layer must list the same number of experts", source=src, field="layers")
-    return Placement.from_lists(lists, num_gpus, policy=str(raw.get("policy", "")), info=info)
+    return Placement.from_lists(lists, num_ranks, policy=str(raw.get("policy", "")), info=info)

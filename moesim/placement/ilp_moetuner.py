@@ -120,7 +120,7 @@ def bottleneck_assignment(w: np.ndarray, tiebreak: np.ndarray) -> np.ndarray:
     while lo < hi:  # smallest threshold with a perfect matching
         mid = (lo + hi) // 2
         rows, cols = np.nonzero(w <= values[mid])
-        g = nx.Graph()
+        g: nx.Graph[int] = nx.Graph()
         g.add_nodes_from(range(2 * n))
         g.add_edges_from(zip(rows.tolist(), (cols + n).tolist()))
         match = nx.bipartite.hopcroft_karp_matching(g, top_nodes=range(n))
@@ -140,7 +140,7 @@ def moetuner(problem: PlacementProblem, *, solver: str = "auto", time_limit_s: f
     check_budget(time_limit_s, gap)
     check_feasible(problem)
     name = resolve_solver(solver)
-    L, E, G, s = problem.num_layers, problem.num_experts, problem.num_gpus, problem.slots_per_gpu
+    L, E, G, s = problem.num_layers, problem.num_experts, problem.num_ranks, problem.slots_per_gpu
     stage1_deadline = t0 + 0.8 * time_limit_s
     clusters = np.empty((L, E), dtype=np.int64)
     ub1, lb1, load_lb = np.zeros(L), np.zeros(L), np.zeros(L)
@@ -189,4 +189,4 @@ def ilp_moetuner(problem: PlacementProblem, *, solver: str = "auto", time_limit_
                  gap: float = 0.01) -> Placement:
     """MoETuner's two stages: balanced clusters per layer, then bandwidth-aware cluster-to-GPU mapping."""
     assign, info = moetuner(problem, solver=solver, time_limit_s=time_limit_s, gap=gap)
-    return Placement.from_assignment(assign, problem.num_gpus, "ilp_moetuner", info)
+    return Placement.from_assignment(assign, problem.num_ranks, "ilp_moetuner", info)

@@ -15,7 +15,7 @@ from moesim.placement.registry import PlacementProblem, register
 @register("contiguous")
 def contiguous(problem: PlacementProblem) -> Placement:
     """Expert e on GPU e * G // E (= e // (E/G) when G divides E), every layer."""
-    E, G = problem.num_experts, problem.num_gpus
+    E, G = problem.num_experts, problem.num_ranks
     row = np.arange(E) * G // E
     return Placement.from_assignment(np.tile(row, (problem.num_layers, 1)), G, "contiguous")
 
@@ -23,15 +23,15 @@ def contiguous(problem: PlacementProblem) -> Placement:
 @register("round_robin")
 def round_robin(problem: PlacementProblem) -> Placement:
     """Expert e on GPU e mod G, every layer."""
-    row = np.arange(problem.num_experts) % problem.num_gpus
-    return Placement.from_assignment(np.tile(row, (problem.num_layers, 1)), problem.num_gpus, "round_robin")
+    row = np.arange(problem.num_experts) % problem.num_ranks
+    return Placement.from_assignment(np.tile(row, (problem.num_layers, 1)), problem.num_ranks, "round_robin")
 
 
 @register("random")
 def random(problem: PlacementProblem, *, seed: int | None = None) -> Placement:
     """A seeded random permutation of experts per layer, cut into equal slots."""
     rng = np.random.default_rng(problem.seed if seed is None else seed)
-    E, G = problem.num_experts, problem.num_gpus
+    E, G = problem.num_experts, problem.num_ranks
     assign = np.empty((problem.num_layers, E), dtype=np.int64)
     for l in range(problem.num_layers):
         assign[l, rng.permutation(E)] = np.arange(E) * G // E
@@ -69,8 +69,8 @@ def greedy(problem: PlacementProblem, *, redundant_experts: int = 0) -> Placemen
 
         if redundant_experts < 0:
             raise ValueError(f"greedy: redundant_experts must be >= 0, got {redundant_experts}")
-        check_replica_memory(problem, -(-(problem.num_experts + redundant_experts) // problem.num_gpus), "greedy")
-        return replicate_and_pack(problem.load, problem.num_gpus, redundant_experts, "greedy")
-    assign = np.stack([lpt(problem.load[l], problem.num_gpus, problem.slots_per_gpu)
+        check_replica_memory(problem, -(-(problem.num_experts + redundant_experts) // problem.num_ranks), "greedy")
+        return replicate_and_pack(problem.load, problem.num_ranks, redundant_experts, "greedy")
+    assign = np.stack([lpt(problem.load[l], problem.num_ranks, problem.slots_per_gpu)
                        for l in range(problem.num_layers)])
-    return Placement.from_assignment(assign, problem.num_gpus, "greedy")
+    return Placement.from_assignment(assign, problem.num_ranks, "greedy")

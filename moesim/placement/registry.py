@@ -25,7 +25,7 @@ class PlacementProblem:
 
     num_layers: int
     num_experts: int
-    num_gpus: int  # EP ranks
+    num_ranks: int  # EP ranks
     gpus_per_node: int  # EP ranks per node
     slots_per_gpu: int  # expert copies per EP rank per layer
     load: np.ndarray
@@ -49,7 +49,7 @@ class PlacementProblem:
 
     @property
     def num_nodes(self) -> int:
-        return -(-self.num_gpus // self.gpus_per_node)
+        return -(-self.num_ranks // self.gpus_per_node)
 
     def transition_counts(self) -> np.ndarray:
         """``R[l, e, f]`` (see :mod:`moesim.placement.profile`): given, counted from ``routing``, or zeros."""
@@ -153,10 +153,10 @@ def make_placement(name: str, problem: PlacementProblem, **options: Any) -> Plac
     options = {key: check_option(name, key, value) for key, value in options.items()}
     placement = fn(problem, **options)
     validate_placement(placement, num_layers=problem.num_layers, num_experts=problem.num_experts,
-                       num_gpus=problem.num_gpus, source=f"policy {name}")
+                       num_ranks=problem.num_ranks, source=f"policy {name}")
     slots = placement.copies_per_gpu().max()
     # redundant experts (replicas) add ceil(R / G) slots per GPU beyond the equal share
-    allowed = problem.slots_per_gpu + -(-replica_slots(name, options) // problem.num_gpus)
+    allowed = problem.slots_per_gpu + -(-replica_slots(name, options) // problem.num_ranks)
     if slots > allowed:
         raise AssertionError(f"policy {name} used {slots} slots on a GPU, over {allowed}")
     return placement

@@ -43,14 +43,14 @@ def replica_counts(load: np.ndarray, num_copies: int, max_copies: int) -> np.nda
     return counts
 
 
-def pack_replicas(load: np.ndarray, counts: np.ndarray, num_gpus: int, slots_per_gpu: int) -> np.ndarray:
+def pack_replicas(load: np.ndarray, counts: np.ndarray, num_ranks: int, slots_per_gpu: int) -> np.ndarray:
     """``held [layers, experts, gpus]``: copies (``counts``) packed heaviest first onto the least-loaded GPU
     with a free slot that does not hold the expert yet (ties: lowest GPU)."""
     load = np.asarray(load, dtype=float)
     L, E = load.shape
     total = int(counts[0].sum())
-    if (counts.sum(axis=1) != total).any() or total > num_gpus * slots_per_gpu:
-        raise ValueError(f"{total} copies do not fit {num_gpus} GPUs x {slots_per_gpu} slots")
+    if (counts.sum(axis=1) != total).any() or total > num_ranks * slots_per_gpu:
+        raise ValueError(f"{total} copies do not fit {num_ranks} EP ranks x {slots_per_gpu} slots")
     # every layer's copies as items: expert id and per-copy load, heaviest first (stable: lower id first)
     item_expert = np.stack([np.repeat(np.arange(E), counts[l]) for l in range(L)])
     item_load = np.take_along_axis(load / counts, item_expert, axis=1)
@@ -58,15 +58,15 @@ def pack_replicas(load: np.ndarray, counts: np.ndarray, num_gpus: int, slots_per
     item_expert = np.take_along_axis(item_expert, order, axis=1)
     item_load = np.take_along_axis(item_load, order, axis=1)
     r = np.arange(L)
-    held = np.zeros((L, E, num_gpus), dtype=bool)
-    gpu_load = np.zeros((L, num_gpus))
-    gpu_n = np.zeros((L, num_gpus), dtype=np.int64)
+    held = np.zeros((L, E, num_ranks), dtype=bool)
+    gpu_load = np.zeros((L, num_ranks))
+    gpu_n = np.zeros((L, num_ranks), dtype=np.int64)
     for j in range(total):
         e = item_expert[:, j]
         room = gpu_n < slots_per_gpu
         ok = room & ~held[r, e]
         # a copy that could only land beside its twin (a rare end-game) takes any free slot and merges
-        ok = np.where(ok.any(axis=1)[:, None], ok, room)
+        ok = np.where(np.any(ok, axis=1, keepdims=True), ok, room)
         g = np.where(ok, gpu_load, np.inf).argmin(axis=1)
         held[r, e, g] = True
         gpu_load[r, g] += item_load[:, j]
@@ -82,18 +82,18 @@ def placement_from_mask(held: np.ndarray, policy: str, info: dict | None = None)
     order = np.argsort(~held, axis=2, kind="stable")[:, :, :width]
     ok = np.take_along_axis(held, order, axis=2)
     gpus = np.where(ok, order, -1).astype(np.int32)
-    return Placement(num_gpus=G, gpus=gpus, policy=policy, info=dict(info or {}))
+    return Placement(num_ranks=G, gpus=gpus, policy=policy, info=dict(info or {}))
 
 
-def replicate_and_pack(load: np.ndarray, num_gpus: int, redundant_experts: int, policy: str,
+def replicate_and_pack(load: np.ndarray, num_ranks: int, redundant_experts: int, policy: str,
                        info: dict | None = None) -> Placement:
     """Choose replica counts and pack them (see the module docstring) into a :class:`Placement`."""
     L, E = np.asarray(load).shape
     if redundant_experts < 0:
         raise ValueError(f"redundant_experts must be >= 0, got {redundant_experts}")
     total = E + redundant_experts
-    counts = replica_counts(load, total, num_gpus)
-    held = pack_replicas(load, counts, num_gpus, -(-total // num_gpus))
+    counts = replica_counts(load, total, num_ranks)
+    held = pack_replicas(load, counts, num_ranks, -(-total // num_ranks))
     merged = int(counts.sum() - held.sum())
     return placement_from_mask(held, policy, {**(info or {}), "redundant_experts": redundant_experts,
                                               "merged_twins": merged})
@@ -110,7 +110,7 @@ def copy_loads(load_row: np.ndarray, held: np.ndarray) -> np.ndarray:
     return share @ held
 
 
-def replica_lower_bound(load_row: np.ndarray, num_gpus: int, num_copies: int) -> float:
+def replica_lower_bound(load_row: np.ndarray, num_ranks: int, num_copies: int) -> float:
     """A proven lower bound on the heaviest GPU of one layer over every count vector (at most ``num_copies``
     copies, at most one per GPU) and every packing, copies splitting their expert evenly.
 
@@ -123,8 +123,99 @@ def replica_lower_bound(load_row: np.ndarray, num_gpus: int, num_copies: int) ->
     p = np.asarray(load_row, dtype=float)
     if p.size == 0 or p.max() <= 0:
         return 0.0
-    counts = replica_counts(p[None, :], min(num_copies, p.size * num_gpus), num_gpus)[0]
-    return float(max(p.sum() / num_gpus, (p / counts).max()))
+    counts = replica_counts(p[None, :], min(num_copies, p.size * num_ranks), num_ranks)[0]
+    return float(max(p.sum() / num_ranks, (p / counts).max()))
+
+
+# A candidate of :func:`improve_replicas`: (kind, e, f, g) - see :func:`_apply_move`.
+_Move = tuple[str, int, int, int]
+
+
+def _best_move_off(held: np.ndarray, q: np.ndarray, bl: np.ndarray, n: np.ndarray, m: int, mine: np.ndarray,
+                   slots: int, best: float) -> tuple[float, _Move | None]:
+    """1. The best move of a copy off ``m`` onto a GPU with a free slot that lacks the expert, when it beats
+    ``best``: ``(its value, move)``, else ``(best, None)``."""
+    G = held.shape[1]
+    ok = ~held[mine] & (n < slots)[None, :]
+    if ok.any():
+        top = bl[m]
+        val = np.where(ok, np.maximum(top - q[mine][:, None], bl[None, :] + q[mine][:, None]), np.inf)
+        k = int(np.argmin(val))
+        if val.flat[k] < best:
+            return float(val.flat[k]), ("move", int(mine[k // G]), -1, k % G)
+    return best, None
+
+
+def _best_swap(held: np.ndarray, q: np.ndarray, bl: np.ndarray, m: int, mine: np.ndarray,
+               best: float) -> tuple[float, _Move | None]:
+    """2. The best swap of a copy on ``m`` with a lighter copy of another expert on another GPU, when it beats
+    ``best``."""
+    f_all, g_all = np.nonzero(held & ~held[:, [m]])  # copies of experts m lacks, hence on GPUs != m
+    if f_all.size:
+        d = q[mine][:, None] - q[f_all][None, :]
+        ok = (d > 0) & ~held[mine][:, g_all]
+        val = np.where(ok, np.maximum(bl[m] - d, bl[g_all][None, :] + d), np.inf)
+        k = int(np.argmin(val))
+        if val.flat[k] < best:
+            j = k % f_all.size
+            return float(val.flat[k]), ("swap", int(mine[k // f_all.size]), int(f_all[j]), int(g_all[j]))
+    return best, None
+
+
+def _recount_candidates(held: np.ndarray, c: np.ndarray, m: int, mine: np.ndarray,
+                        max_copies: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The re-counts to try, as arrays ``(e, f, g)``: expert ``e`` gains a copy on GPU ``g`` in the place of
+    a copy of ``f`` (``c_f >= 2``)."""
+    cand = []
+    grow = mine[c[mine] < max_copies]
+    if grow.size:  # 3. e on m grows onto a GPU g that lacks it, where f (c_f >= 2) had a copy
+        f3, g3 = np.nonzero(held & (c >= 2)[:, None])
+        ee, jj = np.meshgrid(grow, np.arange(f3.size), indexing="ij")
+        ee, ff, gg = ee.ravel(), f3[jj.ravel()], g3[jj.ravel()]
+        keep = (ee != ff) & ~held[ee, gg]
+        cand.append((ee[keep], ff[keep], gg[keep]))
+    shrink = mine[c[mine] >= 2]
+    if shrink.size:  # 4. f on m (replicated) gives its copy on m to an expert e that m lacks
+        e4 = np.flatnonzero(~held[:, m] & (c < max_copies))
+        ff, ee = np.meshgrid(shrink, e4, indexing="ij")
+        cand.append((ee.ravel(), ff.ravel(), np.full(ee.size, m)))
+    if not cand:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, empty
+    return (np.concatenate([x[0] for x in cand]), np.concatenate([x[1] for x in cand]),
+            np.concatenate([x[2] for x in cand]))
+
+
+def _best_recount(p: np.ndarray, held: np.ndarray, c: np.ndarray, q: np.ndarray, bl: np.ndarray, m: int,
+                  mine: np.ndarray, max_copies: int, best: float) -> tuple[float, _Move | None]:
+    """3./4. The best re-count (:func:`_recount_candidates`), when it beats ``best``."""
+    ee, ff, gg = _recount_candidates(held, c, m, mine, max_copies)
+    if ee.size:
+        de = q[ee] - p[ee] / (c[ee] + 1)  # every copy of e gets lighter
+        df = p[ff] / np.maximum(c[ff] - 1, 1) - q[ff]  # every other copy of f heavier
+        new = bl[None, :] - de[:, None] * held[ee] + df[:, None] * held[ff]
+        r = np.arange(ee.size)
+        new[r, gg] += -df - q[ff] + p[ee] / (c[ee] + 1)
+        changed = held[ee] | held[ff]
+        changed[r, gg] = True
+        val = np.where(changed, new, -np.inf).max(axis=1)
+        k = int(np.argmin(val))
+        if val[k] < best:
+            return float(val[k]), ("recount", int(ee[k]), int(ff[k]), int(gg[k]))
+    return best, None
+
+
+def _apply_move(held: np.ndarray, m: int, move: _Move) -> None:
+    """Apply ``move`` in place: ``move`` takes ``e``'s copy from ``m`` to ``g``; ``swap`` also takes ``f``'s
+    from ``g`` to ``m``; ``recount`` gives ``f``'s copy on ``g`` to ``e``."""
+    kind, e, f, g = move
+    if kind == "move":
+        held[e, m], held[e, g] = False, True
+    elif kind == "swap":
+        held[e, m], held[e, g] = False, True
+        held[f, g], held[f, m] = False, True
+    else:
+        held[f, g], held[e, g] = False, True
 
 
 def improve_replicas(load_row: np.ndarray, held: np.ndarray, slots: int, max_copies: int,
@@ -139,8 +230,7 @@ def improve_replicas(load_row: np.ndarray, held: np.ndarray, slots: int, max_cop
     """
     p = np.asarray(load_row, dtype=float)
     held = held.copy()
-    E, G = held.shape
-    if G < 2:
+    if held.shape[1] < 2:
         return held
     for _ in range(max_iter):
         c = held.sum(axis=1)
@@ -149,66 +239,15 @@ def improve_replicas(load_row: np.ndarray, held: np.ndarray, slots: int, max_cop
         n = held.sum(axis=0)
         m = int(np.argmax(bl))
         top = float(bl[m])
-        limit = top - 1e-9 * max(top, 1e-300)
         mine = np.flatnonzero(held[:, m])
-        best, move = limit, None
-        # 1. move a copy off m onto a GPU with a free slot that lacks the expert
-        ok = ~held[mine] & (n < slots)[None, :]
-        if ok.any():
-            val = np.where(ok, np.maximum(top - q[mine][:, None], bl[None, :] + q[mine][:, None]), np.inf)
-            k = int(np.argmin(val))
-            if val.flat[k] < best:
-                best, move = float(val.flat[k]), ("move", mine[k // G], None, k % G)
-        # 2. swap a copy on m with a lighter copy of another expert on another GPU
-        f_all, g_all = np.nonzero(held & ~held[:, [m]])  # copies of experts m lacks, hence on GPUs != m
-        if f_all.size:
-            d = q[mine][:, None] - q[f_all][None, :]
-            ok = (d > 0) & ~held[mine][:, g_all]
-            val = np.where(ok, np.maximum(top - d, bl[g_all][None, :] + d), np.inf)
-            k = int(np.argmin(val))
-            if val.flat[k] < best:
-                j = k % f_all.size
-                best, move = float(val.flat[k]), ("swap", mine[k // f_all.size], f_all[j], g_all[j])
-        # 3./4. re-count: expert e gains a copy on GPU g in the place of a copy of f (c_f >= 2)
-        cand = []
-        grow = mine[c[mine] < max_copies]
-        if grow.size:  # 3. e on m grows onto a GPU g that lacks it, where f (c_f >= 2) had a copy
-            f3, g3 = np.nonzero(held & (c >= 2)[:, None])
-            ee, jj = np.meshgrid(grow, np.arange(f3.size), indexing="ij")
-            ee, ff, gg = ee.ravel(), f3[jj.ravel()], g3[jj.ravel()]
-            keep = (ee != ff) & ~held[ee, gg]
-            cand.append((ee[keep], ff[keep], gg[keep]))
-        shrink = mine[c[mine] >= 2]
-        if shrink.size:  # 4. f on m (replicated) gives its copy on m to an expert e that m lacks
-            e4 = np.flatnonzero(~held[:, m] & (c < max_copies))
-            ff, ee = np.meshgrid(shrink, e4, indexing="ij")
-            cand.append((ee.ravel(), ff.ravel(), np.full(ee.size, m)))
-        if cand:
-            ee = np.concatenate([x[0] for x in cand])
-            ff = np.concatenate([x[1] for x in cand])
-            gg = np.concatenate([x[2] for x in cand])
-            if ee.size:
-                de = q[ee] - p[ee] / (c[ee] + 1)  # every copy of e gets lighter
-                df = p[ff] / np.maximum(c[ff] - 1, 1) - q[ff]  # every other copy of f heavier
-                new = bl[None, :] - de[:, None] * held[ee] + df[:, None] * held[ff]
-                r = np.arange(ee.size)
-                new[r, gg] += -df - q[ff] + p[ee] / (c[ee] + 1)
-                changed = held[ee] | held[ff]
-                changed[r, gg] = True
-                val = np.where(changed, new, -np.inf).max(axis=1)
-                k = int(np.argmin(val))
-                if val[k] < best:
-                    best, move = float(val[k]), ("recount", ee[k], ff[k], gg[k])
+        best = top - 1e-9 * max(top, 1e-300)
+        best, move = _best_move_off(held, q, bl, n, m, mine, slots, best)
+        best, swap = _best_swap(held, q, bl, m, mine, best)
+        best, recount = _best_recount(p, held, c, q, bl, m, mine, max_copies, best)
+        move = recount or swap or move
         if move is None:
             break
-        kind, e, f, g = move
-        if kind == "move":
-            held[e, m], held[e, g] = False, True
-        elif kind == "swap":
-            held[e, m], held[e, g] = False, True
-            held[f, g], held[f, m] = False, True
-        else:
-            held[f, g], held[e, g] = False, True
+        _apply_move(held, m, move)
     return held
 
 
@@ -240,6 +279,6 @@ def place_missing(load_row: np.ndarray, held: np.ndarray, counts: np.ndarray, sl
                     if best is None or val < best[0]:
                         best = (val, int(h), int(f))
             assert best is not None
-            _, h, f = best
-            held[f, h], held[f, g], held[e, h] = False, True, True
+            _, full, moved = best  # moved leaves the full GPU for g; e takes its place
+            held[moved, full], held[moved, g], held[e, full] = False, True, True
     return held

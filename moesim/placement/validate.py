@@ -19,23 +19,23 @@ class Capacity:
     memory_bytes_per_gpu: float  # budget for expert weights on one GPU
 
 
-def validate_placement(placement: Placement, *, num_layers: int, num_experts: int, num_gpus: int,
+def validate_placement(placement: Placement, *, num_layers: int, num_experts: int, num_ranks: int,
                        capacity: Capacity | None = None, source: str | None = None) -> Placement:
     """Check ranges, completeness, duplicates and capacity; return the placement or raise InputError."""
     name = source or f"placement {placement.policy or '?'}"
     gpus = placement.gpus
-    if placement.num_gpus != num_gpus:
-        raise InputError(f"placement is for {placement.num_gpus} GPUs (EP ranks), the cluster has {num_gpus}",
-                         source=name, field="num_gpus")
+    if placement.num_ranks != num_ranks:
+        raise InputError(f"placement is for {placement.num_ranks} GPUs (EP ranks), the cluster has {num_ranks}",
+                         source=name, field="num_ranks")
     if gpus.shape[0] != num_layers:
         raise InputError(f"has {gpus.shape[0]} layers, the model has {num_layers}", source=name, field="layers")
     if gpus.shape[1] != num_experts:
         raise InputError(f"lists {gpus.shape[1]} experts per layer, the model has {num_experts}",
                          source=name, field="layers[0].expert_gpus")
-    bad = (gpus < -1) | (gpus >= num_gpus)
+    bad = (gpus < -1) | (gpus >= num_ranks)
     if bad.any():
         l, e, r = (int(i[0]) for i in np.nonzero(bad))
-        raise InputError(f"GPU {int(gpus[l, e, r])} out of range [0, {num_gpus})", source=name,
+        raise InputError(f"GPU {int(gpus[l, e, r])} out of range [0, {num_ranks})", source=name,
                          field=f"layers[{l}].expert_gpus[{e}]")
     missing = (gpus < 0).all(axis=2)
     if missing.any():

@@ -70,8 +70,8 @@ def verdict(result: RebalanceResult, info: dict[str, Any] | None = None) -> str:
         mean_t = sum(m.transfer_s for m in result.migrations) / len(result.migrations) * 1e3
         text += f" in slowed batches (the transfers took {mean_t:.2f} ms on average)"
     if s["skipped_rebalances"]:
-        text += (f"; {_n(s['skipped_rebalances'], 're-plan point')} skipped because the previous migration was still in "
-                 "flight (overlapped transfers slower than the interval)")
+        text += (f"; {_n(s['skipped_rebalances'], 're-plan point')} skipped because the previous migration was "
+                 "still in flight (overlapped transfers slower than the interval)")
     if "baseline" in result.batch_ms:
         base = float(result.batch_ms["baseline"].sum())
         with_mig = s["total_ms"]["rebalanced_with_migration"]
@@ -258,7 +258,8 @@ def plot_tradeoff(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def results_json(results: list[RebalanceResult], infos: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+def results_json(results: list[RebalanceResult],
+                 infos: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """The ``rebalance`` entries of results.json: summary, migrations and verdict per cluster."""
     out = []
     for r in results:

@@ -210,7 +210,7 @@ class Simulation:
         self.routing = Routing.of(topo)  # per topology: shared by every run's fabric
 
     def run(self, trace: Trace, layout: Layout, placement: Placement, *, name: str | None = None,
-            progress: Callable[[int], None] | None = None, keep_collectives: bool = True) -> SimRecords:
+            progress: Callable[[int], object] | None = None, keep_collectives: bool = True) -> SimRecords:
         """Simulate every batch of ``trace`` under ``placement`` (recorded as ``name``, default its policy).
         ``progress(n)`` is told of finished layers."""
         topo, G = self.topo, self.num_gpus
@@ -307,7 +307,7 @@ class Simulation:
         return plan, flows
 
     def _gpu(self, env: CountingEnvironment, b: int, g: int, plan: list[LayerPlan], rec: dict[str, np.ndarray],
-             progress: Callable[[int], None] | None) -> Generator[simpy.Event, None, None]:
+             progress: Callable[[int], object] | None) -> Generator[simpy.Event, None, None]:
         """One GPU's pass through the layers of batch ``b`` (see the module docstring for the steps)."""
         tp = self.tp
         for l, lp in enumerate(plan):

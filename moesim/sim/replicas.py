@@ -178,7 +178,7 @@ class ReplicaChooser:
         if self.rule == "token_index" or gpus.shape[1] == 1 or not (gpus[:, 1] >= 0).any():
             return None
         choices = np.ascontiguousarray(np.asarray(experts).T)  # [K, T]
-        R = self.placement.num_gpus
+        R = self.placement.num_ranks
         if self.rule == "local":
             table = self._tables.get(layer)
             if table is None:
@@ -194,10 +194,10 @@ def rank_tokens(trace: "Trace", layout: "Layout", placement: Placement, rule: st
     engine would see, without simulating time (for imbalance studies)."""
     from moesim.sim.traffic import layer_traffic
 
-    G = placement.num_gpus * tp
-    chooser = ReplicaChooser(rule, placement, ranks_per_node or placement.num_gpus)
+    G = placement.num_ranks * tp
+    chooser = ReplicaChooser(rule, placement, ranks_per_node or placement.num_ranks)
     batches = layout.batch_indices()
-    out = np.zeros((len(batches), placement.num_layers, placement.num_gpus), dtype=np.int64)
+    out = np.zeros((len(batches), placement.num_layers, placement.num_ranks), dtype=np.int64)
     for b, idx in enumerate(batches):
         home = layout.home[idx]
         for l in range(placement.num_layers):

@@ -91,9 +91,9 @@ def layer_traffic(experts: np.ndarray, home: np.ndarray, token_ids: np.ndarray, 
     if not replicated:  # each expert's single rank computes all its pairs
         placed = np.flatnonzero(gpus[:, 0] >= 0)
         expert_tokens[gpus[placed, 0] * np.int64(E) + placed] = per_expert[1:][placed]
-    copies = copies[:-1].reshape(G, G)
-    return LayerTraffic(copies=copies, expert_tokens=expert_tokens[:-1].reshape(R, E),
-                        recv_copies=copies.sum(axis=0),
+    pair_copies = copies[:-1].reshape(G, G)
+    return LayerTraffic(copies=pair_copies, expert_tokens=expert_tokens[:-1].reshape(R, E),
+                        recv_copies=pair_copies.sum(axis=0),
                         node_copies=None if gpus_per_node is None else node_pairs[:-1].reshape(G, N))
 
 

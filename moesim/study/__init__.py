@@ -5,5 +5,5 @@ from moesim.study.plan import ClusterPlan, StudyPlan, prepare
 from moesim.study.runner import Run, StudyResult, run_study
 from moesim.study.workload import build_workload, expert_loads
 
-__all__ = ["ClusterPlan", "Run", "Scenario", "StudyPlan", "StudyResult", "build_workload", "expert_loads", "load_scenario", "parse_scenario",
-           "prepare", "run_study"]
+__all__ = ["ClusterPlan", "Run", "Scenario", "StudyPlan", "StudyResult", "build_workload", "expert_loads",
+           "load_scenario", "parse_scenario", "prepare", "run_study"]

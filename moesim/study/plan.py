@@ -107,7 +107,7 @@ def placement_problem(scenario: Scenario, cluster: ClusterEntry, profile: Trace,
     seed = scenario.workload.synthetic.seed if scenario.workload.synthetic else 0
     cap = capacity_of(scenario, cluster)  # copies per layer that fit: bounds replicas
     max_slots = int(cap.memory_bytes_per_gpu // (cap.expert_bytes_per_gpu * m.num_layers))
-    return PlacementProblem(num_layers=m.num_layers, num_experts=m.num_experts, num_gpus=ep,
+    return PlacementProblem(num_layers=m.num_layers, num_experts=m.num_experts, num_ranks=ep,
                             gpus_per_node=cluster.spec.gpus_per_node // cluster.tp,
                             slots_per_gpu=-(-m.num_experts // ep), load=expert_loads(profile), seed=seed,
                             max_slots_per_gpu=max_slots, routing=profile.experts,
@@ -136,7 +136,7 @@ def build_placement(scenario: Scenario, cluster: ClusterEntry, entry: PlacementE
             raise InputError(str(exc), source=scenario.source, field=where) from None
         source = f"{scenario.source}: {where} on {cluster.name}"
     return validate_placement(placement, num_layers=scenario.model.num_layers,
-                              num_experts=scenario.model.num_experts, num_gpus=cluster.ep,
+                              num_experts=scenario.model.num_experts, num_ranks=cluster.ep,
                               capacity=capacity_of(scenario, cluster), source=source)
 
 

@@ -135,7 +135,7 @@ def batch_loads(trace: Trace, layout: Layout) -> np.ndarray:
 def held_mask(placement: Placement) -> np.ndarray:
     """[layers, experts, ranks] True where a rank holds a copy."""
     L, E, W = placement.gpus.shape
-    held = np.zeros((L, E, placement.num_gpus), dtype=bool)
+    held = np.zeros((L, E, placement.num_ranks), dtype=bool)
     l, e, r = np.nonzero(placement.gpus >= 0)
     held[l, e, placement.gpus[l, e, r]] = True
     return held
@@ -188,7 +188,7 @@ def migration_bytes(old: Placement, new: Placement, *, tp: int, ranks_per_node: 
     node if any, else any; among those the one that has sent least so far. Each GPU of the rank gets its
     ``1 / tp`` shard from the GPU of the same lane."""
     a, b = held_mask(new), held_mask(old)
-    R = old.num_gpus
+    R = old.num_ranks
     need_l, need_e, need_r = np.nonzero(a & ~b)
     sent = np.zeros(R)
     out = np.zeros((R, R))
@@ -258,7 +258,7 @@ def simulate_rebalancing(scenario: Scenario, cluster: ClusterEntry, topo: Topolo
                          trace: Trace, layout: Layout, problem: PlacementProblem, static: Placement,
                          baseline: Placement | None, config: RebalanceConfig, *,
                          options: dict[str, Any] | None = None, runner: BatchRunner | None = None,
-                         progress: Callable[[int], None] | None = None) -> RebalanceResult:
+                         progress: Callable[[int], object] | None = None) -> RebalanceResult:
     """The static / rebalanced / baseline series for one cluster (see the module docstring).
 
     ``static`` is the placement planned on the profile; ``options`` are its policy options (default: the
@@ -335,7 +335,7 @@ def _replan(scenario: Scenario, policy: str, problem: PlacementProblem, options:
 def run_rebalance(scenario: Scenario, cluster: ClusterEntry, topo: Topology, sim: Simulation, trace: Trace,
                   layout: Layout, problem: PlacementProblem, placements: dict[str, Placement], *,
                   records: dict[str, SimRecords] | None = None,
-                  progress: Callable[[int], None] | None = None) -> RebalanceResult:
+                  progress: Callable[[int], object] | None = None) -> RebalanceResult:
     """The scenario's ``rebalance`` study on one cluster, with the placements the study already made
     (and, in ``records``, their whole-trace runs, so their batches are not simulated again)."""
     config = scenario.rebalance

@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import IO, Any, Iterator
 
 import numpy as np
 import yaml
@@ -138,7 +138,11 @@ class FittedParams:
 
 def save_params(params: FittedParams, path: str | os.PathLike[str], *, header: str = "") -> Path:
     text = params.check().to_yaml(header)
-    return atomic_write(path, lambda fh: fh.write(text))
+
+    def write(fh: IO[str]) -> None:
+        fh.write(text)
+
+    return atomic_write(path, write)
 
 
 def shipped_params() -> list[str]:
@@ -195,7 +199,7 @@ def _layer_arrays(layers: list[Any], L: int, E: int, F: int, src: str
         if not isinstance(entry, dict) or key not in entry:
             raise InputError("missing", source=src, field=f"layers[{i}].{key}")
         try:
-            a = np.array(entry[key], dtype=dtype)
+            a: np.ndarray = np.array(entry[key], dtype=dtype)
         except (TypeError, ValueError):
             raise InputError(f"must be numbers of shape {shape}", source=src, field=f"layers[{i}].{key}") from None
         if a.shape != shape:

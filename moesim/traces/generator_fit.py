@@ -127,7 +127,8 @@ def calibrate(params: FittedParams, real: Targets, *, per_window: int, tokens: i
     sigma = target_drift / (0.4 * np.sqrt(2 * (1 - rho))) if target_drift > 0 else 0.0
     p = replace(params, drift_sigma=float(sigma), drift_rho=rho)
     warm = max(1, rounds // 3)
-    acc_logpop, acc_coupling, acc_sigma, n_acc = 0.0, 0.0, 0.0, 0
+    acc_logpop, acc_coupling = np.zeros(p.popularity.shape), np.zeros(p.coupling.shape)
+    acc_sigma, n_acc = 0.0, 0
     for r in range(rounds + 1):
         got = _measure(p, per_window, batches, seed + r)
         gain = 1.0 if r < warm else warm / r

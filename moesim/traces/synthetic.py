@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+import numpy.typing as npt
 
 from moesim.traces.format import Trace, TraceMeta
 
@@ -48,7 +49,14 @@ class SyntheticParams:
 
     @property
     def group_limited(self) -> bool:
-        return self.groups > 1 and self.topk_groups is not None and self.topk_groups < self.groups
+        return self.group_limit is not None
+
+    @property
+    def group_limit(self) -> int | None:
+        """``topk_groups`` where it limits the routing (fewer than ``groups``, more than one group), else None."""
+        if self.groups > 1 and self.topk_groups is not None and self.topk_groups < self.groups:
+            return self.topk_groups
+        return None
 
 
 def _alias_rows(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -94,7 +102,7 @@ class _AliasTable:
     order, and a draw from row r returns one of its labels with probability proportional to its weight.
     """
 
-    def __init__(self, blocks: list[tuple[np.ndarray, np.ndarray]], dtype: np.dtype) -> None:
+    def __init__(self, blocks: list[tuple[np.ndarray, np.ndarray]], dtype: npt.DTypeLike) -> None:
         width, start, edge, pick = [], [], [], []
         offset = 0
         for weights, labels in blocks:
@@ -174,7 +182,7 @@ def _check_shape(num_layers: int, num_experts: int, top_k: int, params: Syntheti
         raise ValueError(f"groups={params.groups} must divide num_experts={num_experts}")
     if params.topk_groups is not None and not 1 <= params.topk_groups <= params.groups:
         raise ValueError(f"topk_groups={params.topk_groups} must be between 1 and groups={params.groups}")
-    if params.group_limited and params.topk_groups * (num_experts // params.groups) < top_k:
+    if params.group_limit is not None and params.group_limit * (num_experts // params.groups) < top_k:
         raise ValueError(f"topk_groups={params.topk_groups} groups of {num_experts // params.groups} experts "
                          f"hold fewer than top_k={top_k} experts")
 
@@ -203,7 +211,7 @@ def _routing_structure(num_layers: int, num_experts: int, num_gpus: int, params:
     return pops, succ_ids, succ_w
 
 
-def _mixture_draw(table: _AliasTable, use_affinity: bool, affinity: float, dtype: np.dtype,
+def _mixture_draw(table: _AliasTable, use_affinity: bool, affinity: float, dtype: npt.DTypeLike,
                   rng: np.random.Generator) -> Draw:
     def draw(pop: np.ndarray, succ: np.ndarray, m: int) -> np.ndarray:
         """``m`` i.i.d. draws from the mixture for each token: [m, tokens]."""
@@ -280,8 +288,8 @@ def generate_trace(
         table = _AliasTable(blocks, experts.dtype)
         draw = _mixture_draw(table, use_affinity, params.affinity, experts.dtype, rng)
         allowed = None
-        if params.group_limited:  # the token's groups first, by their popularity mass at its home
-            allowed = _group_filter(pops[lay], params.groups, params.topk_groups, pop_row, rng)  # type: ignore[arg-type]
+        if params.group_limit is not None:  # the token's groups first, by their popularity mass at its home
+            allowed = _group_filter(pops[lay], params.groups, params.group_limit, pop_row, rng)
         picks = _successive_sampling(draw, pop_row, G + prev_top1, K, allowed)
         w = pops[lay].astype(np.float32).ravel()[pop_row * E + picks]
         w /= w.sum(axis=0)

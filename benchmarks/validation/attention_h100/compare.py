@@ -34,7 +34,8 @@ KEYS = ("attention_efficiency", "attention_fixed_keys", "attention_overhead_us",
 def _summary(label: str, points: list[AttentionPoint], e: np.ndarray) -> None:
     for phase in ("prefill", "decode"):
         sel = np.abs([x for p, x in zip(points, e) if p.phase == phase])
-        print(f"  {label}, {phase}: n={sel.size} median |error| {np.median(sel) * 100:.1f}%, max {sel.max() * 100:.1f}%")
+        print(f"  {label}, {phase}: n={sel.size} median |error| {np.median(sel) * 100:.1f}%, "
+              f"max {sel.max() * 100:.1f}%")
     print(f"  {label}, all: median |error| {np.median(np.abs(e)) * 100:.1f}%")
 
 
@@ -73,7 +74,8 @@ def main() -> None:
         gpu = fit.apply(shipped)
         print(f"{name} ({path.name}): fitted on mixtral-8x7b: " + ", ".join(f"{k} {getattr(fit, k):g}" for k in KEYS))
         print(f"  {preset_name} ships (moesim calibrate on the whole file): "
-              + ", ".join(f"{getattr(shipped, k):g}" for k in KEYS) + f"; dense_efficiency {shipped.dense_efficiency:g}")
+              + ", ".join(f"{getattr(shipped, k):g}" for k in KEYS)
+              + f"; dense_efficiency {shipped.dense_efficiency:g}")
         held = [p for p in points if p.shape != "mixtral-8x7b"]
         e = errors(held, gpu)
         if args.points:

@@ -42,7 +42,8 @@ def main() -> None:
         "workload": {"trace": {"file": "trace.npz"}},
         "placements": [{"file": f"{n}.json"} for n in names],
         "baseline": names[0],
-        "engine": {"moe_kernels": "ffn", "dispatch": "per_gpu", "expert_kernel": "per_expert", "rate_tolerance": 0.0, "progress": False},
+        "engine": {"moe_kernels": "ffn", "dispatch": "per_gpu", "expert_kernel": "per_expert", "rate_tolerance": 0.0,
+                   "progress": False},
     }, str(HERE / "compare.py"), HERE)
     result = run_study(scenario)
     print(f"{'placement':12s} {'phase':9s} {'measured ms':>12s} {'moesim ms':>10s} {'error':>7s}")
@@ -93,7 +94,8 @@ def one_gpu(gpu: str = "h200") -> dict[str, dict[str, tuple[float, float]]]:
             keep = np.zeros(full.num_tokens, dtype=bool)  # the first n/2 tokens of each of the two home GPUs
             for g in (0, 1):
                 keep[np.flatnonzero(full.home == g)[: n // 2]] = True
-            trace = replace(full, experts=full.experts[keep], weights=None if full.weights is None else full.weights[keep],
+            trace = replace(full, experts=full.experts[keep],
+                            weights=None if full.weights is None else full.weights[keep],
                             home=np.zeros(n, dtype=np.int32), batch=np.zeros(n, dtype=np.int32))
             path = save_trace(trace, Path(tmp) / f"{name}.npz")
             heads = {"num_heads": measured["heads"], "num_kv_heads": measured["kv_heads"]} if attention else \
@@ -104,8 +106,8 @@ def one_gpu(gpu: str = "h200") -> dict[str, dict[str, tuple[float, float]]]:
                           "d_model": measured["d_model"], "d_ff": measured["d_ff"], **heads},
                 "workload": {"trace": {"file": str(path), "tokens_per_gpu": n}, **attention},
                 "placements": ["contiguous"],
-                "engine": {"moe_kernels": "ffn", "dispatch": "per_gpu", "expert_kernel": "per_expert", "rate_tolerance": 0.0,
-                           "progress": False},
+                "engine": {"moe_kernels": "ffn", "dispatch": "per_gpu", "expert_kernel": "per_expert",
+                           "rate_tolerance": 0.0, "progress": False},
             }, str(HERE / "compare.py"), HERE)
             g = run_study(scenario).runs[0].records.gpu
             pred = {"attention": g["t_dense_end"] - g["t_layer_start"],

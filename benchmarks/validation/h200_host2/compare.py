@@ -34,8 +34,8 @@ def main() -> None:
     summary("shipped hgx-h200 preset, all points", shipped, None)
     floor = [p for p in shipped if p.kind == "a2a-uniform" and "[[1024," in p.label]
     if floor:
-        print(f"  smallest uniform all-to-all: measured {floor[0].measured_ms:.3f} ms, preset {floor[0].predicted_ms:.3f} ms "
-              "(the per-call cost is the host's)")
+        print(f"  smallest uniform all-to-all: measured {floor[0].measured_ms:.3f} ms, "
+              f"preset {floor[0].predicted_ms:.3f} ms (the per-call cost is the host's)")
     fit = calibrate(data, "hgx-h200", name="h200-host2")
     print("  refitted:", ", ".join(f"{k}={v:.4g}" for k, v in fit.fitted.items()))
     summary("moesim calibrate on this host, held out", fit.predictions, True)

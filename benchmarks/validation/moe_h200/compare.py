@@ -56,7 +56,8 @@ def main() -> None:
                     steps.setdefault(k, []).append(v / p.steps_ms[k] - 1)
     print("MoE layer kernels (the layer less its all-to-alls), one H200, held-out points "
           "(decode: <= 512 tokens per GPU):")
-    print(f"  {'pipeline':16s} {'dtype':5s} {'phase':8s} {'n':>3s} {'median |err|':>13s} {'max |err|':>10s} {'bias':>7s}")
+    print(f"  {'pipeline':16s} {'dtype':5s} {'phase':8s} {'n':>3s} {'median |err|':>13s} {'max |err|':>10s} "
+          f"{'bias':>7s}")
     for pipe in ("torch_reference", "fused"):
         for dt in ("bf16", "fp8"):
             for phase in ("decode", "prefill"):

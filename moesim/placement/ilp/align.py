@@ -61,7 +61,7 @@ def linear_assignment(cost: np.ndarray) -> np.ndarray:
 
 def _align_cost(problem: PlacementProblem, assign: np.ndarray, layer: int, cm: CostModel) -> np.ndarray:
     """[c, g]: linear (mean-send) cost of moving layer l's rank-c cluster onto rank g, neighbours fixed."""
-    G = problem.num_gpus
+    G = problem.num_ranks
     R = problem.transition_counts()
     onehot = np.eye(G)[assign[layer]]  # [E, G]: expert -> current label c
     cost = np.zeros((G, G))

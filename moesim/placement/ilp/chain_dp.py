@@ -40,7 +40,7 @@ def _count_partitions(n: int, size: int) -> int:
 
 def chain_dp_size(problem: PlacementProblem) -> int | None:
     """Work of the exact DP (states^2 x relabellings), or None when it does not apply."""
-    E, G, gpn, s = problem.num_experts, problem.num_gpus, problem.gpus_per_node, problem.slots_per_gpu
+    E, G, gpn, s = problem.num_experts, problem.num_ranks, problem.gpus_per_node, problem.slots_per_gpu
     if E != s * G or G % gpn:
         return None
     N = G // gpn
@@ -95,7 +95,7 @@ def _relabellings(G: int, gpn: int) -> np.ndarray:
 
 def chain_dp(problem: PlacementProblem, cm: CostModel) -> np.ndarray:
     """The optimal ``assign[l, e]`` by shortest path over symmetry-reduced layer states (two-tier costs)."""
-    E, G, gpn, s, L = (problem.num_experts, problem.num_gpus, problem.gpus_per_node, problem.slots_per_gpu,
+    E, G, gpn, s, L = (problem.num_experts, problem.num_ranks, problem.gpus_per_node, problem.slots_per_gpu,
                        problem.num_layers)
     states = _dp_states(E, G, gpn, s)  # [S, E]
     perms = _relabellings(G, gpn)  # [A, G]

@@ -15,7 +15,7 @@ METHODS = ("auto", "exact", "joint", "decompose")
 
 def check_feasible(problem: PlacementProblem) -> None:
     """One-line InputError naming the constraint an instance cannot meet."""
-    E, G, s, L = problem.num_experts, problem.num_gpus, problem.slots_per_gpu, problem.num_layers
+    E, G, s, L = problem.num_experts, problem.num_ranks, problem.slots_per_gpu, problem.num_layers
     if E > s * G:
         raise InputError(f"infeasible: {E} experts do not fit {G} ranks x {s} slots per layer", field="slots_per_gpu")
     if problem.memory_slots is not None and problem.memory_slots * G < L * E:

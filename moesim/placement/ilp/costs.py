@@ -52,7 +52,7 @@ def cost_model(problem: PlacementProblem, w_compute: float = 1.0, w_comm: float 
     w_affinity = default if w_affinity is None else w_affinity
     if problem.a2a_copies not in ("node", "gpu", "expert"):
         raise InputError(f"must be node, gpu or expert, got {problem.a2a_copies!r}", field="a2a_copies")
-    G, gpn = problem.num_gpus, problem.gpus_per_node
+    G, gpn = problem.num_ranks, problem.gpus_per_node
     applies = (not problem.coherent and problem.num_nodes > 1 and problem.routing is not None
                and problem.a2a_copies != "expert")
     w_dispatch = (1.0 if applies else 0.0) if w_dispatch is None else w_dispatch
@@ -182,7 +182,7 @@ class Breakdown:
 
 def evaluate(problem: PlacementProblem, assign: np.ndarray, cm: CostModel) -> Breakdown:
     """The joint objective of ``assign[l, e]`` (one rank per expert), term by term."""
-    L, G = problem.num_layers, problem.num_gpus
+    L, G = problem.num_layers, problem.num_ranks
     compute = (np.array([layer_max_load(problem.load[layer], assign[layer], G) for layer in range(L)])
                * cm.t_pair * cm.w_compute)
     comm, aff = np.zeros(max(L - 1, 0)), np.zeros(max(L - 1, 0))
@@ -203,7 +203,7 @@ def objective_lower_bound(problem: PlacementProblem, cm: CostModel, load_lb: np.
     node at least the cheapest cross-node cost. The busiest rank sends at least the mean. Plus the
     dispatch term's bound (:func:`dispatch_lower_bound`).
     """
-    L, G, s, gpn = problem.num_layers, problem.num_gpus, problem.slots_per_gpu, problem.gpus_per_node
+    L, G, s, gpn = problem.num_layers, problem.num_ranks, problem.slots_per_gpu, problem.gpus_per_node
     R = problem.transition_counts()
     total = float(load_lb.sum()) * cm.t_pair * cm.w_compute + dispatch_lower_bound(problem, cm)
     if cm.w_comm == 0 and cm.w_affinity == 0:

@@ -30,7 +30,7 @@ def joint_model(problem: PlacementProblem, cm: CostModel, layers: range | None =
     if tiers is None:
         raise InputError("the joint ILP needs same-node and cross-node costs that are uniform per tier",
                          field="rank_s_per_byte")
-    E, G = problem.num_experts, problem.num_gpus
+    E, G = problem.num_experts, problem.num_ranks
     N = -(-G // problem.gpus_per_node)
     layers = layers if layers is not None else range(problem.num_layers)
     Ls = list(layers)
@@ -57,7 +57,7 @@ def _add_layer_rows(m: pulp.LpProblem, x: dict[tuple[int, int, int], Any], probl
                     cm: CostModel, layer: int, fixed: dict[int, np.ndarray] | None) -> Any:
     """Layer l's placement rows (one rank per expert, slots per rank, pinned experts) and its compute-tail
     variable; returns the layer's compute term of the objective."""
-    E, G, slots = problem.num_experts, problem.num_gpus, problem.slots_per_gpu
+    E, G, slots = problem.num_experts, problem.num_ranks, problem.slots_per_gpu
     C = new_var(m, f"C_{layer}", 0)
     for e in range(E):
         m += pulp.lpSum(x[layer, e, g] for g in range(G)) == 1, f"one_rank_{layer}_{e}"
@@ -75,7 +75,7 @@ def _add_send_rows(m: pulp.LpProblem, x: dict[tuple[int, int, int], Any], proble
     """The linearised sends from layer l to layer l+1 (``d``: off the rank, ``q``: off the node) and the
     busiest rank's send ``M_l``; returns the pair's communication and affinity terms of the objective."""
     s_in, s_out = tiers
-    G, gpn = problem.num_gpus, problem.gpus_per_node
+    G, gpn = problem.num_ranks, problem.gpus_per_node
     N = -(-G // gpn)
     R = problem.transition_counts()
     send: list[list[Any]] = [[] for _ in range(G)]
@@ -99,7 +99,7 @@ def _add_send_rows(m: pulp.LpProblem, x: dict[tuple[int, int, int], Any], proble
 def check_joint_size(problem: PlacementProblem) -> None:
     """An InputError when the joint model would be too large to build (``method: joint`` is for small
     instances)."""
-    G = problem.num_gpus
+    G = problem.num_ranks
     size = (problem.num_layers * problem.num_experts * G
             + G * sum(int(np.count_nonzero(r)) for r in problem.transition_counts())
             * (2 if G > problem.gpus_per_node else 1))
@@ -137,7 +137,7 @@ def solve_joint(problem: PlacementProblem, cm: CostModel, incumbent: np.ndarray,
                 time_limit_s: float, gap: float) -> tuple[np.ndarray, float, str]:
     """Solve the joint ILP from ``incumbent``: (best assignment, proven lower bound, status)."""
     model, x = joint_model(problem, cm)
-    G, gpn = problem.num_gpus, problem.gpus_per_node
+    G, gpn = problem.num_ranks, problem.gpus_per_node
     start = _canonical(incumbent, gpn, G) if G % gpn == 0 else incumbent
     for (layer, e, g), var in x.items():
         var.setInitialValue(1 if start[layer, e] == g else 0)

@@ -23,7 +23,7 @@ _SEARCH_TOKENS = 32_768  # profile tokens the node search counts (every k-th); t
 
 def _layer_value(problem: PlacementProblem, layer: int, a: np.ndarray, cm: CostModel) -> float:
     """Compute tail + dispatch term of layer l under placement row ``a`` (exact, on every profile token)."""
-    G, gpn = problem.num_gpus, problem.gpus_per_node
+    G, gpn = problem.num_ranks, problem.gpus_per_node
     val = cm.w_compute * cm.t_pair * layer_max_load(problem.load[layer], a, G)
     if cm.w_dispatch:
         owner = a // gpn if cm.copies == "node" else a
@@ -190,7 +190,7 @@ def place_nodes_first(problem: PlacementProblem, balanced: np.ndarray, cm: CostM
 
     Returns the placement and the number of layers searched (all of them unless ``deadline`` passed).
     """
-    L, E, G, gpn, s = (problem.num_layers, problem.num_experts, problem.num_gpus, problem.gpus_per_node,
+    L, E, G, gpn, s = (problem.num_layers, problem.num_experts, problem.num_ranks, problem.gpus_per_node,
                        problem.slots_per_gpu)
     N = problem.num_nodes
     if G % gpn:  # nodes of unequal size: keep the balanced placement (the term is still counted)

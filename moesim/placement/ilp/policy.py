@@ -38,7 +38,7 @@ def optimise(problem: PlacementProblem, *, w_compute: float = 1.0, w_comm: float
     solver_name = resolve_solver(solver)
     cm = cost_model(problem, w_compute, w_comm, w_affinity, w_dispatch)
     deadline = t0 + time_limit_s
-    L, G, s = problem.num_layers, problem.num_gpus, problem.slots_per_gpu
+    L, G, s = problem.num_layers, problem.num_ranks, problem.slots_per_gpu
     greedy = np.stack([lpt(problem.load[layer], G, s) for layer in range(L)])
     greedy_total = evaluate(problem, greedy, cm).total
     load_lb = np.array([load_lower_bound(problem.load[layer], G, s) for layer in range(L)])
@@ -84,7 +84,7 @@ def _decompose(problem: PlacementProblem, cm: CostModel, load_lb: np.ndarray, *,
     """Balance each layer (raising ``load_lb`` in place to each layer's proven bound), nodes first when the
     dispatch term is on, align layers, trade experts for affinity: ``(assign, method, layers searched by
     nodes first or None)``."""
-    L, G, s = problem.num_layers, problem.num_gpus, problem.slots_per_gpu
+    L, G, s = problem.num_layers, problem.num_ranks, problem.slots_per_gpu
     balanced = np.empty((L, problem.num_experts), dtype=np.int64)
     for layer in range(L):
         a, _, lb = balance_layer(problem.load[layer], G, s, gap=gap * 0.5, solver=solver,
@@ -140,4 +140,4 @@ def ilp(problem: PlacementProblem, *, w_compute: float = 1.0, w_comm: float | No
         return placement_from_mask(held, "ilp", info)
     assign, info = optimise(problem, w_compute=w_compute, w_comm=w_comm, w_affinity=w_affinity,
                             w_dispatch=w_dispatch, solver=solver, time_limit_s=time_limit_s, gap=gap, method=method)
-    return Placement.from_assignment(assign, problem.num_gpus, "ilp", info)
+    return Placement.from_assignment(assign, problem.num_ranks, "ilp", info)

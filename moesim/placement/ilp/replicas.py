@@ -67,7 +67,7 @@ def replica_hood_model(load_row: np.ndarray, held: np.ndarray, hood: np.ndarray,
         xs[int(e)] = row
         first[int(e)] = row
     ys: dict[int, dict[tuple[int, int], Any]] = {}
-    counts = []
+    counts: list[Any] = []  # k * z_k terms (pulp expressions)
     for e in inner:
         ks = range(1, min(kmax, int(c[e]) + grow) + 1)
         z = {k: new_var(m, f"z_{e}_{k}", 0, 1, cat="Binary") for k in ks}
@@ -214,7 +214,7 @@ def optimise_replicas(problem: PlacementProblem, redundant_experts: int, *, w_co
     t0 = time.perf_counter()
     check_options(method, time_limit_s, gap)
     check_feasible(problem)
-    L, E, G = problem.num_layers, problem.num_experts, problem.num_gpus
+    L, E, G = problem.num_layers, problem.num_experts, problem.num_ranks
     N = redundant_experts
     if N < 0:
         raise InputError(f"must be >= 0, got {N}", field="redundant_experts")

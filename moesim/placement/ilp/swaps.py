@@ -26,7 +26,7 @@ def affinity_swaps(problem: PlacementProblem, assign: np.ndarray, cm: CostModel,
     objective terms of the layer fall (updated in O(experts) per try). Iteration counts, not the clock,
     bound the work (``deadline`` is a safety net), so the result does not depend on the machine.
     """
-    L, G, E = problem.num_layers, problem.num_gpus, problem.num_experts
+    L, G, E = problem.num_layers, problem.num_ranks, problem.num_experts
     if L < 2 or cm.w_affinity + cm.w_comm == 0 or not problem.transition_counts().any():
         return assign
     out = assign.copy()
@@ -49,21 +49,24 @@ class _LayerSwaps:
     (``bl``), sends out of layer l (``s_out``) and into it (``s_in``, from layer l-1), and their value."""
 
     def __init__(self, problem: PlacementProblem, out: np.ndarray, layer: int, cm: CostModel) -> None:
-        L, G, E = problem.num_layers, problem.num_gpus, problem.num_experts
+        L, G, E = problem.num_layers, problem.num_ranks, problem.num_experts
         R = problem.transition_counts()
         self.cm, self.G, self.E, self.has_next = cm, G, E, layer < L - 1
         self.wl = cm.w_compute * cm.t_pair
         self.p = p = problem.load[layer]
         self.a = a = out[layer].copy()
         self.h_out = R[layer] @ cm.s[:, out[layer + 1]].T * cm.bytes if layer < L - 1 else np.zeros((E, G))  # [e, g]
-        self.prev = prev = out[layer - 1] if layer > 0 else None
-        self.r_in = R[layer - 1] if layer > 0 else None
-        h_in = R[layer - 1].T @ cm.s[prev] * cm.bytes if layer > 0 else np.zeros((E, G))  # [e, g]: into e on g
         self.bl = np.bincount(a, weights=p, minlength=G)
         self.s_out = np.bincount(a, weights=self.h_out[np.arange(E), a], minlength=G)
-        self.s_in = None
+        # from layer l-1 (none into layer 0): its placement and transitions, and the sends into layer l
+        self.into: tuple[np.ndarray, np.ndarray] | None = None
+        self.s_in: np.ndarray | None = None
+        h_in = np.zeros((E, G))  # [e, g]: into e on g
         if layer > 0:
-            per_prev = (R[layer - 1] * cm.s[prev][:, a]).sum(axis=1) * cm.bytes  # [e'] send of layer l-1 experts
+            prev, r_in = out[layer - 1], R[layer - 1]
+            self.into = prev, r_in
+            h_in = r_in.T @ cm.s[prev] * cm.bytes
+            per_prev = (r_in * cm.s[prev][:, a]).sum(axis=1) * cm.bytes  # [e'] send of layer l-1 experts
             self.s_in = np.bincount(prev, weights=per_prev, minlength=G)
         self.cur = self.terms(self.bl, self.s_in, self.s_out)
         self.h = (self.h_out + h_in) * (cm.w_affinity + cm.w_comm) / G  # screening: linear in the swap
@@ -105,9 +108,9 @@ class _LayerSwaps:
         so2[gi] += h_out[j, gi] - h_out[i, gi]
         so2[gj] += h_out[i, gj] - h_out[j, gj]
         si2 = None
-        if self.r_in is not None:
-            prev = self.prev
-            change = (self.r_in[:, i] - self.r_in[:, j]) * (cm.s[prev, gj] - cm.s[prev, gi]) * cm.bytes
+        if self.into is not None and self.s_in is not None:
+            prev, r_in = self.into
+            change = (r_in[:, i] - r_in[:, j]) * (cm.s[prev, gj] - cm.s[prev, gi]) * cm.bytes
             si2 = self.s_in + np.bincount(prev, weights=change, minlength=self.G)
         val = self.terms(bl2, si2, so2)
         if not val < self.cur - 1e-12 * max(self.cur, 1e-300):
