@@ -31,7 +31,7 @@ from moesim.hardware.presets import deep_merge, preset
 from moesim.hardware.spec import ClusterSpec
 from moesim.hardware.topology import build_topology
 from moesim.sim.compute import expert_time
-from moesim.sim.network import Fabric
+from moesim.sim.network import CollectiveResult, Fabric
 from moesim.traces.model import ModelSpec
 
 
@@ -59,7 +59,9 @@ def predict_transfer(spec: ClusterSpec, matrix: np.ndarray) -> np.ndarray:
     fabric = Fabric(env, topo, rate_tolerance=0.0)
     proc = env.process(fabric.collective("calibration", matrix))
     env.run()
-    return (proc.value.gpu_done - proc.value.start) * 1e3
+    result = proc.value
+    assert isinstance(result, CollectiveResult)
+    return (result.gpu_done - result.start) * 1e3
 
 
 def predict_ffn(spec: ClusterSpec, point: FFNPoint) -> float:

@@ -141,7 +141,8 @@ def fit_steps(points: list[MoEPoint], gpu: GPUSpec) -> dict[str, StepCost]:
     return out
 
 
-def _gemm_obs(points: list[MoEPoint], spec: PipelineSpec, gpu: GPUSpec, fp8: bool) -> tuple[np.ndarray, ...]:
+def _gemm_obs(points: list[MoEPoint], spec: PipelineSpec, gpu: GPUSpec,
+              fp8: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per (point, GEMM): seconds of one wave-quantised pass at full peak, seconds of its bytes at full HBM
     bandwidth, and the measured seconds."""
     waves, mem, meas = [], [], []

@@ -55,7 +55,8 @@ def _predicted(run: Run) -> str:
     if run.predicted_ms is None:
         return ""
     sim = run.metrics.e2e_ms["mean"]
-    return f"; its model predicts {run.predicted_ms:.2f} ms per batch, simulated {sim:.2f} ({(run.predicted_ms / sim - 1) * 100:+.0f}%)"
+    change = (run.predicted_ms / sim - 1) * 100
+    return f"; its model predicts {run.predicted_ms:.2f} ms per batch, simulated {sim:.2f} ({change:+.0f}%)"
 
 
 def _print_rebalancing(result: StudyResult) -> None:

@@ -50,7 +50,7 @@ class PipelineSpec(StrictModel):
                                        description="share of HBM bandwidth a grouped GEMM reads its weights at")
     gemm_fixed_us: float = Field(default=20.0, ge=0, lt=1e6, description="fixed cost of one grouped GEMM")
     fp8_gemm_hbm_efficiency: float = Field(default=0.65, gt=0, le=1,
-                                           description="share of HBM bandwidth an FP8 grouped GEMM reads its weights at")
+                                           description="share of HBM bandwidth an FP8 grouped GEMM reads weights at")
     fp8_gemm_fixed_us: float = Field(default=20.0, ge=0, lt=1e6, description="fixed cost of one FP8 grouped GEMM")
     steps: dict[str, StepCost] = Field(default_factory=dict, description="every other step's cost, by name")
 
@@ -62,7 +62,7 @@ def measured_pipelines() -> dict[str, PipelineSpec]:
 
     import yaml
 
-    text = resources.files("moesim.hardware").joinpath("calibrated", "hgx-h200.yaml").read_text()
+    text = resources.files("moesim.hardware").joinpath("calibrated").joinpath("hgx-h200.yaml").read_text()
     return {k: PipelineSpec(**v) for k, v in yaml.safe_load(text)["gpu"]["moe_pipelines"].items()}
 
 
@@ -80,14 +80,16 @@ class GPUSpec(StrictModel):
     ffn_overhead_us: float = Field(ge=0, description="fixed cost of one expert-FFN launch (GEMM, act, GEMM)")
     ffn_floor_us: float = Field(default=0.0, ge=0, description="shortest possible expert FFN (launch-bound)")
     local_copy_GBps: float | None = Field(default=None, gt=0,
-                                          description="a collective's copy to its own rank (default: HBM x efficiency / 2)")
+                                          description="a collective's copy to its own rank "
+                                                      "(default: HBM x efficiency / 2)")
     attention_efficiency: float | None = Field(default=None, gt=0, le=1,
                                                description="share of bf16 peak the attention core (FlashAttention) "
                                                            "reaches (default compute_efficiency)")
     attention_fixed_keys: float = Field(default=0.0, ge=0,
                                         description="attention core's fixed work per query row, in key positions "
                                                     "(loading Q, finishing the softmax, storing O; fitted)")
-    attention_overhead_us: float = Field(default=0.0, ge=0, description="fixed GPU-side cost of one attention-core kernel")
+    attention_overhead_us: float = Field(default=0.0, ge=0,
+                                         description="fixed GPU-side cost of one attention-core kernel")
     dense_efficiency: float | None = Field(default=None, gt=0, le=1,
                                            description="share of bf16 peak the attention projections (plain GEMMs) "
                                                        "reach (default compute_efficiency)")

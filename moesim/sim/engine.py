@@ -15,8 +15,8 @@ Per batch, every GPU runs one SimPy process. For each MoE layer a GPU:
 6. joins the combine all-to-all that returns the expert outputs home, then runs the weighted top-k reduction.
 A collective starts when its last GPU joins (so every GPU waits for the slowest, as with NCCL; a TP
 collective waits only for its own TP group), moves its bytes as max-min fair flows over the links
-(:mod:`moesim.sim.network`), and releases each GPU when that GPU's own sends and receives are done. A batch ends when its last GPU finishes the last layer;
-batches run one after another.
+(:mod:`moesim.sim.network`), and releases each GPU when that GPU's own sends and receives are done. A batch
+ends when its last GPU finishes the last layer; batches run one after another.
 
 How an all-to-all moves its bytes is ``EngineOptions.a2a``: ``direct`` (NCCL alltoallv, DeepEP's
 intranode kernels: every copy straight from source to destination GPU), ``hierarchical`` (DeepEP's
@@ -48,6 +48,7 @@ from typing import Callable, Generator, Literal
 
 import numpy as np
 import simpy
+from simpy.events import NORMAL, EventPriority
 
 from moesim.hardware.topology import Topology
 from moesim.placement.format import Placement
@@ -127,7 +128,7 @@ class CountingEnvironment(simpy.Environment):
         super().__init__()
         self.scheduled = 0
 
-    def schedule(self, event: simpy.Event, priority: int = 1, delay: float = 0) -> None:  # type: ignore[override]
+    def schedule(self, event: simpy.Event, priority: EventPriority = NORMAL, delay: float = 0) -> None:
         self.scheduled += 1
         super().schedule(event, priority, delay)
 
@@ -193,6 +194,12 @@ class LayerPlan:
     before: np.ndarray  # the MoE pipeline's steps before the dispatch (router, permutation)
     experts: np.ndarray
     after: np.ndarray  # the steps after the combine (top-k reduction)
+
+    def start(self, name: str) -> float:
+        """When the cluster-wide collective ``name`` (dispatch or combine) started."""
+        coll = self.collectives[name]
+        assert isinstance(coll, _Rendezvous)
+        return float(coll.start)
 
 
 class Simulation:
@@ -275,6 +282,7 @@ class Simulation:
                                num_experts=model.num_experts, dedup=dedup, gpus_per_node=gpn if hierarchical else None,
                                replica_ranks=chooser.ranks(l, picks, home // tp))
             if hierarchical:
+                assert tr.node_copies is not None  # counted when gpus_per_node is given
                 disp = hierarchical_bytes(tr.copies, tr.node_copies, gpn, model.dispatch_bytes)
                 comb = hierarchical_bytes(tr.copies, tr.node_copies, gpn, model.combine_bytes).T
             else:
@@ -323,7 +331,7 @@ class Simulation:
                 yield env.timeout(lp.before[g])
             rec["t_dispatch_join"][b, l, g] = env.now
             yield coll["dispatch"].join(g)
-            rec["t_dispatch_start"][b, l, g] = coll["dispatch"].start
+            rec["t_dispatch_start"][b, l, g] = lp.start("dispatch")
             rec["t_dispatch_done"][b, l, g] = env.now
             if tp > 1:
                 yield coll["allgather"].join(g)
@@ -335,7 +343,7 @@ class Simulation:
             rec["t_combine_join"][b, l, g] = env.now
             if "combine" in coll:
                 yield coll["combine"].join(g)
-            rec["t_combine_start"][b, l, g] = coll["combine"].start if "combine" in coll else env.now
+            rec["t_combine_start"][b, l, g] = lp.start("combine") if "combine" in coll else env.now
             rec["t_combine_done"][b, l, g] = env.now
             if lp.after[g] > 0:
                 yield env.timeout(lp.after[g])

@@ -30,7 +30,7 @@ Deliberately ignored: packets, congestion control and switch buffers, protocol o
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Generator
+from typing import Callable, Generator
 
 import numpy as np
 import simpy
@@ -241,6 +241,14 @@ class _Fluid:
     end: np.ndarray  # per flow
 
 
+def _succeed(event: simpy.Event) -> Callable[[simpy.Event], None]:
+    """A callback that succeeds ``event`` (when a GPU's share of a collective is done)."""
+    def fire(_: simpy.Event) -> None:
+        event.succeed()
+
+    return fire
+
+
 class Fabric:
     """The cluster's links under SimPy time: runs collectives as max-min fair fluid flows.
 
@@ -302,11 +310,11 @@ class Fabric:
                 self._remember(off, src, dst, end)
         finish = t0 + end + latency
         gpu_done = t0 + local / self.local_bytes_per_s
-        for g in (src, dst):
-            np.maximum.at(gpu_done, g, finish)
+        for ends in (src, dst):
+            np.maximum.at(gpu_done, ends, finish)
         if gpu_events is not None:
             for g, at in enumerate(gpu_done.tolist()):
-                env.timeout(at - env.now).callbacks.append(lambda _, ev=gpu_events[g]: ev.succeed())
+                env.timeout(at - env.now).callbacks.append(_succeed(gpu_events[g]))
         # Deliveries may end after the fluid phase (latency): wait for the last one.
         yield env.timeout(float(gpu_done.max()) - env.now)
         self.recomputations += recomputations
