@@ -167,7 +167,9 @@ def test_golden_summary(tiny_run):
 
 
 def test_a_failed_write_leaves_nothing(tiny_scenario_file, tmp_path, monkeypatch):
-    """Result files are all or nothing: a failure while plotting leaves no folder and no temporary files."""
+    """Result files are all or nothing: a failure while plotting leaves no folder and no temporary files, and
+    an older run's folder exactly as it was; a folder holding files moesim did not write is refused."""
+    from moesim.errors import InputError
     from moesim.report import plots
     from moesim.report.files import write_outputs
     from moesim.study import load_scenario, run_study
@@ -182,17 +184,25 @@ def test_a_failed_write_leaves_nothing(tiny_scenario_file, tmp_path, monkeypatch
     with pytest.raises(RuntimeError, match="disk full"):
         write_outputs(result, tmp_path / "out")
     assert sorted(tmp_path.iterdir()) == before
-    # an existing folder keeps its files, including ones moesim did not write
+    # an older run's folder keeps its files
     out = tmp_path / "keep"
-    out.mkdir()
-    (out / "notes.txt").write_text("mine")
-    (out / "results.json").write_text("old")
+    monkeypatch.undo()
+    write_outputs(result, out, plots_on=False)
+    old = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    monkeypatch.setattr(plots, "write_all", broken)
     with pytest.raises(RuntimeError):
         write_outputs(result, out)
-    assert (out / "results.json").read_text() == "old" and (out / "notes.txt").read_text() == "mine"
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == old
+    assert sorted(tmp_path.iterdir()) == sorted([*before, out])
+    # a folder holding a file moesim did not write is refused, untouched
+    (out / "notes.txt").write_text("mine")
     monkeypatch.undo()
-    written = write_outputs(result, out, plots_on=False)
-    assert out / "results.json" in written and (out / "notes.txt").read_text() == "mine"
+    with pytest.raises(InputError, match="holds notes.txt"):
+        write_outputs(result, out, plots_on=False)
+    assert (out / "notes.txt").read_text() == "mine"
+    (out / "notes.txt").unlink()
+    written = write_outputs(result, out)
+    assert out / "speedup.png" in written
     assert json.loads((out / "results.json").read_text())["format"] == "moesim.results/1"
 
 

@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from moesim.bench.timing import median_ms
+from moesim.fileio import atomic_write
 
 
 def _worker(rank: int, world: int, out: str, cpu: bool, port: int) -> None:
@@ -71,8 +72,8 @@ def _worker(rank: int, world: int, out: str, cpu: bool, port: int) -> None:
             med, _, _ = median_ms(p2p, cpu, before=barrier)
             res["p2p"].append({"bytes": 2**exp, "ms": gather_max(med) if rank < 2 else med})
     if rank == 0:
-        path = Path(out) / f"a2a_{world}.json"
-        path.write_text(json.dumps(res, indent=1))
+        text = json.dumps(res, indent=1)
+        atomic_write(Path(out) / f"a2a_{world}.json", lambda fh: fh.write(text))
     dist.destroy_process_group()
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from moesim.bench.timing import median_ms
+from moesim.fileio import atomic_write
 
 SHAPES = {  # name: (d_model, d_ff)
     "mixtral-8x7b": (4096, 14336),
@@ -69,7 +70,5 @@ def run(out: str | Path, *, cpu: bool = False, shapes: dict[str, tuple[int, int]
                     ffn(x, w1, w2)
 
         res["multi"].append({"shape": name, "loads": loads, "ms": median_ms(layer, cpu)[0]})
-    Path(out).mkdir(parents=True, exist_ok=True)
-    path = Path(out) / "expert_ffn.json"
-    path.write_text(json.dumps(res, indent=1))
-    return path
+    text = json.dumps(res, indent=1)
+    return atomic_write(Path(out) / "expert_ffn.json", lambda fh: fh.write(text))

@@ -1,7 +1,9 @@
 """Command line: ``moesim run | validate | place | cluster | bench | calibrate | sweep | trace``.
 
-Bad input of any kind prints one line naming the file and field, and exits with status 2, before any
-output file is written.
+Bad input of any kind - including an output path that cannot take the outputs - prints one line naming the
+file and field, and exits with status 2, before any output file is written. Ctrl-C prints
+``moesim: interrupted`` and exits with status 130; outputs are written atomically, so it leaves the older
+outputs or the new ones, never a mix (:mod:`moesim.fileio`).
 
 One module per command group, each registering its subcommands through ``add_parsers``: :mod:`.run` (run,
 validate, place), :mod:`.bench`, :mod:`.calibrate`, :mod:`.sweep`, :mod:`.cluster`, :mod:`.trace`;
@@ -27,13 +29,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         return int(args.func(args))
     except InputError as exc:
         print(f"moesim: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: no traceback; what was being written has been cleaned up
+        print("moesim: interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:  # output piped into head or less, closed early: not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

@@ -7,6 +7,7 @@ The measuring itself lives in :mod:`moesim.bench`; this module only picks the sh
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from moesim.errors import InputError
 
@@ -33,11 +34,26 @@ def _bench_shapes(args: argparse.Namespace) -> dict:
                    "head_dim": 16 if args.cpu else m.head_size}}
 
 
+def _check_bench_output(args: argparse.Namespace) -> None:
+    """The folder -o and the file this bench writes into it, checked before measuring: the folder collects the
+    JSON of several benches; an existing file of the same name is replaced only if a bench wrote it."""
+    from moesim.fileio import check_output_file, contains
+
+    folder = Path(args.output)
+    if folder.exists() and not folder.is_dir():
+        raise InputError("exists and is not a folder; -o takes the folder for the benchmark JSON",
+                         source=args.output)
+    name = {"a2a": f"a2a_{args.nproc or 2}.json", "ffn": "expert_ffn.json", "attention": "attention.json",
+            "moe": "moe.json"}[args.what]
+    check_output_file(folder / name, owned=contains(b'"device":'), what="a file moesim bench wrote")
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     try:
         import torch  # noqa: F401
     except ImportError:
         raise InputError("moesim bench needs PyTorch: pip install -e '.[bench]'") from None
+    _check_bench_output(args)
     shapes = _bench_shapes(args) if args.scenario else None
     if args.what == "a2a":
         from moesim.bench import a2a

@@ -13,11 +13,13 @@ from typing import IO, TYPE_CHECKING, Any
 import yaml
 
 from moesim.errors import InputError
-from moesim.fileio import atomic_write
+from moesim.fileio import atomic_write, check_output_file, starts_with
 from moesim.hardware.presets import preset
 
 if TYPE_CHECKING:
     from moesim.calibration import BenchData, Calibration
+
+CALIBRATED_HEADER = b"# moesim calibrate "  # the first line of every cluster YAML this command writes
 
 # GPU names as torch.cuda.get_device_name reports them -> the preset that models that GPU
 _DEVICE_PRESETS = (("GB200", "gb200-nvl72"), ("B200", "gb200-nvl72"), ("H800", "h800"), ("H200", "hgx-h200"),
@@ -45,6 +47,7 @@ def _preset_of_device(device: str) -> str | None:
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from moesim.calibration import calibrate, load_bench
 
+    check_output_file(args.output, owned=starts_with(CALIBRATED_HEADER), what="a cluster YAML moesim calibrate wrote")
     data = load_bench(args.bench)
     if not data.a2a and not data.ffn and not data.attention and not data.moe:
         raise InputError("no all-to-all, expert-FFN, attention-core or MoE-layer points in the benchmark files")
@@ -107,7 +110,8 @@ def _write_cluster_yaml(result: Calibration, out: Path, name: str, bench: list[s
     doc = {"preset": name, **{k: spec[k] for k in ("name", "gpu", "nvlink", "a2a_launch_us", "a2a_self_launch_us")}}
     held = [f"{label} {np.median(e) * 100:.1f}%" for label, kinds in _ERROR_GROUPS.items()
             if (e := result.errors(True, kinds)).size]
-    header = (f"# moesim calibrate {' '.join(bench)} --preset {name}\n"
+    command = " ".join(f"{' '.join(bench)} --preset {name}".split())  # one comment line, whatever the paths hold
+    header = (f"{CALIBRATED_HEADER.decode()}{command}\n"
               f"# held-out median |error|: {', '.join(held) or 'no held-out points'}\n")
 
     def write(fh: IO[Any]) -> None:

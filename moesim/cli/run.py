@@ -19,12 +19,14 @@ if TYPE_CHECKING:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from moesim.report.files import write_outputs
+    from moesim.fileio import check_output_folder
+    from moesim.report.files import RUN_OUTPUTS, write_outputs
     from moesim.report.text import format_report
     from moesim.study import load_scenario, run_study
 
     scenario = load_scenario(args.scenario)
     out = Path(args.output) if args.output else scenario.output
+    check_output_folder(out, RUN_OUTPUTS)  # before simulating: a bad -o costs nothing
     t0 = time.perf_counter()
     result = run_study(scenario, progress=False if args.quiet else None)
     wall = time.perf_counter() - t0
@@ -35,7 +37,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
     written = write_outputs(result, out, plots_on=not args.no_plots)
     print(f"\n{len(result.runs)} runs simulated in {wall:.1f} s; results in {out}/ "
           f"({', '.join(p.name for p in written if p.parent == out)})")
+    _print_renamed(result)
     return 0
+
+
+def _print_renamed(result: StudyResult) -> None:
+    """Where a cluster or placement name could not be a file name as it is, the file it went to."""
+    from moesim.report.files import placement_files
+
+    renamed = [(c, n, f) for (c, n), f in placement_files(result).items()
+               if f != Path("placements") / c / f"{n}.json"]
+    for c, n, f in renamed:
+        print(f"  {c!r} / {n!r}: placement written as {f.as_posix()} (names made safe for file names)")
 
 
 def _print_solves(result: StudyResult) -> None:
@@ -81,7 +94,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_place(args: argparse.Namespace) -> int:
-    from moesim.placement.format import save_placement
+    from moesim.fileio import check_output_file
+    from moesim.placement.format import is_placement_file, save_placement
     from moesim.placement.registry import policy_names
     from moesim.report.text import solve_summary
     from moesim.study import load_scenario, prepare
@@ -92,6 +106,7 @@ def _cmd_place(args: argparse.Namespace) -> int:
         return 0
     if not args.scenario or not args.policy or not args.output:
         raise InputError("moesim place needs SCENARIO, --policy and -o (or --list)")
+    check_output_file(args.output, owned=is_placement_file, what="a placement file moesim wrote")
     scenario = load_scenario(args.scenario)
     options = dict(key_values(args.set))
     if args.policy not in policy_names():

@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -117,13 +114,15 @@ def _sweep_cluster(scenario: Scenario, plan: StudyPlan, cp: ClusterPlan, cfg: Re
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from moesim.report.rebalance import sweep_verdict
+    from moesim.fileio import check_output_folder
+    from moesim.report.rebalance import SWEEP_OUTPUTS, sweep_verdict
     from moesim.study import load_scenario
 
     scenario = load_scenario(args.scenario)
     redundant = _ints(args.redundant, "--redundant")
     every = _ints(args.every, "--every")
     out = Path(args.output) if args.output else Path(str(scenario.output)) / "sweep"
+    check_output_folder(out, SWEEP_OUTPUTS)  # before simulating: a bad -o costs nothing
     t0 = time.perf_counter()
     rows, reference = run_sweep(scenario, redundant, every, window=args.window, cluster_name=args.cluster,
                                 progress=not args.quiet)
@@ -141,25 +140,19 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 def _write_sweep(rows: list[dict[str, Any]], lines: list[str], scenario: Scenario, out: Path, *,
                  plots_on: bool) -> list[str]:
     """sweep.csv, sweep.json and (with ``plots_on``) tradeoff.png into ``out``, all or nothing: written into
-    a temporary folder beside it, then moved in. Returns the names written."""
-    from moesim.report.rebalance import plot_tradeoff, sweep_break_even, write_sweep_csv
+    a temporary folder beside it, which then replaces it (:func:`moesim.fileio.output_folder`). Returns the
+    names written."""
+    from moesim.fileio import output_folder
+    from moesim.report.rebalance import SWEEP_OUTPUTS, plot_tradeoff, sweep_break_even, write_sweep_csv
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with output_folder(out, SWEEP_OUTPUTS) as tmp:
         write_sweep_csv(rows, tmp / "sweep.csv")
         (tmp / "sweep.json").write_text(json.dumps({"format": "moesim.sweep/1", "scenario": scenario.name,
                                                     "rows": rows, "break_even": sweep_break_even(rows),
                                                     "verdict": lines}, indent=1) + "\n")
         if plots_on:
             plot_tradeoff(rows, tmp / "tradeoff.png", f"{scenario.name}: redundant experts x rebalance interval")
-        out.mkdir(parents=True, exist_ok=True)
-        written = sorted(p.name for p in tmp.iterdir())
-        for name in written:
-            os.replace(tmp / name, out / name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return written
+        return sorted(p.name for p in tmp.iterdir())
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

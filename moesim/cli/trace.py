@@ -1,8 +1,9 @@
 """``moesim trace import | stats | fit | generate | capture``: routing traces in, statistics and fitted
 generators out.
 
-Every subcommand validates its input fully before writing anything, writes its outputs atomically, and
-reports bad input as one line naming the file and the field or line (exit status 2).
+Every subcommand checks its output path and validates its input fully before the work starts, writes its
+outputs atomically (a file, or ``--plots``' folder as a whole, :mod:`moesim.fileio`), replaces only files it
+wrote, and reports bad input as one line naming the file and the field or line (exit status 2).
 """
 
 from __future__ import annotations
@@ -15,7 +16,15 @@ from typing import IO, Any
 
 from moesim.cli.common import at_least_one
 from moesim.errors import InputError
-from moesim.fileio import atomic_write
+from moesim.fileio import atomic_write, check_output_file, check_output_folder, output_folder
+
+TRACE_FILE = "a trace moesim wrote"
+
+
+def _check_trace_output(path: str) -> None:
+    from moesim.traces.format import is_trace_file
+
+    check_output_file(path, owned=is_trace_file, what=TRACE_FILE)
 
 
 def _n(count: int, one: str, many: str | None = None) -> str:
@@ -26,6 +35,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
     from moesim.traces.format import save_trace
     from moesim.traces.readers import import_trace
 
+    _check_trace_output(args.output)
     t0 = time.perf_counter()
     res = import_trace(args.inputs, fmt=args.format, num_experts=args.num_experts, top_k=args.top_k,
                        num_gpus=args.gpus, tokens_per_gpu=args.tokens_per_gpu, assign=args.assign,
@@ -46,8 +56,15 @@ def _cmd_import(args: argparse.Namespace) -> int:
 
 def _cmd_stats(args: argparse.Namespace) -> int:
     from moesim.traces.format import load_trace
-    from moesim.traces.stats import format_stats, plot_stats, trace_stats
+    from moesim.traces.stats import STATS_PLOTS, format_stats, is_stats_json, plot_stats, trace_stats
 
+    json_out = (check_output_file(args.json, owned=is_stats_json, what="a summary moesim trace stats wrote")
+                if args.json else None)
+    if args.plots:
+        plots_out = check_output_folder(args.plots, STATS_PLOTS)
+        if json_out is not None and plots_out in json_out.parents:
+            raise InputError(f"lies inside the --plots folder {args.plots}; give it a place of its own",
+                             source=args.json)
     trace = load_trace(args.trace, mmap=True)
     at_least_one(args.top, "--top")
     at_least_one(args.window, "--window")
@@ -55,25 +72,32 @@ def _cmd_stats(args: argparse.Namespace) -> int:
         raise InputError(f"layer {args.layer} out of range [0, {trace.meta.num_layers})", field="--layer")
     st = trace_stats(trace, top_m=args.top, window=args.window)
     print(format_stats(st, name=str(args.trace), layers=None if args.all_layers else 12))
-    if args.json:
-        text = json.dumps(st.summary(), indent=1)
+    text = json.dumps(st.summary(), indent=1)
 
-        def write(fh: IO[Any]) -> None:
-            fh.write(text + "\n")
+    def write(fh: IO[Any]) -> None:
+        fh.write(text + "\n")
 
+    if args.plots:  # the plots are swapped in after the summary is written: both, or (on failure) neither new
+        with output_folder(args.plots, STATS_PLOTS) as tmp:
+            names = [p.name for p in plot_stats(st, tmp, layer=args.layer, name=Path(args.trace).name)]
+            if args.json:
+                atomic_write(args.json, write)
+    elif args.json:
         atomic_write(args.json, write)
+    if args.json:
         print(f"wrote {args.json}")
     if args.plots:
-        written = plot_stats(st, args.plots, layer=args.layer, name=Path(args.trace).name)
-        print(f"wrote {', '.join(str(p) for p in written)}")
+        print(f"wrote {', '.join(str(Path(args.plots) / n) for n in names)}")
     return 0
 
 
 def _cmd_fit(args: argparse.Namespace) -> int:
     from moesim.traces.fitted_generator import fitted_vs_real, save_params
     from moesim.traces.format import load_trace
+    from moesim.traces.fitted_generator import is_params_file
     from moesim.traces.generator_fit import fit_trace
 
+    check_output_file(args.output, owned=is_params_file, what="generator parameters moesim wrote")
     trace = load_trace(args.trace, mmap=True)
     t0 = time.perf_counter()
     params = fit_trace(trace, fanout=args.fanout, calibration_tokens=args.calibration_tokens,
@@ -91,6 +115,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
 def _cmd_generate(args: argparse.Namespace) -> int:
     from moesim.traces.fitted_generator import load_params, write_fitted_trace
 
+    _check_trace_output(args.output)
     params = load_params(args.params)
     if args.tokens_per_gpu < 1 or args.gpus < 1 or args.batches < 1:
         raise InputError("--gpus, --tokens-per-gpu and --batches must be >= 1")
@@ -106,6 +131,7 @@ def _cmd_capture(args: argparse.Namespace) -> int:
     from moesim.traces.capture import capture_trace, read_prompts
     from moesim.traces.format import save_trace
 
+    _check_trace_output(args.output)
     prompts = read_prompts(args.prompts)
     trace = capture_trace(args.model, prompts, max_tokens=args.max_tokens, device=args.device, dtype=args.dtype,
                           num_gpus=args.gpus, tokens_per_gpu=args.tokens_per_gpu, assign=args.assign,

@@ -22,7 +22,7 @@ from typing import IO, Any
 import numpy as np
 
 from moesim.errors import InputError
-from moesim.fileio import atomic_write, read_json_object
+from moesim.fileio import atomic_write, head, read_json_object
 
 FORMAT = "moesim.placement/1"
 _FORMER_NUM_RANKS = "num_gpus"  # what files written before the rename call num_ranks; still read
@@ -86,6 +86,11 @@ def save_placement(placement: Placement, path: str | os.PathLike[str]) -> Path:
         fh.write("\n")
 
     return atomic_write(path, write)
+
+
+def is_placement_file(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` looks like a placement file moesim wrote (its ``format`` comes first)."""
+    return f'"format": "{FORMAT.split("/")[0]}/'.encode() in head(Path(path), 200)
 
 
 def load_placement(path: str | os.PathLike[str]) -> Placement:

@@ -1,10 +1,12 @@
 """Result files: results.json, per-layer per-GPU CSV, placements, plots, timeline - all or nothing.
 
-Everything is first written into a fresh temporary folder beside the output folder; only when every
-file is complete are they moved into place (one rename each), so a failure leaves no partial results and
-never touches files of the user's that we did not write. results.json holds no wall-clock times or
-paths of this machine, so the same scenario and seed give a byte-identical file - apart from the
-``placement_info.solve_s`` an optimising policy reports (its own wall time).
+Everything is first written into a fresh temporary folder beside the output folder, which replaces it only
+when every file is complete (:func:`moesim.fileio.output_folder`): a failure or Ctrl-C leaves the older
+outputs as they were, and a folder holding files moesim did not write is refused before anything is written,
+never mixed into. Cluster and placement names become file names only through :func:`moesim.fileio.safe_names`
+(``placements/CLUSTER/PLACEMENT.json``), so no name can point outside the folder. results.json holds no
+wall-clock times or paths of this machine, so the same scenario and seed give a byte-identical file - apart
+from the ``placement_info.solve_s`` an optimising policy reports (its own wall time).
 """
 
 from __future__ import annotations
@@ -12,19 +14,30 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from moesim.placement.format import save_placement
+from moesim.fileio import FolderKind, contains, is_matplotlib_png, output_folder, safe_names, starts_with
+from moesim.placement.format import is_placement_file, save_placement
 from moesim.report import plots, timeline
 from moesim.report import rebalance as rebalance_report
 from moesim.study.runner import StudyResult
 
 RESULTS_FORMAT = "moesim.results/1"
+
+# what ``moesim run`` writes into its folder: an older run's folder holding only these is replaced whole
+RUN_OUTPUTS = FolderKind(
+    "moesim run's outputs",
+    files={"results.json": contains(f'"format": "{RESULTS_FORMAT}"'.encode(), within=1 << 26),
+           "per_gpu_layer.csv": starts_with(b"cluster,placement,batch,"),
+           "rebalance.csv": starts_with(b"cluster,batch,plan_version,"),
+           "timeline.json": starts_with(b'{"traceEvents":'),
+           **{png: is_matplotlib_png for png in ("speedup.png", "gpu_load.png", "a2a_tail.png", "rebalance.png")}},
+    folders={"placements": FolderKind("placements", folders={
+        "*": FolderKind("placements", files={"*.json": is_placement_file})})},
+    keep={"sweep": rebalance_report.SWEEP_OUTPUTS})  # moesim sweep's default folder lies inside the run's
 CSV_FIELDS = ("cluster", "placement", "batch", "layer", "gpu", "ep_rank", "tokens", "recv_copies", "dense_ms",
               "route_ms", "dispatch_ms", "compute_ms", "combine_ms", "reduce_ms", "sync_wait_ms", "bytes_out_intra", "bytes_out_inter")
 
@@ -71,8 +84,19 @@ def rebalance_infos(result: StudyResult) -> dict[str, dict[str, Any]]:
     return {r.cluster.name: r.placement.info for r in result.runs if cfg is not None and r.name == cfg.policy}
 
 
+def placement_files(result: StudyResult) -> dict[tuple[str, str], Path]:
+    """(cluster name, placement name) -> where its placement JSON goes in the output folder:
+    ``placements/CLUSTER/PLACEMENT.json``, each name made a safe, distinct file name (:func:`safe_names`)."""
+    clusters = safe_names(r.cluster.name for r in result.runs)
+    per_cluster: dict[str, list[str]] = {}
+    for r in result.runs:
+        per_cluster.setdefault(r.cluster.name, []).append(r.name)
+    return {(c, n): Path("placements") / clusters[c] / f"{f}.json"
+            for c, names in per_cluster.items() for n, f in safe_names(names).items()}
+
+
 def write_csv(result: StudyResult, path: Path) -> None:
-    with open(path, "w", newline="") as fh:
+    with open(path, "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
         w.writerow(CSV_FIELDS)
         for run in result.runs:
@@ -97,28 +121,24 @@ def write_csv(result: StudyResult, path: Path) -> None:
 
 
 def write_outputs(result: StudyResult, out_dir: str | os.PathLike[str], *, plots_on: bool = True) -> list[Path]:
-    """Write every result file into ``out_dir`` atomically; returns the paths written."""
+    """Write every result file into ``out_dir``, replacing an older run's outputs there as a whole; returns the
+    paths written. A path that cannot take them (a file, under a file, not writable, a folder holding files
+    moesim did not write) is an InputError, raised before anything is written."""
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with output_folder(out, RUN_OUTPUTS) as tmp:
         (tmp / "results.json").write_text(json.dumps(results_json(result), indent=1, sort_keys=True) + "\n")
         write_csv(result, tmp / "per_gpu_layer.csv")
+        files = placement_files(result)
         for run in result.runs:
-            save_placement(run.placement, tmp / "placements" / run.cluster.name / f"{run.name}.json")
+            save_placement(run.placement, tmp / files[(run.cluster.name, run.name)])
         timeline.write(result, tmp / "timeline.json")
         if result.rebalance:  # per-batch series with rebalance points (moesim.study.rebalance)
             rebalance_report.write_series_csv(result.rebalance, tmp / "rebalance.csv")
             if plots_on:
-                rebalance_report.plot_series(result.rebalance, tmp / "rebalance.png",
-                                             f"scenario {result.scenario.name}: end-to-end time and imbalance per batch")
+                rebalance_report.plot_series(
+                    result.rebalance, tmp / "rebalance.png",
+                    f"scenario {result.scenario.name}: end-to-end time and imbalance per batch")
         if plots_on:
             plots.write_all(result, tmp)
         written = sorted(p.relative_to(tmp) for p in tmp.rglob("*") if p.is_file())
-        out.mkdir(parents=True, exist_ok=True)
-        for rel in written:
-            (out / rel).parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp / rel, out / rel)
-        return [out / rel for rel in written]
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    return [out / rel for rel in written]

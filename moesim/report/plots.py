@@ -1,17 +1,19 @@
-"""Plots: speedup per placement and cluster, per-GPU load heatmaps, all-to-all tail distributions."""
+"""Plots: speedup per placement and cluster, per-GPU load heatmaps, all-to-all tail distributions.
+
+Drawn on Matplotlib figures with their own Agg canvas (:func:`moesim.fileio.figure`), never through pyplot, so
+the backend of the program that imports moesim (a notebook's inline backend) is left as it was. Names of
+clusters and placements are shown as typed (``$`` is not mathtext).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from moesim.metrics.summary import per_rank  # noqa: E402
-from moesim.study.runner import StudyResult  # noqa: E402
+from moesim.fileio import figure, plain_text
+from moesim.metrics.summary import per_rank
+from moesim.study.runner import StudyResult
 
 
 def _clusters_and_placements(result: StudyResult) -> tuple[list[str], list[str]]:
@@ -23,29 +25,29 @@ def _clusters_and_placements(result: StudyResult) -> tuple[list[str], list[str]]
 def speedup(result: StudyResult, path: Path) -> None:
     clusters, names = _clusters_and_placements(result)
     speed = {(r.cluster.name, r.name): r.metrics.speedup_vs_baseline or 0.0 for r in result.runs}
-    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(names) * max(1, len(clusters)) / 1.5), 4))
+    fig = figure(figsize=(max(6, 1.4 * len(names) * max(1, len(clusters)) / 1.5), 4))
+    ax = fig.subplots()
     width = 0.8 / len(clusters)
     x = np.arange(len(names))
     for i, c in enumerate(clusters):
         vals = [speed.get((c, n), 0.0) for n in names]
-        bars = ax.bar(x + (i - (len(clusters) - 1) / 2) * width, vals, width, label=c)
+        bars = ax.bar(x + (i - (len(clusters) - 1) / 2) * width, vals, width, label=plain_text(c))
         ax.bar_label(bars, labels=[f"{v:.2f}x" for v in vals], fontsize=8, padding=2)
     ax.axhline(1.0, color="k", lw=0.8, ls="--")
-    ax.set_xticks(x, names)
-    ax.set_ylabel(f"end-to-end speedup vs {result.scenario.baseline}")
-    ax.set_title(f"{result.scenario.name}: speedup by placement and cluster")
+    ax.set_xticks(x, [plain_text(n) for n in names])
+    ax.set_ylabel(plain_text(f"end-to-end speedup vs {result.scenario.baseline}"))
+    ax.set_title(plain_text(f"{result.scenario.name}: speedup by placement and cluster"))
     lo = min(speed.values(), default=1.0)
     ax.set_ylim(min(0.9, lo - 0.05), max(speed.values(), default=1.0) * 1.08)
     ax.legend(title="cluster")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def gpu_load(result: StudyResult, path: Path) -> None:
     clusters, names = _clusters_and_placements(result)
-    fig, axes = plt.subplots(len(clusters), len(names), figsize=(3.0 * len(names) + 1, 3.0 * len(clusters) + 0.6),
-                             squeeze=False, sharex="row", sharey=True, layout="constrained")
+    fig = figure(figsize=(3.0 * len(names) + 1, 3.0 * len(clusters) + 0.6), layout="constrained")
+    axes = fig.subplots(len(clusters), len(names), squeeze=False, sharex="row", sharey=True)
     loads = {}
     for r in result.runs:
         tok = per_rank(r.records.gpu["tokens"], r.records.tp).mean(axis=0)  # [L, ranks]
@@ -61,15 +63,14 @@ def gpu_load(result: StudyResult, path: Path) -> None:
                 ax.axis("off")
                 continue
             im = ax.imshow(data, aspect="auto", cmap="magma", vmin=0, vmax=vmax, interpolation="nearest")
-            ax.set_title(n if i == 0 else "", fontsize=10)
+            ax.set_title(plain_text(n) if i == 0 else "", fontsize=10)
             ax.set_xlabel("EP rank (TP group)" if r_tp(result, c) > 1 else "GPU", fontsize=8)
             if j == 0:
-                ax.set_ylabel(f"{c}\nMoE layer")
+                ax.set_ylabel(f"{plain_text(c)}\nMoE layer")
     if im is not None:
         fig.colorbar(im, ax=axes, shrink=0.8, label="tokens / mean over GPUs")
     fig.suptitle("Per-GPU expert load (token-expert pairs, mean over batches)")
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def r_tp(result: StudyResult, cluster: str) -> int:
@@ -78,7 +79,8 @@ def r_tp(result: StudyResult, cluster: str) -> int:
 
 def a2a_tail(result: StudyResult, path: Path) -> None:
     clusters, names = _clusters_and_placements(result)
-    fig, axes = plt.subplots(1, len(clusters), figsize=(5.5 * len(clusters), 4), squeeze=False)
+    fig = figure(figsize=(5.5 * len(clusters), 4))
+    axes = fig.subplots(1, len(clusters), squeeze=False)
     for i, c in enumerate(clusters):
         ax = axes[0, i]
         for r in (r for r in result.runs if r.cluster.name == c):
@@ -86,16 +88,15 @@ def a2a_tail(result: StudyResult, path: Path) -> None:
             tails = np.concatenate([(g["t_dispatch_done"] - g["t_dispatch_start"]).max(axis=2).ravel(),
                                     (g["t_combine_done"] - g["t_combine_start"]).max(axis=2).ravel()]) * 1e3
             xs = np.sort(tails)
-            ax.step(xs, np.arange(1, xs.size + 1) / xs.size, where="post", label=r.name)
+            ax.step(xs, np.arange(1, xs.size + 1) / xs.size, where="post", label=plain_text(r.name))
         ax.set_xlabel("all-to-all tail latency per layer (ms, slowest GPU)")
         ax.set_ylabel("fraction of collectives")
-        ax.set_title(c)
+        ax.set_title(plain_text(c))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle("All-to-all tail latency distribution (dispatch and combine)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def write_all(result: StudyResult, folder: Path) -> None:

@@ -11,16 +11,18 @@ import csv
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from moesim.study.rebalance import RebalanceResult  # noqa: E402
+from moesim.fileio import FolderKind, figure, is_matplotlib_png, plain_text, starts_with
+from moesim.study.rebalance import RebalanceResult
 
 SERIES_FIELDS = ("cluster", "batch", "plan_version", "rebalance", "stall_ms", "overlap_slowdown_ms", "static_ms",
                  "rebalanced_ms", "baseline_ms", "static_imbalance", "rebalanced_imbalance", "baseline_imbalance")
+# what ``moesim sweep`` writes into its folder (recognised when a later sweep replaces it)
+SWEEP_OUTPUTS = FolderKind("moesim sweep's outputs", files={
+    "sweep.csv": starts_with(b"cluster,redundant_experts,"),
+    "sweep.json": starts_with(b'{\n "format": "moesim.sweep/'),
+    "tradeoff.png": is_matplotlib_png})
 SWEEP_FIELDS = ("cluster", "redundant_experts", "every_batches", "window_batches", "batches", "rebalances",
                 "skipped_rebalances", "static_ms",
                 "rebalanced_ms", "migration_ms", "gross_gain_pct", "net_gain_pct", "GB_moved",
@@ -80,7 +82,7 @@ def verdict(result: RebalanceResult, info: dict[str, Any] | None = None) -> str:
 
 
 def write_series_csv(results: list[RebalanceResult], path: Path) -> None:
-    with open(path, "w", newline="") as fh:
+    with open(path, "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
         w.writerow(SERIES_FIELDS)
         for r in results:
@@ -96,15 +98,16 @@ def write_series_csv(results: list[RebalanceResult], path: Path) -> None:
 
 def plot_series(results: list[RebalanceResult], path: Path, title: str) -> None:
     """Per-batch end-to-end time and imbalance per series, rebalance points marked, one column per cluster."""
-    fig, axes = plt.subplots(2, len(results), figsize=(7 * len(results), 6), sharex="col", squeeze=False)
+    fig = figure(figsize=(7 * len(results), 6))
+    axes = fig.subplots(2, len(results), sharex="col", squeeze=False)
     for c, r in enumerate(results):
         x = np.arange(r.num_batches)
         top, bottom = axes[0, c], axes[1, c]
         styles = {"baseline": ("tab:gray", ":"), "static": ("tab:blue", "--"), "rebalanced": ("tab:red", "-")}
         for key, (color, ls) in styles.items():
             if key in r.batch_ms:
-                label = {"static": f"{r.placement}, planned once", "rebalanced": f"{r.placement}, rebalanced",
-                         "baseline": "baseline"}[key]
+                label = plain_text({"static": f"{r.placement}, planned once",
+                                    "rebalanced": f"{r.placement}, rebalanced", "baseline": "baseline"}[key])
                 top.plot(x, r.batch_ms[key], color=color, ls=ls, marker=".", label=label)
                 bottom.plot(x, r.imbalance[key], color=color, ls=ls, marker=".", label=label)
         if r.stall_ms.any():
@@ -120,12 +123,11 @@ def plot_series(results: list[RebalanceResult], path: Path, title: str) -> None:
         top.set_ylabel("end-to-end ms per batch")
         bottom.set_ylabel("imbalance (max-mean)/mean")
         bottom.set_xlabel("batch (dashed: rebalance)")
-        top.set_title(f"{r.cluster}: net {r.summary()['net_gain'] * 100:+.1f}% vs planned once")
+        top.set_title(plain_text(f"{r.cluster}: net {r.summary()['net_gain'] * 100:+.1f}% vs planned once"))
         top.legend(fontsize=8)
-    fig.suptitle(title)
+    fig.suptitle(plain_text(title))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def sweep_row(result: RebalanceResult, redundant: int) -> dict[str, Any]:
@@ -141,7 +143,7 @@ def sweep_row(result: RebalanceResult, redundant: int) -> dict[str, Any]:
 
 
 def write_sweep_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    with open(path, "w", newline="") as fh:
+    with open(path, "w", newline="", encoding="utf-8") as fh:
         w = csv.DictWriter(fh, fieldnames=SWEEP_FIELDS)
         w.writeheader()
         for row in rows:
@@ -227,7 +229,8 @@ def plot_tradeoff(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     net and before migration cost, with the break-even intervals marked."""
     clusters = list(dict.fromkeys(r["cluster"] for r in rows))
     crossings = {(e["cluster"], e["redundant_experts"]): e for e in sweep_break_even(rows)}
-    fig, axes = plt.subplots(len(clusters), 2, figsize=(13, 5.4 * len(clusters)), squeeze=False)
+    fig = figure(figsize=(13, 5.4 * len(clusters)))
+    axes = fig.subplots(len(clusters), 2, squeeze=False)
     for (left, right), cluster in zip(axes, clusters):
         mine = [r for r in rows if r["cluster"] == cluster]
         for red in sorted({r["redundant_experts"] for r in mine}):
@@ -245,17 +248,16 @@ def plot_tradeoff(rows: list[dict[str, Any]], path: Path, title: str) -> None:
             if be["between"] is not None:
                 right.plot([be["every_batches"]], [0.0], marker="x", ms=10, mew=2, color=color, ls="none")
         left.set_ylabel("mean ms per batch, migration included")
-        left.set_title(f"{cluster}: time per batch")
+        left.set_title(plain_text(f"{cluster}: time per batch"))
         right.axhline(0, color="k", lw=0.8)
         right.set_ylabel("saving vs planning once, %")
-        right.set_title(f"{cluster}: does rebalancing pay? (x: break-even)")
+        right.set_title(plain_text(f"{cluster}: does rebalancing pay? (x: break-even)"))
         for ax in (left, right):
             ax.set_xlabel("rebalance every N batches")
             ax.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.14))
-    fig.suptitle(title)
+    fig.suptitle(plain_text(title))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def results_json(results: list[RebalanceResult],

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from moesim.errors import InputError
+from moesim.fileio import safe_name
 from moesim.hardware.presets import deep_merge, preset, preset_names
 from moesim.hardware.spec import ClusterSpec
 from moesim.placement.registry import check_option, policy_names, policy_options
@@ -436,7 +437,7 @@ def parse_scenario(data: Any, source: str, base_dir: Path | None = None) -> Scen
     except ValidationError as exc:
         raise _pydantic_error(exc, source, "engine") from None
     name = str(data.get("name") or Path(source).stem)
-    output = Path(str(data.get("output") or Path("results") / name))
+    output = Path(str(data.get("output") or Path("results") / safe_name(name)))  # the name: one safe component
     rebalance = _rebalance(data.get("rebalance"), placements, workload, source)
     return Scenario(name=name, source=source, clusters=clusters, model=model, workload=workload, rebalance=rebalance,
                     placements=placements, baseline=baseline, engine=engine, output=output)

@@ -33,7 +33,7 @@ import numpy as np
 import yaml
 
 from moesim.errors import InputError
-from moesim.fileio import atomic_write
+from moesim.fileio import atomic_write, head
 from moesim.traces.format import Trace, TraceMeta, save_trace_blocks
 
 FORMAT = "moesim.fitted/1"
@@ -143,6 +143,11 @@ def save_params(params: FittedParams, path: str | os.PathLike[str], *, header: s
         fh.write(text)
 
     return atomic_write(path, write)
+
+
+def is_params_file(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` looks like generator parameters moesim wrote (``format: moesim.fitted/1``)."""
+    return f"format: {FORMAT}".encode() in head(Path(path), 16384)
 
 
 def shipped_params() -> list[str]:

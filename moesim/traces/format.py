@@ -137,6 +137,15 @@ class Trace:
         return self
 
 
+def is_trace_file(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` looks like a trace moesim wrote (a ``.npz`` holding ``experts`` and ``meta``)."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return {"experts.npy", "meta.npy"} <= set(zf.namelist())
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return False
+
+
 def save_trace(trace: Trace, path: str | os.PathLike[str], *, compress: bool = True) -> Path:
     """Write ``trace`` as ``.npz`` atomically (temporary file, then rename).
 

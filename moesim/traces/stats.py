@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from moesim.fileio import atomic_write
+from moesim.fileio import FolderKind, atomic_write, contains, figure, is_matplotlib_png, plain_text
 from moesim.traces.counts import count_coactivations, count_picks, count_transitions, count_window_picks
 from moesim.traces.format import Trace
 
@@ -267,16 +267,22 @@ def format_stats(st: TraceStats, *, name: str = "trace", layers: int | None = No
     return "\n".join(lines)
 
 
+# what ``moesim trace stats --plots`` writes into its folder (recognised when a later run replaces it)
+STATS_PLOTS = FolderKind("moesim trace stats' plots", files={
+    name: is_matplotlib_png for name in ("load.png", "transitions.png", "coactivation.png", "drift.png")})
+
+
+def is_stats_json(path: Path) -> bool:
+    """Whether ``path`` looks like a summary ``moesim trace stats --json`` wrote."""
+    return contains(b'"load_max_over_mean_median"')(path)
+
+
 def plot_stats(st: TraceStats, folder: str | Path, *, layer: int | None = None, name: str = "trace") -> list[Path]:
     """Write heatmaps: load.png (layers x experts, load / layer mean), transitions.png and coactivation.png
     (one layer's expert x expert matrix, rows normalised), drift.png (windows x experts load / mean for that
     layer). ``layer`` defaults to the middle one. Each file is written atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     folder = Path(folder)
+    name = plain_text(name)
     L = st.num_layers
     lay = L // 2 if layer is None else layer
     if not 0 <= lay < L:
@@ -288,7 +294,6 @@ def plot_stats(st: TraceStats, folder: str | Path, *, layer: int | None = None, 
     def save(fig: Any, fname: str) -> None:
         fig.tight_layout()
         written.append(atomic_write(folder / fname, lambda fh: fig.savefig(fh, format="png", dpi=110), binary=True))
-        plt.close(fig)
 
     from matplotlib.ticker import MaxNLocator
 
@@ -299,7 +304,8 @@ def plot_stats(st: TraceStats, folder: str | Path, *, layer: int | None = None, 
             range(st.layer_ids[0], st.layer_ids[0] + L)) else " (model layer ids in the JSON summary)"
 
     rel = st.load / np.maximum(st.load.mean(axis=1, keepdims=True), 1e-12)
-    fig, ax = plt.subplots(figsize=(min(16, 3 + st.num_experts * 0.08), min(12, 2 + L * 0.18)))
+    fig = figure(figsize=(min(16, 3 + st.num_experts * 0.08), min(12, 2 + L * 0.18)))
+    ax = fig.subplots()
     im = ax.imshow(rel, aspect="auto", cmap="magma", interpolation="nearest")
     ax.set_xlabel("expert id")
     ax.set_ylabel("MoE layer" + ids_note())
@@ -315,7 +321,8 @@ def plot_stats(st: TraceStats, folder: str | Path, *, layer: int | None = None, 
             continue
         mat = mats[idx].astype(float)
         mat = mat / np.maximum(mat.sum(axis=1, keepdims=True), 1)
-        fig, ax = plt.subplots(figsize=(7, 6))
+        fig = figure(figsize=(7, 6))
+        ax = fig.subplots()
         im = ax.imshow(mat, cmap="viridis", interpolation="nearest")
         if fname == "transitions.png":
             share = st.succ_top_share[idx]
@@ -334,7 +341,8 @@ def plot_stats(st: TraceStats, folder: str | Path, *, layer: int | None = None, 
 
     wl = st.window_load[:, lay].astype(float)
     wl = wl / np.maximum(wl.mean(axis=1, keepdims=True), 1e-12)
-    fig, ax = plt.subplots(figsize=(min(16, 3 + st.num_experts * 0.08), min(10, 2.5 + st.windows * 0.15)))
+    fig = figure(figsize=(min(16, 3 + st.num_experts * 0.08), min(10, 2.5 + st.windows * 0.15)))
+    ax = fig.subplots()
     im = ax.imshow(wl, aspect="auto", cmap="magma", interpolation="nearest")
     ax.set_xlabel("expert id")
     ax.set_ylabel("window (batch)")
