@@ -39,7 +39,8 @@ RUN_OUTPUTS = FolderKind(
         "*": FolderKind("placements", files={"*.json": is_placement_file})})},
     keep={"sweep": rebalance_report.SWEEP_OUTPUTS})  # moesim sweep's default folder lies inside the run's
 CSV_FIELDS = ("cluster", "placement", "batch", "layer", "gpu", "ep_rank", "tokens", "recv_copies", "dense_ms",
-              "route_ms", "dispatch_ms", "compute_ms", "combine_ms", "reduce_ms", "sync_wait_ms", "bytes_out_intra", "bytes_out_inter")
+              "route_ms", "dispatch_ms", "compute_ms", "combine_ms", "reduce_ms", "sync_wait_ms", "bytes_out_intra",
+              "bytes_out_inter")
 
 
 def _round(x: Any, digits: int = 6) -> Any:
