@@ -9,14 +9,16 @@ The public API below is what the CLI and the notebooks use::
     result = moesim.run_study(scenario)
     print(moesim.format_report(result.metrics(), scenario.baseline))
     moesim.write_outputs(result, "results/multinode")
+
+docs/api.md describes each function and the objects they return.
 """
 
 from moesim.errors import InputError
 from moesim.report.files import write_outputs
 from moesim.report.text import format_report
-from moesim.study import Scenario, StudyResult, load_scenario, parse_scenario, run_study
+from moesim.study import Scenario, StudyPlan, StudyResult, load_scenario, parse_scenario, prepare, run_study
 
 __version__ = "0.1.0"
 
-__all__ = ["InputError", "Scenario", "StudyResult", "format_report", "load_scenario", "parse_scenario", "run_study",
-           "write_outputs", "__version__"]
+__all__ = ["InputError", "Scenario", "StudyPlan", "StudyResult", "format_report", "load_scenario", "parse_scenario",
+           "prepare", "run_study", "write_outputs", "__version__"]
