@@ -24,6 +24,7 @@ from moesim.errors import InputError
 from moesim.fileio import atomic_write, read_json_object
 
 FORMAT = "moesim.placement/1"
+MAX_GPUS = 2**31 - 1  # EP ranks are int32 in the dense array
 
 
 @dataclass(frozen=True)
@@ -100,8 +101,8 @@ def load_placement(path: str | os.PathLike[str]) -> Placement:
     if raw.get("format") != FORMAT:
         raise InputError(f"must be {FORMAT!r}, got {raw.get('format')!r}", source=src, field="format")
     num_gpus = raw.get("num_gpus")
-    if not isinstance(num_gpus, int) or isinstance(num_gpus, bool) or num_gpus <= 0:
-        raise InputError(f"must be a positive integer, got {num_gpus!r}", source=src, field="num_gpus")
+    if not isinstance(num_gpus, int) or isinstance(num_gpus, bool) or not 0 < num_gpus <= MAX_GPUS:
+        raise InputError(f"must be a positive integer up to {MAX_GPUS}, got {num_gpus!r}", source=src, field="num_gpus")
     layers = raw.get("layers")
     if not isinstance(layers, list) or not layers:
         raise InputError("must be a non-empty list", source=src, field="layers")
@@ -117,6 +118,12 @@ def load_placement(path: str | os.PathLike[str]) -> Placement:
             ok = isinstance(reps, list) and all(isinstance(g, int) and not isinstance(g, bool) for g in reps)
             if not ok:
                 raise InputError("must be a list of GPU indices", source=src, field=f"{where}[{e}]")
+            if len(reps) > num_gpus:
+                raise InputError(f"{len(reps)} copies of one expert, more than the {num_gpus} GPUs (a GPU holds at "
+                                 "most one)", source=src, field=f"{where}[{e}]")
+            bad = next((g for g in reps if not 0 <= g < num_gpus), None)
+            if bad is not None:
+                raise InputError(f"GPU {bad} out of range [0, {num_gpus})", source=src, field=f"{where}[{e}]")
         lists.append(experts)
     info = raw.get("info") or {}
     if not isinstance(info, dict):
