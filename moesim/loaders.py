@@ -22,18 +22,34 @@ import math
 import os
 import stat
 import sys
+import typing
 from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import BaseModel, ValidationInfo, field_validator
 
 from moesim.errors import InputError
 
 MAX_DEPTH = 64  # nesting of mappings and lists: configs use fewer than 10
 MAX_ALIAS_NODES = 100_000  # nodes YAML aliases may add by repetition (a "billion laughs" adds 10^9)
 INT64 = 2**63
+YAML_BYTES_PER_BYTE = 64  # a composed node (its marks included) and its value, per byte of YAML text
+JSON_BYTES_PER_BYTE = 24  # Python lists, dicts and numbers per byte of JSON text
 
-_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's parser: 10x faster, bounds flow nesting
+
+
+class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]  # libyaml: 10x faster
+    """The safe loader (libyaml's parser where installed: it also bounds flow nesting), except that a plain
+    date stays text: ``name: 2024-06-01`` is a name, not a datetime."""
+
+    yaml_implicit_resolvers = {
+        first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+
+
+_PLAIN = (dict, list, str, int, float, bool, type(None))  # what JSON can say; explicit YAML tags can say more
 
 
 def require_regular_file(path: str | os.PathLike[str], source: str | None = None) -> int:
@@ -51,13 +67,14 @@ def require_regular_file(path: str | os.PathLike[str], source: str | None = None
     return info.st_size
 
 
-def read_bytes(path: str | os.PathLike[str], source: str | None = None) -> bytes:
-    """A file's bytes; a missing or unreadable file, or one larger than the memory limit, is an InputError."""
+def read_bytes(path: str | os.PathLike[str], source: str | None = None, *, per_byte: float = 4) -> bytes:
+    """A file's bytes; a missing or unreadable file, or one whose size times ``per_byte`` (the bytes what
+    parses it will take per byte of file) exceeds the memory limit, is an InputError."""
     from moesim.budget import require_memory
 
     src = source or str(path)
     size = require_regular_file(path, src)
-    require_memory(size * 4, f"reading a {size / 1e9:.2f} GB file", source=src)  # the text, and what parses it
+    require_memory(size * per_byte, f"reading and parsing a {size / 1e9:.2f} GB file", source=src)
     try:
         return Path(path).read_bytes()
     except OSError as exc:
@@ -74,10 +91,10 @@ def decode_utf8(raw: bytes, source: str | None) -> str:
                          source=source) from None
 
 
-def read_text(path: str | os.PathLike[str], source: str | None = None) -> str:
+def read_text(path: str | os.PathLike[str], source: str | None = None, *, per_byte: float = 4) -> str:
     """A UTF-8 text file (see :func:`read_bytes` and :func:`decode_utf8`)."""
     src = source or str(path)
-    return decode_utf8(read_bytes(path, src), src)
+    return decode_utf8(read_bytes(path, src, per_byte=per_byte), src)
 
 
 # ------------------------------------------------------------------------------------------------ YAML
@@ -199,7 +216,7 @@ def load_yaml(text: str, source: str | None) -> Any:
 def read_yaml(path: str | os.PathLike[str], source: str | None = None) -> Any:
     """A YAML file, read and parsed with every check here."""
     src = source or str(path)
-    return load_yaml(read_text(path, src), src)
+    return load_yaml(read_text(path, src, per_byte=YAML_BYTES_PER_BYTE), src)
 
 
 # ------------------------------------------------------------------------------------------------ JSON
@@ -232,20 +249,20 @@ def load_json(text: str, source: str | None) -> Any:
 def read_json(path: str | os.PathLike[str], source: str | None = None) -> Any:
     """A JSON file, read and parsed with every check here."""
     src = source or str(path)
-    return load_json(read_text(path, src), src)
+    return load_json(read_text(path, src, per_byte=JSON_BYTES_PER_BYTE), src)
 
 
 # ------------------------------------------------------------------------------------------------ values
 
-def check_values(data: Any, source: str | None, prefix: str = "") -> None:
+def check_values(data: Any, source: str | None, prefix: str = "", *, plain: bool = True) -> None:
     """Numbers finite, integers within 64 bits, strings valid Unicode, nesting at most :data:`MAX_DEPTH`,
-    anywhere in ``data`` (plain data as YAML or JSON loads it); the first bad value is an InputError naming
-    its path."""
+    anywhere in ``data`` (plain data as YAML or JSON loads it: with ``plain``, nothing but mappings, lists,
+    text, numbers, booleans and null); the first bad value is an InputError naming its path."""
     seen: set[int] = set()
     stack: list[tuple[Any, str, int]] = [(data, prefix, 0)]
     while stack:
         value, path, depth = stack.pop()
-        if isinstance(value, (dict, list, tuple)):
+        if isinstance(value, (dict, list)) or (not plain and isinstance(value, tuple)):
             if id(value) in seen:
                 continue
             seen.add(id(value))
@@ -254,7 +271,7 @@ def check_values(data: Any, source: str | None, prefix: str = "") -> None:
             items = value.items() if isinstance(value, dict) else enumerate(value)
             for k, v in items:
                 if isinstance(value, dict):
-                    check_values(k, source, path)  # keys are values too
+                    check_values(k, source, path, plain=plain)  # keys are values too
                     child = f"{path}.{k}" if path else str(k)
                 else:
                     child = f"{path}[{k}]"
@@ -270,3 +287,22 @@ def check_values(data: Any, source: str | None, prefix: str = "") -> None:
                 raise InputError(f"must be a finite number, got {value}", source=source, field=path or None)
         elif isinstance(value, str):
             _check_string(value, source, path)
+        elif plain and not isinstance(value, _PLAIN):  # !!binary, !!timestamp, !!set, !!omap ...
+            raise InputError(f"a {type(value).__name__} value (an explicit YAML tag?); expected text, a number, a "
+                             "list or a mapping", source=source, field=path or None)
+
+
+class NoBoolNumbers(BaseModel):
+    """A base for config models: ``true`` and ``false`` are not numbers (pydantic would read them as 1 and
+    0, so ``nodes: true`` would pass as one node)."""
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, bool) and info.field_name in cls.model_fields:
+            annotation = cls.model_fields[info.field_name].annotation
+            kinds = {annotation, *typing.get_args(annotation)}
+            if bool not in kinds and kinds & {int, float}:
+                raise ValueError(f"must be a number, not {str(value).lower()}")
+        return value
+

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from moesim.loaders import NoBoolNumbers
 
 # Physical sanity bounds: every rate, size and time is a finite number within them, so no preset or override
 # can make the simulator divide by zero, overflow to infinity or produce NaN.
@@ -45,7 +47,7 @@ def Micros(**kw: Any) -> Any:  # noqa: N802
     return Field(ge=0, le=MAX_US, **kw)
 
 
-class StrictModel(BaseModel):
+class StrictModel(NoBoolNumbers):
     """A config model that rejects unknown keys and is immutable once validated."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from moesim.errors import InputError
 from moesim.hardware.presets import deep_merge, preset, preset_names
 from moesim.hardware.spec import ClusterSpec
-from moesim.loaders import check_values, read_yaml
+from moesim.loaders import NoBoolNumbers, check_values, read_yaml
 from moesim.placement.registry import check_option, policy_names, policy_options
 from moesim.sim.compute import Attention
 from moesim.sim.engine import EngineOptions
@@ -26,7 +26,7 @@ from moesim.traces.model import ModelSpec
 MAX_COUNT = 2**31 - 1  # tokens per GPU, batches, lengths: counts that numpy keeps in int32 arrays downstream
 
 
-class _Strict(BaseModel):
+class _Strict(NoBoolNumbers):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
@@ -494,7 +494,7 @@ def parse_scenario(data: Any, source: str, base_dir: Path | None = None) -> Scen
     in turn (clusters, model, workload, placements, baseline, engine, rebalance), cross-field checks with
     the section they concern."""
     base_dir = base_dir or Path(".")
-    check_values(data, source)  # numbers finite, integers of 64 bits, valid strings (data may not come from YAML)
+    check_values(data, source, plain=False)  # numbers finite, integers of 64 bits, valid text (data may not be YAML)
     _check_top_level(data, source)
     clusters = _parse_clusters(data["clusters"], source, base_dir)
     model = _validated(ModelSpec, data["model"], source, "model")

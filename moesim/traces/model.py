@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
+
+from moesim.loaders import NoBoolNumbers
 
 # Sanity bounds: far beyond any model, small enough that sizes multiply without overflow (memory and time are
 # then the study's own check, moesim.study.sizes).
@@ -11,7 +13,7 @@ MAX_EXPERTS = 1_000_000
 MAX_DIM = 10_000_000
 
 
-class ModelSpec(BaseModel):
+class ModelSpec(NoBoolNumbers):
     """MoE layers only: ``num_layers`` counts MoE layers; dense layers and shared experts are ignored
     except for the per-layer non-expert work charged to every token: the attention projections and, when
     the attention shape (``num_heads``) is given and the workload says how long the sequences are, the
