@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
+from moesim.budget import require_time
 from moesim.errors import InputError
 from moesim.hardware.topology import Topology, build_topology
 from moesim.placement.format import Placement, load_placement
@@ -179,12 +180,17 @@ def prepare(scenario: Scenario, *, placements: Sequence[PlacementEntry] | None =
     label = {e.name: (where or {}).get(e.name, f"placements.{e.name}") for e in entries}
     options = scenario.engine.options()
     shared_trace = load_workload_trace(scenario)
-    plans = []
-    for cluster in _select(scenario, clusters, cluster_field):
+    selected = _select(scenario, clusters, cluster_field)
+    seconds = 0.0
+    for cluster in selected:  # every check that needs nothing built, for every cluster, before building any
         check_fits(scenario, cluster)
         for entry in entries:
             check_replica_fit(scenario, cluster, entry, label[entry.name])
-        check_cluster_sizes(scenario, cluster, entries, shared_trace)  # memory and time, before building any
+        seconds += check_cluster_sizes(scenario, cluster, entries, shared_trace)  # memory and time
+    require_time(seconds, f"the study of {len(entries)} placement(s) on {len(selected)} cluster(s)",
+                 source=scenario.source, field=cluster_field)
+    plans = []
+    for cluster in selected:
         plan = ClusterPlan(cluster, build_topology(cluster.spec))
         if shared_trace is not None or build:
             work = build_workload(scenario, cluster, shared_trace)

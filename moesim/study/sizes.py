@@ -70,10 +70,18 @@ def _placement_bytes(scenario: Scenario, cluster: ClusterEntry, entries: list[Pl
     return total
 
 
+def simulation_seconds(cluster: ClusterEntry, num_layers: int, batches: int, runs: int) -> float:
+    """Rough seconds of ``runs`` simulations of ``batches`` batches of ``num_layers`` layers on ``cluster``:
+    its SimPy events (about nine per GPU and layer) and flows (one per GPU pair, dispatch and combine)."""
+    G = cluster.spec.num_gpus
+    return runs * batches * num_layers * (9 * G * _SIM_S_PER_EVENT + 2 * G * G * _SIM_S_PER_FLOW)
+
+
 def check_cluster_sizes(scenario: Scenario, cluster: ClusterEntry, entries: list[PlacementEntry],
-                        trace: Trace | None) -> None:
+                        trace: Trace | None) -> float:
     """Raise InputError naming the scenario and the deciding field when the study of ``entries`` on
-    ``cluster`` cannot fit in memory or the time limit (see the module docstring)."""
+    ``cluster`` cannot fit in memory or the time limit (see the module docstring); else return its estimated
+    seconds (the caller checks a study's clusters together)."""
     src = scenario.source
     i = scenario.clusters.index(cluster)
     where = f"clusters[{i}]"
@@ -96,9 +104,10 @@ def check_cluster_sizes(scenario: Scenario, cluster: ClusterEntry, entries: list
     records = runs * B * L * G * len(GPU_FIELDS) * 8.0
     sim = f"simulating {runs} placement(s) x {B} batches x {L} layers x {G} GPUs on {cluster.name}"
     require_memory(records + L * G * G * 8.0 * 4, sim, source=src, field=work_field)
-    require_time(runs * B * L * (9 * G * _SIM_S_PER_EVENT + 2 * G * G * _SIM_S_PER_FLOW), sim, source=src,
-                 field=work_field)
+    sim_s = simulation_seconds(cluster, L, B, runs)
+    require_time(sim_s, sim, source=src, field=work_field)
 
     problem = _placement_bytes(scenario, cluster, entries)
     require_memory(problem, f"planning {len(entries)} placement(s) of {scenario.model.num_experts} experts x {L} "
                             f"layers on {cluster.ep} EP ranks", source=src, field="model.num_experts")
+    return topology_cost(cluster.spec)[1] + seconds + sim_s
