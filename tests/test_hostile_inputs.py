@@ -459,6 +459,30 @@ def _(d: Path) -> list[str]:
     return run()
 
 
+@case("scenario", "bool-as-number", "s.yaml", "clusters[0].nodes")
+def _(d: Path) -> list[str]:
+    write(d / "s.yaml", scenario(clusters=[{"preset": "hgx-h200", "nodes": True}]))
+    return validate()
+
+
+@case("scenario", "yaml-binary-tag", "s.yaml", "name")
+def _(d: Path) -> list[str]:
+    write(d / "s.yaml", scenario_text().replace("name: hostile", "name: !!binary aG9zdGlsZQ=="))
+    return validate()
+
+
+@case("scenario", "yaml-python-tag", "s.yaml")
+def _(d: Path) -> list[str]:
+    write(d / "s.yaml", scenario_text().replace("name: hostile", "name: !!python/object/apply:os.getcwd []"))
+    return validate()
+
+
+@case("scenario", "two-documents", "s.yaml")
+def _(d: Path) -> list[str]:
+    write(d / "s.yaml", scenario_text() + "---\nname: second\n")
+    return validate()
+
+
 @case("scenario", "top-level-list", "s.yaml")
 def _(d: Path) -> list[str]:
     write(d / "s.yaml", "- clusters\n- model\n")
