@@ -1233,6 +1233,13 @@ def _(d: Path) -> list[str]:
     return trace_scenario(d, clusters=[{"preset": "hgx-h200", "nodes": 2}])
 
 
+@case("trace-npz", "home-few-requests-packing-lies", "t.npz", "home")
+def _(d: Path) -> list[str]:
+    npz(d / "t.npz", home=np.zeros(64, dtype=np.int32), batch=np.zeros(64, dtype=np.int32),
+        meta={**META, "packing": {"num_gpus": [8]}})
+    return trace_scenario(d)
+
+
 @case("trace-npz", "zero-tokens", "t.npz", "experts")
 def _(d: Path) -> list[str]:
     npz(d / "t.npz", experts=np.zeros((0, 4, 2), dtype=np.int16))
@@ -1724,6 +1731,13 @@ def _(d: Path) -> list[str]:
 def _(d: Path) -> list[str]:
     data = ffn_bench()
     data["single"]["m"]["d_model"] = "4096"
+    return bench(d, data)
+
+
+@case("calibrate", "ffn-d-model-2e40", "b.json", "single.m.d_model")
+def _(d: Path) -> list[str]:
+    data = ffn_bench()
+    data["single"]["m"]["d_model"] = 2**40
     return bench(d, data)
 
 

@@ -13,12 +13,17 @@ says so), and fields the fit does not read.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
 from moesim.errors import InputError
 from moesim.hardware.spec import ClusterSpec
+from moesim.traces.model import MAX_DIM, MAX_EXPERTS
+
+if TYPE_CHECKING:
+    from moesim.calibration.bench import BenchData
+    from moesim.calibration.fit import Calibration
 
 MAX_WORLD = 4096  # ranks of one all-to-all benchmark (the matrices are world x world)
 MAX_SIZE = 2**40  # tokens, rows, bytes per pair and model dimensions: beyond any real kernel
@@ -98,8 +103,8 @@ def check_ffn(raw: dict[str, Any], src: str) -> None:
         raise InputError("must be a mapping of shape name to d_model, d_ff, rows", source=src, field="single")
     for name, s in shapes.items():
         where = f"single.{name}"
-        number(s, "d_model", src, where, integer=True)
-        number(s, "d_ff", src, where, integer=True)
+        number(s, "d_model", src, where, integer=True, most=MAX_DIM)
+        number(s, "d_ff", src, where, integer=True, most=MAX_DIM)
         for j, row in enumerate(items(s, "rows", src, where, required=True)):
             if not isinstance(row, list) or len(row) != 2:
                 raise InputError("must be [tokens, ms]", source=src, field=f"{where}.rows[{j}]")
@@ -121,6 +126,8 @@ def check_ffn(raw: dict[str, Any], src: str) -> None:
 
 _MOE_INTS = ("num_experts", "top_k", "d_model", "d_ff", "ep", "local_experts", "tokens")
 _MOE_TEXT = ("shape", "pipeline", "dtype", "routing")
+_MOE_MOST = {"num_experts": MAX_EXPERTS, "top_k": MAX_EXPERTS, "local_experts": MAX_EXPERTS, "d_model": MAX_DIM,
+             "d_ff": MAX_DIM, "ep": MAX_WORLD}
 
 
 def check_moe(raw: dict[str, Any], src: str) -> None:
@@ -132,7 +139,7 @@ def check_moe(raw: dict[str, Any], src: str) -> None:
         if "skipped" in r:
             continue
         for key in _MOE_INTS:
-            number(r, key, src, where, integer=True)
+            number(r, key, src, where, integer=True, most=_MOE_MOST.get(key, MAX_SIZE))
         number(r, "send_rows", src, where, zero=True)
         for key in _MOE_TEXT:
             if not isinstance(_get(r, key, src, where), str):
@@ -149,6 +156,22 @@ def check_moe(raw: dict[str, Any], src: str) -> None:
         number(r, "total_ms", src, where)
         if "steps_sum_ms" in r:
             number(r, "steps_sum_ms", src, where)
+
+
+def calibrate_checked(data: BenchData, preset_name: str, *, name: str | None = None) -> Calibration:
+    """:func:`moesim.calibration.calibrate`, its result checked by :func:`check_fitted`; points that cannot be
+    fitted at all (a degenerate sweep the checks above let through) are an InputError naming the files."""
+    from moesim.calibration.fit import calibrate
+
+    try:
+        result = calibrate(data, preset_name, name=name)
+    except InputError:
+        raise
+    except (ValueError, ArithmeticError, IndexError) as exc:  # (pydantic's ValidationError is a ValueError)
+        raise InputError(f"cannot fit these points ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})",
+                         source=", ".join(data.sources)) from None
+    check_fitted(result.spec, data.sources)
+    return result
 
 
 def check_fitted(spec: ClusterSpec, sources: list[str]) -> None:

@@ -43,16 +43,15 @@ def _preset_of_device(device: str) -> str | None:
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    from moesim.calibration import calibrate, load_bench
-    from moesim.calibration.schema import check_fitted
+    from moesim.calibration import load_bench
+    from moesim.calibration.schema import calibrate_checked
 
     data = load_bench(args.bench)
     if not data.a2a and not data.ffn and not data.attention and not data.moe:
         raise InputError("no all-to-all, expert-FFN, attention-core or MoE-layer points in the benchmark files")
     devices = ", ".join(sorted(data.devices))
     name = _choose_preset(args.preset, data, devices)
-    result = calibrate(data, name, name=args.name)
-    check_fitted(result.spec, data.sources)
+    result = calibrate_checked(data, name, name=args.name)
     _print_fit(result, data, name, devices)
     out = Path(args.output)
     _write_cluster_yaml(result, out, name, args.bench)

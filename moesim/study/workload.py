@@ -99,18 +99,23 @@ def chain_traces(parts: list[Trace], sources: list[str], *, one_batch_each: bool
 
 
 def check_home_layout(trace: Trace, cluster: ClusterEntry, source: str) -> None:
-    """A trace whose tokens have home GPUs must use every GPU of the cluster: one imported for 8 GPUs and
-    replayed on 16 would leave GPUs 8-15 without tokens of their own, without a word. (More homes than GPUs
-    is :meth:`Trace.layout`'s error; a trace without homes is laid out for any cluster.)"""
+    """A trace whose tokens have home GPUs must have been laid out for this cluster: one imported for 8 GPUs
+    and replayed on 16 would leave GPUs 8-15 without tokens of their own, without a word. Refused when some
+    GPU has no home tokens and the trace does not say it was packed for this many GPUs (a few requests packed
+    onto more GPUs may leave some empty). More homes than GPUs is :meth:`Trace.layout`'s error; a trace
+    without homes is laid out for any cluster."""
     if trace.home is None or not trace.num_tokens:
         return
     G = cluster.spec.num_gpus
     used = int(np.max(trace.home)) + 1
-    if used < G:
+    stated = [v.get("num_gpus") for k, v in trace.meta.extra.items() if k in ("packing", "fitted", "synthetic")
+              and isinstance(v, dict)]  # what moesim trace import / generate and the generators record
+    if used < G and G not in stated:
+        idle = f"GPU {used}" if used == G - 1 else f"GPUs {used}-{G - 1}"
         raise InputError(f"the trace's tokens have home GPUs 0-{used - 1}, but cluster {cluster.name} has {G} GPUs: "
-                         f"GPUs {used}-{G - 1} would get no tokens of their own; import it again with --gpus {G}, or "
-                         "without --gpus so that workload.trace.tokens_per_gpu lays it out for any cluster",
-                         source=source, field="home")
+                         f"{idle} would get no tokens of their own; import it again with --gpus {G}, or without "
+                         "--gpus so that workload.trace.tokens_per_gpu lays it out for any cluster", source=source,
+                         field="home")
 
 
 def build_workload(scenario: Scenario, cluster: ClusterEntry, trace: Trace | None = None) -> Workload:
