@@ -8,7 +8,7 @@ from moesim.loaders import NoBoolNumbers
 
 # Sanity bounds: far beyond any model, small enough that sizes multiply without overflow (memory and time are
 # then the study's own check, moesim.study.sizes).
-MAX_LAYERS = 100_000
+MAX_LAYERS = 10_000  # a hundred times the MoE layers of any model so far
 MAX_EXPERTS = 1_000_000
 MAX_DIM = 10_000_000
 

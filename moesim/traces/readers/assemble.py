@@ -30,6 +30,7 @@ from moesim.traces.readers.table import read_files
 
 ASSIGN_POLICIES = ("round_robin", "least_loaded")
 _ALLOW_HINT = "--allow-missing (allow_missing)"
+MAX_GPUS = 1 << 20  # GPUs a trace may be packed onto: beyond any cluster moesim can route (GPUs^2 paths)
 
 
 @dataclass(frozen=True)
@@ -61,14 +62,15 @@ def pack_requests(lengths: np.ndarray, *, num_gpus: int, tokens_per_gpu: int, as
     Returns per unit: (request index, batch, home GPU), and each request's units are consecutive.
     """
     _check_assign(assign)
-    if num_gpus < 1 or tokens_per_gpu < 1:
-        raise InputError(f"num_gpus and tokens_per_gpu must be >= 1, got {num_gpus}, {tokens_per_gpu}")
+    if not 1 <= num_gpus <= MAX_GPUS or tokens_per_gpu < 1:
+        raise InputError(f"num_gpus must be from 1 to {MAX_GPUS} and tokens_per_gpu >= 1, got {num_gpus}, "
+                         f"{tokens_per_gpu}")
     lengths = np.asarray(lengths, dtype=np.int64)
     chunks = -(-lengths // tokens_per_gpu)
     units = int(chunks.sum())
     require_memory(8.0 * num_gpus + 64.0 * units, f"packing {units} request chunks onto {num_gpus} GPUs",
                    field="num_gpus")
-    require_time(units * (4e-6 + 2e-9 * num_gpus), f"packing {units} request chunks onto {num_gpus} GPUs",
+    require_time(units * (4e-6 + 3e-8 * num_gpus), f"packing {units} request chunks onto {num_gpus} GPUs",
                  field="num_gpus")
     unit_req = np.repeat(np.arange(lengths.size), chunks)
     starts = np.concatenate([[0], np.cumsum(chunks)[:-1]]) if lengths.size else np.empty(0, np.int64)
@@ -352,10 +354,10 @@ def import_trace(paths: Iterable[str | os.PathLike[str]], *, fmt: str | None = N
     if not plist:
         raise InputError("no input files")
     _check_assign(assign)
-    for name, value in (("num_experts", num_experts), ("top_k", top_k), ("num_gpus", num_gpus),
-                        ("tokens_per_gpu", tokens_per_gpu)):
-        if value is not None and not 1 <= value <= MAX_ID:
-            raise InputError(f"must be from 1 to {MAX_ID}, got {value}", field=name)
+    for name, value, most in (("num_experts", num_experts, MAX_ID), ("top_k", top_k, MAX_ID),
+                              ("num_gpus", num_gpus, MAX_GPUS), ("tokens_per_gpu", tokens_per_gpu, MAX_ID)):
+        if value is not None and not 1 <= value <= most:
+            raise InputError(f"must be from 1 to {most}, got {value}", field=name)
     rec = read_files(plist, fmt, ReadOptions(skip_bad=skip_bad, axes=axes))
     source = ", ".join(str(p) for p in plist) if len(plist) <= 3 else f"{plist[0]} and {len(plist) - 1} more files"
     return assemble(rec, num_experts=num_experts, top_k=top_k, allow_missing=allow_missing, num_gpus=num_gpus,
