@@ -3,16 +3,18 @@
 Every reader here fails as one :class:`~moesim.errors.InputError` naming the file, the field (a dotted path
 such as ``clusters[0].nodes``) or the line, and what was expected:
 
-- text must be UTF-8 (the first bad byte is named) and no longer than the memory limit allows
-  (:mod:`moesim.budget`);
+- a file must be a regular file (a folder, /dev/zero or a pipe is refused), its text UTF-8 (the first bad
+  byte is named), and small enough that parsing it fits the memory limit (:mod:`moesim.budget`);
 - YAML is composed into nodes first and checked before anything is built: nesting at most
   :data:`MAX_DEPTH` deep, aliases that expand to at most :data:`MAX_ALIAS_NODES` extra nodes ("billion
-  laughs") and never into themselves, no key given twice in one mapping (YAML would keep the last);
-- JSON: no key twice either, no ``NaN`` / ``Infinity``, nesting bounded the same way;
-- the values both give: numbers finite, integers within 64 bits (numpy's), strings valid Unicode (no lone
-  surrogates from ``\\ud800`` escapes).
+  laughs") and never into themselves, no key given twice in one mapping (YAML would keep the last); a
+  plain date stays text, and explicit tags that build other types (``!!binary``, ``!!set``) are refused;
+- JSON: no key twice either, nesting bounded the same way;
+- the values both give: numbers finite (no ``.nan``, ``NaN``, ``Infinity``), integers within 64 bits
+  (numpy's), strings valid Unicode (no lone surrogates from ``\\ud800`` escapes).
 
-Deliberately not here: what the values mean (pydantic models and the format readers check that).
+:class:`NoBoolNumbers` is the base of the config models: ``true`` is not the number 1. Deliberately not
+here: what the values mean (pydantic models and the format readers check that).
 """
 
 from __future__ import annotations

@@ -31,26 +31,31 @@ _SIM_S_PER_EVENT = 1e-4  # SimPy events: about nine per GPU and layer
 _SIM_S_PER_FLOW = 5e-5  # flows: one per GPU pair with traffic, dispatch and combine
 
 
-def _workload_size(scenario: Scenario, cluster: ClusterEntry, field: str,
-                   trace: Trace | None) -> tuple[int, int, float, float]:
+def _workload_size(scenario: Scenario, cluster: ClusterEntry, trace: Trace | None) -> tuple[int, int, float, float]:
     """(tokens, batches, bytes, seconds) of the workload on ``cluster``: generated (evaluation, profile,
     drift) or laid out from ``trace``."""
     m, G = scenario.model, cluster.spec.num_gpus
     syn, tw = scenario.workload.synthetic, scenario.workload.trace
     if syn is not None:
         T = syn.batches * G * syn.tokens_per_gpu
-        sizes = dict(num_layers=m.num_layers, num_experts=m.num_experts, top_k=m.top_k, num_gpus=G,
-                     tokens_per_gpu=syn.tokens_per_gpu)
-        if syn.fitted is not None:  # (its layers, experts and top_k are the model's: checked by the config)
-            b1, s1, _ = fitted_cost(**sizes, batches=syn.batches, in_memory=True)  # type: ignore[arg-type]
-            b2, s2, _ = fitted_cost(**sizes, batches=syn.profile_batches, in_memory=True)  # type: ignore[arg-type]
-            return T, syn.batches, b1 + b2, s1 + s2
         params = SyntheticParams(affinity_fanout=syn.affinity_fanout)
-        b1, s1, _ = synthetic_cost(**sizes, batches=syn.batches, params=params)  # type: ignore[arg-type]
-        b2, s2, _ = synthetic_cost(**sizes, batches=syn.profile_batches, params=params)  # type: ignore[arg-type]
+
+        def generated(batches: int) -> tuple[float, float]:
+            if syn.fitted is not None:  # (its layers, experts and top_k are the model's: checked by the config)
+                nbytes, seconds, _ = fitted_cost(num_layers=m.num_layers, num_experts=m.num_experts, top_k=m.top_k,
+                                                 num_gpus=G, tokens_per_gpu=syn.tokens_per_gpu, batches=batches,
+                                                 in_memory=True)
+            else:
+                nbytes, seconds, _ = synthetic_cost(num_layers=m.num_layers, num_experts=m.num_experts,
+                                                    top_k=m.top_k, num_gpus=G, tokens_per_gpu=syn.tokens_per_gpu,
+                                                    batches=batches, params=params)
+            return nbytes, seconds
+
+        (b1, s1), (b2, s2) = generated(syn.batches), generated(syn.profile_batches)
         b3, s3 = drift_cost(num_tokens=T, num_layers=m.num_layers, num_experts=m.num_experts, top_k=m.top_k,
                             batches=syn.batches, swaps_per_batch=syn.drift_swaps_per_batch)
-        return T, syn.batches, b1 + b2 + (b3 if syn.drift_swaps_per_batch > 0 else 0.0), s1 + s2 + s3
+        drift = syn.fitted is None and syn.drift_swaps_per_batch > 0
+        return T, syn.batches, b1 + b2 + (b3 if drift else 0.0), s1 + s2 + (s3 if drift else 0.0)
     assert tw is not None and trace is not None
     T = trace.num_tokens
     B = trace.num_batches(G, tw.tokens_per_gpu)
@@ -93,7 +98,7 @@ def check_cluster_sizes(scenario: Scenario, cluster: ClusterEntry, entries: list
     require_time(seconds, routing, source=src, field=f"{where}.nodes")
 
     work_field = "workload.synthetic" if scenario.workload.synthetic is not None else "workload.trace"
-    T, B, nbytes, seconds = _workload_size(scenario, cluster, work_field, trace)
+    T, B, nbytes, seconds = _workload_size(scenario, cluster, trace)
     tw = scenario.workload.trace
     what = (f"the workload on {cluster.name} ({B} batches, {T} tokens x {L} layers x top-{scenario.model.top_k}"
             + (f", from {tw.label})" if tw is not None else ")"))

@@ -63,7 +63,7 @@ def parse_numbers(text: str, dtype: type, sep: str) -> np.ndarray | None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         try:
-            values = np.fromstring(text, dtype=dtype, sep=sep)
+            values: np.ndarray = np.fromstring(text, dtype=dtype, sep=sep)
         except (ValueError, DeprecationWarning):
             return None
     if values.dtype.kind == "i" and values.size and (values.max() >= 2**62 or values.min() <= -(2**62)):
