@@ -728,6 +728,18 @@ def _(d: Path) -> list[str]:
     return ["place", "s.yaml", "--policy", "random", "--set", "seed={", "-o", "out/p.json"]
 
 
+@case("flags", "place-redundant-negative", "s.yaml", "--set redundant_experts")
+def _(d: Path) -> list[str]:
+    write(d / "s.yaml", scenario())
+    return ["place", "s.yaml", "--policy", "greedy", "--set", "redundant_experts=-5", "-o", "out/p.json"]
+
+
+@case("flags", "place-time-limit-1e400", "--set time_limit_s")
+def _(d: Path) -> list[str]:
+    write(d / "s.yaml", scenario())
+    return ["place", "s.yaml", "--policy", "ilp", "--set", "time_limit_s=1e400", "-o", "out/p.json"]
+
+
 @case("flags", "place-unknown-policy", "--policy")
 def _(d: Path) -> list[str]:
     write(d / "s.yaml", scenario())

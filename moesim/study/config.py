@@ -17,7 +17,7 @@ from moesim.errors import InputError
 from moesim.hardware.presets import deep_merge, preset, preset_names
 from moesim.hardware.spec import ClusterSpec
 from moesim.loaders import NoBoolNumbers, check_values, read_yaml
-from moesim.placement.registry import check_option, policy_names, policy_options
+from moesim.placement.registry import check_option, policy_names, policy_options, replica_option
 from moesim.sim.compute import Attention
 from moesim.sim.engine import EngineOptions
 from moesim.traces.model import ModelSpec
@@ -317,6 +317,9 @@ def check_policy_options(policy: str, options: dict[str, Any], source: str | Non
             raise InputError(str(exc), source=source, field=f"{prefix}{key}") from None
         if key == "seed" and isinstance(value, int) and value < 0:
             raise InputError(f"must be an integer >= 0 (a random generator's seed), got {value}", source=source,
+                             field=f"{prefix}{key}")
+        if key == replica_option(policy) and isinstance(value, int) and value < 0:
+            raise InputError(f"must be an integer >= 0 (extra expert copies per layer), got {value}", source=source,
                              field=f"{prefix}{key}")
 
 
