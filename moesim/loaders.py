@@ -6,9 +6,10 @@ such as ``clusters[0].nodes``) or the line, and what was expected:
 - a file must be a regular file (a folder, /dev/zero or a pipe is refused), its text UTF-8 (the first bad
   byte is named), and small enough that parsing it fits the memory limit (:mod:`moesim.budget`);
 - YAML is composed into nodes first and checked before anything is built: nesting at most
-  :data:`MAX_DEPTH` deep, aliases that expand to at most :data:`MAX_ALIAS_NODES` extra nodes ("billion
-  laughs") and never into themselves, no key given twice in one mapping (YAML would keep the last); a
-  plain date stays text, and explicit tags that build other types (``!!binary``, ``!!set``) are refused;
+  :data:`MAX_DEPTH` deep, at most :data:`MAX_ALIASES` aliases, which expand to at most
+  :data:`MAX_ALIAS_NODES` extra nodes ("billion laughs") and never into themselves, no key given twice in
+  one mapping (YAML would keep the last); a plain date stays text, ``1e-3`` is a number, and explicit tags
+  that build other types (``!!binary``, ``!!set``) are refused;
 - JSON: no key twice either, nesting bounded the same way;
 - the values both give: numbers finite (no ``.nan``, ``NaN``, ``Infinity``), integers within 64 bits
   (numpy's), strings valid Unicode (no lone surrogates from ``\\ud800`` escapes).
@@ -36,6 +37,7 @@ from moesim.errors import InputError
 
 MAX_DEPTH = 64  # nesting of mappings and lists: configs use fewer than 10
 MAX_ALIAS_NODES = 100_000  # nodes YAML aliases may add by repetition (a "billion laughs" adds 10^9)
+MAX_ALIASES = 1_000  # alias references (*name) in one document: configs use a handful
 INT64 = 2**63
 YAML_BYTES_PER_BYTE = 64  # a composed node (its marks included) and its value, per byte of YAML text
 JSON_BYTES_PER_BYTE = 24  # Python lists, dicts and numbers per byte of JSON text
@@ -123,6 +125,8 @@ def _check_nodes(root: yaml.Node, source: str | None) -> None:
     are checked where their parent is expanded, and paths are spelt out only for an error.)"""
     done: dict[int, tuple[int, int]] = {}  # collection id -> (nodes it expands to, levels below it)
     on_path: set[int] = set()
+    referenced: set[int] = set()  # every node some collection holds: a second reference is an alias
+    aliases = 0
     distinct = 0  # nodes as written (a scalar alias counts as one more: close enough)
     stack: list[tuple[yaml.Node, str, int, bool]] = [(root, "", 0, False)]
     if isinstance(root, yaml.ScalarNode):
@@ -154,6 +158,13 @@ def _check_nodes(root: yaml.Node, source: str | None) -> None:
         on_path.add(key)
         stack.append((node, path, depth, True))
         for i, child in enumerate(children):
+            if id(child) in referenced:
+                aliases += 1
+                if aliases > MAX_ALIASES:
+                    raise InputError(f"more than {MAX_ALIASES} alias references (line {child.start_mark.line + 1}); "
+                                     "write the repeated parts out", source=source)
+            else:
+                referenced.add(id(child))
             if isinstance(child, yaml.ScalarNode):
                 if not child.value.isascii():
                     _check_string(child.value, source, _child_path(path, node, i), child.start_mark.line + 1)

@@ -265,6 +265,12 @@ def _(d: Path) -> list[str]:
     return validate()
 
 
+@case("scenario", "alias-references-5000", "s.yaml", "alias")
+def _(d: Path) -> list[str]:
+    write(d / "s.yaml", scenario_text() + "output: &o x\nrebalance: [" + ", ".join(["*o"] * 5000) + "]\n")
+    return validate()
+
+
 @case("scenario", "recursive-alias", "s.yaml")
 def _(d: Path) -> list[str]:
     write(d / "s.yaml", scenario_text() + "output: &o [1, *o]\n")
