@@ -119,67 +119,80 @@ def _child_path(path: str, node: yaml.Node, index: int) -> str:
     return f"{path}.{text}" if path else text
 
 
-def _check_nodes(root: yaml.Node, source: str | None) -> None:
-    """Depth, cycles, alias expansion, duplicate keys and lone surrogates of a composed document, walked
-    without recursion; a node reached again through an alias is walked once. (Scalars, nearly every node,
-    are checked where their parent is expanded, and paths are spelt out only for an error.)"""
-    done: dict[int, tuple[int, int]] = {}  # collection id -> (nodes it expands to, levels below it)
-    on_path: set[int] = set()
-    referenced: set[int] = set()  # every node some collection holds: a second reference is an alias
-    aliases = 0
-    distinct = 0  # nodes as written (a scalar alias counts as one more: close enough)
-    stack: list[tuple[yaml.Node, str, int, bool]] = [(root, "", 0, False)]
-    if isinstance(root, yaml.ScalarNode):
-        _check_string(root.value, source, "", root.start_mark.line + 1)
-        return
-    while stack:
-        node, path, depth, finished = stack.pop()
-        key = id(node)
-        children = [c for pair in node.value for c in pair] if isinstance(node, yaml.MappingNode) else node.value
-        if finished:
-            on_path.discard(key)
-            size, height = 1, 1
-            for c in children:
-                s, h = done.get(id(c), (1, 1))
-                size, height = size + s, max(height, h + 1)
-            if height > MAX_DEPTH:
-                raise InputError(f"nested more than {MAX_DEPTH} levels deep once aliases are expanded (line "
-                                 f"{node.start_mark.line + 1})", source=source)
-            done[key] = (size, height)
-            continue
-        if key in done:
-            continue  # an alias of a node checked since it was queued
+class _NodeWalk:
+    """Depth, cycles, aliases, duplicate keys and lone surrogates of a composed document, walked without
+    recursion; a node reached again through an alias is walked once. Scalars (nearly every node) are checked
+    where their parent is expanded, and paths are spelt out only for an error."""
+
+    def __init__(self, source: str | None) -> None:
+        self.source = source
+        self.done: dict[int, tuple[int, int]] = {}  # collection id -> (nodes it expands to, levels below it)
+        self.on_path: set[int] = set()
+        self.referenced: set[int] = set()  # every node some collection holds: a second reference is an alias
+        self.aliases = 0
+        self.distinct = 0  # nodes as written (a scalar alias counts as one more: close enough)
+
+    def run(self, root: yaml.Node) -> None:
+        if isinstance(root, yaml.ScalarNode):
+            _check_string(root.value, self.source, "", root.start_mark.line + 1)
+            return
+        stack: list[tuple[yaml.Node, str, int, bool]] = [(root, "", 0, False)]
+        while stack:
+            node, path, depth, finished = stack.pop()
+            children = [c for pair in node.value for c in pair] if isinstance(node, yaml.MappingNode) else node.value
+            if finished:
+                self._finish(node, children)
+            elif id(node) not in self.done:  # (else an alias of a node checked since it was queued)
+                stack.append((node, path, depth, True))
+                stack += self._expand(node, children, path, depth)
+        extra = self.done[id(root)][0] - self.distinct
+        if extra > MAX_ALIAS_NODES:
+            raise InputError(f"aliases expand the document by more than {MAX_ALIAS_NODES} nodes (an alias bomb?); "
+                             "write the repeated parts out", source=self.source)
+
+    def _finish(self, node: yaml.Node, children: list[yaml.Node]) -> None:
+        """Size and height of ``node``, aliases expanded, once its children are done."""
+        self.on_path.discard(id(node))
+        size, height = 1, 1
+        for c in children:
+            s, h = self.done.get(id(c), (1, 1))
+            size, height = size + s, max(height, h + 1)
+        if height > MAX_DEPTH:
+            raise InputError(f"nested more than {MAX_DEPTH} levels deep once aliases are expanded (line "
+                             f"{node.start_mark.line + 1})", source=self.source)
+        self.done[id(node)] = (size, height)
+
+    def _expand(self, node: yaml.Node, children: list[yaml.Node], path: str,
+                depth: int) -> list[tuple[yaml.Node, str, int, bool]]:
+        """Check ``node`` and its scalar children; return its collection children still to walk."""
         if depth > MAX_DEPTH:
             raise InputError(f"nested more than {MAX_DEPTH} levels deep (line {node.start_mark.line + 1})",
-                             source=source)
-        distinct += 1 + sum(isinstance(c, yaml.ScalarNode) for c in children)
+                             source=self.source)
+        self.distinct += 1 + sum(isinstance(c, yaml.ScalarNode) for c in children)
         if isinstance(node, yaml.MappingNode):
-            _check_duplicate_keys(node, source, path)
-        on_path.add(key)
-        stack.append((node, path, depth, True))
+            _check_duplicate_keys(node, self.source, path)
+        self.on_path.add(id(node))
+        todo = []
         for i, child in enumerate(children):
-            if id(child) in referenced:
-                aliases += 1
-                if aliases > MAX_ALIASES:
-                    raise InputError(f"more than {MAX_ALIASES} alias references (line {child.start_mark.line + 1}); "
-                                     "write the repeated parts out", source=source)
-            else:
-                referenced.add(id(child))
+            self._count_reference(child)
             if isinstance(child, yaml.ScalarNode):
                 if not child.value.isascii():
-                    _check_string(child.value, source, _child_path(path, node, i), child.start_mark.line + 1)
-                continue
-            cid = id(child)
-            if cid in on_path:
+                    _check_string(child.value, self.source, _child_path(path, node, i), child.start_mark.line + 1)
+            elif id(child) in self.on_path:
                 raise InputError(f"an alias refers to a node that contains it (line {child.start_mark.line + 1})",
-                                 source=source, field=_child_path(path, node, i))
-            if cid in done:
-                continue  # an alias of a node already checked
-            stack.append((child, _child_path(path, node, i), depth + 1, False))
-    extra = done[id(root)][0] - distinct
-    if extra > MAX_ALIAS_NODES:
-        raise InputError(f"aliases expand the document by more than {MAX_ALIAS_NODES} nodes (an alias bomb?); "
-                         "write the repeated parts out", source=source)
+                                 source=self.source, field=_child_path(path, node, i))
+            elif id(child) not in self.done:
+                todo.append((child, _child_path(path, node, i), depth + 1, False))
+        return todo
+
+    def _count_reference(self, child: yaml.Node) -> None:
+        if id(child) not in self.referenced:
+            self.referenced.add(id(child))
+            return
+        self.aliases += 1
+        if self.aliases > MAX_ALIASES:
+            raise InputError(f"more than {MAX_ALIASES} alias references (line {child.start_mark.line + 1}); write "
+                             "the repeated parts out", source=self.source)
 
 
 def _check_duplicate_keys(node: yaml.MappingNode, source: str | None, path: str) -> None:
@@ -213,7 +226,7 @@ def load_yaml(text: str, source: str | None) -> Any:
             node = loader.get_single_node()
             if node is None:
                 return None
-            _check_nodes(node, source)
+            _NodeWalk(source).run(node)
             data = loader.construct_document(node)
         finally:
             loader.dispose()
