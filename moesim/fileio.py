@@ -24,7 +24,6 @@ so writing plots never changes the backend of a notebook or application that imp
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -487,14 +486,12 @@ def plain_text(text: str) -> str:
 # ---------------------------------------------------------------- reading
 
 def read_json_object(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """A JSON object from ``path``; a missing file, bad JSON or another top-level type is an InputError."""
+    """A JSON object from ``path``; a missing file, bad JSON (:func:`moesim.loaders.read_json`: UTF-8, no key
+    twice, finite numbers, bounded nesting) or another top-level type is an InputError."""
+    from moesim.loaders import read_json
+
     src = str(path)
-    try:
-        raw = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise InputError("file not found", source=src) from None
-    except (OSError, ValueError) as exc:
-        raise InputError(f"not valid JSON ({' '.join(str(exc).split())})", source=src) from None
+    raw = read_json(path, src)
     if not isinstance(raw, dict):
         raise InputError("must be a JSON object", source=src)
     return raw

@@ -317,7 +317,7 @@ def test_cluster_show_with_overrides_and_file(tmp_path, capsys):
     (["cluster", "show", "hgx-h200", "--set", "nodes"], "KEY=VALUE"),
     (["cluster", "show", "hgx-h200", "--set", "gpu.tflops=1"], "gpu.tflops: unknown key"),
     (["cluster", "show"], "needs a preset name"),
-    (["cluster", "show", "missing.yaml"], "missing.yaml: cannot read"),
+    (["cluster", "show", "missing.yaml"], "missing.yaml: file not found"),
 ])
 def test_cluster_show_bad_input(argv, where, capsys):
     assert main(argv) == 2
@@ -362,7 +362,7 @@ def test_place_list(capsys):
     (["--policy", "greedy", "--cluster", "nope"], "no cluster 'nope'"),
     (["--policy", "greedy", "--set", "seed=1"], "no option 'seed'"),
     (["--policy", "random", "--set", "seed"], "KEY=VALUE"),
-    (["--policy", "random", "--set", "seed=-1"], "--policy random: "),
+    (["--policy", "random", "--set", "seed=-1"], "--set seed: "),
 ])
 def test_place_bad_input(tiny_scenario_file, tmp_path, capsys, extra, where):
     out = tmp_path / "p.json"

@@ -21,7 +21,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "moesim"
 
 LAYERS: list[set[str]] = [
-    {"errors", "fileio"},  # serve all
+    {"errors", "fileio", "budget", "loaders"},  # serve all
     {"hardware"},
     {"traces"},
     {"placement"},

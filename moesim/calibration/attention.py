@@ -125,8 +125,11 @@ def _shape_model(shapes: Any, name: Any, src: str | None, where: str) -> ModelSp
         return ModelSpec(name=name, num_layers=1, num_experts=1, top_k=1, d_model=dims["d_model"], d_ff=1,
                          num_heads=dims["n_heads"], num_kv_heads=dims["n_kv_heads"], head_dim=dims["head_dim"])
     except ValidationError as exc:
-        msg = exc.errors()[0]["msg"].removeprefix("Value error, ")
-        raise InputError(msg, source=src, field=f"shapes.{name}") from None
+        err = exc.errors()[0]
+        msg = err["msg"].removeprefix("Value error, ")
+        key = {"num_heads": "n_heads", "num_kv_heads": "n_kv_heads"}.get(str(err["loc"][0]), str(err["loc"][0])) \
+            if err["loc"] else ""
+        raise InputError(msg, source=src, field=f"shapes.{name}" + (f".{key}" if key else "")) from None
 
 
 def bench_points(raw: dict, source: str | None = None) -> tuple[list[AttentionPoint], list[ProjectionPoint]]:

@@ -4,7 +4,8 @@ Reads the JSON that ``moesim bench`` and the scripts in ../shared/calibration an
 benchmarks/validation/attention_h100 write (``a2a_<world>.json``: ``uniform``/``skew``/``p2p``;
 ``expert_ffn*.json``: ``single``/``multi``; ``attention*.json``: ``records`` with a ``part`` each, of which the
 attention-core ones are kept, :func:`moesim.calibration.attention.attention_points`), recognising each file by
-its keys.
+its keys. Each file's fields are checked first (:mod:`moesim.calibration.schema`), so a problem names the
+file and the field.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 
 from moesim.calibration.attention import AttentionPoint, ProjectionPoint, bench_points
 from moesim.calibration.moe import MoEPoint, moe_points
+from moesim.calibration.schema import check_a2a, check_ffn, check_moe
 from moesim.errors import InputError
 from moesim.fileio import read_json_object
 
@@ -98,10 +100,13 @@ def load_bench(paths: list[str | Path]) -> BenchData:
         raw = read_json_object(path)
         try:
             if "uniform" in raw or "skew" in raw:
+                check_a2a(raw, src)
                 _a2a(raw, data, src)
             elif "single" in raw:
+                check_ffn(raw, src)
                 _ffn(raw, data)
             elif raw.get("format") == "moesim.bench.moe/1":
+                check_moe(raw, src)
                 data.moe.extend(moe_points(raw, src))
             elif "records" in raw:
                 cores, projections = bench_points(raw, src)
@@ -110,10 +115,10 @@ def load_bench(paths: list[str | Path]) -> BenchData:
             else:
                 raise InputError("neither an all-to-all (uniform/skew/p2p), an expert-FFN (single/multi) nor an "
                                  "attention (records) benchmark", source=src)
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, IndexError) as exc:  # what the checks above did not foresee
             if isinstance(exc, InputError):
                 raise
-            raise InputError(f"malformed benchmark entry ({exc!r})", source=src) from None
+            raise InputError(f"malformed benchmark entry ({type(exc).__name__}: {exc})", source=src) from None
         data.devices.add(str(raw.get("device", "?")))
         data.sources.append(src)
     return data

@@ -15,13 +15,22 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import NoReturn
 
 from moesim.cli import bench, calibrate, cluster, run, sweep, trace
 from moesim.errors import InputError
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a bad flag reported as every other bad input is: one line, exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        helps = " ".join(["moesim", *self.prog.split()[1:], "--help"])
+        self.exit(2, f"moesim: error: {' '.join(message.split())} ({helps} lists the options)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="moesim", description="Simulate MoE expert placements on GPU clusters.")
+    p = _Parser(prog="moesim", description="Simulate MoE expert placements on GPU clusters.")
     sub = p.add_subparsers(dest="command", required=True)
     for group in (run, bench, calibrate, sweep, cluster, trace):  # the order ``moesim --help`` lists them in
         group.add_parsers(sub)
@@ -38,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C: no traceback; what was being written has been cleaned up
         print("moesim: interrupted", file=sys.stderr)
         return 130
+    except MemoryError:  # the estimates (moesim.budget) missed it: still one line, and nothing was written
+        print("moesim: error: ran out of memory; the input is larger than this machine (or MOESIM_MAX_MEMORY_GB) "
+              "allows", file=sys.stderr)
+        return 2
     except BrokenPipeError:  # output piped into head or less, closed early: not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from moesim.cli.common import at_least_one
 from moesim.errors import InputError
 
 
@@ -50,10 +51,14 @@ def _check_bench_output(args: argparse.Namespace) -> None:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     try:
-        import torch  # noqa: F401
+        import torch
     except ImportError:
         raise InputError("moesim bench needs PyTorch: pip install -e '.[bench]'") from None
     _check_bench_output(args)
+    if not args.cpu and not torch.cuda.is_available():
+        raise InputError("no CUDA GPU visible to torch; --cpu runs tiny shapes on the CPU", field="--cpu")
+    # ranks: this host's GPUs, or (--cpu) a few processes
+    at_least_one(args.nproc, "--nproc", most=64 if args.cpu else max(torch.cuda.device_count(), 1))
     shapes = _bench_shapes(args) if args.scenario else None
     if args.what == "a2a":
         from moesim.bench import a2a

@@ -45,7 +45,8 @@ def _preset_of_device(device: str) -> str | None:
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    from moesim.calibration import calibrate, load_bench
+    from moesim.calibration import load_bench
+    from moesim.calibration.schema import calibrate_checked
 
     check_output_file(args.output, owned=starts_with(CALIBRATED_HEADER), what="a cluster YAML moesim calibrate wrote")
     data = load_bench(args.bench)
@@ -53,7 +54,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         raise InputError("no all-to-all, expert-FFN, attention-core or MoE-layer points in the benchmark files")
     devices = ", ".join(sorted(data.devices))
     name = _choose_preset(args.preset, data, devices)
-    result = calibrate(data, name, name=args.name)
+    result = calibrate_checked(data, name, name=args.name)
     _print_fit(result, data, name, devices)
     out = Path(args.output)
     _write_cluster_yaml(result, out, name, args.bench)

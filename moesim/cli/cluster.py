@@ -10,13 +10,12 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from moesim.cli.common import key_values
 from moesim.errors import InputError
 from moesim.hardware.presets import deep_merge, preset, preset_names
 from moesim.hardware.spec import ClusterSpec
 from moesim.hardware.topology import build_topology
+from moesim.loaders import read_yaml
 
 
 def _cluster_spec(name: str, overrides: list[str]) -> ClusterSpec:
@@ -24,15 +23,18 @@ def _cluster_spec(name: str, overrides: list[str]) -> ClusterSpec:
     for key, value in key_values(overrides):
         node: dict = raw
         *parents, leaf = key.split(".")
-        for p in parents:
+        for i, p in enumerate(parents):
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise InputError(f"{'.'.join(parents[: i + 1])} is {node!r}, not a mapping with keys",
+                                 field=f"--set {key}")
         node[leaf] = value
     from pydantic import ValidationError
 
     from moesim.study.config import _pydantic_error  # one formatter for every config error
 
     try:
-        return ClusterSpec(**raw)
+        return ClusterSpec.model_validate(raw)
     except ValidationError as exc:
         raise _pydantic_error(exc, name, "") from None
 
@@ -46,10 +48,7 @@ def _preset(name: str) -> dict[str, Any]:
 
 def _read_cluster_file(name: str) -> dict[str, Any]:
     """A cluster YAML file as a mapping, merged over the preset it names (if any)."""
-    try:
-        raw = yaml.safe_load(Path(name).read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise InputError(f"cannot read cluster file ({' '.join(str(exc).split())})", source=name) from None
+    raw = read_yaml(name)
     if not isinstance(raw, dict):
         raise InputError("a cluster file must be a YAML mapping", source=name)
     base: dict = {}
@@ -78,7 +77,10 @@ def _cmd_cluster(args: argparse.Namespace) -> int:
         return 0
     if not args.name:
         raise InputError("moesim cluster show needs a preset name or a cluster YAML file")
-    print("\n".join(_describe(_cluster_spec(args.name, args.set or []))))
+    try:  # errors without a file of their own (a preset, --set, the topology's size) name the cluster given
+        print("\n".join(_describe(_cluster_spec(args.name, args.set or []))))
+    except InputError as exc:
+        raise exc.at(source=args.name) from None
     return 0
 
 

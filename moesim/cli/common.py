@@ -8,21 +8,34 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-import yaml
-
 from moesim.errors import InputError
+from moesim.loaders import load_yaml
 
 
 def key_values(items: list[str] | None) -> Iterator[tuple[str, Any]]:
-    """``--set KEY=VALUE`` items as (KEY, VALUE read as YAML) pairs, one at a time in the order given."""
+    """``--set KEY=VALUE`` items as (KEY, VALUE read as YAML) pairs, one at a time in the order given; KEY is
+    a dotted path of names, VALUE one YAML value (:func:`moesim.loaders.load_yaml`: finite numbers, no alias
+    bombs); a problem names ``--set KEY``."""
     for item in items or []:
         key, sep, value = item.partition("=")
-        if not sep:
-            raise InputError(f"--set needs KEY=VALUE, got {item!r}")
-        yield key, yaml.safe_load(value)
+        key = key.strip()
+        if not sep or not key:
+            raise InputError(f"needs KEY=VALUE, got {item!r}", field="--set")
+        if any(not part.strip() for part in key.split(".")):
+            raise InputError(f"KEY must be names joined by dots, got {key!r}", field="--set")
+        try:
+            yield key, load_yaml(value, None)
+        except InputError as exc:
+            raise InputError(f"value {value!r}: {exc.detail}", field=f"--set {key}") from None
 
 
-def at_least_one(value: int | None, flag: str) -> None:
-    """An optional integer flag, when given, must be >= 1."""
-    if value is not None and value < 1:
-        raise InputError(f"must be >= 1, got {value}", field=flag)
+def at_least_one(value: int | None, flag: str, most: int = 2**31 - 1) -> None:
+    """An optional integer flag, when given, must be >= 1 (and at most ``most``)."""
+    if value is not None and not 1 <= value <= most:
+        raise InputError(f"must be from 1 to {most}, got {value}", field=flag)
+
+
+def at_least_zero(value: int | None, flag: str, most: int = 2**63 - 1) -> None:
+    """An optional integer flag (a seed, a count that may be 0), when given, must be >= 0 (and at most ``most``)."""
+    if value is not None and not 0 <= value <= most:
+        raise InputError(f"must be from 0 to {most}, got {value}", field=flag)

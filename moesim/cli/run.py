@@ -99,7 +99,7 @@ def _cmd_place(args: argparse.Namespace) -> int:
     from moesim.placement.registry import policy_names
     from moesim.report.text import solve_summary
     from moesim.study import load_scenario, prepare
-    from moesim.study.config import PlacementEntry
+    from moesim.study.config import PlacementEntry, check_policy_options
 
     if args.list:
         print("\n".join(policy_names()))
@@ -111,6 +111,7 @@ def _cmd_place(args: argparse.Namespace) -> int:
     options = dict(key_values(args.set))
     if args.policy not in policy_names():
         raise InputError(f"unknown policy {args.policy!r}; valid: {', '.join(policy_names())}", field="--policy")
+    check_policy_options(args.policy, options, args.scenario, "--set ")
     entry = PlacementEntry(name=args.policy, policy=args.policy, options=options)
     plan = prepare(scenario, placements=[entry], where={entry.name: f"--policy {args.policy}"},
                    clusters=[args.cluster or scenario.clusters[0].name], cluster_field="--cluster")

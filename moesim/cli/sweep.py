@@ -55,8 +55,10 @@ def _swept_plan(scenario: Scenario, redundant: list[int], every: list[int], *, w
                 cluster_name: str | None) -> tuple[StudyPlan, RebalanceConfig]:
     """The study plan with one copy of the rebalanced placement per redundant count, and the rebalance
     settings with ``window`` applied; every interval is checked against every cluster's workload."""
+    from moesim.budget import require_time
     from moesim.study.config import PlacementEntry
     from moesim.study.plan import prepare
+    from moesim.study.sizes import simulation_seconds
 
     cfg = scenario.rebalance
     if cfg is None:
@@ -77,6 +79,9 @@ def _swept_plan(scenario: Scenario, redundant: list[int], every: list[int], *, w
     for cp in plan.clusters:  # validate every interval before simulating
         assert cp.workload is not None
         B = cp.workload.layout.num_batches
+        require_time(simulation_seconds(cp.cluster, scenario.model.num_layers, B, 2 * len(redundant) * len(every)),
+                     f"sweeping {len(redundant)} x {len(every)} settings of {B} batches on {cp.cluster.name}",
+                     source=scenario.source, field="--every")
         if max(every) >= B or min(every) < 1:
             raise InputError(f"intervals must be between 1 and {B - 1} (the workload has {B} batches)",
                              source=scenario.source, field="--every")

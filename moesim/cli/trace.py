@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-from moesim.cli.common import at_least_one
+from moesim.cli.common import at_least_one, at_least_zero
 from moesim.errors import InputError
 from moesim.fileio import atomic_write, check_output_file, check_output_folder, output_folder
 
@@ -37,9 +37,12 @@ def _cmd_import(args: argparse.Namespace) -> int:
 
     _check_trace_output(args.output)
     t0 = time.perf_counter()
-    res = import_trace(args.inputs, fmt=args.format, num_experts=args.num_experts, top_k=args.top_k,
-                       num_gpus=args.gpus, tokens_per_gpu=args.tokens_per_gpu, assign=args.assign,
-                       skip_bad=args.skip_bad, allow_missing=args.allow_missing, axes=args.axes, model=args.model)
+    try:
+        res = import_trace(args.inputs, fmt=args.format, num_experts=args.num_experts, top_k=args.top_k,
+                           num_gpus=args.gpus, tokens_per_gpu=args.tokens_per_gpu, assign=args.assign,
+                           skip_bad=args.skip_bad, allow_missing=args.allow_missing, axes=args.axes, model=args.model)
+    except InputError as exc:  # a flag's problem (--gpus, sizes) without a file of its own: name the inputs
+        raise exc.at(source=", ".join(args.inputs)) from None
     save_trace(res.trace, args.output, compress=not args.stored)
     m, tr = res.trace.meta, res.trace
     batches = int(tr.batch.max()) + 1 if tr.batch is not None and tr.num_tokens else None
@@ -70,7 +73,10 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     at_least_one(args.window, "--window")
     if args.layer is not None and not 0 <= args.layer < trace.meta.num_layers:
         raise InputError(f"layer {args.layer} out of range [0, {trace.meta.num_layers})", field="--layer")
-    st = trace_stats(trace, top_m=args.top, window=args.window)
+    try:
+        st = trace_stats(trace, top_m=args.top, window=args.window)
+    except InputError as exc:  # too large to count (moesim.traces.stats.stats_cost)
+        raise exc.at(source=str(args.trace)) from None
     print(format_stats(st, name=str(args.trace), layers=None if args.all_layers else 12))
     text = json.dumps(st.summary(), indent=1)
 
@@ -98,14 +104,26 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     from moesim.traces.generator_fit import fit_trace
 
     check_output_file(args.output, owned=is_params_file, what="generator parameters moesim wrote")
+    for flag, value in (("--fanout", args.fanout), ("--calibration-tokens", args.calibration_tokens),
+                        ("--window", args.window), ("--check-tokens", args.check_tokens)):
+        at_least_one(value, flag)
+    at_least_zero(args.rounds, "--rounds")
+    at_least_zero(args.seed, "--seed")
     trace = load_trace(args.trace, mmap=True)
     t0 = time.perf_counter()
-    params = fit_trace(trace, fanout=args.fanout, calibration_tokens=args.calibration_tokens,
-                       rounds=args.rounds, seed=args.seed, name=args.name or Path(args.trace).stem, window=args.window)
+    try:
+        params = fit_trace(trace, fanout=args.fanout, calibration_tokens=args.calibration_tokens, rounds=args.rounds,
+                           seed=args.seed, name=args.name or Path(args.trace).stem, window=args.window)
+    except InputError as exc:  # too large to fit (the cost estimates)
+        raise exc.at(source=str(args.trace)) from None
+    fit_s = time.perf_counter() - t0
+    try:
+        rows = fitted_vs_real(params, trace, tokens=args.check_tokens, seed=args.seed + 1)  # before writing anything
+    except InputError as exc:
+        raise exc.at(source=str(args.trace), field_prefix=None if exc.field else "--check-tokens") from None
     save_params(params, args.output, header=f"moesim trace fit {args.trace} (fanout {args.fanout}, seed {args.seed})")
     print(f"wrote {args.output}: {params.num_layers} layers x {params.num_experts} experts, top-{params.top_k}, "
-          f"{params.fanout} successors per expert, fitted in {time.perf_counter() - t0:.1f} s")
-    rows = fitted_vs_real(params, trace, tokens=args.check_tokens, seed=args.seed + 1)
+          f"{params.fanout} successors per expert, fitted in {fit_s:.1f} s")
     print(f"{'statistic':36s} {'real':>8s} {'fitted':>8s}")
     for name, real, fit in rows:
         print(f"{name:36s} {real:8.3f} {fit:8.3f}")
@@ -116,12 +134,16 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from moesim.traces.fitted_generator import load_params, write_fitted_trace
 
     _check_trace_output(args.output)
+    for flag, value in (("--gpus", args.gpus), ("--tokens-per-gpu", args.tokens_per_gpu), ("--batches", args.batches)):
+        at_least_one(value, flag)
+    at_least_zero(args.seed, "--seed")
     params = load_params(args.params)
-    if args.tokens_per_gpu < 1 or args.gpus < 1 or args.batches < 1:
-        raise InputError("--gpus, --tokens-per-gpu and --batches must be >= 1")
     t0 = time.perf_counter()
-    path = write_fitted_trace(params, args.output, num_gpus=args.gpus, tokens_per_gpu=args.tokens_per_gpu,
-                              batches=args.batches, seed=args.seed, weights=args.weights)
+    try:
+        path = write_fitted_trace(params, args.output, num_gpus=args.gpus, tokens_per_gpu=args.tokens_per_gpu,
+                                  batches=args.batches, seed=args.seed, weights=args.weights)
+    except InputError as exc:  # too large to generate (moesim.traces.fitted_generator.fitted_cost)
+        raise exc.at(source=str(args.params)) from None
     print(f"wrote {path}: {args.batches * args.gpus * args.tokens_per_gpu} tokens x {params.num_layers} layers x "
           f"top-{params.top_k} (stored uncompressed: memory-mapped on load) in {time.perf_counter() - t0:.1f} s")
     return 0
@@ -132,6 +154,10 @@ def _cmd_capture(args: argparse.Namespace) -> int:
     from moesim.traces.format import save_trace
 
     _check_trace_output(args.output)
+    for flag, value in (("--max-tokens", args.max_tokens), ("--gpus", args.gpus),
+                        ("--tokens-per-gpu", args.tokens_per_gpu)):
+        at_least_one(value, flag)
+
     prompts = read_prompts(args.prompts)
     trace = capture_trace(args.model, prompts, max_tokens=args.max_tokens, device=args.device, dtype=args.dtype,
                           num_gpus=args.gpus, tokens_per_gpu=args.tokens_per_gpu, assign=args.assign,

@@ -17,41 +17,67 @@ adaptive routing in the fabric (flows take one fixed path each).
 from __future__ import annotations
 
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from typing import Any
 
-Fraction = Field(gt=0.0, le=1.0)
+from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from moesim.loaders import NoBoolNumbers
+
+# Physical sanity bounds: every rate, size and time is a finite number within them, so no preset or override
+# can make the simulator divide by zero, overflow to infinity or produce NaN.
+MAX_GBPS = 1e6  # GB/s: a thousand times any link or memory built so far
+MAX_US = 1e6  # one second for any latency or fixed cost
+MIN_SHARE = 1e-4  # smallest efficiency: below it a "link" or "GPU" does nothing
+MAX_NODES = 1_000_000
+MAX_GPUS_PER_NODE = 100_000  # (the cluster's GPUs are also bounded by the memory of routing every pair)
 
 
-class StrictModel(BaseModel):
+def Fraction(**kw: Any) -> Any:  # noqa: N802 - reads as a type in field declarations
+    """A share of a line rate or peak: above 0 (at least MIN_SHARE), at most 1."""
+    return Field(ge=MIN_SHARE, le=1.0, **kw)
+
+
+def Rate(limit: float = MAX_GBPS, **kw: Any) -> Any:  # noqa: N802
+    """A rate (GB/s, Gb/s, TFLOP/s) or a capacity: positive and finite, at most ``limit``."""
+    return Field(gt=0, le=limit, **kw)
+
+
+def Micros(**kw: Any) -> Any:  # noqa: N802
+    """A latency or fixed cost in microseconds: 0 to MAX_US."""
+    return Field(ge=0, le=MAX_US, **kw)
+
+
+class StrictModel(NoBoolNumbers):
     """A config model that rejects unknown keys and is immutable once validated."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
 
 
 class StepCost(StrictModel):
     """One step of an MoE kernel pipeline (:mod:`moesim.sim.kernels`): a fixed cost (its launches and host
     work) plus its bytes at a share of HBM bandwidth (gathers, scatters and atomics reach far less than a copy)."""
 
-    fixed_us: float = Field(ge=0, lt=1e6)
-    hbm_efficiency: float = Field(default=1.0, gt=0, le=1)
+    fixed_us: float = Field(ge=0, lt=MAX_US)
+    hbm_efficiency: float = Fraction(default=1.0)
 
 
 class PipelineSpec(StrictModel):
     """How one MoE kernel pipeline runs on this GPU: its grouped-GEMM tiling and rates, and every other
     step's cost. Fitted by ``moesim calibrate`` on ``moesim bench moe`` timings."""
 
-    tile_m: int = Field(default=128, ge=1, description="grouped-GEMM tile rows: each expert's rows are padded to it")
-    tile_n: int = Field(default=128, ge=1, description="grouped-GEMM tile columns")
-    gemm_efficiency: float = Field(default=0.7, gt=0, le=1,
+    tile_m: int = Field(default=128, ge=1, le=65536,
+                        description="grouped-GEMM tile rows: each expert's rows are padded to it")
+    tile_n: int = Field(default=128, ge=1, le=65536, description="grouped-GEMM tile columns")
+    gemm_efficiency: float = Fraction(default=0.7,
                                    description="share of the bf16 peak per SM that a full GEMM tile reaches")
-    fp8_gemm_efficiency: float = Field(default=0.5, gt=0, le=1,
+    fp8_gemm_efficiency: float = Fraction(default=0.5,
                                        description="share of the FP8 peak per SM that a full FP8 GEMM tile reaches")
-    gemm_hbm_efficiency: float = Field(default=0.65, gt=0, le=1,
+    gemm_hbm_efficiency: float = Fraction(default=0.65,
                                        description="share of HBM bandwidth a grouped GEMM reads its weights at")
-    gemm_fixed_us: float = Field(default=20.0, ge=0, lt=1e6, description="fixed cost of one grouped GEMM")
-    fp8_gemm_hbm_efficiency: float = Field(default=0.65, gt=0, le=1,
-                                           description="share of HBM bandwidth an FP8 grouped GEMM reads weights at")
-    fp8_gemm_fixed_us: float = Field(default=20.0, ge=0, lt=1e6, description="fixed cost of one FP8 grouped GEMM")
+    gemm_fixed_us: float = Field(default=20.0, ge=0, lt=MAX_US, description="fixed cost of one grouped GEMM")
+    fp8_gemm_hbm_efficiency: float = Fraction(default=0.65, description="share of HBM bandwidth an FP8 grouped "
+                                                                        "GEMM reads its weights at")
+    fp8_gemm_fixed_us: float = Field(default=20.0, ge=0, lt=MAX_US, description="fixed cost of one FP8 grouped GEMM")
     steps: dict[str, StepCost] = Field(default_factory=dict, description="every other step's cost, by name")
 
 
@@ -70,33 +96,32 @@ class GPUSpec(StrictModel):
     """One accelerator: compute rate, memory bandwidth and capacity, kernel overhead."""
 
     name: str
-    bf16_tflops: float = Field(gt=0, description="dense bf16 tensor-core peak, TFLOP/s")
-    fp8_tflops: float | None = Field(default=None, gt=0, description="dense FP8 tensor-core peak, TFLOP/s "
-                                                                     "(default: twice bf16)")
-    hbm_GBps: float = Field(gt=0, description="HBM bandwidth, GB/s")
-    memory_GB: float = Field(gt=0, description="HBM capacity, GB")
-    compute_efficiency: float = Fraction
-    hbm_efficiency: float = Fraction
-    ffn_overhead_us: float = Field(ge=0, description="fixed cost of one expert-FFN launch (GEMM, act, GEMM)")
-    ffn_floor_us: float = Field(default=0.0, ge=0, description="shortest possible expert FFN (launch-bound)")
-    local_copy_GBps: float | None = Field(default=None, gt=0,
-                                          description="a collective's copy to its own rank "
-                                                      "(default: HBM x efficiency / 2)")
-    attention_efficiency: float | None = Field(default=None, gt=0, le=1,
-                                               description="share of bf16 peak the attention core (FlashAttention) "
-                                                           "reaches (default compute_efficiency)")
-    attention_fixed_keys: float = Field(default=0.0, ge=0,
+    bf16_tflops: float = Rate(description="dense bf16 tensor-core peak, TFLOP/s")
+    fp8_tflops: float | None = Rate(default=None, description="dense FP8 tensor-core peak, TFLOP/s (default: twice "
+                                                                  "bf16)")
+    hbm_GBps: float = Rate(description="HBM bandwidth, GB/s")
+    memory_GB: float = Rate(description="HBM capacity, GB")
+    compute_efficiency: float = Fraction()
+    hbm_efficiency: float = Fraction()
+    ffn_overhead_us: float = Micros(description="fixed cost of one expert-FFN launch (GEMM, act, GEMM)")
+    ffn_floor_us: float = Micros(default=0.0, description="shortest possible expert FFN (launch-bound)")
+    local_copy_GBps: float | None = Rate(default=None, description="a collective's copy to its own rank (default: "
+                                                                   "HBM x efficiency / 2)")
+    attention_efficiency: float | None = Fraction(default=None,
+                                                  description="share of bf16 peak the attention core (FlashAttention) "
+                                                              "reaches (default compute_efficiency)")
+    attention_fixed_keys: float = Field(default=0.0, ge=0, le=1e9,
                                         description="attention core's fixed work per query row, in key positions "
                                                     "(loading Q, finishing the softmax, storing O; fitted)")
-    attention_overhead_us: float = Field(default=0.0, ge=0,
-                                         description="fixed GPU-side cost of one attention-core kernel")
-    dense_efficiency: float | None = Field(default=None, gt=0, le=1,
-                                           description="share of bf16 peak the attention projections (plain GEMMs) "
-                                                       "reach (default compute_efficiency)")
-    attention_hbm_efficiency: float | None = Field(default=None, gt=0, le=1,
-                                                   description="share of HBM bandwidth the attention core reaches "
-                                                               "reading K and V (default hbm_efficiency)")
-    sms: int = Field(default=132, ge=1, description="streaming multiprocessors (GEMM tiles run in waves over them)")
+    attention_overhead_us: float = Micros(default=0.0, description="fixed GPU-side cost of one attention-core kernel")
+    dense_efficiency: float | None = Fraction(default=None,
+                                              description="share of bf16 peak the attention projections (plain GEMMs) "
+                                                          "reach (default compute_efficiency)")
+    attention_hbm_efficiency: float | None = Fraction(default=None,
+                                                      description="share of HBM bandwidth the attention core reaches "
+                                                                  "reading K and V (default hbm_efficiency)")
+    sms: int = Field(default=132, ge=1, le=1_000_000,
+                     description="streaming multiprocessors (GEMM tiles run in waves over them)")
     moe_pipelines: dict[str, PipelineSpec] = Field(default_factory=measured_pipelines,
                                                    description="the MoE kernel pipelines on this GPU, by name")
 
@@ -140,9 +165,9 @@ class NVLinkSpec(StrictModel):
     """The scale-up domain: every GPU of a node attaches to a non-blocking NVSwitch fabric."""
 
     name: str
-    GBps: float = Field(gt=0, description="per GPU, per direction, line rate")
-    efficiency: float = Fraction
-    latency_us: float = Field(ge=0, description="GPU-to-GPU one-way latency")
+    GBps: float = Rate(description="per GPU, per direction, line rate")
+    efficiency: float = Fraction()
+    latency_us: float = Micros(description="GPU-to-GPU one-way latency")
 
     @property
     def bytes_per_s(self) -> float:
@@ -153,16 +178,16 @@ class NetworkSpec(StrictModel):
     """The scale-out network: NICs (one per GPU, a rail each, unless ``nics_per_node`` says fewer), leaf
     switches, one logical spine."""
 
-    nic_Gbps: float = Field(gt=0, description="per NIC, per direction, line rate")
-    nic_efficiency: float = Fraction
-    latency_us: float = Field(ge=0, description="NIC-to-NIC one-way latency through one leaf")
-    hop_latency_us: float = Field(default=0.5, ge=0, description="extra latency per leaf-spine hop")
-    pcie_GBps: float = Field(default=64.0, gt=0, description="GPU-NIC PCIe link, per direction")
+    nic_Gbps: float = Rate(8 * MAX_GBPS, description="per NIC, per direction, line rate")
+    nic_efficiency: float = Fraction()
+    latency_us: float = Micros(description="NIC-to-NIC one-way latency through one leaf")
+    hop_latency_us: float = Micros(default=0.5, description="extra latency per leaf-spine hop")
+    pcie_GBps: float = Rate(default=64.0, description="GPU-NIC PCIe link, per direction")
     rail_optimized: bool = Field(default=True, description="one leaf per rail (local rank) across nodes")
-    nodes_per_leaf: int = Field(default=32, ge=1, description="nodes per leaf when not rail-optimized")
-    oversubscription: float = Field(default=1.0, ge=1.0, description="leaf downlink:uplink ratio")
+    nodes_per_leaf: int = Field(default=32, ge=1, le=MAX_NODES, description="nodes per leaf when not rail-optimized")
+    oversubscription: float = Field(default=1.0, ge=1.0, le=1e6, description="leaf downlink:uplink ratio")
     nics_per_node: int | None = Field(
-        default=None, ge=1,
+        default=None, ge=1, le=MAX_GPUS_PER_NODE,
         description="NICs per node, shared by equal groups of consecutive local ranks (GPUs behind one PCIe "
                     "switch); must divide gpus_per_node; default: one NIC per GPU")
 
@@ -175,18 +200,16 @@ class ClusterSpec(StrictModel):
     """A cluster of identical nodes, each an NVLink domain of ``gpus_per_node`` GPUs."""
 
     name: str
-    nodes: int = Field(ge=1)
-    gpus_per_node: int = Field(ge=1)
+    nodes: int = Field(ge=1, le=MAX_NODES)
+    gpus_per_node: int = Field(ge=1, le=MAX_GPUS_PER_NODE)
     gpu: GPUSpec
     nvlink: NVLinkSpec
     network: NetworkSpec
-    a2a_launch_us: float = Field(ge=0, description="fixed cost of one all-to-all call (launch, handshake)")
-    a2a_self_launch_us: float | None = Field(
-        default=None, ge=0, lt=1e6, description="fixed cost of an all-to-all among one GPU (NCCL with one rank "
-        "copies with cudaMemcpy, at the device copy rate); default a2a_launch_us")
-    expert_memory_fraction: float = Field(
-        default=0.8, gt=0, le=1, description="share of HBM that expert weights may use"
-    )
+    a2a_launch_us: float = Micros(description="fixed cost of one all-to-all call (launch, handshake)")
+    a2a_self_launch_us: float | None = Micros(
+        default=None, description="fixed cost of an all-to-all among one GPU (NCCL with one rank copies with "
+        "cudaMemcpy, at the device copy rate); default a2a_launch_us")
+    expert_memory_fraction: float = Fraction(default=0.8, description="share of HBM that expert weights may use")
 
     @property
     def num_gpus(self) -> int:

@@ -29,6 +29,7 @@ from typing import Callable
 import networkx as nx
 import numpy as np
 
+from moesim.budget import require_memory, require_time
 from moesim.hardware.spec import ClusterSpec
 
 
@@ -125,8 +126,21 @@ def _forwarding(src: str, role: dict[str, str], node: dict[str, int]) -> Callabl
     return keep
 
 
+def topology_cost(cluster: ClusterSpec) -> tuple[float, float]:
+    """(bytes, seconds) of routing every ordered GPU pair (:func:`build_topology`): the paths as Python lists
+    and then arrays, [G, G] latencies, and the simulator's per-pair link table (:class:`moesim.sim.network.Routing`)."""
+    G = cluster.num_gpus
+    pairs = G * G
+    return pairs * 400.0, pairs * 5e-6
+
+
 def build_topology(cluster: ClusterSpec) -> Topology:
-    """Build the graph and route every ordered GPU pair over it."""
+    """Build the graph and route every ordered GPU pair over it (refused up front, as an InputError on
+    ``nodes``, when that cannot fit in memory or time: :func:`topology_cost`)."""
+    nbytes, seconds = topology_cost(cluster)
+    what = f"routing every pair of {cluster.num_gpus} GPUs ({cluster.nodes} nodes x {cluster.gpus_per_node})"
+    require_memory(nbytes, what, field="nodes")
+    require_time(seconds, what, field="nodes")
     graph = build_graph(cluster)
     edges = list(graph.edges(data=True))
     index = {(u, v): i for i, (u, v, _) in enumerate(edges)}

@@ -51,7 +51,7 @@ def affinity_assign(problem: PlacementProblem, load_slack: float = 0.05) -> np.n
     return assign
 
 
-@register("affinity")
+@register("affinity", pairwise=True)
 def affinity(problem: PlacementProblem, *, load_slack: float = 0.05) -> Placement:
     """Greedy cross-layer co-location within ``load_slack`` of greedy's heaviest rank per layer."""
     t0 = time.perf_counter()

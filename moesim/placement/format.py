@@ -26,6 +26,7 @@ from moesim.fileio import atomic_write, head, read_json_object
 
 FORMAT = "moesim.placement/1"
 _FORMER_NUM_RANKS = "num_gpus"  # what files written before the rename call num_ranks; still read
+MAX_GPUS = 2**31 - 1  # EP ranks are int32 in the dense array
 
 
 @dataclass(frozen=True)
@@ -113,8 +114,8 @@ def load_placement(path: str | os.PathLike[str]) -> Placement:
                              field=_FORMER_NUM_RANKS)
         key = _FORMER_NUM_RANKS
     num_ranks = raw.get(key)
-    if not isinstance(num_ranks, int) or isinstance(num_ranks, bool) or num_ranks <= 0:
-        raise InputError(f"must be a positive integer, got {num_ranks!r}", source=src, field=key)
+    if not isinstance(num_ranks, int) or isinstance(num_ranks, bool) or not 0 < num_ranks <= MAX_GPUS:
+        raise InputError(f"must be a positive integer up to {MAX_GPUS}, got {num_ranks!r}", source=src, field=key)
     layers = raw.get("layers")
     if not isinstance(layers, list) or not layers:
         raise InputError("must be a non-empty list", source=src, field="layers")
@@ -130,6 +131,12 @@ def load_placement(path: str | os.PathLike[str]) -> Placement:
             ok = isinstance(reps, list) and all(isinstance(g, int) and not isinstance(g, bool) for g in reps)
             if not ok:
                 raise InputError("must be a list of GPU indices", source=src, field=f"{where}[{e}]")
+            if len(reps) > num_ranks:
+                raise InputError(f"{len(reps)} copies of one expert, more than the {num_ranks} GPUs (a GPU holds at "
+                                 "most one)", source=src, field=f"{where}[{e}]")
+            bad = next((g for g in reps if not 0 <= g < num_ranks), None)
+            if bad is not None:
+                raise InputError(f"GPU {bad} out of range [0, {num_ranks})", source=src, field=f"{where}[{e}]")
         lists.append(experts)
     info = raw.get("info") or {}
     if not isinstance(info, dict):

@@ -184,7 +184,7 @@ def moetuner(problem: PlacementProblem, *, solver: str = "auto", time_limit_s: f
     return assign, info
 
 
-@register("ilp_moetuner")
+@register("ilp_moetuner", pairwise=True)
 def ilp_moetuner(problem: PlacementProblem, *, solver: str = "auto", time_limit_s: float = 60.0,
                  gap: float = 0.01) -> Placement:
     """MoETuner's two stages: balanced clusters per layer, then bandwidth-aware cluster-to-GPU mapping."""

@@ -81,12 +81,14 @@ class PlacementProblem:
 Policy = Callable[..., Placement]
 _REGISTRY: dict[str, Policy] = {}
 _REPLICAS: dict[str, str] = {}  # policy -> the option giving its number of extra expert copies
+_PAIRWISE: set[str] = set()  # policies that count expert-pair statistics (layers x experts^2)
 
 
-def register(name: str, *, replicas: str | None = None) -> Callable[[Policy], Policy]:
+def register(name: str, *, replicas: str | None = None, pairwise: bool = False) -> Callable[[Policy], Policy]:
     """Register ``policy(problem, **options)`` under ``name``. ``replicas`` declares that the policy
     replicates experts and names its option giving the number of extra copies (e.g. ``redundant_experts``):
-    memory checks and slot limits read it from there."""
+    memory checks and slot limits read it from there. ``pairwise`` declares that it reads the transition or
+    co-activation counts (layers x experts x experts), which the memory estimate of a study then counts."""
     def deco(fn: Policy) -> Policy:
         if name in _REGISTRY:
             raise ValueError(f"placement policy {name!r} is already registered; registered: "
@@ -96,6 +98,8 @@ def register(name: str, *, replicas: str | None = None) -> Callable[[Policy], Po
         _REGISTRY[name] = fn
         if replicas is not None:
             _REPLICAS[name] = replicas
+        if pairwise:
+            _PAIRWISE.add(name)
         return fn
 
     return deco
@@ -112,6 +116,11 @@ def replica_slots(name: str, options: dict[str, Any]) -> int:
     key = _REPLICAS.get(name)
     value = options.get(key) if key is not None else None
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def uses_pairwise(name: str) -> bool:
+    """Whether policy ``name`` counts expert-pair statistics (see :func:`register`)."""
+    return name in _PAIRWISE
 
 
 def policy_names() -> list[str]:

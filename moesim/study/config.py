@@ -9,23 +9,26 @@ anything is simulated. Relative paths (trace and placement files) resolve agains
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from moesim.errors import InputError
 from moesim.fileio import safe_name
 from moesim.hardware.presets import deep_merge, preset, preset_names
 from moesim.hardware.spec import ClusterSpec
-from moesim.placement.registry import check_option, policy_names, policy_options
+from moesim.loaders import NoBoolNumbers, check_values, read_yaml
+from moesim.placement.registry import check_option, policy_names, policy_options, replica_option
 from moesim.sim.compute import Attention
 from moesim.sim.engine import EngineOptions
 from moesim.traces.model import ModelSpec
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+MAX_COUNT = 2**31 - 1  # tokens per GPU, batches, lengths: counts that numpy keeps in int32 arrays downstream
+
+
+class _Strict(NoBoolNumbers):
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ClusterEntry(_Strict):
@@ -33,7 +36,8 @@ class ClusterEntry(_Strict):
 
     name: str
     spec: ClusterSpec
-    tp: int = Field(default=1, ge=1, description="tensor parallelism: GPUs per EP rank, sharing each expert and the attention (Megatron)")
+    tp: int = Field(default=1, ge=1, le=4096, description="tensor parallelism: GPUs per EP rank, sharing each "
+                    "expert and the attention (Megatron)")
 
     @property
     def ep(self) -> int:
@@ -41,19 +45,22 @@ class ClusterEntry(_Strict):
 
 
 class SyntheticWorkload(_Strict):
-    tokens_per_gpu: int = Field(ge=1, description="tokens resident on each GPU per batch")
-    batches: int = Field(default=1, ge=1)
-    profile_batches: int = Field(default=1, ge=1, description="independent batches placements are profiled on")
-    zipf_alpha: float = Field(default=0.3, ge=0)
-    gpu_mix_sigma: float = Field(default=0.3, ge=0)
+    tokens_per_gpu: int = Field(ge=1, le=MAX_COUNT, description="tokens resident on each GPU per batch")
+    batches: int = Field(default=1, ge=1, le=MAX_COUNT)
+    profile_batches: int = Field(default=1, ge=1, le=MAX_COUNT, description="independent batches placements are "
+                                 "profiled on")
+    zipf_alpha: float = Field(default=0.3, ge=0, le=10)
+    gpu_mix_sigma: float = Field(default=0.3, ge=0, le=10)
     affinity: float = Field(default=0.5, ge=0, le=1)
-    affinity_fanout: int = Field(default=4, ge=1)
-    groups: int = Field(default=1, ge=1, description="expert groups for group-limited routing (DeepSeek-V3: 8)")
-    topk_groups: int | None = Field(default=None, ge=1, description="groups each token may use (DeepSeek-V3: 4)")
-    seed: int = 0
+    affinity_fanout: int = Field(default=4, ge=1, le=MAX_COUNT)
+    groups: int = Field(default=1, ge=1, le=MAX_COUNT, description="expert groups for group-limited routing "
+                        "(DeepSeek-V3: 8)")
+    topk_groups: int | None = Field(default=None, ge=1, le=MAX_COUNT, description="groups each token may use "
+                                    "(DeepSeek-V3: 4)")
+    seed: int = Field(default=0, ge=0, description="seed of the workload's random generators (an integer >= 0)")
     fitted: str | None = Field(default=None, description="parameters fitted to a real trace (moesim trace fit): a "
                                "YAML file or a shipped name; replaces the synthetic shape fields")
-    drift_swaps_per_batch: float = Field(default=0.0, ge=0, description="popularity drift of the evaluation "
+    drift_swaps_per_batch: float = Field(default=0.0, ge=0, le=1e6, description="popularity drift of the evaluation "
                                          "trace: random expert label swaps per layer per batch (moesim.traces."
                                          "synthetic.drift_trace)")
 
@@ -63,8 +70,10 @@ class TraceWorkload(_Strict):
     files: tuple[Path, ...] | None = Field(
         default=None, min_length=1, description="a sequence of traces replayed one after another (e.g. captured at "
                                                 "different times), instead of one file: the run drifts as they do")
-    tokens_per_gpu: int | None = Field(default=None, ge=1, description="batch size when the trace has no batch array")
-    profile_batches: int | None = Field(default=None, ge=1, description="first N batches to profile on (default: all)")
+    tokens_per_gpu: int | None = Field(default=None, ge=1, le=MAX_COUNT,
+                                       description="batch size when the trace has no batch array")
+    profile_batches: int | None = Field(default=None, ge=1, le=MAX_COUNT,
+                                        description="first N batches to profile on (default: all)")
 
     @model_validator(mode="after")
     def _one_source(self) -> "TraceWorkload":
@@ -85,11 +94,12 @@ class TraceWorkload(_Strict):
 class Workload(_Strict):
     synthetic: SyntheticWorkload | None = None
     trace: TraceWorkload | None = None
-    seq_len: int | None = Field(default=None, ge=1, description="prefill: the batch is prompts of this many tokens, "
-                                "each attending causally to the ones before it (charges the attention core; needs "
-                                "model.num_heads)")
-    kv_len: int | None = Field(default=None, ge=1, description="decode: every token is the next token of a sequence "
-                               "with this many tokens cached (charges KV-cache reads; needs model.num_heads)")
+    seq_len: int | None = Field(default=None, ge=1, le=MAX_COUNT, description="prefill: the batch is prompts of "
+                                "this many tokens, each attending causally to the ones before it (charges the "
+                                "attention core; needs model.num_heads)")
+    kv_len: int | None = Field(default=None, ge=1, le=MAX_COUNT, description="decode: every token is the next "
+                               "token of a sequence with this many tokens cached (charges KV-cache reads; needs "
+                               "model.num_heads)")
 
     @model_validator(mode="after")
     def _one(self) -> "Workload":
@@ -160,8 +170,8 @@ class RebalanceConfig(_Strict):
     """Re-plan one placement every few batches from a window of recent load (moesim.study.rebalance)."""
 
     policy: str = Field(description="name of the scenario placement (made by a policy) to re-plan")
-    every_batches: int = Field(ge=1, description="re-plan before every N-th batch")
-    window_batches: int = Field(ge=1, description="plan on the loads of the last N batches")
+    every_batches: int = Field(ge=1, le=MAX_COUNT, description="re-plan before every N-th batch")
+    window_batches: int = Field(ge=1, le=MAX_COUNT, description="plan on the loads of the last N batches")
     incremental: bool = Field(default=True, description="relabel the new plan's GPUs to keep most experts in place")
     migration: Literal["stall", "overlap"] = Field(
         default="stall", description="stall: serving waits for the weight transfers; overlap: batches run on the "
@@ -190,6 +200,7 @@ class Scenario(_Strict):
     rebalance: RebalanceConfig | None = None
 
 
+_M = TypeVar("_M", bound=BaseModel)
 TOP_KEYS = {"name", "clusters", "model", "workload", "placements", "baseline", "engine", "output", "rebalance"}
 
 
@@ -208,13 +219,26 @@ def _loc(loc: tuple[Any, ...]) -> str:
 def _pydantic_error(exc: ValidationError, source: str, prefix: str) -> InputError:
     err = exc.errors()[0]
     field = _loc(tuple(err["loc"]))
-    field = f"{prefix}.{field}" if prefix and field else (prefix or field)
+    field = f"{prefix}{'' if field.startswith('[') else '.'}{field}" if prefix and field else (prefix or field)
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         msg = "unknown key"
     elif "input" in err and not isinstance(err["input"], (dict, list)):
         msg = f"{msg} (got {err['input']!r})"
     return InputError(msg, source=source, field=field)
+
+
+def _cluster_file(file: Any, base_dir: Path, source: str, where: str) -> dict[str, Any]:
+    """A cluster YAML file named in a scenario, as a mapping (its errors name it, and where it was named)."""
+    path = Path(str(file))
+    path = path if path.is_absolute() else base_dir / path
+    try:
+        loaded = read_yaml(path)
+        if not isinstance(loaded, dict):
+            raise InputError("a cluster file must be a YAML mapping", source=str(path))
+    except InputError as exc:
+        raise exc.via(source, f"{where}.file") from None
+    return loaded
 
 
 def _cluster(raw: Any, i: int, source: str, base_dir: Path) -> ClusterEntry:
@@ -227,16 +251,7 @@ def _cluster(raw: Any, i: int, source: str, base_dir: Path) -> ClusterEntry:
     tp = raw.pop("tp", 1)
     name = raw.pop("name", None)
     if "file" in raw:
-        path = Path(str(raw.pop("file")))
-        path = path if path.is_absolute() else base_dir / path
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except (OSError, yaml.YAMLError) as exc:
-            raise InputError(f"cannot read cluster file {path} ({' '.join(str(exc).split())})", source=source,
-                             field=f"{where}.file") from None
-        if not isinstance(loaded, dict):
-            raise InputError(f"cluster file {path} must be a YAML mapping", source=source, field=f"{where}.file")
-        raw = deep_merge(loaded, raw)
+        raw = deep_merge(_cluster_file(raw.pop("file"), base_dir, source, where), raw)
     if "preset" in raw:
         try:
             base = preset(str(raw.pop("preset")))
@@ -250,13 +265,11 @@ def _cluster(raw: Any, i: int, source: str, base_dir: Path) -> ClusterEntry:
         name = f"{merged.get('name', 'cluster')}-{nodes}x{merged.get('gpus_per_node', '?')}"
     merged["name"] = str(name)
     try:
-        spec = ClusterSpec(**merged)
+        spec = ClusterSpec.model_validate(merged)
     except ValidationError as exc:
         raise _pydantic_error(exc, source, where) from None
-    except TypeError as exc:
-        raise InputError(str(exc), source=source, field=where) from None
-    if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
-        raise InputError(f"must be a positive integer (got {tp!r})", source=source, field=f"{where}.tp")
+    if not isinstance(tp, int) or isinstance(tp, bool) or not 1 <= tp <= 4096:
+        raise InputError(f"must be a positive integer up to 4096 (got {tp!r})", source=source, field=f"{where}.tp")
     if spec.gpus_per_node % tp:
         raise InputError(f"tp={tp} must divide gpus_per_node={spec.gpus_per_node}", source=source, field=f"{where}.tp")
     return ClusterEntry(name=str(name), spec=spec, tp=tp)
@@ -286,17 +299,29 @@ def _placement(raw: Any, i: int, source: str, base_dir: Path) -> PlacementEntry:
     if policy not in policy_names():
         raise InputError(f"unknown policy {policy!r}; valid: {', '.join(policy_names())}", source=source,
                          field=f"{where}.policy")
+    check_policy_options(policy, raw, source, f"{where}.")
+    return PlacementEntry(name=str(name or policy), policy=policy, options=raw)
+
+
+def check_policy_options(policy: str, options: dict[str, Any], source: str | None, prefix: str) -> None:
+    """Every option is one ``policy`` takes, of the type it declares; a seed is an integer >= 0. An error
+    names the option as ``prefix + key`` (``placements[0].seed``, ``--set seed``)."""
     accepted = policy_options(policy)
-    for key in raw:
+    for key, value in options.items():
         if key not in accepted:
             valid = ", ".join(accepted) or "none"
             raise InputError(f"policy {policy!r} has no option {key!r}; valid options: {valid}", source=source,
-                             field=f"{where}.{key}")
+                             field=f"{prefix}{key}")
         try:
-            check_option(policy, key, raw[key])
+            check_option(policy, key, value)
         except TypeError as exc:
-            raise InputError(str(exc), source=source, field=f"{where}.{key}") from None
-    return PlacementEntry(name=str(name or policy), policy=policy, options=raw)
+            raise InputError(str(exc), source=source, field=f"{prefix}{key}") from None
+        if key == "seed" and isinstance(value, int) and value < 0:
+            raise InputError(f"must be an integer >= 0 (a random generator's seed), got {value}", source=source,
+                             field=f"{prefix}{key}")
+        if key == replica_option(policy) and isinstance(value, int) and value < 0:
+            raise InputError(f"must be an integer >= 0 (extra expert copies per layer), got {value}", source=source,
+                             field=f"{prefix}{key}")
 
 
 def _rebalance(raw: Any, placements: tuple[PlacementEntry, ...], workload: Workload,
@@ -366,9 +391,8 @@ def _fitted(syn: SyntheticWorkload, model: ModelSpec, source: str, base_dir: Pat
     return syn.model_copy(update={"fitted": str(path.resolve())})
 
 
-def parse_scenario(data: Any, source: str, base_dir: Path | None = None) -> Scenario:
-    """Validate a scenario given as plain data (what YAML loads to)."""
-    base_dir = base_dir or Path(".")
+def _check_top_level(data: Any, source: str) -> None:
+    """A mapping of the known top-level keys, with the required ones."""
     if not isinstance(data, dict):
         raise InputError("a scenario must be a YAML mapping", source=source)
     for key in data:
@@ -377,65 +401,111 @@ def parse_scenario(data: Any, source: str, base_dir: Path | None = None) -> Scen
     for key in ("clusters", "model", "workload", "placements"):
         if key not in data:
             raise InputError("missing", source=source, field=key)
-    raw_clusters = data["clusters"]
-    if not isinstance(raw_clusters, list) or not raw_clusters:
-        raise InputError("must be a non-empty list", source=source, field="clusters")
-    clusters = tuple(_cluster(c, i, source, base_dir) for i, c in enumerate(raw_clusters))
+
+
+def _non_empty_list(raw: Any, source: str, field: str) -> list[Any]:
+    if not isinstance(raw, list) or not raw:
+        raise InputError("must be a non-empty list", source=source, field=field)
+    return raw
+
+
+def _parse_clusters(raw: Any, source: str, base_dir: Path) -> tuple[ClusterEntry, ...]:
+    clusters = tuple(_cluster(c, i, source, base_dir) for i, c in enumerate(_non_empty_list(raw, source, "clusters")))
     names = [c.name for c in clusters]
     if len(set(names)) != len(names):
         raise InputError(f"cluster names must be unique, got {names}", source=source, field="clusters")
+    return clusters
+
+
+def _validated(model: type[_M], raw: Any, source: str, field: str) -> _M:
+    """``raw`` validated as ``model``; a validation error names ``field`` and the key inside it."""
     try:
-        model = ModelSpec(**data["model"]) if isinstance(data["model"], dict) else ModelSpec.model_validate(data["model"])
+        return model.model_validate(raw)
     except ValidationError as exc:
-        raise _pydantic_error(exc, source, "model") from None
-    try:
-        workload = Workload.model_validate(data["workload"])
-    except ValidationError as exc:
-        raise _pydantic_error(exc, source, "workload") from None
-    syn = workload.synthetic
+        raise _pydantic_error(exc, source, field) from None
+
+
+def _check_synthetic(syn: SyntheticWorkload, model: ModelSpec, source: str) -> None:
+    """The synthetic generator can draw ``top_k`` distinct experts of this model with these settings."""
+    if syn.affinity >= 1 and syn.affinity_fanout < model.top_k:
+        raise InputError(f"affinity 1 with affinity_fanout {syn.affinity_fanout} < top_k {model.top_k} cannot give "
+                         "top_k distinct experts; lower affinity or raise affinity_fanout", source=source,
+                         field="workload.synthetic.affinity_fanout")
+    if model.num_experts % syn.groups:
+        raise InputError(f"must divide num_experts ({model.num_experts})", source=source,
+                         field="workload.synthetic.groups")
+    if syn.topk_groups is not None and (
+            syn.topk_groups > syn.groups or syn.topk_groups * (model.num_experts // syn.groups) < model.top_k):
+        raise InputError(f"must be at most groups ({syn.groups}) and leave at least top_k ({model.top_k}) experts "
+                         "to choose from", source=source, field="workload.synthetic.topk_groups")
+    most = model.num_experts**2
+    if syn.drift_swaps_per_batch > most:
+        raise InputError(f"must be at most num_experts^2 = {most} swaps per layer per batch (beyond that the labels "
+                         f"are shuffled completely every batch), got {syn.drift_swaps_per_batch:g}", source=source,
+                         field="workload.synthetic.drift_swaps_per_batch")
+
+
+def _resolve_traces(tw: TraceWorkload, source: str, base_dir: Path) -> TraceWorkload:
+    """The trace file(s) resolved against the scenario's folder; each must exist."""
+    key = "file" if tw.file is not None else "files"
+    paths = tuple(p if p.is_absolute() else base_dir / p for p in tw.paths)
+    for i, path in enumerate(paths):
+        if not path.is_file():
+            field = f"workload.trace.{key}" + (f"[{i}]" if key == "files" else "")
+            raise InputError(f"trace file not found: {path}", source=source, field=field)
+    return tw.model_copy(update={key: paths[0] if key == "file" else paths})
+
+
+def _parse_workload(raw: Any, model: ModelSpec, source: str, base_dir: Path) -> Workload:
+    """The workload, checked against the model; a fitted generator's file and trace files resolved."""
+    workload = _validated(Workload, raw, source, "workload")
     for key in ("seq_len", "kv_len"):
         if getattr(workload, key) is not None and model.num_heads is None:
             raise InputError("needs the model's attention shape (model.num_heads, num_kv_heads, head_dim)",
                              source=source, field=f"workload.{key}")
-    if syn is not None and syn.affinity >= 1 and syn.affinity_fanout < model.top_k:
-        raise InputError(f"affinity 1 with affinity_fanout {syn.affinity_fanout} < top_k {model.top_k} cannot give "
-                         "top_k distinct experts; lower affinity or raise affinity_fanout", source=source,
-                         field="workload.synthetic.affinity_fanout")
-    if syn is not None and model.num_experts % syn.groups:
-        raise InputError(f"must divide num_experts ({model.num_experts})", source=source,
-                         field="workload.synthetic.groups")
-    if syn is not None and syn.topk_groups is not None and (
-            syn.topk_groups > syn.groups or syn.topk_groups * (model.num_experts // syn.groups) < model.top_k):
-        raise InputError(f"must be at most groups ({syn.groups}) and leave at least top_k ({model.top_k}) experts "
-                         "to choose from", source=source, field="workload.synthetic.topk_groups")
-    if syn is not None and syn.fitted is not None:
-        workload = workload.model_copy(update={"synthetic": _fitted(syn, model, source, base_dir)})
-    tw = workload.trace
-    if tw is not None:
-        key = "file" if tw.file is not None else "files"
-        paths = tuple(p if p.is_absolute() else base_dir / p for p in tw.paths)
-        for i, path in enumerate(paths):
-            if not path.is_file():
-                field = f"workload.trace.{key}" + (f"[{i}]" if key == "files" else "")
-                raise InputError(f"trace file not found: {path}", source=source, field=field)
-        workload = workload.model_copy(update={"trace": tw.model_copy(update={key: paths[0] if key == "file" else paths})})
-    raw_placements = data["placements"]
-    if not isinstance(raw_placements, list) or not raw_placements:
-        raise InputError("must be a non-empty list", source=source, field="placements")
-    placements = tuple(_placement(p, i, source, base_dir) for i, p in enumerate(raw_placements))
-    pnames = [p.name for p in placements]
-    dupes = sorted({n for n in pnames if pnames.count(n) > 1})
+    syn = workload.synthetic
+    if syn is not None:
+        _check_synthetic(syn, model, source)
+        if syn.fitted is not None:
+            workload = workload.model_copy(update={"synthetic": _fitted(syn, model, source, base_dir)})
+    if workload.trace is not None:
+        workload = workload.model_copy(update={"trace": _resolve_traces(workload.trace, source, base_dir)})
+    return workload
+
+
+def _parse_placements(raw: Any, source: str, base_dir: Path) -> tuple[PlacementEntry, ...]:
+    entries = _non_empty_list(raw, source, "placements")
+    placements = tuple(_placement(p, i, source, base_dir) for i, p in enumerate(entries))
+    names = [p.name for p in placements]
+    dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise InputError(f"placement names must be unique; {dupes[0]!r} repeats (give each a 'name')",
                          source=source, field="placements")
-    baseline = str(data.get("baseline", pnames[0]))
-    if baseline not in pnames:
-        raise InputError(f"{baseline!r} is not one of the placements: {', '.join(pnames)}", source=source,
+    return placements
+
+
+def _baseline(data: dict[str, Any], placements: tuple[PlacementEntry, ...], source: str) -> str:
+    names = [p.name for p in placements]
+    baseline = str(data.get("baseline", names[0]))
+    if baseline not in names:
+        raise InputError(f"{baseline!r} is not one of the placements: {', '.join(names)}", source=source,
                          field="baseline")
-    try:
-        engine = EngineConfig.model_validate(data.get("engine") or {})
-    except ValidationError as exc:
-        raise _pydantic_error(exc, source, "engine") from None
+    return baseline
+
+
+def parse_scenario(data: Any, source: str, base_dir: Path | None = None) -> Scenario:
+    """Validate a scenario given as plain data (what YAML loads to): its top-level keys, then each section
+    in turn (clusters, model, workload, placements, baseline, engine, rebalance), cross-field checks with
+    the section they concern."""
+    base_dir = base_dir or Path(".")
+    check_values(data, source, plain=False)  # numbers finite, integers of 64 bits, valid text (data may not be YAML)
+    _check_top_level(data, source)
+    clusters = _parse_clusters(data["clusters"], source, base_dir)
+    model = _validated(ModelSpec, data["model"], source, "model")
+    workload = _parse_workload(data["workload"], model, source, base_dir)
+    placements = _parse_placements(data["placements"], source, base_dir)
+    baseline = _baseline(data, placements, source)
+    engine = _validated(EngineConfig, data.get("engine") or {}, source, "engine")
     name = str(data.get("name") or Path(source).stem)
     output = Path(str(data.get("output") or Path("results") / safe_name(name)))  # the name: one safe component
     rebalance = _rebalance(data.get("rebalance"), placements, workload, source)
@@ -444,22 +514,9 @@ def parse_scenario(data: Any, source: str, base_dir: Path | None = None) -> Scen
 
 
 def load_scenario(path: str | Path) -> Scenario:
-    """Read and validate a scenario YAML file."""
-    source = str(path)
-    try:
-        text = Path(path).read_text()
-    except FileNotFoundError:
-        raise InputError("file not found", source=source) from None
-    except OSError as exc:
-        raise InputError(f"cannot read ({exc.strerror})", source=source) from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else None
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise InputError(f"malformed YAML: {problem}", source=source, field=where) from None
-    return parse_scenario(data, source, Path(path).parent)
+    """Read and validate a scenario YAML file (:func:`moesim.loaders.read_yaml`: UTF-8, no duplicate keys,
+    aliases and nesting bounded)."""
+    return parse_scenario(read_yaml(path, str(path)), str(path), Path(path).parent)
 
 
 def known_presets() -> list[str]:

@@ -3,8 +3,9 @@
 For every cluster of the scenario a :class:`ClusterPlan` holds the topology, the workload (evaluation and
 profiling traces), the placement problem the policies plan on (its hardware costs from
 :mod:`moesim.sim.costs`, the model the engine simulates with) and the validated placements. Every check
-runs here, before the first simulation: the experts fit in memory, replicas fit, rebalancing intervals fit
-the trace, placement files match the model and the cluster, policies and their options are valid. ``run``,
+runs here, before the first simulation: the experts fit in GPU memory, replicas fit, the study fits this
+machine's memory and the time limit (:mod:`moesim.study.sizes`), rebalancing intervals fit the trace,
+placement files match the model and the cluster, policies and their options are valid. ``run``,
 ``validate``, ``place``, ``sweep``, rebalancing and the notebooks all go through it; errors name a
 placement by its name (or the command-line option that asked for it), never by a position.
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
+from moesim.budget import require_time
 from moesim.errors import InputError
 from moesim.hardware.topology import Topology, build_topology
 from moesim.placement.format import Placement, load_placement
@@ -25,6 +27,7 @@ from moesim.placement.validate import Capacity, validate_placement
 from moesim.sim.costs import HardwareCosts, hardware_costs
 from moesim.sim.engine import EngineOptions, Simulation
 from moesim.study.config import ClusterEntry, PlacementEntry, Scenario, check_rebalance_batches
+from moesim.study.sizes import check_cluster_sizes
 from moesim.study.workload import Workload, build_workload, expert_loads, load_workload_trace
 from moesim.traces.format import Trace
 
@@ -95,7 +98,15 @@ def check_replica_fit(scenario: Scenario, cluster: ClusterEntry, entry: Placemen
         raise InputError(f"{slots} expert copies per GPU per layer do not fit in memory on {cluster.name} (room for "
                          f"{room}: memory_GB x expert_memory_fraction over every layer's copies); lower "
                          f"{key} to at most {room * cluster.ep - m.num_experts}",
-                         source=scenario.source, field=where if where.startswith("--") else f"{where}.{key}")
+                         source=scenario.source, field=_option_field(where, key or ""))
+
+
+def _option_field(where: str, key: str) -> str:
+    """How an error names option ``key`` of the placement named ``where``: its key in the scenario, the
+    ``--set`` of ``moesim place --policy``, or the command-line option that gave the value."""
+    if where.startswith("--policy"):
+        return f"--set {key}"
+    return where if where.startswith("--") else f"{where}.{key}"
 
 
 def placement_problem(scenario: Scenario, cluster: ClusterEntry, profile: Trace,
@@ -123,18 +134,23 @@ def build_placement(scenario: Scenario, cluster: ClusterEntry, entry: PlacementE
     """Compute (``problem`` given) or load one placement and validate it against the model and the cluster;
     ``where`` names it in errors (``placements.NAME``, or the command-line option that asked for it)."""
     if entry.file is not None:
-        placement = load_placement(entry.file)
         source = str(entry.file)
-    else:
-        if problem is None:
-            raise ValueError("a policy placement needs the placement problem")
         try:
-            placement = make_placement(entry.policy or "", problem, **entry.options)
-        except KeyError as exc:
-            raise InputError(str(exc.args[0]), source=scenario.source, field=where) from None
-        except (ValueError, TypeError) as exc:
-            raise InputError(str(exc), source=scenario.source, field=where) from None
-        source = f"{scenario.source}: {where} on {cluster.name}"
+            placement = load_placement(entry.file)
+            return validate_placement(placement, num_layers=scenario.model.num_layers,
+                                      num_experts=scenario.model.num_experts, num_gpus=cluster.ep,
+                                      capacity=capacity_of(scenario, cluster), source=source)
+        except InputError as exc:
+            raise exc.via(scenario.source, f"{where}.file") from None
+    if problem is None:
+        raise ValueError("a policy placement needs the placement problem")
+    try:
+        placement = make_placement(entry.policy or "", problem, **entry.options)
+    except KeyError as exc:
+        raise InputError(str(exc.args[0]), source=scenario.source, field=where) from None
+    except (ValueError, TypeError) as exc:
+        raise InputError(str(exc), source=scenario.source, field=where) from None
+    source = f"{scenario.source}: {where} on {cluster.name}"
     return validate_placement(placement, num_layers=scenario.model.num_layers,
                               num_experts=scenario.model.num_experts, num_ranks=cluster.ep,
                               capacity=capacity_of(scenario, cluster), source=source)
@@ -164,12 +180,18 @@ def prepare(scenario: Scenario, *, placements: Sequence[PlacementEntry] | None =
     label = {e.name: (where or {}).get(e.name, f"placements.{e.name}") for e in entries}
     options = scenario.engine.options()
     shared_trace = load_workload_trace(scenario)
-    plans = []
-    for cluster in _select(scenario, clusters, cluster_field):
+    selected = _select(scenario, clusters, cluster_field)
+    seconds = 0.0
+    for cluster in selected:  # every check that needs nothing built, for every cluster, before building any
         check_fits(scenario, cluster)
-        plan = ClusterPlan(cluster, build_topology(cluster.spec))
         for entry in entries:
             check_replica_fit(scenario, cluster, entry, label[entry.name])
+        seconds += check_cluster_sizes(scenario, cluster, entries, shared_trace)  # memory and time
+    require_time(seconds, f"the study of {len(entries)} placement(s) on {len(selected)} cluster(s)",
+                 source=scenario.source, field=cluster_field)
+    plans = []
+    for cluster in selected:
+        plan = ClusterPlan(cluster, build_topology(cluster.spec))
         if shared_trace is not None or build:
             work = build_workload(scenario, cluster, shared_trace)
             if scenario.rebalance is not None:  # a trace's batch count is known only now

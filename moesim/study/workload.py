@@ -51,9 +51,13 @@ def load_workload_trace(scenario: Scenario) -> Trace | None:
     if tw is None:
         return None
     parts = []
-    for path in tw.paths:
-        part = load_trace(path, mmap=True)  # stored (uncompressed) traces are memory-mapped, not read
-        _check_trace(part, scenario, str(path))
+    key = "workload.trace.file" if tw.files is None else "workload.trace.files"
+    for i, path in enumerate(tw.paths):
+        try:
+            part = load_trace(path, mmap=True)  # stored (uncompressed) traces are memory-mapped, not read
+            _check_trace(part, scenario, str(path))
+        except InputError as exc:
+            raise exc.via(scenario.source, key if tw.files is None else f"{key}[{i}]") from None
         parts.append(part)
     if tw.files is None:
         return parts[0]
@@ -94,6 +98,26 @@ def chain_traces(parts: list[Trace], sources: list[str], *, one_batch_each: bool
                  weights=joined("weights"), home=joined("home"), batch=batch)
 
 
+def check_home_layout(trace: Trace, cluster: ClusterEntry, source: str) -> None:
+    """A trace whose tokens have home GPUs must have been laid out for this cluster: one imported for 8 GPUs
+    and replayed on 16 would leave GPUs 8-15 without tokens of their own, without a word. Refused when some
+    GPU has no home tokens and the trace does not say it was packed for this many GPUs (a few requests packed
+    onto more GPUs may leave some empty). More homes than GPUs is :meth:`Trace.layout`'s error; a trace
+    without homes is laid out for any cluster."""
+    if trace.home is None or not trace.num_tokens:
+        return
+    G = cluster.spec.num_gpus
+    used = int(np.max(trace.home)) + 1
+    stated = [v.get("num_gpus") for k, v in trace.meta.extra.items() if k in ("packing", "fitted", "synthetic")
+              and isinstance(v, dict)]  # what moesim trace import / generate and the generators record
+    if used < G and G not in stated:
+        idle = f"GPU {used}" if used == G - 1 else f"GPUs {used}-{G - 1}"
+        raise InputError(f"the trace's tokens have home GPUs 0-{used - 1}, but cluster {cluster.name} has {G} GPUs: "
+                         f"{idle} would get no tokens of their own; import it again with --gpus {G}, or without "
+                         "--gpus so that workload.trace.tokens_per_gpu lays it out for any cluster", source=source,
+                         field="home")
+
+
 def build_workload(scenario: Scenario, cluster: ClusterEntry, trace: Trace | None = None) -> Workload:
     m, G = scenario.model, cluster.spec.num_gpus
     syn = scenario.workload.synthetic
@@ -129,6 +153,7 @@ def build_workload(scenario: Scenario, cluster: ClusterEntry, trace: Trace | Non
     assert tw is not None
     trace = trace if trace is not None else load_workload_trace(scenario)
     assert trace is not None
+    check_home_layout(trace, cluster, tw.label)
     layout = trace.layout(G, tw.tokens_per_gpu, source=tw.label)
     if tw.profile_batches is None:
         return Workload(trace, layout, trace, True)

@@ -32,8 +32,10 @@ from typing import IO, Any, Iterator
 import numpy as np
 import yaml
 
+from moesim.budget import require_memory, require_time
 from moesim.errors import InputError
 from moesim.fileio import atomic_write, head
+from moesim.loaders import read_yaml
 from moesim.traces.format import Trace, TraceMeta, save_trace_blocks
 
 FORMAT = "moesim.fitted/1"
@@ -175,10 +177,7 @@ _PARAM_KEYS = frozenset({"format", "name", "num_layers", "num_experts", "top_k",
 
 def _read_params_yaml(p: Path, src: str) -> dict[str, Any]:
     """The params YAML as a mapping whose format, keys and sizes are checked (not yet the layers)."""
-    try:
-        raw = yaml.load(p.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # C loader: 10x faster
-    except (OSError, yaml.YAMLError) as exc:
-        raise InputError(f"cannot read params YAML ({' '.join(str(exc).split())})", source=src) from None
+    raw = read_yaml(p, src)
     if not isinstance(raw, dict):
         raise InputError("must be a YAML mapping", source=src)
     if raw.get("format") != FORMAT:
@@ -239,6 +238,27 @@ def load_params(path: str | os.PathLike[str], base_dir: Path | None = None) -> F
     except (TypeError, ValueError) as exc:
         raise InputError(f"bad number ({exc})", source=src) from None
     return params.check(src)
+
+
+def fitted_cost(*, num_layers: int, num_experts: int, top_k: int, num_gpus: int, tokens_per_gpu: int, batches: int,
+                in_memory: bool, weights: bool = True) -> tuple[float, float, str]:
+    """(bytes, seconds, the sizes in words) the fitted generator needs: the drift tilts of every batch, the GPU
+    tilts, a layer's dense successor logits, one block of Gumbel-scored tokens, and with ``in_memory`` the
+    whole trace (twice while the blocks are joined). Its time is tokens x experts per layer."""
+    L, E, K, G = num_layers, num_experts, top_k, num_gpus
+    T = batches * G * tokens_per_gpu
+    per_token = K * (2 + (4 if weights else 0))
+    nbytes = (batches * L * E * 24 + L * G * E * 12 + (E + 1) * E * 12 + _TOKEN_BLOCK * E * 16 + T * 16
+              + (2 * T * L * per_token if in_memory else min(T, _TOKENS_PER_BLOCK) * L * per_token * 2))
+    seconds = T * L * E * 5e-9 + T * L * K * 1e-8
+    return nbytes, seconds, f"{batches} batches x {G} GPUs x {tokens_per_gpu} tokens x {L} layers of {E} experts"
+
+
+def _require(params: FittedParams, **sizes: Any) -> None:
+    nbytes, seconds, what = fitted_cost(num_layers=params.num_layers, num_experts=params.num_experts,
+                                        top_k=params.top_k, **sizes)
+    require_memory(nbytes, f"a fitted-generator trace of {what}")
+    require_time(seconds, f"generating a fitted-generator trace of {what}")
 
 
 def drift_tilts(params: FittedParams, batches: int, rng: np.random.Generator) -> np.ndarray:
@@ -327,6 +347,8 @@ def _layout(num_gpus: int, tokens_per_gpu: int, batches: int) -> tuple[np.ndarra
 def generate_fitted(params: FittedParams, *, num_gpus: int, tokens_per_gpu: int, batches: int,
                     rng: np.random.Generator, weights: bool = True, model: str = "") -> Trace:
     """``batches x num_gpus x tokens_per_gpu`` tokens in memory (see :func:`write_fitted_trace` for big ones)."""
+    _require(params, num_gpus=num_gpus, tokens_per_gpu=tokens_per_gpu, batches=batches, in_memory=True,
+             weights=weights)
     blocks = list(iter_fitted(params, num_gpus=num_gpus, tokens_per_gpu=tokens_per_gpu, batches=batches, rng=rng,
                               weights=weights))
     experts = np.concatenate([b[0] for b in blocks])
@@ -339,6 +361,8 @@ def write_fitted_trace(params: FittedParams, path: str | os.PathLike[str], *, nu
                        batches: int, seed: int = 0, weights: bool = False, model: str = "") -> Path:
     """Generate block by block straight into an uncompressed ``.npz`` (memory-mappable), atomically.
     Memory stays at one block of tokens, whatever the trace length."""
+    _require(params, num_gpus=num_gpus, tokens_per_gpu=tokens_per_gpu, batches=batches, in_memory=False,
+             weights=weights)
     home, batch = _layout(num_gpus, tokens_per_gpu, batches)
     blocks = iter_fitted(params, num_gpus=num_gpus, tokens_per_gpu=tokens_per_gpu, batches=batches,
                          rng=np.random.default_rng(seed), weights=weights)

@@ -22,11 +22,15 @@ import numpy as np
 
 from moesim.errors import InputError
 from moesim.fileio import atomic_write
+from moesim.loaders import load_json, require_regular_file
+from moesim.traces.npyfile import npz_names, read_npz
 
 FORMAT = "moesim.trace/1"
 META_KEYS = {"num_experts", "num_layers", "top_k", "model", "source", "format"}
+MAX_COUNT = 2**31 - 1  # experts, layers, picks, GPUs and batches are counted in int32 arrays
 _VALIDATE_BLOCK = 1 << 22  # (token, layer, choice) entries checked per numpy call
 _MMAP_ARRAYS = ("experts", "weights")  # the big arrays, memory-mapped when stored uncompressed
+_ARRAYS = ("experts", "weights", "home", "batch", "meta")
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,15 @@ class Trace:
     def num_tokens(self) -> int:
         return int(self.experts.shape[0])
 
+    def num_batches(self, num_gpus: int, tokens_per_gpu: int | None) -> int:
+        """Batches of the layout for ``num_gpus`` GPUs (see :meth:`layout`), without building it."""
+        T = self.num_tokens
+        if not T:
+            return 0
+        if self.batch is not None:
+            return int(np.max(self.batch)) + 1
+        return -(-T // (tokens_per_gpu * num_gpus)) if tokens_per_gpu else 1
+
     def layout(self, num_gpus: int, tokens_per_gpu: int | None, *, source: str | None = None) -> Layout:
         """Resolve homes and batches for a cluster of ``num_gpus`` GPUs.
 
@@ -97,6 +110,16 @@ class Trace:
         return Layout(home=home, batch=batch, num_batches=num_batches)
 
     def validate(self, source: str | None = None) -> "Trace":
+        """Check shapes, dtypes and ranges of every array against ``meta``; the first problem is an
+        InputError naming ``source`` and the array."""
+        self._validate_experts(source)
+        for name in ("home", "batch"):
+            _check_index_array(getattr(self, name), name, self.num_tokens, source)
+        if self.weights is not None:
+            _check_weights(self.weights, self.experts.shape, source)
+        return self
+
+    def _validate_experts(self, source: str | None) -> None:
         m, e = self.meta, self.experts
         if e.ndim != 3:
             raise InputError(f"must be 3-D [tokens, layers, top_k], got shape {e.shape}", source=source,
@@ -122,19 +145,35 @@ class Trace:
                 t, lay, _ = (int(i[0]) for i in np.nonzero(dup))
                 raise InputError(f"token {a + t} picks the same expert twice at layer {lay}", source=source,
                                  field="experts")
-        for name in ("home", "batch"):
-            arr = getattr(self, name)
-            if arr is None:
-                continue
-            if arr.shape != (e.shape[0],) or not np.issubdtype(arr.dtype, np.integer):
-                raise InputError(f"must be integer [tokens={e.shape[0]}], got {arr.dtype} {arr.shape}",
-                                 source=source, field=name)
-            if arr.size and int(arr.min()) < 0:
-                raise InputError("must be >= 0", source=source, field=name)
-        if self.weights is not None and self.weights.shape != e.shape:
-            raise InputError(f"shape {self.weights.shape} must equal experts' {e.shape}", source=source,
-                             field="weights")
-        return self
+
+
+def _check_index_array(arr: np.ndarray | None, name: str, tokens: int, source: str | None) -> None:
+    """``home`` or ``batch``: integers [tokens], 0 <= value <= MAX_COUNT (they are kept as int32)."""
+    if arr is None:
+        return
+    if arr.shape != (tokens,) or not np.issubdtype(arr.dtype, np.integer):
+        raise InputError(f"must be integer [tokens={tokens}], got {arr.dtype} {arr.shape}", source=source, field=name)
+    if arr.size and int(arr.min()) < 0:
+        raise InputError("must be >= 0", source=source, field=name)
+    if arr.size and int(arr.max()) > MAX_COUNT:
+        raise InputError(f"holds {int(arr.max())}, over the largest {name} index {MAX_COUNT}", source=source,
+                         field=name)
+
+
+def _check_weights(weights: np.ndarray, shape: tuple[int, ...], source: str | None) -> None:
+    """Gate weights: numbers of the experts' shape, finite and >= 0 (checked block by block)."""
+    if weights.shape != shape:
+        raise InputError(f"shape {weights.shape} must equal experts' {shape}", source=source, field="weights")
+    if weights.dtype.kind not in "fiu":
+        raise InputError(f"must be numbers, got {weights.dtype}", source=source, field="weights")
+    step = max(1, _VALIDATE_BLOCK // max(int(np.prod(shape[1:])), 1))
+    for a in range(0, shape[0], step):
+        blk = np.asarray(weights[a : a + step])
+        bad = ~np.isfinite(blk) | (blk < 0)
+        if bad.any():
+            t, lay, k = (int(i[0]) for i in np.nonzero(bad))
+            raise InputError(f"gate weight {blk[t, lay, k]} at token {a + t}, layer {lay}, choice {k} must be a finite "
+                             "number >= 0", source=source, field="weights")
 
 
 def is_trace_file(path: str | os.PathLike[str]) -> bool:
@@ -227,35 +266,9 @@ def save_trace_blocks(path: str | os.PathLike[str], meta: TraceMeta,
     return atomic_write(path, write, binary=True)
 
 
-def _stored_member(path: str | os.PathLike[str], zf: zipfile.ZipFile, name: str) -> np.ndarray | None:
-    """Memory-map member ``name`` of an open ``.npz`` when it is stored uncompressed; None otherwise."""
-    try:
-        info = zf.getinfo(f"{name}.npy")
-    except KeyError:
-        return None
-    if info.compress_type != zipfile.ZIP_STORED:
-        return None
-    with open(path, "rb") as raw:
-        raw.seek(info.header_offset)
-        local = raw.read(30)
-        if local[:4] != b"PK\x03\x04":
-            return None
-        name_len, extra_len = int.from_bytes(local[26:28], "little"), int.from_bytes(local[28:30], "little")
-        raw.seek(info.header_offset + 30 + name_len + extra_len)
-        version = np.lib.format.read_magic(raw)
-        if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(raw)
-        elif version == (2, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(raw)
-        else:
-            return None
-        if dtype.hasobject or fortran or not shape:
-            return None
-        return np.memmap(path, dtype=dtype, mode="r", offset=raw.tell(), shape=shape)
-
-
 def _check_magic(path: str | os.PathLike[str], src: str) -> None:
     """A ``.npz`` (a ZIP archive) by its first bytes; a raw array or a text log is named as such."""
+    require_regular_file(path, src)
     try:
         with open(path, "rb") as fh:
             magic = fh.read(6)
@@ -272,21 +285,16 @@ def _check_magic(path: str | os.PathLike[str], src: str) -> None:
 
 
 def _read_members(path: str | os.PathLike[str], src: str, mmap: bool) -> dict[str, np.ndarray]:
-    """Every array of the archive, the big ones memory-mapped when asked and stored uncompressed."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            mapped: dict[str, np.ndarray] = {}
-            if mmap:
-                with zipfile.ZipFile(path) as zf:
-                    for name in _MMAP_ARRAYS:
-                        arr = _stored_member(path, zf, name)
-                        if arr is not None:
-                            mapped[name] = arr
-            return {k: mapped[k] if k in mapped else z[k] for k in z.files}
-    except FileNotFoundError:
-        raise InputError("file not found", source=src) from None
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise InputError(f"not a readable .npz file ({exc})", source=src) from None
+    """Every array of the archive (headers checked first), the big ones memory-mapped when asked and
+    stored uncompressed; an unknown member is an error before anything is read."""
+    names = npz_names(path, src)
+    if "meta" not in names:
+        raise InputError("missing (JSON with num_experts, num_layers, top_k): a plain array archive, not a moesim "
+                         "trace? convert it with 'moesim trace import'", source=src, field="meta")
+    for key in names:
+        if key not in _ARRAYS:
+            raise InputError("unknown array; expected experts, weights, home, batch, meta", source=src, field=key)
+    return read_npz(path, src, mmap=_MMAP_ARRAYS if mmap else ())
 
 
 def _parse_meta(data: dict[str, np.ndarray], src: str) -> TraceMeta:
@@ -294,20 +302,23 @@ def _parse_meta(data: dict[str, np.ndarray], src: str) -> TraceMeta:
     if "meta" not in data:
         raise InputError("missing (JSON with num_experts, num_layers, top_k): a plain array archive, not a moesim "
                          "trace? convert it with 'moesim trace import'", source=src, field="meta")
-    for key in data:
-        if key not in {"experts", "weights", "home", "batch", "meta"}:
-            raise InputError("unknown array; expected experts, weights, home, batch, meta", source=src, field=key)
     if "experts" not in data:
         raise InputError("missing", source=src, field="experts")
+    meta_arr = data["meta"]
+    if meta_arr.ndim != 0 or meta_arr.dtype.kind != "U":
+        raise InputError(f"must be a JSON object as one string, got {meta_arr.dtype} {meta_arr.shape}", source=src,
+                         field="meta")
     try:
-        meta_raw = json.loads(str(data["meta"]))
-        assert isinstance(meta_raw, dict)
-    except (ValueError, AssertionError):
-        raise InputError("must be a JSON object", source=src, field="meta") from None
+        meta_raw = load_json(str(meta_arr), src)
+    except InputError as exc:
+        raise exc.at(field_prefix="meta") from None
+    if not isinstance(meta_raw, dict):
+        raise InputError("must be a JSON object", source=src, field="meta")
     for key in ("num_experts", "num_layers", "top_k"):
         value = meta_raw.get(key)
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise InputError(f"must be a positive integer, got {meta_raw.get(key)!r}", source=src, field=f"meta.{key}")
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= MAX_COUNT:
+            raise InputError(f"must be a positive integer up to {MAX_COUNT}, got {meta_raw.get(key)!r}", source=src,
+                             field=f"meta.{key}")
     return TraceMeta(
         num_experts=meta_raw["num_experts"], num_layers=meta_raw["num_layers"], top_k=meta_raw["top_k"],
         model=str(meta_raw.get("model", "")), source=str(meta_raw.get("source", "")),
@@ -326,5 +337,7 @@ def load_trace(path: str | os.PathLike[str], *, mmap: bool = False) -> Trace:
     data = _read_members(path, src, mmap)
     meta = _parse_meta(data, src)
     trace = Trace(experts=data["experts"], meta=meta, weights=data.get("weights"),
-                  home=data.get("home"), batch=data.get("batch"))
-    return trace.validate(src)
+                  home=data.get("home"), batch=data.get("batch")).validate(src)
+    if trace.num_tokens == 0:
+        raise InputError("holds no tokens: a trace needs at least one", source=src, field="experts")
+    return trace

@@ -26,11 +26,12 @@ from typing import Any
 
 import numpy as np
 
+from moesim.budget import require_memory, require_time
 from moesim.errors import InputError
-from moesim.traces.fitted_generator import FittedParams, generate_fitted
+from moesim.traces.fitted_generator import FittedParams, fitted_cost, generate_fitted
 from moesim.traces.format import Trace
-from moesim.traces.stats import (TraceStats, expert_counts, trace_stats, transition_counts, weighted_top_share,
-                                  window_counts)
+from moesim.traces.stats import (TraceStats, expert_counts, finite_median, num_windows, stats_cost, trace_stats,
+                                  transition_counts, weighted_top_share, window_counts)
 
 TOP_M = 8
 LOAD_TOLERANCE = 0.10  # relative, per-layer max/mean load
@@ -74,9 +75,9 @@ class Targets:
         share = st.load / np.maximum(st.load.sum(axis=1, keepdims=True), 1)
         if st.windows < 2:
             return cls(share, st.max_over_mean, st.succ_top_share)
-        noise = float(np.nanmedian(st.drift_tv_noise))
-        cons = float(np.nanmedian(st.drift_tv_consecutive))
-        to_all = float(np.nanmedian(st.drift_tv_to_all))
+        noise = finite_median(st.drift_tv_noise, 0.0)
+        cons = finite_median(st.drift_tv_consecutive, 0.0)
+        to_all = finite_median(st.drift_tv_to_all, 0.0)
         ex_cons = float(np.sqrt(max(cons**2 - 2 * noise**2, 0.0)))  # two windows' noise, in quadrature
         ex_all = float(np.sqrt(max(to_all**2 - noise**2, 0.0)))
         rho = float(np.clip(1 - (ex_cons / ex_all) ** 2 / 2, 0.0, 0.95)) if ex_all > 0 else 0.0
@@ -163,6 +164,14 @@ def fit_trace(trace: Trace, *, fanout: int = 16, calibration_tokens: int | None 
         raise InputError("rounds must be >= 0 and calibration_tokens >= 1")
     if trace.num_tokens == 0:
         raise InputError("the trace has no tokens")
+    m = trace.meta
+    per_window = max(1, trace.num_tokens // max(num_windows(trace, window), 1))
+    nbytes, seconds, what = fitted_cost(num_layers=m.num_layers, num_experts=m.num_experts, top_k=m.top_k, num_gpus=1,
+                                        tokens_per_gpu=per_window, batches=max(2, -(-calibration_tokens // per_window)),
+                                        in_memory=True, weights=False)
+    require_memory(nbytes + stats_cost(trace, window)[0], f"fitting a generator to {what}",
+                   field="--calibration-tokens")
+    require_time(seconds * (rounds + 1), f"{rounds} calibration rounds on {what}", field="--rounds")
     real = trace_stats(trace, top_m=TOP_M, window=window)
     params = initial_params(real.load, real.transitions, trace.meta.top_k, fanout=fanout, name=name)
     per_window = max(1, trace.num_tokens // max(real.windows, 1))

@@ -2,39 +2,50 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
+
+from moesim.loaders import NoBoolNumbers
+
+# Sanity bounds: far beyond any model, small enough that sizes multiply without overflow (memory and time are
+# then the study's own check, moesim.study.sizes).
+MAX_LAYERS = 10_000  # a hundred times the MoE layers of any model so far
+MAX_EXPERTS = 1_000_000
+MAX_DIM = 10_000_000
 
 
-class ModelSpec(BaseModel):
+class ModelSpec(NoBoolNumbers):
     """MoE layers only: ``num_layers`` counts MoE layers; dense layers and shared experts are ignored
     except for the per-layer non-expert work charged to every token: the attention projections and, when
     the attention shape (``num_heads``) is given and the workload says how long the sequences are, the
     attention core (:func:`moesim.sim.compute.attention_time`)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     name: str = "moe"
-    num_layers: int = Field(ge=1, description="MoE layers")
-    num_experts: int = Field(ge=1, description="routed experts per layer")
-    top_k: int = Field(ge=1)
-    d_model: int = Field(ge=1, description="hidden size")
-    d_ff: int = Field(ge=1, description="expert FFN intermediate size (SwiGLU: three d_model x d_ff matrices)")
-    dtype_bytes: float = Field(default=2, gt=0, description="bytes per weight and activation element")
+    num_layers: int = Field(ge=1, le=MAX_LAYERS, description="MoE layers")
+    num_experts: int = Field(ge=1, le=MAX_EXPERTS, description="routed experts per layer")
+    top_k: int = Field(ge=1, le=MAX_EXPERTS)
+    d_model: int = Field(ge=1, le=MAX_DIM, description="hidden size")
+    d_ff: int = Field(ge=1, le=MAX_DIM, description="expert FFN intermediate size (SwiGLU: three d_model x d_ff "
+                                                     "matrices)")
+    dtype_bytes: float = Field(default=2, ge=0.125, le=16, description="bytes per weight and activation element")
     dispatch_bytes_per_token: float | None = Field(
-        default=None, gt=0, description="bytes per dispatched token copy (default d_model x dtype_bytes)")
+        default=None, gt=0, le=1e12, description="bytes per dispatched token copy (default d_model x dtype_bytes)")
     combine_bytes_per_token: float | None = Field(
-        default=None, gt=0, description="bytes per combined token copy (default d_model x dtype_bytes)")
+        default=None, gt=0, le=1e12, description="bytes per combined token copy (default d_model x dtype_bytes)")
     dense_flops_per_token: float | None = Field(
-        default=None, ge=0, description="non-expert FLOPs per token per layer (default: the attention projections, "
-                                        "2 FLOPs per weight; 8 d_model^2 without num_heads)")
+        default=None, ge=0, le=1e18, description="non-expert FLOPs per token per layer (default: the attention "
+                                                 "projections, 2 FLOPs per weight; 8 d_model^2 without num_heads)")
     dense_weight_bytes: float | None = Field(
-        default=None, ge=0, description="non-expert weight bytes per layer (default: the attention projections; "
-                                        "4 d_model^2 x dtype_bytes without num_heads)")
-    num_heads: int | None = Field(default=None, ge=1, description="attention query heads (enables the attention "
-                                  "core; projections then follow the GQA shape)")
-    num_kv_heads: int | None = Field(default=None, ge=1, description="key/value heads (default num_heads)")
-    head_dim: int | None = Field(default=None, ge=1, description="per-head size (default d_model / num_heads)")
-    sliding_window: int | None = Field(default=None, ge=1, description="attention window in tokens (Mixtral: 4096)")
+        default=None, ge=0, le=1e18, description="non-expert weight bytes per layer (default: the attention "
+                                                 "projections; 4 d_model^2 x dtype_bytes without num_heads)")
+    num_heads: int | None = Field(default=None, ge=1, le=MAX_DIM, description="attention query heads (enables the "
+                                  "attention core; projections then follow the GQA shape)")
+    num_kv_heads: int | None = Field(default=None, ge=1, le=MAX_DIM, description="key/value heads (default num_heads)")
+    head_dim: int | None = Field(default=None, ge=1, le=MAX_DIM,
+                                 description="per-head size (default d_model / num_heads)")
+    sliding_window: int | None = Field(default=None, ge=1, le=2**31 - 1,
+                                       description="attention window in tokens (Mixtral: 4096)")
 
     @model_validator(mode="after")
     def _check(self) -> "ModelSpec":

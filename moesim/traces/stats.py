@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from moesim.budget import require_memory, require_time
 from moesim.fileio import FolderKind, atomic_write, contains, figure, is_matplotlib_png, plain_text
 from moesim.traces.counts import count_coactivations, count_picks, count_transitions, count_window_picks
 from moesim.traces.format import Trace
@@ -137,18 +138,22 @@ class TraceStats:
 
     def summary(self) -> dict[str, Any]:
         """Flat, JSON-ready figures (medians over layers unless named otherwise)."""
-        def med(a: np.ndarray) -> float | None:
+        def med(a: np.ndarray) -> float | None:  # (a layer that no token reached has NaN figures: left out)
             a = a[np.isfinite(a)]
             return float(np.median(a)) if a.size else None
+
+        def finite(a: np.ndarray, how: Any) -> float | None:
+            a = a[np.isfinite(a)]
+            return float(how(a)) if a.size else None
 
         return {
             "tokens": self.num_tokens, "layers": self.num_layers, "experts": self.num_experts, "top_k": self.top_k,
             "top_m": self.top_m,
             "load_max_over_mean_median": med(self.max_over_mean),
-            "load_max_over_mean_max": float(np.nanmax(self.max_over_mean)) if self.max_over_mean.size else None,
+            "load_max_over_mean_max": finite(self.max_over_mean, np.max),
             "load_cv_median": med(self.cv),
             "coactivation_top_m_share_median": med(self.coact_top_share),
-            "successor_top_m_share_mean": float(np.nanmean(self.succ_top_share)) if self.succ_top_share.size else None,
+            "successor_top_m_share_mean": finite(self.succ_top_share, np.mean),
             "successor_top_m_share_uniform": self.uniform_succ_share,
             "successor_mi_bits_median": med(self.succ_mi_bits),
             "windows": self.windows,
@@ -158,7 +163,7 @@ class TraceStats:
             "hot_set_churn": self.hot_set_churn,
             "layer_ids": list(self.layer_ids) if self.layer_ids is not None else None,
             "per_layer": [
-                {"layer": i, "max_over_mean": float(self.max_over_mean[i]), "cv": float(self.cv[i]),
+                {"layer": i, "max_over_mean": _num(self.max_over_mean[i]), "cv": _num(self.cv[i]),
                  "hottest": [[e, round(s, 5)] for e, s in self.hottest(i)],
                  "coactivation_top_m_share": _num(self.coact_top_share[i]),
                  "successor_top_m_share": _num(self.succ_top_share[i]) if i < self.num_layers - 1 else None,
@@ -173,8 +178,41 @@ def _num(x: float) -> float | None:
     return float(x) if np.isfinite(x) else None
 
 
+def finite_median(a: np.ndarray, default: float = float("nan")) -> float:
+    """The median of the finite entries of ``a`` (a layer or window without tokens has NaN figures), or
+    ``default`` when there are none - without numpy's warning about an all-NaN slice."""
+    a = np.asarray(a, dtype=float)
+    a = a[np.isfinite(a)]
+    return float(np.median(a)) if a.size else default
+
+
+def num_windows(trace: Trace, window: int | None = None) -> int:
+    """How many drift windows :func:`window_ids` cuts ``trace`` into (without making them)."""
+    T = trace.num_tokens
+    if not T:
+        return 0
+    if window is None and trace.batch is not None:
+        return int(np.max(trace.batch)) + 1
+    size = window or max(1, -(-T // 16))
+    return -(-T // size)
+
+
+def stats_cost(trace: Trace, window: int | None = None) -> tuple[float, float, str]:
+    """(bytes, seconds, the sizes in words) of :func:`trace_stats`: per layer the experts x experts
+    co-activation and transition counts, and per drift window and layer the experts' loads and shares."""
+    L, E, K, T = trace.meta.num_layers, trace.meta.num_experts, trace.meta.top_k, trace.num_tokens
+    W = num_windows(trace, window)
+    nbytes = 4.0 * L * E * E * 8 + 8.0 * W * L * E * 8 + T * 16.0
+    seconds = T * L * K * K * 2e-8 + W * L * E * 5e-8 + L * E * E * 1e-8
+    return nbytes, seconds, f"{L} layers x {E} experts (pairs of experts per layer; {W} drift windows)"
+
+
 def trace_stats(trace: Trace, *, top_m: int = 8, window: int | None = None) -> TraceStats:
-    """Compute every statistic of :class:`TraceStats` in one pass per kind of count."""
+    """Compute every statistic of :class:`TraceStats` in one pass per kind of count (refused up front when
+    that cannot fit the memory or time limit: :func:`stats_cost`)."""
+    nbytes, seconds, what = stats_cost(trace, window)
+    require_memory(nbytes, f"statistics of {what}", field="--window" if window else None)
+    require_time(seconds, f"statistics of {what}", field="--window" if window else None)
     L, E, K = trace.meta.num_layers, trace.meta.num_experts, trace.meta.top_k
     load = expert_counts(trace)
     mean = load.mean(axis=1)
@@ -259,7 +297,7 @@ def format_stats(st: TraceStats, *, name: str = "trace", layers: int | None = No
         row = s["per_layer"][i]
         hot = ", ".join(f"{e} ({v:.1%})" for e, v in row["hottest"])
         model_id = f"{st.layer_ids[i]:5d} " if st.layer_ids is not None else ""
-        lines.append(model_id + f"{i:5d} {row['max_over_mean']:8.2f} {row['cv']:6.2f}  {hot:34s} "
+        lines.append(model_id + f"{i:5d} {f(row['max_over_mean'], '.2f'):>8s} {f(row['cv'], '.2f'):>6s}  {hot:34s} "
                      f"{f(row['coactivation_top_m_share']):>6s} {f(row['successor_top_m_share']):>6s} "
                      f"{f(row['successor_mi_bits']):>6s} {f(row['drift_tv_consecutive']):>6s}")
     if layers is not None and layers < st.num_layers:
@@ -310,7 +348,7 @@ def plot_stats(st: TraceStats, folder: str | Path, *, layer: int | None = None, 
     ax.set_xlabel("expert id")
     ax.set_ylabel("MoE layer" + ids_note())
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_title(f"{name}: expert load / layer mean\n(max/mean median {np.nanmedian(st.max_over_mean):.2f}, "
+    ax.set_title(f"{name}: expert load / layer mean\n(max/mean median {finite_median(st.max_over_mean):.2f}, "
                  f"{st.num_tokens} tokens, top-{st.top_k})")
     fig.colorbar(im, ax=ax, label="picks / mean picks of the layer")
     save(fig, "load.png")

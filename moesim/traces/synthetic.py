@@ -28,6 +28,7 @@ from typing import Callable
 import numpy as np
 import numpy.typing as npt
 
+from moesim.budget import require_memory, require_time
 from moesim.traces.format import Trace, TraceMeta
 
 _MAX_REJECTION_ROUNDS = 200
@@ -250,6 +251,18 @@ def _group_filter(pops: np.ndarray, groups: int, topk_groups: int, pop_row: np.n
     return in_chosen_groups
 
 
+def synthetic_cost(*, num_layers: int, num_experts: int, top_k: int, num_gpus: int, tokens_per_gpu: int,
+                   batches: int, params: SyntheticParams) -> tuple[float, float, str]:
+    """(bytes, seconds, the sizes in words) :func:`generate_trace` needs: the trace's arrays and per-token
+    temporaries, each layer's popularity rows and the successor race over every expert pair."""
+    L, E, K, G = num_layers, num_experts, top_k, num_gpus
+    T = batches * G * tokens_per_gpu
+    fan = min(params.affinity_fanout, E)
+    nbytes = T * L * K * 6 + T * (48 + 24 * K) + L * G * E * 8 + 2 * E * E * 8 + L * E * fan * 16
+    seconds = T * L * K * 3e-7 + L * E * E * 1e-7
+    return nbytes, seconds, f"{batches} batches x {G} GPUs x {tokens_per_gpu} tokens x {L} layers x top-{K}"
+
+
 def generate_trace(
     *,
     num_layers: int,
@@ -269,6 +282,11 @@ def generate_trace(
     same seed to get traces of one distribution with independent tokens (profiling vs evaluation).
     """
     _check_shape(num_layers, num_experts, top_k, params)
+    nbytes, seconds, what = synthetic_cost(num_layers=num_layers, num_experts=num_experts, top_k=top_k,
+                                           num_gpus=num_gpus, tokens_per_gpu=tokens_per_gpu, batches=batches,
+                                           params=params)
+    require_memory(nbytes, f"a synthetic trace of {what}")
+    require_time(seconds, f"generating a synthetic trace of {what}")
     srng = structure_rng if structure_rng is not None else rng
     E, G, K = num_experts, num_gpus, top_k
     T = batches * G * tokens_per_gpu
@@ -304,6 +322,16 @@ def generate_trace(
     return Trace(experts=experts, meta=meta, weights=weights, home=home, batch=batch)
 
 
+def drift_cost(*, num_tokens: int, num_layers: int, num_experts: int, top_k: int, batches: int,
+               swaps_per_batch: float) -> tuple[float, float]:
+    """(bytes, seconds) :func:`drift_trace` needs: a permutation per batch and layer, the relabelled trace,
+    and one Python step per swap."""
+    L, E = num_layers, num_experts
+    nbytes = batches * L * (E + 1) * 8 + num_tokens * L * top_k * 26
+    seconds = swaps_per_batch * L * max(batches - 1, 0) * 5e-6 + batches * L * 2e-6
+    return nbytes, seconds
+
+
 def drift_trace(trace: Trace, *, swaps_per_batch: float, rng: np.random.Generator) -> Trace:
     """Popularity that evolves across batches: per layer, expert identities drift by a random walk on
     permutations - before each batch after the first, a Poisson(``swaps_per_batch``) number of random pairs
@@ -317,6 +345,11 @@ def drift_trace(trace: Trace, *, swaps_per_batch: float, rng: np.random.Generato
         raise ValueError("drift needs a trace with a batch array")
     L, E = trace.meta.num_layers, trace.meta.num_experts
     B = int(trace.batch.max()) + 1 if trace.num_tokens else 0
+    nbytes, seconds = drift_cost(num_tokens=trace.num_tokens, num_layers=L, num_experts=E, top_k=trace.meta.top_k,
+                                 batches=B, swaps_per_batch=swaps_per_batch)
+    what = f"drifting {B} batches x {L} layers of {E} experts by {swaps_per_batch:g} swaps per batch"
+    require_memory(nbytes, what)
+    require_time(seconds, what)
     perms = np.empty((B, L, E + 1), dtype=np.int64)  # column E maps "no expert" (-1) to itself
     perm = np.broadcast_to(np.arange(E), (L, E)).copy()
     for b in range(B):

@@ -121,7 +121,7 @@ def _joint(problem: PlacementProblem, cm: CostModel, assign: np.ndarray, lower: 
     return assign, lower, status, used
 
 
-@register("ilp", replicas="redundant_experts")
+@register("ilp", replicas="redundant_experts", pairwise=True)
 def ilp(problem: PlacementProblem, *, w_compute: float = 1.0, w_comm: float | None = None,
         w_affinity: float | None = None, w_dispatch: float | None = None, solver: str = "auto",
         time_limit_s: float = 60.0, gap: float = 0.01, method: str = "auto", redundant_experts: int = 0) -> Placement:

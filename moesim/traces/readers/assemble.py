@@ -22,13 +22,15 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from moesim.budget import require_memory, require_time
 from moesim.errors import InputError
 from moesim.traces.format import Trace, TraceMeta
-from moesim.traces.readers.records import ReadOptions, RoutingRecords, drop_rows
+from moesim.traces.readers.records import MAX_ID, ReadOptions, RoutingRecords, drop_rows
 from moesim.traces.readers.table import read_files
 
 ASSIGN_POLICIES = ("round_robin", "least_loaded")
 _ALLOW_HINT = "--allow-missing (allow_missing)"
+MAX_GPUS = 1 << 20  # GPUs a trace may be packed onto: beyond any cluster moesim can route (GPUs^2 paths)
 
 
 @dataclass(frozen=True)
@@ -60,10 +62,16 @@ def pack_requests(lengths: np.ndarray, *, num_gpus: int, tokens_per_gpu: int, as
     Returns per unit: (request index, batch, home GPU), and each request's units are consecutive.
     """
     _check_assign(assign)
-    if num_gpus < 1 or tokens_per_gpu < 1:
-        raise InputError(f"num_gpus and tokens_per_gpu must be >= 1, got {num_gpus}, {tokens_per_gpu}")
+    if not 1 <= num_gpus <= MAX_GPUS or tokens_per_gpu < 1:
+        raise InputError(f"num_gpus must be from 1 to {MAX_GPUS} and tokens_per_gpu >= 1, got {num_gpus}, "
+                         f"{tokens_per_gpu}")
     lengths = np.asarray(lengths, dtype=np.int64)
     chunks = -(-lengths // tokens_per_gpu)
+    units = int(chunks.sum())
+    require_memory(8.0 * num_gpus + 64.0 * units, f"packing {units} request chunks onto {num_gpus} GPUs",
+                   field="num_gpus")
+    require_time(units * (4e-6 + 3e-8 * num_gpus), f"packing {units} request chunks onto {num_gpus} GPUs",
+                 field="num_gpus")
     unit_req = np.repeat(np.arange(lengths.size), chunks)
     starts = np.concatenate([[0], np.cumsum(chunks)[:-1]]) if lengths.size else np.empty(0, np.int64)
     unit_idx = np.arange(unit_req.size) - np.repeat(starts, chunks)
@@ -152,6 +160,10 @@ def _check_values(rec: RoutingRecords, pos: np.ndarray) -> None:
     if n and int(rec.layer.min()) < 0:
         i = int(np.argmax(rec.layer < 0))
         raise InputError(f"layer {int(rec.layer[i])} must be >= 0", source=rec.where(i))
+    for name, values in (("token index", pos), ("layer", rec.layer)):
+        if n and int(values.max()) > MAX_ID:
+            i = int(np.argmax(values > MAX_ID))
+            raise InputError(f"{name} {int(values[i])} out of range (at most {MAX_ID})", source=rec.where(i))
     if rec.weights is not None:
         given = np.arange(rec.weights.shape[1])[None, :] < rec.count[:, None]
         bad_w = given & ~(np.isfinite(rec.weights) & (rec.weights >= 0))
@@ -220,6 +232,9 @@ def _ids_to_top_k(rec: RoutingRecords, top_k: int | None) -> tuple[np.ndarray, i
 def _num_experts(rec: RoutingRecords, ids: np.ndarray, num_experts: int | None, notes: list[str]) -> int:
     """``num_experts``, or the highest id + 1 (with a note); every id must be below it."""
     E_seen = int(ids.max()) + 1 if rec.size else 0
+    if E_seen > MAX_ID:
+        i = int(np.argmax((ids >= MAX_ID).any(axis=1)))
+        raise InputError(f"expert id {int(ids[i].max())} out of range (at most {MAX_ID - 1})", source=rec.where(i))
     E = num_experts or E_seen
     if not num_experts:
         notes.append(f"num_experts inferred as {E} (highest id + 1); pass --num-experts if some experts never appear")
@@ -263,6 +278,7 @@ def _count_missing(rec: RoutingRecords, pos: np.ndarray, grid: _Grid, allow_miss
         raise InputError(f"layer {int(grid.layer_ids[sparse])} has records for only {int(per_layer[sparse])} of {T} "
                          f"tokens (the other layer ids: {_id_ranges(np.delete(grid.layer_ids, sparse))}); "
                          f"{missing} (token, layer) records missing in all{hint}", source=rec.where(i))
+    require_memory(T * L, f"a grid of {T} tokens x {L} layers", source=rec.request_names[0].split("#")[0])
     have = np.zeros(T * L, dtype=bool)
     have[grid.cell] = True
     t, lay = divmod(int(np.argmin(have)), L)
@@ -273,10 +289,12 @@ def _count_missing(rec: RoutingRecords, pos: np.ndarray, grid: _Grid, allow_miss
                      f"missing in all{skipped}{hint})", source=rec.where(i))
 
 
-def _dense(rec: RoutingRecords, ids: np.ndarray, grid: _Grid, K: int, E: int
+def _dense(rec: RoutingRecords, ids: np.ndarray, grid: _Grid, K: int, E: int, source: str
            ) -> tuple[np.ndarray, np.ndarray | None]:
     """experts [T, L, K] (-1 where no record) and weights (0 there), tokens in request then position order."""
     T, L = grid.num_tokens, grid.num_layers
+    require_memory(T * L * K * (4 + (8 if rec.weights is not None else 0)),
+                   f"a trace of {T} tokens x {L} layers x top-{K}", source=source)
     dtype = np.int16 if E < 2**15 else np.int32
     experts = np.full((T, L, K), -1, dtype=dtype)
     experts.reshape(T * L, K)[grid.cell] = ids
@@ -304,7 +322,7 @@ def assemble(rec: RoutingRecords, *, num_experts: int | None, top_k: int | None,
     _check_distinct(rec, ids)
     padded = _count_short(rec, K, allow_missing)
     missing = _count_missing(rec, pos, grid, allow_missing)
-    experts, weights = _dense(rec, ids, grid, K, E)
+    experts, weights = _dense(rec, ids, grid, K, E, source)
     tok_req = grid.tok_ids // grid.pos_span  # each token's request (tokens sorted by request, position)
     lengths = np.bincount(tok_req, minlength=len(rec.request_names))
     extra: dict[str, Any] = {"layer_ids": [int(v) for v in grid.layer_ids], "requests": int((lengths > 0).sum())}
@@ -336,10 +354,10 @@ def import_trace(paths: Iterable[str | os.PathLike[str]], *, fmt: str | None = N
     if not plist:
         raise InputError("no input files")
     _check_assign(assign)
-    for name, value in (("num_experts", num_experts), ("top_k", top_k), ("num_gpus", num_gpus),
-                        ("tokens_per_gpu", tokens_per_gpu)):
-        if value is not None and value < 1:
-            raise InputError(f"must be >= 1, got {value}", field=name)
+    for name, value, most in (("num_experts", num_experts, MAX_ID), ("top_k", top_k, MAX_ID),
+                              ("num_gpus", num_gpus, MAX_GPUS), ("tokens_per_gpu", tokens_per_gpu, MAX_ID)):
+        if value is not None and not 1 <= value <= most:
+            raise InputError(f"must be from 1 to {most}, got {value}", field=name)
     rec = read_files(plist, fmt, ReadOptions(skip_bad=skip_bad, axes=axes))
     source = ", ".join(str(p) for p in plist) if len(plist) <= 3 else f"{plist[0]} and {len(plist) - 1} more files"
     return assemble(rec, num_experts=num_experts, top_k=top_k, allow_missing=allow_missing, num_gpus=num_gpus,

@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from moesim.errors import InputError
-from moesim.traces.readers.records import ReadOptions, RoutingRecords
+from moesim.traces.readers.records import MAX_ID, ReadOptions, RoutingRecords
 from moesim.traces.readers.text import parse_numbers, read_text
 
 LAYER_KEYS = ("layer", "layer id", "layer_id", "layer_idx", "layer index")
@@ -34,6 +34,7 @@ POS_KEYS = ("position", "token_index", "token index", "token_idx", "pos")
 WEIGHT_KEYS = ("weights", "topk_weights", "topk weights", "gate_weights", "gate weights", "scores")
 
 _BRACKETS = str.maketrans("[]", "  ")
+_LIMITS = {"layer": MAX_ID, "pos": MAX_ID, "request": 2**63 - 1}  # largest magnitude of each integer column
 _B = {c: ord(c) for c in '[]",\n\r 0123456789'}
 
 
@@ -75,9 +76,12 @@ def _find(header: Sequence[str], keys: Sequence[str]) -> int | None:
 
 
 def _int_list(text: str) -> list[int]:
-    """``"[1, 2, 3]"`` or ``"1 2 3"`` -> [1, 2, 3]; ValueError on anything else."""
+    """``"[1, 2, 3]"`` or ``"1 2 3"`` -> [1, 2, 3]; ValueError on anything else (an id beyond MAX_ID too)."""
     inner = text.strip().removeprefix("[").removesuffix("]").replace(",", " ").split()
-    return [int(v) for v in inner]
+    values = [int(v) for v in inner]
+    if any(abs(v) > MAX_ID for v in values):
+        raise ValueError("an expert id out of range")
+    return values
 
 
 def _float_list(text: str) -> list[float]:
@@ -116,11 +120,13 @@ def _fast_lists(col: list[str], dtype: type) -> tuple[np.ndarray, np.ndarray] | 
     return _padded(flat, counts, -1 if dtype is np.int64 else 0), counts
 
 
-def _int_column(col: list[str]) -> np.ndarray | None:
+def _int_column(col: list[str], limit: int = MAX_ID) -> np.ndarray | None:
+    """A column of integers of magnitude at most ``limit``; None otherwise (the row-by-row parser names the row)."""
     try:
-        return np.array(col, dtype=np.int64) if col else np.empty(0, dtype=np.int64)
+        arr = np.array(col, dtype=np.int64) if col else np.empty(0, dtype=np.int64)
     except (ValueError, OverflowError):
         return None
+    return arr if not arr.size or (arr.min() >= -limit and arr.max() <= limit) else None
 
 
 def _line_bounds(b: np.ndarray, has_header: bool) -> tuple[np.ndarray, np.ndarray] | None:
@@ -242,11 +248,14 @@ def _line_locator(text: str, first: int) -> Callable[[int], int]:
 
 def _integer(row: list[str], key: str, lay: _Layout) -> int:
     cell = row[lay.cols[key]]  # type: ignore[index]
+    what = {"pos": "token position"}.get(key, key)
     try:
-        return int(cell)
+        value = int(cell)
     except ValueError:
-        what = {"pos": "token position"}.get(key, key)
-        raise ValueError(f"{what} {cell!r} is not an integer (column {lay.names[key]!r})") from None
+        raise ValueError(f"{what} {cell[:40]!r} is not an integer (column {lay.names[key]!r})") from None
+    if not -_LIMITS[key] <= value <= _LIMITS[key]:
+        raise ValueError(f"{what} {cell[:40]} out of range (at most {_LIMITS[key]}; column {lay.names[key]!r})")
+    return value
 
 
 def _parse_row(row: list[str], lay: _Layout) -> tuple[int, int, int, list[int], list[float] | None]:
@@ -286,7 +295,7 @@ def _columns_fast(body: list[list[str]], lay: _Layout) -> _Columns | None:
         if c is None:
             ints[name] = None if name == "pos" else np.zeros(len(body), dtype=np.int64)
             continue
-        arr = _int_column(list(columns[c]))
+        arr = _int_column(list(columns[c]), _LIMITS[name])
         if arr is None:
             return None
         ints[name] = arr
@@ -308,8 +317,8 @@ def _hole_of(row: list[str], lay: _Layout) -> tuple[int, int, int, list[int], No
     """A skipped row kept to hold its token position (positions are the order of the rows): its layer and
     request, no ids; None when even those do not parse."""
     try:
-        layer = int(row[lay.cols["layer"]])  # type: ignore[index]
-        req = int(row[lay.cols["request"]]) if lay.cols["request"] is not None else 0
+        layer = _integer(row, "layer", lay)
+        req = _integer(row, "request", lay) if lay.cols["request"] is not None else 0
     except (ValueError, IndexError):
         return None
     return layer, req, -1, [], None
@@ -354,6 +363,14 @@ def read_csv(path: Path, options: ReadOptions) -> RoutingRecords:
     """One CSV file (``.gz`` too) -> its records; requests named ``<file name>#<request id>``."""
     src = str(path)
     text = read_text(path)
+    try:
+        return _read_csv_text(path, text, options)
+    except csv.Error as exc:  # a field over the csv module's size limit, a NUL byte, ...
+        raise InputError(f"malformed CSV ({exc})", source=src) from None
+
+
+def _read_csv_text(path: Path, text: str, options: ReadOptions) -> RoutingRecords:
+    src = str(path)
     header = next(csv.reader(io.StringIO(text)), None)
     if not header:
         raise InputError("empty file", source=src)

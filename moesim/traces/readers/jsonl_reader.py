@@ -15,13 +15,15 @@ told to). Ignored: keys other than these.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
 from moesim.errors import InputError
-from moesim.traces.readers.records import ReadOptions, RoutingRecords
+from moesim.loaders import check_values, unique_pairs
+from moesim.traces.readers.records import MAX_ID, ReadOptions, RoutingRecords
 from moesim.traces.readers.text import parse_numbers, read_text
 
 LAYER_KEYS = ("layer", "layer_id", "layer_idx")
@@ -32,6 +34,7 @@ REQUEST_KEYS = ("request", "request_id", "req_id", "seq_id")
 _KEYS = (("layer", LAYER_KEYS), ("token", TOKEN_KEYS), ("ids", EXPERT_KEYS), ("weights", WEIGHT_KEYS),
          ("request", REQUEST_KEYS))
 
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _NUMERIC = bytes(int(chr(i) in "0123456789.-+eE") for i in range(256))  # byte -> 1 if it can be part of a number
 
 
@@ -79,8 +82,8 @@ def _jsonl_numbers(text: str) -> tuple[dict[str, Any], np.ndarray] | None:
     if skel.size != n * width or not (skel.reshape(n, width) == skel[:width]).all():
         return None  # lines differ in more than their numbers
     try:
-        first = json.loads(raw[: int(np.flatnonzero(b == ord("\n"))[0])])
-    except ValueError:
+        first = json.loads(raw[: int(np.flatnonzero(b == ord("\n"))[0])], object_pairs_hook=unique_pairs)
+    except (ValueError, RecursionError):
         return None
     if not isinstance(first, dict):
         return None
@@ -120,6 +123,9 @@ def _columns_of_numbers(first: dict[str, Any], values: np.ndarray) -> _Columns |
         v = cols[keys[name]]  # type: ignore[index]
         if (v.dtype.kind == "f" and not (v == np.floor(v)).all()) or (name == "ids" and v.ndim != 2):
             return None
+        limit = 2**53 if name == "request" else MAX_ID
+        if v.size and (v.min() < -limit or v.max() > limit):  # the slow path names the line
+            return None
         as_int[name] = v.astype(np.int64)
     w = cols[keys["weights"]].astype(np.float32) if keys["weights"] else None
     req = as_int["request"].tolist() if keys["request"] else None
@@ -133,7 +139,7 @@ def _columns_of_json(text: str) -> _Columns | None:
     if not lines or any(not ln.strip() for ln in lines):
         return None
     try:
-        objs = json.loads("[" + ",".join(lines) + "]")
+        objs = json.loads("[" + ",".join(lines) + "]", object_pairs_hook=unique_pairs)
         first = objs[0]
         keys = _keys_of(first)
         if keys["layer"] is None or keys["token"] is None or keys["ids"] is None:
@@ -149,8 +155,12 @@ def _columns_of_json(text: str) -> _Columns | None:
         if w is not None and w.dtype.kind not in "fiu":
             return None
         req = [o[keys["request"]] for o in objs] if keys["request"] else None
-    except (ValueError, TypeError, KeyError, AttributeError, IndexError):
+        if req is not None and any(isinstance(r, (list, dict)) for r in req):
+            return None  # a request given as a structure: the slow path checks its depth and values
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError, OverflowError, RecursionError):
         return None
+    if any(a.dtype.kind == "i" and a.size and (a.min() < -MAX_ID or a.max() > MAX_ID) for a in (lay, tok, ids)):
+        return None  # the slow path names the line
     return _Columns(lay, tok, ids, w, req, len(objs))
 
 
@@ -178,6 +188,20 @@ def _jsonl_fast(text: str, path: Path) -> RoutingRecords | None:
         count=np.full(n, ids.shape[1], dtype=np.int64), weights=w, where=lambda i: f"{src}: line {int(i) + 1}",
         request_names=names,
     )
+
+
+def _parse_line(raw: str) -> Any:
+    """One line's JSON; ValueError when it is not JSON, nests too deeply, repeats a key, or holds a number
+    that is not finite or an integer beyond 64 bits (:func:`moesim.loaders.load_json`)."""
+    try:
+        obj = json.loads(raw, object_pairs_hook=unique_pairs)  # (a JSONDecodeError says where: the caller cuts it)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    try:
+        check_values(obj, None)
+    except InputError as exc:
+        raise ValueError(exc.detail if exc.field is None else f"{exc.field}: {exc.detail}") from None
+    return obj
 
 
 def _first_key(obj: dict[str, Any], keys: Sequence[str]) -> Any:
@@ -211,8 +235,8 @@ def _line_records(obj: Any) -> tuple[int, Any, list[Any], list[Any], list[Any]]:
     exp = _first_key(obj, EXPERT_KEYS)
     wts = _first_key(obj, WEIGHT_KEYS)
     req = _first_key(obj, REQUEST_KEYS)
-    if not isinstance(lay, int) or isinstance(lay, bool):
-        raise ValueError("needs an integer 'layer'")
+    if not isinstance(lay, int) or isinstance(lay, bool) or not 0 <= lay <= MAX_ID:
+        raise ValueError(f"needs an integer 'layer' from 0 to {MAX_ID}, got {lay!r}")
     if not isinstance(exp, list):
         raise ValueError("needs 'experts' (or topk_ids): a list of expert ids")
     multi = bool(exp) and isinstance(exp[0], list)
@@ -224,10 +248,12 @@ def _line_records(obj: Any) -> tuple[int, Any, list[Any], list[Any], list[Any]]:
 
 def _check_token(t: Any, r: Any, w: Any) -> bool:
     """One token's index, ids and weights; ValueError naming the bad one. True when it has weights."""
-    if not isinstance(t, int) or isinstance(t, bool) or t < 0:
-        raise ValueError(f"needs a token index >= 0 ('token'), got {t!r}")
+    if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t <= MAX_ID:
+        raise ValueError(f"needs a token index from 0 to {MAX_ID} ('token'), got {t!r}")
     if not isinstance(r, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in r):
         raise ValueError(f"expert ids must be a list of integers, got {r!r}")
+    if any(not -MAX_ID <= v <= MAX_ID for v in r):
+        raise ValueError(f"expert id {next(v for v in r if not -MAX_ID <= v <= MAX_ID)} out of range [0, {MAX_ID}]")
     if w is None:
         return False
     if not isinstance(w, list) or len(w) != len(r) or not all(
@@ -257,7 +283,7 @@ def _read_lines(text: str, src: str, skip_bad: bool) -> tuple[_Lines, int, bool]
         if not raw.strip():
             continue
         try:
-            lay, req, toks, rows, wrows = _line_records(json.loads(raw))
+            lay, req, toks, rows, wrows = _line_records(_parse_line(raw))
             for t, r, w in zip(toks, rows, wrows):
                 if _check_token(t, r, w):
                     has_weights = True  # (set even when a later token of the line is bad)
@@ -302,7 +328,8 @@ def read_jsonl(path: Path, options: ReadOptions) -> RoutingRecords:
     """One JSONL file (``.gz`` too) -> its records."""
     src = str(path)
     text = read_text(path)
-    quick = _jsonl_fast(text, path)
+    # the fast paths take JSON as json.loads does; escapes of lone surrogates go line by line, to be refused
+    quick = None if _SURROGATE_ESCAPE.search(text) else _jsonl_fast(text, path)
     if quick is not None:
         return quick
     got, skipped, has_weights = _read_lines(text, src, options.skip_bad)

@@ -8,37 +8,29 @@ not an error). Ignored: other arrays in an ``.npz``.
 
 from __future__ import annotations
 
-import zipfile
 from pathlib import Path
 
 import numpy as np
 
+from moesim.budget import require_memory
 from moesim.errors import InputError
-from moesim.traces.readers.records import ReadOptions, RoutingRecords
+from moesim.traces.npyfile import npz_names, read_npy, read_npz
+from moesim.traces.readers.records import MAX_ID, ReadOptions, RoutingRecords
 
 
 def _load(path: Path, src: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """(ids, weights or None) as stored."""
-    try:
-        if path.suffix == ".npz":
-            with np.load(path, allow_pickle=False) as z:
-                files = set(z.files)
-                if "meta" in files:
-                    raise InputError("already a moesim trace (has 'meta'): use it directly", source=src)
-                ek = next((k for k in ("experts", "topk_ids", "expert_ids") if k in files), None)
-                if ek is None:
-                    raise InputError(f"no 'experts' or 'topk_ids' array (has {sorted(files)})", source=src)
-                ids = z[ek]
-                wk = next((k for k in ("weights", "topk_weights") if k in files), None)
-                w = z[wk] if wk else None
-        else:
-            ids = np.load(path, allow_pickle=False)
-            w = None
-    except FileNotFoundError:
-        raise InputError("file not found", source=src) from None
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:  # (an InputError above is a ValueError too)
-        raise InputError(f"not a readable numpy file ({exc})", source=src) from None
-    return ids, w
+    """(ids, weights or None) as stored, headers checked against the file and the memory limit first."""
+    if path.suffix != ".npz":
+        return read_npy(path, src), None
+    files = set(npz_names(path, src))
+    if "meta" in files:
+        raise InputError("already a moesim trace (has 'meta'): use it directly", source=src)
+    ek = next((k for k in ("experts", "topk_ids", "expert_ids") if k in files), None)
+    if ek is None:
+        raise InputError(f"no 'experts' or 'topk_ids' array (has {sorted(files)})", source=src)
+    wk = next((k for k in ("weights", "topk_weights") if k in files), None)
+    arrays = read_npz(path, src, names=[ek] + ([wk] if wk else []))
+    return arrays[ek], arrays[wk] if wk else None
 
 
 def read_numpy(path: Path, options: ReadOptions) -> RoutingRecords:
@@ -57,7 +49,16 @@ def read_numpy(path: Path, options: ReadOptions) -> RoutingRecords:
         w = np.transpose(w, order)
         if w.shape != ids.shape:
             raise InputError(f"shape {w.shape} must equal the expert ids' {ids.shape}", source=src, field="weights")
+        if w.dtype.kind not in "fiu":
+            raise InputError(f"must be numbers, got {w.dtype}", source=src, field="weights")
     T, L, K = ids.shape
+    if K == 0:
+        raise InputError(f"has no expert ids (shape {ids.shape} in axes {axes!r}: top_k is 0)", source=src,
+                         field="experts")
+    require_memory(T * L * (K * 20 + 48), f"{T} tokens x {L} layers x top-{K} records", source=src)
+    if ids.size and (int(ids.max()) > MAX_ID or int(ids.min()) < -MAX_ID):
+        bad = int(ids.max()) if int(ids.max()) > MAX_ID else int(ids.min())
+        raise InputError(f"expert id {bad} out of range (at most {MAX_ID})", source=src, field="experts")
     notes = []
     if L > T:
         notes.append(f"{src}: read as {T} tokens x {L} layers (axes {axes!r}); if the array is [layers, tokens, "

@@ -18,6 +18,9 @@ from typing import Callable
 import numpy as np
 
 
+MAX_ID = 2**31 - 1  # largest layer id, expert id and token position a record may give (kept in int32 arrays)
+
+
 @dataclass(frozen=True)
 class ReadOptions:
     """What a reader may be told besides the file: skip malformed records (counted) instead of stopping at
