@@ -1060,7 +1060,7 @@ def _(d: Path) -> list[str]:
     return with_placement(d, json.dumps(placement()).replace('"policy": "x"', '"policy": "\\udc80"'))
 
 
-@case("placement", "wrong-gpu-count", "p.json", "num_gpus")
+@case("placement", "wrong-gpu-count", "p.json", "num_ranks")
 def _(d: Path) -> list[str]:
     return with_placement(d, placement(num_gpus=4, layers=[{"expert_gpus": [[e % 4] for e in range(16)]}] * 4))
 

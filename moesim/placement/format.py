@@ -94,6 +94,20 @@ def is_placement_file(path: str | os.PathLike[str]) -> bool:
     return f'"format": "{FORMAT.split("/")[0]}/'.encode() in head(Path(path), 200)
 
 
+def _num_ranks(raw: dict, src: str) -> int:
+    """The file's EP rank count, under its name or its former one (not both)."""
+    key = "num_ranks"
+    if _FORMER_NUM_RANKS in raw:
+        if key in raw:
+            raise InputError(f"give num_ranks only ({_FORMER_NUM_RANKS} is its former name)", source=src,
+                             field=_FORMER_NUM_RANKS)
+        key = _FORMER_NUM_RANKS
+    num_ranks = raw.get(key)
+    if not isinstance(num_ranks, int) or isinstance(num_ranks, bool) or not 0 < num_ranks <= MAX_GPUS:
+        raise InputError(f"must be a positive integer up to {MAX_GPUS}, got {num_ranks!r}", source=src, field=key)
+    return num_ranks
+
+
 def load_placement(path: str | os.PathLike[str]) -> Placement:
     """Read a placement file; structural problems raise :class:`InputError` naming file and field.
 
@@ -107,15 +121,7 @@ def load_placement(path: str | os.PathLike[str]) -> Placement:
                          field=sorted(unknown)[0])
     if raw.get("format") != FORMAT:
         raise InputError(f"must be {FORMAT!r}, got {raw.get('format')!r}", source=src, field="format")
-    key = "num_ranks"
-    if _FORMER_NUM_RANKS in raw:
-        if key in raw:
-            raise InputError(f"give num_ranks only ({_FORMER_NUM_RANKS} is its former name)", source=src,
-                             field=_FORMER_NUM_RANKS)
-        key = _FORMER_NUM_RANKS
-    num_ranks = raw.get(key)
-    if not isinstance(num_ranks, int) or isinstance(num_ranks, bool) or not 0 < num_ranks <= MAX_GPUS:
-        raise InputError(f"must be a positive integer up to {MAX_GPUS}, got {num_ranks!r}", source=src, field=key)
+    num_ranks = _num_ranks(raw, src)
     layers = raw.get("layers")
     if not isinstance(layers, list) or not layers:
         raise InputError("must be a non-empty list", source=src, field="layers")

@@ -37,7 +37,6 @@ def speedup(result: StudyResult, path: Path) -> None:
     ax.set_xticks(x, [plain_text(n) for n in names])
     ax.set_ylabel(plain_text(f"end-to-end speedup vs {result.scenario.baseline}"))
     ax.set_title(plain_text(f"{result.scenario.name}: speedup by placement and cluster"))
-    lo = min(speed.values(), default=1.0)
     ax.set_ylim(0.0, max(speed.values(), default=1.0) * 1.12)  # from zero: bar heights compare
     ax.legend(title="cluster")
     fig.tight_layout()

@@ -138,7 +138,7 @@ def build_placement(scenario: Scenario, cluster: ClusterEntry, entry: PlacementE
         try:
             placement = load_placement(entry.file)
             return validate_placement(placement, num_layers=scenario.model.num_layers,
-                                      num_experts=scenario.model.num_experts, num_gpus=cluster.ep,
+                                      num_experts=scenario.model.num_experts, num_ranks=cluster.ep,
                                       capacity=capacity_of(scenario, cluster), source=source)
         except InputError as exc:
             raise exc.via(scenario.source, f"{where}.file") from None
