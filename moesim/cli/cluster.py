@@ -109,7 +109,8 @@ def _describe(spec: ClusterSpec) -> list[str]:
     for name, p in g.moe_pipelines.items():  # the MoE kernel pipelines (moesim/sim/kernels.py)
         lines.append(f"  MoE       {name}: grouped GEMM tiles {p.tile_m}x{p.tile_n} over {g.sms} SMs at "
                      f"x{p.gemm_efficiency} of peak (fp8 x{p.fp8_gemm_efficiency}), weights at "
-                     f"x{p.gemm_hbm_efficiency} of HBM; fixed us: " + ", ".join(f"{k} {c.fixed_us:.0f}" for k, c in p.steps.items()))
+                     f"x{p.gemm_hbm_efficiency} of HBM; fixed us: "
+                     + ", ".join(f"{k} {c.fixed_us:.0f}" for k, c in p.steps.items()))
     if spec.num_gpus > 1:
         far = spec.num_gpus - 1
         path = " -> ".join([topo.link_names[i].split("->")[0] for i in topo.path(0, far)] + [f"gpu{far}"])
