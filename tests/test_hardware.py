@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from pydantic import ValidationError
@@ -339,3 +341,14 @@ def test_specs_are_frozen():
     spec = spec_of("hgx-h200")
     with pytest.raises(ValidationError):
         spec.nodes = 4  # type: ignore[misc]
+
+
+def test_hand_written_cluster_example_loads():
+    """scenarios/clusters/*.yaml (written by hand, on top of a preset) validate and build a topology."""
+    from moesim.cli.cluster import _cluster_spec
+
+    files = sorted((Path(__file__).resolve().parents[1] / "scenarios" / "clusters").glob("*.yaml"))
+    assert files
+    for path in files:
+        spec = _cluster_spec(str(path), [])
+        assert build_topology(spec).num_links > 0

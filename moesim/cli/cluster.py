@@ -78,7 +78,15 @@ def _cmd_cluster(args: argparse.Namespace) -> int:
     if not args.name:
         raise InputError("moesim cluster show needs a preset name or a cluster YAML file")
     try:  # errors without a file of their own (a preset, --set, the topology's size) name the cluster given
-        print("\n".join(_describe(_cluster_spec(args.name, args.set or []))))
+        spec = _cluster_spec(args.name, args.set or [])
+        if args.yaml:  # every field, to start a cluster file from (docs/formats.md)
+            import yaml
+
+            print(f"# moesim cluster show {args.name} --yaml: every field of the cluster; edit and use it as "
+                  f"clusters: [{{file: my_cluster.yaml}}]")
+            print(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False), end="")
+        else:
+            print("\n".join(_describe(spec)))
     except InputError as exc:
         raise exc.at(source=args.name) from None
     return 0
@@ -124,4 +132,5 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     c.add_argument("action", choices=["show", "list"])
     c.add_argument("name", nargs="?", help="preset name or cluster YAML file")
     c.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. nodes=2")
+    c.add_argument("--yaml", action="store_true", help="show: print every field as a cluster YAML to start from")
     c.set_defaults(func=_cmd_cluster)
