@@ -148,7 +148,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
                                 progress=not args.quiet)
     lines = sweep_verdict(rows, reference)
     print(sweep_table(rows))
-    print("\nVerdict (vs the best plan made once, as the last column):\n" + "\n".join(f"  {line}" for line in lines))
+    print("\nVerdict:  (vs the best plan made once, as the last column)\n" + "\n".join(f"  {line}" for line in lines))
     written = _write_sweep(rows, lines, scenario, out, plots_on=not args.no_plots)
     print(f"\n{len(rows)} settings simulated in {time.perf_counter() - t0:.1f} s; results in {out}/ "
           f"({', '.join(written)})")
