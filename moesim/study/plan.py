@@ -18,6 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
+from tqdm import tqdm
+
 from moesim.budget import require_time
 from moesim.errors import InputError
 from moesim.hardware.topology import Topology, build_topology
@@ -169,12 +171,13 @@ def _select(scenario: Scenario, clusters: Sequence[str] | None, field_name: str)
 
 def prepare(scenario: Scenario, *, placements: Sequence[PlacementEntry] | None = None,
             where: Mapping[str, str] | None = None, clusters: Sequence[str] | None = None,
-            cluster_field: str = "clusters", build: bool = True) -> StudyPlan:
+            cluster_field: str = "clusters", build: bool = True, progress: bool = False) -> StudyPlan:
     """Check a scenario and, with ``build``, make every cluster's workload, costs and placements.
 
     ``placements`` replaces the scenario's list (``moesim place`` and ``sweep`` plan their own entries);
     ``where[name]`` is how an entry is named in errors (default ``placements.NAME``). ``clusters`` keeps
-    only the named clusters (an unknown name is an error on ``cluster_field``).
+    only the named clusters (an unknown name is an error on ``cluster_field``). ``progress`` shows a bar per
+    cluster over its steps (the workload, the costs, each placement: trace generation and optimisers take time).
     """
     entries = list(scenario.placements if placements is None else placements)
     label = {e.name: (where or {}).get(e.name, f"placements.{e.name}") for e in entries}
@@ -191,21 +194,35 @@ def prepare(scenario: Scenario, *, placements: Sequence[PlacementEntry] | None =
                  source=scenario.source, field=cluster_field)
     plans = []
     for cluster in selected:
-        plan = ClusterPlan(cluster, build_topology(cluster.spec))
-        if shared_trace is not None or build:
-            work = build_workload(scenario, cluster, shared_trace)
-            if scenario.rebalance is not None:  # a trace's batch count is known only now
-                check_rebalance_batches(scenario.rebalance.every_batches, scenario.rebalance.window_batches,
-                                        work.layout.num_batches, scenario.source)
-            plan.workload = work if build else None
-        if build:
-            assert plan.workload is not None
-            work = plan.workload
-            tokens = work.trace.num_tokens / max(work.layout.num_batches * cluster.spec.num_gpus, 1)
-            plan.costs = hardware_costs(plan.topology, scenario.model, tp=cluster.tp, options=options,
-                                        tokens_per_gpu=tokens, attention=scenario.workload.attention)
-            plan.problem = placement_problem(scenario, cluster, plan.workload.profile, plan.costs)
-        plan.placements = [(e, build_placement(scenario, cluster, e, plan.problem, label[e.name]))
-                           for e in entries if build or e.file is not None]
-        plans.append(plan)
+        with tqdm(total=2 + len(entries), desc=f"{cluster.name} / preparing", unit="step",
+                  disable=not (progress and build), leave=False) as bar:
+            plans.append(_build_cluster(scenario, cluster, entries, label, options, shared_trace, build, bar))
     return StudyPlan(scenario, options, plans)
+
+
+def _build_cluster(scenario: Scenario, cluster: ClusterEntry, entries: list[PlacementEntry], label: dict[str, str],
+                   options: EngineOptions, shared_trace: Trace | None, build: bool, bar: tqdm) -> ClusterPlan:
+    """One cluster's topology, workload, costs and placements (``bar`` advances after each)."""
+    plan = ClusterPlan(cluster, build_topology(cluster.spec))
+    if shared_trace is not None or build:
+        bar.set_postfix_str("workload")
+        work = build_workload(scenario, cluster, shared_trace)
+        if scenario.rebalance is not None:  # a trace's batch count is known only now
+            check_rebalance_batches(scenario.rebalance.every_batches, scenario.rebalance.window_batches,
+                                    work.layout.num_batches, scenario.source)
+        plan.workload = work if build else None
+    bar.update(1)
+    if build:
+        assert plan.workload is not None
+        work = plan.workload
+        tokens = work.trace.num_tokens / max(work.layout.num_batches * cluster.spec.num_gpus, 1)
+        plan.costs = hardware_costs(plan.topology, scenario.model, tp=cluster.tp, options=options,
+                                    tokens_per_gpu=tokens, attention=scenario.workload.attention)
+        plan.problem = placement_problem(scenario, cluster, plan.workload.profile, plan.costs)
+    bar.update(1)
+    for e in entries:
+        if build or e.file is not None:
+            bar.set_postfix_str(e.name)
+            plan.placements.append((e, build_placement(scenario, cluster, e, plan.problem, label[e.name])))
+        bar.update(1)
+    return plan

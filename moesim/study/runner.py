@@ -84,9 +84,9 @@ def _simulate_cluster(plan: StudyPlan, cp: ClusterPlan, show: bool,
 def run_study(scenario: Scenario | StudyPlan, *, progress: bool | None = None,
               on_run: Callable[[Run], None] | None = None) -> StudyResult:
     """Simulate every placement of a scenario (prepared here, or already by :func:`prepare`) on every cluster."""
-    plan = scenario if isinstance(scenario, StudyPlan) else prepare(scenario)
-    sc = plan.scenario
+    sc = scenario.scenario if isinstance(scenario, StudyPlan) else scenario
     show = sc.engine.progress if progress is None else progress
+    plan = scenario if isinstance(scenario, StudyPlan) else prepare(scenario, progress=show)
     runs: list[Run] = []
     workloads: dict[str, dict[str, Any]] = {}
     rebalanced: list[Any] = []
