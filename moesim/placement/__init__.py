@@ -1,15 +1,24 @@
-"""Placement layer: the placement format, the policy registry, baseline policies, the validator."""
+"""Placement layer: the placement format, the policy registry, the policies, the validator.
 
-from moesim.placement import policies as _policies  # noqa: F401  (registers the baselines)
-from moesim.placement import eplb as _eplb  # noqa: F401  (registers eplb)
-from moesim.placement import affinity as _affinity  # noqa: F401  (registers affinity)
-from moesim.placement import ilp as _ilp  # noqa: F401  (registers ilp)
-from moesim.placement import ilp_moetuner as _ilp_moetuner  # noqa: F401  (registers ilp_moetuner)
+Every module of this package is imported here, so a policy module dropped into ``moesim/placement/`` registers
+itself (``@register``) with no edit to this file; a policy in another package registers through the entry-point
+group ``moesim.policies`` (CONTRIBUTING.md: a new placement policy).
+"""
+
+import importlib
+import pkgutil
+from importlib.metadata import entry_points
+
 from moesim.placement.format import Placement, load_placement, save_placement
 from moesim.placement.registry import (
     PlacementProblem, get_policy, make_placement, policy_names, policy_options, register,
 )
 from moesim.placement.validate import Capacity, validate_placement
+
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):  # each registers its policies
+    importlib.import_module(f"{__name__}.{_module}")
+for _plugin in entry_points(group="moesim.policies"):  # policies of other installed packages
+    _plugin.load()
 
 __all__ = [
     "Capacity", "Placement", "PlacementProblem", "get_policy", "load_placement", "make_placement",
