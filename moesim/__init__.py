@@ -1,7 +1,8 @@
 """moesim: which Mixture-of-Experts expert placement serves fastest on your GPU cluster, and by how much.
 
 Layers, each importing only those before it: hardware -> traces -> placement -> sim -> metrics and
-calibration -> study -> report -> cli (errors and fileio serve all; bench, which needs torch, stands apart).
+calibration -> study -> report -> cli (errors and fileio serve all; measure, the GPU micro-benchmarks that
+need torch, stands apart).
 The public API below is what the CLI and the notebooks use::
 
     import moesim

@@ -12,7 +12,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from moesim.bench import a2a, attention, ffn  # noqa: E402
+from moesim.measure import a2a, attention, ffn  # noqa: E402
 from moesim.calibration import calibrate, load_bench  # noqa: E402
 from moesim.calibration.attention import EFFICIENCIES, FIXED_KEYS, HBM_EFFICIENCIES, OVERHEADS_US, fit_attention  # noqa: E402
 from moesim.calibration.fit import split  # noqa: E402

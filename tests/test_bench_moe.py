@@ -18,7 +18,7 @@ torch = pytest.importorskip("torch")
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
-from moesim.bench import moe  # noqa: E402
+from moesim.measure import moe  # noqa: E402
 from moesim.cli import main  # noqa: E402
 
 ROOT = Path(__file__).parents[1]
@@ -230,7 +230,7 @@ def test_fused_pipeline_equals_dense_moe_in_the_interpreter():
     """Runs in a subprocess: TRITON_INTERPRET=1 must be set before Triton is imported."""
     script = """
 import torch
-from moesim.bench import moe, fused_moe
+from moesim.measure import moe, fused_moe
 sh = {"d_model": 48, "d_ff": 40, "num_experts": 6, "top_k": 2}
 cpu = torch.device("cpu")
 w = moe.make_weights("t", sh, cpu, torch.float32)

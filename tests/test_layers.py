@@ -5,10 +5,10 @@ depth (inside functions, under ``TYPE_CHECKING``), in every form (``import moesi
 y``, ``from moesim import x``, relative imports, ``importlib.import_module("moesim.x")``). Importing at run
 time could not show this: ``import moesim.hardware`` runs moesim/__init__.py first, which loads nearly all.
 
-Layers, lowest first; a module may import its own layer and those below it. ``bench`` (needs torch) stands
-apart: it may import only :data:`BENCH_MAY_IMPORT`, and only ``cli`` (which runs ``moesim bench``) may import
-it. The top-level package's re-exports (moesim/__init__.py) sit above everything: that file is not checked,
-and no module may import names from it (``import moesim``, ``from moesim import load_scenario``).
+Layers, lowest first; a module may import its own layer and those below it. ``measure`` (GPU micro-benchmarks;
+needs torch) stands apart: it may import only :data:`BENCH_MAY_IMPORT`, and only ``cli`` (which runs
+``moesim bench``) may import it. The top-level package's re-exports (moesim/__init__.py) sit above
+everything: that file is not checked, and no module may import names from it (``import moesim``, ``from moesim import load_scenario``).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ LAYERS: list[set[str]] = [
     {"cli"},
 ]
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
-BENCH = "bench"
+BENCH = "measure"
 BENCH_MAY_IMPORT = {"errors", "fileio", "hardware", "traces"}
 API = "the moesim package's API (moesim/__init__.py)"
 
@@ -139,8 +139,8 @@ def test_no_module_imports_a_higher_layer():
     ("moesim.report.files", "from moesim import load_scenario\n", "moesim "),  # the API sits above everything
     ("moesim.cli.run", "import moesim\n", "moesim "),
     ("moesim.errors", "from moesim.hardware import preset\n", "moesim.hardware"),  # errors, fileio import none
-    ("moesim.bench.a2a", "from moesim.sim import engine\n", "moesim.sim"),  # bench stands apart
-    ("moesim.study.plan", "from moesim.bench import ffn\n", "moesim.bench"),
+    ("moesim.measure.a2a", "from moesim.sim import engine\n", "moesim.sim"),  # bench stands apart
+    ("moesim.study.plan", "from moesim.measure import ffn\n", "moesim.measure"),
     ("moesim.placement.format", "from moesim.nowhere import x\n", "moesim.nowhere"),  # a part in no layer
     ("moesim.newlayer.x", "import numpy\n", "'newlayer'"),
 ])
@@ -153,8 +153,8 @@ def test_the_rule_catches_a_violation(module, source, culprit):
     ("moesim.study.plan", "import numpy\nfrom moesim.hardware.topology import Topology\nfrom . import config\n"),
     ("moesim.metrics.summary", "def f():\n    from moesim.calibration import fit\n"),  # one layer, two packages
     ("moesim.traces.format", "from moesim.errors import InputError\nfrom moesim import fileio\n"),
-    ("moesim.cli.run", "from .common import key_values\nfrom moesim.bench import a2a\nimport moesim.report.text\n"),
-    ("moesim.bench.ffn", "from moesim.hardware import preset\nfrom moesim.traces import format\n"),
+    ("moesim.cli.run", "from .common import key_values\nfrom moesim.measure import a2a\nimport moesim.report.text\n"),
+    ("moesim.measure.ffn", "from moesim.hardware import preset\nfrom moesim.traces import format\n"),
 ])
 def test_the_rule_allows_the_order(module, source):
     assert violations(module, source) == []

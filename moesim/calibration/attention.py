@@ -1,7 +1,7 @@
 """Fit the attention-core model (:func:`moesim.sim.compute.attention_time`) to measured kernel timings.
 
 Input: the JSON that ``moesim bench attention`` and benchmarks/validation/attention_h100/measure.py write
-(:mod:`moesim.bench.attention`) - per attention shape, tensor parallel degree and phase, the time of the
+(:mod:`moesim.measure.attention`) - per attention shape, tensor parallel degree and phase, the time of the
 FlashAttention core: causal prefill over ``seq_len``-token prompts, or decode of ``batch`` sequences over a
 ``context``-token KV cache. The time is the GPU-side ``gpu_kernel_ms`` (summed kernel durations from the
 profiler) where the record has it, else the event-timed ``median_ms`` (a CPU run has no profiler; that time

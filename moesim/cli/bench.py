@@ -1,7 +1,7 @@
 """``moesim bench a2a | ffn | attention``: measure this host's GPUs into the JSON ``moesim calibrate`` fits.
 
 Needs PyTorch (``pip install -e '.[bench]'``); without it the command fails as bad input, naming the extra.
-The measuring itself lives in :mod:`moesim.bench`; this module only picks the shapes and the runner.
+The measuring itself lives in :mod:`moesim.measure`; this module only picks the shapes and the runner.
 """
 
 from __future__ import annotations
@@ -61,21 +61,21 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     at_least_one(args.nproc, "--nproc", most=64 if args.cpu else max(torch.cuda.device_count(), 1))
     shapes = _bench_shapes(args) if args.scenario else None
     if args.what == "a2a":
-        from moesim.bench import a2a
+        from moesim.measure import a2a
 
         path = a2a.run(args.output, args.nproc or 2, cpu=args.cpu)
     elif args.what == "moe":
-        from moesim.bench import moe
+        from moesim.measure import moe
 
         path = moe.run(args.output, cpu=args.cpu, quick=args.quick, nproc=args.nproc or 1, shapes=shapes,
                        dtypes=tuple(args.dtypes.split(",")), pipelines=tuple(args.pipelines.split(",")),
                        log=lambda line: print(line, flush=True))
     elif args.what == "attention":
-        from moesim.bench import attention
+        from moesim.measure import attention
 
         path = attention.run(args.output, cpu=args.cpu, shapes=shapes, log=lambda line: print(line, flush=True))
     else:
-        from moesim.bench import ffn
+        from moesim.measure import ffn
 
         path = ffn.run(args.output, cpu=args.cpu, shapes=shapes)
     print(f"wrote {path}; fit it with: moesim calibrate {path} -o cluster.yaml")
@@ -89,7 +89,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     b.add_argument("what", choices=["a2a", "ffn", "attention", "moe"],
                    help="a2a: all-to-all and p2p among --nproc GPUs; ffn: expert FFNs on one GPU; attention: "
                    "QKV/core/O projections of two attention shapes at tp 1/2/4, prefill and decode, on one GPU; "
-                   "moe: the whole MoE layer's kernel pipeline step by step (moesim/bench/moe/)")
+                   "moe: the whole MoE layer's kernel pipeline step by step (moesim/measure/moe/)")
     b.add_argument("--nproc", type=int, help="ranks (GPUs of this host): a2a (default 2), moe (default 1)")
     b.add_argument("--cpu", action="store_true", help="dry run on the CPU (gloo, tiny shapes)")
     b.add_argument("--scenario", help="measure this scenario's model shape (expert FFN, attention or MoE layer) "

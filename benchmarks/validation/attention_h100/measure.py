@@ -10,7 +10,7 @@ with CUDA events, one synchronised repetition at a time, median over ``--reps`` 
 runs; L2 is flushed (bitwise_not_ of a 256 MiB buffer) before every repetition. Also: device ceilings (8192^3 bf16
 matmul, 2 GiB device copy). Writes ``attention_h100.json`` into ``--out``.
 
-The measurement itself is :mod:`moesim.bench.attention` (needs torch and moesim: ``pip install -e '.[bench]'``);
+The measurement itself is :mod:`moesim.measure.attention` (needs torch and moesim: ``pip install -e '.[bench]'``);
 ``moesim bench attention -o DIR`` runs the same sweep and writes the same records as ``DIR/attention.json``.
 This script keeps the command line and defaults (``--max-seconds`` 230) the stored attention_h100.json was
 taken with, when it was a stand-alone torch-only script whose code now lives in moesim:
@@ -26,7 +26,7 @@ import os
 
 import torch
 
-from moesim.bench import attention
+from moesim.measure import attention
 
 
 def main() -> None:

@@ -11,12 +11,12 @@ import os
 import sys
 import types
 
-for name, path in (("moesim", "moesim"), ("moesim.bench", "moesim/bench")):
+for name, path in (("moesim", "moesim"), ("moesim.measure", "moesim/measure")):
     mod = types.ModuleType(name)
     mod.__path__ = [path]
     sys.modules.setdefault(name, mod)
 
-from moesim.bench import a2a, ffn  # noqa: E402
+from moesim.measure import a2a, ffn  # noqa: E402
 
 if __name__ == "__main__":
     out = os.environ.get("OUT", ".")

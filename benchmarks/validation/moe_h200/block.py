@@ -26,7 +26,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[2]))
-if "moesim" not in sys.modules:  # bare GPU machine: load moesim.bench without the package's dependencies
+if "moesim" not in sys.modules:  # bare GPU machine: load moesim.measure without the package's dependencies
     _pkg = types.ModuleType("moesim")
     _pkg.__path__ = [str(HERE.parents[2] / "moesim")]
     sys.modules["moesim"] = _pkg
@@ -34,7 +34,7 @@ if "moesim" not in sys.modules:  # bare GPU machine: load moesim.bench without t
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from moesim.bench import moe  # noqa: E402
+from moesim.measure import moe  # noqa: E402
 
 SHAPE = {"d_model": 2048, "d_ff": 1408, "num_experts": 64, "top_k": 6}  # DeepSeek-V2-Lite routed experts
 

@@ -1,7 +1,7 @@
 """Measure the whole MoE layer's kernel pipeline on one GPU, step by step (``moesim bench moe``), and write
 ``moe_h200.json`` beside this script (or into ``--out``).
 
-The measurement is :mod:`moesim.bench.moe` (torch_reference pipeline: router, permute, dispatch, regroup,
+The measurement is :mod:`moesim.measure.moe` (torch_reference pipeline: router, permute, dispatch, regroup,
 grouped GEMMs, activation, unregroup, combine, reduce through torch.distributed/NCCL; fused: a vLLM
 fused_moe-style Triton pipeline; bf16 and rowwise fp8 experts; eight published MoE shapes; 32 to 16384 tokens;
 uniform and Zipf routing; EP1 and an emulated EP8 slice). This wrapper only fixes the file name and puts this
@@ -22,13 +22,13 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[2]))  # the repository root: moesim without pip install
 if "moesim" not in sys.modules:  # a bare GPU machine has torch but not moesim's own dependencies (pydantic, simpy,
-    import types                 # ...): load moesim.bench without running the package's __init__, which needs them
+    import types                 # ...): load moesim.measure without running the package's __init__, which needs them
 
     _pkg = types.ModuleType("moesim")
     _pkg.__path__ = [str(HERE.parents[2] / "moesim")]
     sys.modules["moesim"] = _pkg
 
-from moesim.bench import moe  # noqa: E402
+from moesim.measure import moe  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,5 +1,5 @@
 """A vLLM fused_moe-style MoE expert computation in Triton (bf16, one GPU holding all experts): the ``fused``
-pipeline of :mod:`moesim.bench.moe`.
+pipeline of :mod:`moesim.measure.moe`.
 
 After the router (shared with the torch reference), four steps and no permuted copy of the tokens:
 

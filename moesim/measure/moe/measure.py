@@ -12,9 +12,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from moesim.bench.moe.inputs import make_plan, make_weights
-from moesim.bench.moe.pipeline import Comm, Step, dense_moe, fused_steps, reference_steps, run_layer
-from moesim.bench.timing import event, sync
+from moesim.measure.moe.inputs import make_plan, make_weights
+from moesim.measure.moe.pipeline import Comm, Step, dense_moe, fused_steps, reference_steps, run_layer
+from moesim.measure.timing import event, sync
 
 
 @dataclass

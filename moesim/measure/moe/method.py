@@ -55,7 +55,7 @@ METHOD = (
     "Triton grouped GEMM whose A rows are gathered from x through sorted_token_ids // k (no permuted copy) and "
     "whose output rows are written in pick order [T*k, 2f]; activation: a Triton silu_and_mul; gemm_down: the "
     "same Triton GEMM on h rows, multiplied by each pick's gate weight, written in pick order [T*k, d]; reduce: "
-    "view(T, k, d).sum(1). BLOCK_M 16/64/128 by the mean rows per expert (see moesim/bench/fused_moe.py). "
+    "view(T, k, d).sum(1). BLOCK_M 16/64/128 by the mean rows per expert (see moesim/measure/fused_moe.py). "
     "Ceilings: 8192^3 bf16 matmul, 8192^3 fp8 torch._scaled_mm (tensor-wise scales, fast accumulation), 2 GiB "
     "device copy (read + write counted), same event timing."
 )

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from moesim.bench.timing import median_ms
+from moesim.measure.timing import median_ms
 from moesim.fileio import atomic_write
 
 SHAPES = {  # name: (d_model, d_ff)

@@ -1,6 +1,6 @@
 """The pipelines' steps, each a function of one state whose tensors pass to the next step: ``torch_reference``
 (router, permute, dispatch, regroup, grouped GEMMs, activation, unregroup, combine, reduce; bf16 or rowwise
-fp8) and ``fused`` (the router, then :mod:`moesim.bench.fused_moe`); the dense float32 MoE every pipeline is
+fp8) and ``fused`` (the router, then :mod:`moesim.measure.fused_moe`); the dense float32 MoE every pipeline is
 checked against."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from moesim.bench.moe.inputs import Plan, Weights, quant_rows
+from moesim.measure.moe.inputs import Plan, Weights, quant_rows
 
 
 class Comm:
@@ -172,8 +172,8 @@ def reference_steps(p: Plan, w: Weights, dtype: str, comm: Comm) -> list[Step]:
 
 
 def fused_steps(p: Plan, w: Weights) -> list[Step]:
-    """The fused pipeline's steps: router, then :func:`moesim.bench.fused_moe.expert_steps`."""
-    from moesim.bench import fused_moe
+    """The fused pipeline's steps: router, then :func:`moesim.measure.fused_moe.expert_steps`."""
+    from moesim.measure import fused_moe
 
     return [router_step(p, w), *fused_moe.expert_steps(p.x, w.w13, w.w2, p.T, p.k)]
 

@@ -1,6 +1,6 @@
 """The sweep driver of ``moesim bench moe``: the process group, one record per point (measured, or skipped
 with the reason), the JSON rewritten atomically after every point, the torchrun launch and the command line
-(``python -m moesim.bench.moe``)."""
+(``python -m moesim.measure.moe``)."""
 
 from __future__ import annotations
 
@@ -19,11 +19,11 @@ from typing import IO, Callable
 import torch
 import torch.distributed as dist
 
-from moesim.bench.moe.inputs import Weights, make_plan, make_weights
-from moesim.bench.moe.measure import Timer, first_line, ceilings, probe_blockwise, self_check
-from moesim.bench.moe.method import METHOD
-from moesim.bench.moe.pipeline import Comm, fused_steps, reference_steps
-from moesim.bench.moe.points import (
+from moesim.measure.moe.inputs import Weights, make_plan, make_weights
+from moesim.measure.moe.measure import Timer, first_line, ceilings, probe_blockwise, self_check
+from moesim.measure.moe.method import METHOD
+from moesim.measure.moe.pipeline import Comm, fused_steps, reference_steps
+from moesim.measure.moe.points import (
     BUDGET_S, CPU_SHAPES, DTYPES, PIPELINES, QUICK_SHAPES, SHAPES, Point, estimate_ms, estimate_seconds, sweep,
 )
 from moesim.errors import InputError
@@ -221,7 +221,7 @@ def _fused_error(cpu: bool) -> str | None:
     if cpu and os.environ.get("TRITON_INTERPRET") != "1":
         return "on the CPU the fused pipeline runs only in Triton's interpreter (TRITON_INTERPRET=1)"
     try:
-        from moesim.bench import fused_moe  # noqa: F401
+        from moesim.measure import fused_moe  # noqa: F401
     except ImportError as e:
         return f"Triton is not installed ({first_line(e)})"
     return None
@@ -261,10 +261,10 @@ def _check_names(dtypes: tuple[str, ...], pipelines: tuple[str, ...]) -> None:
 
 def launch(out: str | Path, nproc: int, filename: str, flags: list[str]) -> Path:
     """Run the sweep on ``nproc`` GPUs (ranks) of this host under torchrun: ``python -m torch.distributed.run
-    --nproc_per_node N -m moesim.bench.moe ...`` with this checkout on PYTHONPATH; rank 0 writes the JSON."""
+    --nproc_per_node N -m moesim.measure.moe ...`` with this checkout on PYTHONPATH; rank 0 writes the JSON."""
     root = str(Path(__file__).resolve().parents[3])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "moesim.bench.moe",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "moesim.measure.moe",
            "--out", str(out), "--filename", filename, *flags]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
     subprocess.run(cmd, env=env, check=True)
@@ -369,7 +369,7 @@ def _run(path: Path, shapes: dict[str, dict[str, int]], points: list[Point], com
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of ``python -m moesim.bench.moe`` (what :func:`launch` runs on every rank)."""
+    """Entry point of ``python -m moesim.measure.moe`` (what :func:`launch` runs on every rank)."""
     ap = argparse.ArgumentParser(description="The whole MoE layer on one GPU, step by step: what "
                                              "``moesim bench moe`` measures.")
     ap.add_argument("--out", required=True)

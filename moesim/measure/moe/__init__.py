@@ -5,7 +5,7 @@ all-to-all, regroup, grouped GEMMs (``torch._grouped_mm``; fp8: ``torch._scaled_
 unregroup, combine all-to-all and the weighted reduce. It runs through torch.distributed (NCCL; world size 1 on
 one GPU, so that the one-GPU layer makes the same ``all_to_all_single`` calls and host synchronisations as the
 N-GPU one; ``nproc`` > 1 runs N ranks under torchrun). Pipeline ``fused`` is a vLLM fused_moe-style Triton
-implementation (:mod:`moesim.bench.fused_moe`). A point is one shape, expert-parallel degree, pipeline, dtype,
+implementation (:mod:`moesim.measure.fused_moe`). A point is one shape, expert-parallel degree, pipeline, dtype,
 routing and token count. Every step is timed with CUDA events recorded between the steps of one run (median
 over the repetitions) and the whole layer as one region without events (median, min, max); L2 is flushed before
 each repetition. Each record holds the exact rows per local expert, so a model can be evaluated on the exact
@@ -22,21 +22,21 @@ The JSON (``moe.json``, format ``moesim.bench.moe/1``: device/torch/cuda/sms/wor
 warmup/reps/l2_flush, ``ceilings``, ``fp8_scaling`` and ``records``) is rewritten atomically after every point;
 a point that could not run is a record with ``skipped`` and no timings.
 
-Modules: :mod:`~moesim.bench.moe.points` (shapes and the sweep), :mod:`~moesim.bench.moe.inputs` (routing,
-tokens, weights), :mod:`~moesim.bench.moe.pipeline` (the steps), :mod:`~moesim.bench.moe.measure` (timing and
-device facts), :mod:`~moesim.bench.moe.method` (the method text) and :mod:`~moesim.bench.moe.driver` (the run,
-the JSON, the command line). Like the rest of :mod:`moesim.bench` they import only torch, the standard library,
+Modules: :mod:`~moesim.measure.moe.points` (shapes and the sweep), :mod:`~moesim.measure.moe.inputs` (routing,
+tokens, weights), :mod:`~moesim.measure.moe.pipeline` (the steps), :mod:`~moesim.measure.moe.measure` (timing and
+device facts), :mod:`~moesim.measure.moe.method` (the method text) and :mod:`~moesim.measure.moe.driver` (the run,
+the JSON, the command line). Like the rest of :mod:`moesim.measure` they import only torch, the standard library,
 :mod:`moesim.errors` and :mod:`moesim.fileio`, so that they load without moesim's own dependencies.
 """
 
-from moesim.bench.moe.driver import FORMAT, launch, main, measure_point, open_group, run
-from moesim.bench.moe.inputs import (
+from moesim.measure.moe.driver import FORMAT, launch, main, measure_point, open_group, run
+from moesim.measure.moe.inputs import (
     FP8_MAX, Plan, Weights, make_plan, make_weights, pick_experts, quant_rows, quant_weights, seed_of,
 )
-from moesim.bench.moe.measure import Timer, ceilings, probe_blockwise, self_check
-from moesim.bench.moe.method import METHOD
-from moesim.bench.moe.pipeline import Comm, Step, dense_moe, fused_steps, reference_steps, router_step, run_layer
-from moesim.bench.moe.points import (
+from moesim.measure.moe.measure import Timer, ceilings, probe_blockwise, self_check
+from moesim.measure.moe.method import METHOD
+from moesim.measure.moe.pipeline import Comm, Step, dense_moe, fused_steps, reference_steps, router_step, run_layer
+from moesim.measure.moe.points import (
     BUDGET_S, CPU_SHAPES, DTYPES, EP_SLICE, PIPELINES, QUICK_SHAPES, ROUTINGS, SHAPES, TOKENS, Point,
     estimate_ms, estimate_seconds, sweep,
 )

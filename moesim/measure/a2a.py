@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from moesim.bench.timing import median_ms
+from moesim.measure.timing import median_ms
 from moesim.fileio import atomic_write
 
 

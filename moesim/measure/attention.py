@@ -5,7 +5,7 @@ column slice of W_qkv and row slice of W_o, and processes all tokens of its TP g
 total tokens): the QKV projection, the causal SDPA core, the O projection, and the three as one region
 (``block``, with the reshapes between them). Decode (batch x context, one new token per sequence): the SDPA
 core over a KV cache, the QKV and O projections on ``batch`` tokens, and the block. Every part is timed
-with CUDA events, one synchronised repetition at a time (:func:`moesim.bench.timing.times_ms`), median over
+with CUDA events, one synchronised repetition at a time (:func:`moesim.measure.timing.times_ms`), median over
 ``reps`` after ``warmup`` untimed runs, L2 flushed (bitwise_not_ of a 256 MiB buffer) before every
 repetition; the torch profiler adds each part's summed GPU kernel time (``gpu_kernel_ms``) and the SDPA
 kernels that really ran. Also the device ceilings (8192^3 bf16 matmul, 2 GiB device copy).
@@ -38,7 +38,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from moesim.bench.timing import times_ms
+from moesim.measure.timing import times_ms
 from moesim.errors import InputError
 from moesim.fileio import atomic_write
 
