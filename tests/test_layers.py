@@ -8,7 +8,8 @@ time could not show this: ``import moesim.hardware`` runs moesim/__init__.py fir
 Layers, lowest first; a module may import its own layer and those below it. ``measure`` (GPU micro-benchmarks;
 needs torch) stands apart: it may import only :data:`BENCH_MAY_IMPORT`, and only ``cli`` (which runs
 ``moesim bench``) may import it. The top-level package's re-exports (moesim/__init__.py) sit above
-everything: that file is not checked, and no module may import names from it (``import moesim``, ``from moesim import load_scenario``).
+everything: that file is not checked, and no module may import names from it (``import moesim``,
+``from moesim import load_scenario``).
 """
 
 from __future__ import annotations
