@@ -37,7 +37,7 @@ def main() -> None:
           f"{cp.costs.compute_s_per_pair * 1e9:.1f} ns, former {former * 1e9:.1f} ns")
     sim = plan.simulation(cp)
     work = cp.workload
-    former_problem = replace(cp.problem, compute_s_per_pair=former)
+    former_problem = replace(cp.problem, costs=replace(cp.costs, compute_s_per_pair=former))
     for label, problem in (("shared costs", cp.problem), ("former costs", former_problem)):
         t0 = time.perf_counter()
         placement = make_placement("ilp", problem)

@@ -14,13 +14,15 @@ import numpy as np
 import pytest
 
 from moesim.errors import InputError
-from moesim.placement import PlacementProblem, make_placement
+from moesim.placement import PlacementProblem, PlanningCosts, make_placement
 from moesim.placement import ilp as I
 from moesim.placement.ilp_moetuner import bottleneck_assignment, deviation, moetuner, stage1_ilp
 from moesim.placement.ilp_solver import highs_available, resolve_solver
 from moesim.placement.profile import coactivation_counts, expert_loads, transition_counts
 
 SOLVERS = ["cbc", pytest.param("highs", marks=pytest.mark.skipif(not highs_available(), reason="no highspy"))]
+
+COST_FIELDS = set(PlanningCosts.__dataclass_fields__)
 
 
 def problem(L: int, E: int, G: int, gpn: int, *, seed: int = 0, tokens: int = 300, k: int = 2,
@@ -37,11 +39,10 @@ def problem(L: int, E: int, G: int, gpn: int, *, seed: int = 0, tokens: int = 30
             ex[t, l] = [first, *rest]
     node = np.arange(G) // gpn
     s = np.where(node[:, None] == node[None, :], s_in, s_out) * (1 - np.eye(G))
-    fields = dict(num_layers=L, num_experts=E, num_ranks=G, gpus_per_node=gpn, slots_per_gpu=-(-E // G),
-                  load=expert_loads(ex, E), routing=ex, compute_s_per_pair=0.02, transfer_bytes=1.0,
-                  rank_s_per_byte=s, coherent=True)
-    fields.update(extra)
-    return PlacementProblem(**fields)
+    costs = dict(compute_s_per_pair=0.02, dispatch_bytes=1.0, rank_s_per_byte=s, coherent=True)
+    costs.update({k: extra.pop(k) for k in list(extra) if k in COST_FIELDS})
+    return PlacementProblem(num_layers=L, num_experts=E, num_ranks=G, gpus_per_node=gpn, slots_per_gpu=-(-E // G),
+                            load=expert_loads(ex, E), routing=ex, costs=PlanningCosts(**costs), **extra)
 
 
 def layer_assignments(E: int, G: int, slots: int) -> list[np.ndarray]:
@@ -424,8 +425,8 @@ def group_limited(seed: int = 0, tokens: int = 400) -> PlacementProblem:
             ex[t, l] = 4 * g + rng.choice(4, size=2, replace=False, p=pop[l, g])
     s = np.where(np.arange(4)[:, None] // 2 == np.arange(4)[None, :] // 2, 1e-3, 1.0) * (1 - np.eye(4))
     return PlacementProblem(num_layers=3, num_experts=8, num_ranks=4, gpus_per_node=2, slots_per_gpu=2,
-                            load=expert_loads(ex, 8), routing=ex, compute_s_per_pair=0.5, transfer_bytes=1.0,
-                            rank_s_per_byte=s, a2a_copies="node")
+                            load=expert_loads(ex, 8), routing=ex,
+                            costs=PlanningCosts(compute_s_per_pair=0.5, rank_s_per_byte=s, a2a_copies="node"))
 
 
 def test_group_limited_routing_keeps_groups_on_nodes_and_balances():

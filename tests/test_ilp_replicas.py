@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moesim.errors import InputError
-from moesim.placement import Capacity, PlacementProblem, make_placement, validate_placement
+from moesim.placement import Capacity, PlacementProblem, PlanningCosts, make_placement, validate_placement
 from moesim.placement.ilp_solver import highs_available
 from moesim.placement.replication import (
     copy_loads, improve_replicas, pack_replicas, place_missing, replica_counts, replica_lower_bound,
@@ -181,7 +181,7 @@ def test_neighbourhood_search_improves_a_skewed_layer(solver):
 
 def test_info_fields():
     load = np.random.default_rng(4).pareto(1.2, size=(3, 12)) * 50 + 1
-    prob = make_problem(load, 4, compute_s_per_pair=1e-6)
+    prob = make_problem(load, 4, costs=PlanningCosts(compute_s_per_pair=1e-6))
     info = make_placement("ilp", prob, redundant_experts=4).info
     for key in ("objective", "lower_bound", "gap", "load_objective", "load_lower_bound", "load_gap",
                 "greedy_objective", "solve_s", "method", "status", "solver", "redundant_experts", "weights"):
@@ -193,7 +193,8 @@ def test_info_fields():
     assert info["objective"] <= info["greedy_objective"] + 1e-15
     assert info["status"] in {"optimal", "within_gap", "gap_open", "time_limit"}
     json.dumps(info)  # reaches results.json as is
-    coherent = make_placement("ilp", make_problem(load, 4, coherent=True), redundant_experts=4).info
+    coherent_problem = make_problem(load, 4, costs=PlanningCosts(coherent=True))
+    coherent = make_placement("ilp", coherent_problem, redundant_experts=4).info
     assert coherent["weights"]["comm"] == 0.0  # the traffic terms' coherent defaults do not apply to replicas
 
 

@@ -11,7 +11,7 @@ from importlib.metadata import entry_points
 
 from moesim.placement.format import Placement, load_placement, save_placement
 from moesim.placement.registry import (
-    PlacementProblem, get_policy, make_placement, policy_names, policy_options, register,
+    PlacementProblem, PlanningCosts, get_policy, make_placement, policy_names, policy_options, register,
 )
 from moesim.placement.validate import Capacity, validate_placement
 
@@ -21,6 +21,6 @@ for _plugin in entry_points(group="moesim.policies"):  # policies of other insta
     _plugin.load()
 
 __all__ = [
-    "Capacity", "Placement", "PlacementProblem", "get_policy", "load_placement", "make_placement",
+    "Capacity", "Placement", "PlacementProblem", "PlanningCosts", "get_policy", "load_placement", "make_placement",
     "policy_names", "policy_options", "register", "save_placement", "validate_placement",
 ]

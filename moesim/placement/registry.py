@@ -19,6 +19,22 @@ from moesim.placement.format import Placement
 from moesim.placement.validate import validate_placement
 
 
+@dataclass(frozen=True, eq=False)
+class PlanningCosts:
+    """The hardware as an optimising policy plans on it, in seconds and bytes. A study builds it from the
+    engine's own compute and topology models (:func:`moesim.sim.costs.hardware_costs`, whose result is one);
+    the defaults are unit costs, for a policy tried on its own."""
+
+    compute_s_per_pair: float = 1.0  # expert compute per token-expert pair on an EP rank
+    rank_s_per_byte: np.ndarray | None = None  # [G, G] between EP ranks, 0 on the diagonal; None: 1 between ranks
+    dispatch_bytes: float = 1.0  # bytes one token copy carries to an expert's rank
+    combine_bytes: float | None = None  # bytes one expert output carries back; None: dispatch_bytes
+    # what one dispatch copy of a token goes to: "node" (hierarchical all-to-all: one network copy per
+    # destination node), "gpu" (direct, one copy per destination rank) or "expert" (one per pick)
+    a2a_copies: str = "gpu"
+    coherent: bool = False  # context-coherent dataflow: tokens travel from layer l's experts to layer l+1's
+
+
 @dataclass(frozen=True)
 class PlacementProblem:
     """Everything a policy may use. ``load[l, e]``: token-expert pairs seen in the profiling window."""
@@ -32,19 +48,12 @@ class PlacementProblem:
     seed: int = 0
     # expert copies per EP rank per layer that its memory holds (replicas included); None = not bounded
     max_slots_per_gpu: int | None = None
-    # Routing statistics and hardware costs for the optimising policies (moesim.placement.ilp); all optional.
+    memory_slots: int | None = None  # expert copies an EP rank's memory holds over all layers; None = unbounded
+    # Routing statistics of the profiling window, for the policies that look past the loads (all optional).
     routing: np.ndarray | None = None  # [tokens, layers, top_k] expert ids of the profiling window
     transitions: np.ndarray | None = None  # [layers-1, E, E]; None: counted from routing on first use
     coactivation: np.ndarray | None = None  # [layers, E, E]; None: counted from routing on first use
-    compute_s_per_pair: float | None = None  # expert compute per token-expert pair on an EP rank, seconds
-    transfer_bytes: float | None = None  # bytes per token copy moved between consecutive layers
-    rank_s_per_byte: np.ndarray | None = None  # [G, G] seconds per byte between EP ranks, 0 on the diagonal
-    memory_slots: int | None = None  # expert copies an EP rank's memory holds over all layers; None = unbounded
-    coherent: bool = False  # the engine's dataflow is context-coherent (cross-layer co-location pays)
-    # how the standard dataflow's dispatch copies a token: "node" (hierarchical all-to-all: one network copy
-    # per destination node), "gpu" (direct, one copy per destination rank) or "expert" (one per pick)
-    a2a_copies: str = "gpu"
-    combine_bytes: float | None = None  # bytes per token copy returned in combine; None = transfer_bytes
+    costs: PlanningCosts = field(default_factory=PlanningCosts)  # the hardware, for the optimising policies
     _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # lazy statistics
 
     @property

@@ -20,22 +20,19 @@ import numpy as np
 
 from moesim.hardware.spec import GPUSpec
 from moesim.hardware.topology import Topology
+from moesim.placement.registry import PlanningCosts
 from moesim.sim.compute import Attention, dense_time, expert_time
 from moesim.sim.engine import EngineOptions
 from moesim.sim.kernels import LayerWork, phase_times
 from moesim.traces.model import ModelSpec
 
 
-@dataclass(frozen=True)
-class HardwareCosts:
-    """The numbers a placement policy plans with (seconds and bytes)."""
+@dataclass(frozen=True, eq=False)
+class HardwareCosts(PlanningCosts):
+    """The numbers a placement policy plans with (:class:`~moesim.placement.registry.PlanningCosts`: expert
+    compute per token-expert pair, seconds per byte between EP ranks, bytes per copy, how the all-to-all
+    copies a token, the dataflow), and what the study adds to the optimiser's objective to predict a batch."""
 
-    compute_s_per_pair: float  # expert compute per token-expert pair on an EP rank
-    rank_s_per_byte: np.ndarray  # [EP, EP] seconds per byte between EP ranks, 0 on the diagonal
-    dispatch_bytes: float  # bytes one token copy carries to an expert's GPU
-    combine_bytes: float  # bytes one expert output carries back
-    a2a_copies: str  # what one dispatch copy goes to: "node", "gpu" or "expert"
-    coherent: bool  # context-coherent dataflow: tokens travel from layer l's experts to layer l+1's
     layer_fixed_s: float = 0.0  # per layer, what no placement changes (see layer_fixed_seconds)
     a2a_uniform_s: tuple[float, float] = (0.0, 0.0)  # per layer, dispatch + combine spread evenly: (intra, inter)
 

@@ -124,11 +124,7 @@ def placement_problem(scenario: Scenario, cluster: ClusterEntry, profile: Trace,
                             gpus_per_node=cluster.spec.gpus_per_node // cluster.tp,
                             slots_per_gpu=-(-m.num_experts // ep), load=expert_loads(profile), seed=seed,
                             max_slots_per_gpu=max_slots, routing=profile.experts,
-                            compute_s_per_pair=costs.compute_s_per_pair, transfer_bytes=costs.dispatch_bytes,
-                            rank_s_per_byte=costs.rank_s_per_byte,
-                            memory_slots=int(cap.memory_bytes_per_gpu // cap.expert_bytes_per_gpu),
-                            coherent=costs.coherent, a2a_copies=costs.a2a_copies,
-                            combine_bytes=costs.combine_bytes)
+                            memory_slots=int(cap.memory_bytes_per_gpu // cap.expert_bytes_per_gpu), costs=costs)
 
 
 def build_placement(scenario: Scenario, cluster: ClusterEntry, entry: PlacementEntry,

@@ -39,22 +39,23 @@ class CostModel:
 
 def cost_model(problem: PlacementProblem, w_compute: float = 1.0, w_comm: float | None = None,
                w_affinity: float | None = None, w_dispatch: float | None = None) -> CostModel:
-    """Coefficients from the problem's hardware fields; unit costs where the problem has none.
+    """Coefficients from the problem's hardware costs (``problem.costs``; unit costs by default).
 
-    ``w_comm`` and ``w_affinity`` default to 1 under the context-coherent dataflow (``problem.coherent``),
+    ``w_comm`` and ``w_affinity`` default to 1 under the context-coherent dataflow (``costs.coherent``),
     where tokens travel from expert to expert, and to 0 under the standard one, where they go home after
     every layer and co-locating consecutive layers saves nothing. ``w_dispatch`` (the standard dataflow's
     inter-node dispatch + combine, :func:`dispatch_terms`) defaults to 1 under the standard dataflow on more
     than one node when the problem has its routing and copies go per node or per rank, else to 0.
     """
-    default = 1.0 if problem.coherent else 0.0
+    hw = problem.costs
+    default = 1.0 if hw.coherent else 0.0
     w_comm = default if w_comm is None else w_comm
     w_affinity = default if w_affinity is None else w_affinity
-    if problem.a2a_copies not in ("node", "gpu", "expert"):
-        raise InputError(f"must be node, gpu or expert, got {problem.a2a_copies!r}", field="a2a_copies")
+    if hw.a2a_copies not in ("node", "gpu", "expert"):
+        raise InputError(f"must be node, gpu or expert, got {hw.a2a_copies!r}", field="a2a_copies")
     G, gpn = problem.num_ranks, problem.gpus_per_node
-    applies = (not problem.coherent and problem.num_nodes > 1 and problem.routing is not None
-               and problem.a2a_copies != "expert")
+    applies = (not hw.coherent and problem.num_nodes > 1 and problem.routing is not None
+               and hw.a2a_copies != "expert")
     w_dispatch = (1.0 if applies else 0.0) if w_dispatch is None else w_dispatch
     for name, w in (("w_compute", w_compute), ("w_comm", w_comm), ("w_affinity", w_affinity),
                     ("w_dispatch", w_dispatch)):
@@ -62,8 +63,8 @@ def cost_model(problem: PlacementProblem, w_compute: float = 1.0, w_comm: float 
             raise InputError(f"must be a finite number >= 0, got {w!r}", field=name)
     if w_dispatch and not applies:  # nothing to count, or a term the engine does not have
         w_dispatch = 0.0
-    if problem.rank_s_per_byte is not None:
-        s = np.asarray(problem.rank_s_per_byte, dtype=float)
+    if hw.rank_s_per_byte is not None:
+        s = np.asarray(hw.rank_s_per_byte, dtype=float)
         if s.shape != (G, G):
             raise InputError(f"rank_s_per_byte must be [{G}, {G}], got {list(s.shape)}", field="rank_s_per_byte")
         s = s * (1 - np.eye(G))
@@ -75,14 +76,14 @@ def cost_model(problem: PlacementProblem, w_compute: float = 1.0, w_comm: float 
     intra = s[same] if same.any() else np.zeros(1)
     inter = s[other] if other.any() else np.zeros(1)
     uniform = np.ptp(intra) <= 1e-12 * max(intra.max(), 1e-300) and np.ptp(inter) <= 1e-12 * max(inter.max(), 1e-300)
-    transfer = problem.transfer_bytes or 1.0
-    both = transfer + (problem.combine_bytes if problem.combine_bytes is not None else transfer)
+    transfer = hw.dispatch_bytes
+    both = transfer + (hw.combine_bytes if hw.combine_bytes is not None else transfer)
     # a node's NICs together: gpus_per_node ranks, each at 1 / (its cross-node seconds per byte)
     copy_s = both * float(inter.mean()) / gpn if other.any() else 0.0
-    return CostModel(t_pair=problem.compute_s_per_pair or 1.0, s=s, bytes=transfer,
+    return CostModel(t_pair=hw.compute_s_per_pair, s=s, bytes=transfer,
                      w_compute=w_compute, w_comm=w_comm, w_affinity=w_affinity,
                      two_tier=(float(intra.max()), float(inter.max())) if uniform else None,
-                     w_dispatch=w_dispatch, copy_s=copy_s, copies=problem.a2a_copies)
+                     w_dispatch=w_dispatch, copy_s=copy_s, copies=hw.a2a_copies)
 
 
 def layer_picks(problem: PlacementProblem, layer: int) -> np.ndarray:
