@@ -147,7 +147,7 @@ def test_calibrate_cli_writes_the_attention_fit(bench_files, tmp_path, capsys):
     out = tmp_path / "att.yaml"
     assert main(["calibrate", str(bench_files[2]), "-o", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "12 attention-core, 24 attention-projection and 0 MoE-layer (median_ms) points" in printed
+    assert "12 attention-core (median_ms), 24 attention-projection, 0 MoE-layer" in printed
     assert "attention core fit" in printed and "attention core held-out" in printed
     text = out.read_text()
     assert text.splitlines()[1].startswith("# held-out median |error|: attention core ")

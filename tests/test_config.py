@@ -104,6 +104,9 @@ BAD = [
     ("model not a mapping", setter("model", "mixtral"), "model", ""),
     ("bad engine dispatch", setter("engine", {"dispatch": "deepep"}), "engine.dispatch", "per_gpu"),
     ("rate tolerance too big", setter("engine", {"rate_tolerance": 0.5}), "engine.rate_tolerance", "0.2"),
+    ("cuda graphs of a host-synced pipeline", setter("engine", {"launch": "cuda_graph"}), "engine",
+     "needs moe_kernels fused"),
+    ("unknown launch", setter("engine", {"launch": "graphs"}), "engine.launch", "cuda_graph"),
 ]
 
 

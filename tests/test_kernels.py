@@ -16,7 +16,7 @@ import pytest
 from moesim.hardware import ClusterSpec, build_topology, preset
 from moesim.placement.format import Placement
 from moesim.sim.engine import EngineOptions, Simulation
-from moesim.sim.kernels import LayerWork, grouped_gemm_time, phase_times, step_times
+from moesim.sim.kernels import LayerWork, grouped_gemm_time, phase_times, plain_gemm_time, step_times
 from moesim.traces.format import Trace, TraceMeta
 from moesim.traces.model import ModelSpec
 
@@ -122,3 +122,80 @@ def test_shipped_fit_holds_on_the_points_it_held_out():
             errors[p.phase].append(abs(predict_kernels(p, gpu)[0] / p.kernels_ms - 1))
     assert np.median(errors["prefill"]) < 0.05 and max(errors["prefill"]) < 0.20
     assert np.median(errors["decode"]) < 0.12 and max(errors["decode"]) < 0.35
+
+
+def test_cuda_graph_launch_charges_the_graph_fitted_fixed_costs():
+    """Under launch cuda_graph every fused step is its graph-fitted fixed cost plus its bytes, and the grouped
+    GEMMs' fixed cost is the graph one; the rest of the GEMM model is unchanged."""
+    m = dsv3()
+    T, S = 32.0, 256.0
+    rows = np.zeros(256)
+    rows[:128] = 2
+    work = LayerWork(np.array(T), np.array(S), rows)
+    spec = GPU.moe_pipelines["fused"]
+    assert spec.graph_steps and spec.graph_gemm_fixed_us is not None
+    eager = step_times(work, m, GPU, pipeline="fused")
+    graph = step_times(work, m, GPU, pipeline="fused", launch="cuda_graph")
+    nbytes = {"align": 16 * S, "activation": 3 * rows.sum() * 2048 * 2, "reduce": (S * 7168 + T * 7168) * 2}
+    for name, b in nbytes.items():
+        c = spec.graph_steps[name]
+        assert graph[name] == pytest.approx(c.fixed_us * 1e-6 + b / (GPU.hbm_GBps * 1e9 * c.hbm_efficiency)), name
+    shift = (spec.graph_gemm_fixed_us - spec.gemm_fixed_us) * 1e-6
+    assert graph["gemm_down"] - eager["gemm_down"] == pytest.approx(shift)
+    # the steps before the dispatch are small kernels: eagerly the host's launches dominate them
+    assert graph["router"] + graph["align"] < 0.25 * (eager["router"] + eager["align"])
+
+
+def test_cuda_graph_launch_needs_a_pipeline_that_can_be_captured():
+    with pytest.raises(ValueError, match="needs moe_kernels fused"):
+        EngineOptions(moe_kernels="torch_reference", launch="cuda_graph")
+    with pytest.raises(ValueError, match="CUDA-graph cost .* 'permute'"):
+        step_times(LayerWork(np.array(8.0), np.array(64.0), np.ones(256)), dsv3(), GPU, pipeline="torch_reference",
+                   launch="cuda_graph")
+
+
+def test_shipped_graph_fit_holds_on_the_points_it_held_out():
+    """Re-fit the launch-free costs from the CUDA-graph measurement; held-out whole fused layers stay close."""
+    import json
+
+    from moesim.calibration.moe import fit_graph_pipelines, graph_points, held_out, predict_point
+
+    path = MOE_RUNS[0].parent / "moe_graphs_h200.json"
+    points = graph_points(json.loads(path.read_text()), str(path))
+    held = held_out(points)
+    pipes = fit_graph_pipelines(points, held, GPU)
+    assert pipes["fused"].graph_gemm_fixed_us == pytest.approx(GPU.moe_pipelines["fused"].graph_gemm_fixed_us)
+    spec = ClusterSpec(**preset("hgx-h200"))
+    errors = [abs(predict_point(p, spec)[0] / p.total_ms - 1) for p, h in zip(points, held)
+              if h and p.whole_measured]
+    assert len(errors) >= 20 and np.median(errors) < 0.10 and max(errors) < 0.30
+
+
+def test_plain_gemm_is_one_expert_holding_every_row():
+    """A plain GEMM is the grouped-GEMM model with one expert and every row, at the GPU's plain-GEMM fit."""
+    T, n, k = 300.0, 4096, 7168
+    spec = GPU.plain_gemm
+    tiles = math.ceil(T / spec.tile_m) * math.ceil(n / spec.tile_n)
+    tile_s = 2 * spec.tile_m * spec.tile_n * k / (GPU.bf16_tflops * 1e12 * spec.gemm_efficiency / GPU.sms)
+    nbytes = k * n * 2 + T * (k * 2 + n * 2)
+    want = max(math.ceil(tiles / GPU.sms) * tile_s, nbytes / (GPU.hbm_GBps * 1e9 * spec.gemm_hbm_efficiency))
+    assert plain_gemm_time(np.array(T), n, k, GPU) == pytest.approx(want + spec.gemm_fixed_us * 1e-6)
+    graph = plain_gemm_time(np.array(T), n, k, GPU, launch="cuda_graph")
+    assert graph == pytest.approx(want + spec.graph_gemm_fixed_us * 1e-6)
+    assert plain_gemm_time(np.array(0.0), n, k, GPU) == 0.0
+
+
+def test_shipped_plain_gemm_fit_holds_on_the_points_it_held_out():
+    """Re-fit plain GEMMs from the H200 measurement (shared experts, dense layers, MLA/GQA projections)."""
+    import json
+
+    from moesim.calibration.gemm import fit_plain_gemm, gemm_points, gemm_predictions, held_out
+
+    path = MOE_RUNS[0].parent / "dense_h200.json"
+    points = gemm_points(json.loads(path.read_text()), str(path))
+    held = held_out(points)
+    assert fit_plain_gemm(points, held, GPU) == GPU.plain_gemm  # what ships is what the fit gives
+    rows = gemm_predictions(points, held, ClusterSpec(**preset("hgx-h200")))
+    for kind in ("gemm", "gemm-graph"):
+        errors = [abs(pred / meas - 1) for k, _, meas, pred, h in rows if h and k == kind]
+        assert len(errors) >= 70 and np.median(errors) < 0.10

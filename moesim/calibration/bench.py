@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from moesim.calibration.attention import AttentionPoint, ProjectionPoint, bench_points
-from moesim.calibration.moe import MoEPoint, moe_points
-from moesim.calibration.schema import check_a2a, check_ffn, check_moe
+from moesim.calibration.gemm import GemmPoint, gemm_points
+from moesim.calibration.moe import MoEPoint, graph_points, moe_points
+from moesim.calibration.schema import check_a2a, check_dense, check_ffn, check_moe, check_moe_graphs
 from moesim.errors import InputError
 from moesim.fileio import read_json_object
 
@@ -62,6 +63,8 @@ class BenchData:
     attention: list[AttentionPoint] = field(default_factory=list)
     projections: list[ProjectionPoint] = field(default_factory=list)
     moe: list[MoEPoint] = field(default_factory=list)  # moesim bench moe records (moesim.calibration.moe)
+    moe_graphs: list[MoEPoint] = field(default_factory=list)  # the same steps replayed from CUDA graphs
+    gemms: list[GemmPoint] = field(default_factory=list)  # plain GEMMs (moesim.calibration.gemm)
     sources: list[str] = field(default_factory=list)
 
 
@@ -108,6 +111,12 @@ def load_bench(paths: list[str | Path]) -> BenchData:
             elif raw.get("format") == "moesim.bench.moe/1":
                 check_moe(raw, src)
                 data.moe.extend(moe_points(raw, src))
+            elif raw.get("format") == "moesim.bench.moe_graphs/1":
+                check_moe_graphs(raw, src)
+                data.moe_graphs.extend(graph_points(raw, src))
+            elif raw.get("format") == "moesim.bench.dense/1":
+                check_dense(raw, src)
+                data.gemms.extend(gemm_points(raw, src))
             elif "records" in raw:
                 cores, projections = bench_points(raw, src)
                 data.attention.extend(cores)

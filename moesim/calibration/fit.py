@@ -26,7 +26,9 @@ import simpy
 from moesim.calibration.attention import (AttentionPoint, ProjectionPoint, fit_attention, fit_dense_efficiency,
                                          predict_all, predict_projections)
 from moesim.calibration.bench import A2APoint, BenchData, FFNPoint, P2PPoint
-from moesim.calibration.moe import fit_pipelines, fit_self_a2a, held_out, moe_predictions
+from moesim.calibration.gemm import fit_plain_gemm, gemm_predictions
+from moesim.calibration.gemm import held_out as gemm_held_out
+from moesim.calibration.moe import fit_graph_pipelines, fit_pipelines, fit_self_a2a, held_out, moe_predictions
 from moesim.hardware.presets import deep_merge, preset
 from moesim.hardware.spec import ClusterSpec
 from moesim.hardware.topology import build_topology
@@ -252,9 +254,22 @@ def calibrate(data: BenchData, base_preset: str = "hgx-h200", name: str | None =
         fitted.update({f"gpu.moe_pipelines.{k}.{f}": getattr(v, f) for k, v in pipes.items()
                        for f in ("tile_m", "tile_n", "gemm_efficiency", "fp8_gemm_efficiency") if k in
                        {p.pipeline for p in data.moe}})
+    graph_held = held_out(data.moe_graphs)
+    if data.moe_graphs:  # the same pipelines replayed from CUDA graphs, on top of the eager fit
+        pipes = fit_graph_pipelines(data.moe_graphs, graph_held, ClusterSpec(**base).gpu)
+        base = deep_merge(base, {"gpu": {"moe_pipelines": {k: v.model_dump() for k, v in pipes.items()}}})
+        fitted.update({f"gpu.moe_pipelines.{k}.graph_gemm_fixed_us": v.graph_gemm_fixed_us for k, v in pipes.items()
+                       if k in {p.pipeline for p in data.moe_graphs} and v.graph_gemm_fixed_us is not None})
+    gemm_held = gemm_held_out(data.gemms)
+    if data.gemms:  # plain GEMMs: shared experts, dense layers, projections
+        plain = fit_plain_gemm(data.gemms, gemm_held, ClusterSpec(**base).gpu)
+        base = deep_merge(base, {"gpu": {"plain_gemm": plain.model_dump()}})
+        fitted.update({f"gpu.plain_gemm.{f}": getattr(plain, f) for f in ("gemm_efficiency", "fp8_gemm_efficiency")})
     spec = ClusterSpec(**base)
     preds = _network_predictions(spec, data, net_held) if net_points else []
+    preds += [Prediction(*row) for row in gemm_predictions(data.gemms, gemm_held, spec)]
     preds += [Prediction(*row) for row in moe_predictions(data.moe, moe_held, spec)]
+    preds += [Prediction(*row) for row in moe_predictions(data.moe_graphs, graph_held, spec)]
     if data.ffn:
         preds += [Prediction("ffn", f"{p.shape} {list(p.tokens)}", p.ms, predict_ffn(spec, p), h)
                   for p, h in zip(data.ffn, ffn_held)]

@@ -15,6 +15,11 @@ out of the fit; :func:`moe_predictions` reports every point's layer and step err
 marked. The layer time adds the dispatch and combine all-to-alls as the network model predicts them (on one GPU
 NCCL's copies to itself: two calls for the dispatch, rows and expert ids, one for the combine).
 
+The same steps replayed from CUDA graphs (``moesim.bench.moe_graphs/1``, benchmarks/validation/moe_h200/graphs.py)
+give each pipeline's launch-free costs (``graph_steps``, ``graph_gemm_fixed_us``; :func:`fit_graph_pipelines`):
+each step's fixed cost and bandwidth share fitted as above, and the grouped GEMMs' fixed cost at the eager fit's
+tiles and rates (the GEMMs' GPU work is the same; only their launch differs). Held out the same way.
+
 Deliberately ignored: run-to-run noise beyond the medians, and clock or power states.
 """
 
@@ -47,6 +52,8 @@ class MoEPoint:
     work: LayerWork
     steps_ms: dict[str, float] = field(hash=False)
     total_ms: float = 0.0
+    launch: str = "eager"  # eager PyTorch, or replayed from CUDA graphs (engine.launch)
+    whole_measured: bool = True  # total_ms timed as one run (not summed from its steps)
 
     @property
     def tokens(self) -> int:
@@ -65,7 +72,8 @@ class MoEPoint:
 
     @property
     def label(self) -> str:
-        return f"{self.shape} ep{self.ep} {self.pipeline} {self.dtype} {self.routing} T={self.tokens}"
+        graph = " graph" if self.launch == "cuda_graph" else ""
+        return f"{self.shape} ep{self.ep} {self.pipeline}{graph} {self.dtype} {self.routing} T={self.tokens}"
 
 
 def event_overhead_ms(records: list[dict]) -> float:
@@ -98,6 +106,34 @@ def moe_points(raw: dict, src: str) -> list[MoEPoint]:
         points.append(MoEPoint(r["shape"], r["pipeline"], r["dtype"], r["routing"], int(r["ep"]), model,
                                LayerWork(np.array(float(r["tokens"])), np.array(float(r["send_rows"])), rows),
                                steps, float(r["total_ms"])))
+    return points
+
+
+def graph_points(raw: dict, src: str) -> list[MoEPoint]:
+    """The records of a ``moesim.bench.moe_graphs/1`` file: each captured step's median replay, and the whole
+    layer's where it was captured whole (else the sum of its steps), less one graph replay's own cost
+    (``graph_floor_us``, measured the same way)."""
+    floor = float(raw.get("graph_floor_us", 0.0)) * 1e-3
+    points = []
+    for i, r in enumerate(raw["records"]):
+        if "error" in r:
+            continue
+        E = int(r["num_experts"])
+        rows = np.asarray(r["rows_per_expert"], dtype=float)
+        if rows.ndim != 1 or rows.size != int(r["local_experts"]) or (rows < 0).any():
+            raise InputError("must list each local expert's rows", source=src, field=f"records[{i}].rows_per_expert")
+        steps = {k: float(v) * 1e-3 for k, v in r["steps_graph_us"].items()}
+        if not steps or any(not (v > 0 and np.isfinite(v)) for v in steps.values()):
+            raise InputError("timings must be positive", source=src, field=f"records[{i}].steps_graph_us")
+        whole = float(r["layer_graph_us"]) * 1e-3 - floor if "layer_graph_us" in r else \
+            sum(steps.values()) - floor * len(steps)
+        model = ModelSpec(name=r["shape"], num_layers=1, num_experts=E, top_k=int(r["top_k"]),
+                          d_model=int(r["d_model"]), d_ff=int(r["d_ff"]))
+        rows = np.concatenate([rows, np.zeros(max(E - rows.size, 0))])
+        points.append(MoEPoint(r["shape"], r["pipeline"], r["dtype"], r["routing"], int(r["ep"]), model,
+                               LayerWork(np.array(float(r["tokens"])), np.array(float(r["send_rows"])), rows),
+                               {k: max(v - floor, 0.5 * v) for k, v in steps.items()}, whole,
+                               launch="cuda_graph", whole_measured="layer_graph_us" in r))
     return points
 
 
@@ -238,11 +274,46 @@ def fit_pipelines(points: list[MoEPoint], held: list[bool], gpu: GPUSpec,
     return out
 
 
+def fit_graph_pipelines(points: list[MoEPoint], held: list[bool], gpu: GPUSpec) -> dict[str, PipelineSpec]:
+    """Every pipeline measured under CUDA graphs in ``points``, its launch-free costs fitted on the points not
+    held out, on top of ``gpu``'s (eager) fit: each captured step's fixed cost and bandwidth share, and the
+    grouped GEMMs' fixed cost at the eager fit's tiles and rates."""
+    out = dict(gpu.moe_pipelines)
+    fixeds = np.concatenate([[0.0], np.geomspace(1e-6, 2e-4, 60)])
+    for pipeline in sorted({p.pipeline for p in points}):
+        base = out.get(pipeline)
+        if base is None:
+            raise InputError(f"pipeline {pipeline!r} was timed under CUDA graphs but never eagerly: measure it with "
+                             "moesim bench moe first", field="records")
+        train = [p for p, h in zip(points, held) if not h and p.pipeline == pipeline]
+        update: dict = {"graph_steps": {**base.graph_steps, **fit_steps(train, gpu)}}
+        for dtype, key in (("bf16", "graph_gemm_fixed_us"), ("fp8", "graph_fp8_gemm_fixed_us")):
+            sel = [p for p in train if p.dtype == dtype and all(g in p.steps_ms for g in GEMMS)]
+            if sel:
+                fp8 = dtype == "fp8"
+                eff, meff = ((base.fp8_gemm_efficiency, base.fp8_gemm_hbm_efficiency) if fp8 else
+                             (base.gemm_efficiency, base.gemm_hbm_efficiency))
+                fx = _grid_gemm(*_gemm_obs(sel, base, gpu, fp8), np.array([eff]), np.array([meff]), fixeds)[3]
+                update[key] = round(fx * 1e6, 2)
+        out[pipeline] = base.model_copy(update=update)
+    return out
+
+
 def one_gpu_a2a_ms(spec: ClusterSpec, nbytes: float, calls: int) -> float:
     """An all-to-all on one GPU as the network model times it (:class:`moesim.sim.network.Fabric`): ``calls``
     NCCL calls with one rank, each a fixed cost, and a device copy at half the HBM rate."""
     launch = spec.a2a_self_launch_us if spec.a2a_self_launch_us is not None else spec.a2a_launch_us
     return calls * launch * 1e-3 + nbytes / (spec.gpu.hbm_bytes_per_s / 2) * 1e3
+
+
+def _graph_step_times(p: MoEPoint, gpu: GPUSpec) -> dict[str, np.ndarray]:
+    """The steps a CUDA-graph record captured, as the kernel model times them replayed from graphs (a pipeline
+    with host-synced steps, measured step by step, has graph costs for the others only)."""
+    spec = gpu.moe_pipelines[p.pipeline]
+    partial = gpu.model_copy(update={"moe_pipelines": {**gpu.moe_pipelines, p.pipeline: spec.model_copy(
+        update={"graph_steps": {**spec.steps, **spec.graph_steps}})}})
+    every = step_times(p.work, p.model, partial, pipeline=p.pipeline, dtype=p.dtype, launch="cuda_graph")
+    return {k: v for k, v in every.items() if k in p.steps_ms}
 
 
 def predict_kernels(p: MoEPoint, gpu: GPUSpec) -> tuple[float, dict[str, float]]:
@@ -260,15 +331,19 @@ def moe_predictions(points: list[MoEPoint], held: list[bool],
     out = []
     for p, h in zip(points, held):
         total, steps = predict_point(p, spec)
-        out.append((f"moe-{p.phase}", p.label, p.total_ms, total, h))
-        out += [(f"moe-step:{k}", p.label, p.steps_ms[k], v, h) for k, v in steps.items() if k in p.steps_ms]
+        graph = "graph-" if p.launch == "cuda_graph" else ""
+        if p.whole_measured:
+            out.append((f"moe-{graph}{p.phase}", p.label, p.total_ms, total, h))
+        out += [(f"moe-{graph}step:{k}", p.label, p.steps_ms[k], v, h) for k, v in steps.items() if k in p.steps_ms]
     return out
 
 
 def predict_point(p: MoEPoint, spec: ClusterSpec) -> tuple[float, dict[str, float]]:
-    """The layer's milliseconds and each step's, as the kernel and network models predict them."""
-    steps = {k: float(v) * 1e3 for k, v in step_times(p.work, p.model, spec.gpu, pipeline=p.pipeline,
-                                                          dtype=p.dtype).items()}
+    """The layer's milliseconds and each step's, as the kernel and network models predict them (under CUDA
+    graphs: the captured steps only)."""
+    every = step_times(p.work, p.model, spec.gpu, pipeline=p.pipeline, dtype=p.dtype, launch=p.launch) \
+        if p.launch == "eager" else _graph_step_times(p, spec.gpu)
+    steps = {k: float(v) * 1e3 for k, v in every.items()}
     if "dispatch" in p.steps_ms:  # the measured pipeline ran its all-to-alls (on one GPU: copies to itself)
         disp, comb = _a2a_bytes(p)
         steps["dispatch"] = one_gpu_a2a_ms(spec, disp, 2) + steps.pop("a2a_issue", 0.0)  # measured as one step

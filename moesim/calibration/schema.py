@@ -130,6 +130,20 @@ _MOE_MOST = {"num_experts": MAX_EXPERTS, "top_k": MAX_EXPERTS, "local_experts": 
              "d_ff": MAX_DIM, "ep": MAX_WORLD}
 
 
+def _moe_work(r: dict[str, Any], src: str, where: str) -> None:
+    """A measured MoE-layer record's shape and work: sizes, names, and each local expert's rows."""
+    for key in _MOE_INTS:
+        number(r, key, src, where, integer=True, most=_MOE_MOST.get(key, MAX_SIZE))
+    number(r, "send_rows", src, where, zero=True)
+    for key in _MOE_TEXT:
+        if not isinstance(_get(r, key, src, where), str):
+            raise InputError(f"must be a string, got {r[key]!r}", source=src, field=f"{where}.{key}")
+    if r["top_k"] > r["num_experts"] or r["local_experts"] > r["num_experts"]:
+        raise InputError(f"top_k ({r['top_k']}) and local_experts ({r['local_experts']}) must be at most "
+                         f"num_experts ({r['num_experts']})", source=src, field=where)
+    _numbers(_get(r, "rows_per_expert", src, where), src, f"{where}.rows_per_expert", length=r["local_experts"])
+
+
 def check_moe(raw: dict[str, Any], src: str) -> None:
     """A ``moesim bench moe`` file: every measured record's shape, work and positive step timings."""
     for i, r in enumerate(items(raw, "records", src, required=True)):
@@ -138,16 +152,7 @@ def check_moe(raw: dict[str, Any], src: str) -> None:
             raise InputError("must be a JSON object", source=src, field=where)
         if "skipped" in r:
             continue
-        for key in _MOE_INTS:
-            number(r, key, src, where, integer=True, most=_MOE_MOST.get(key, MAX_SIZE))
-        number(r, "send_rows", src, where, zero=True)
-        for key in _MOE_TEXT:
-            if not isinstance(_get(r, key, src, where), str):
-                raise InputError(f"must be a string, got {r[key]!r}", source=src, field=f"{where}.{key}")
-        if r["top_k"] > r["num_experts"] or r["local_experts"] > r["num_experts"]:
-            raise InputError(f"top_k ({r['top_k']}) and local_experts ({r['local_experts']}) must be at most "
-                             f"num_experts ({r['num_experts']})", source=src, field=where)
-        _numbers(_get(r, "rows_per_expert", src, where), src, f"{where}.rows_per_expert", length=r["local_experts"])
+        _moe_work(r, src, where)
         steps = _get(r, "steps_ms", src, where)
         if not isinstance(steps, dict) or not steps:
             raise InputError("must be a mapping of step name to milliseconds", source=src, field=f"{where}.steps_ms")
@@ -156,6 +161,48 @@ def check_moe(raw: dict[str, Any], src: str) -> None:
         number(r, "total_ms", src, where)
         if "steps_sum_ms" in r:
             number(r, "steps_sum_ms", src, where)
+
+
+def check_moe_graphs(raw: dict[str, Any], src: str) -> None:
+    """A ``moesim.bench.moe_graphs/1`` file (CUDA-graph replays of the MoE layer's steps): every measured
+    record's shape, work and positive step timings."""
+    if "graph_floor_us" in raw:
+        number(raw, "graph_floor_us", src, "", zero=True)
+    for i, r in enumerate(items(raw, "records", src, required=True)):
+        where = f"records[{i}]"
+        if not isinstance(r, dict):
+            raise InputError("must be a JSON object", source=src, field=where)
+        if "error" in r:
+            continue
+        _moe_work(r, src, where)
+        steps = _get(r, "steps_graph_us", src, where)
+        if not isinstance(steps, dict) or not steps:
+            raise InputError("must be a mapping of step name to microseconds", source=src,
+                             field=f"{where}.steps_graph_us")
+        for name in steps:
+            number(steps, name, src, f"{where}.steps_graph_us")
+        for key in ("layer_graph_us", "layer_eager_us"):
+            if key in r:
+                number(r, key, src, where)
+
+
+def check_dense(raw: dict[str, Any], src: str) -> None:
+    """A ``moesim.bench.dense/1`` file (plain GEMMs): every measured GEMM's sizes and positive timings."""
+    if "graph_floor_us" in raw:
+        number(raw, "graph_floor_us", src, "", zero=True)
+    for i, r in enumerate(items(raw, "records", src, required=True)):
+        where = f"records[{i}]"
+        if not isinstance(r, dict):
+            raise InputError("must be a JSON object", source=src, field=where)
+        if r.get("kind") != "gemm" or "error" in r:
+            continue
+        for key in ("tokens", "k", "n"):
+            number(r, key, src, where, integer=True, most=MAX_DIM)
+        if r.get("dtype") not in ("bf16", "fp8"):
+            raise InputError(f"must be bf16 or fp8, got {r.get('dtype')!r}", source=src, field=f"{where}.dtype")
+        number(r, "eager_us", src, where)
+        if "graph_us" in r:
+            number(r, "graph_us", src, where)
 
 
 def calibrate_checked(data: BenchData, preset_name: str, *, name: str | None = None) -> Calibration:

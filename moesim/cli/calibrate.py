@@ -28,7 +28,10 @@ _DEVICE_PRESETS = (("GB200", "gb200-nvl72"), ("B200", "gb200-nvl72"), ("H800", "
 # point groups whose errors are printed (and, held out, written into the YAML's header): label -> point kinds
 _ERROR_GROUPS = {"network": ("a2a-uniform", "a2a-skew", "p2p"), "expert FFN": ("ffn",),
                  "attention core": ("attention",), "attention projections": ("projection",),
-                 "MoE layer, decode": ("moe-decode",), "MoE layer, prefill": ("moe-prefill",)}
+                 "MoE layer, decode": ("moe-decode",), "MoE layer, prefill": ("moe-prefill",),
+                 "MoE layer in CUDA graphs, decode": ("moe-graph-decode",),
+                 "MoE layer in CUDA graphs, prefill": ("moe-graph-prefill",),
+                 "plain GEMMs": ("gemm",), "plain GEMMs in CUDA graphs": ("gemm-graph",)}
 
 
 def _rounded(value: Any, digits: int = 4) -> Any:
@@ -50,7 +53,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
     check_output_file(args.output, owned=starts_with(CALIBRATED_HEADER), what="a cluster YAML moesim calibrate wrote")
     data = load_bench(args.bench)
-    if not data.a2a and not data.ffn and not data.attention and not data.moe:
+    if not (data.a2a or data.ffn or data.attention or data.moe or data.moe_graphs or data.gemms):
         raise InputError("no all-to-all, expert-FFN, attention-core or MoE-layer points in the benchmark files")
     devices = ", ".join(sorted(data.devices))
     name = _choose_preset(args.preset, data, devices)
@@ -88,18 +91,20 @@ def _print_fit(result: Calibration, data: BenchData, name: str, devices: str) ->
 
     timings = sorted({p.timing for p in data.attention})
     print(f"calibrated {name} on {len(data.a2a)} all-to-all, {len(data.p2p)} p2p, {len(data.ffn)} FFN, "
-          f"{len(data.attention)} attention-core, {len(data.projections)} attention-projection and "
-          f"{len(data.moe)} MoE-layer"
-          f"{' (' + ' and '.join(timings) + ')' if timings else ''} points from {devices}")
+          f"{len(data.attention)} attention-core{' (' + ' and '.join(timings) + ')' if timings else ''}, "
+          f"{len(data.projections)} attention-projection, {len(data.moe)} MoE-layer, {len(data.moe_graphs)} "
+          f"MoE-layer-in-CUDA-graphs and {len(data.gemms)} plain-GEMM points from {devices}")
     for key, value in result.fitted.items():
         print(f"  {key:26s} {value:10.4g}")
-    print(f"{'points':38s} {'n':>4s} {'median |err|':>13s} {'max |err|':>10s}")
+    print(f"{'points':46s} {'n':>4s} {'median |err|':>13s} {'max |err|':>10s}")
     steps = tuple(sorted({p.kind for p in result.predictions if p.kind.startswith("moe-step:")}))
-    for label, kinds in {**_ERROR_GROUPS, "MoE pipeline steps": steps}.items():
+    graph_steps = tuple(sorted({p.kind for p in result.predictions if p.kind.startswith("moe-graph-step:")}))
+    for label, kinds in {**_ERROR_GROUPS, "MoE pipeline steps": steps,
+                         "MoE pipeline steps in CUDA graphs": graph_steps}.items():
         for held in (False, True):
             e = result.errors(held, kinds)
             if e.size:
-                print(f"{label + (' held-out' if held else ' fit'):38s} {e.size:4d} {np.median(e) * 100:12.1f}% "
+                print(f"{label + (' held-out' if held else ' fit'):46s} {e.size:4d} {np.median(e) * 100:12.1f}% "
                       f"{e.max() * 100:9.1f}%")
 
 

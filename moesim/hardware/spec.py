@@ -61,9 +61,10 @@ class StepCost(StrictModel):
     hbm_efficiency: float = Fraction(default=1.0)
 
 
-class PipelineSpec(StrictModel):
-    """How one MoE kernel pipeline runs on this GPU: its grouped-GEMM tiling and rates, and every other
-    step's cost. Fitted by ``moesim calibrate`` on ``moesim bench moe`` timings."""
+class GemmSpec(StrictModel):
+    """A GEMM kernel's tiling and rates on this GPU (:func:`moesim.sim.kernels.grouped_gemm_time`): tile-padded
+    waves over the SMs against the bytes it reads, plus a fixed cost per launch (eager, and replayed from a
+    CUDA graph). Fitted by ``moesim calibrate`` on measured timings."""
 
     tile_m: int = Field(default=128, ge=1, le=65536,
                         description="grouped-GEMM tile rows: each expert's rows are padded to it")
@@ -78,18 +79,42 @@ class PipelineSpec(StrictModel):
     fp8_gemm_hbm_efficiency: float = Fraction(default=0.65, description="share of HBM bandwidth an FP8 grouped "
                                                                         "GEMM reads its weights at")
     fp8_gemm_fixed_us: float = Field(default=20.0, ge=0, lt=MAX_US, description="fixed cost of one FP8 grouped GEMM")
+    graph_gemm_fixed_us: float | None = Field(default=None, ge=0, lt=MAX_US, description="fixed cost of one "
+                                              "grouped GEMM replayed from a CUDA graph (default gemm_fixed_us)")
+    graph_fp8_gemm_fixed_us: float | None = Field(default=None, ge=0, lt=MAX_US, description="the same for FP8 "
+                                                  "(default fp8_gemm_fixed_us)")
+
+
+class PipelineSpec(GemmSpec):
+    """How one MoE kernel pipeline runs on this GPU: its grouped GEMMs (:class:`GemmSpec`) and every other
+    step's cost. Fitted by ``moesim calibrate`` on ``moesim bench moe`` timings."""
+
     steps: dict[str, StepCost] = Field(default_factory=dict, description="every other step's cost, by name")
+    # Replayed from a CUDA graph (engine.launch: cuda_graph, as serving engines run decode): no host launches.
+    graph_steps: dict[str, StepCost] = Field(default_factory=dict, description="every other step's cost when "
+                                             "replayed from a CUDA graph; a step without one cannot be captured")
 
 
-def measured_pipelines() -> dict[str, PipelineSpec]:
-    """The MoE kernel pipelines as fitted on one H200 (``calibrated/hgx-h200.yaml``, from ``moesim bench moe``):
-    the default of a GPU given without its own fit, whose shares of peak and HBM bandwidth are then assumed."""
+def _h200_fit() -> dict:
     from importlib import resources
 
     import yaml
 
     text = resources.files("moesim.hardware").joinpath("calibrated").joinpath("hgx-h200.yaml").read_text()
-    return {k: PipelineSpec(**v) for k, v in yaml.safe_load(text)["gpu"]["moe_pipelines"].items()}
+    return yaml.safe_load(text)["gpu"]
+
+
+def measured_pipelines() -> dict[str, PipelineSpec]:
+    """The MoE kernel pipelines as fitted on one H200 (``calibrated/hgx-h200.yaml``, from ``moesim bench moe``):
+    the default of a GPU given without its own fit, whose shares of peak and HBM bandwidth are then assumed."""
+    return {k: PipelineSpec(**v) for k, v in _h200_fit()["moe_pipelines"].items()}
+
+
+def measured_plain_gemm() -> GemmSpec:
+    """Plain (dense) GEMMs as fitted on one H200 (``calibrated/hgx-h200.yaml``, from
+    benchmarks/validation/moe_h200/dense.py): the default of a GPU given without its own fit."""
+    fit = _h200_fit().get("plain_gemm")
+    return GemmSpec(**fit) if fit else GemmSpec()
 
 
 class GPUSpec(StrictModel):
@@ -124,6 +149,9 @@ class GPUSpec(StrictModel):
                      description="streaming multiprocessors (GEMM tiles run in waves over them)")
     moe_pipelines: dict[str, PipelineSpec] = Field(default_factory=measured_pipelines,
                                                    description="the MoE kernel pipelines on this GPU, by name")
+    plain_gemm: GemmSpec = Field(default_factory=measured_plain_gemm,
+                                 description="plain GEMMs (shared experts, dense layers, projections): tiles, rates "
+                                             "and fixed costs (moesim.sim.kernels.plain_gemm_time)")
 
     @field_validator("fp8_tflops", mode="after")
     @classmethod

@@ -64,7 +64,8 @@ def expert_seconds(rows_per_rank: np.ndarray, model: ModelSpec, gpu: GPUSpec, tp
     if options.moe_kernels == "ffn":
         return expert_time(per_expert, model, gpu, tp=tp, grouped=options.grouped)
     work = LayerWork(home=np.zeros_like(rows), sent=np.zeros_like(rows), rows=per_expert)
-    return phase_times(work, model, gpu, pipeline=options.moe_kernels, tp=tp, dtype=options.expert_dtype)[1]
+    return phase_times(work, model, gpu, pipeline=options.moe_kernels, tp=tp, dtype=options.expert_dtype,
+                       launch=options.launch)[1]
 
 
 def compute_s_per_pair(topo: Topology, model: ModelSpec, tp: int, options: EngineOptions,
@@ -122,7 +123,7 @@ def layer_fixed_seconds(topo: Topology, model: ModelSpec, tp: int, options: Engi
     if options.moe_kernels != "ffn":
         work = LayerWork(home=np.array(T), sent=np.array(T * model.top_k), rows=np.zeros(model.num_experts))
         before, _, after = phase_times(work, model, gpu, pipeline=options.moe_kernels, tp=tp,
-                                       dtype=options.expert_dtype)
+                                       dtype=options.expert_dtype, launch=options.launch)
         around = float(before + after)
     at = float(expert_seconds(np.array([r0]), model, gpu, tp, options, experts)[0])
     slope = compute_s_per_pair(topo, model, tp, options, tokens_per_gpu)

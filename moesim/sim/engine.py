@@ -53,7 +53,7 @@ from simpy.events import NORMAL, EventPriority
 from moesim.hardware.topology import Topology
 from moesim.placement.format import Placement
 from moesim.sim.compute import Attention, dense_time, expert_time
-from moesim.sim.kernels import PIPELINES, LayerWork, phase_times
+from moesim.sim.kernels import LAUNCHES, PIPELINES, LayerWork, phase_times
 from moesim.sim.network import CollectiveResult, Fabric, Routing
 from moesim.sim.replicas import ReplicaChooser
 from moesim.sim.traffic import coherent_traffic, hierarchical_bytes, layer_traffic
@@ -80,6 +80,7 @@ class EngineOptions:
     dataflow: Literal["standard", "coherent"] = "standard"  # see the module docstring
     moe_kernels: Literal["ffn", "torch_reference", "fused"] = "torch_reference"  # moesim.sim.kernels; ffn: experts only
     expert_dtype: Literal["bf16", "fp8"] = "bf16"  # the expert GEMMs' dtype (fp8 only with a kernel pipeline)
+    launch: Literal["eager", "cuda_graph"] = "eager"  # how the pipeline's kernels are launched (moesim.sim.kernels)
 
     def __post_init__(self) -> None:
         if self.dataflow not in ("standard", "coherent"):
@@ -94,6 +95,11 @@ class EngineOptions:
             raise ValueError(f"expert_dtype must be bf16 or fp8, got {self.expert_dtype!r}")
         if self.expert_dtype == "fp8" and self.moe_kernels == "ffn":
             raise ValueError("expert_dtype fp8 needs a kernel pipeline (moe_kernels torch_reference or fused)")
+        if self.launch not in LAUNCHES:
+            raise ValueError(f"launch must be {' or '.join(LAUNCHES)}, got {self.launch!r}")
+        if self.launch == "cuda_graph" and self.moe_kernels != "fused":
+            raise ValueError("launch cuda_graph needs moe_kernels fused (torch_reference's permute syncs with the host "
+                             "for its split sizes, and ffn has no launch model)")
         if self.a2a not in ("direct", "hierarchical", "low_latency"):
             raise ValueError(f"a2a must be direct, hierarchical or low_latency, got {self.a2a!r}")
 
@@ -256,7 +262,8 @@ class Simulation:
             zero = np.zeros_like(dense)
             return dense, zero, expert_time(tok, model, gpu, tp=tp, grouped=opt.grouped), zero
         before, experts, after = phase_times(LayerWork(home=held, sent=sent, rows=tok), model, gpu,
-                                             pipeline=opt.moe_kernels, tp=tp, dtype=opt.expert_dtype)
+                                             pipeline=opt.moe_kernels, tp=tp, dtype=opt.expert_dtype,
+                                             launch=opt.launch)
         return dense, before, experts, after
 
     def _plan_batch(self, b: int, trace: Trace, layout: Layout, idx: np.ndarray, placement: Placement,

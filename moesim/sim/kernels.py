@@ -45,6 +45,14 @@ far more than one expert with all of them, and small-M GEMMs are bound by readin
 tensor parallelism ``tp`` each GPU runs every row of its rank on 1/tp of f. All parameters are fitted per GPU by
 ``moesim calibrate`` on ``moesim bench moe`` timings (:mod:`moesim.calibration.moe`).
 
+Launch (``engine.launch``): ``eager`` (the default) charges the fixed costs fitted on eager PyTorch, where the
+host launches every op from Python and small layers are bound by it; ``cuda_graph`` charges those fitted on the
+same steps replayed from CUDA graphs (``PipelineSpec.graph_steps``, ``graph_gemm_fixed_us``; measured by
+benchmarks/validation/moe_h200/graphs.py), as serving engines replay decode steps: only the GPU's own time per
+kernel. A step that syncs with the host (``torch_reference``'s ``permute`` sends its split sizes to the host)
+has no graph cost, so ``cuda_graph`` needs the ``fused`` pipeline. The replay's own launch (about 4 us per
+graph, once per forward) is not charged.
+
 Deliberately ignored: L2 reuse between steps, the overlap of one step's tail with the next step's launch,
 split-K, stream-K and other schedulers that break the wave quantisation, and the gate's bias terms.
 """
@@ -56,11 +64,13 @@ from typing import Literal
 
 import numpy as np
 
-from moesim.hardware.spec import GPUSpec, PipelineSpec
+from moesim.hardware.spec import GemmSpec, GPUSpec
 from moesim.traces.model import ModelSpec
 
 Pipeline = Literal["torch_reference", "fused"]
 PIPELINES: tuple[str, ...] = ("torch_reference", "fused")
+Launch = Literal["eager", "cuda_graph"]
+LAUNCHES: tuple[str, ...] = ("eager", "cuda_graph")
 BEFORE_DISPATCH = ("router", "permute", "a2a_issue", "align")  # on the tokens at home, before the dispatch all-to-all
 AFTER_COMBINE = ("reduce",)  # on the tokens at home, after the combine all-to-all
 
@@ -75,7 +85,7 @@ class LayerWork:
     rows: np.ndarray  # [..., E]
 
 
-def gemm_work(rows: np.ndarray, n: int, k: int, spec: PipelineSpec, *, weight_bytes: float, act_bytes: float,
+def gemm_work(rows: np.ndarray, n: int, k: int, spec: GemmSpec, *, weight_bytes: float, act_bytes: float,
               out_bytes: float) -> tuple[np.ndarray, np.ndarray]:
     """Tiles (``ceil(r_e / tile_m) x ceil(n / tile_n)`` summed over experts) and bytes (the touched experts'
     weights, the rows in and out) of one grouped GEMM over ``rows[..., e]`` rows per expert."""
@@ -86,17 +96,32 @@ def gemm_work(rows: np.ndarray, n: int, k: int, spec: PipelineSpec, *, weight_by
     return tiles, nbytes
 
 
-def grouped_gemm_time(rows: np.ndarray, n: int, k: int, gpu: GPUSpec, spec: PipelineSpec, *, weight_bytes: float,
-                      act_bytes: float, out_bytes: float, fp8: bool = False) -> np.ndarray:
+def grouped_gemm_time(rows: np.ndarray, n: int, k: int, gpu: GPUSpec, spec: GemmSpec, *, weight_bytes: float,
+                      act_bytes: float, out_bytes: float, fp8: bool = False, launch: str = "eager") -> np.ndarray:
     """Seconds of one grouped GEMM (``[r_e, k] x [k, n]`` per expert), its fixed cost included: tile-padded
     waves over the SMs against the bytes of the touched experts' weights and the rows' activations."""
     tiles, nbytes = gemm_work(rows, n, k, spec, weight_bytes=weight_bytes, act_bytes=act_bytes, out_bytes=out_bytes)
     peak = (gpu.fp8_tflops or 2 * gpu.bf16_tflops) if fp8 else gpu.bf16_tflops
     eff, meff, fixed = ((spec.fp8_gemm_efficiency, spec.fp8_gemm_hbm_efficiency, spec.fp8_gemm_fixed_us) if fp8 else
                         (spec.gemm_efficiency, spec.gemm_hbm_efficiency, spec.gemm_fixed_us))
+    if launch == "cuda_graph":
+        graph = spec.graph_fp8_gemm_fixed_us if fp8 else spec.graph_gemm_fixed_us
+        fixed = fixed if graph is None else graph
     tile_s = 2.0 * spec.tile_m * spec.tile_n * k / (peak * 1e12 * eff / gpu.sms)
     busy = np.maximum(np.ceil(tiles / gpu.sms) * tile_s, nbytes / (gpu.hbm_GBps * 1e9 * meff))
     return (busy + fixed * 1e-6) * (tiles > 0)
+
+
+def plain_gemm_time(tokens: np.ndarray, n: int, k: int, gpu: GPUSpec, *, dtype: str = "bf16", launch: str = "eager",
+                    act_bytes: float = 2.0) -> np.ndarray:
+    """Seconds of one plain GEMM ``[T, k] x [k, n]`` (a shared expert's, a dense layer's, a projection's) for
+    ``tokens`` rows: :func:`grouped_gemm_time` of one expert holding every row, at the GPU's plain-GEMM fit
+    (``GPUSpec.plain_gemm``, measured by benchmarks/validation/moe_h200/dense.py); fp8 reads 1-byte weights and
+    activations, bf16 ``act_bytes``-byte ones; the output is bf16."""
+    fp8 = dtype == "fp8"
+    b = 1.0 if fp8 else float(act_bytes)
+    return grouped_gemm_time(np.asarray(tokens, dtype=float)[..., None], n, k, gpu, gpu.plain_gemm, weight_bytes=b,
+                             act_bytes=b, out_bytes=2.0, fp8=fp8, launch=launch)
 
 
 def step_bytes(work: LayerWork, model: ModelSpec, *, pipeline: str, tp: int = 1, dtype: str = "bf16"
@@ -124,12 +149,15 @@ def step_bytes(work: LayerWork, model: ModelSpec, *, pipeline: str, tp: int = 1,
 
 
 def step_times(work: LayerWork, model: ModelSpec, gpu: GPUSpec, *, pipeline: str, tp: int = 1,
-               dtype: str = "bf16") -> dict[str, np.ndarray]:
+               dtype: str = "bf16", launch: str = "eager") -> dict[str, np.ndarray]:
     """Seconds of every step of ``pipeline`` (see the module docstring), fixed costs included; a step with no
     work (no tokens at home, no rows) costs nothing."""
     if pipeline not in gpu.moe_pipelines:
         raise ValueError(f"no MoE kernel pipeline {pipeline!r} on {gpu.name}; valid: {', '.join(gpu.moe_pipelines)}")
+    if launch not in LAUNCHES:
+        raise ValueError(f"launch must be {' or '.join(LAUNCHES)}, got {launch!r}")
     spec = gpu.moe_pipelines[pipeline]
+    costs = spec.graph_steps if launch == "cuda_graph" else spec.steps
     d, f, E, b = model.d_model, model.d_ff // tp, model.num_experts, model.dtype_bytes
     T = np.asarray(work.home, dtype=float)
     rows = np.asarray(work.rows, dtype=float)
@@ -137,25 +165,28 @@ def step_times(work: LayerWork, model: ModelSpec, gpu: GPUSpec, *, pipeline: str
     hbm = gpu.hbm_GBps * 1e9
     out: dict[str, np.ndarray] = {}
     for name, nbytes in step_bytes(work, model, pipeline=pipeline, tp=tp, dtype=dtype).items():
-        cost = spec.steps.get(name)
+        cost = costs.get(name)
         if cost is None:
-            raise ValueError(f"pipeline {pipeline!r} on {gpu.name} has no cost for step {name!r}")
+            how = "a CUDA-graph cost (it syncs with the host, or was not measured under graphs)" \
+                if launch == "cuda_graph" else "a cost"
+            raise ValueError(f"pipeline {pipeline!r} on {gpu.name} has no {how} for step {name!r}")
         active = T if name in BEFORE_DISPATCH + AFTER_COMBINE else R
         out[name] = (cost.fixed_us * 1e-6 + nbytes / (hbm * cost.hbm_efficiency)) * (active > 0)
     out["router"] = np.maximum(out["router"], 2.0 * T * d * E / gpu.dense_flops_per_s * (T > 0))
     fp8 = dtype == "fp8"
     wb = 1.0 if fp8 else float(b)
     out["gemm_gate_up"] = grouped_gemm_time(rows, 2 * f, d, gpu, spec, weight_bytes=wb, act_bytes=wb, out_bytes=b,
-                                            fp8=fp8)
-    out["gemm_down"] = grouped_gemm_time(rows, d, f, gpu, spec, weight_bytes=wb, act_bytes=wb, out_bytes=b, fp8=fp8)
+                                            fp8=fp8, launch=launch)
+    out["gemm_down"] = grouped_gemm_time(rows, d, f, gpu, spec, weight_bytes=wb, act_bytes=wb, out_bytes=b, fp8=fp8,
+                                         launch=launch)
     return out
 
 
 def phase_times(work: LayerWork, model: ModelSpec, gpu: GPUSpec, *, pipeline: str, tp: int = 1,
-                dtype: str = "bf16") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                dtype: str = "bf16", launch: str = "eager") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Seconds before the dispatch (router, permutation), between dispatch and combine (the experts' side),
     and after the combine (the top-k reduction)."""
-    steps = step_times(work, model, gpu, pipeline=pipeline, tp=tp, dtype=dtype)
+    steps = step_times(work, model, gpu, pipeline=pipeline, tp=tp, dtype=dtype, launch=launch)
     zero = np.zeros(np.shape(work.home))
     before = sum((steps[s] for s in BEFORE_DISPATCH if s in steps), zero)
     after = sum((steps[s] for s in AFTER_COMBINE if s in steps), zero)

@@ -133,6 +133,10 @@ class EngineConfig(_Strict):
         "(vLLM fused_moe, SGLang/DeepEP + DeepGEMM, TensorRT-LLM CUTLASS MoE), ffn (the expert FFNs alone); default: "
         "fused with the DeepEP all-to-alls (a2a hierarchical or low_latency), else torch_reference")
     expert_dtype: Literal["bf16", "fp8"] = Field(default="bf16", description="the expert GEMMs' dtype")
+    launch: Literal["eager", "cuda_graph"] = Field(
+        default="eager", description="how the MoE pipeline's kernels are launched: eager (PyTorch from Python; small "
+        "layers are bound by the host) or cuda_graph (replayed from CUDA graphs, as serving engines run decode; needs "
+        "moe_kernels fused)")
     dispatch: Literal["per_gpu", "per_expert"] | None = Field(
         default=None, description="one token copy per destination GPU (DeepEP) or per expert (naive); default: "
         "per_expert with moe_kernels torch_reference (its send buffer has a row per pick), else per_gpu")
@@ -163,7 +167,8 @@ class EngineConfig(_Strict):
         dispatch = self.dispatch or ("per_expert" if kernels == "torch_reference" else "per_gpu")
         return EngineOptions(dedup=dispatch == "per_gpu", grouped=self.expert_kernel == "grouped",
                              rate_tolerance=self.rate_tolerance, a2a=self.a2a, replica_rule=self.replica_rule,
-                             dataflow=self.dataflow, moe_kernels=kernels, expert_dtype=self.expert_dtype)
+                             dataflow=self.dataflow, moe_kernels=kernels, expert_dtype=self.expert_dtype,
+                             launch=self.launch)
 
 
 class RebalanceConfig(_Strict):
