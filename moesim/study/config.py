@@ -3,7 +3,9 @@
 A scenario has top-level keys ``name``, ``clusters``, ``model``, ``workload``, ``placements``, ``baseline``,
 ``engine`` and ``output``; see ``scenarios/*.yaml`` and the README. Unknown keys are rejected, units are in
 field names, and cross-field checks (EP vs experts, trace vs model, baseline vs placements) run before
-anything is simulated. Relative paths (trace and placement files) resolve against the scenario's folder.
+anything is simulated. Relative paths (trace and placement files) resolve against the scenario's folder. The
+``model`` is a mapping of ModelSpec fields or a named architecture, ``{preset: NAME, ...overrides}``
+(:mod:`moesim.traces.model_presets`).
 """
 
 from __future__ import annotations
