@@ -549,6 +549,36 @@ def _(d: Path) -> list[str]:
     return validate()
 
 
+@case("scenario", "model-preset-unknown", "s.yaml", "model.preset", "unknown model preset")
+def _(d: Path) -> list[str]:
+    write(d / "s.yaml", scenario(model={"preset": "deepseek-v99", "num_layers": 2}))
+    return run()
+
+
+@case("scenario", "model-preset-not-text", "s.yaml", "model.preset")
+def _(d: Path) -> list[str]:
+    write(d / "s.yaml", scenario(model={"preset": {"name": "deepseek-v3"}}))
+    return run()
+
+
+@case("scenario", "model-preset-override-out-of-range", "s.yaml", "model.num_layers")
+def _(d: Path) -> list[str]:
+    write(d / "s.yaml", scenario(model={"preset": "qwen3-30b-a3b", "num_layers": -3}))
+    return run()
+
+
+@case("scenario", "model-preset-override-unknown-key", "s.yaml", "model.moe_layers")
+def _(d: Path) -> list[str]:
+    write(d / "s.yaml", scenario(model={"preset": "llama-4-maverick", "moe_layers": [1, 3]}))
+    return run()
+
+
+@case("scenario", "model-preset-override-breaks-groups", "s.yaml", "model", "expert_groups")
+def _(d: Path) -> list[str]:
+    write(d / "s.yaml", scenario(model={"preset": "deepseek-v3", "num_layers": 2, "num_experts": 20}))
+    return run()
+
+
 # ================================================================================================ cluster YAML
 
 def with_cluster_file(d: Path, content: Any, cmd: str = "validate") -> list[str]:
@@ -693,6 +723,21 @@ def _(d: Path) -> list[str]:
 @case("flags", "set-nodes-1e5", "hgx-h200", "nodes")
 def _(d: Path) -> list[str]:
     return ["cluster", "show", "hgx-h200", "--set", "nodes=100000"]
+
+
+@case("flags", "model-show-unknown-preset", "deepseek-v99", "unknown model preset")
+def _(d: Path) -> list[str]:
+    return ["model", "show", "deepseek-v99"]
+
+
+@case("flags", "model-show-set-nan", "deepseek-v3", "dtype_bytes")
+def _(d: Path) -> list[str]:
+    return ["model", "show", "deepseek-v3", "--set", "dtype_bytes=.nan"]
+
+
+@case("flags", "model-show-set-layers-1e9", "kimi-k2", "num_layers")
+def _(d: Path) -> list[str]:
+    return ["model", "show", "kimi-k2", "--set", "num_layers=1000000000"]
 
 
 @case("flags", "set-nodes-negative", "hgx-h200", "nodes")

@@ -31,6 +31,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     result = run_study(scenario, progress=False if args.quiet else None)
     wall = time.perf_counter() - t0
     print(format_report(result.metrics(), scenario.baseline))
+    _print_terms(result)
     _print_solves(result)
     if result.rebalance:  # the scenario's rebalance section (moesim.study.rebalance)
         _print_rebalancing(result)
@@ -39,6 +40,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
           f"({', '.join(p.name for p in written if p.parent == out)})")
     _print_renamed(result)
     return 0
+
+
+def _print_terms(result: StudyResult) -> None:
+    """Per cluster, where a batch's time goes: each step of the layers, in ms (moesim.metrics.summary.term_ms)."""
+    from moesim.metrics.summary import term_ms
+    from moesim.report.text import term_table
+
+    model = result.scenario.model
+    layers = f"{model.num_layers} MoE layers" + (f" and {model.dense_layers} dense ones" if model.dense_layers else "")
+    print(f"\nTime per batch by step (ms; summed over the {layers}, mean over GPUs and batches):")
+    for cluster in dict.fromkeys(r.cluster.name for r in result.runs):
+        rows = [(r.name, term_ms(r.records)) for r in result.runs if r.cluster.name == cluster]
+        print(f"== {cluster} ==\n{term_table(rows)}")
 
 
 def _print_renamed(result: StudyResult) -> None:

@@ -114,6 +114,29 @@ def summarize(rec: SimRecords) -> RunMetrics:
     )
 
 
+def term_ms(rec: SimRecords) -> dict[str, float]:
+    """Milliseconds per batch of each step of the layers, summed over the MoE layers and averaged over GPUs and
+    batches: ``dense_layers`` (the dense transformer layers), ``attention`` (the MoE layers' attention, with its TP
+    collectives), ``route`` (the kernel pipeline's steps before the dispatch), ``shared_expert``, ``wait`` (for the
+    slowest GPU to join the all-to-alls), ``dispatch``, ``experts``, ``expert_tp`` (the expert-TP all-gather and
+    reduce-scatter), ``combine`` and ``reduce``. A GPU runs them one after another (no overlap yet), so they add
+    up to the mean GPU's time per batch."""
+    g = rec.gpu
+    spans = {
+        "dense_layers": g["t_attn_start"] - g["t_layer_start"],
+        "attention": g["t_dense_end"] - g["t_attn_start"],
+        "route": g["t_shared_start"] - g["t_dense_end"],
+        "shared_expert": g["t_dispatch_join"] - g["t_shared_start"],
+        "wait": (g["t_dispatch_start"] - g["t_dispatch_join"]) + (g["t_combine_start"] - g["t_combine_join"]),
+        "dispatch": g["t_dispatch_done"] - g["t_dispatch_start"],
+        "experts": g["t_compute_end"] - g["t_compute_start"],
+        "expert_tp": (g["t_compute_start"] - g["t_dispatch_done"]) + (g["t_combine_join"] - g["t_compute_end"]),
+        "combine": g["t_combine_done"] - g["t_combine_start"],
+        "reduce": g["t_layer_end"] - g["t_combine_done"],
+    }
+    return {k: float(v.sum(axis=1).mean() * 1e3) if v.size else 0.0 for k, v in spans.items()}
+
+
 def with_speedups(metrics: list[RunMetrics], baseline: str) -> list[RunMetrics]:
     """Attach speedup = baseline mean e2e / this mean e2e, per cluster."""
     base = {m.cluster: m.e2e_ms["mean"] for m in metrics if m.placement == baseline}

@@ -38,9 +38,11 @@ RUN_OUTPUTS = FolderKind(
     folders={"placements": FolderKind("placements", folders={
         "*": FolderKind("placements", files={"*.json": is_placement_file})})},
     keep={"sweep": rebalance_report.SWEEP_OUTPUTS})  # moesim sweep's default folder lies inside the run's
-CSV_FIELDS = ("cluster", "placement", "batch", "layer", "gpu", "ep_rank", "tokens", "recv_copies", "dense_ms",
-              "route_ms", "dispatch_ms", "compute_ms", "combine_ms", "reduce_ms", "sync_wait_ms", "bytes_out_intra",
-              "bytes_out_inter")
+# dense_layers_ms: the dense transformer layers run before this MoE layer; dense_ms: the MoE layer's attention;
+# route_ms: the pipeline's steps before the dispatch; shared_expert_ms: the shared experts (docs/formats.md)
+CSV_FIELDS = ("cluster", "placement", "batch", "layer", "gpu", "ep_rank", "tokens", "recv_copies", "dense_layers_ms",
+              "dense_ms", "route_ms", "shared_expert_ms", "dispatch_ms", "compute_ms", "combine_ms", "reduce_ms",
+              "sync_wait_ms", "bytes_out_intra", "bytes_out_inter")
 
 
 def _round(x: Any, digits: int = 6) -> Any:
@@ -108,8 +110,10 @@ def write_csv(result: StudyResult, path: Path) -> None:
             cols = [
                 b, l, gpu, gpu // run.records.tp, g["tokens"].ravel().astype(np.int64),
                 g["recv_copies"].ravel().astype(np.int64),
-                ms(g["t_dense_end"] - g["t_layer_start"]),
-                ms(g["t_dispatch_join"] - g["t_dense_end"]),
+                ms(g["t_attn_start"] - g["t_layer_start"]),
+                ms(g["t_dense_end"] - g["t_attn_start"]),
+                ms(g["t_shared_start"] - g["t_dense_end"]),
+                ms(g["t_dispatch_join"] - g["t_shared_start"]),
                 ms(g["t_dispatch_done"] - g["t_dispatch_start"]),
                 ms(g["t_compute_end"] - g["t_compute_start"]),
                 ms(g["t_combine_done"] - g["t_combine_start"]),

@@ -47,6 +47,23 @@ def verdict(metrics: list[RunMetrics], cluster: str, baseline: str) -> str:
             f"({base.e2e_ms['mean']:.2f} -> {best.e2e_ms['mean']:.2f} ms per batch); {why}.")
 
 
+TERMS = {"dense_layers": "dense layers", "attention": "attention", "route": "route", "shared_expert": "shared expert",
+         "wait": "wait", "dispatch": "dispatch", "experts": "experts", "expert_tp": "expert TP", "combine": "combine",
+         "reduce": "reduce"}  # moesim.metrics.summary.term_ms, in the order a layer runs them
+ALWAYS = ("attention", "dispatch", "experts", "combine")  # shown even when zero
+
+
+def term_table(rows: list[tuple[str, dict[str, float]]]) -> str:
+    """One row per placement (name, :func:`moesim.metrics.summary.term_ms`), one column per term in ms per batch;
+    a term that is zero in every row is left out (unless it is one of :data:`ALWAYS`), and ``total`` ends the row."""
+    shown = [k for k in TERMS if k in ALWAYS or any(abs(t.get(k, 0.0)) > 0 for _, t in rows)]
+    head = ("placement", *(TERMS[k] for k in shown), "total")
+    body = [(name, *(f"{t.get(k, 0.0):.3f}" for k in shown), f"{sum(t.values()):.3f}") for name, t in rows]
+    widths = [max(len(str(r[i])) for r in [head, *body]) for i in range(len(head))]
+    fmt = lambda r: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    return "\n".join([fmt(head), "  ".join("-" * w for w in widths), *map(fmt, body)])
+
+
 def solve_summary(info: dict) -> str | None:
     """One line on how an optimising policy's answer was found and how far from optimal it may be."""
     if "gap" not in info:

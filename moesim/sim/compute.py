@@ -20,6 +20,29 @@ a fixed ``attention_overhead_us`` (all four fitted to FlashAttention-2 timings o
 benchmarks/validation/attention_h100 and attention_h200). With tensor
 parallelism each GPU runs ``tp`` times its tokens on ``1/tp`` of the heads, which costs the same FLOPs as
 its own tokens on all heads.
+Multi-head latent attention (``model.kv_lora_rank``; DeepSeek-V2/V3, Kimi-K2), per token, with ``H`` heads,
+``n`` = qk_nope_head_dim, ``p`` = qk_rope_head_dim, ``v`` = v_head_dim, ``r`` = kv_lora_rank, ``c`` keys of
+context, ``k0`` = ``attention_fixed_keys``, ``b`` = dtype bytes:
+
+- projections (both phases): 2 FLOPs per weight of q_a, q_b, kv_a, kv_b and o
+  (:attr:`~moesim.traces.model.ModelSpec.projection_params`; the decode kernels' weight absorption moves kv_b
+  into the query and output sides without changing its FLOPs);
+- prefill core (not absorbed: K and V decompressed per head): FLOPs ``2 H (n + p + v) (c + k0)`` (QK^T over
+  ``n + p`` = 192 dimensions, PV over ``v`` = 128); bytes ``2 H (n + p + v) b`` (Q and K of ``n + p``, V and O
+  of ``v`` per head);
+- decode core (weight-absorbed, as FlashMLA): every query head attends over the one latent KV cache of
+  ``r + p`` = 576 elements per token shared by all heads: FLOPs ``H (2 (r + p) + 2 r) (c + k0)`` (2 x 576 + 2 x
+  512 per head per context token); bytes ``H (2 r + p) b`` (the absorbed query and the latent output of every
+  head) plus the cache ``(r + p) b c``, read once per sequence.
+
+Shared experts and the dense layers' MLP are plain SwiGLU GEMMs (:func:`swiglu_time`): the gate-up GEMM
+``[T, d] x [d, 2f]`` and the down GEMM ``[T, f] x [f, d]`` as :func:`moesim.sim.kernels.plain_gemm_time` times
+them (tile-padded waves against their weight and activation bytes, plus a fixed cost per launch, eager or
+replayed from a CUDA graph; fitted on plain GEMMs of these very shapes measured on an H200,
+benchmarks/validation/moe_h200/dense.py), and the activation's ``3 T f b`` bytes at ``hbm_efficiency`` of HBM;
+nothing without tokens. A dense layer (:func:`dense_layers_time`) is the attention above plus that MLP of width
+``dense_d_ff``; both run data-parallel: every GPU holds their whole weights and runs its resident tokens (with
+``tp`` > 1 the dense layers' and shared experts' weights are not split and no TP collective is charged for them).
 Deliberately ignored: norms, rotary embeddings, the router, the LM head, and K/V re-reads between query
 tiles (left to the fitted efficiency).
 """
@@ -33,6 +56,7 @@ import numpy as np
 
 from moesim.hardware.spec import GPUSpec
 from moesim.traces.model import ModelSpec
+from moesim.sim.kernels import plain_gemm_time
 
 
 def expert_time(tokens: np.ndarray, model: ModelSpec, gpu: GPUSpec, *, tp: int = 1,
@@ -75,11 +99,12 @@ class Attention:
 
 
 def dense_time(tokens: np.ndarray, model: ModelSpec, gpu: GPUSpec, *, tp: int = 1,
-               attention: Attention | None = None) -> np.ndarray:
+               attention: Attention | None = None, layer: int | None = None) -> np.ndarray:
     """Seconds of non-expert work per GPU for ``tokens`` resident tokens: the attention projections and,
-    with ``attention`` and a model attention shape, the attention core."""
+    with ``attention`` and a model attention shape, the attention core (of transformer layer ``layer``, which
+    sets its window; None: the model's ``sliding_window``)."""
     tokens = np.asarray(tokens, dtype=float)
-    core = attention_time(tokens, model, gpu, attention) if attention is not None else 0.0
+    core = attention_time(tokens, model, gpu, attention, layer=layer) if attention is not None else 0.0
     if model.dense_flops == 0 and model.dense_bytes == 0:
         return np.zeros_like(tokens) + core
     flops = tokens * model.dense_flops
@@ -93,15 +118,20 @@ def gemm_time(flops: np.ndarray | float, nbytes: np.ndarray | float, gpu: GPUSpe
     return np.maximum(np.asarray(flops, dtype=float) / gpu.dense_flops_per_s, np.asarray(nbytes) / gpu.hbm_bytes_per_s)
 
 
-def attention_time(tokens: np.ndarray, model: ModelSpec, gpu: GPUSpec, attention: Attention) -> np.ndarray:
+def attention_time(tokens: np.ndarray, model: ModelSpec, gpu: GPUSpec, attention: Attention, *,
+                   layer: int | None = None) -> np.ndarray:
     """Seconds of attention core (softmax(QK^T)V) per GPU for ``tokens`` resident tokens; zero without a
-    model attention shape (``num_heads``)."""
+    model attention shape (``num_heads``). ``layer`` (over all transformer layers) picks its window."""
     tokens = np.asarray(tokens, dtype=float)
     if model.num_heads is None:
         return np.zeros_like(tokens)
+    ctx = attention.mean_context(model.sliding_window if layer is None else model.window_at(layer))
+    if model.is_mla:
+        flops, nbytes = mla_core_work(tokens, model, attention, ctx, gpu.attention_fixed_keys)
+        busy = np.maximum(flops / gpu.attention_flops_per_s, nbytes / gpu.attention_hbm_bytes_per_s)
+        return (busy + gpu.attention_overhead_us * 1e-6) * (tokens > 0)
     hd, b = model.head_size, model.dtype_bytes
     q_width, kv_width = model.num_heads * hd, model.kv_heads * hd
-    ctx = attention.mean_context(model.sliding_window)
     flops = tokens * 4.0 * q_width * (ctx + gpu.attention_fixed_keys)
     if attention.phase == "prefill":  # Q in, O out, K and V once
         nbytes = tokens * (2 * q_width + 2 * kv_width) * b
@@ -109,3 +139,53 @@ def attention_time(tokens: np.ndarray, model: ModelSpec, gpu: GPUSpec, attention
         nbytes = tokens * (2 * q_width * b + 2 * kv_width * b * ctx)
     busy = np.maximum(flops / gpu.attention_flops_per_s, nbytes / gpu.attention_hbm_bytes_per_s)
     return (busy + gpu.attention_overhead_us * 1e-6) * (tokens > 0)
+
+
+def mla_core_work(tokens: np.ndarray, model: ModelSpec, attention: Attention, ctx: float,
+                  fixed_keys: float) -> tuple[np.ndarray, np.ndarray]:
+    """FLOPs and bytes of the multi-head latent attention core for ``tokens`` tokens attending to ``ctx`` keys
+    each (the module docstring's closed forms): not absorbed in prefill, weight-absorbed in decode."""
+    assert model.num_heads and model.kv_lora_rank and model.qk_nope_head_dim and model.qk_rope_head_dim
+    assert model.v_head_dim
+    H, r, p, b = model.num_heads, model.kv_lora_rank, model.qk_rope_head_dim, model.dtype_bytes
+    if attention.phase == "prefill":  # per head: QK^T over n + p dims, PV over v; Q, K, V, O in and out
+        width = model.qk_nope_head_dim + p + model.v_head_dim
+        return tokens * 2.0 * H * width * (ctx + fixed_keys), tokens * 2.0 * H * width * b
+    flops = tokens * H * (2.0 * (r + p) + 2.0 * r) * (ctx + fixed_keys)
+    return flops, tokens * (H * (2.0 * r + p) * b + (r + p) * b * ctx)
+
+
+def swiglu_time(tokens: np.ndarray, d_model: int, d_ff: int, gpu: GPUSpec, dtype_bytes: float, *,
+                launch: str = "eager") -> np.ndarray:
+    """Seconds of one dense SwiGLU MLP (``d_model x d_ff``, three matrices) on ``tokens`` tokens per GPU: two plain
+    GEMMs and the activation (the module docstring), zero without tokens."""
+    tokens = np.asarray(tokens, dtype=float)
+    gemms = (plain_gemm_time(tokens, 2 * d_ff, d_model, gpu, launch=launch, act_bytes=dtype_bytes)
+             + plain_gemm_time(tokens, d_model, d_ff, gpu, launch=launch, act_bytes=dtype_bytes))
+    activation = 3.0 * tokens * d_ff * dtype_bytes / gpu.hbm_bytes_per_s
+    return (gemms + activation) * (tokens > 0)
+
+
+def shared_expert_time(tokens: np.ndarray, model: ModelSpec, gpu: GPUSpec, *, launch: str = "eager") -> np.ndarray:
+    """Seconds of an MoE layer's shared experts (one SwiGLU MLP ``shared_experts x shared_d_ff`` wide) on each GPU's
+    ``tokens`` resident tokens; zero without shared experts."""
+    tokens = np.asarray(tokens, dtype=float)
+    if model.shared_ff == 0:
+        return np.zeros_like(tokens)
+    return swiglu_time(tokens, model.d_model, model.shared_ff, gpu, model.dtype_bytes, launch=launch)
+
+
+def dense_layers_time(tokens: np.ndarray, model: ModelSpec, gpu: GPUSpec, layers: range, *,
+                      attention: Attention | None = None, launch: str = "eager") -> np.ndarray:
+    """Seconds of the dense transformer layers ``layers`` (indices over all layers) on each GPU's ``tokens``
+    resident tokens: per layer its attention (:func:`dense_time`, the layer's own window) and its SwiGLU MLP of
+    ``dense_d_ff``, data-parallel (module docstring)."""
+    tokens = np.asarray(tokens, dtype=float)
+    total = np.zeros_like(tokens)
+    if not len(layers):
+        return total
+    assert model.dense_d_ff is not None  # ModelSpec requires it when there are dense layers
+    mlp = swiglu_time(tokens, model.d_model, model.dense_d_ff, gpu, model.dtype_bytes, launch=launch)
+    for layer in layers:
+        total = total + dense_time(tokens, model, gpu, attention=attention, layer=layer) + mlp
+    return total * (tokens > 0)

@@ -21,7 +21,7 @@ import numpy as np
 from moesim.hardware.spec import GPUSpec
 from moesim.hardware.topology import Topology
 from moesim.placement.registry import PlanningCosts
-from moesim.sim.compute import Attention, dense_time, expert_time
+from moesim.sim.compute import Attention, dense_layers_time, dense_time, expert_time, shared_expert_time
 from moesim.sim.engine import EngineOptions
 from moesim.sim.kernels import LayerWork, phase_times
 from moesim.traces.model import ModelSpec
@@ -112,8 +112,9 @@ def layer_fixed_seconds(topo: Topology, model: ModelSpec, tp: int, options: Engi
                         attention: Attention | None) -> float:
     """Seconds of a layer that no placement changes, at the workload's mean tokens per GPU: the attention
     (:func:`~moesim.sim.compute.dense_time`), the pipeline's steps before the dispatch and after the combine,
-    the expert side's intercept (its time at the operating point less the marginal cost the optimiser counts)
-    and the two all-to-all launches."""
+    the expert side's intercept (its time at the operating point less the marginal cost the optimiser counts),
+    the two all-to-all launches, and the model's shared experts and dense layers (these spread over its MoE
+    layers)."""
     gpu, T = topo.cluster.gpu, float(tokens_per_gpu)
     ep = topo.cluster.num_gpus // tp
     experts = -(-model.num_experts // ep)
@@ -127,7 +128,14 @@ def layer_fixed_seconds(topo: Topology, model: ModelSpec, tp: int, options: Engi
         around = float(before + after)
     at = float(expert_seconds(np.array([r0]), model, gpu, tp, options, experts)[0])
     slope = compute_s_per_pair(topo, model, tp, options, tokens_per_gpu)
-    return dense + around + max(at - slope * r0, 0.0) + 2 * topo.cluster.a2a_launch_us * 1e-6
+    fixed = dense + around + max(at - slope * r0, 0.0) + 2 * topo.cluster.a2a_launch_us * 1e-6
+    if model.shared_experts or model.dense_layers:
+        dense_layers = sum(float(dense_layers_time(np.array([T]), model, gpu, model.dense_layers_before(l),
+                                                   attention=attention, launch=options.launch)[0])
+                           for l in range(model.num_layers))
+        fixed += float(shared_expert_time(np.array([T]), model, gpu, launch=options.launch)[0])
+        fixed += dense_layers / model.num_layers
+    return fixed
 
 
 def a2a_uniform_seconds(topo: Topology, model: ModelSpec, tp: int, options: EngineOptions, tokens_per_gpu: float,

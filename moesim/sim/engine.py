@@ -1,13 +1,18 @@
 """The SimPy engine: replays a routing trace through a placement on a cluster, one MoE layer at a time.
 
 Per batch, every GPU runs one SimPy process. For each MoE layer a GPU:
+0. runs the dense (non-MoE) transformer layers that come before this MoE layer, if the model has any
+   (:func:`moesim.sim.compute.dense_layers_time`: attention and a dense SwiGLU MLP each, on its resident tokens,
+   no all-to-all; the model's leading dense layers run before MoE layer 0);
 1. runs the layer's non-expert work (attention projections, and the attention core when the workload gives
    sequence lengths; :func:`moesim.sim.compute.dense_time`) for its resident tokens; with tensor
    parallelism (tp > 1) the attention is tensor-parallel too, as in Megatron with sequence parallelism:
    an all-gather of the TP group's activations before it and a reduce-scatter after it;
 2. runs the MoE kernel pipeline's steps before the dispatch (router, permutation; :mod:`moesim.sim.kernels`,
-   ``EngineOptions.moe_kernels``), then joins the dispatch all-to-all - token copies to the GPUs holding their
-   experts;
+   ``EngineOptions.moe_kernels``), then the layer's shared experts on its resident tokens, if the model has
+   any (:func:`moesim.sim.compute.shared_expert_time`; no overlap yet: they hold the GPU before the dispatch,
+   see :meth:`Simulation._shared_expert`), then joins the dispatch all-to-all - token copies to the GPUs
+   holding their experts;
 3. with expert tensor parallelism (tp > 1), joins an all-gather inside its EP rank;
 4. runs its experts: the pipeline's regroup, grouped GEMMs, activation and unregroup (``moe_kernels: ffn``: the
    expert FFNs alone, roofline, grouped or one kernel per expert);
@@ -37,8 +42,8 @@ SGLang's static local choice, or an LPLB-like balanced split; :mod:`moesim.sim.r
 
 Token bookkeeping is numpy (:mod:`moesim.sim.traffic`); SimPy owns time and events. Everything the run
 did is recorded in flat arrays (:class:`SimRecords`); metrics are computed afterwards.
-Deliberately ignored: overlap of communication with compute (no micro-batching or two-batch overlap),
-shared experts, norms, embeddings and the LM head, and dense (non-MoE) layers.
+Deliberately ignored: overlap of communication with compute (no micro-batching or two-batch overlap, no
+shared experts beside the all-to-alls), norms, embeddings, the LM head and multi-token-prediction layers.
 """
 
 from __future__ import annotations
@@ -52,7 +57,7 @@ from simpy.events import NORMAL, EventPriority
 
 from moesim.hardware.topology import Topology
 from moesim.placement.format import Placement
-from moesim.sim.compute import Attention, dense_time, expert_time
+from moesim.sim.compute import Attention, dense_layers_time, dense_time, expert_time, shared_expert_time
 from moesim.sim.kernels import LAUNCHES, PIPELINES, LayerWork, phase_times
 from moesim.sim.network import CollectiveResult, Fabric, Routing
 from moesim.sim.replicas import ReplicaChooser
@@ -61,8 +66,9 @@ from moesim.traces.format import Layout, Trace
 from moesim.traces.model import ModelSpec
 
 GPU_FIELDS = (
-    "t_layer_start", "t_dense_end", "t_dispatch_join", "t_dispatch_start", "t_dispatch_done",
-    "t_compute_start", "t_compute_end", "t_combine_join", "t_combine_start", "t_combine_done", "t_layer_end",
+    "t_layer_start", "t_attn_start", "t_dense_end", "t_shared_start", "t_dispatch_join", "t_dispatch_start",
+    "t_dispatch_done", "t_compute_start", "t_compute_end", "t_combine_join", "t_combine_start", "t_combine_done",
+    "t_layer_end",
     "tokens", "recv_copies", "bytes_out_intra", "bytes_out_inter",
 )
 
@@ -196,8 +202,10 @@ class LayerPlan:
     """One layer of one batch, ready to run: its collectives and every GPU's compute phases (seconds)."""
 
     collectives: dict[str, "_Rendezvous | _GroupRendezvous"]
-    dense: np.ndarray
+    dense_layers: np.ndarray  # the dense transformer layers before this MoE layer (none: zeros)
+    dense: np.ndarray  # the MoE layer's attention
     before: np.ndarray  # the MoE pipeline's steps before the dispatch (router, permutation)
+    shared: np.ndarray  # the shared experts (none: zeros)
     experts: np.ndarray
     after: np.ndarray  # the steps after the combine (top-k reduction)
 
@@ -253,11 +261,13 @@ class Simulation:
             recomputations=fabric.recomputations, collectives=kept,
         )
 
-    def _compute(self, held: np.ndarray, sent: np.ndarray, tok: np.ndarray) -> tuple[np.ndarray, ...]:
-        """Per GPU: non-expert work (attention), the pipeline's steps before the dispatch, the experts' side,
-        the steps after the combine (:mod:`moesim.sim.kernels`; ``moe_kernels: ffn`` is the expert FFNs alone)."""
+    def _compute(self, held: np.ndarray, sent: np.ndarray, tok: np.ndarray, *,
+                 layer: int | None = None) -> tuple[np.ndarray, ...]:
+        """Per GPU: non-expert work (attention, of transformer layer ``layer``), the pipeline's steps before the
+        dispatch, the experts' side, the steps after the combine (:mod:`moesim.sim.kernels`; ``moe_kernels: ffn``
+        is the expert FFNs alone)."""
         model, gpu, tp, opt = self.model, self.topo.cluster.gpu, self.tp, self.options
-        dense = dense_time(held, model, gpu, tp=tp, attention=self.attention)
+        dense = dense_time(held, model, gpu, tp=tp, attention=self.attention, layer=layer)
         if opt.moe_kernels == "ffn":
             zero = np.zeros_like(dense)
             return dense, zero, expert_time(tok, model, gpu, tp=tp, grouped=opt.grouped), zero
@@ -265,6 +275,17 @@ class Simulation:
                                              pipeline=opt.moe_kernels, tp=tp, dtype=opt.expert_dtype,
                                              launch=opt.launch)
         return dense, before, experts, after
+
+    def _phases(self, l: int, held: np.ndarray, sent: np.ndarray, tok: np.ndarray) -> dict[str, np.ndarray]:
+        """Per GPU, the compute phases of MoE layer ``l`` (:class:`LayerPlan`'s fields): :meth:`_compute`'s, the
+        dense layers before the MoE layer and its shared experts."""
+        model, gpu = self.model, self.topo.cluster.gpu
+        dense, before, experts, after = self._compute(held, sent, tok, layer=model.moe_layer_index(l))
+        launch = self.options.launch
+        return {"dense_layers": dense_layers_time(held, model, gpu, model.dense_layers_before(l),
+                                                  attention=self.attention, launch=launch),
+                "dense": dense, "before": before, "shared": shared_expert_time(held, model, gpu, launch=launch),
+                "experts": experts, "after": after}
 
     def _plan_batch(self, b: int, trace: Trace, layout: Layout, idx: np.ndarray, placement: Placement,
                     chooser: ReplicaChooser, fabric: Fabric, rec: dict[str, np.ndarray],
@@ -318,7 +339,7 @@ class Simulation:
             flows += sum(int(np.count_nonzero(m * offdiag_mask)) for m in mats.values())
             coll = {k: _GroupRendezvous(fabric, f"{k}[b{b}.l{l}]", m, sink, tp) if k in TP_COLLECTIVES
                     else _Rendezvous(fabric, f"{k}[b{b}.l{l}]", m, sink) for k, m in mats.items()}
-            plan.append(LayerPlan(coll, *self._compute(held, sent, tok)))
+            plan.append(LayerPlan(coll, **self._phases(l, held, sent, tok)))
         return plan, flows
 
     def _gpu(self, env: CountingEnvironment, b: int, g: int, plan: list[LayerPlan], rec: dict[str, np.ndarray],
@@ -328,6 +349,9 @@ class Simulation:
         for l, lp in enumerate(plan):
             coll = lp.collectives
             rec["t_layer_start"][b, l, g] = env.now
+            if lp.dense_layers[g] > 0:
+                yield env.timeout(lp.dense_layers[g])
+            rec["t_attn_start"][b, l, g] = env.now
             if tp > 1:
                 yield coll["attn_gather"].join(g)
             yield env.timeout(lp.dense[g])
@@ -336,6 +360,8 @@ class Simulation:
             rec["t_dense_end"][b, l, g] = env.now
             if lp.before[g] > 0:
                 yield env.timeout(lp.before[g])
+            rec["t_shared_start"][b, l, g] = env.now
+            yield from self._shared_expert(env, lp, g)
             rec["t_dispatch_join"][b, l, g] = env.now
             yield coll["dispatch"].join(g)
             rec["t_dispatch_start"][b, l, g] = lp.start("dispatch")
@@ -357,3 +383,10 @@ class Simulation:
             rec["t_layer_end"][b, l, g] = env.now
             if g == 0 and progress is not None:
                 progress(1)
+
+    def _shared_expert(self, env: CountingEnvironment, lp: LayerPlan, g: int) -> Generator[simpy.Event, None, None]:
+        """GPU ``g``'s shared experts in one layer. Today they hold the GPU between the router and the dispatch
+        (no overlap); this is the seam where running them beside the dispatch all-to-all (on another stream, as
+        DeepEP with two-batch overlap does) will go."""
+        if lp.shared[g] > 0:
+            yield env.timeout(lp.shared[g])

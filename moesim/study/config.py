@@ -3,7 +3,9 @@
 A scenario has top-level keys ``name``, ``clusters``, ``model``, ``workload``, ``placements``, ``baseline``,
 ``engine`` and ``output``; see ``scenarios/*.yaml`` and the README. Unknown keys are rejected, units are in
 field names, and cross-field checks (EP vs experts, trace vs model, baseline vs placements) run before
-anything is simulated. Relative paths (trace and placement files) resolve against the scenario's folder.
+anything is simulated. Relative paths (trace and placement files) resolve against the scenario's folder. The
+``model`` is a mapping of ModelSpec fields or a named architecture, ``{preset: NAME, ...overrides}``
+(:mod:`moesim.traces.model_presets`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from moesim.placement.registry import check_option, policy_names, policy_options
 from moesim.sim.compute import Attention
 from moesim.sim.engine import EngineOptions
 from moesim.traces.model import ModelSpec
+from moesim.traces.model_presets import model_with_overrides
 
 
 MAX_COUNT = 2**31 - 1  # tokens per GPU, batches, lengths: counts that numpy keeps in int32 arrays downstream
@@ -430,6 +433,28 @@ def _validated(model: type[_M], raw: Any, source: str, field: str) -> _M:
         raise _pydantic_error(exc, source, field) from None
 
 
+def _parse_model(raw: Any, source: str) -> ModelSpec:
+    """The model: a mapping of :class:`ModelSpec` fields, or ``preset: NAME`` (moesim.traces.model_presets) with
+    any field given beside it overriding the preset's; a bare name is a preset without overrides."""
+    field = "model.preset"
+    if isinstance(raw, str):
+        raw, field = {"preset": raw}, "model"
+    if isinstance(raw, dict):
+        try:
+            raw = model_with_overrides(raw)
+        except KeyError as exc:
+            raise InputError(str(exc.args[0]), source=source, field=field) from None
+    return _validated(ModelSpec, raw, source, "model")
+
+
+def _model_routing(syn: SyntheticWorkload, model: ModelSpec) -> SyntheticWorkload:
+    """The synthetic workload routing as the model does (its ``expert_groups``, ``topk_groups``) unless the
+    workload gives ``groups`` or ``topk_groups`` itself: then the workload's values alone."""
+    if syn.fitted is not None or {"groups", "topk_groups"} & syn.model_fields_set or model.expert_groups == 1:
+        return syn
+    return syn.model_copy(update={"groups": model.expert_groups, "topk_groups": model.topk_groups})
+
+
 def _check_synthetic(syn: SyntheticWorkload, model: ModelSpec, source: str) -> None:
     """The synthetic generator can draw ``top_k`` distinct experts of this model with these settings."""
     if syn.affinity >= 1 and syn.affinity_fanout < model.top_k:
@@ -470,6 +495,8 @@ def _parse_workload(raw: Any, model: ModelSpec, source: str, base_dir: Path) -> 
                              source=source, field=f"workload.{key}")
     syn = workload.synthetic
     if syn is not None:
+        syn = _model_routing(syn, model)
+        workload = workload.model_copy(update={"synthetic": syn})
         _check_synthetic(syn, model, source)
         if syn.fitted is not None:
             workload = workload.model_copy(update={"synthetic": _fitted(syn, model, source, base_dir)})
@@ -506,7 +533,7 @@ def parse_scenario(data: Any, source: str, base_dir: Path | None = None) -> Scen
     check_values(data, source, plain=False)  # numbers finite, integers of 64 bits, valid text (data may not be YAML)
     _check_top_level(data, source)
     clusters = _parse_clusters(data["clusters"], source, base_dir)
-    model = _validated(ModelSpec, data["model"], source, "model")
+    model = _parse_model(data["model"], source)
     workload = _parse_workload(data["workload"], model, source, base_dir)
     placements = _parse_placements(data["placements"], source, base_dir)
     baseline = _baseline(data, placements, source)
