@@ -42,8 +42,9 @@ SGLang's static local choice, or an LPLB-like balanced split; :mod:`moesim.sim.r
 
 Token bookkeeping is numpy (:mod:`moesim.sim.traffic`); SimPy owns time and events. Everything the run
 did is recorded in flat arrays (:class:`SimRecords`); metrics are computed afterwards.
-Deliberately ignored: overlap of communication with compute (no micro-batching or two-batch overlap, no
-shared experts beside the all-to-alls), norms, embeddings, the LM head and multi-token-prediction layers.
+``EngineOptions.overlap: two_batch`` splits every batch into two micro-batches whose communication overlaps the
+other's compute, and runs the shared experts beside their own dispatch (:mod:`moesim.sim.overlap`).
+Deliberately ignored: norms, embeddings, the LM head and multi-token-prediction layers.
 """
 
 from __future__ import annotations
@@ -87,6 +88,8 @@ class EngineOptions:
     moe_kernels: Literal["ffn", "torch_reference", "fused"] = "torch_reference"  # moesim.sim.kernels; ffn: experts only
     expert_dtype: Literal["bf16", "fp8"] = "bf16"  # the expert GEMMs' dtype (fp8 only with a kernel pipeline)
     launch: Literal["eager", "cuda_graph"] = "eager"  # how the pipeline's kernels are launched (moesim.sim.kernels)
+    overlap: Literal["none", "two_batch"] = "none"  # two micro-batches overlap (moesim.sim.overlap)
+    comm_sms: int | None = None  # SMs an all-to-all kernel occupies while in flight; None: by a2a (overlap module)
 
     def __post_init__(self) -> None:
         if self.dataflow not in ("standard", "coherent"):
@@ -108,6 +111,12 @@ class EngineOptions:
                              "for its split sizes, and ffn has no launch model)")
         if self.a2a not in ("direct", "hierarchical", "low_latency"):
             raise ValueError(f"a2a must be direct, hierarchical or low_latency, got {self.a2a!r}")
+        if self.overlap not in ("none", "two_batch"):
+            raise ValueError(f"overlap must be none or two_batch, got {self.overlap!r}")
+        if self.overlap == "two_batch" and self.dataflow == "coherent":
+            raise ValueError("overlap two_batch runs the standard dataflow (dispatch from home, combine home)")
+        if self.comm_sms is not None and self.comm_sms < 0:
+            raise ValueError(f"comm_sms must be >= 0, got {self.comm_sms}")
 
 
 @dataclass
@@ -131,6 +140,8 @@ class SimRecords:
     flows: int
     recomputations: int
     collectives: list[CollectiveResult] = field(default_factory=list)  # batch 0 only, for the timeline
+    # overlap two_batch: each micro-batch's own records (``gpu`` then merges them: moesim.sim.overlap)
+    micro: tuple[dict[str, np.ndarray], ...] = ()
 
 
 class CountingEnvironment(simpy.Environment):
@@ -234,6 +245,11 @@ class Simulation:
             progress: Callable[[int], object] | None = None, keep_collectives: bool = True) -> SimRecords:
         """Simulate every batch of ``trace`` under ``placement`` (recorded as ``name``, default its policy).
         ``progress(n)`` is told of finished layers."""
+        if self.options.overlap == "two_batch":
+            from moesim.sim.overlap import run_two_batch
+
+            return run_two_batch(self, trace, layout, placement, name=name, progress=progress,
+                                 keep_collectives=keep_collectives)
         topo, G = self.topo, self.num_gpus
         batches = layout.batch_indices()
         B, L = len(batches), self.model.num_layers
@@ -289,8 +305,9 @@ class Simulation:
 
     def _plan_batch(self, b: int, trace: Trace, layout: Layout, idx: np.ndarray, placement: Placement,
                     chooser: ReplicaChooser, fabric: Fabric, rec: dict[str, np.ndarray],
-                    sink: list[CollectiveResult] | None) -> tuple[list[LayerPlan], int]:
-        """Traffic, collectives and compute of every layer of batch ``b``; records the per-GPU counts."""
+                    sink: list[CollectiveResult] | None, tag: str = "") -> tuple[list[LayerPlan], int]:
+        """Traffic, collectives and compute of every layer of batch ``b`` (the tokens ``idx``; ``tag`` names a
+        micro-batch's collectives); records the per-GPU counts."""
         model, tp, G, opt = self.model, self.tp, self.num_gpus, self.options
         L, gpn = model.num_layers, self.topo.cluster.gpus_per_node
         dedup = opt.dedup and opt.a2a != "low_latency"
@@ -337,8 +354,8 @@ class Simulation:
             rec["bytes_out_intra"][b, l] = (offdiag * same_node).sum(axis=1)
             rec["bytes_out_inter"][b, l] = (offdiag * ~same_node).sum(axis=1)
             flows += sum(int(np.count_nonzero(m * offdiag_mask)) for m in mats.values())
-            coll = {k: _GroupRendezvous(fabric, f"{k}[b{b}.l{l}]", m, sink, tp) if k in TP_COLLECTIVES
-                    else _Rendezvous(fabric, f"{k}[b{b}.l{l}]", m, sink) for k, m in mats.items()}
+            coll = {k: _GroupRendezvous(fabric, f"{k}[b{b}{tag}.l{l}]", m, sink, tp) if k in TP_COLLECTIVES
+                    else _Rendezvous(fabric, f"{k}[b{b}{tag}.l{l}]", m, sink) for k, m in mats.items()}
             plan.append(LayerPlan(coll, **self._phases(l, held, sent, tok)))
         return plan, flows
 

@@ -142,7 +142,7 @@ def step_bytes(work: LayerWork, model: ModelSpec, *, pipeline: str, tp: int = 1,
         out["align"] = 16.0 * S
         out["activation"] = 3.0 * R * f * b
         out["reduce"] = (S * d + T * d) * b
-    if dtype == "fp8":
+    if dtype == "fp8" and pipeline == "torch_reference":  # fused stacks quantise inside the dispatch and activation
         out["quant"] = R * d * (2.0 * b + 1.0)  # amax, scale, cast
         out["quant_down"] = R * f * (2.0 * b + 1.0)
     return out
@@ -167,8 +167,8 @@ def step_times(work: LayerWork, model: ModelSpec, gpu: GPUSpec, *, pipeline: str
     for name, nbytes in step_bytes(work, model, pipeline=pipeline, tp=tp, dtype=dtype).items():
         cost = costs.get(name)
         if cost is None:
-            how = "a CUDA-graph cost (it syncs with the host, or was not measured under graphs)" \
-                if launch == "cuda_graph" else "a cost"
+            how = "CUDA-graph cost (it syncs with the host, or was not measured under graphs)" \
+                if launch == "cuda_graph" else "cost"
             raise ValueError(f"pipeline {pipeline!r} on {gpu.name} has no {how} for step {name!r}")
         active = T if name in BEFORE_DISPATCH + AFTER_COMBINE else R
         out[name] = (cost.fixed_us * 1e-6 + nbytes / (hbm * cost.hbm_efficiency)) * (active > 0)

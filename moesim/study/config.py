@@ -155,6 +155,13 @@ class EngineConfig(_Strict):
     dataflow: Literal["standard", "coherent"] = Field(
         default="standard", description="standard (dispatch from home, combine home, every layer) or coherent "
                                         "(ExFlow: tokens go from layer l's expert GPUs straight to layer l+1's)")
+    overlap: Literal["none", "two_batch"] = Field(
+        default="none", description="none, or two_batch: each batch in two micro-batches whose all-to-alls overlap "
+        "the other's compute, shared experts beside their own dispatch (DeepSeek, SGLang TBO, vLLM DBO; "
+        "moesim.sim.overlap)")
+    comm_sms: int | None = Field(default=None, ge=0, le=100_000, description="SMs an all-to-all kernel occupies "
+                                 "while in flight, slowing the compute it overlaps (default: 24 for a2a direct and "
+                                 "hierarchical, DeepEP normal kernels; 0 for low_latency, receive hooks)")
     progress: bool = True
 
     @model_validator(mode="after")
@@ -171,7 +178,7 @@ class EngineConfig(_Strict):
         return EngineOptions(dedup=dispatch == "per_gpu", grouped=self.expert_kernel == "grouped",
                              rate_tolerance=self.rate_tolerance, a2a=self.a2a, replica_rule=self.replica_rule,
                              dataflow=self.dataflow, moe_kernels=kernels, expert_dtype=self.expert_dtype,
-                             launch=self.launch)
+                             launch=self.launch, overlap=self.overlap, comm_sms=self.comm_sms)
 
 
 class RebalanceConfig(_Strict):
