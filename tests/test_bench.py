@@ -51,6 +51,42 @@ def test_a2a_json_has_the_calibration_format(bench_files):
     assert [p["bytes"] for p in raw["p2p"]] == [4096, 16384]
 
 
+def test_a2a_one_rank_in_process_writes_what_calibrate_reads(tmp_path, monkeypatch):
+    """The rank's own code run in this process (the fixture's two ranks run in children): one gloo rank, whose
+    skewed matrices are the ones random.Random(7) draws, and no point-to-point (that needs two ranks)."""
+    import random
+
+    import torch.distributed as dist
+
+    def in_process(fn, args, nprocs, join):
+        assert nprocs == 1 and join
+        fn(0, *args)
+
+    monkeypatch.setattr(a2a.mp, "spawn", in_process)
+    for name in ("MASTER_ADDR", "MASTER_PORT"):  # the rank sets them; put them back afterwards
+        monkeypatch.setenv(name, "unset")
+    try:
+        path = a2a.run(tmp_path / "out", 1, cpu=True, port=_free_port())
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert path == tmp_path / "out" / "a2a_1.json"
+    raw = json.loads(path.read_text())
+    assert (raw["world"], raw["device"], raw["nccl"], raw["torch"]) == (1, "cpu", "", torch.__version__)
+    assert [u["bytes_per_pair"] for u in raw["uniform"]] == [2**e for e in range(10, 16)]
+    for u in raw["uniform"]:
+        assert u["ms_median_max_over_ranks"] == u["ms_median_rank"]  # the max over one rank
+        assert 0 < u["ms_min"] <= u["ms_median_rank"] <= u["ms_max"]
+    rng = random.Random(7)
+    drawn = [[[int(4096 * rng.choice([0.0, 0.25, 0.5, 1, 2, 4])) // 2 * 2]] for _ in range(6)]
+    assert [c["bytes_matrix"] for c in raw["skew"]] == drawn
+    assert all(len(c["ms_median_per_rank"]) == 1 and c["ms_median_per_rank"][0] > 0 for c in raw["skew"])
+    assert raw["p2p"] == []
+    data = load_bench([path])
+    assert data.world == 1 and len(data.a2a) == 12 and not data.p2p
+    assert [p.size for p in data.a2a[:6]] == [2.0**e for e in range(10, 16)]
+
+
 def test_ffn_json_has_the_calibration_format(bench_files):
     raw = json.loads(bench_files[1].read_text())
     assert set(raw["single"]) == {"tiny", "small"}

@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -17,9 +18,13 @@ torch = pytest.importorskip("torch")
 
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
+import moesim.measure.moe.driver as driver  # noqa: E402
+import moesim.measure.moe.measure as measure_mod  # noqa: E402
 from moesim.measure import moe  # noqa: E402
 from moesim.cli import main  # noqa: E402
+from moesim.errors import InputError  # noqa: E402
 
 ROOT = Path(__file__).parents[1]
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -326,3 +331,201 @@ def test_validation_wrapper_runs_from_a_bare_checkout(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     raw = json.loads((tmp_path / "moe_h200.json").read_text())
     assert raw["records"] and all("total_ms" in r for r in raw["records"])
+
+
+# ---------------------------------------------------------------- the driver's and timer's branches, in-process
+
+def _fake_run(tmp_path, *, world: int = 1, fp8_ok: bool = False, fused_error: str | None = None):
+    comm = moe.Comm(world, world > 1)
+    return driver._Run(CPU, True, 0, torch.float32, moe.Timer(True, 0, 1, None, comm),
+                       driver._header(True, world, 0, 1, False), tmp_path / "moe.json", 0.0, None, lambda line: None,
+                       fp8_ok, fused_error)
+
+
+def test_open_group_uses_the_group_already_made(world_one):
+    comm, owned, note = moe.open_group(cpu=True)
+    assert (comm.world, comm.use_dist, owned, note) == (1, True, False, "")
+
+
+def test_open_group_under_torchrun_joins_its_world(monkeypatch):
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda *args, **kwargs: calls.append((args, kwargs)))
+    for cpu, backend in ((True, "gloo"), (False, "nccl")):
+        comm, owned, note = moe.open_group(cpu=cpu)
+        assert (comm.world, comm.use_dist, owned, note) == (4, True, True, "")
+        assert calls.pop() == ((backend,), {})  # env:// from torchrun's variables
+
+
+def test_open_group_that_fails_its_self_test_is_dropped_and_the_environment_restored(monkeypatch):
+    def wrong_rows(out, inp, out_splits=None, in_splits=None):
+        out.zero_()
+
+    monkeypatch.setattr(dist, "all_to_all_single", wrong_rows)
+    monkeypatch.setenv("MASTER_ADDR", "10.1.2.3")
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    comm, owned, note = moe.open_group(cpu=True)
+    assert (comm.world, comm.use_dist, owned) == (1, False, False) and not dist.is_initialized()
+    assert note == (" No working gloo process group (all_to_all_single to itself returned other rows): the "
+                    "all-to-alls (permute's count exchange, dispatch, combine) were plain device copies.")
+    assert os.environ["MASTER_ADDR"] == "10.1.2.3" and "MASTER_PORT" not in os.environ
+
+
+def test_why_a_point_cannot_run():
+    def reason(pipeline, dtype, ep, fp8_ok=False, fused_error=None):
+        run = types.SimpleNamespace(fp8_ok=fp8_ok, fused_error=fused_error)
+        return driver._cannot_run(moe.Point("s", ep, pipeline, dtype, "uniform", 16), run)
+
+    assert reason("torch_reference", "bf16", 8) is None
+    assert reason("torch_reference", "fp8", 1) == "fp8 needs a CUDA GPU of compute capability 9.0+ and " \
+                                                  "torch._scaled_grouped_mm"
+    assert reason("torch_reference", "fp8", 1, fp8_ok=True) is None
+    assert reason("fused", "fp8", 1, fp8_ok=True) == "the fused pipeline is measured in bf16 at EP1 only"
+    assert reason("fused", "bf16", 8) == "the fused pipeline is measured in bf16 at EP1 only"
+    assert reason("fused", "bf16", 1) is None
+    assert reason("fused", "bf16", 1, fused_error="Triton is not installed (x)") == "Triton is not installed (x)"
+
+
+def test_a_failing_point_is_recorded_with_its_reason(tmp_path, monkeypatch):
+    run = _fake_run(tmp_path)
+    pt = moe.Point("t", 1, "torch_reference", "bf16", "uniform", 8)
+    base = driver._base(pt, SHAPE)
+    assert base == {"shape": "t", "d_model": 48, "d_ff": 40, "num_experts": 16, "top_k": 4, "ep": 1,
+                    "local_experts": 16, "pipeline": "torch_reference", "dtype": "bf16", "routing": "uniform",
+                    "tokens": 8}
+
+    def oom(*args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB\nGPU 0 has 1 GiB free")
+
+    monkeypatch.setattr(driver, "make_weights", oom)
+    weights = driver._weights_for("t", SHAPE, run)
+    assert weights == "out of memory for the weights: CUDA out of memory. Tried to allocate 20.00 GiB"
+    assert driver._point_record(pt, SHAPE, weights, run) == dict(base, skipped=weights)
+    monkeypatch.setattr(driver, "measure_point", oom)
+    assert driver._point_record(pt, SHAPE, moe.make_weights("t", SHAPE, CPU, torch.float32), run) == dict(
+        base, skipped="out of memory: CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    def unsupported(*args):
+        raise ValueError("no kernel for this shape")
+
+    monkeypatch.setattr(driver, "measure_point", unsupported)
+    w = moe.make_weights("t", SHAPE, CPU, torch.float32)
+    assert driver._point_record(pt, SHAPE, w, run) == dict(base, skipped="error: ValueError: no kernel for this shape")
+    reduced = []
+    monkeypatch.setattr(dist, "all_reduce", lambda flag, op=None: reduced.append(int(flag.item())))
+    with pytest.raises(ValueError, match="no kernel"):  # with other ranks waiting in a collective: raised
+        driver._point_record(pt, SHAPE, w, _fake_run(tmp_path, world=2))
+    assert reduced == [0]  # the ranks agreed first that there was time left
+
+
+def test_measure_without_a_gpu_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(InputError) as err:
+        moe.run(tmp_path / "b", cpu=False, log=None)
+    assert str(err.value) == "--cpu: no CUDA GPU visible to torch; --cpu runs tiny shapes on the CPU"
+    assert not (tmp_path / "b").exists()
+
+
+def test_the_fused_pipeline_needs_triton_and_on_the_cpu_its_interpreter(monkeypatch):
+    import moesim.measure
+
+    monkeypatch.setitem(sys.modules, "triton", types.ModuleType("triton"))  # imported before the variable was set
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert driver._fused_error(cpu=True) == ("on the CPU the fused pipeline runs only in Triton's interpreter "
+                                             "(TRITON_INTERPRET=1)")
+    monkeypatch.setitem(sys.modules, "triton", None)  # not installed
+    monkeypatch.delitem(sys.modules, "moesim.measure.fused_moe", raising=False)
+    monkeypatch.delattr(moesim.measure, "fused_moe", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert driver._fused_error(cpu=False) == "Triton is not installed (import of triton halted; None in sys.modules)"
+
+
+def test_checks_before_and_after_the_sweep(tmp_path, monkeypatch):
+    fused = [moe.Point("t", 1, "fused", "bf16", "uniform", 8)]
+    fp8 = [moe.Point("t", 1, "torch_reference", "fp8", "uniform", 8)]
+    assert driver._checks_before(_fake_run(tmp_path), fused) == ""  # no torch_reference point to check
+    assert driver._checks_before(_fake_run(tmp_path, world=2), fp8 + fused) == ""  # not across ranks
+    assert driver._checks_after(_fake_run(tmp_path, fused_error="no Triton"), fused + fp8) == ""
+    monkeypatch.setattr(driver, "probe_blockwise", lambda dev: "Blockwise fp8 probe: ran.")
+    assert driver._checks_after(_fake_run(tmp_path, fp8_ok=True, fused_error="no Triton"), fp8) == \
+        " Blockwise fp8 probe: ran."
+
+
+def test_self_check_reports_a_failing_pipeline_and_keeps_going(monkeypatch):
+    def broken(p, w):
+        raise RuntimeError("0 active drivers ([]).\nThere should only be one.")
+
+    monkeypatch.setattr(measure_mod, "fused_steps", broken)
+    text = moe.self_check(CPU, True, moe.Comm(1, False), [("fused", "bf16"), ("torch_reference", "bf16")], "now")
+    head = (" Self-check now (T=16, d=256, f=128, E=16, k=4, zipf1.0): max |output - dense fp32 per-token MoE| / "
+            "max |dense|: fused bf16 failed (0 active drivers ([]).); torch_reference bf16 ")
+    assert text.startswith(head) and text.endswith(".")
+    assert float(text[len(head):-1]) < 1e-5  # the reference pipeline matches the dense MoE in float32
+
+
+def test_blockwise_probe_reports_what_each_kernel_did(monkeypatch):
+    seen = {}
+
+    def exact(a, b, sa, sb, out_dtype=None):
+        seen["scales"] = (tuple(sa.shape), tuple(sb.shape))
+        return (a.float() @ b.float()).to(out_dtype)
+
+    def grouped(a, b, sa, rec_a, sb, rec_b, offs=None):
+        seen["offs"] = offs.tolist()
+
+    monkeypatch.setattr(torch, "_scaled_mm", exact)
+    monkeypatch.setattr(F, "scaled_grouped_mm", grouped, raising=False)
+    tail = ". The fp8 records were measured with rowwise scales (fp8_scaling), not blockwise."
+    assert moe.probe_blockwise(CPU) == ("Blockwise fp8 probe (DeepSeek-V3 recipe, 1x128 activation and 128x128 "
+                                        "weight scales): dense torch._scaled_mm ran; grouped "
+                                        "torch.nn.functional.scaled_grouped_mm ran" + tail)
+    assert seen == {"scales": ((256, 4), (4, 2)), "offs": [128, 256]}  # one 1x128 scale per row, 128x128 blocks
+    monkeypatch.setattr(torch, "_scaled_mm", lambda a, b, sa, sb, out_dtype=None: exact(a, b, sa, sb, out_dtype) + 9)
+    monkeypatch.delattr(F, "scaled_grouped_mm")
+    text = moe.probe_blockwise(CPU)
+    assert "dense torch._scaled_mm ran with wrong results;" in text
+    assert "grouped torch.nn.functional.scaled_grouped_mm failed (module 'torch.nn.functional' has no attribute " \
+           "'scaled_grouped_mm')" + tail in text
+
+    def refuses(*args, **kwargs):
+        raise RuntimeError("Invalid scaling configuration.\nFor RowWise scaling, ...")
+
+    monkeypatch.setattr(torch, "_scaled_mm", refuses)
+    assert "dense torch._scaled_mm failed (Invalid scaling configuration.);" in moe.probe_blockwise(CPU)
+
+
+def test_ceilings_are_flops_and_bytes_over_the_median_time(monkeypatch):
+    calls = []
+
+    def two_ms(fn, cpu, n=10):
+        calls.append(fn())
+        return 2.0
+
+    monkeypatch.setattr(measure_mod, "_median_event_ms", two_ms)
+    assert moe.ceilings(CPU, True) == {"bf16_tflops_8k": 2 * 256**3 / 2.0 / 1e9, "fp8_tflops_8k": None,
+                                       "copy_GBps_rw": 2 * 2**20 / 2.0 / 1e6}  # read + write of 1 MiB
+    assert [tuple(c.shape) for c in calls] == [(256, 256), (2**20,)]
+    assert measure_mod._tflops_8k(CPU, True, True) == 2 * 256**3 / 2.0 / 1e9
+    assert calls[-1].dtype == torch.bfloat16 and tuple(calls[-1].shape) == (256, 256)  # the fp8 GEMM's output
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(cpu=True, quick=True, dtypes=("bf16",), pipelines=("torch_reference",), shapes={"x": SHAPE}, warmup=0,
+         reps=3, flush=False, max_seconds=None),
+    dict(cpu=False, quick=False, dtypes=moe.DTYPES, pipelines=moe.PIPELINES, shapes=None, warmup=None, reps=None,
+         flush=True, max_seconds=12.5),
+])
+def test_every_rank_under_torchrun_gets_the_call_that_launched_it(tmp_path, monkeypatch, kwargs):
+    """launch() passes _flags() to ``python -m moesim.measure.moe`` on every rank; its main() must rebuild the
+    same run() call."""
+    import runpy
+
+    calls = []
+    monkeypatch.setattr(driver, "run", lambda out, **kw: calls.append((out, kw)))
+    monkeypatch.setattr(sys, "argv", ["moe", "--out", str(tmp_path), "--filename", "m.json",
+                                      *driver._flags(**kwargs)])
+    runpy.run_module("moesim.measure.moe", run_name="__main__")
+    (out, got), = calls
+    log = got.pop("log")
+    assert out == str(tmp_path) and got == dict(kwargs, nproc=1, filename="m.json") and callable(log)

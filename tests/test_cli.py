@@ -282,6 +282,56 @@ def test_missing_scenario_file(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("argv, expected", [
+    (["cluster", "list", "--bogus"], "unrecognized arguments: --bogus (moesim --help lists the options)"),
+    (["nope"], "argument command: invalid choice: 'nope' (choose from 'run', 'validate', 'place', 'bench', "
+               "'calibrate', 'sweep', 'cluster', 'trace') (moesim --help lists the options)"),
+    (["cluster", "lst"], "argument action: invalid choice: 'lst' (choose from 'show', 'list') (moesim cluster --help "
+                         "lists the options)"),
+    (["run"], "the following arguments are required: scenario (moesim run --help lists the options)"),
+])
+def test_a_bad_flag_is_one_line_naming_the_help_to_read(argv, expected, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert capsys.readouterr() == ("", f"moesim: error: {expected}\n")
+
+
+def test_running_out_of_memory_is_one_line_and_exit_2(monkeypatch, capsys):
+    import moesim.cli.cluster as cluster_cli
+
+    def huge(name):
+        raise MemoryError
+
+    monkeypatch.setattr(cluster_cli, "preset", huge)
+    assert main(["cluster", "list"]) == 2
+    assert capsys.readouterr() == ("", "moesim: error: ran out of memory; the input is larger than this machine (or "
+                                       "MOESIM_MAX_MEMORY_GB) allows\n")
+
+
+def test_output_into_a_closed_pipe_is_not_an_error(monkeypatch, capsys):
+    """``moesim cluster list | head -1``: the reader leaves; the rest of the output goes to /dev/null, exit 0."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    with os.fdopen(write_end, "w", buffering=1) as pipe:  # line-buffered: the first line meets the closed pipe
+        monkeypatch.setattr(sys, "stdout", pipe)
+        assert main(["cluster", "list"]) == 0
+        assert os.path.samestat(os.fstat(write_end), os.stat(os.devnull))
+        monkeypatch.undo()
+    assert capsys.readouterr() == ("", "")
+
+
+def test_python_dash_m_moesim_cli_is_the_console_script(monkeypatch, capsys):
+    import runpy
+
+    monkeypatch.setattr(sys, "argv", ["moesim", "cluster", "list"])
+    with pytest.raises(SystemExit) as exc:
+        runpy.run_module("moesim.cli", run_name="__main__")
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert main(["cluster", "list"]) == 0 and capsys.readouterr().out == out != ""
+
+
 # ---------------------------------------------------------------- cluster
 
 def test_cluster_list(capsys):

@@ -24,7 +24,10 @@ from moesim.traces.fitted_generator import (FittedParams, generate_fitted, load_
                                             shipped_params, write_fitted_trace)
 from moesim.traces.format import save_trace_blocks
 from moesim.traces.generator_fit import fit_trace, initial_params
-from moesim.traces.readers import import_trace, pack_requests
+from moesim.traces.readers import ReadOptions, import_trace, pack_requests
+from moesim.traces.readers.numpy_reader import read_numpy
+from moesim.traces.readers.records import MAX_ID
+from moesim.traces.readers.table import READERS, Reader, _table, detect_format, read_files, reader_for
 from moesim.traces.stats import (coactivation_counts, expert_counts, mutual_information, trace_stats,
                                  transition_counts)
 
@@ -280,6 +283,117 @@ def test_numpy_import_notes_a_likely_axis_mix_up(tmp_path):
     np.save(tmp_path / "ltk.npy", np.transpose(random_trace(T=20, L=3).experts, (1, 0, 2)).copy())
     res = import_trace([tmp_path / "ltk.npy"], num_experts=8)
     assert res.trace.num_tokens == 3 and any("pass --axes ltk" in n for n in res.notes)
+
+
+def test_numpy_npz_records_follow_the_documented_layout(tmp_path):
+    """An .npz of topk_ids and topk_weights in [layer, token, k] order: one record per (token, layer), tokens in
+    order, -1 meaning "no expert" (counted short), weights as float32."""
+    tr = random_trace(T=4, L=3, K=2, weights=True)
+    ids = tr.experts.astype(np.int64)
+    ids[2, 1, 1] = -1
+    path = tmp_path / "log.npz"
+    np.savez(path, topk_ids=np.transpose(ids, (1, 0, 2)), topk_weights=np.transpose(tr.weights, (1, 0, 2)).astype(
+        np.float64), other=np.zeros(3))
+    rec = read_numpy(path, ReadOptions(axes="ltk"))
+    assert rec.layer.tolist() == [0, 1, 2] * 4 and rec.pos.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    assert rec.request.tolist() == [0] * 12 and rec.request_names == ["log.npz"]
+    np.testing.assert_array_equal(rec.ids, ids.reshape(12, 2))
+    assert rec.count.tolist() == [2] * 7 + [1] + [2] * 4  # record 7: token 2 at layer 1
+    assert rec.weights.dtype == np.float32
+    np.testing.assert_array_equal(rec.weights, tr.weights.reshape(12, 2))
+    assert rec.where(7) == f"{path}: record 7" and rec.explicit.all() and rec.notes == []
+    experts_only = tmp_path / "e.npz"
+    np.savez(experts_only, expert_ids=ids)
+    rec = read_numpy(experts_only, ReadOptions())
+    assert rec.weights is None and rec.ids.shape == (12, 2)
+
+
+def _npz(path, **arrays):
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.mark.parametrize(("make", "expected"), [
+    (lambda d: _npz(d / "t.npz", experts=np.zeros((2, 2, 1), np.int16), meta=np.array("{}")),
+     "{d}/t.npz: already a moesim trace (has 'meta'): use it directly"),
+    (lambda d: _npz(d / "t.npz", ids=np.zeros((2, 2, 1), np.int16), scores=np.zeros(2)),
+     "{d}/t.npz: no 'experts' or 'topk_ids' array (has ['ids', 'scores'])"),
+    (lambda d: _npz(d / "t.npz", experts=np.zeros((5, 3, 2), np.float32)),
+     "{d}/t.npz: experts: must be an integer array of 3 axes (tlk), got float32 (5, 3, 2)"),
+    (lambda d: _npz(d / "t.npz", experts=np.zeros((5, 3, 2), np.int16), weights=np.zeros((5, 3, 1), np.float32)),
+     "{d}/t.npz: weights: shape (5, 3, 1) must equal the expert ids' (5, 3, 2)"),
+    (lambda d: _npz(d / "t.npz", experts=np.zeros((5, 3, 2), np.int16), weights=np.ones((5, 3, 2), bool)),
+     "{d}/t.npz: weights: must be numbers, got bool"),
+    (lambda d: _npz(d / "t.npz", experts=np.zeros((5, 3, 0), np.int16)),
+     "{d}/t.npz: experts: has no expert ids (shape (5, 3, 0) in axes 'tlk': top_k is 0)"),
+    (lambda d: _npz(d / "t.npz", experts=np.full((2, 1, 1), MAX_ID + 1, np.int64)),
+     "{d}/t.npz: experts: expert id 2147483648 out of range (at most 2147483647)"),
+    (lambda d: _npz(d / "t.npz", experts=np.full((2, 1, 1), -2**40, np.int64)),
+     "{d}/t.npz: experts: expert id -1099511627776 out of range (at most 2147483647)"),
+])
+def test_numpy_reader_errors_name_the_file_and_array(tmp_path, make, expected):
+    path = make(tmp_path)
+    with pytest.raises(InputError) as err:
+        read_numpy(path, ReadOptions())
+    assert str(err.value) == expected.format(d=tmp_path)
+
+
+def test_numpy_axes_must_be_a_permutation_of_tlk(tmp_path):
+    path = _npz(tmp_path / "t.npz", experts=np.zeros((2, 2, 1), np.int16))
+    for axes in ("tlx", "tl", "tllk"):
+        with pytest.raises(InputError) as err:
+            read_numpy(path, ReadOptions(axes=axes))
+        assert str(err.value) == f"axes: must order the letters t (token), l (layer), k (choice), got {axes!r}"
+
+
+def test_format_detection_by_suffix_and_the_table(tmp_path):
+    assert list(READERS) == ["csv", "jsonl", "numpy"]
+    for name, format_name in (("a.csv", "csv"), ("A.TSV.GZ", "csv"), ("r.ndjson", "jsonl"), ("r.json.gz", "jsonl"),
+                              ("ids.npy", "numpy"), ("ids.npz", "numpy")):
+        assert detect_format(Path(name)) == format_name
+        assert reader_for(format_name) is READERS[format_name]
+    with pytest.raises(InputError) as err:
+        detect_format(tmp_path / "log.parquet.gz")
+    assert str(err.value) == (f"{tmp_path}/log.parquet.gz: cannot tell the format from the file name; give --format "
+                              "csv, jsonl or numpy")
+    with pytest.raises(InputError) as err:
+        reader_for("parquet")
+    assert str(err.value) == "format: unknown format 'parquet'; valid: csv, jsonl, numpy"
+    with pytest.raises(ValueError, match=r"^trace reader 'csv' is listed twice; listed: csv, jsonl$"):
+        _table(READERS["csv"], READERS["jsonl"], Reader("csv", (".txt",), READERS["csv"].read))
+
+
+def test_read_files_concatenates_in_order_and_refuses_mixtures(tmp_path):
+    a, b = random_trace(T=3, seed=1).experts, random_trace(T=2, seed=2).experts
+    np.save(tmp_path / "a.npy", a)
+    np.save(tmp_path / "b.npy", b)
+    rec = read_files([tmp_path / "a.npy", tmp_path / "b.npy"], None, ReadOptions())
+    assert rec.request_names == ["a.npy", "b.npy"] and rec.request.tolist() == [0] * 9 + [1] * 6
+    np.testing.assert_array_equal(rec.ids, np.concatenate([a, b]).reshape(15, 2))
+    assert rec.where(10) == f"{tmp_path / 'b.npy'}: record 1"  # each record still names its own file
+    with pytest.raises(InputError) as err:
+        read_files([], None, ReadOptions())
+    assert str(err.value) == "no routing records found"
+    np.save(tmp_path / "empty.npy", np.zeros((0, 3, 2), np.int16))
+    with pytest.raises(InputError) as err:
+        read_files([tmp_path / "empty.npy"], "numpy", ReadOptions())
+    assert str(err.value) == f"{tmp_path / 'empty.npy'}: no routing records found"
+    np.savez(tmp_path / "w.npz", experts=b, weights=np.ones(b.shape, np.float32))
+    with pytest.raises(InputError) as err:
+        read_files([tmp_path / "w.npz", tmp_path / "a.npy"], None, ReadOptions())
+    assert str(err.value) == f"{tmp_path / 'a.npy'}: has no gate weights while other files do; import them separately"
+    log = write_csv(tmp_path / "log.csv.gz", [a])  # the DeepSeek layout gives no positions
+    with pytest.raises(InputError) as err:
+        read_files([tmp_path / "a.npy", log], None, ReadOptions())
+    assert str(err.value) == f"{log}: some files give token positions and others do not"
+
+
+def test_the_old_importers_module_still_imports():
+    import moesim.traces.importers as importers
+    import moesim.traces.readers as readers
+
+    assert importers.__all__ == ["ASSIGN_POLICIES", "ImportResult", "import_trace", "pack_requests"]
+    assert all(getattr(importers, name) is getattr(readers, name) for name in importers.__all__)
 
 
 # ---------------------------------------------------------------- statistics
