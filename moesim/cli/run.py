@@ -49,7 +49,9 @@ def _print_terms(result: StudyResult) -> None:
 
     model = result.scenario.model
     layers = f"{model.num_layers} MoE layers" + (f" and {model.dense_layers} dense ones" if model.dense_layers else "")
-    print(f"\nTime per batch by step (ms; summed over the {layers}, mean over GPUs and batches):")
+    overlap = " (micro-batch 0's steps: the other micro-batch runs beside them)" \
+        if result.scenario.engine.overlap == "two_batch" else ""
+    print(f"\nTime per batch by step (ms; summed over the {layers}, mean over GPUs and batches){overlap}:")
     for cluster in dict.fromkeys(r.cluster.name for r in result.runs):
         rows = [(r.name, term_ms(r.records)) for r in result.runs if r.cluster.name == cluster]
         print(f"== {cluster} ==\n{term_table(rows)}")

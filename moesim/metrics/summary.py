@@ -119,9 +119,12 @@ def term_ms(rec: SimRecords) -> dict[str, float]:
     batches: ``dense_layers`` (the dense transformer layers), ``attention`` (the MoE layers' attention, with its TP
     collectives), ``route`` (the kernel pipeline's steps before the dispatch), ``shared_expert``, ``wait`` (for the
     slowest GPU to join the all-to-alls), ``dispatch``, ``experts``, ``expert_tp`` (the expert-TP all-gather and
-    reduce-scatter), ``combine`` and ``reduce``. A GPU runs them one after another (no overlap yet), so they add
-    up to the mean GPU's time per batch."""
-    g = rec.gpu
+    reduce-scatter), ``combine`` and ``reduce``. A GPU runs them one after another, so they add up to the mean
+    GPU's time per batch. With two-batch overlap (``rec.micro``) they are micro-batch 0's, the other micro-batch
+    running beside them: ``stream_wait`` replaces ``expert_tp`` (waiting for the compute stream the other holds
+    before the experts; the wait before the reduction is in ``reduce``), and the shared experts run beside the
+    dispatch (not counted apart)."""
+    g = rec.micro[0] if rec.micro else rec.gpu
     spans = {
         "dense_layers": g["t_attn_start"] - g["t_layer_start"],
         "attention": g["t_dense_end"] - g["t_attn_start"],
@@ -134,6 +137,8 @@ def term_ms(rec: SimRecords) -> dict[str, float]:
         "combine": g["t_combine_done"] - g["t_combine_start"],
         "reduce": g["t_layer_end"] - g["t_combine_done"],
     }
+    if rec.micro:
+        spans["stream_wait"] = spans.pop("expert_tp")
     return {k: float(v.sum(axis=1).mean() * 1e3) if v.size else 0.0 for k, v in spans.items()}
 
 

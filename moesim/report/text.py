@@ -47,9 +47,10 @@ def verdict(metrics: list[RunMetrics], cluster: str, baseline: str) -> str:
             f"({base.e2e_ms['mean']:.2f} -> {best.e2e_ms['mean']:.2f} ms per batch); {why}.")
 
 
+# moesim.metrics.summary.term_ms, in the order a layer runs them
 TERMS = {"dense_layers": "dense layers", "attention": "attention", "route": "route", "shared_expert": "shared expert",
-         "wait": "wait", "dispatch": "dispatch", "experts": "experts", "expert_tp": "expert TP", "combine": "combine",
-         "reduce": "reduce"}  # moesim.metrics.summary.term_ms, in the order a layer runs them
+         "wait": "wait", "dispatch": "dispatch", "stream_wait": "stream wait", "experts": "experts",
+         "expert_tp": "expert TP", "combine": "combine", "reduce": "reduce"}
 ALWAYS = ("attention", "dispatch", "experts", "combine")  # shown even when zero
 
 
