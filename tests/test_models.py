@@ -239,15 +239,17 @@ def test_dense_layer_closed_form_mla_prefill(cluster):
 
 def test_mla_decode_core_closed_form(cluster):
     """Weight-absorbed MLA decode: every query head attends over the shared 576-element latent cache, 2 x 576 +
-    2 x 512 FLOPs per head per context token; the cache is read once per sequence."""
+    2 x 512 FLOPs per head per context token; the cache is read once per sequence; at FlashMLA's published H800
+    rates (580 TFLOP/s, 3000 GB/s), as shares of the GPU's peak."""
     gpu = cluster().gpu
-    _, _, att_s, att_hbm, _, _ = gpu_rates(gpu)
+    att_s = gpu.bf16_tflops * 1e12 * 580 / 989
+    att_hbm = gpu.hbm_GBps * 1e9 * 3000 / 3350
     m = preset_model("kimi-k2")
     T, K, H, b = 64, 4096, 64, 2
     flops = T * H * (2 * 576 + 2 * 512) * (K + 1 + gpu.attention_fixed_keys)
     nbytes = T * (H * (512 + 576) * b + 576 * b * (K + 1))
     expected = max(flops / att_s, nbytes / att_hbm) + gpu.attention_overhead_us * 1e-6
-    assert attention_time(np.array([T]), m, gpu, Attention("decode", K))[0] == pytest.approx(expected, rel=1e-12)
+    assert attention_time(np.array([T]), m, gpu, Attention("decode", K))[0] == pytest.approx(expected, rel=2e-3)
 
 
 def test_sliding_window_on_every_other_layer(cluster):

@@ -145,6 +145,13 @@ class GPUSpec(StrictModel):
     attention_hbm_efficiency: float | None = Fraction(default=None,
                                                       description="share of HBM bandwidth the attention core reaches "
                                                                   "reading K and V (default hbm_efficiency)")
+    # FlashMLA (github deepseek-ai/FlashMLA, README): "up to 3000 GB/s in memory-bound configuration and 580 TFLOPS
+    # in computation-bound configuration on H800 SXM5" (of 3350 GB/s and 989 TFLOP/s bf16). Not fitted here; a GPU
+    # without its own figure is assumed to reach the same shares of its peak.
+    mla_decode_efficiency: float = Fraction(default=0.586, description="share of bf16 peak the weight-absorbed MLA "
+                                                                       "decode kernel (FlashMLA) reaches")
+    mla_decode_hbm_efficiency: float = Fraction(default=0.896, description="share of HBM bandwidth the MLA decode "
+                                                                           "kernel reads the latent KV cache at")
     sms: int = Field(default=132, ge=1, le=1_000_000,
                      description="streaming multiprocessors (GEMM tiles run in waves over them)")
     moe_pipelines: dict[str, PipelineSpec] = Field(default_factory=measured_pipelines,

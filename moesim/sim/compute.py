@@ -33,7 +33,9 @@ context, ``k0`` = ``attention_fixed_keys``, ``b`` = dtype bytes:
 - decode core (weight-absorbed, as FlashMLA): every query head attends over the one latent KV cache of
   ``r + p`` = 576 elements per token shared by all heads: FLOPs ``H (2 (r + p) + 2 r) (c + k0)`` (2 x 576 + 2 x
   512 per head per context token); bytes ``H (2 r + p) b`` (the absorbed query and the latent output of every
-  head) plus the cache ``(r + p) b c``, read once per sequence.
+  head) plus the cache ``(r + p) b c``, read once per sequence; at FlashMLA's published rates, 580 TFLOP/s
+  and 3000 GB/s on an H800 (``GPUSpec.mla_decode_efficiency`` and ``mla_decode_hbm_efficiency``, the same shares
+  of peak assumed on other GPUs), not the FlashAttention-2 fit of the other attention cores.
 
 Shared experts and the dense layers' MLP are plain SwiGLU GEMMs (:func:`swiglu_time`): the gate-up GEMM
 ``[T, d] x [d, 2f]`` and the down GEMM ``[T, f] x [f, d]`` as :func:`moesim.sim.kernels.plain_gemm_time` times
@@ -99,16 +101,21 @@ class Attention:
 
 
 def dense_time(tokens: np.ndarray, model: ModelSpec, gpu: GPUSpec, *, tp: int = 1,
-               attention: Attention | None = None, layer: int | None = None) -> np.ndarray:
+               attention: Attention | None = None, layer: int | None = None, dtype: str = "bf16") -> np.ndarray:
     """Seconds of non-expert work per GPU for ``tokens`` resident tokens: the attention projections and,
     with ``attention`` and a model attention shape, the attention core (of transformer layer ``layer``, which
-    sets its window; None: the model's ``sliding_window``)."""
+    sets its window; None: the model's ``sliding_window``). ``dtype`` fp8: the projections read 1-byte weights
+    and run at the FP8 peak (same share of it)."""
     tokens = np.asarray(tokens, dtype=float)
     core = attention_time(tokens, model, gpu, attention, layer=layer) if attention is not None else 0.0
     if model.dense_flops == 0 and model.dense_bytes == 0:
         return np.zeros_like(tokens) + core
+    weights = model.dense_bytes / tp
     flops = tokens * model.dense_flops
-    nbytes = model.dense_bytes / tp + tokens * 2.0 * model.d_model * model.dtype_bytes
+    if dtype == "fp8":
+        weights /= model.dtype_bytes
+        flops = flops * gpu.bf16_tflops / (gpu.fp8_tflops or 2 * gpu.bf16_tflops)
+    nbytes = weights + tokens * 2.0 * model.d_model * model.dtype_bytes
     return gemm_time(flops, nbytes, gpu) + gpu.ffn_overhead_us * 1e-6 + core
 
 
@@ -128,7 +135,12 @@ def attention_time(tokens: np.ndarray, model: ModelSpec, gpu: GPUSpec, attention
     ctx = attention.mean_context(model.sliding_window if layer is None else model.window_at(layer))
     if model.is_mla:
         flops, nbytes = mla_core_work(tokens, model, attention, ctx, gpu.attention_fixed_keys)
-        busy = np.maximum(flops / gpu.attention_flops_per_s, nbytes / gpu.attention_hbm_bytes_per_s)
+        if attention.phase == "decode":  # FlashMLA's published rates (GPUSpec.mla_decode_*)
+            peak = gpu.bf16_tflops * 1e12 * gpu.mla_decode_efficiency
+            hbm = gpu.hbm_GBps * 1e9 * gpu.mla_decode_hbm_efficiency
+            busy = np.maximum(flops / peak, nbytes / hbm)
+        else:
+            busy = np.maximum(flops / gpu.attention_flops_per_s, nbytes / gpu.attention_hbm_bytes_per_s)
         return (busy + gpu.attention_overhead_us * 1e-6) * (tokens > 0)
     hd, b = model.head_size, model.dtype_bytes
     q_width, kv_width = model.num_heads * hd, model.kv_heads * hd
@@ -156,27 +168,28 @@ def mla_core_work(tokens: np.ndarray, model: ModelSpec, attention: Attention, ct
 
 
 def swiglu_time(tokens: np.ndarray, d_model: int, d_ff: int, gpu: GPUSpec, dtype_bytes: float, *,
-                launch: str = "eager") -> np.ndarray:
+                launch: str = "eager", dtype: str = "bf16") -> np.ndarray:
     """Seconds of one dense SwiGLU MLP (``d_model x d_ff``, three matrices) on ``tokens`` tokens per GPU: two plain
     GEMMs and the activation (the module docstring), zero without tokens."""
     tokens = np.asarray(tokens, dtype=float)
-    gemms = (plain_gemm_time(tokens, 2 * d_ff, d_model, gpu, launch=launch, act_bytes=dtype_bytes)
-             + plain_gemm_time(tokens, d_model, d_ff, gpu, launch=launch, act_bytes=dtype_bytes))
+    gemms = (plain_gemm_time(tokens, 2 * d_ff, d_model, gpu, dtype=dtype, launch=launch, act_bytes=dtype_bytes)
+             + plain_gemm_time(tokens, d_model, d_ff, gpu, dtype=dtype, launch=launch, act_bytes=dtype_bytes))
     activation = 3.0 * tokens * d_ff * dtype_bytes / gpu.hbm_bytes_per_s
     return (gemms + activation) * (tokens > 0)
 
 
-def shared_expert_time(tokens: np.ndarray, model: ModelSpec, gpu: GPUSpec, *, launch: str = "eager") -> np.ndarray:
+def shared_expert_time(tokens: np.ndarray, model: ModelSpec, gpu: GPUSpec, *, launch: str = "eager",
+                       dtype: str = "bf16") -> np.ndarray:
     """Seconds of an MoE layer's shared experts (one SwiGLU MLP ``shared_experts x shared_d_ff`` wide) on each GPU's
     ``tokens`` resident tokens; zero without shared experts."""
     tokens = np.asarray(tokens, dtype=float)
     if model.shared_ff == 0:
         return np.zeros_like(tokens)
-    return swiglu_time(tokens, model.d_model, model.shared_ff, gpu, model.dtype_bytes, launch=launch)
+    return swiglu_time(tokens, model.d_model, model.shared_ff, gpu, model.dtype_bytes, launch=launch, dtype=dtype)
 
 
 def dense_layers_time(tokens: np.ndarray, model: ModelSpec, gpu: GPUSpec, layers: range, *,
-                      attention: Attention | None = None, launch: str = "eager") -> np.ndarray:
+                      attention: Attention | None = None, launch: str = "eager", dtype: str = "bf16") -> np.ndarray:
     """Seconds of the dense transformer layers ``layers`` (indices over all layers) on each GPU's ``tokens``
     resident tokens: per layer its attention (:func:`dense_time`, the layer's own window) and its SwiGLU MLP of
     ``dense_d_ff``, data-parallel (module docstring)."""
@@ -185,7 +198,7 @@ def dense_layers_time(tokens: np.ndarray, model: ModelSpec, gpu: GPUSpec, layers
     if not len(layers):
         return total
     assert model.dense_d_ff is not None  # ModelSpec requires it when there are dense layers
-    mlp = swiglu_time(tokens, model.d_model, model.dense_d_ff, gpu, model.dtype_bytes, launch=launch)
+    mlp = swiglu_time(tokens, model.d_model, model.dense_d_ff, gpu, model.dtype_bytes, launch=launch, dtype=dtype)
     for layer in layers:
-        total = total + dense_time(tokens, model, gpu, attention=attention, layer=layer) + mlp
+        total = total + dense_time(tokens, model, gpu, attention=attention, layer=layer, dtype=dtype) + mlp
     return total * (tokens > 0)

@@ -65,7 +65,7 @@ def expert_seconds(rows_per_rank: np.ndarray, model: ModelSpec, gpu: GPUSpec, tp
         return expert_time(per_expert, model, gpu, tp=tp, grouped=options.grouped)
     work = LayerWork(home=np.zeros_like(rows), sent=np.zeros_like(rows), rows=per_expert)
     return phase_times(work, model, gpu, pipeline=options.moe_kernels, tp=tp, dtype=options.expert_dtype,
-                       launch=options.launch)[1]
+                       launch=options.launch, expert_major=options.a2a == "low_latency")[1]
 
 
 def compute_s_per_pair(topo: Topology, model: ModelSpec, tp: int, options: EngineOptions,
@@ -119,21 +119,24 @@ def layer_fixed_seconds(topo: Topology, model: ModelSpec, tp: int, options: Engi
     ep = topo.cluster.num_gpus // tp
     experts = -(-model.num_experts // ep)
     r0 = max(T * model.top_k * tp, 1.0)
-    dense = float(dense_time(np.array([T]), model, gpu, tp=tp, attention=attention)[0])
+    dense = float(dense_time(np.array([T]), model, gpu, tp=tp, attention=attention, dtype=options.dense_dtype)[0])
     around = 0.0
     if options.moe_kernels != "ffn":
         work = LayerWork(home=np.array(T), sent=np.array(T * model.top_k), rows=np.zeros(model.num_experts))
         before, _, after = phase_times(work, model, gpu, pipeline=options.moe_kernels, tp=tp,
-                                       dtype=options.expert_dtype, launch=options.launch)
+                                       dtype=options.expert_dtype, launch=options.launch,
+                                       expert_major=options.a2a == "low_latency")
         around = float(before + after)
     at = float(expert_seconds(np.array([r0]), model, gpu, tp, options, experts)[0])
     slope = compute_s_per_pair(topo, model, tp, options, tokens_per_gpu)
     fixed = dense + around + max(at - slope * r0, 0.0) + 2 * topo.cluster.a2a_launch_us * 1e-6
     if model.shared_experts or model.dense_layers:
         dense_layers = sum(float(dense_layers_time(np.array([T]), model, gpu, model.dense_layers_before(l),
-                                                   attention=attention, launch=options.launch)[0])
+                                                   attention=attention, launch=options.launch,
+                                                   dtype=options.dense_dtype)[0])
                            for l in range(model.num_layers))
-        fixed += float(shared_expert_time(np.array([T]), model, gpu, launch=options.launch)[0])
+        fixed += float(shared_expert_time(np.array([T]), model, gpu, launch=options.launch,
+                                          dtype=options.dense_dtype)[0])
         fixed += dense_layers / model.num_layers
     return fixed
 

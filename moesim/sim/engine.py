@@ -90,6 +90,7 @@ class EngineOptions:
     launch: Literal["eager", "cuda_graph"] = "eager"  # how the pipeline's kernels are launched (moesim.sim.kernels)
     overlap: Literal["none", "two_batch"] = "none"  # two micro-batches overlap (moesim.sim.overlap)
     comm_sms: int | None = None  # SMs an all-to-all kernel occupies while in flight; None: by a2a (overlap module)
+    dense_dtype: Literal["bf16", "fp8"] = "bf16"  # projections, shared experts, dense MLPs (moesim.sim.compute)
 
     def __post_init__(self) -> None:
         if self.dataflow not in ("standard", "coherent"):
@@ -115,6 +116,8 @@ class EngineOptions:
             raise ValueError(f"overlap must be none or two_batch, got {self.overlap!r}")
         if self.overlap == "two_batch" and self.dataflow == "coherent":
             raise ValueError("overlap two_batch runs the standard dataflow (dispatch from home, combine home)")
+        if self.dense_dtype not in ("bf16", "fp8"):
+            raise ValueError(f"dense_dtype must be bf16 or fp8, got {self.dense_dtype!r}")
         if self.comm_sms is not None and self.comm_sms < 0:
             raise ValueError(f"comm_sms must be >= 0, got {self.comm_sms}")
 
@@ -283,13 +286,13 @@ class Simulation:
         dispatch, the experts' side, the steps after the combine (:mod:`moesim.sim.kernels`; ``moe_kernels: ffn``
         is the expert FFNs alone)."""
         model, gpu, tp, opt = self.model, self.topo.cluster.gpu, self.tp, self.options
-        dense = dense_time(held, model, gpu, tp=tp, attention=self.attention, layer=layer)
+        dense = dense_time(held, model, gpu, tp=tp, attention=self.attention, layer=layer, dtype=opt.dense_dtype)
         if opt.moe_kernels == "ffn":
             zero = np.zeros_like(dense)
             return dense, zero, expert_time(tok, model, gpu, tp=tp, grouped=opt.grouped), zero
         before, experts, after = phase_times(LayerWork(home=held, sent=sent, rows=tok), model, gpu,
                                              pipeline=opt.moe_kernels, tp=tp, dtype=opt.expert_dtype,
-                                             launch=opt.launch)
+                                             launch=opt.launch, expert_major=opt.a2a == "low_latency")
         return dense, before, experts, after
 
     def _phases(self, l: int, held: np.ndarray, sent: np.ndarray, tok: np.ndarray) -> dict[str, np.ndarray]:
@@ -297,10 +300,11 @@ class Simulation:
         dense layers before the MoE layer and its shared experts."""
         model, gpu = self.model, self.topo.cluster.gpu
         dense, before, experts, after = self._compute(held, sent, tok, layer=model.moe_layer_index(l))
-        launch = self.options.launch
+        launch, dtype = self.options.launch, self.options.dense_dtype
         return {"dense_layers": dense_layers_time(held, model, gpu, model.dense_layers_before(l),
-                                                  attention=self.attention, launch=launch),
-                "dense": dense, "before": before, "shared": shared_expert_time(held, model, gpu, launch=launch),
+                                                  attention=self.attention, launch=launch, dtype=dtype),
+                "dense": dense, "before": before,
+                "shared": shared_expert_time(held, model, gpu, launch=launch, dtype=dtype),
                 "experts": experts, "after": after}
 
     def _plan_batch(self, b: int, trace: Trace, layout: Layout, idx: np.ndarray, placement: Placement,

@@ -29,7 +29,9 @@ reduce          multiply by the gate weights, ``index_add_`` into [T, d]   (3 S 
 SGLang with DeepEP and DeepGEMM, TensorRT-LLM's CUTLASS MoE): ``router``, ``align`` (sort the picks by expert
 and pad each expert to the GEMM tile: a few small kernels on S ids), ``gemm_gate_up`` reading its A rows
 through the sorted ids, ``activation``, ``gemm_down`` writing weighted rows in token order, ``reduce`` (sum of
-the k rows per token, ``S d b + T d b``). No permute, regroup or unregroup copies.
+the k rows per token, ``S d b + T d b``). No permute, regroup or unregroup copies. With DeepEP's low-latency
+all-to-all (``expert_major``) there is no ``align`` either: its dispatch writes the received rows expert by
+expert (a ``[local experts, max tokens, hidden]`` buffer that masked grouped GEMMs such as DeepGEMM's read).
 
 Every step but the GEMMs costs ``fixed_us + bytes / (HBM rate x hbm_efficiency)`` (``GPUSpec.moe_pipelines[
 pipeline].steps``): the fixed cost holds its kernel launches and host work (eager PyTorch launches every op from
@@ -124,8 +126,8 @@ def plain_gemm_time(tokens: np.ndarray, n: int, k: int, gpu: GPUSpec, *, dtype: 
                              act_bytes=b, out_bytes=2.0, fp8=fp8, launch=launch)
 
 
-def step_bytes(work: LayerWork, model: ModelSpec, *, pipeline: str, tp: int = 1, dtype: str = "bf16"
-               ) -> dict[str, np.ndarray]:
+def step_bytes(work: LayerWork, model: ModelSpec, *, pipeline: str, tp: int = 1, dtype: str = "bf16",
+               expert_major: bool = False) -> dict[str, np.ndarray]:
     """Bytes each non-GEMM step of ``pipeline`` moves (the module docstring's table)."""
     d, f, E, b = model.d_model, model.d_ff // tp, model.num_experts, model.dtype_bytes
     T, S = np.asarray(work.home, dtype=float), np.asarray(work.sent, dtype=float)
@@ -139,7 +141,8 @@ def step_bytes(work: LayerWork, model: ModelSpec, *, pipeline: str, tp: int = 1,
         out["unregroup"] = 2.0 * R * d * b
         out["reduce"] = (3.0 * S * d + T * d) * b  # weigh the returned rows, index_add_ them into [T, d]
     else:
-        out["align"] = 16.0 * S
+        if not expert_major:  # the dispatch delivers rows in token order: sort and pad them per expert
+            out["align"] = 16.0 * S
         out["activation"] = 3.0 * R * f * b
         out["reduce"] = (S * d + T * d) * b
     if dtype == "fp8" and pipeline == "torch_reference":  # fused stacks quantise inside the dispatch and activation
@@ -149,7 +152,7 @@ def step_bytes(work: LayerWork, model: ModelSpec, *, pipeline: str, tp: int = 1,
 
 
 def step_times(work: LayerWork, model: ModelSpec, gpu: GPUSpec, *, pipeline: str, tp: int = 1,
-               dtype: str = "bf16", launch: str = "eager") -> dict[str, np.ndarray]:
+               dtype: str = "bf16", launch: str = "eager", expert_major: bool = False) -> dict[str, np.ndarray]:
     """Seconds of every step of ``pipeline`` (see the module docstring), fixed costs included; a step with no
     work (no tokens at home, no rows) costs nothing."""
     if pipeline not in gpu.moe_pipelines:
@@ -164,7 +167,8 @@ def step_times(work: LayerWork, model: ModelSpec, gpu: GPUSpec, *, pipeline: str
     R = rows.sum(-1)
     hbm = gpu.hbm_GBps * 1e9
     out: dict[str, np.ndarray] = {}
-    for name, nbytes in step_bytes(work, model, pipeline=pipeline, tp=tp, dtype=dtype).items():
+    for name, nbytes in step_bytes(work, model, pipeline=pipeline, tp=tp, dtype=dtype,
+                                   expert_major=expert_major).items():
         cost = costs.get(name)
         if cost is None:
             how = "CUDA-graph cost (it syncs with the host, or was not measured under graphs)" \
@@ -183,10 +187,12 @@ def step_times(work: LayerWork, model: ModelSpec, gpu: GPUSpec, *, pipeline: str
 
 
 def phase_times(work: LayerWork, model: ModelSpec, gpu: GPUSpec, *, pipeline: str, tp: int = 1,
-                dtype: str = "bf16", launch: str = "eager") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                dtype: str = "bf16", launch: str = "eager",
+                expert_major: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Seconds before the dispatch (router, permutation), between dispatch and combine (the experts' side),
     and after the combine (the top-k reduction)."""
-    steps = step_times(work, model, gpu, pipeline=pipeline, tp=tp, dtype=dtype, launch=launch)
+    steps = step_times(work, model, gpu, pipeline=pipeline, tp=tp, dtype=dtype, launch=launch,
+                       expert_major=expert_major)
     zero = np.zeros(np.shape(work.home))
     before = sum((steps[s] for s in BEFORE_DISPATCH if s in steps), zero)
     after = sum((steps[s] for s in AFTER_COMBINE if s in steps), zero)

@@ -162,6 +162,9 @@ class EngineConfig(_Strict):
     comm_sms: int | None = Field(default=None, ge=0, le=100_000, description="SMs an all-to-all kernel occupies "
                                  "while in flight, slowing the compute it overlaps (default: 24 for a2a direct and "
                                  "hierarchical, DeepEP normal kernels; 0 for low_latency, receive hooks)")
+    dense_dtype: Literal["bf16", "fp8"] = Field(
+        default="bf16", description="dtype of the GEMMs outside the routed experts: attention projections, shared "
+        "experts, dense layers' MLPs (DeepSeek serves every linear layer in FP8)")
     progress: bool = True
 
     @model_validator(mode="after")
@@ -178,7 +181,8 @@ class EngineConfig(_Strict):
         return EngineOptions(dedup=dispatch == "per_gpu", grouped=self.expert_kernel == "grouped",
                              rate_tolerance=self.rate_tolerance, a2a=self.a2a, replica_rule=self.replica_rule,
                              dataflow=self.dataflow, moe_kernels=kernels, expert_dtype=self.expert_dtype,
-                             launch=self.launch, overlap=self.overlap, comm_sms=self.comm_sms)
+                             launch=self.launch, overlap=self.overlap, comm_sms=self.comm_sms,
+                             dense_dtype=self.dense_dtype)
 
 
 class RebalanceConfig(_Strict):

@@ -1,0 +1,136 @@
+"""Published MoE serving deployments, reproduced: moesim's throughput beside the published one, point by point.
+
+Each point is a shipped scenario of scenarios/deployments/ (its header gives the source, the settings the source
+states and every assumption moesim makes), run as it ships or with the one change the point names (prompt
+length, requests per GPU, overlap, placement). Throughput per node = tokens per GPU per forward / the simulated
+forward time x GPUs per node: input tokens for prefill, output tokens for decode (one per request per step, no
+MTP). Gains are ratios of two simulated throughputs beside the published ratio.
+
+    python benchmarks/deployments.py            # every point, about 15 minutes on 2 cores
+    python benchmarks/deployments.py --quick    # DeepSeek's two profiled points only
+
+Nothing here is fitted to these figures: the GPUs, kernels and networks are the presets' (calibrated on other
+measurements), and the kernels' published rates (FlashMLA's) are cited where they are used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from moesim.study import load_scenario, run_study  # noqa: E402
+from moesim.study.config import Scenario  # noqa: E402
+
+DEPLOYMENTS = ROOT / "scenarios" / "deployments"
+LMSYS = "LMSYS 2025-05-05 (large-scale EP on 96 H100s)"
+
+
+@dataclass(frozen=True)
+class Point:
+    label: str
+    scenario: str
+    published: float  # tokens/s per node
+    source: str
+    placement: str | None = None  # the scenario's baseline when None
+    change: dict[str, Any] = field(default_factory=dict)  # "seq_len", "kv_len", "tokens_per_gpu", "overlap"
+
+
+POINTS = (
+    Point("DeepSeek profile, prefill EP32, 4K prompts, 16K tok/GPU", "deepseek_prefill_profile", 62_713,
+          "profile-data via " + LMSYS),
+    Point("DeepSeek profile, decode EP128, 128 req/GPU, KV 4096", "deepseek_decode_profile", 18_598,
+          "profile-data via " + LMSYS),
+    Point("DeepSeek production (Day 6), decode EP144, KV 4989", "deepseek_decode_day6", 14_800,
+          "open-infra-index Day 6 (24 h average)"),
+    Point("DeepSeek production (Day 6), prefill EP32, computed tokens", "deepseek_prefill_profile", 32_206,
+          "open-infra-index Day 6 (24 h average, cache hits excluded)"),
+    Point("SGLang prefill EP32 H100, 1K prompts", "sglang_prefill_h100", 57_674, LMSYS, "eplb", {"seq_len": 1024}),
+    Point("SGLang prefill EP32 H100, 2K prompts", "sglang_prefill_h100", 54_543, LMSYS, "eplb", {"seq_len": 2048}),
+    Point("SGLang prefill EP32 H100, 4K prompts", "sglang_prefill_h100", 50_302, LMSYS, "eplb"),
+    Point("SGLang decode EP72 H100, 256 req/GPU, KV 2000", "sglang_decode_h100", 22_282, LMSYS),
+)
+QUICK = POINTS[:2]
+# (label, scenario, change A, change B, published ratio B/A, its source): gains of one setting over another
+GAINS = (
+    ("two-batch overlap, SGLang prefill 4K (same tokens/GPU)", "sglang_prefill_h100", {"overlap": "none"},
+     {}, (1.27, 1.35), LMSYS),
+    ("two-batch overlap, SGLang decode 256 req/GPU", "sglang_decode_h100", {"overlap": "none"}, {}, (1.255,), LMSYS),
+    ("two-batch overlap, SGLang decode 32 req/GPU", "sglang_decode_h100", {"overlap": "none", "tokens_per_gpu": 32},
+     {"tokens_per_gpu": 32}, (0.73,), LMSYS),
+    ("EPLB vs none, SGLang prefill 4K", "sglang_prefill_h100", {"placement": "contiguous"}, {"placement": "eplb"},
+     (1.49,), LMSYS),
+)
+
+
+def changed(sc: Scenario, change: dict[str, Any]) -> Scenario:
+    """The scenario with a point's changes applied (prompt or KV length, tokens per GPU, overlap)."""
+    work, engine = sc.workload, sc.engine
+    if "seq_len" in change:
+        work = work.model_copy(update={"seq_len": change["seq_len"]})
+    if "kv_len" in change:
+        work = work.model_copy(update={"kv_len": change["kv_len"]})
+    if "tokens_per_gpu" in change and work.synthetic is not None:
+        work = work.model_copy(update={"synthetic": work.synthetic.model_copy(
+            update={"tokens_per_gpu": change["tokens_per_gpu"]})})
+    if "overlap" in change:
+        engine = engine.model_copy(update={"overlap": change["overlap"]})
+    return sc.model_copy(update={"workload": work, "engine": engine.model_copy(update={"progress": False})})
+
+
+_CACHE: dict[tuple, dict[str, float]] = {}
+
+
+def throughput(scenario: str, change: dict[str, Any]) -> dict[str, float]:
+    """Tokens/s per node of every placement of ``scenario`` with ``change`` (cached per distinct run)."""
+    key = (scenario, tuple(sorted((k, v) for k, v in change.items() if k != "placement")))
+    if key not in _CACHE:
+        sc = changed(load_scenario(DEPLOYMENTS / f"{scenario}.yaml"), change)
+        t0 = time.perf_counter()
+        result = run_study(sc, progress=False)
+        syn = sc.workload.synthetic
+        assert syn is not None
+        out = {}
+        for run in result.runs:
+            forward_s = run.metrics.e2e_ms["mean"] / 1e3
+            out[run.name] = syn.tokens_per_gpu / forward_s * run.cluster.spec.gpus_per_node
+        print(f"  ({scenario} {dict(key[1])}: {time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+        _CACHE[key] = out
+    return _CACHE[key]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="DeepSeek's two profiled points only")
+    a = ap.parse_args()
+    print(f"{'point':60s} {'moesim':>9s} {'published':>10s} {'error':>7s}  source")
+    errors = []
+    for p in QUICK if a.quick else POINTS:
+        runs = throughput(p.scenario, p.change)
+        sim = runs[p.placement or next(iter(runs))]
+        err = sim / p.published - 1
+        errors.append(abs(err))
+        print(f"{p.label:60s} {sim:9,.0f} {p.published:10,.0f} {err:+7.1%}  {p.source}", flush=True)
+    if not a.quick:
+        print(f"\n{'gain':60s} {'moesim':>9s} {'published':>10s} {'error':>7s}")
+        for label, scenario, before, after, published, _source in GAINS:
+            pa = before.get("placement")
+            pb = after.get("placement")
+            ta = throughput(scenario, before)
+            tb = throughput(scenario, after)
+            ratio = tb[pb or next(iter(tb))] / ta[pa or next(iter(ta))]
+            mid = sum(published) / len(published)
+            shown = "-".join(f"{x:.2f}" for x in published)
+            print(f"{label:60s} {ratio:8.2f}x {shown:>9s}x {ratio / mid - 1:+7.1%}", flush=True)
+    print(f"\nthroughput: median |error| {sorted(errors)[len(errors) // 2]:.1%}, max {max(errors):.1%} "
+          f"over {len(errors)} points")
+
+
+if __name__ == "__main__":
+    main()
