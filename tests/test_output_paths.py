@@ -450,7 +450,7 @@ def test_a_failed_swap_puts_the_older_outputs_back(inputs, older_run, tmp_path, 
     rename = os.rename
 
     def second_rename_fails(src, dst):
-        if Path(dst) == out and Path(src).name.endswith(".tmp"):
+        if Path(dst) == out and Path(src).name == "new":  # the new outputs into place
             raise OSError(28, "No space left on device", str(dst))
         rename(src, dst)
 
@@ -561,6 +561,130 @@ def test_real_ctrl_c_exits_130_with_one_line(inputs, tmp_path):
     assert proc.returncode == 130, proc.stderr
     assert proc.stderr == "moesim: interrupted\n"
     assert os.listdir(tmp_path) == []
+
+
+# ---------------------------------------------------------------- a run killed outright: its temporary folders go
+
+def killed_mid_write(argv: list[str], cwd: Path, kill_in: tuple[str, str] = ("moesim.report.timeline", "write")
+                     ) -> subprocess.CompletedProcess[str]:
+    """``moesim ARGV`` in a fresh process that SIGKILLs itself while writing its outputs (in ``kill_in``):
+    no handler, no cleanup."""
+    module, attr = kill_in
+    code = textwrap.dedent(f"""
+        import importlib, os, signal, sys
+        from moesim.cli import main
+        def killed(*args, **kwargs):
+            os.kill(os.getpid(), signal.SIGKILL)
+        setattr(importlib.import_module({module!r}), {attr!r}, killed)
+        sys.exit(main({[str(a) for a in argv]!r}))
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    return proc
+
+
+def hidden(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def test_a_killed_run_leaves_a_temporary_folder_that_the_next_run_removes(inputs, older_run, tmp_path, capsys):
+    out, before = older_run
+    killed_mid_write(["run", inputs["scenario"], "-o", out, "-q", "--no-plots"], tmp_path)
+    (left,) = hidden(tmp_path)  # what SIGKILL leaves: one marked temporary folder beside the older outputs
+    assert re.fullmatch(r"\.out\.moesim-[0-9]+-\w+\.tmp", left), left
+    assert {k: v for k, v in snapshot(tmp_path).items() if not k.startswith(".")} == before
+    rc, _, err = cli(["run", inputs["scenario"], "-o", out, "-q", "--no-plots"], capsys)
+    assert rc == 0, err
+    assert sorted(os.listdir(tmp_path)) == ["out"] and (out / "results.json").is_file()
+
+
+def test_a_killed_run_into_an_empty_folder_does_not_block_the_next(inputs, tmp_path, capsys):
+    """Filling an empty folder in place puts the temporary folder inside it: left behind, it would make the
+    folder look foreign to the next run."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    killed_mid_write(["run", inputs["scenario"], "-o", out, "-q", "--no-plots"], tmp_path)
+    (left,) = hidden(out)
+    assert re.fullmatch(r"\.moesim-[0-9]+-\w+\.tmp", left), left
+    rc, _, err = cli(["run", inputs["scenario"], "-o", out, "-q", "--no-plots"], capsys)
+    assert rc == 0, err
+    assert hidden(out) == [] and os.listdir(tmp_path) == ["mine"] and (out / "results.json").is_file()
+
+
+def test_a_killed_file_write_leaves_a_folder_that_the_next_write_removes(inputs, tmp_path, capsys):
+    out = tmp_path / "t.npz"
+    argv = ["trace", "import", inputs["npy"], "--num-experts", "8", "-o", out]
+    killed_mid_write(argv, tmp_path, ("moesim.traces.format", "_write_npz"))
+    (left,) = hidden(tmp_path)
+    assert re.fullmatch(r"\.t\.npz\.moesim-[0-9]+-\w+\.tmp", left), left
+    rc, _, err = cli(argv, capsys)
+    assert rc == 0, err
+    assert os.listdir(tmp_path) == ["t.npz"]
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def fake_temporary(parent: Path, pid: int, *, target: str = "out", host: str | None = None,
+                   name: str | None = None, marker: bool = True, old: bool = False) -> Path:
+    """A folder as :func:`moesim.fileio.temporary_folder` makes them, of process ``pid`` (and ``host``)."""
+    import socket
+
+    stem = "" if target == "." else f".{target}"
+    path = parent / (name or f"{stem}.moesim-{pid}-abc_1234.tmp")
+    (path / "new").mkdir(parents=True)
+    (path / "new" / "results.json").write_text("{}")
+    if old:
+        (path / "old").mkdir()
+    if marker:
+        (path / fileio.TEMP_MARKER).write_text(json.dumps({"format": "moesim.temporary/1", "pid": pid, "target": target,
+                                                           "host": host or socket.gethostname()}))
+    return path
+
+
+def test_only_stale_temporaries_of_moesim_are_removed(tmp_path):
+    gone = dead_pid()
+    stale = [fake_temporary(tmp_path, gone), fake_temporary(tmp_path, gone, target="other.yaml"),
+             fake_temporary(tmp_path, gone, target=".")]
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as live:
+        try:
+            running = fake_temporary(tmp_path, live.pid)  # a live process's
+            only_copy = fake_temporary(tmp_path, gone, target="missing", old=True)  # the older outputs, set aside
+            kept = [
+                running, only_copy,
+                fake_temporary(tmp_path, os.getpid(), target="mine"),  # this process's
+                fake_temporary(tmp_path, gone, target="x", host="another-host"),  # its pid means nothing here
+                fake_temporary(tmp_path, gone, target="y", marker=False),  # the name alone proves nothing
+                fake_temporary(tmp_path, gone, name=f".z.moesim-{live.pid}-xyz_9876.tmp"),  # name, marker differ
+                fake_temporary(tmp_path, gone, name=f".backup-{gone}"),  # not our name, whatever it holds
+                fake_temporary(tmp_path, gone, target="../up", name=f".up.moesim-{gone}-def_5678.tmp"),  # elsewhere
+            ]
+            link = tmp_path / f".link.moesim-{gone}-abc_1234.tmp"
+            link.symlink_to(stale[0], target_is_directory=True)  # a link is never followed
+            assert fileio.remove_stale_temporaries(tmp_path) == sorted(stale)
+        finally:
+            live.kill()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in [*kept, link])
+    assert all((p / "new" / "results.json").is_file() for p in kept)
+    (tmp_path / "missing").mkdir()  # the older outputs' folder exists again: the set-aside copy is stale
+    assert fileio.remove_stale_temporaries(tmp_path) == sorted([running, only_copy])  # and that process is gone
+
+
+def test_checking_an_output_path_removes_stale_temporaries_beside_and_inside(tmp_path):
+    gone = dead_pid()
+    beside = fake_temporary(tmp_path, gone)
+    out = tmp_path / "out"
+    out.mkdir()
+    inside = fake_temporary(out, gone, target=".")
+    assert fileio.check_output_folder(out, fileio.FolderKind("outputs")) == out  # not foreign: gone first
+    assert not beside.exists() and not inside.exists() and os.listdir(out) == []
+    beside = fake_temporary(tmp_path, gone, target="p.json")
+    fileio.check_output_file(tmp_path / "p.json", owned=lambda p: True, what="a file")
+    assert sorted(os.listdir(tmp_path)) == ["out"]
 
 
 # ---------------------------------------------------------------- Matplotlib's backend is the caller's
