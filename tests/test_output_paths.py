@@ -338,6 +338,31 @@ def test_stats_json_inside_the_plots_folder_is_refused(inputs, tmp_path, capsys)
     assert not (tmp_path / "p").exists()
 
 
+@pytest.mark.parametrize("command", ["run", "sweep"])
+@pytest.mark.parametrize("field", ["given", "default"])
+def test_scenario_output_holding_foreign_files_names_the_scenario_and_field(command, field, inputs, tmp_path,
+                                                                             capsys, monkeypatch):
+    """No -o: the folder comes from the scenario's ``output`` (or its default, results/NAME), so the one-line
+    error names the scenario file and that field besides the folder and the file in it."""
+    monkeypatch.chdir(tmp_path)
+    doc = {**REBALANCED, **({"output": "theirs"} if field == "given" else {})}
+    scenario = write_scenario(tmp_path / "s.yaml", doc)
+    out = Path("theirs" if field == "given" else "results/rb")
+    folder = out / "sweep" if command == "sweep" else out
+    folder.mkdir(parents=True)
+    (folder / "notes.txt").write_text("mine")
+    spec, (module, attr) = FOLDER_COMMANDS[command]
+    monkeypatch.setattr(importlib.import_module(module), attr, never(attr))
+    before = snapshot(tmp_path)
+    argv = [a for a in argv_for(spec, {**inputs, "scenario": scenario, "rb": scenario}, "OUT") if a != "OUT"]
+    argv.remove("-o")
+    rc, stdout, err = cli(argv, capsys)
+    shown = f"{folder}" + (" (not set: the default, from the name)" if field == "default" else "")
+    assert_one_line_error(rc, err, scenario, f"{scenario}: output: {shown}: holds notes.txt,",
+                          "moesim replaces only folders of its own outputs")
+    assert snapshot(tmp_path) == before and stdout == ""
+
+
 # ---------------------------------------------------------------- older outputs: replaced whole, or left alone
 
 def test_rerun_replaces_an_older_run_whole(inputs, tmp_path, capsys):

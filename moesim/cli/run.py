@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from moesim.cli.common import key_values
+from moesim.cli.common import check_scenario_output, key_values
 from moesim.errors import InputError
 
 if TYPE_CHECKING:
@@ -19,14 +19,13 @@ if TYPE_CHECKING:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from moesim.fileio import check_output_folder
     from moesim.report.files import RUN_OUTPUTS, write_outputs
     from moesim.report.text import format_report
     from moesim.study import load_scenario, run_study
 
     scenario = load_scenario(args.scenario)
     out = Path(args.output) if args.output else scenario.output
-    check_output_folder(out, RUN_OUTPUTS)  # before simulating: a bad -o costs nothing
+    check_scenario_output(out, RUN_OUTPUTS, scenario, flag=args.output)  # before simulating: costs nothing
     t0 = time.perf_counter()
     result = run_study(scenario, progress=False if args.quiet else None)
     wall = time.perf_counter() - t0
