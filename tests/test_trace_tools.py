@@ -393,9 +393,39 @@ def test_stats_name_the_models_layer_ids_and_every_plot_is_labelled(tmp_path, mo
     assert [p.name for p in written] == ["load.png", "transitions.png", "coactivation.png", "drift.png"]
     assert all(all(part.strip() for part in labels) for labels in seen.values()), seen
     load, trans, coact, drift = seen.values()
-    assert "model layer ids 1..3" in load[2] and "MoE layer 1 -> 2" in trans[0]  # the last layer has no successor
+    assert "(model layer id)" in load[2] and "MoE layer 1 -> 2" in trans[0]  # the last layer has no successor
     assert "model layer 3" in trans[1] and "model layer 3" in coact[2] and "model layer 3" in drift[0]
     assert all(png.stat().st_size > 5000 for png in written)
+
+
+@pytest.mark.parametrize("ids", [None, list(range(1, 27)), [3 * i + 7 for i in range(26)]],
+                         ids=["index", "ids from 1", "ids apart"])
+def test_load_plot_layer_ticks_read_as_the_axis_label_says(ids, tmp_path, monkeypatch):
+    """load.png's layer axis: a tick on whole layers only, each labelled in the numbering the axis label names
+    (the index from 0 that --layer takes, and the model's id beside it when the import recorded one)."""
+    import matplotlib.figure
+
+    tr = random_trace(T=40, L=26, K=2, E=8)
+    extra = {"layer_ids": ids} if ids is not None else {}
+    st = trace_stats(Trace(experts=tr.experts, meta=TraceMeta(num_experts=8, num_layers=26, top_k=2, extra=extra)))
+    axes = {}
+    real_savefig = matplotlib.figure.Figure.savefig
+
+    def savefig(fig, fh, **kw):
+        fig.canvas.draw()
+        axes.setdefault("load", fig.axes[0])  # load.png is written first
+        return real_savefig(fig, fh, **kw)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    stats_mod.plot_stats(st, tmp_path, name="t.npz")
+    ax = axes["load"]
+    low, high = sorted(ax.get_ylim())
+    ticks = [(t.get_position()[1], t.get_text()) for t in ax.get_yticklabels() if low <= t.get_position()[1] <= high]
+    assert len(ticks) >= 4 and ticks[0][0] == 0, ticks
+    for pos, text in ticks:
+        assert pos == int(pos) and 0 <= pos < 26, ticks  # whole layers, no tick beside the rows
+        assert text == (str(int(pos)) if ids is None else f"{int(pos)} ({ids[int(pos)]})"), ticks
+    assert ax.get_ylabel() == "MoE layer, from 0" + ("" if ids is None else " (model layer id)")
 
 
 def test_trace_commands_on_a_log_or_raw_array_say_to_import_it(tmp_path, capsys):

@@ -315,6 +315,38 @@ def is_stats_json(path: Path) -> bool:
     return contains(b'"load_max_over_mean_median"')(path)
 
 
+def _layer_axis(ax: Any, st: TraceStats) -> None:
+    """The y axis of a layers x experts heatmap: a tick on whole layers only, each labelled as the axis label
+    says - the MoE layer index from 0 (what ``--layer`` and the printed table take), followed by the model's
+    own id of that layer in parentheses when an import recorded ids that differ."""
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+    def label(value: float, _pos: int) -> str:
+        i = int(round(value))
+        if abs(value - i) > 1e-6 or not 0 <= i < st.num_layers:
+            return ""
+        return f"{i} ({st.layer_ids[i]})" if st.layer_ids is not None else str(i)
+
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    ax.yaxis.set_major_formatter(FuncFormatter(label))
+    ax.set_ylabel("MoE layer, from 0" + (" (model layer id)" if st.layer_ids is not None else ""))
+
+
+def _load_figure(st: TraceStats, name: str) -> Any:
+    """load.png: layers x experts, each expert's picks over the layer's mean."""
+    L = st.num_layers
+    rel = st.load / np.maximum(st.load.mean(axis=1, keepdims=True), 1e-12)
+    fig = figure(figsize=(min(16, 3 + st.num_experts * 0.08), min(12, 2 + L * 0.18)))
+    ax = fig.subplots()
+    im = ax.imshow(rel, aspect="auto", cmap="magma", interpolation="nearest")
+    ax.set_xlabel("expert id")
+    _layer_axis(ax, st)
+    ax.set_title(f"{name}: expert load / layer mean\n(max/mean median {finite_median(st.max_over_mean):.2f}, "
+                 f"{st.num_tokens} tokens, top-{st.top_k})")
+    fig.colorbar(im, ax=ax, label="picks / mean picks of the layer")
+    return fig
+
+
 def plot_stats(st: TraceStats, folder: str | Path, *, layer: int | None = None, name: str = "trace") -> list[Path]:
     """Write heatmaps: load.png (layers x experts, load / layer mean), transitions.png and coactivation.png
     (one layer's expert x expert matrix, rows normalised), drift.png (windows x experts load / mean for that
@@ -335,23 +367,7 @@ def plot_stats(st: TraceStats, folder: str | Path, *, layer: int | None = None, 
 
     from matplotlib.ticker import MaxNLocator
 
-    def ids_note() -> str:
-        if st.layer_ids is None:
-            return ""
-        return f" (model layer ids {st.layer_ids[0]}..{st.layer_ids[-1]})" if list(st.layer_ids) == list(
-            range(st.layer_ids[0], st.layer_ids[0] + L)) else " (model layer ids in the JSON summary)"
-
-    rel = st.load / np.maximum(st.load.mean(axis=1, keepdims=True), 1e-12)
-    fig = figure(figsize=(min(16, 3 + st.num_experts * 0.08), min(12, 2 + L * 0.18)))
-    ax = fig.subplots()
-    im = ax.imshow(rel, aspect="auto", cmap="magma", interpolation="nearest")
-    ax.set_xlabel("expert id")
-    ax.set_ylabel("MoE layer" + ids_note())
-    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_title(f"{name}: expert load / layer mean\n(max/mean median {finite_median(st.max_over_mean):.2f}, "
-                 f"{st.num_tokens} tokens, top-{st.top_k})")
-    fig.colorbar(im, ax=ax, label="picks / mean picks of the layer")
-    save(fig, "load.png")
+    save(_load_figure(st, name), "load.png")
 
     for fname, mats in (("transitions.png", st.transitions), ("coactivation.png", st.coactivation)):
         idx = min(lay, mats.shape[0] - 1)
