@@ -585,6 +585,57 @@ def test_fitted_workload_in_a_scenario(tiny_scenario_data, tmp_path):
         parse_scenario(data, "s.yaml", tmp_path)
 
 
+# ---------------------------------------------------------------- progress on stderr, nothing else changed
+
+def test_long_steps_tell_their_progress(tmp_path, monkeypatch):
+    """fit, stats and generate tell a callback of every step they finish, adding up to what they announce."""
+    import moesim.traces.fitted_generator as gen_mod
+    from moesim.traces.fitted_generator import write_fitted_trace
+    from moesim.traces.generator_fit import fit_steps
+
+    tr = random_trace(T=300, L=3, K=2, E=8)
+    told: list[int] = []
+    quiet = fit_trace(tr, rounds=3, calibration_tokens=300, seed=1)
+    loud = fit_trace(tr, rounds=3, calibration_tokens=300, seed=1, progress=told.append)
+    assert told == [1] * fit_steps(3)
+    assert save_params(loud, tmp_path / "l.yaml").read_bytes() == save_params(quiet, tmp_path / "q.yaml").read_bytes()
+    told.clear()
+    a, b = trace_stats(tr), trace_stats(tr, progress=told.append)
+    assert sum(told) == stats_mod.STATS_PASSES * 300 and json.dumps(a.summary()) == json.dumps(b.summary())
+    told.clear()
+    params = load_params("mixtral-8x7b-c4")
+    monkeypatch.setattr(gen_mod, "_TOKENS_PER_BLOCK", 12000)  # two batches a block
+    write_fitted_trace(params, tmp_path / "g.npz", num_gpus=2, tokens_per_gpu=3000, batches=5, progress=told.append)
+    write_fitted_trace(params, tmp_path / "q.npz", num_gpus=2, tokens_per_gpu=3000, batches=5)
+    assert told == [12000, 12000, 6000]  # block by block
+    assert (tmp_path / "g.npz").read_bytes() == (tmp_path / "q.npz").read_bytes()
+
+
+@pytest.mark.parametrize("command", ["fit", "stats", "generate"])
+def test_trace_commands_show_progress_on_stderr_only(command, tmp_path, capsys, monkeypatch):
+    """A bar on stderr once a step runs past PROGRESS_DELAY_S (0 here, so that a small input shows it), none
+    with -q; the files written are byte for byte the same either way."""
+    import moesim.cli.common as common
+
+    monkeypatch.setattr(common, "PROGRESS_DELAY_S", 0.0)
+    trace = save_trace(random_trace(T=300, L=3, K=2, E=8), tmp_path / "t.npz")
+    argv = {"fit": ["trace", "fit", str(trace), "--rounds", "3", "--check-tokens", "300", "-o"],
+            "stats": ["trace", "stats", str(trace), "--json"],
+            "generate": ["trace", "generate", "mixtral-8x7b-c4", "--gpus", "2", "--tokens-per-gpu", "3000",
+                         "--batches", "5", "-o"]}[command]
+    suffix = {"fit": ".yaml", "stats": ".json", "generate": ".npz"}[command]
+    label = {"fit": "fitting t.npz", "stats": "counting t.npz", "generate": "generating shown"}[command]
+    assert main([*argv, str(tmp_path / f"shown{suffix}")]) == 0
+    shown_out, shown_err = capsys.readouterr()
+    assert label in shown_err and "|" in shown_err, shown_err  # the bar: its label, count and rate
+    assert main([*argv, str(tmp_path / f"quiet{suffix}"), "-q"]) == 0
+    quiet_out, quiet_err = capsys.readouterr()
+    assert quiet_err == ""
+    assert (tmp_path / f"shown{suffix}").read_bytes() == (tmp_path / f"quiet{suffix}").read_bytes()
+    times = re.compile(r"\d+\.\d s|shown|quiet")  # stdout differs only in the times and the file names
+    assert times.sub("", shown_out) == times.sub("", quiet_out)
+
+
 def test_generate_cli_and_fit_cli(tmp_path, capsys):
     out = tmp_path / "g.npz"
     assert main(["trace", "generate", "mixtral-8x7b-c4", "-o", str(out), "--gpus", "2", "--tokens-per-gpu", "100",

@@ -1,5 +1,5 @@
-"""Helpers more than one command shares: ``--set KEY=VALUE`` items, flags that must be at least 1, and a
-scenario's output folder.
+"""Helpers more than one command shares: ``--set KEY=VALUE`` items, flags that must be at least 1, a
+scenario's output folder, and progress bars.
 
 Each raises :class:`~moesim.errors.InputError` naming the flag or field, so bad input is one line and exit
 status 2.
@@ -15,6 +15,8 @@ from moesim.errors import InputError
 from moesim.loaders import load_yaml
 
 if TYPE_CHECKING:
+    from tqdm import tqdm
+
     from moesim.fileio import FolderKind
     from moesim.study.config import Scenario
 
@@ -63,3 +65,17 @@ def check_scenario_output(out: Path, kind: FolderKind, scenario: Scenario, *, fl
         default = scenario.output == Path("results") / safe_name(scenario.name)
         shown = f"{exc.source} (not set: the default, from the name)" if default else exc.source
         raise InputError(f"{shown}: {exc.detail}", source=scenario.source, field="output") from None
+
+
+PROGRESS_DELAY_S = 2.0  # a bar appears once its step has run this long: quick commands print nothing more
+
+
+def progress_bar(total: int, desc: str, unit: str, *, quiet: bool, scale: bool = False) -> tqdm:
+    """A progress bar on stderr, as ``moesim run`` and ``sweep`` show them (tqdm, cleared when done; none with
+    ``quiet``), shown only for a step that runs longer than :data:`PROGRESS_DELAY_S`; ``scale``: counts as
+    1.2M rather than 1200000. It writes nothing else: stdout and the files written are the same with or
+    without it."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=scale, disable=quiet, leave=False,
+                delay=PROGRESS_DELAY_S)
