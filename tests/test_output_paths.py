@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 from moesim import fileio
 from moesim.cli import main
 from moesim.fileio import NAME_BYTES, safe_name, safe_names
+from moesim.loaders import dump_yaml
 from moesim.traces import save_trace
 from moesim.traces.format import Trace, TraceMeta
 
@@ -56,8 +57,10 @@ REBALANCED: dict[str, Any] = {
 
 
 def write_scenario(path: Path, data: dict[str, Any]) -> Path:
+    """``data`` as YAML that moesim reads back as written (a name such as ``0E0`` is quoted: moesim reads the
+    plain one as a number)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    path.write_text(dump_yaml(data, sort_keys=False))
     return path
 
 

@@ -10,11 +10,10 @@ import argparse
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-import yaml
-
 from moesim.errors import InputError
 from moesim.fileio import atomic_write, check_output_file, starts_with
 from moesim.hardware.presets import preset
+from moesim.loaders import dump_yaml
 
 if TYPE_CHECKING:
     from moesim.calibration import BenchData, Calibration
@@ -116,7 +115,7 @@ def _write_cluster_yaml(result: Calibration, out: Path, name: str, bench: list[s
               f"# held-out median |error|: {', '.join(held) or 'no held-out points'}\n")
 
     def write(fh: IO[Any]) -> None:
-        fh.write(header + yaml.safe_dump(doc, sort_keys=False))
+        fh.write(header + dump_yaml(doc, sort_keys=False))
 
     atomic_write(out, write)
 

@@ -30,12 +30,11 @@ from pathlib import Path
 from typing import IO, Any, Callable, Iterator
 
 import numpy as np
-import yaml
 
 from moesim.budget import require_memory, require_time
 from moesim.errors import InputError
 from moesim.fileio import atomic_write, head
-from moesim.loaders import read_yaml
+from moesim.loaders import dump_yaml, read_yaml
 from moesim.traces.format import Trace, TraceMeta, save_trace_blocks
 
 FORMAT = "moesim.fitted/1"
@@ -133,7 +132,7 @@ class FittedParams:
                "top_k": self.top_k, "fanout": self.fanout, "drift_sigma": round(float(self.drift_sigma), 5),
                "drift_rho": round(float(self.drift_rho), 5), "gpu_mix_sigma": round(float(self.gpu_mix_sigma), 5),
                "fitted_to": self.fitted_to, "layers": layers}
-        body = yaml.safe_dump(doc, sort_keys=False, default_flow_style=None, width=1 << 16)
+        body = dump_yaml(doc, sort_keys=False, default_flow_style=None, width=1 << 16)
         prefix = "".join(f"# {line}\n" for line in header.splitlines()) if header else ""
         return prefix + body
 
