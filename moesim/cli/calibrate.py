@@ -10,6 +10,7 @@ import argparse
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+from moesim.cli.common import progress_bar
 from moesim.errors import InputError
 from moesim.fileio import atomic_write, check_output_file, starts_with
 from moesim.hardware.presets import preset
@@ -45,6 +46,7 @@ def _preset_of_device(device: str) -> str | None:
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from moesim.calibration import load_bench
+    from moesim.calibration.fit import calibration_steps
     from moesim.calibration.schema import calibrate_checked
 
     check_output_file(args.output, owned=starts_with(CALIBRATED_HEADER), what="a cluster YAML moesim calibrate wrote")
@@ -53,7 +55,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         raise InputError("no all-to-all, expert-FFN, attention-core or MoE-layer points in the benchmark files")
     devices = ", ".join(sorted(data.devices))
     name = _choose_preset(args.preset, data, devices)
-    result = calibrate_checked(data, name, name=args.name)
+    with progress_bar(calibration_steps(data), f"fitting {name}", "iteration", quiet=args.quiet) as bar:
+        result = calibrate_checked(data, name, name=args.name, progress=bar.update)
     _print_fit(result, data, name, devices)
     out = Path(args.output)
     _write_cluster_yaml(result, out, name, args.bench)
@@ -128,4 +131,5 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
                      "named in the benchmark files, else hgx-h200)")
     cal.add_argument("--name", help="name of the calibrated cluster")
     cal.add_argument("-o", "--output", required=True, help="cluster YAML to write")
+    cal.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     cal.set_defaults(func=_cmd_calibrate)
