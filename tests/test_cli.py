@@ -434,3 +434,14 @@ def test_calibrate_tells_its_progress_on_stderr_only(tmp_path, capsys, monkeypat
     quiet_out, quiet_err = capsys.readouterr()
     assert quiet_err == "" and (tmp_path / "shown.yaml").read_bytes() == (tmp_path / "quiet.yaml").read_bytes()
     assert shown_out.replace("shown.yaml", "quiet.yaml") == quiet_out
+
+
+def test_place_shows_progress_as_run_does(tiny_scenario_data, yaml_writer, tmp_path, capsys):
+    """moesim place prepares the cluster as run does (the workload, the costs, the policy: a large one takes
+    minutes): the same bar on stderr unless -q or the scenario's engine.progress says no; the file is the same."""
+    scenario = yaml_writer(tmp_path / "s.yaml", {**tiny_scenario_data, "engine": {"progress": True}})
+    assert main(["place", str(scenario), "--policy", "greedy", "-o", str(tmp_path / "shown.json")]) == 0
+    assert "preparing" in capsys.readouterr().err
+    assert main(["place", str(scenario), "--policy", "greedy", "-o", str(tmp_path / "quiet.json"), "-q"]) == 0
+    assert capsys.readouterr().err == ""
+    assert (tmp_path / "shown.json").read_bytes() == (tmp_path / "quiet.json").read_bytes()

@@ -113,7 +113,8 @@ def _cmd_place(args: argparse.Namespace) -> int:
     check_policy_options(args.policy, options, args.scenario, "--set ")
     entry = PlacementEntry(name=args.policy, policy=args.policy, options=options)
     plan = prepare(scenario, placements=[entry], where={entry.name: f"--policy {args.policy}"},
-                   clusters=[args.cluster or scenario.clusters[0].name], cluster_field="--cluster")
+                   clusters=[args.cluster or scenario.clusters[0].name], cluster_field="--cluster",
+                   progress=False if args.quiet else scenario.engine.progress)  # as run shows it
     cp = plan.clusters[0]
     placement = cp.placement(entry.name)
     save_placement(placement, args.output)
@@ -143,4 +144,5 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     pl.add_argument("--set", action="append", metavar="KEY=VALUE", help="policy option")
     pl.add_argument("-o", "--output")
     pl.add_argument("--list", action="store_true", help="list the registered policies")
+    pl.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     pl.set_defaults(func=_cmd_place)
