@@ -183,13 +183,14 @@ _TEMP_NAME = re.compile(r"\.(?:.+\.)?moesim-([0-9]+)-[A-Za-z0-9_]+\.tmp")  # .[N
 def temporary_folder(parent: Path, target: str) -> Path:
     """A new hidden folder in ``parent`` for work on ``target`` (a name in ``parent``, or ``"."`` for ``parent``
     itself), named ``.TARGET.moesim-PID-XXXXXXXX.tmp`` (``.moesim-PID-XXXXXXXX.tmp`` for ``"."``) and holding
-    :data:`TEMP_MARKER`: this process's id and host. What is written goes into sub-folders or files beside the
-    marker; :func:`remove_temporary` removes it all. When the process is killed (SIGKILL, power loss), the next
-    check of an output path beside it or inside it removes it (:func:`remove_stale_temporaries`)."""
+    :data:`TEMP_MARKER`: this process's id and host (with its PID namespace). What is written goes into
+    sub-folders or files beside the marker; :func:`remove_temporary` removes it all. When the process is killed
+    (SIGKILL, power loss), the next check of an output path beside it or inside it removes it
+    (:func:`remove_stale_temporaries`)."""
     stem = "" if target == "." else f".{target[:60]}"
     path = Path(tempfile.mkdtemp(prefix=f"{stem}.moesim-{os.getpid()}-", suffix=".tmp", dir=parent))
     try:
-        info = {"format": _TEMP_FORMAT, "pid": os.getpid(), "host": socket.gethostname(), "target": target}
+        info = {"format": _TEMP_FORMAT, "pid": os.getpid(), "host": _process_space(), "target": target}
         (path / TEMP_MARKER).write_text(json.dumps(info) + "\n", encoding="utf-8")
     except BaseException:
         shutil.rmtree(path, ignore_errors=True)
@@ -205,6 +206,16 @@ def remove_temporary(path: Path) -> None:
             shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
     (path / TEMP_MARKER).unlink(missing_ok=True)
     path.rmdir()
+
+
+def _process_space() -> str:
+    """Where this process's id means something: the host name, and on Linux the PID namespace (a container on
+    the same host numbers its processes apart)."""
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        namespace = ""
+    return f"{socket.gethostname()} {namespace}".strip()
 
 
 def _process_alive(pid: int) -> bool:
@@ -238,7 +249,7 @@ def stale_temporary(entry: Path) -> bool:
         return False
     pid = int(match.group(1))
     if not isinstance(info, dict) or info.get("format") != _TEMP_FORMAT or info.get("pid") != pid or pid < 1 \
-            or info.get("host") != socket.gethostname() or _process_alive(pid):
+            or info.get("host") != _process_space() or _process_alive(pid):
         return False
     target = info.get("target")
     if not isinstance(target, str) or not (target == "." or (target != ".." and Path(target).name == target)):

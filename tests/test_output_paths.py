@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -660,8 +661,6 @@ def dead_pid() -> int:
 def fake_temporary(parent: Path, pid: int, *, target: str = "out", host: str | None = None,
                    name: str | None = None, marker: bool = True, old: bool = False) -> Path:
     """A folder as :func:`moesim.fileio.temporary_folder` makes them, of process ``pid`` (and ``host``)."""
-    import socket
-
     stem = "" if target == "." else f".{target}"
     path = parent / (name or f"{stem}.moesim-{pid}-abc_1234.tmp")
     (path / "new").mkdir(parents=True)
@@ -670,7 +669,7 @@ def fake_temporary(parent: Path, pid: int, *, target: str = "out", host: str | N
         (path / "old").mkdir()
     if marker:
         (path / fileio.TEMP_MARKER).write_text(json.dumps({"format": "moesim.temporary/1", "pid": pid, "target": target,
-                                                           "host": host or socket.gethostname()}))
+                                                           "host": host or fileio._process_space()}))
     return path
 
 
@@ -686,6 +685,7 @@ def test_only_stale_temporaries_of_moesim_are_removed(tmp_path):
                 running, only_copy,
                 fake_temporary(tmp_path, os.getpid(), target="mine"),  # this process's
                 fake_temporary(tmp_path, gone, target="x", host="another-host"),  # its pid means nothing here
+                fake_temporary(tmp_path, gone, target="x2", host=f"{socket.gethostname()} pid:[1]"),  # a container
                 fake_temporary(tmp_path, gone, target="y", marker=False),  # the name alone proves nothing
                 fake_temporary(tmp_path, gone, name=f".z.moesim-{live.pid}-xyz_9876.tmp"),  # name, marker differ
                 fake_temporary(tmp_path, gone, name=f".backup-{gone}"),  # not our name, whatever it holds
