@@ -244,12 +244,12 @@ def stale_temporary(entry: Path) -> bool:
     if match is None or entry.is_symlink() or not entry.is_dir() or marker.is_symlink() or not marker.is_file():
         return False
     try:
-        info = json.loads(marker.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        info = json.loads(head(marker, 4096))  # a marker is a line: anything longer is not one
+    except ValueError:
         return False
-    pid = int(match.group(1))
-    if not isinstance(info, dict) or info.get("format") != _TEMP_FORMAT or info.get("pid") != pid or pid < 1 \
-            or info.get("host") != _process_space() or _process_alive(pid):
+    pid = int(match.group(1)[:12])
+    if not isinstance(info, dict) or info.get("format") != _TEMP_FORMAT or info.get("pid") != pid \
+            or not 1 <= pid < 2**31 or info.get("host") != _process_space() or _process_alive(pid):
         return False
     target = info.get("target")
     if not isinstance(target, str) or not (target == "." or (target != ".." and Path(target).name == target)):
