@@ -1,6 +1,9 @@
 """How accurate is moesim? Predicted vs measured, for every number we have a measurement of.
 
-    python benchmarks/fidelity.py [--shared ../shared]
+    python benchmarks/fidelity.py [--shared ../shared] [-q]
+
+The figures go to stdout, line by line as each is ready (also into a file or a pipe); a progress bar over the
+sections, and over the runs of section 6 (a few minutes), goes to stderr (``-q``: none).
 
 1. Micro-benchmarks on 2x H200 (../shared/calibration): the hgx-h200 parameters are fitted on two thirds of
    the points (``moesim calibrate``) and the error is reported on the held-out third, per point.
@@ -32,7 +35,9 @@ from __future__ import annotations
 
 import argparse
 import runpy
+import sys
 from pathlib import Path
+from typing import Any, Callable, TextIO
 
 import numpy as np
 
@@ -167,7 +172,11 @@ def _hot_rank(scenario) -> list[tuple[float, float]]:
     return out
 
 
-def moetuner() -> None:
+MOETUNER_STEPS = 1 + 2 + 2 * 4 * 2  # what moetuner() tells ``tick`` of: the skew, the shipped scenarios, the regimes
+
+
+def moetuner(tick: Callable[[int], object] = lambda n: None) -> None:
+    """Section 6; ``tick(1)`` is told of each of its :data:`MOETUNER_STEPS` steps (a study of both clusters)."""
     from moesim.study.config import load_scenario
 
     scenarios = {flow: load_scenario(ROOT / "scenarios" / f"moetuner_{flow}.yaml") for flow in ("standard", "coherent")}
@@ -176,11 +185,13 @@ def moetuner() -> None:
     print(f"workload skew under contiguous placement (the paper: one GPU takes {lo:.0%}-{hi:.0%} of a layer's tokens):")
     for c, (visit, picks) in zip((one, two), _hot_rank(scenarios["standard"])):
         print(f"  {c}: the busiest EP rank is visited by {visit:.0%} of the tokens and serves {picks:.0%} of the picks")
+    tick(1)
 
     ours: dict[str, dict[str, list[float]]] = {}
     shares = {}
     for flow, scenario in scenarios.items():
         runs = _moetuner_runs(scenario)
+        tick(1)
         ours[flow] = {k: [] for k in MOETUNER}
         for c in (one, two):
             base, ilp = runs[c, "contiguous"], runs[c, "ilp"]
@@ -229,6 +240,7 @@ def moetuner() -> None:
             speed, share, a2a = {}, {}, {}
             for nics in ("keep", None):
                 r = _moetuner_runs(_variant(scenario, nics_per_node=nics, **kw))
+                tick(1)
                 for c in (one, two):
                     speed[c, nics] = r[c, "contiguous"][0] / r[c, "ilp"][0]
                     share[c, nics] = r[c, "contiguous"][4]
@@ -245,29 +257,93 @@ def moetuner() -> None:
           "regimes; which one the paper ran is not known here")
 
 
+def _scripts(*names: str) -> Callable[[argparse.Namespace, Callable[[int], object]], None]:
+    """A section that runs the compare scripts under benchmarks/validation/ (``tick(1)`` after each)."""
+    def run(args: argparse.Namespace, tick: Callable[[int], object]) -> None:
+        for name in names:
+            runpy.run_path(str(ROOT / "benchmarks" / "validation" / name), run_name="__main__")
+            tick(1)
+    return run
+
+
+def _once(fn: Callable[[argparse.Namespace], None]) -> Callable[[argparse.Namespace, Callable[[int], object]], None]:
+    def run(args: argparse.Namespace, tick: Callable[[int], object]) -> None:
+        fn(args)
+        tick(1)
+    return run
+
+
+# (header, what runs it, the steps it tells the progress bar of)
+SECTIONS: list[tuple[str, Callable[[argparse.Namespace, Callable[[int], object]], None], int]] = [
+    ("1. micro-benchmarks, 2x H200, held-out points", _once(lambda a: micro_benchmarks(a.shared)), 1),
+    ("2. expert-parallel MoE layer, 2x H200, three placements; whole layers on one H200 / H100",
+     _scripts("ep_layer/compare.py"), 1),
+    ("3. expert FFN, one H100: the dgx-h100 preset fitted on two thirds; the H200's efficiencies",
+     _once(lambda a: ffn_h100()), 1),
+    ("4. DeepEP's published tables, h800 preset (not fitted to these)", _once(lambda a: deepep()), 1),
+    ("5. a second 2x H200 host (not fitted to the shipped preset)",
+     _scripts("h200_host2/compare.py", "a2a_paths/compare.py"), 2),
+    ("6. MoETuner's single- vs multi-node gains (scenarios/moetuner_{standard,coherent}.yaml)",
+     lambda a, tick: moetuner(tick), MOETUNER_STEPS),
+    ("7. attention core, one H100 and one H200 (fitted on one shape, error on the other)",
+     _scripts("attention_h100/compare.py"), 1),
+    ("8. the whole MoE layer's kernel pipeline, one H200, 8 model shapes (moesim bench moe)",
+     _scripts("moe_h200/compare.py"), 1),
+    ("9. multi-layer MoE blocks with real DeepSeek-V2-Lite routing, one H200 (not fitted to these)",
+     _scripts("moe_h200/compare_block.py"), 1),
+]
+
+
+class _LinesAboveBar:
+    """stdout while a progress bar shows on stderr: whole lines only, each written (and flushed) with the bar
+    cleared first and drawn again below it when both streams go to one terminal, so a line never lands after
+    the bar's text. What is written is exactly what print() gave."""
+
+    def __init__(self, out: TextIO, bar: Any) -> None:
+        self.out, self.bar, self.pending = out, bar, ""
+        self.mixed = out.isatty() and sys.stderr.isatty() and not bar.disable
+
+    def write(self, text: str) -> int:
+        self.pending += text
+        if "\n" in self.pending:
+            lines, _, self.pending = self.pending.rpartition("\n")
+            if self.mixed:
+                self.bar.clear()
+            self.out.write(lines + "\n")
+            self.out.flush()
+            if self.mixed:
+                self.bar.refresh()
+        return len(text)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+    def close_line(self) -> None:
+        if self.pending:
+            self.out.write(self.pending)
+            self.pending = ""
+        self.out.flush()
+
+
 def main() -> None:
+    from contextlib import redirect_stdout
+
+    from tqdm import tqdm
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
+    ap.add_argument("-q", "--quiet", action="store_true", help="no progress bar on stderr")
     args = ap.parse_args()
-    print("== 1. micro-benchmarks, 2x H200, held-out points ==")
-    micro_benchmarks(args.shared)
-    print("\n== 2. expert-parallel MoE layer, 2x H200, three placements; whole layers on one H200 / H100 ==")
-    runpy.run_path(str(ROOT / "benchmarks" / "validation" / "ep_layer" / "compare.py"), run_name="__main__")
-    print("\n== 3. expert FFN, one H100: the dgx-h100 preset fitted on two thirds; the H200's efficiencies ==")
-    ffn_h100()
-    print("\n== 4. DeepEP's published tables, h800 preset (not fitted to these) ==")
-    deepep()
-    print("\n== 5. a second 2x H200 host (not fitted to the shipped preset) ==")
-    for folder in ("h200_host2", "a2a_paths"):
-        runpy.run_path(str(ROOT / "benchmarks" / "validation" / folder / "compare.py"), run_name="__main__")
-    print("\n== 6. MoETuner's single- vs multi-node gains (scenarios/moetuner_{standard,coherent}.yaml) ==")
-    moetuner()
-    print("\n== 7. attention core, one H100 and one H200 (fitted on one shape, error on the other) ==")
-    runpy.run_path(str(ROOT / "benchmarks" / "validation" / "attention_h100" / "compare.py"), run_name="__main__")
-    print("\n== 8. the whole MoE layer's kernel pipeline, one H200, 8 model shapes (moesim bench moe) ==")
-    runpy.run_path(str(ROOT / "benchmarks" / "validation" / "moe_h200" / "compare.py"), run_name="__main__")
-    print("\n== 9. multi-layer MoE blocks with real DeepSeek-V2-Lite routing, one H200 (not fitted to these) ==")
-    runpy.run_path(str(ROOT / "benchmarks" / "validation" / "moe_h200" / "compare_block.py"), run_name="__main__")
+    out = sys.stdout
+    with tqdm(total=sum(steps for _, _, steps in SECTIONS), desc="fidelity", unit="step", disable=args.quiet,
+              leave=False) as bar:
+        lines = _LinesAboveBar(out, bar)
+        with redirect_stdout(lines):
+            for i, (header, run, _) in enumerate(SECTIONS):
+                bar.set_postfix_str(f"section {header.split('.')[0]}", refresh=False)
+                print(("\n" if i else "") + f"== {header} ==")
+                run(args, bar.update)
+        lines.close_line()
 
 
 if __name__ == "__main__":

@@ -1,17 +1,22 @@
 """File helpers every layer shares: where outputs may go, atomic writes, safe file names, figures, JSON reads.
 
-Writing follows three rules, whichever command writes:
+Writing follows four rules, whichever command writes:
 
 - **Check before working.** :func:`check_output_file` and :func:`check_output_folder` look at an output path
   before any simulation or fit starts: a folder where a file is wanted (or the reverse), a path under a regular
   file, a place that cannot be written, or an existing file or folder that holds something moesim did not
   write is an :class:`~moesim.errors.InputError` naming the path (one line; the CLI exits 2), and nothing is
   written.
-- **All or nothing.** A file is written into a temporary file beside it and renamed (:func:`atomic_write`); a
+- **All or nothing.** A file is written into a temporary folder beside it and renamed (:func:`atomic_write`); a
   folder of outputs is written into a temporary folder beside it and swapped in with two renames
   (:func:`output_folder`; an empty folder, a mount point or the working directory is filled in place
   instead), with Ctrl-C held back during the swap, so an interrupted or failed write leaves either the older
   complete outputs or the new complete ones, and no temporary files.
+- **No litter from a killed run.** Every temporary folder is named ``.NAME.moesim-PID-XXXXXXXX.tmp`` and holds
+  a marker with its process id and host (:func:`temporary_folder`). A process killed outright (SIGKILL, power
+  loss) cannot clean up; the next check of an output path removes the temporary folders beside it and inside
+  it whose marker names a process of this host that is gone (:func:`remove_stale_temporaries`). Nothing
+  without the marker, nothing of a live process and nothing of another host is ever removed.
 - **Only our own files.** An existing output is replaced only when every file in it is recognised as one that
   moesim writes there (:class:`FolderKind`, and the ``owned`` test of a file); files moesim did not write are
   never deleted.
@@ -24,9 +29,12 @@ so writing plots never changes the backend of a notebook or application that imp
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import signal
+import socket
 import tempfile
 import threading
 import unicodedata
@@ -165,6 +173,109 @@ def foreign_entry(folder: Path, kind: FolderKind, ignore: frozenset[str] = froze
     return None
 
 
+# ---------------------------------------------------------------- temporary folders, and stale ones
+
+TEMP_MARKER = "moesim-temporary.json"  # inside every temporary folder moesim makes: whose it is
+_TEMP_FORMAT = "moesim.temporary/1"
+_TEMP_NAME = re.compile(r"\.(?:.+\.)?moesim-([0-9]+)-[A-Za-z0-9_]+\.tmp")  # .[NAME.]moesim-PID-XXXXXXXX.tmp
+
+
+def temporary_folder(parent: Path, target: str) -> Path:
+    """A new hidden folder in ``parent`` for work on ``target`` (a name in ``parent``, or ``"."`` for ``parent``
+    itself), named ``.TARGET.moesim-PID-XXXXXXXX.tmp`` (``.moesim-PID-XXXXXXXX.tmp`` for ``"."``) and holding
+    :data:`TEMP_MARKER`: this process's id and host (with its PID namespace). What is written goes into
+    sub-folders or files beside the marker; :func:`remove_temporary` removes it all. When the process is killed
+    (SIGKILL, power loss), the next check of an output path beside it or inside it removes it
+    (:func:`remove_stale_temporaries`)."""
+    stem = "" if target == "." else f".{target[:60]}"
+    path = Path(tempfile.mkdtemp(prefix=f"{stem}.moesim-{os.getpid()}-", suffix=".tmp", dir=parent))
+    try:
+        info = {"format": _TEMP_FORMAT, "pid": os.getpid(), "host": _process_space(), "target": target}
+        (path / TEMP_MARKER).write_text(json.dumps(info) + "\n", encoding="utf-8")
+    except BaseException:
+        shutil.rmtree(path, ignore_errors=True)
+        raise
+    return path
+
+
+def remove_temporary(path: Path) -> None:
+    """Remove a folder made by :func:`temporary_folder` and all it holds, the marker last (so that a removal
+    cut short leaves a folder that is still recognised)."""
+    for entry in path.iterdir():
+        if entry.name != TEMP_MARKER:
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+    (path / TEMP_MARKER).unlink(missing_ok=True)
+    path.rmdir()
+
+
+def _process_space() -> str:
+    """Where this process's id means something: the host name, and on Linux the PID namespace (a container on
+    the same host numbers its processes apart)."""
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        namespace = ""
+    return f"{socket.gethostname()} {namespace}".strip()
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host may still run (unknown counts as running)."""
+    if pid == os.getpid() or os.name != "posix":
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: nothing is sent, only asked
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process (permission denied): alive
+        return True
+    return True
+
+
+def stale_temporary(entry: Path) -> bool:
+    """Whether ``entry`` is a folder :func:`temporary_folder` made for a process of this host that is gone.
+
+    All of these must hold: the name has the pattern, it is a folder (not a link) holding the marker (a regular
+    file) whose format, process id (the one in the name) and host match, and no process of that id runs. A
+    folder that holds the older outputs set aside during a swap (``old``) is stale only while its target
+    exists: otherwise those are the only copy. Anything else - someone else's folder, a live process's, one
+    from another host - is not stale, and is never removed."""
+    match = _TEMP_NAME.fullmatch(entry.name)
+    marker = entry / TEMP_MARKER
+    if match is None or entry.is_symlink() or not entry.is_dir() or marker.is_symlink() or not marker.is_file():
+        return False
+    try:
+        info = json.loads(head(marker, 4096))  # a marker is a line: anything longer is not one
+    except ValueError:
+        return False
+    pid = int(match.group(1)[:12])
+    if not isinstance(info, dict) or info.get("format") != _TEMP_FORMAT or info.get("pid") != pid \
+            or not 1 <= pid < 2**31 or info.get("host") != _process_space() or _process_alive(pid):
+        return False
+    target = info.get("target")
+    if not isinstance(target, str) or not (target == "." or (target != ".." and Path(target).name == target)):
+        return False  # "." (the folder holding it) or one name beside it
+    holder = entry.parent if target == "." else entry.parent / target
+    return not (entry / "old").is_dir() or os.path.lexists(holder)
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Remove the entries of ``folder`` that :func:`stale_temporary` recognises (left by a moesim process that
+    was killed); returns those removed. What cannot be removed or read is left as it is."""
+    try:
+        entries = [e for e in folder.iterdir() if _TEMP_NAME.fullmatch(e.name)]
+    except OSError:
+        return []
+    removed = []
+    for entry in sorted(entries):
+        if stale_temporary(entry):
+            try:
+                remove_temporary(entry)
+            except OSError:
+                continue
+            removed.append(entry)
+    return removed
+
+
 # ---------------------------------------------------------------- checking an output path
 
 def _shown(path: Path) -> str:
@@ -208,14 +319,15 @@ def _existing_ancestor(shown: str) -> Path:
 
 
 def _check_writable(folder: Path, shown: str) -> None:
-    """Files and folders can be made in ``folder``: asked of the OS, then tried (a folder made and removed)."""
+    """Files and folders can be made in ``folder``: asked of the OS, then tried (a temporary folder made and
+    removed)."""
     why = None
     if not os.access(folder, os.W_OK | os.X_OK):
         why = "permission denied"
     else:
         try:
             with ctrl_c_deferred():  # never leave the probe behind
-                os.rmdir(tempfile.mkdtemp(prefix=".moesim-check-", dir=folder))
+                remove_temporary(temporary_folder(folder, "."))
         except OSError as exc:
             why = exc.strerror or str(exc)
     if why:
@@ -225,8 +337,10 @@ def _check_writable(folder: Path, shown: str) -> None:
 def check_output_file(path: str | os.PathLike[str], *, owned: Callable[[Path], bool], what: str) -> Path:
     """Check that ``path`` can take an output file, before the work that makes it; returns it as an absolute
     path. An existing file is replaced only if ``owned`` recognises it as ``what`` (e.g. "a placement file
-    moesim wrote")."""
+    moesim wrote"). Stale temporary folders beside it, left by a killed moesim, are removed
+    (:func:`remove_stale_temporaries`)."""
     target, shown = _target(path)
+    remove_stale_temporaries(target.parent)
     if _exists(target, shown):
         if target.is_dir():
             raise InputError("is a folder; give a file name", source=shown)
@@ -244,9 +358,13 @@ def check_output_file(path: str | os.PathLike[str], *, owned: Callable[[Path], b
 def check_output_folder(path: str | os.PathLike[str], kind: FolderKind) -> Path:
     """Check that ``path`` can take a folder of ``kind``'s outputs, before the work that makes them; returns it
     as an absolute path. It must not exist, be empty, or hold only ``kind``'s outputs (an older run's), which
-    :func:`output_folder` then replaces."""
+    :func:`output_folder` then replaces. Stale temporary folders beside it and inside it, left by a killed
+    moesim, are removed first (:func:`remove_stale_temporaries`)."""
     target, shown = _target(path)
+    remove_stale_temporaries(target.parent)
     if _exists(target, shown):
+        if target.is_dir():
+            remove_stale_temporaries(target)
         if not target.is_dir():
             raise InputError("exists and is not a folder; give a new folder, or one holding an older run's "
                              "outputs", source=shown)
@@ -321,41 +439,48 @@ def _cannot_write(shown: str, exc: OSError) -> InputError:
     return InputError(f"cannot write{where} ({exc.strerror or exc})", source=shown)
 
 
+def _discard(work: Path) -> None:
+    """Remove a temporary folder, quietly: one that cannot be removed now is stale once this process ends, and
+    the next check of an output path beside it removes it."""
+    try:
+        remove_temporary(work)
+    except OSError:
+        pass
+
+
 def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[Any]], object], *, binary: bool = False) -> Path:
-    """Write ``path`` through ``write(fh)`` into a temporary file beside it, then rename: all or nothing.
+    """Write ``path`` through ``write(fh)`` into a temporary folder beside it (:func:`temporary_folder`), then
+    rename the file into place: all or nothing.
 
     Folders made for it are removed again when the write fails or is interrupted; the file system refusing
     (full, read-only, permissions) is an InputError naming ``path``."""
     path = Path(path)
     shown = str(path)
     made: list[Path] = []
+    work: Path | None = None
     try:
         made = _make_parents(path.parent)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:60]}.", suffix=".tmp")
+        work = temporary_folder(path.parent, path.name)
+        tmp = work / "new"
+        fh = open(tmp, "xb" if binary else "x")  # the mode open() gives, as writing the file in place would
     except OSError as exc:
+        if work is not None:
+            _discard(work)
         _remove_made(made)
         raise _cannot_write(shown, exc) from None
     try:
-        with os.fdopen(fd, "wb" if binary else "w") as fh:
+        with fh:
             write(fh)
-        os.chmod(tmp, _umask_mode(0o666))  # mkstemp makes it 0600; give it the mode open() would have
         os.replace(tmp, path)
     except BaseException as exc:
         with ctrl_c_deferred():
-            Path(tmp).unlink(missing_ok=True)
+            _discard(work)
             _remove_made(made)
-        if isinstance(exc, OSError) and exc.filename in (None, tmp, shown):  # writing it, not reading inputs
+        if isinstance(exc, OSError) and exc.filename in (None, str(tmp), shown):  # writing it, not reading inputs
             raise _cannot_write(shown, exc) from None
         raise
+    _discard(work)
     return path
-
-
-def _sibling(target: Path, tag: str) -> Path:
-    for i in range(1000):
-        p = target.with_name(f".{target.name[:60]}.{tag}-{os.getpid()}-{i}")
-        if not os.path.lexists(p):
-            return p
-    raise InputError(f"too many leftover .{target.name}.{tag}-* folders beside it", source=str(target))
 
 
 def _refuse_foreign(target: Path, kind: FolderKind, shown: str, ignore: frozenset[str] = frozenset()) -> None:
@@ -374,21 +499,24 @@ def _in_place(target: Path) -> bool:
     return not any(target.iterdir()) or os.path.ismount(target) or cwd == target or target in cwd.parents
 
 
-def _swap_in(tmp: Path, target: Path, kind: FolderKind, shown: str) -> None:
-    """Put the finished folder ``tmp`` (beside ``target``) at ``target`` with two renames, replacing an older
-    run's outputs there; ``kind.keep`` sub-folders are carried over. A crash between the two renames leaves the
-    older outputs whole in ``.NAME.old-*`` beside it."""
+def _swap_in(work: Path, target: Path, kind: FolderKind, shown: str) -> None:
+    """Put the finished folder ``work/new`` (``work`` a temporary folder beside ``target``) at ``target`` with
+    two renames, replacing an older run's outputs there, which go to ``work/old``; ``kind.keep`` sub-folders are
+    carried over. A crash between the two renames leaves the older outputs whole in ``work/old``, kept until
+    ``target`` exists again (:func:`stale_temporary`)."""
+    tmp = work / "new"
     try:
         existing = target.is_dir()
         os.chmod(tmp, (target.stat().st_mode & 0o7777) if existing else _umask_mode(0o777))
         if not existing:
             os.rename(tmp, target)
+            _discard(work)
             return
     except OSError as exc:
         raise _cannot_write(shown, exc) from None
     _refuse_foreign(target, kind, shown)  # looked at again: the folder may have changed while we worked
     carried = [name for name in kind.keep if (target / name).is_dir() and not os.path.lexists(tmp / name)]
-    old = _sibling(target, "old")
+    old = work / "old"
     moved: list[str] = []
     try:
         for name in carried:
@@ -404,23 +532,24 @@ def _swap_in(tmp: Path, target: Path, kind: FolderKind, shown: str) -> None:
         for name in moved:  # back where they were: the older outputs stay whole
             os.rename(tmp / name, target / name)
         raise _cannot_write(shown, exc) from None
-    shutil.rmtree(old, ignore_errors=True)
+    _discard(work)
 
 
-def _fill_in_place(tmp: Path, target: Path, kind: FolderKind, shown: str) -> None:
-    """Move the finished outputs from ``tmp`` (inside ``target``) into ``target``, the older outputs first set
-    aside in a hidden folder there and removed at the end; ``kind.keep`` sub-folders stay. On an error every
-    entry goes back where it was."""
-    _refuse_foreign(target, kind, shown, frozenset({tmp.name}))
+def _fill_in_place(work: Path, target: Path, kind: FolderKind, shown: str) -> None:
+    """Move the finished outputs from ``work/new`` (``work`` a temporary folder inside ``target``) into
+    ``target``, the older outputs first set aside in ``work/old`` and removed at the end; ``kind.keep``
+    sub-folders stay. On an error every entry goes back where it was."""
+    tmp, old = work / "new", work / "old"
+    _refuse_foreign(target, kind, shown, frozenset({work.name}))
     try:
-        old = Path(tempfile.mkdtemp(prefix=".moesim-old-", dir=target))
+        old.mkdir()
     except OSError as exc:
         raise _cannot_write(shown, exc) from None
     set_aside: list[str] = []
     moved_in: list[str] = []
     try:
         for entry in sorted(target.iterdir()):
-            if entry.name not in (tmp.name, old.name) and entry.name not in kind.keep:
+            if entry.name != work.name and entry.name not in kind.keep:
                 os.rename(entry, old / entry.name)
                 set_aside.append(entry.name)
         for entry in sorted(tmp.iterdir()):
@@ -431,10 +560,8 @@ def _fill_in_place(tmp: Path, target: Path, kind: FolderKind, shown: str) -> Non
             os.rename(target / name, tmp / name)
         for name in set_aside:
             os.rename(old / name, target / name)
-        os.rmdir(old)
         raise _cannot_write(shown, exc) from None
-    shutil.rmtree(old, ignore_errors=True)
-    os.rmdir(tmp)
+    _discard(work)
 
 
 @contextmanager
@@ -442,27 +569,28 @@ def output_folder(path: str | os.PathLike[str], kind: FolderKind) -> Iterator[Pa
     """A fresh temporary folder to write ``kind``'s outputs into; when the block ends without an error, its
     contents replace ``path``'s (see :func:`check_output_folder`), with renames during which Ctrl-C is held
     back: the folder is swapped for the new one (two renames), or, when it is empty, a mount point or holds the
-    working directory, filled in place. On any error or interrupt the temporary folder, and folders made for
-    it, are removed, and ``path`` is as it was."""
+    working directory, filled in place. The folder given is ``new`` inside a :func:`temporary_folder` beside
+    ``path`` (inside it, when filled in place). On any error or interrupt the temporary folder, and folders made
+    for it, are removed, and ``path`` is as it was."""
     target = check_output_folder(path, kind)
     shown = os.fspath(path)
     in_place = target.is_dir() and _in_place(target)
     made: list[Path] = []
-    tmp: Path | None = None
+    work: Path | None = None
     try:
         try:
             made = _make_parents(target.parent)
-            tmp = Path(tempfile.mkdtemp(prefix=".moesim-new-" if in_place else f".{target.name[:60]}.",
-                                        suffix=".tmp", dir=target if in_place else target.parent))
+            work = temporary_folder(target, ".") if in_place else temporary_folder(target.parent, target.name)
+            (work / "new").mkdir()
         except OSError as exc:
             raise _cannot_write(shown, exc) from None
-        yield tmp
+        yield work / "new"
         with ctrl_c_deferred():
-            (_fill_in_place if in_place else _swap_in)(tmp, target, kind, shown)
+            (_fill_in_place if in_place else _swap_in)(work, target, kind, shown)
     except BaseException:
         with ctrl_c_deferred():
-            if tmp is not None:
-                shutil.rmtree(tmp, ignore_errors=True)
+            if work is not None:
+                _discard(work)
             _remove_made(made)
         raise
 

@@ -55,9 +55,22 @@ class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[mi
 
 
 # YAML 1.1 wants a dot in a float (1.0e-3); 1e-3 would be text. Read it as the number it is (YAML 1.2, JSON).
-_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
-                              re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-                              list("-+.0123456789"))
+_EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+.0123456789"))
+
+
+class _Dumper(yaml.SafeDumper):
+    """The safe dumper, resolving plain scalars as :class:`_Loader` reads them: a string such as ``1e3`` is
+    written quoted, so that it reads back as the string it was."""
+
+
+_Dumper.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+.0123456789"))
+
+
+def dump_yaml(data: Any, **kwargs: Any) -> str:
+    """``data`` as YAML text that :func:`load_yaml` reads back as the same values (``yaml.safe_dump``'s
+    options, e.g. ``sort_keys=False``)."""
+    return yaml.dump(data, Dumper=_Dumper, **kwargs)
 
 
 _PLAIN = (dict, list, str, int, float, bool, type(None))  # what JSON can say; explicit YAML tags can say more

@@ -463,3 +463,37 @@ def test_outputs_get_the_usual_file_mode(tmp_path):
     finally:
         os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_calibrate_tells_its_progress_on_stderr_only(tmp_path, capsys, monkeypatch):
+    """The fit's iterations advance a bar on stderr (shown past PROGRESS_DELAY_S: 0 here), none with -q; the
+    cluster YAML is byte for byte the same either way."""
+    import moesim.cli.common as common
+    from moesim.calibration import calibrate, load_bench
+    from moesim.calibration.fit import calibration_steps
+
+    host2 = REPO / "benchmarks/validation/h200_host2"
+    data = load_bench([host2 / "a2a_2.json", host2 / "expert_ffn.json"])
+    told: list[int] = []
+    calibrate(data, iters=30, progress=told.append)
+    assert sum(told) == calibration_steps(data, iters=30) == 60 and len(told) > 2
+    monkeypatch.setattr(common, "PROGRESS_DELAY_S", 0.0)
+    argv = ["calibrate", str(host2 / "expert_ffn.json"), "--preset", "hgx-h200", "-o"]  # the quicker fit
+    assert main([*argv, str(tmp_path / "shown.yaml")]) == 0
+    shown_out, shown_err = capsys.readouterr()
+    assert "fitting hgx-h200" in shown_err and "iteration" in shown_err, shown_err
+    assert main([*argv, str(tmp_path / "quiet.yaml"), "-q"]) == 0
+    quiet_out, quiet_err = capsys.readouterr()
+    assert quiet_err == "" and (tmp_path / "shown.yaml").read_bytes() == (tmp_path / "quiet.yaml").read_bytes()
+    assert shown_out.replace("shown.yaml", "quiet.yaml") == quiet_out
+
+
+def test_place_shows_progress_as_run_does(tiny_scenario_data, yaml_writer, tmp_path, capsys):
+    """moesim place prepares the cluster as run does (the workload, the costs, the policy: a large one takes
+    minutes): the same bar on stderr unless -q or the scenario's engine.progress says no; the file is the same."""
+    scenario = yaml_writer(tmp_path / "s.yaml", {**tiny_scenario_data, "engine": {"progress": True}})
+    assert main(["place", str(scenario), "--policy", "greedy", "-o", str(tmp_path / "shown.json")]) == 0
+    assert "preparing" in capsys.readouterr().err
+    assert main(["place", str(scenario), "--policy", "greedy", "-o", str(tmp_path / "quiet.json"), "-q"]) == 0
+    assert capsys.readouterr().err == ""
+    assert (tmp_path / "shown.json").read_bytes() == (tmp_path / "quiet.json").read_bytes()

@@ -289,3 +289,13 @@ def test_trace_workload_profile_batches(tmp_path, tiny_scenario_data, yaml_write
     del tiny_scenario_data["workload"]["trace"]["profile_batches"]
     result = run_study(load_scenario(yaml_writer(tmp_path / "s.yaml", tiny_scenario_data)), progress=False)
     assert result.workloads["1x8-h200"]["profile_in_sample"] is True
+
+
+@pytest.mark.parametrize("text", ["0E0", "1e3", "-2.5e-3", "+.5E+2", "1.5", "true", "null", "2024-01-01", "e3", "名前"])
+def test_yaml_moesim_writes_reads_back_as_written(text):
+    """moesim reads a plain 1e-3 as a number (YAML 1.2), so what it writes must quote a string that looks like
+    one: a cluster named 1e3 by `moesim calibrate --name` stays the string '1e3'."""
+    from moesim.loaders import dump_yaml, load_yaml
+
+    doc = {"name": text, "values": [text, 1e-3, 2, None, True]}
+    assert load_yaml(dump_yaml(doc, sort_keys=False), "x.yaml") == doc

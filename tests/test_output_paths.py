@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -26,6 +27,7 @@ from hypothesis import strategies as st
 from moesim import fileio
 from moesim.cli import main
 from moesim.fileio import NAME_BYTES, safe_name, safe_names
+from moesim.loaders import dump_yaml
 from moesim.traces import save_trace
 from moesim.traces.format import Trace, TraceMeta
 
@@ -56,8 +58,10 @@ REBALANCED: dict[str, Any] = {
 
 
 def write_scenario(path: Path, data: dict[str, Any]) -> Path:
+    """``data`` as YAML that moesim reads back as written (a name such as ``0E0`` is quoted: moesim reads the
+    plain one as a number)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    path.write_text(dump_yaml(data, sort_keys=False))
     return path
 
 
@@ -338,6 +342,31 @@ def test_stats_json_inside_the_plots_folder_is_refused(inputs, tmp_path, capsys)
     assert not (tmp_path / "p").exists()
 
 
+@pytest.mark.parametrize("command", ["run", "sweep"])
+@pytest.mark.parametrize("field", ["given", "default"])
+def test_scenario_output_holding_foreign_files_names_the_scenario_and_field(command, field, inputs, tmp_path,
+                                                                             capsys, monkeypatch):
+    """No -o: the folder comes from the scenario's ``output`` (or its default, results/NAME), so the one-line
+    error names the scenario file and that field besides the folder and the file in it."""
+    monkeypatch.chdir(tmp_path)
+    doc = {**REBALANCED, **({"output": "theirs"} if field == "given" else {})}
+    scenario = write_scenario(tmp_path / "s.yaml", doc)
+    out = Path("theirs" if field == "given" else "results/rb")
+    folder = out / "sweep" if command == "sweep" else out
+    folder.mkdir(parents=True)
+    (folder / "notes.txt").write_text("mine")
+    spec, (module, attr) = FOLDER_COMMANDS[command]
+    monkeypatch.setattr(importlib.import_module(module), attr, never(attr))
+    before = snapshot(tmp_path)
+    argv = [a for a in argv_for(spec, {**inputs, "scenario": scenario, "rb": scenario}, "OUT") if a != "OUT"]
+    argv.remove("-o")
+    rc, stdout, err = cli(argv, capsys)
+    shown = f"{folder}" + (" (not set: the default, from the name)" if field == "default" else "")
+    assert_one_line_error(rc, err, scenario, f"{scenario}: output: {shown}: holds notes.txt,",
+                          "moesim replaces only folders of its own outputs")
+    assert snapshot(tmp_path) == before and stdout == ""
+
+
 # ---------------------------------------------------------------- older outputs: replaced whole, or left alone
 
 def test_rerun_replaces_an_older_run_whole(inputs, tmp_path, capsys):
@@ -450,7 +479,7 @@ def test_a_failed_swap_puts_the_older_outputs_back(inputs, older_run, tmp_path, 
     rename = os.rename
 
     def second_rename_fails(src, dst):
-        if Path(dst) == out and Path(src).name.endswith(".tmp"):
+        if Path(dst) == out and Path(src).name == "new":  # the new outputs into place
             raise OSError(28, "No space left on device", str(dst))
         rename(src, dst)
 
@@ -561,6 +590,129 @@ def test_real_ctrl_c_exits_130_with_one_line(inputs, tmp_path):
     assert proc.returncode == 130, proc.stderr
     assert proc.stderr == "moesim: interrupted\n"
     assert os.listdir(tmp_path) == []
+
+
+# ---------------------------------------------------------------- a run killed outright: its temporary folders go
+
+def killed_mid_write(argv: list[str], cwd: Path, kill_in: tuple[str, str] = ("moesim.report.timeline", "write")
+                     ) -> subprocess.CompletedProcess[str]:
+    """``moesim ARGV`` in a fresh process that SIGKILLs itself while writing its outputs (in ``kill_in``):
+    no handler, no cleanup."""
+    module, attr = kill_in
+    code = textwrap.dedent(f"""
+        import importlib, os, signal, sys
+        from moesim.cli import main
+        def killed(*args, **kwargs):
+            os.kill(os.getpid(), signal.SIGKILL)
+        setattr(importlib.import_module({module!r}), {attr!r}, killed)
+        sys.exit(main({[str(a) for a in argv]!r}))
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    return proc
+
+
+def hidden(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def test_a_killed_run_leaves_a_temporary_folder_that_the_next_run_removes(inputs, older_run, tmp_path, capsys):
+    out, before = older_run
+    killed_mid_write(["run", inputs["scenario"], "-o", out, "-q", "--no-plots"], tmp_path)
+    (left,) = hidden(tmp_path)  # what SIGKILL leaves: one marked temporary folder beside the older outputs
+    assert re.fullmatch(r"\.out\.moesim-[0-9]+-\w+\.tmp", left), left
+    assert {k: v for k, v in snapshot(tmp_path).items() if not k.startswith(".")} == before
+    rc, _, err = cli(["run", inputs["scenario"], "-o", out, "-q", "--no-plots"], capsys)
+    assert rc == 0, err
+    assert sorted(os.listdir(tmp_path)) == ["out"] and (out / "results.json").is_file()
+
+
+def test_a_killed_run_into_an_empty_folder_does_not_block_the_next(inputs, tmp_path, capsys):
+    """Filling an empty folder in place puts the temporary folder inside it: left behind, it would make the
+    folder look foreign to the next run."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    killed_mid_write(["run", inputs["scenario"], "-o", out, "-q", "--no-plots"], tmp_path)
+    (left,) = hidden(out)
+    assert re.fullmatch(r"\.moesim-[0-9]+-\w+\.tmp", left), left
+    rc, _, err = cli(["run", inputs["scenario"], "-o", out, "-q", "--no-plots"], capsys)
+    assert rc == 0, err
+    assert hidden(out) == [] and os.listdir(tmp_path) == ["mine"] and (out / "results.json").is_file()
+
+
+def test_a_killed_file_write_leaves_a_folder_that_the_next_write_removes(inputs, tmp_path, capsys):
+    out = tmp_path / "t.npz"
+    argv = ["trace", "import", inputs["npy"], "--num-experts", "8", "-o", out]
+    killed_mid_write(argv, tmp_path, ("moesim.traces.format", "_write_npz"))
+    (left,) = hidden(tmp_path)
+    assert re.fullmatch(r"\.t\.npz\.moesim-[0-9]+-\w+\.tmp", left), left
+    rc, _, err = cli(argv, capsys)
+    assert rc == 0, err
+    assert os.listdir(tmp_path) == ["t.npz"]
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def fake_temporary(parent: Path, pid: int, *, target: str = "out", host: str | None = None,
+                   name: str | None = None, marker: bool = True, old: bool = False) -> Path:
+    """A folder as :func:`moesim.fileio.temporary_folder` makes them, of process ``pid`` (and ``host``)."""
+    stem = "" if target == "." else f".{target}"
+    path = parent / (name or f"{stem}.moesim-{pid}-abc_1234.tmp")
+    (path / "new").mkdir(parents=True)
+    (path / "new" / "results.json").write_text("{}")
+    if old:
+        (path / "old").mkdir()
+    if marker:
+        (path / fileio.TEMP_MARKER).write_text(json.dumps({"format": "moesim.temporary/1", "pid": pid, "target": target,
+                                                           "host": host or fileio._process_space()}))
+    return path
+
+
+def test_only_stale_temporaries_of_moesim_are_removed(tmp_path):
+    gone = dead_pid()
+    stale = [fake_temporary(tmp_path, gone), fake_temporary(tmp_path, gone, target="other.yaml"),
+             fake_temporary(tmp_path, gone, target=".")]
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as live:
+        try:
+            running = fake_temporary(tmp_path, live.pid)  # a live process's
+            only_copy = fake_temporary(tmp_path, gone, target="missing", old=True)  # the older outputs, set aside
+            kept = [
+                running, only_copy,
+                fake_temporary(tmp_path, os.getpid(), target="mine"),  # this process's
+                fake_temporary(tmp_path, gone, target="x", host="another-host"),  # its pid means nothing here
+                fake_temporary(tmp_path, gone, target="x2", host=f"{socket.gethostname()} pid:[1]"),  # a container
+                fake_temporary(tmp_path, gone, target="y", marker=False),  # the name alone proves nothing
+                fake_temporary(tmp_path, gone, name=f".z.moesim-{live.pid}-xyz_9876.tmp"),  # name, marker differ
+                fake_temporary(tmp_path, gone, name=f".backup-{gone}"),  # not our name, whatever it holds
+                fake_temporary(tmp_path, gone, target="../up", name=f".up.moesim-{gone}-def_5678.tmp"),  # elsewhere
+            ]
+            link = tmp_path / f".link.moesim-{gone}-abc_1234.tmp"
+            link.symlink_to(stale[0], target_is_directory=True)  # a link is never followed
+            assert fileio.remove_stale_temporaries(tmp_path) == sorted(stale)
+        finally:
+            live.kill()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in [*kept, link])
+    assert all((p / "new" / "results.json").is_file() for p in kept)
+    (tmp_path / "missing").mkdir()  # the older outputs' folder exists again: the set-aside copy is stale
+    assert fileio.remove_stale_temporaries(tmp_path) == sorted([running, only_copy])  # and that process is gone
+
+
+def test_checking_an_output_path_removes_stale_temporaries_beside_and_inside(tmp_path):
+    gone = dead_pid()
+    beside = fake_temporary(tmp_path, gone)
+    out = tmp_path / "out"
+    out.mkdir()
+    inside = fake_temporary(out, gone, target=".")
+    assert fileio.check_output_folder(out, fileio.FolderKind("outputs")) == out  # not foreign: gone first
+    assert not beside.exists() and not inside.exists() and os.listdir(out) == []
+    beside = fake_temporary(tmp_path, gone, target="p.json")
+    fileio.check_output_file(tmp_path / "p.json", owned=lambda p: True, what="a file")
+    assert sorted(os.listdir(tmp_path)) == ["out"]
 
 
 # ---------------------------------------------------------------- Matplotlib's backend is the caller's

@@ -296,6 +296,63 @@ def test_outputs_include_the_series(stall_result, tmp_path):
     assert entry["every_batches"] == 2 and len(entry["migrations"]) == 2 and "verdict" in entry
 
 
+def _line_points_px(fig):
+    """(axes, line, its points in display pixels) of every data line of the figure, drawn."""
+    fig.canvas.draw()
+    for ax in fig.axes:
+        for line in ax.get_lines():
+            if not line.get_label().startswith("_"):  # the series, not the rebalance marks
+                yield ax, line, ax.transData.transform(np.column_stack([line.get_xdata(), line.get_ydata()]))
+
+
+def test_series_plot_shows_every_batch_whole(stall_result):
+    """Batch 0 and the last batch, and every point of every series, lie inside the axes with room for their
+    markers: no axis limit is pinned onto a point (a stall bar's base once pinned the lowest one)."""
+    from moesim.report.rebalance import series_figure
+
+    (r,) = stall_result.rebalance
+    fig = series_figure([r], "t")
+    seen = 0
+    for ax, line, px in _line_points_px(fig):
+        room = line.get_markersize() * fig.dpi / 72 / 2  # the marker's radius in pixels
+        box = ax.bbox
+        assert (px[:, 0] - room > box.x0).all() and (px[:, 0] + room < box.x1).all(), line.get_label()
+        assert (px[:, 1] - room > box.y0).all() and (px[:, 1] + room < box.y1).all(), line.get_label()
+        assert line.get_xdata()[0] == 0 and line.get_xdata()[-1] == r.num_batches - 1
+        seen += 1
+    assert seen == 6  # three series in each panel
+
+
+def test_series_plot_shows_coinciding_series(stall_result):
+    """Identical static, rebalanced and baseline series (as before the first rebalance) are each seen: their
+    colours are on screen, not hidden under the series drawn last."""
+    from dataclasses import replace
+
+    from matplotlib.colors import to_rgb
+
+    from moesim.report.rebalance import SERIES_STYLES, series_figure
+
+    (r,) = stall_result.rebalance
+    same_ms, same_imb = r.batch_ms["static"], r.imbalance["static"]
+    zero = np.zeros(r.num_batches)
+    r = replace(r, batch_ms={k: same_ms.copy() for k in r.batch_ms},
+                imbalance={k: same_imb.copy() for k in r.imbalance}, stall_ms=zero, slow_ms=zero, migrations=[])
+    assert set(r.batch_ms) == set(SERIES_STYLES)
+    fig = series_figure([r], "t")
+    for ax in fig.axes:
+        if ax.get_legend() is not None:
+            ax.get_legend().remove()  # its samples would show every colour anyway
+    fig.canvas.draw()
+    rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3].astype(float)
+    height = rgb.shape[0]
+    for ax in fig.axes:
+        x0, y0, x1, y1 = (int(v) for v in ax.bbox.extents)
+        inside = rgb[height - y1 + 3:height - y0 - 3, x0 + 3:x1 - 3]  # rows run from the top; spines left out
+        for key, style in SERIES_STYLES.items():
+            near = np.linalg.norm(inside - np.array(to_rgb(style["color"])) * 255, axis=-1) < 40
+            assert near.sum() >= 40, (ax.get_ylabel(), key, int(near.sum()))
+
+
 # ---------------------------------------------------------------- sweep
 
 def test_sweep_verdict_finds_the_break_even_interval():

@@ -507,9 +507,39 @@ def test_stats_name_the_models_layer_ids_and_every_plot_is_labelled(tmp_path, mo
     assert [p.name for p in written] == ["load.png", "transitions.png", "coactivation.png", "drift.png"]
     assert all(all(part.strip() for part in labels) for labels in seen.values()), seen
     load, trans, coact, drift = seen.values()
-    assert "model layer ids 1..3" in load[2] and "MoE layer 1 -> 2" in trans[0]  # the last layer has no successor
+    assert "(model layer id)" in load[2] and "MoE layer 1 -> 2" in trans[0]  # the last layer has no successor
     assert "model layer 3" in trans[1] and "model layer 3" in coact[2] and "model layer 3" in drift[0]
     assert all(png.stat().st_size > 5000 for png in written)
+
+
+@pytest.mark.parametrize("ids", [None, list(range(1, 27)), [3 * i + 7 for i in range(26)]],
+                         ids=["index", "ids from 1", "ids apart"])
+def test_load_plot_layer_ticks_read_as_the_axis_label_says(ids, tmp_path, monkeypatch):
+    """load.png's layer axis: a tick on whole layers only, each labelled in the numbering the axis label names
+    (the index from 0 that --layer takes, and the model's id beside it when the import recorded one)."""
+    import matplotlib.figure
+
+    tr = random_trace(T=40, L=26, K=2, E=8)
+    extra = {"layer_ids": ids} if ids is not None else {}
+    st = trace_stats(Trace(experts=tr.experts, meta=TraceMeta(num_experts=8, num_layers=26, top_k=2, extra=extra)))
+    axes = {}
+    real_savefig = matplotlib.figure.Figure.savefig
+
+    def savefig(fig, fh, **kw):
+        fig.canvas.draw()
+        axes.setdefault("load", fig.axes[0])  # load.png is written first
+        return real_savefig(fig, fh, **kw)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    stats_mod.plot_stats(st, tmp_path, name="t.npz")
+    ax = axes["load"]
+    low, high = sorted(ax.get_ylim())
+    ticks = [(t.get_position()[1], t.get_text()) for t in ax.get_yticklabels() if low <= t.get_position()[1] <= high]
+    assert len(ticks) >= 4 and ticks[0][0] == 0, ticks
+    for pos, text in ticks:
+        assert pos == int(pos) and 0 <= pos < 26, ticks  # whole layers, no tick beside the rows
+        assert text == (str(int(pos)) if ids is None else f"{int(pos)} ({ids[int(pos)]})"), ticks
+    assert ax.get_ylabel() == "MoE layer, from 0" + ("" if ids is None else " (model layer id)")
 
 
 def test_trace_commands_on_a_log_or_raw_array_say_to_import_it(tmp_path, capsys):
@@ -667,6 +697,57 @@ def test_fitted_workload_in_a_scenario(tiny_scenario_data, tmp_path):
     data["workload"]["synthetic"]["zipf_alpha"] = 0.5
     with pytest.raises(InputError, match=r"workload\.synthetic\.zipf_alpha: not used with 'fitted'"):
         parse_scenario(data, "s.yaml", tmp_path)
+
+
+# ---------------------------------------------------------------- progress on stderr, nothing else changed
+
+def test_long_steps_tell_their_progress(tmp_path, monkeypatch):
+    """fit, stats and generate tell a callback of every step they finish, adding up to what they announce."""
+    import moesim.traces.fitted_generator as gen_mod
+    from moesim.traces.fitted_generator import write_fitted_trace
+    from moesim.traces.generator_fit import fit_steps
+
+    tr = random_trace(T=300, L=3, K=2, E=8)
+    told: list[int] = []
+    quiet = fit_trace(tr, rounds=3, calibration_tokens=300, seed=1)
+    loud = fit_trace(tr, rounds=3, calibration_tokens=300, seed=1, progress=told.append)
+    assert told == [1] * fit_steps(3)
+    assert save_params(loud, tmp_path / "l.yaml").read_bytes() == save_params(quiet, tmp_path / "q.yaml").read_bytes()
+    told.clear()
+    a, b = trace_stats(tr), trace_stats(tr, progress=told.append)
+    assert sum(told) == stats_mod.STATS_PASSES * 300 and json.dumps(a.summary()) == json.dumps(b.summary())
+    told.clear()
+    params = load_params("mixtral-8x7b-c4")
+    monkeypatch.setattr(gen_mod, "_TOKENS_PER_BLOCK", 12000)  # two batches a block
+    write_fitted_trace(params, tmp_path / "g.npz", num_gpus=2, tokens_per_gpu=3000, batches=5, progress=told.append)
+    write_fitted_trace(params, tmp_path / "q.npz", num_gpus=2, tokens_per_gpu=3000, batches=5)
+    assert told == [12000, 12000, 6000]  # block by block
+    assert (tmp_path / "g.npz").read_bytes() == (tmp_path / "q.npz").read_bytes()
+
+
+@pytest.mark.parametrize("command", ["fit", "stats", "generate"])
+def test_trace_commands_show_progress_on_stderr_only(command, tmp_path, capsys, monkeypatch):
+    """A bar on stderr once a step runs past PROGRESS_DELAY_S (0 here, so that a small input shows it), none
+    with -q; the files written are byte for byte the same either way."""
+    import moesim.cli.common as common
+
+    monkeypatch.setattr(common, "PROGRESS_DELAY_S", 0.0)
+    trace = save_trace(random_trace(T=300, L=3, K=2, E=8), tmp_path / "t.npz")
+    argv = {"fit": ["trace", "fit", str(trace), "--rounds", "3", "--check-tokens", "300", "-o"],
+            "stats": ["trace", "stats", str(trace), "--json"],
+            "generate": ["trace", "generate", "mixtral-8x7b-c4", "--gpus", "2", "--tokens-per-gpu", "3000",
+                         "--batches", "5", "-o"]}[command]
+    suffix = {"fit": ".yaml", "stats": ".json", "generate": ".npz"}[command]
+    label = {"fit": "fitting t.npz", "stats": "counting t.npz", "generate": "generating shown"}[command]
+    assert main([*argv, str(tmp_path / f"shown{suffix}")]) == 0
+    shown_out, shown_err = capsys.readouterr()
+    assert label in shown_err and "|" in shown_err, shown_err  # the bar: its label, count and rate
+    assert main([*argv, str(tmp_path / f"quiet{suffix}"), "-q"]) == 0
+    quiet_out, quiet_err = capsys.readouterr()
+    assert quiet_err == ""
+    assert (tmp_path / f"shown{suffix}").read_bytes() == (tmp_path / f"quiet{suffix}").read_bytes()
+    times = re.compile(r"\d+\.\d s|shown|quiet")  # stdout differs only in the times and the file names
+    assert times.sub("", shown_out) == times.sub("", quiet_out)
 
 
 def test_generate_cli_and_fit_cli(tmp_path, capsys):

@@ -96,12 +96,14 @@ def _size(p: Any) -> float:
     return float(sum(p.tokens))
 
 
-def nelder_mead(f: Callable[[np.ndarray], float], x0: np.ndarray, step: float = 0.3, iters: int = 300) -> np.ndarray:
-    """Minimise ``f`` from ``x0`` (a small, dependency-free Nelder-Mead)."""
+def nelder_mead(f: Callable[[np.ndarray], float], x0: np.ndarray, step: float = 0.3, iters: int = 300,
+                progress: Callable[[int], object] | None = None) -> np.ndarray:
+    """Minimise ``f`` from ``x0`` (a small, dependency-free Nelder-Mead). ``progress(n)`` is told of the
+    iterations done, ``iters`` in all (those a convergence skips, at once)."""
     n = x0.size
     simplex = [x0] + [x0 + step * np.eye(n)[i] for i in range(n)]
     values = [f(x) for x in simplex]
-    for _ in range(iters):
+    for it in range(iters):
         order = np.argsort(values)
         simplex = [simplex[i] for i in order]
         values = [values[i] for i in order]
@@ -124,7 +126,10 @@ def nelder_mead(f: Callable[[np.ndarray], float], x0: np.ndarray, step: float = 
                 best = simplex[0]
                 simplex = [best] + [best + 0.5 * (x - best) for x in simplex[1:]]
                 values = [values[0]] + [f(x) for x in simplex[1:]]
-        if np.ptp(values) < 1e-6:
+        converged = bool(np.ptp(values) < 1e-6)
+        if progress is not None:
+            progress(iters - it if converged else 1)
+        if converged:
             break
     return simplex[int(np.argmin(values))]
 
@@ -204,9 +209,16 @@ def predictions(spec: ClusterSpec, data: BenchData) -> list[Prediction]:
         + _projection_predictions(spec, data.projections, [True] * len(data.projections))
 
 
+def calibration_steps(data: BenchData, iters: int = 200) -> int:
+    """How many steps :func:`calibrate` tells its ``progress`` of: the iterations of its network and
+    expert-FFN fits (the other fits are closed forms or quick)."""
+    return iters * (bool(data.a2a or data.p2p) + bool(data.ffn))
+
+
 def calibrate(data: BenchData, base_preset: str = "hgx-h200", name: str | None = None,
-              iters: int = 200) -> Calibration:
-    """Fit ``base_preset``'s parameters to ``data``; report every point's error, held-out ones marked."""
+              iters: int = 200, progress: Callable[[int], object] | None = None) -> Calibration:
+    """Fit ``base_preset``'s parameters to ``data``; report every point's error, held-out ones marked.
+    ``progress(n)`` is told of the fits' iterations (:func:`calibration_steps` in all)."""
     base = preset(base_preset)
     base["gpu"].setdefault("local_copy_GBps", 500.0)
     if name:
@@ -225,7 +237,8 @@ def calibrate(data: BenchData, base_preset: str = "hgx-h200", name: str | None =
     if net_points:
         x0 = np.log([v for _, v, _ in NETWORK_PARAMS])
         x = nelder_mead(lambda x: log_err(_network_predictions(ClusterSpec(**_apply(base, NETWORK_PARAMS, x)),
-                                                               data, net_held)), x0, iters=iters)
+                                                               data, net_held)), x0, iters=iters,
+                        progress=progress)
         base = _apply(base, NETWORK_PARAMS, x)
     if data.ffn:
         def ffn_preds(spec: ClusterSpec) -> list[Prediction]:
@@ -233,7 +246,8 @@ def calibrate(data: BenchData, base_preset: str = "hgx-h200", name: str | None =
                     for p, h in zip(data.ffn, ffn_held)]
 
         x0 = np.log([v for _, v, _ in FFN_PARAMS])
-        x = nelder_mead(lambda x: log_err(ffn_preds(ClusterSpec(**_apply(base, FFN_PARAMS, x)))), x0, iters=iters)
+        x = nelder_mead(lambda x: log_err(ffn_preds(ClusterSpec(**_apply(base, FFN_PARAMS, x)))), x0, iters=iters,
+                        progress=progress)
         base = _apply(base, FFN_PARAMS, x)
     attention: dict[str, float] = {}
     if data.attention:  # on the GPU the FFN fit gave: decode attention reads the KV cache at its HBM rate

@@ -13,7 +13,7 @@ says so), and fields the fit does not read.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from pydantic import ValidationError
 
@@ -205,13 +205,14 @@ def check_dense(raw: dict[str, Any], src: str) -> None:
             number(r, "graph_us", src, where)
 
 
-def calibrate_checked(data: BenchData, preset_name: str, *, name: str | None = None) -> Calibration:
+def calibrate_checked(data: BenchData, preset_name: str, *, name: str | None = None,
+                      progress: Callable[[int], object] | None = None) -> Calibration:
     """:func:`moesim.calibration.calibrate`, its result checked by :func:`check_fitted`; points that cannot be
     fitted at all (a degenerate sweep the checks above let through) are an InputError naming the files."""
     from moesim.calibration.fit import calibrate
 
     try:
-        result = calibrate(data, preset_name, name=name)
+        result = calibrate(data, preset_name, name=name, progress=progress)
     except InputError:
         raise
     except (ValueError, ArithmeticError, IndexError) as exc:  # (pydantic's ValidationError is a ValueError)

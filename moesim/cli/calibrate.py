@@ -10,11 +10,11 @@ import argparse
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-import yaml
-
+from moesim.cli.common import progress_bar
 from moesim.errors import InputError
 from moesim.fileio import atomic_write, check_output_file, starts_with
 from moesim.hardware.presets import preset
+from moesim.loaders import dump_yaml
 
 if TYPE_CHECKING:
     from moesim.calibration import BenchData, Calibration
@@ -49,6 +49,7 @@ def _preset_of_device(device: str) -> str | None:
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from moesim.calibration import load_bench
+    from moesim.calibration.fit import calibration_steps
     from moesim.calibration.schema import calibrate_checked
 
     check_output_file(args.output, owned=starts_with(CALIBRATED_HEADER), what="a cluster YAML moesim calibrate wrote")
@@ -57,7 +58,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         raise InputError("no all-to-all, expert-FFN, attention-core or MoE-layer points in the benchmark files")
     devices = ", ".join(sorted(data.devices))
     name = _choose_preset(args.preset, data, devices)
-    result = calibrate_checked(data, name, name=args.name)
+    with progress_bar(calibration_steps(data), f"fitting {name}", "iteration", quiet=args.quiet) as bar:
+        result = calibrate_checked(data, name, name=args.name, progress=bar.update)
     _print_fit(result, data, name, devices)
     out = Path(args.output)
     _write_cluster_yaml(result, out, name, args.bench)
@@ -121,7 +123,7 @@ def _write_cluster_yaml(result: Calibration, out: Path, name: str, bench: list[s
               f"# held-out median |error|: {', '.join(held) or 'no held-out points'}\n")
 
     def write(fh: IO[Any]) -> None:
-        fh.write(header + yaml.safe_dump(doc, sort_keys=False))
+        fh.write(header + dump_yaml(doc, sort_keys=False))
 
     atomic_write(out, write)
 
@@ -134,4 +136,5 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
                      "named in the benchmark files, else hgx-h200)")
     cal.add_argument("--name", help="name of the calibrated cluster")
     cal.add_argument("-o", "--output", required=True, help="cluster YAML to write")
+    cal.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     cal.set_defaults(func=_cmd_calibrate)

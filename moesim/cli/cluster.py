@@ -15,7 +15,7 @@ from moesim.errors import InputError
 from moesim.hardware.presets import deep_merge, preset, preset_names
 from moesim.hardware.spec import ClusterSpec
 from moesim.hardware.topology import build_topology
-from moesim.loaders import read_yaml
+from moesim.loaders import dump_yaml, read_yaml
 
 
 def _cluster_spec(name: str, overrides: list[str]) -> ClusterSpec:
@@ -80,11 +80,9 @@ def _cmd_cluster(args: argparse.Namespace) -> int:
     try:  # errors without a file of their own (a preset, --set, the topology's size) name the cluster given
         spec = _cluster_spec(args.name, args.set or [])
         if args.yaml:  # every field, to start a cluster file from (docs/formats.md)
-            import yaml
-
             print(f"# moesim cluster show {args.name} --yaml: every field of the cluster; edit and use it as "
                   f"clusters: [{{file: my_cluster.yaml}}]")
-            print(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False), end="")
+            print(dump_yaml(spec.model_dump(mode="json"), sort_keys=False), end="")
         else:
             print("\n".join(_describe(spec)))
     except InputError as exc:

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from moesim.cli.common import key_values
+from moesim.cli.common import check_scenario_output, key_values
 from moesim.errors import InputError
 
 if TYPE_CHECKING:
@@ -19,14 +19,13 @@ if TYPE_CHECKING:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from moesim.fileio import check_output_folder
     from moesim.report.files import RUN_OUTPUTS, write_outputs
     from moesim.report.text import format_report
     from moesim.study import load_scenario, run_study
 
     scenario = load_scenario(args.scenario)
     out = Path(args.output) if args.output else scenario.output
-    check_output_folder(out, RUN_OUTPUTS)  # before simulating: a bad -o costs nothing
+    check_scenario_output(out, RUN_OUTPUTS, scenario, flag=args.output)  # before simulating: costs nothing
     t0 = time.perf_counter()
     result = run_study(scenario, progress=False if args.quiet else None)
     wall = time.perf_counter() - t0
@@ -130,7 +129,8 @@ def _cmd_place(args: argparse.Namespace) -> int:
     check_policy_options(args.policy, options, args.scenario, "--set ")
     entry = PlacementEntry(name=args.policy, policy=args.policy, options=options)
     plan = prepare(scenario, placements=[entry], where={entry.name: f"--policy {args.policy}"},
-                   clusters=[args.cluster or scenario.clusters[0].name], cluster_field="--cluster")
+                   clusters=[args.cluster or scenario.clusters[0].name], cluster_field="--cluster",
+                   progress=False if args.quiet else scenario.engine.progress)  # as run shows it
     cp = plan.clusters[0]
     placement = cp.placement(entry.name)
     save_placement(placement, args.output)
@@ -160,4 +160,5 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     pl.add_argument("--set", action="append", metavar="KEY=VALUE", help="policy option")
     pl.add_argument("-o", "--output")
     pl.add_argument("--list", action="store_true", help="list the registered policies")
+    pl.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     pl.set_defaults(func=_cmd_place)

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from moesim.cli.common import at_least_one
+from moesim.cli.common import at_least_one, check_scenario_output
 from moesim.errors import InputError
 from moesim.study.config import check_rebalance_batches
 
@@ -134,7 +134,6 @@ def sweep_table(rows: list[dict[str, Any]]) -> str:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from moesim.fileio import check_output_folder
     from moesim.report.rebalance import SWEEP_OUTPUTS, sweep_verdict
     from moesim.study import load_scenario
 
@@ -142,7 +141,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     redundant = _ints(args.redundant, "--redundant")
     every = _ints(args.every, "--every")
     out = Path(args.output) if args.output else Path(str(scenario.output)) / "sweep"
-    check_output_folder(out, SWEEP_OUTPUTS)  # before simulating: a bad -o costs nothing
+    check_scenario_output(out, SWEEP_OUTPUTS, scenario, flag=args.output)  # before simulating: costs nothing
     t0 = time.perf_counter()
     rows, reference = run_sweep(scenario, redundant, every, window=args.window, cluster_name=args.cluster,
                                 progress=not args.quiet)

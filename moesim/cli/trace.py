@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-from moesim.cli.common import at_least_one, at_least_zero
+from moesim.cli.common import at_least_one, at_least_zero, progress_bar
 from moesim.errors import InputError
 from moesim.fileio import atomic_write, check_output_file, check_output_folder, output_folder
 
@@ -59,7 +59,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
 
 def _cmd_stats(args: argparse.Namespace) -> int:
     from moesim.traces.format import load_trace
-    from moesim.traces.stats import STATS_PLOTS, format_stats, is_stats_json, plot_stats, trace_stats
+    from moesim.traces.stats import STATS_PASSES, STATS_PLOTS, format_stats, is_stats_json, plot_stats, trace_stats
 
     json_out = (check_output_file(args.json, owned=is_stats_json, what="a summary moesim trace stats wrote")
                 if args.json else None)
@@ -74,7 +74,9 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     if args.layer is not None and not 0 <= args.layer < trace.meta.num_layers:
         raise InputError(f"layer {args.layer} out of range [0, {trace.meta.num_layers})", field="--layer")
     try:
-        st = trace_stats(trace, top_m=args.top, window=args.window)
+        with progress_bar(STATS_PASSES * trace.num_tokens, f"counting {Path(args.trace).name}", "token",
+                          quiet=args.quiet, scale=True) as bar:
+            st = trace_stats(trace, top_m=args.top, window=args.window, progress=bar.update)
     except InputError as exc:  # too large to count (moesim.traces.stats.stats_cost)
         raise exc.at(source=str(args.trace)) from None
     print(format_stats(st, name=str(args.trace), layers=None if args.all_layers else 12))
@@ -101,7 +103,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     from moesim.traces.fitted_generator import fitted_vs_real, save_params
     from moesim.traces.format import load_trace
     from moesim.traces.fitted_generator import is_params_file
-    from moesim.traces.generator_fit import fit_trace
+    from moesim.traces.generator_fit import fit_steps, fit_trace
 
     check_output_file(args.output, owned=is_params_file, what="generator parameters moesim wrote")
     for flag, value in (("--fanout", args.fanout), ("--calibration-tokens", args.calibration_tokens),
@@ -111,16 +113,24 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     at_least_zero(args.seed, "--seed")
     trace = load_trace(args.trace, mmap=True)
     t0 = time.perf_counter()
-    try:
-        params = fit_trace(trace, fanout=args.fanout, calibration_tokens=args.calibration_tokens, rounds=args.rounds,
-                           seed=args.seed, name=args.name or Path(args.trace).stem, window=args.window)
-    except InputError as exc:  # too large to fit (the cost estimates)
-        raise exc.at(source=str(args.trace)) from None
-    fit_s = time.perf_counter() - t0
-    try:
-        rows = fitted_vs_real(params, trace, tokens=args.check_tokens, seed=args.seed + 1)  # before writing anything
-    except InputError as exc:
-        raise exc.at(source=str(args.trace), field_prefix=None if exc.field else "--check-tokens") from None
+    with progress_bar(fit_steps(args.rounds) + 1, f"fitting {Path(args.trace).name}", "step", quiet=args.quiet) as bar:
+        def step(n: int) -> None:  # the statistics, each calibration sample, then the comparison
+            nxt = "calibrating" if bar.n + n < fit_steps(args.rounds) else "comparing"
+            bar.set_postfix_str(nxt, refresh=False)  # shown with the count, once the bar shows
+            bar.update(n)
+
+        try:
+            params = fit_trace(trace, fanout=args.fanout, calibration_tokens=args.calibration_tokens,
+                               rounds=args.rounds, seed=args.seed, name=args.name or Path(args.trace).stem,
+                               window=args.window, progress=step)
+        except InputError as exc:  # too large to fit (the cost estimates)
+            raise exc.at(source=str(args.trace)) from None
+        fit_s = time.perf_counter() - t0
+        try:  # before writing anything
+            rows = fitted_vs_real(params, trace, tokens=args.check_tokens, seed=args.seed + 1)
+        except InputError as exc:
+            raise exc.at(source=str(args.trace), field_prefix=None if exc.field else "--check-tokens") from None
+        bar.update(1)
     save_params(params, args.output, header=f"moesim trace fit {args.trace} (fanout {args.fanout}, seed {args.seed})")
     print(f"wrote {args.output}: {params.num_layers} layers x {params.num_experts} experts, top-{params.top_k}, "
           f"{params.fanout} successors per expert, fitted in {fit_s:.1f} s")
@@ -140,8 +150,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     params = load_params(args.params)
     t0 = time.perf_counter()
     try:
-        path = write_fitted_trace(params, args.output, num_gpus=args.gpus, tokens_per_gpu=args.tokens_per_gpu,
-                                  batches=args.batches, seed=args.seed, weights=args.weights)
+        with progress_bar(args.batches * args.gpus * args.tokens_per_gpu, f"generating {Path(args.output).name}",
+                          "token", quiet=args.quiet, scale=True) as bar:
+            path = write_fitted_trace(params, args.output, num_gpus=args.gpus, tokens_per_gpu=args.tokens_per_gpu,
+                                      batches=args.batches, seed=args.seed, weights=args.weights, progress=bar.update)
     except InputError as exc:  # too large to generate (moesim.traces.fitted_generator.fitted_cost)
         raise exc.at(source=str(args.params)) from None
     print(f"wrote {path}: {args.batches * args.gpus * args.tokens_per_gpu} tokens x {params.num_layers} layers x "
@@ -210,6 +222,7 @@ def _add_stats_parser(ts: argparse._SubParsersAction) -> None:  # type: ignore[t
     s.add_argument("--layer", type=int, help="layer of the per-layer heatmaps (default: the middle one)")
     s.add_argument("--json", help="write the summary as JSON")
     s.add_argument("--all-layers", action="store_true", help="print every layer (default: the first 12)")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=_cmd_stats)
 
 
@@ -225,6 +238,7 @@ def _add_fit_parser(ts: argparse._SubParsersAction) -> None:  # type: ignore[typ
     f.add_argument("--check-tokens", type=int, default=32768, help="tokens generated for the printed comparison")
     f.add_argument("--name", help="name stored in the parameters")
     f.add_argument("--seed", type=int, default=0)
+    f.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     f.set_defaults(func=_cmd_fit)
 
 
@@ -237,6 +251,7 @@ def _add_generate_parser(ts: argparse._SubParsersAction) -> None:  # type: ignor
     g.add_argument("--batches", type=int, default=1)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--weights", action="store_true", help="also store gate weights")
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     g.set_defaults(func=_cmd_generate)
 
 

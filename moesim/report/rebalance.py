@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from moesim.fileio import FolderKind, figure, is_matplotlib_png, plain_text, starts_with
 from moesim.study.rebalance import RebalanceResult
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 SERIES_FIELDS = ("cluster", "batch", "plan_version", "rebalance", "stall_ms", "overlap_slowdown_ms", "static_ms",
                  "rebalanced_ms", "baseline_ms", "static_imbalance", "rebalanced_imbalance", "baseline_imbalance")
@@ -96,38 +99,72 @@ def write_series_csv(results: list[RebalanceResult], path: Path) -> None:
                             round(float(r.imbalance["baseline"][b]), 6) if "baseline" in r.imbalance else ""))
 
 
-def plot_series(results: list[RebalanceResult], path: Path, title: str) -> None:
-    """Per-batch end-to-end time and imbalance per series, rebalance points marked, one column per cluster."""
-    fig = figure(figsize=(7 * len(results), 6))
+# How each series is drawn, in drawing order: the series often coincide (every plan is the same until the first
+# rebalance; the baseline may match), so each is told apart by its style, not only its colour - the one drawn
+# first is the widest line with small filled markers, each one drawn over it thinner, dashed or dotted, with a
+# marker that leaves the ones below visible (an open circle around a dot, a cross through both).
+SERIES_STYLES: dict[str, dict[str, Any]] = {
+    "rebalanced": {"color": "tab:red", "ls": "-", "lw": 2.4, "marker": "o", "ms": 3.5, "zorder": 2.1},
+    "static": {"color": "tab:blue", "ls": "--", "lw": 1.5, "marker": "o", "ms": 7.5, "mfc": "none", "mew": 1.3,
+               "zorder": 2.2},
+    "baseline": {"color": "tab:gray", "ls": ":", "lw": 1.3, "marker": "x", "ms": 6.0, "zorder": 2.3},
+}
+
+
+def _series_label(result: RebalanceResult, key: str) -> str:
+    return plain_text({"static": f"{result.placement}, planned once", "rebalanced": f"{result.placement}, rebalanced",
+                       "baseline": "baseline"}[key])
+
+
+def _migration_marks(r: RebalanceResult, top: Any, bottom: Any, x: np.ndarray) -> None:
+    """Stalls (bars on top of the rebalanced series, behind the lines), overlapped migrations (shaded batches)
+    and rebalance points (dashed vertical lines)."""
+    stalled = np.flatnonzero(r.stall_ms > 0)
+    if stalled.size:
+        top.bar(x[stalled], r.stall_ms[stalled], bottom=r.batch_ms["rebalanced"][stalled], color="tab:orange",
+                alpha=0.45, zorder=1.5, label="migration stall")
+    slowed = np.flatnonzero(r.slow_ms > 0)
+    for i, b in enumerate(slowed):  # overlap: batches served while weights move, each one slower
+        top.axvspan(b - 0.5, b + 0.5, color="tab:orange", alpha=0.15, lw=0,
+                    label=f"migration in flight ({r.config.overlap_slowdown:.0%} slower)" if i == 0 else None)
+    for m in r.migrations:
+        for ax in (top, bottom):
+            ax.axvline(m.batch - 0.5, color="k", lw=0.7, ls="--", alpha=0.5, zorder=1)
+
+
+def series_figure(results: list[RebalanceResult], title: str) -> Figure:
+    """Per-batch end-to-end time and imbalance per series, rebalance points marked, one column per cluster;
+    every batch from 0 is inside the axes, and coinciding series stay visible (:data:`SERIES_STYLES`)."""
+    fig = figure(figsize=(7 * len(results), 6.6))
     axes = fig.subplots(2, len(results), sharex="col", squeeze=False)
     for c, r in enumerate(results):
         x = np.arange(r.num_batches)
         top, bottom = axes[0, c], axes[1, c]
-        styles = {"baseline": ("tab:gray", ":"), "static": ("tab:blue", "--"), "rebalanced": ("tab:red", "-")}
-        for key, (color, ls) in styles.items():
+        for key, style in SERIES_STYLES.items():
             if key in r.batch_ms:
-                label = plain_text({"static": f"{r.placement}, planned once",
-                                    "rebalanced": f"{r.placement}, rebalanced", "baseline": "baseline"}[key])
-                top.plot(x, r.batch_ms[key], color=color, ls=ls, marker=".", label=label)
-                bottom.plot(x, r.imbalance[key], color=color, ls=ls, marker=".", label=label)
-        if r.stall_ms.any():
-            top.bar(x, r.stall_ms, bottom=r.batch_ms["rebalanced"], color="tab:orange", alpha=0.6,
-                    label="migration stall")
-        slowed = np.flatnonzero(r.slow_ms > 0)
-        for i, b in enumerate(slowed):  # overlap: batches served while weights move, each one slower
-            top.axvspan(b - 0.5, b + 0.5, color="tab:orange", alpha=0.15, lw=0,
-                        label=f"migration in flight ({r.config.overlap_slowdown:.0%} slower)" if i == 0 else None)
-        for m in r.migrations:
-            for ax in (top, bottom):
-                ax.axvline(m.batch - 0.5, color="k", lw=0.7, ls="--", alpha=0.5)
+                top.plot(x, r.batch_ms[key], label=_series_label(r, key), **style)
+                bottom.plot(x, r.imbalance[key], label=_series_label(r, key), **style)
+        _migration_marks(r, top, bottom, x)
+        pad = max(0.6, 0.03 * r.num_batches)  # room for the first and last markers
+        for ax in (top, bottom):
+            ax.use_sticky_edges = False  # the bars' bases would pin an axis limit onto a data point
+            ax.set_xlim(-pad, r.num_batches - 1 + pad)
+            ax.margins(y=0.08)
+            ax.autoscale_view()
         top.set_ylabel("end-to-end ms per batch")
         bottom.set_ylabel("imbalance (max-mean)/mean")
         bottom.set_xlabel("batch (dashed: rebalance)")
         top.set_title(plain_text(f"{r.cluster}: net {r.summary()['net_gain'] * 100:+.1f}% vs planned once"))
-        top.legend(fontsize=8)
+        handles, labels = top.get_legend_handles_labels()
+        bottom.legend(handles, labels, fontsize=8, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.2))
     fig.suptitle(plain_text(title))
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    return fig
+
+
+def plot_series(results: list[RebalanceResult], path: Path, title: str) -> None:
+    """:func:`series_figure`, written to ``path``."""
+    series_figure(results, title).savefig(path, dpi=110)
 
 
 def sweep_row(result: RebalanceResult, redundant: int) -> dict[str, Any]:

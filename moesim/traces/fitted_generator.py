@@ -27,15 +27,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any, Callable, Iterator
 
 import numpy as np
-import yaml
 
 from moesim.budget import require_memory, require_time
 from moesim.errors import InputError
 from moesim.fileio import atomic_write, head
-from moesim.loaders import read_yaml
+from moesim.loaders import dump_yaml, read_yaml
 from moesim.traces.format import Trace, TraceMeta, save_trace_blocks
 
 FORMAT = "moesim.fitted/1"
@@ -133,7 +132,7 @@ class FittedParams:
                "top_k": self.top_k, "fanout": self.fanout, "drift_sigma": round(float(self.drift_sigma), 5),
                "drift_rho": round(float(self.drift_rho), 5), "gpu_mix_sigma": round(float(self.gpu_mix_sigma), 5),
                "fitted_to": self.fitted_to, "layers": layers}
-        body = yaml.safe_dump(doc, sort_keys=False, default_flow_style=None, width=1 << 16)
+        body = dump_yaml(doc, sort_keys=False, default_flow_style=None, width=1 << 16)
         prefix = "".join(f"# {line}\n" for line in header.splitlines()) if header else ""
         return prefix + body
 
@@ -357,17 +356,28 @@ def generate_fitted(params: FittedParams, *, num_gpus: int, tokens_per_gpu: int,
     return Trace(experts=experts, meta=_meta(params, num_gpus, model), weights=w, home=home, batch=batch)
 
 
+def _told(blocks: Iterator[tuple[np.ndarray, np.ndarray | None]], progress: Callable[[int], object] | None
+          ) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+    """``blocks``, telling ``progress`` of each block's tokens once it has been used (the next is asked for)."""
+    for block in blocks:
+        yield block
+        if progress is not None:
+            progress(int(block[0].shape[0]))
+
+
 def write_fitted_trace(params: FittedParams, path: str | os.PathLike[str], *, num_gpus: int, tokens_per_gpu: int,
-                       batches: int, seed: int = 0, weights: bool = False, model: str = "") -> Path:
+                       batches: int, seed: int = 0, weights: bool = False, model: str = "",
+                       progress: Callable[[int], object] | None = None) -> Path:
     """Generate block by block straight into an uncompressed ``.npz`` (memory-mappable), atomically.
-    Memory stays at one block of tokens, whatever the trace length."""
+    Memory stays at one block of tokens, whatever the trace length. ``progress(n)`` is told of the ``n`` tokens
+    of each block written (``batches x num_gpus x tokens_per_gpu`` in all)."""
     _require(params, num_gpus=num_gpus, tokens_per_gpu=tokens_per_gpu, batches=batches, in_memory=False,
              weights=weights)
     home, batch = _layout(num_gpus, tokens_per_gpu, batches)
     blocks = iter_fitted(params, num_gpus=num_gpus, tokens_per_gpu=tokens_per_gpu, batches=batches,
                          rng=np.random.default_rng(seed), weights=weights)
-    return save_trace_blocks(path, _meta(params, num_gpus, model), blocks, num_tokens=home.size, home=home,
-                             batch=batch, with_weights=weights)
+    return save_trace_blocks(path, _meta(params, num_gpus, model), _told(blocks, progress), num_tokens=home.size,
+                             home=home, batch=batch, with_weights=weights)
 
 
 def fitted_vs_real(params: FittedParams, real: Trace, *, tokens: int | None = None, seed: int = 0,

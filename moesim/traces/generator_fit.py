@@ -22,7 +22,7 @@ Ignored: per-GPU mix (most real logs have no homes), gate weights, layers furthe
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -115,9 +115,10 @@ def _measure(params: FittedParams, per_window: int, batches: int, seed: int) -> 
     return _Measured(load.max(axis=1) / mean, load / np.maximum(load.sum(axis=1, keepdims=True), 1), succ, drift)
 
 
-def calibrate(params: FittedParams, real: Targets, *, per_window: int, tokens: int, rounds: int, seed: int
-              ) -> FittedParams:
-    """Step 2 (see the module docstring): ``rounds`` rounds of generate, measure, correct.
+def calibrate(params: FittedParams, real: Targets, *, per_window: int, tokens: int, rounds: int, seed: int,
+              progress: Callable[[int], object] | None = None) -> FittedParams:
+    """Step 2 (see the module docstring): ``rounds`` rounds of generate, measure, correct (``rounds + 1``
+    samples, the first measuring the start); ``progress(1)`` is told of each.
 
     Every round draws a fresh sample, and the corrections shrink after the first third of the rounds
     (stochastic approximation); the result averages the last third (Polyak), so that it fits what the
@@ -145,18 +146,28 @@ def calibrate(params: FittedParams, real: Targets, *, per_window: int, tokens: i
         if r >= rounds - warm:
             acc_logpop = acc_logpop + np.log(pop)
             acc_coupling, acc_sigma, n_acc = acc_coupling + coupling, acc_sigma + sigma, n_acc + 1
+        if progress is not None:
+            progress(1)
     pop = np.exp(acc_logpop / n_acc)
     return replace(p, popularity=pop / pop.sum(axis=1, keepdims=True), coupling=acc_coupling / n_acc,
                    drift_sigma=float(acc_sigma / n_acc))
 
 
+def fit_steps(rounds: int) -> int:
+    """How many steps :func:`fit_trace` tells its ``progress`` of: the trace's statistics, then each of the
+    ``rounds + 1`` calibration samples."""
+    return rounds + 2
+
+
 def fit_trace(trace: Trace, *, fanout: int = 16, calibration_tokens: int | None = None, rounds: int = 24, seed: int = 0,
-              name: str = "fitted", window: int | None = None) -> FittedParams:
+              name: str = "fitted", window: int | None = None,
+              progress: Callable[[int], object] | None = None) -> FittedParams:
     """Fit :class:`FittedParams` to ``trace`` (steps 1 and 2 of the module docstring).
 
     Drift is measured per window: the trace's batches, or ``window`` tokens (default: 16 windows).
     Calibration samples default to the real trace's size, so that sampling noise inflates the skew of both
-    alike (max/mean over a few thousand tokens runs above its expectation)."""
+    alike (max/mean over a few thousand tokens runs above its expectation). ``progress(n)`` is told of
+    finished steps (:func:`fit_steps` in all); it changes nothing in the result."""
     if fanout < 1:
         raise InputError(f"must be >= 1, got {fanout}", field="fanout")
     calibration_tokens = calibration_tokens or max(trace.num_tokens, 8192)  # as noisy as the real trace
@@ -173,10 +184,12 @@ def fit_trace(trace: Trace, *, fanout: int = 16, calibration_tokens: int | None 
                    field="--calibration-tokens")
     require_time(seconds * (rounds + 1), f"{rounds} calibration rounds on {what}", field="--rounds")
     real = trace_stats(trace, top_m=TOP_M, window=window)
+    if progress is not None:
+        progress(1)
     params = initial_params(real.load, real.transitions, trace.meta.top_k, fanout=fanout, name=name)
     per_window = max(1, trace.num_tokens // max(real.windows, 1))
     params = calibrate(params, Targets.of_stats(real), per_window=per_window, tokens=calibration_tokens,
-                       rounds=rounds, seed=seed)
+                       rounds=rounds, seed=seed, progress=progress)
     s = real.summary()
     fitted_to: dict[str, Any] = {
         "tokens": trace.num_tokens, "source": trace.meta.model or trace.meta.source, "top_m": TOP_M,

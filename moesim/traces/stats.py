@@ -28,23 +28,24 @@ import numpy as np
 
 from moesim.budget import require_memory, require_time
 from moesim.fileio import FolderKind, atomic_write, contains, figure, is_matplotlib_png, plain_text
-from moesim.traces.counts import count_coactivations, count_picks, count_transitions, count_window_picks
+from moesim.traces.counts import (Progress, count_coactivations, count_picks, count_transitions,
+                                  count_window_picks)
 from moesim.traces.format import Trace
 
 
-def expert_counts(trace: Trace) -> np.ndarray:
+def expert_counts(trace: Trace, progress: Progress | None = None) -> np.ndarray:
     """Picks per (layer, expert): int64 [L, E]; -1 (no expert) is not counted."""
-    return count_picks(trace.experts, trace.meta.num_experts)
+    return count_picks(trace.experts, trace.meta.num_experts, progress)
 
 
-def coactivation_counts(trace: Trace) -> np.ndarray:
+def coactivation_counts(trace: Trace, progress: Progress | None = None) -> np.ndarray:
     """Same-token, same-layer expert pairs: int64 [L, E, E], symmetric, zero diagonal."""
-    return count_coactivations(trace.experts, trace.meta.num_experts)
+    return count_coactivations(trace.experts, trace.meta.num_experts, progress)
 
 
-def transition_counts(trace: Trace) -> np.ndarray:
+def transition_counts(trace: Trace, progress: Progress | None = None) -> np.ndarray:
     """Adjacent-layer pairs of one token, every pick at l with every pick at l+1: int64 [L-1, E, E]."""
-    return count_transitions(trace.experts, trace.meta.num_experts)
+    return count_transitions(trace.experts, trace.meta.num_experts, progress)
 
 
 def window_ids(trace: Trace, window: int | None = None) -> np.ndarray:
@@ -57,9 +58,9 @@ def window_ids(trace: Trace, window: int | None = None) -> np.ndarray:
     return np.arange(T, dtype=np.int64) // size
 
 
-def window_counts(trace: Trace, windows: np.ndarray) -> np.ndarray:
+def window_counts(trace: Trace, windows: np.ndarray, progress: Progress | None = None) -> np.ndarray:
     """Picks per (window, layer, expert): int64 [W, L, E]."""
-    return count_window_picks(trace.experts, trace.meta.num_experts, windows)
+    return count_window_picks(trace.experts, trace.meta.num_experts, windows, progress)
 
 
 def top_share(counts: np.ndarray, m: int) -> np.ndarray:
@@ -207,22 +208,27 @@ def stats_cost(trace: Trace, window: int | None = None) -> tuple[float, float, s
     return nbytes, seconds, f"{L} layers x {E} experts (pairs of experts per layer; {W} drift windows)"
 
 
-def trace_stats(trace: Trace, *, top_m: int = 8, window: int | None = None) -> TraceStats:
+STATS_PASSES = 4  # trace_stats reads the trace once per kind of count: picks, co-activations, transitions, windows
+
+
+def trace_stats(trace: Trace, *, top_m: int = 8, window: int | None = None,
+                progress: Progress | None = None) -> TraceStats:
     """Compute every statistic of :class:`TraceStats` in one pass per kind of count (refused up front when
-    that cannot fit the memory or time limit: :func:`stats_cost`)."""
+    that cannot fit the memory or time limit: :func:`stats_cost`). ``progress(n)`` is told of the tokens of
+    each block counted, :data:`STATS_PASSES` times the trace's tokens in all."""
     nbytes, seconds, what = stats_cost(trace, window)
     require_memory(nbytes, f"statistics of {what}", field="--window" if window else None)
     require_time(seconds, f"statistics of {what}", field="--window" if window else None)
     L, E, K = trace.meta.num_layers, trace.meta.num_experts, trace.meta.top_k
-    load = expert_counts(trace)
+    load = expert_counts(trace, progress)
     mean = load.mean(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         mom = np.where(mean > 0, load.max(axis=1) / np.maximum(mean, 1e-300), np.nan)
         cv = np.where(mean > 0, load.std(axis=1) / np.maximum(mean, 1e-300), np.nan)
-    coact = coactivation_counts(trace)
-    trans = transition_counts(trace)
+    coact = coactivation_counts(trace, progress)
+    trans = transition_counts(trace, progress)
     wid = window_ids(trace, window)
-    wload = window_counts(trace, wid)
+    wload = window_counts(trace, wid, progress)
     W = wload.shape[0]
     shares = wload / np.maximum(wload.sum(axis=2, keepdims=True), 1)
     overall = load / np.maximum(load.sum(axis=1, keepdims=True), 1)
@@ -315,6 +321,38 @@ def is_stats_json(path: Path) -> bool:
     return contains(b'"load_max_over_mean_median"')(path)
 
 
+def _layer_axis(ax: Any, st: TraceStats) -> None:
+    """The y axis of a layers x experts heatmap: a tick on whole layers only, each labelled as the axis label
+    says - the MoE layer index from 0 (what ``--layer`` and the printed table take), followed by the model's
+    own id of that layer in parentheses when an import recorded ids that differ."""
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+    def label(value: float, _pos: int) -> str:
+        i = int(round(value))
+        if abs(value - i) > 1e-6 or not 0 <= i < st.num_layers:
+            return ""
+        return f"{i} ({st.layer_ids[i]})" if st.layer_ids is not None else str(i)
+
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    ax.yaxis.set_major_formatter(FuncFormatter(label))
+    ax.set_ylabel("MoE layer, from 0" + (" (model layer id)" if st.layer_ids is not None else ""))
+
+
+def _load_figure(st: TraceStats, name: str) -> Any:
+    """load.png: layers x experts, each expert's picks over the layer's mean."""
+    L = st.num_layers
+    rel = st.load / np.maximum(st.load.mean(axis=1, keepdims=True), 1e-12)
+    fig = figure(figsize=(min(16, 3 + st.num_experts * 0.08), min(12, 2 + L * 0.18)))
+    ax = fig.subplots()
+    im = ax.imshow(rel, aspect="auto", cmap="magma", interpolation="nearest")
+    ax.set_xlabel("expert id")
+    _layer_axis(ax, st)
+    ax.set_title(f"{name}: expert load / layer mean\n(max/mean median {finite_median(st.max_over_mean):.2f}, "
+                 f"{st.num_tokens} tokens, top-{st.top_k})")
+    fig.colorbar(im, ax=ax, label="picks / mean picks of the layer")
+    return fig
+
+
 def plot_stats(st: TraceStats, folder: str | Path, *, layer: int | None = None, name: str = "trace") -> list[Path]:
     """Write heatmaps: load.png (layers x experts, load / layer mean), transitions.png and coactivation.png
     (one layer's expert x expert matrix, rows normalised), drift.png (windows x experts load / mean for that
@@ -335,23 +373,7 @@ def plot_stats(st: TraceStats, folder: str | Path, *, layer: int | None = None, 
 
     from matplotlib.ticker import MaxNLocator
 
-    def ids_note() -> str:
-        if st.layer_ids is None:
-            return ""
-        return f" (model layer ids {st.layer_ids[0]}..{st.layer_ids[-1]})" if list(st.layer_ids) == list(
-            range(st.layer_ids[0], st.layer_ids[0] + L)) else " (model layer ids in the JSON summary)"
-
-    rel = st.load / np.maximum(st.load.mean(axis=1, keepdims=True), 1e-12)
-    fig = figure(figsize=(min(16, 3 + st.num_experts * 0.08), min(12, 2 + L * 0.18)))
-    ax = fig.subplots()
-    im = ax.imshow(rel, aspect="auto", cmap="magma", interpolation="nearest")
-    ax.set_xlabel("expert id")
-    ax.set_ylabel("MoE layer" + ids_note())
-    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_title(f"{name}: expert load / layer mean\n(max/mean median {finite_median(st.max_over_mean):.2f}, "
-                 f"{st.num_tokens} tokens, top-{st.top_k})")
-    fig.colorbar(im, ax=ax, label="picks / mean picks of the layer")
-    save(fig, "load.png")
+    save(_load_figure(st, name), "load.png")
 
     for fname, mats in (("transitions.png", st.transitions), ("coactivation.png", st.coactivation)):
         idx = min(lay, mats.shape[0] - 1)
