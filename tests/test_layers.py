@@ -22,7 +22,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "moesim"
 
 LAYERS: list[set[str]] = [
-    {"errors", "fileio", "budget", "loaders"},  # serve all
+    {"errors", "fileio", "scratch", "budget", "loaders"},  # serve all
     {"hardware"},
     {"traces"},
     {"placement"},

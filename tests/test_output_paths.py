@@ -24,7 +24,7 @@ import yaml
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from moesim import fileio
+from moesim import fileio, scratch
 from moesim.cli import main
 from moesim.fileio import NAME_BYTES, safe_name, safe_names
 from moesim.loaders import dump_yaml
@@ -669,7 +669,7 @@ def fake_temporary(parent: Path, pid: int, *, target: str = "out", host: str | N
         (path / "old").mkdir()
     if marker:
         (path / fileio.TEMP_MARKER).write_text(json.dumps({"format": "moesim.temporary/1", "pid": pid, "target": target,
-                                                           "host": host or fileio._process_space()}))
+                                                           "host": host or scratch._process_space()}))
     return path
 
 
