@@ -159,3 +159,20 @@ def test_the_rule_catches_a_violation(module, source, culprit):
 ])
 def test_the_rule_allows_the_order(module, source):
     assert violations(module, source) == []
+
+
+def test_modules_and_functions_stay_small():
+    """No module of moesim over 600 lines, no function over 80 (complexity is ruff's C901, at 15)."""
+    import ast
+
+    too_long = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        if text.count("\n") > 600:
+            too_long.append(f"{path.relative_to(PACKAGE.parent)}: {text.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno is not None:
+                if node.end_lineno - node.lineno + 1 > 80:
+                    too_long.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.name}: "
+                                    f"{node.end_lineno - node.lineno + 1} lines")
+    assert not too_long, too_long

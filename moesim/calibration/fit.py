@@ -215,6 +215,34 @@ def calibration_steps(data: BenchData, iters: int = 200) -> int:
     return iters * (bool(data.a2a or data.p2p) + bool(data.ffn))
 
 
+def _fit_kernels(data: BenchData, base: dict[str, Any],
+                 fitted: dict[str, float]) -> tuple[dict[str, Any], list[bool], list[bool], list[bool]]:
+    """The MoE kernel pipelines (eager, then under CUDA graphs) and the plain GEMMs, on the GPU fitted so far;
+    the new cluster dict and each point set's held-out marks. Adds the headline values to ``fitted``."""
+    moe_held = held_out(data.moe)
+    if data.moe:  # the MoE kernel pipelines, on this GPU's HBM and peak; NCCL's all-to-all with one rank
+        gpu = ClusterSpec(**base).gpu
+        base["a2a_self_launch_us"] = fit_self_a2a([p for p, h in zip(data.moe, moe_held) if not h], gpu)
+        fitted["a2a_self_launch_us"] = base["a2a_self_launch_us"]
+        pipes = fit_pipelines(data.moe, moe_held, gpu, base["a2a_self_launch_us"])
+        base = deep_merge(base, {"gpu": {"moe_pipelines": {k: v.model_dump() for k, v in pipes.items()}}})
+        fitted.update({f"gpu.moe_pipelines.{k}.{f}": getattr(v, f) for k, v in pipes.items()
+                       for f in ("tile_m", "tile_n", "gemm_efficiency", "fp8_gemm_efficiency") if k in
+                       {p.pipeline for p in data.moe}})
+    graph_held = held_out(data.moe_graphs)
+    if data.moe_graphs:  # the same pipelines replayed from CUDA graphs, on top of the eager fit
+        pipes = fit_graph_pipelines(data.moe_graphs, graph_held, ClusterSpec(**base).gpu)
+        base = deep_merge(base, {"gpu": {"moe_pipelines": {k: v.model_dump() for k, v in pipes.items()}}})
+        fitted.update({f"gpu.moe_pipelines.{k}.graph_gemm_fixed_us": v.graph_gemm_fixed_us for k, v in pipes.items()
+                       if k in {p.pipeline for p in data.moe_graphs} and v.graph_gemm_fixed_us is not None})
+    gemm_held = gemm_held_out(data.gemms)
+    if data.gemms:  # plain GEMMs: shared experts, dense layers, projections
+        plain = fit_plain_gemm(data.gemms, gemm_held, ClusterSpec(**base).gpu)
+        base = deep_merge(base, {"gpu": {"plain_gemm": plain.model_dump()}})
+        fitted.update({f"gpu.plain_gemm.{f}": getattr(plain, f) for f in ("gemm_efficiency", "fp8_gemm_efficiency")})
+    return base, moe_held, graph_held, gemm_held
+
+
 def calibrate(data: BenchData, base_preset: str = "hgx-h200", name: str | None = None,
               iters: int = 200, progress: Callable[[int], object] | None = None) -> Calibration:
     """Fit ``base_preset``'s parameters to ``data``; report every point's error, held-out ones marked.
@@ -258,27 +286,7 @@ def calibrate(data: BenchData, base_preset: str = "hgx-h200", name: str | None =
         train_proj = [p for p, h in zip(data.projections, proj_held) if not h]
         attention["dense_efficiency"] = fit_dense_efficiency(train_proj, ClusterSpec(**base).gpu)
         base = deep_merge(base, {"gpu": {"dense_efficiency": attention["dense_efficiency"]}})
-    moe_held = held_out(data.moe)
-    if data.moe:  # the MoE kernel pipelines, on this GPU's HBM and peak; NCCL's all-to-all with one rank
-        gpu = ClusterSpec(**base).gpu
-        base["a2a_self_launch_us"] = fit_self_a2a([p for p, h in zip(data.moe, moe_held) if not h], gpu)
-        fitted["a2a_self_launch_us"] = base["a2a_self_launch_us"]
-        pipes = fit_pipelines(data.moe, moe_held, gpu, base["a2a_self_launch_us"])
-        base = deep_merge(base, {"gpu": {"moe_pipelines": {k: v.model_dump() for k, v in pipes.items()}}})
-        fitted.update({f"gpu.moe_pipelines.{k}.{f}": getattr(v, f) for k, v in pipes.items()
-                       for f in ("tile_m", "tile_n", "gemm_efficiency", "fp8_gemm_efficiency") if k in
-                       {p.pipeline for p in data.moe}})
-    graph_held = held_out(data.moe_graphs)
-    if data.moe_graphs:  # the same pipelines replayed from CUDA graphs, on top of the eager fit
-        pipes = fit_graph_pipelines(data.moe_graphs, graph_held, ClusterSpec(**base).gpu)
-        base = deep_merge(base, {"gpu": {"moe_pipelines": {k: v.model_dump() for k, v in pipes.items()}}})
-        fitted.update({f"gpu.moe_pipelines.{k}.graph_gemm_fixed_us": v.graph_gemm_fixed_us for k, v in pipes.items()
-                       if k in {p.pipeline for p in data.moe_graphs} and v.graph_gemm_fixed_us is not None})
-    gemm_held = gemm_held_out(data.gemms)
-    if data.gemms:  # plain GEMMs: shared experts, dense layers, projections
-        plain = fit_plain_gemm(data.gemms, gemm_held, ClusterSpec(**base).gpu)
-        base = deep_merge(base, {"gpu": {"plain_gemm": plain.model_dump()}})
-        fitted.update({f"gpu.plain_gemm.{f}": getattr(plain, f) for f in ("gemm_efficiency", "fp8_gemm_efficiency")})
+    base, moe_held, graph_held, gemm_held = _fit_kernels(data, base, fitted)
     spec = ClusterSpec(**base)
     preds = _network_predictions(spec, data, net_held) if net_points else []
     preds += [Prediction(*row) for row in gemm_predictions(data.gemms, gemm_held, spec)]
