@@ -22,6 +22,7 @@ from moesim.traces.model import ModelSpec
 
 GPU = ClusterSpec(**preset("hgx-h200")).gpu
 REF = GPU.moe_pipelines["torch_reference"]
+REPO = Path(__file__).resolve().parents[1]
 MOE_RUNS = [Path(__file__).resolve().parents[1] / "benchmarks/validation/moe_h200" / name
             for name in ("moe_h200.json", "moe_h200_run2.json")]
 
@@ -164,11 +165,39 @@ def test_shipped_graph_fit_holds_on_the_points_it_held_out():
     points = graph_points(json.loads(path.read_text()), str(path))
     held = held_out(points)
     pipes = fit_graph_pipelines(points, held, GPU)
-    assert pipes["fused"].graph_gemm_fixed_us == pytest.approx(GPU.moe_pipelines["fused"].graph_gemm_fixed_us)
+    ref = GPU.moe_pipelines["torch_reference"]
+    assert pipes["torch_reference"].graph_gemm_fixed_us == pytest.approx(ref.graph_gemm_fixed_us)
+    assert pipes["torch_reference"].graph_steps == ref.graph_steps
+    # the fused pipeline's GEMMs are vLLM's (fitted on AIConfigurator's table, the next test): moesim's own
+    # Triton stand-in for fused_moe (untuned tiles, alignment sorted in PyTorch) is slower, never faster
     spec = ClusterSpec(**preset("hgx-h200"))
-    errors = [abs(predict_point(p, spec)[0] / p.total_ms - 1) for p, h in zip(points, held)
-              if h and p.whole_measured]
-    assert len(errors) >= 20 and np.median(errors) < 0.10 and max(errors) < 0.30
+    ratio = [predict_point(p, spec)[0] / p.total_ms for p, h in zip(points, held) if h and p.whole_measured]
+    assert len(ratio) >= 10 and 0.6 < np.median(ratio) < 1.0
+
+
+def test_fused_pipeline_is_vllms_kernels_as_aiconfigurator_timed_them():
+    """The shipped fused pipeline refits from the H200 table (benchmarks/validation/aiconfigurator); its held-out
+    rows stay close, and the H100 table, never fitted, is predicted as closely on the H100's HBM and peak."""
+    import json
+
+    from moesim.calibration.moe import held_out, predict_point
+    from moesim.calibration.table import check_moe_table, fit_table_pipeline, table_points
+
+    def points(name):
+        path = REPO / "benchmarks" / "validation" / "aiconfigurator" / name
+        raw = json.loads(path.read_text())
+        check_moe_table(raw, str(path))
+        return table_points(raw, str(path))
+
+    h200, h100 = points("vllm_fused_moe_h200.json"), points("vllm_fused_moe_h100.json")
+    held = held_out(h200)
+    assert fit_table_pipeline(h200, held, GPU)["fused"] == GPU.moe_pipelines["fused"]  # what ships is the fit
+    for pts, spec, mask in ((h200, ClusterSpec(**preset("hgx-h200")), held),
+                            (h100, ClusterSpec(**preset("dgx-h100")), [True] * len(h100))):
+        for phase, bound in (("decode", 0.07), ("prefill", 0.10)):
+            err = [abs(predict_point(p, spec)[0] / p.total_ms - 1) for p, m in zip(pts, mask)
+                   if m and p.phase == phase]
+            assert len(err) >= 100 and np.median(err) < bound and max(err) < 0.5, (spec.name, phase)
 
 
 def test_plain_gemm_is_one_expert_holding_every_row():

@@ -78,8 +78,8 @@ def _obs(points: list[GemmPoint], spec: GemmSpec, gpu: GPUSpec, fp8: bool,
     waves, mem, meas = [], [], []
     for p in points:
         tiles, nbytes = gemm_work(np.array([[float(p.tokens)]]), p.n, p.k, spec, weight_bytes=b, act_bytes=b,
-                                  out_bytes=2.0)
-        waves.append(float(np.ceil(tiles[0] / gpu.sms)) * 2.0 * spec.tile_m * spec.tile_n * p.k / (peak / gpu.sms))
+                                  out_bytes=2.0, fp8=fp8)
+        waves.append(float(np.ceil(tiles[0] / gpu.sms)) * 2.0 * np.prod(spec.tile(fp8)) * p.k / (peak / gpu.sms))
         mem.append(float(nbytes[0]) / (gpu.hbm_GBps * 1e9))
         meas.append(p.ms[launch] * 1e-3)
     return np.array(waves), np.array(mem), np.array(meas)

@@ -88,11 +88,13 @@ class LayerWork:
 
 
 def gemm_work(rows: np.ndarray, n: int, k: int, spec: GemmSpec, *, weight_bytes: float, act_bytes: float,
-              out_bytes: float) -> tuple[np.ndarray, np.ndarray]:
-    """Tiles (``ceil(r_e / tile_m) x ceil(n / tile_n)`` summed over experts) and bytes (the touched experts'
-    weights, the rows in and out) of one grouped GEMM over ``rows[..., e]`` rows per expert."""
+              out_bytes: float, fp8: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Tiles (``ceil(r_e / tile_m) x ceil(n / tile_n)`` summed over experts, at the FP8 kernel's tile with
+    ``fp8``) and bytes (the touched experts' weights, the rows in and out) of one grouped GEMM over
+    ``rows[..., e]`` rows per expert."""
     rows = np.asarray(rows, dtype=float)
-    tiles = (np.ceil(rows / spec.tile_m) * np.ceil(n / spec.tile_n)).sum(-1)
+    tm, tn = spec.tile(fp8)
+    tiles = (np.ceil(rows / tm) * np.ceil(n / tn)).sum(-1)
     touched = (rows > 0).sum(-1)
     nbytes = touched * float(k * n) * weight_bytes + rows.sum(-1) * (k * act_bytes + n * out_bytes)
     return tiles, nbytes
@@ -102,14 +104,16 @@ def grouped_gemm_time(rows: np.ndarray, n: int, k: int, gpu: GPUSpec, spec: Gemm
                       act_bytes: float, out_bytes: float, fp8: bool = False, launch: str = "eager") -> np.ndarray:
     """Seconds of one grouped GEMM (``[r_e, k] x [k, n]`` per expert), its fixed cost included: tile-padded
     waves over the SMs against the bytes of the touched experts' weights and the rows' activations."""
-    tiles, nbytes = gemm_work(rows, n, k, spec, weight_bytes=weight_bytes, act_bytes=act_bytes, out_bytes=out_bytes)
+    tiles, nbytes = gemm_work(rows, n, k, spec, weight_bytes=weight_bytes, act_bytes=act_bytes, out_bytes=out_bytes,
+                              fp8=fp8)
     peak = (gpu.fp8_tflops or 2 * gpu.bf16_tflops) if fp8 else gpu.bf16_tflops
     eff, meff, fixed = ((spec.fp8_gemm_efficiency, spec.fp8_gemm_hbm_efficiency, spec.fp8_gemm_fixed_us) if fp8 else
                         (spec.gemm_efficiency, spec.gemm_hbm_efficiency, spec.gemm_fixed_us))
     if launch == "cuda_graph":
         graph = spec.graph_fp8_gemm_fixed_us if fp8 else spec.graph_gemm_fixed_us
         fixed = fixed if graph is None else graph
-    tile_s = 2.0 * spec.tile_m * spec.tile_n * k / (peak * 1e12 * eff / gpu.sms)
+    tm, tn = spec.tile(fp8)
+    tile_s = 2.0 * tm * tn * k / (peak * 1e12 * eff / gpu.sms)
     busy = np.maximum(np.ceil(tiles / gpu.sms) * tile_s, nbytes / (gpu.hbm_GBps * 1e9 * meff))
     return (busy + fixed * 1e-6) * (tiles > 0)
 
