@@ -116,7 +116,7 @@ def fit_plain_gemm(points: list[GemmPoint], held: list[bool], gpu: GPUSpec) -> G
             gfx = _grid_gemm(*_obs(graphed, spec, gpu, fp8, "cuda_graph"), np.array([eff]), np.array([meff]),
                              fixeds)[3]
             update[f"graph_{prefix}gemm_fixed_us"] = round(gfx * 1e6, 2)
-    return GemmSpec(tile_m=tile[0], tile_n=tile[1], **update)
+    return GemmSpec(tile_m=tile[0], tile_n=tile[1]).model_copy(update=update)
 
 
 def gemm_predictions(points: list[GemmPoint], held: list[bool],
