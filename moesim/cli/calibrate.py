@@ -31,8 +31,10 @@ _ERROR_GROUPS = {"network": ("a2a-uniform", "a2a-skew", "p2p"), "expert FFN": ("
                  "MoE layer, decode": ("moe-decode",), "MoE layer, prefill": ("moe-prefill",),
                  "MoE layer in CUDA graphs, decode": ("moe-graph-decode",),
                  "MoE layer in CUDA graphs, prefill": ("moe-graph-prefill",),
-                 "fused MoE layer from a kernel table, decode": ("moe-table-decode",),
-                 "fused MoE layer from a kernel table, prefill": ("moe-table-prefill",),
+                 "vLLM fused_moe from a kernel table, decode": ("moe-table-fused-decode",),
+                 "vLLM fused_moe from a kernel table, prefill": ("moe-table-fused-prefill",),
+                 "DeepEP+DeepGEMM from a kernel table, decode": ("moe-table-deepgemm-decode",),
+                 "DeepEP+DeepGEMM from a kernel table, prefill": ("moe-table-deepgemm-prefill",),
                  "plain GEMMs": ("gemm",), "plain GEMMs in CUDA graphs": ("gemm-graph",)}
 
 

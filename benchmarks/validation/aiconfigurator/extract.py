@@ -74,7 +74,55 @@ def records(table, gpu: str) -> tuple[list[dict], int]:
             out.append({"shape": f"d{d}-f{f}-e{E}-k{k}", "pipeline": "fused", "dtype": dtype, "routing": "balanced",
                         "ep": 1, "num_experts": E, "top_k": k, "d_model": d, "d_ff": f, "local_experts": E,
                         "tokens": T, "send_rows": T * k, "rows_per_expert": rows.tolist(),
-                        "layer_graph_us": round(float(r.latency) * 1e3, 3), "kernel_source": kernel})
+                        "layer_us": round(float(r.latency) * 1e3, 3), "kernel_source": kernel})
+    return out, dropped
+
+
+SGLANG = "aiconfigurator_core/systems/data/{gpu}/moe/sglang/0.5.10/wideep_{phase}_moe_perf.parquet"
+
+
+def sglang_records(context, generation, gpu: str) -> tuple[list[dict], int]:
+    """SGLang 0.5.10's DeepEP MoE compute (``collector/sglang/collect_wideep_deepep_moe.py``, DeepSeek-V3's shape,
+    block-FP8 DeepGEMM), uniform routing, as that collector lays out one rank's rows:
+
+    - ``context`` (after DeepEP's normal dispatch): ``run_moe_core`` timed eagerly with CUDA events while a profiler
+      records stacks: the rows copied into DeepGEMM's contiguous layout, the two grouped GEMMs, the activation and
+      the weighted gather back into the received tokens' rows; the rank has received all T tokens logged, and each
+      of its 256/EP local experts gets ``int(T x 8 / 256)`` rows;
+    - ``generation`` (after the low-latency dispatch): the masked grouped GEMMs and activation replayed from a CUDA
+      graph; each local expert gets ``int(T / EP x 8) x EP // 256`` rows, or when that is 0 the first
+      ``T / EP x 8 x EP // 2`` experts get one (the collector ran two GPUs).
+
+    Rows whose local experts' weights could not have been read from HBM in the time recorded are dropped, as for
+    vLLM's table (the small-T rows at EP 2 and 4: the collector's dummy weights were evidently not all read).
+    """
+    out, dropped = [], 0
+    for phase, table in (("context", context), ("generation", generation)):
+        sel = table[table.distribution == "uniform"].sort_values(["moe_ep_size", "num_tokens"])
+        for r in sel.itertuples():
+            T, ep = int(r.num_tokens), int(r.moe_ep_size)
+            local, per_rank = 256 // ep, T // ep
+            if phase == "context":
+                rows = np.full(local, T * 8 // 256)
+            else:
+                base = per_rank * 8 * ep // 256
+                rows = np.full(local, base) if base else (np.arange(local) < per_rank * 8 * ep // 2).astype(int)
+            if rows.sum() == 0:
+                continue
+            if (rows > 0).sum() * 3.0 * 7168 * 2048 / (float(r.latency) * 1e-3) > MAX_SHARE * GPUS[gpu][1]:
+                dropped += 1
+                continue
+            context_ = phase == "context"
+            out.append({"shape": "deepseek-v3", "pipeline": "deepgemm", "dtype": "fp8", "routing": "uniform", "ep": ep,
+                        "num_experts": 256, "top_k": 8, "d_model": 7168, "d_ff": 2048, "local_experts": local,
+                        "tokens": T if context_ else per_rank, "send_rows": int(rows.sum()),
+                        "rows_per_expert": rows.tolist(),
+                        "layer_us": round(float(r.latency) * 1e3, 3),
+                        "launch": "eager" if phase == "context" else "cuda_graph",
+                        "covers": ["align", "gemm_gate_up", "activation", "gemm_down", "reduce"] if context_ else
+                        ["gemm_gate_up", "activation", "gemm_down"], "expert_major": not context_,
+                        "harness": f"sglang-deepep-{phase}" if phase == "context" else "",
+                        "kernel_source": f"sglang 0.5.10 deepepmoe, moe_{phase}"})
     return out, dropped
 
 
@@ -101,6 +149,19 @@ def main(argv: list[str] | None = None) -> int:
             path.write_text(json.dumps(doc, separators=(",", ":")) + "\n")
             print(f"{path}: {len(recs)} records ({dropped} faster than {MAX_SHARE:.0%} of peak HBM dropped)",
                   file=sys.stderr)
+            ctx, gen = (pd.read_parquet(io.BytesIO(wheel.read(SGLANG.format(gpu=gpu, phase=ph))))
+                        for ph in ("context", "generation"))
+            recs, dropped = sglang_records(ctx, gen, gpu)
+            doc = {"format": "moesim.bench.moe_table/1", "device": str(ctx.device.iloc[0]),
+                   "source": {**doc["source"], "table": SGLANG.format(gpu=gpu, phase="{context,generation}"),
+                              "collector": "collector/sglang/collect_wideep_deepep_moe.py",
+                              "timing": "SGLang DeepEPMoE.run_moe_core (DeepGEMM FP8): context eager with events and "
+                                        "a profiler, generation replayed from a CUDA graph",
+                              "kept": "uniform routing", "dropped_faster_than_hbm": dropped},
+                   "records": recs}
+            path = Path(args.out) / f"sglang_deepep_moe_{short}.json"
+            path.write_text(json.dumps(doc, separators=(",", ":")) + "\n")
+            print(f"{path}: {len(recs)} records ({dropped} faster than HBM dropped)", file=sys.stderr)
     return 0
 
 
