@@ -161,7 +161,7 @@ def _fit_fp8(points: list[MoEPoint], gpu: GPUSpec, spec: PipelineSpec) -> tuple[
             e = np.array([eff])
             err, _, meff, fx, _ = _grid(gparts, e, _MEFFS, _FIXEDS, align) if gparts else \
                 (0.0, eff, trial.fp8_gemm_hbm_efficiency, 0.0, 0.0)
-            total, fitted = err * len(graph), {}
+            total, fitted = err * len(graph), dict[str, float]()
             for h, parts in hparts.items():
                 eh, _, _, _, floor = _grid(parts, e, np.array([meff]), np.zeros(1), floors)
                 total, fitted = total + eh * len(eager[h]), {**fitted, h: round(floor * 1e3, 4)}

@@ -27,10 +27,9 @@ reduce          multiply by the gate weights, ``index_add_`` into [T, d]   (3 S 
 
 ``fused`` - permutation folded into the grouped GEMMs and the top-k sum fused, as vLLM's fused_moe Triton kernels
 run it (their GEMMs fitted on vLLM's own kernels, benchmarks/validation/aiconfigurator): ``router``, ``align``
-(sort the picks by expert and pad each expert to the GEMM tile: one kernel on S ids), ``gemm_gate_up`` reading its A
-rows
-through the sorted ids, ``activation``, ``gemm_down`` writing weighted rows in token order, ``reduce`` (sum of
-the k rows per token, ``S d b + T d b``). No permute, regroup or unregroup copies. With DeepEP's low-latency
+(sort the picks by expert and pad each expert to the GEMM tile: one kernel on S ids), ``gemm_gate_up`` reading
+its A rows through the sorted ids, ``activation``, ``gemm_down`` writing weighted rows in token order, ``reduce``
+(sum of the k rows per token, ``S d b + T d b``). No permute, regroup or unregroup copies. With DeepEP's low-latency
 all-to-all (``expert_major``) there is no ``align`` either: its dispatch writes the received rows expert by
 expert (a ``[local experts, max tokens, hidden]`` buffer that masked grouped GEMMs such as DeepGEMM's read).
 
