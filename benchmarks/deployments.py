@@ -4,7 +4,8 @@ Each point is a shipped scenario of scenarios/deployments/ (its header gives the
 states and every assumption moesim makes), run as it ships or with the one change the point names (prompt
 length, requests per GPU, overlap, placement). Throughput per node = tokens per GPU per forward / the simulated
 forward time x GPUs per node: input tokens for prefill, output tokens for decode (one per request per step, no
-MTP). Gains are ratios of two simulated throughputs beside the published ratio.
+MTP), as moesim.metrics.serving computes them for every run. Gains are ratios of two simulated throughputs
+beside the published ratio.
 
     python benchmarks/deployments.py            # every point, about 15 minutes on 2 cores
     python benchmarks/deployments.py --quick    # DeepSeek's two profiled points only
@@ -94,12 +95,11 @@ def throughput(scenario: str, change: dict[str, Any]) -> dict[str, float]:
         sc = changed(load_scenario(DEPLOYMENTS / f"{scenario}.yaml"), change)
         t0 = time.perf_counter()
         result = run_study(sc, progress=False)
-        syn = sc.workload.synthetic
-        assert syn is not None
         out = {}
-        for run in result.runs:
-            forward_s = run.metrics.e2e_ms["mean"] / 1e3
-            out[run.name] = syn.tokens_per_gpu / forward_s * run.cluster.spec.gpus_per_node
+        for run in result.runs:  # input tokens/s per node in prefill, output tokens/s per node in decode
+            serving = run.metrics.serving
+            assert serving is not None and serving.phase in ("prefill", "decode")
+            out[run.name] = serving.tokens_per_s_per_node
         print(f"  ({scenario} {dict(key[1])}: {time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
         _CACHE[key] = out
     return _CACHE[key]

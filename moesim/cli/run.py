@@ -30,6 +30,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     result = run_study(scenario, progress=False if args.quiet else None)
     wall = time.perf_counter() - t0
     print(format_report(result.metrics(), scenario.baseline))
+    _print_serving(result)
     _print_terms(result)
     _print_solves(result)
     if result.rebalance:  # the scenario's rebalance section (moesim.study.rebalance)
@@ -39,6 +40,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
           f"({', '.join(p.name for p in written if p.parent == out)})")
     _print_renamed(result)
     return 0
+
+
+def _print_serving(result: StudyResult) -> None:
+    """Per run, the serving figures: tokens/s per GPU and per node, time per forward or per output token."""
+    from moesim.report.text import serving_lines
+
+    lines = serving_lines(result.metrics())
+    if lines:
+        print("\nServing (back-to-back forwards of the batch; moesim.metrics.serving):\n" + "\n".join(lines))
 
 
 def _print_terms(result: StudyResult) -> None:
