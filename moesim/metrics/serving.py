@@ -107,3 +107,58 @@ def headline(s: ServingMetrics) -> str:
     return (f"{s.tokens_per_gpu:,.0f} tokens/GPU per forward: {s.tokens_per_s_per_gpu:,.0f} tok/s per GPU, "
             f"{s.tokens_per_s_per_node:,.0f} per node; {s.forward_ms:.2f} ms per forward (no seq_len or kv_len: "
             "no serving phase)")
+
+
+@dataclass(frozen=True)
+class RequestMix:
+    """What a deployment's requests need, on average: prompt (input) tokens, of which ``cache_hit_rate`` (0 to
+    below 1) are served from a prefix cache without computing, and output tokens (both > 0). The node ratio
+    depends only on their ratio; requests/s needs per-request means."""
+
+    input_tokens: float
+    output_tokens: float
+    cache_hit_rate: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not (self.input_tokens > 0 and self.output_tokens > 0 and 0 <= self.cache_hit_rate < 1):
+            raise ValueError(f"need input_tokens > 0, output_tokens > 0 and 0 <= cache_hit_rate < 1, got {self}")
+
+    @property
+    def computed_input_tokens(self) -> float:
+        return self.input_tokens * (1 - self.cache_hit_rate)
+
+
+def disaggregated_figures(prefill: ServingMetrics, decode: ServingMetrics,
+                          mix: RequestMix | None = None) -> dict[str, Any]:
+    """Figures of a prefill pool and a decode pool serving together (prefill/decode disaggregation): each pool's
+    throughput per node and latency and, given the request ``mix``, the prefill:decode node ratio it needs
+    (node-seconds of prefill per request over those of decode), the requests/s the pools as sized sustain and which
+    pool limits them, and the output tokens/s per node of the whole deployment sized at that ratio. The KV-cache
+    transfer between the pools, queueing and arrival are not modelled: TTFT is one prefill forward at least."""
+    if prefill.phase != "prefill" or decode.phase != "decode":
+        raise ValueError(f"need a prefill and a decode run, got {prefill.phase} and {decode.phase}")
+    assert prefill.input_tokens_per_s_per_node is not None and decode.output_tokens_per_s_per_node is not None
+    in_node, out_node = prefill.input_tokens_per_s_per_node, decode.output_tokens_per_s_per_node
+    out: dict[str, Any] = {
+        "prefill_nodes": prefill.nodes, "decode_nodes": decode.nodes,
+        "input_tokens_per_s_per_prefill_node": in_node, "output_tokens_per_s_per_decode_node": out_node,
+        "prefill_forward_ms": prefill.forward_ms, "tpot_ms": decode.tpot_ms,
+        "output_tokens_per_s_per_request": decode.output_tokens_per_s_per_request,
+        "nodes_ratio": prefill.nodes / decode.nodes,  # prefill:decode nodes, as the scenario sizes them
+    }
+    if mix is None:
+        return out
+    prefill_node_s = mix.computed_input_tokens / in_node  # node-seconds per request in each pool
+    decode_node_s = mix.output_tokens / out_node
+    rates = {"prefill": prefill.nodes / prefill_node_s, "decode": decode.nodes / decode_node_s}
+    limit = min(rates, key=lambda k: rates[k])
+    out.update({
+        "input_tokens_per_request": mix.input_tokens, "output_tokens_per_request": mix.output_tokens,
+        "cache_hit_rate": mix.cache_hit_rate,
+        "input_tokens_per_s_per_prefill_node_with_cache_hits": in_node / (1 - mix.cache_hit_rate),
+        "needed_nodes_ratio": prefill_node_s / decode_node_s,
+        "requests_per_s": rates[limit], "limited_by": limit,
+        "requests_per_s_prefill_pool": rates["prefill"], "requests_per_s_decode_pool": rates["decode"],
+        "output_tokens_per_s_per_node_balanced": mix.output_tokens / (prefill_node_s + decode_node_s),
+    })
+    return out

@@ -32,12 +32,12 @@ def serving_table(rows: list[dict[str, Any]]) -> str:
     """The sweep as a table: one row per (cluster, placement, batch), throughput per GPU and per node, latency."""
     phase = rows[0]["phase"] if rows else "batch"
     batch, rate, latency = _UNITS[phase]
-    head = ("cluster", "placement", batch, f"{rate} per GPU", f"{rate} per node", latency, "p99 ms")
+    head: tuple[str, ...] = ("cluster", "placement", batch, f"{rate} per GPU", f"{rate} per node", latency, "p99 ms")
     if phase == "decode":
         head += ("tok/s per request",)
     body = []
     for r in rows:
-        cells = (r["cluster"], r["placement"], f"{r['batch']:,}", f"{r['tokens_per_s_per_gpu']:,.0f}",
+        cells: tuple[str, ...] = (r["cluster"], r["placement"], f"{r['batch']:,}", f"{r['tokens_per_s_per_gpu']:,.0f}",
                  f"{r['tokens_per_s_per_node']:,.0f}", f"{r['forward_ms']:.3f}", f"{r['forward_ms_p99']:.3f}")
         if phase == "decode":
             cells += (f"{r['output_tokens_per_s_per_request']:.1f}",)
