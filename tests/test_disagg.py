@@ -147,3 +147,15 @@ def test_cli_run_and_validate_a_disaggregated_scenario(tmp_path, capsys):
     assert main(["run", str(path), "-o", str(out), "-q", "--no-plots"]) == 0  # an older run's folder is replaced
     (out / "mine.txt").write_text("not moesim's")
     assert main(["run", str(path), "-o", str(out), "-q", "--no-plots"]) == 2  # a folder with foreign files is not
+
+
+def test_cli_serving_sweeps_one_pool(tmp_path, capsys):
+    path = tmp_path / "pd.yaml"
+    path.write_text(yaml.safe_dump(SMALL))
+    assert main(["serving", str(path), "--batch", "16,32", "-o", str(tmp_path / "x"), "-q"]) == 2
+    assert "--pool: a disaggregated scenario: name the pool to sweep, prefill or decode" in capsys.readouterr().err
+    out = tmp_path / "sweep"
+    assert main(["serving", str(path), "--pool", "decode", "--batch", "16,32", "--placement", "contiguous",
+                 "-o", str(out), "-q", "--no-plots"]) == 0
+    rows = json.loads((out / "serving.json").read_text())["rows"]
+    assert [(r["cluster"], r["phase"], r["batch"]) for r in rows] == [("d", "decode", 16), ("d", "decode", 32)]
