@@ -149,3 +149,15 @@ def test_cli_run_prints_and_writes_serving_figures(tmp_path, capsys):
     assert "Serving (back-to-back forwards" in text and "h200 / greedy: decode, 64 requests/GPU, KV 1024:" in text
     runs = json.loads((out / "results.json").read_text())["runs"]
     assert all(r["serving"]["phase"] == "decode" and r["serving"]["tpot_ms"] > 0 for r in runs)
+
+
+def test_a_run_keeps_the_serving_sweep_inside_its_folder(tmp_path, capsys):
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(SCENARIO))
+    out = tmp_path / "out"
+    assert main(["run", str(path), "-o", str(out), "-q", "--no-plots"]) == 0
+    assert main(["serving", str(path), "--batch", "8", "-o", str(out / "serving"), "-q", "--no-plots"]) == 0
+    assert main(["run", str(path), "-o", str(out), "-q", "--no-plots"]) == 0  # replaces its own files only
+    assert (out / "serving" / "serving.json").is_file()
+    assert main(["serving", str(path), "--pool", "decode", "--batch", "8", "-o", str(tmp_path / "x"), "-q"]) == 2
+    assert "--pool: only a disaggregated scenario" in capsys.readouterr().err
