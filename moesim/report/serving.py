@@ -76,8 +76,8 @@ def plot_serving(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     ax.set_xlabel(f"latency: {latency} (a forward of the batch)")
     ax.set_ylabel(f"throughput: {rate} per GPU")
     ax.yaxis.set_major_formatter(lambda v, _pos: f"{v:,.0f}")
-    ax.set_xlim(left=0)
-    ax.set_ylim(bottom=0)
+    ax.set_xlim(0, max((r["forward_ms"] for r in rows), default=1.0) * 1.1)  # room for the labels
+    ax.set_ylim(0, max((r["tokens_per_s_per_gpu"] for r in rows), default=1.0) * 1.1)
     ax.grid(alpha=0.3)
     ax.legend(title=f"cluster / placement (points: {batch})", fontsize=8)
     ax.set_title(plain_text(title))
