@@ -144,7 +144,10 @@ def test_cli_run_and_validate_a_disaggregated_scenario(tmp_path, capsys):
     assert doc["pools"]["prefill"]["serving"]["phase"] == "prefill" and doc["pools"]["decode"]["ep"] == 16
     for pool in ("prefill", "decode"):
         assert json.loads((out / pool / "results.json").read_text())["runs"][0]["serving"]["phase"] == pool
+    assert main(["serving", str(path), "--pool", "prefill", "--batch", "64", "-o", str(out / "serving-prefill"),
+                 "-q", "--no-plots"]) == 0
     assert main(["run", str(path), "-o", str(out), "-q", "--no-plots"]) == 0  # an older run's folder is replaced
+    assert (out / "serving-prefill" / "serving.csv").is_file()  # ... the sweep inside it kept
     (out / "mine.txt").write_text("not moesim's")
     assert main(["run", str(path), "-o", str(out), "-q", "--no-plots"]) == 2  # a folder with foreign files is not
 

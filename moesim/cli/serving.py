@@ -6,7 +6,7 @@
 point is checked before the first is simulated (:func:`moesim.study.serving.serving_sweep`); the table goes to
 stdout, serving.csv, serving.json and serving.png into the folder (default: the scenario's output folder
 /serving), all at once at the end (:func:`moesim.report.serving.write_serving`). A disaggregated scenario
-(:mod:`moesim.study.disagg`) sweeps the pool ``--pool`` names, into its pool's folder /serving by default.
+(:mod:`moesim.study.disagg`) sweeps the pool ``--pool`` names, into its output folder /serving-POOL by default.
 """
 
 from __future__ import annotations
@@ -29,13 +29,12 @@ def _cmd_serving(args: argparse.Namespace) -> int:
     if isinstance(loaded, DisaggScenario):
         if args.pool not in POOLS:
             raise InputError(f"a disaggregated scenario: name the pool to sweep, {' or '.join(POOLS)}", field="--pool")
-        scenario = loaded.pools[args.pool]
-        folder = Path(str(loaded.output)) / args.pool
+        scenario, folder = loaded.pools[args.pool], Path(str(loaded.output)) / f"serving-{args.pool}"
     elif args.pool is not None:
         raise InputError("only a disaggregated scenario (with pools) has pools", field="--pool")
     else:
-        scenario, folder = loaded, Path(str(loaded.output))
-    out = Path(args.output) if args.output else folder / "serving"
+        scenario, folder = loaded, Path(str(loaded.output)) / "serving"
+    out = Path(args.output) if args.output else folder
     check_scenario_output(out, SERVING_OUTPUTS, scenario, flag=args.output)  # before simulating: costs nothing
     t0 = time.perf_counter()
     with progress_bar(len(batches), "serving sweep", "batch", quiet=args.quiet) as bar:

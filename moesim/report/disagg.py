@@ -17,12 +17,15 @@ from typing import Any
 
 from moesim.fileio import FolderKind, output_folder, starts_with
 from moesim.report.files import RUN_OUTPUTS, _round, write_outputs
+from moesim.report.serving import SERVING_OUTPUTS
 from moesim.study.disagg import DisaggResult
 
 DISAGG_FORMAT = "moesim.disaggregation/1"
 DISAGG_OUTPUTS = FolderKind("moesim run's outputs (disaggregated)",
                             files={"disaggregation.json": starts_with(f'{{\n "format": "{DISAGG_FORMAT}"'.encode())},
-                            folders={"prefill": RUN_OUTPUTS, "decode": RUN_OUTPUTS})
+                            folders={"prefill": RUN_OUTPUTS, "decode": RUN_OUTPUTS},
+                            # moesim serving --pool's default folders: carried over when a run replaces the folder
+                            keep={"serving-prefill": SERVING_OUTPUTS, "serving-decode": SERVING_OUTPUTS})
 
 
 def disagg_json(result: DisaggResult) -> dict[str, Any]:
