@@ -94,6 +94,8 @@ def test_small_deployment_runs_both_pools_through_the_one_engine():
      "pools.prefill.placements[0].policy"),
     ({"pools": {**SMALL["pools"], "prefill": {**SMALL["pools"]["prefill"], "tp": 2}}}, "pools.prefill.tp"),
     ({"engine": {"overlap": "three"}}, "engine.overlap"),
+    ({"engine": "fast"}, "engine"),
+    ({"pools": {**SMALL["pools"], "decode": {**SMALL["pools"]["decode"], "engine": [1]}}}, "pools.decode.engine"),
     ({"pools": {**SMALL["pools"], "decode": {**SMALL["pools"]["decode"], "engine": {"a2a": "x"}}}},
      "pools.decode.engine.a2a"),
 ])

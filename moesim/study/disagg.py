@@ -107,6 +107,9 @@ def _pool(data: dict[str, Any], pool: str, source: str, base_dir: Path) -> Scena
     model = data.get("model")
     if "model" in raw:
         model = deep_merge(_as_model_mapping(model), _as_model_mapping(raw["model"]))
+    for key, section in (("engine", data.get("engine")), (f"{where}.engine", raw.get("engine"))):
+        if section is not None and not isinstance(section, dict):
+            raise InputError("must be a mapping of engine settings", source=source, field=key)
     engine = deep_merge(dict(data.get("engine") or {}), dict(raw.get("engine") or {}))
     pool_data = {"name": f"{data.get('name') or Path(source).stem}/{pool}", "clusters": [raw["cluster"]],
                  "model": model, "workload": raw["workload"], "placements": raw["placements"], "engine": engine,
