@@ -416,6 +416,9 @@ def _check_top_level(data: Any, source: str) -> None:
     if not isinstance(data, dict):
         raise InputError("a scenario must be a YAML mapping", source=source)
     for key in data:
+        if key == "pools":  # a disaggregated deployment: moesim.study.disagg reads it (moesim run does)
+            raise InputError("a disaggregated scenario: load it with moesim.study.disagg.load_any", source=source,
+                             field="pools")
         if key not in TOP_KEYS:
             raise InputError(f"unknown key; valid: {', '.join(sorted(TOP_KEYS))}", source=source, field=str(key))
     for key in ("clusters", "model", "workload", "placements"):
