@@ -32,6 +32,8 @@ from moesim.traces.count_trace import CountTrace
 from moesim.traces.format import MAX_COUNT, Trace, TraceMeta
 
 EXTRA = "pip install 'moesim[engines]'"
+_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+             "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}  # safetensors dtype -> bytes
 MAX_ID = 2**31 - 1
 
 
@@ -140,6 +142,12 @@ def _check_safetensors_size(path: Path, size: int, src: str) -> None:
                 or offsets[1] > size - 8 - n):
             raise InputError(f"truncated or damaged: data_offsets {offsets} beyond the file's {size - 8 - n} data "
                              "bytes", source=src, field=key)
+        shape, itemsize = info.get("shape"), _ITEMSIZE.get(str(info.get("dtype")))
+        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape) or itemsize is None:
+            raise InputError(f"damaged: dtype {info.get('dtype')!r}, shape {shape!r}", source=src, field=key)
+        if int(np.prod(shape, dtype=object)) * itemsize != offsets[1] - offsets[0]:
+            raise InputError(f"damaged: shape {shape} of {info.get('dtype')} does not fill its "
+                             f"{offsets[1] - offsets[0]} bytes", source=src, field=key)
 
 
 def jsonl_objects(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
