@@ -485,3 +485,13 @@ def test_missing_torch_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)
     with pytest.raises(InputError, match=r"needs torch: pip install 'moesim\[engines\]'"):
         import_dump(paths, "sglang-per-pass", top_k=K)
+
+
+def test_recognised_when_the_first_line_is_longer_than_the_sniffed_megabyte(tmp_path):
+    rec = {"step": 0, "stage": "pre_dispatch", "block": "decoder", "layer": 3, "rank": 0, "num_tokens": 70000,
+           "topk": 8, "top_indices": [list(range(8))] * 70000}
+    path = tmp_path / "router_trace_rank0.jsonl"
+    path.write_text(json.dumps(rec) + "\n")
+    assert path.stat().st_size > 1 << 20
+    assert detect_engine([path]) == "megatron"
+    assert import_dump(path).num_tokens == 70000

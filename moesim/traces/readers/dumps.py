@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -168,8 +169,9 @@ def jsonl_objects(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
 
 
 def first_json_object(path: Path) -> dict[str, Any] | None:
-    """The first line of a JSON / JSONL file parsed as an object (a JSON list: its first item), or None; used
-    to recognise a format, never to read it."""
+    """The first line of a JSON / JSONL file parsed as an object (a JSON list: its first item); when the first
+    megabyte holds no whole object, an object of the top-level key names found there (values None); None when
+    neither. Used to recognise a format, never to read it."""
     try:
         with open(path, "rb") as fh:
             head = fh.read(1 << 20).decode("utf-8", "replace")
@@ -186,7 +188,8 @@ def first_json_object(path: Path) -> dict[str, Any] | None:
             return obj[0]
         if isinstance(obj, dict):
             return obj
-    return None
+    keys = re.findall(r'"([A-Za-z_]+)"\s*:', head)
+    return dict.fromkeys(keys) if keys else None
 
 
 # ---------------------------------------------------------------- values
