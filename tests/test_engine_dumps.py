@@ -495,3 +495,10 @@ def test_recognised_when_the_first_line_is_longer_than_the_sniffed_megabyte(tmp_
     assert path.stat().st_size > 1 << 20
     assert detect_engine([path]) == "megatron"
     assert import_dump(path).num_tokens == 70000
+
+
+def test_flags_that_contradict_the_dump(tmp_path):
+    paths, _ = megatron_files(tmp_path)
+    with pytest.raises(InputError, match="--top-k: the dump says 2, --top-k says 4"):
+        import_dump(paths, top_k=4)
+    assert import_dump(paths, top_k=2, num_experts=6).meta.num_experts == 6
