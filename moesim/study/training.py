@@ -394,9 +394,10 @@ def verdict(result: TrainingResult) -> list[str]:
             continue
         best = min(fits, key=lambda r: r.mean_step_s)
         t_best, t_ref = best.terms_ms(), ref.terms_ms()
-        why = (f"straggler wait {t_ref.get('wait', 0):.1f} -> {t_best.get('wait', 0):.1f} ms, all-to-all "
-               f"{_a2a(t_ref):.1f} -> {_a2a(t_best):.1f} ms, FSSDP collectives exposed "
-               f"{t_best.get('fssdp_gather', 0) + t_best.get('fssdp_reduce', 0):.1f} ms per micro-batch")
+        fssdp = 1e3 * float(np.mean([s["fssdp"] for s in best.step_s]))
+        why = (f"straggler wait per micro-batch {t_ref.get('wait', 0):.1f} -> {t_best.get('wait', 0):.1f} ms, "
+               f"all-to-alls {_a2a(t_ref):.1f} -> {_a2a(t_best):.1f} ms, FSSDP collectives exposed {fssdp:.1f} ms "
+               "per step")
         line = (f"{cluster}: {best.name} is fastest, {ref.mean_step_s / best.mean_step_s:.3f}x vs {base} "
                 f"({ref.mean_step_s * 1e3:.1f} -> {best.mean_step_s * 1e3:.1f} ms per step, "
                 f"{best.tokens_per_s:,.0f} tokens/s); {why}")
