@@ -42,6 +42,9 @@ class LayoutEntry(_Strict):
                                 "gather them again for the backward (less memory, twice the gathers)")
     predict: Literal["previous", "current"] = Field(default="previous", description="fssdp: plan the step's "
                                                     "materialisation on the previous step's loads, or on its own")
+    group: int | None = Field(default=None, ge=1, le=1_000_000, description="fssdp: plan the materialisation "
+                              "over groups of this many EP ranks (e.g. a node's), every group holding a full set: "
+                              "tokens stay in their group, parameters travel instead (topology-aware)")
     replica_rule: Literal["token_index", "local", "balanced_split"] = Field(
         default="local", description="fssdp and replicated placements: which copy serves a token (Hecate's "
         "topology-aware dispatch is local: same GPU, then node)")
@@ -72,6 +75,9 @@ class TrainingConfig(_Strict):
                                   "parallelism (ZeRO-1)")
     grad_bytes: float = Field(default=4.0, gt=0, le=16)
     optimizer_bytes: float = Field(default=12.0, ge=0, le=64)
+    model_layers: int | None = Field(default=None, ge=1, le=100_000, description="the whole model's MoE layers, "
+                                     "when model.num_layers simulates fewer: step time and memory scale by their "
+                                     "ratio (per stage)")
     layouts: tuple[LayoutEntry, ...] = Field(min_length=1)
     baseline: str | None = None
 

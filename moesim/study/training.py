@@ -167,6 +167,8 @@ class StageRunner:
         self.layers = range(self.model.num_layers)
         self.expert_params = 3.0 * self.model.d_model * self.model.d_ff
         self.ep = cfg.ep or self.R
+        # the simulated layers stand for the whole stage's (training.model_layers)
+        self.scale = -(-cfg.model_layers // cfg.pp) / len(self.layers) if cfg.model_layers else 1.0
         if self.R % self.ep:
             from moesim.errors import InputError
 
@@ -233,17 +235,21 @@ class StageRunner:
             t += float(self.timer.durations(nbytes, "expert_grad_allreduce").max())
         return t
 
-    def memory(self, expert_params: float, max_rows: float, expert_dp: int = 1, materialised: float = 0.0,
-               materialised_layer: float = 0.0) -> Memory:
+    def memory(self, expert_params: float, max_rows: float, expert_dp: int = 1) -> Memory:
         home = float(self.work.trace.num_tokens) / max(self.work.layout.num_batches * self.G, 1)
         mem = memory_per_gpu(self.model, self.layers, self.train, tp=self.tp, dp=self.G // self.tp,
                              expert_params=expert_params, capacity_GB=self.cp.cluster.spec.gpu.memory_GB,
-                             home_tokens=home, max_rows=max_rows, materialised_params=materialised,
-                             materialised_layer_params=materialised_layer, shard_optimizer=self.cfg.shard_optimizer)
+                             home_tokens=home, max_rows=max_rows, shard_optimizer=self.cfg.shard_optimizer)
         if expert_dp > 1 and self.cfg.shard_optimizer:  # expert optimizer states sharded over the groups too
             saved = expert_params * self.train.optimizer_bytes * (1 - 1 / expert_dp)
             mem = replace(mem, optimizer=mem.optimizer - saved)
-        return mem
+        k = self.scale
+        return replace(mem, params=mem.params * k, grads=mem.grads * k, optimizer=mem.optimizer * k,
+                       activations=mem.activations * k)
+
+    def scaled(self, parts: dict[str, float]) -> dict[str, float]:
+        """A step's parts for the whole stage (:attr:`scale` times the simulated layers')."""
+        return {k: v * self.scale for k, v in parts.items()}
 
     def optimizer_s(self, expert_params: float, expert_dp: int = 1) -> float:
         own = expert_params / expert_dp if self.cfg.shard_optimizer else expert_params
@@ -253,12 +259,23 @@ class StageRunner:
     def tokens_per_step(self) -> float:
         return float(self.work.trace.num_tokens) / self.work.layout.num_batches * self.train.micro_batches
 
+    def group_of(self, entry: LayoutEntry) -> int:
+        """EP ranks per group the layout plans over (``training.ep``, or an fssdp layout's ``group``)."""
+        size = (entry.group or self.R) if entry.kind == "fssdp" else self.ep
+        if self.R % size:
+            from moesim.errors import InputError
+
+            raise InputError(f"{size} must divide the stage's {self.R} EP ranks on cluster {self.cp.cluster.name}",
+                             source=self.scenario.source, field=f"training.layouts.{entry.name}")
+        return size
+
     def static_placement(self, entry: LayoutEntry) -> Placement:
-        """The layout's placement planned on the profile (over one EP group, copied to every group)."""
-        if self.ep == self.R or entry.kind == "fssdp":
+        """The layout's placement planned on the profile (over one group, copied to every group)."""
+        size = self.group_of(entry)
+        if size == self.R:
             return self.cp.placement(entry.name)
         assert self.cp.problem is not None
-        group = make_placement(entry.placement, group_problem(self.cp.problem, self.ep), **entry.options)
+        group = make_placement(entry.placement, group_problem(self.cp.problem, size), **entry.options)
         return expand_groups(group, self.R)
 
     def replan(self, entry: LayoutEntry, load: np.ndarray, num_ranks: int) -> Placement:
@@ -274,7 +291,7 @@ def run_ep(st: StageRunner, entry: LayoutEntry, progress: Progress | None = None
     """A static or periodically rearranged expert-parallel layout, step by step."""
     run = LayoutRun(st.cp.cluster.name, entry.name, entry.kind, tokens_per_step=st.tokens_per_step())
     placement = st.static_placement(entry)
-    rule = "local" if st.ep < st.R else st.options.replica_rule
+    rule = "local" if st.ep < st.R else st.options.replica_rule  # local: the copy in the token's own group
     copies_max = float(placement.copies_per_gpu().sum(axis=0).max())
     expert_dp = st.R // st.ep
     per_gpu = copies_max * st.expert_params / st.tp
@@ -296,8 +313,8 @@ def run_ep(st: StageRunner, entry: LayoutEntry, progress: Progress | None = None
         run.micro.append(mb)
         run.imbalance.append(float(np.mean([imbalance(r.sum(axis=1)) for r in rows])))
         peak_rows = max(peak_rows, max(float(r.sum(axis=1).max()) for r in rows))
-        run.step_s.append(step_seconds(mb, st.train, grad_sync_s=st.grad_sync_s(per_gpu), stall_s=stall,
-                                       optimizer_s=st.optimizer_s(per_gpu, expert_dp)))
+        run.step_s.append(st.scaled(step_seconds(mb, st.train, grad_sync_s=st.grad_sync_s(per_gpu), stall_s=stall,
+                                                 optimizer_s=st.optimizer_s(per_gpu, expert_dp))))
         history.append(st.step_loads(b))
         if progress is not None:
             progress(entry.name)
@@ -332,7 +349,8 @@ def _fssdp_collectives(st: StageRunner, layers: list[LayerStep], rows: list[np.n
 def run_fssdp(st: StageRunner, entry: LayoutEntry, progress: Progress | None = None) -> LayoutRun:
     """Hecate's FSSDP, step by step (module docstring)."""
     run = LayoutRun(st.cp.cluster.name, entry.name, entry.kind, tokens_per_step=st.tokens_per_step())
-    reference = st.cp.placement(entry.name)
+    reference = st.static_placement(entry) if entry.placement != "everywhere" else st.cp.placement(entry.name)
+    size = st.group_of(entry)
     shards = make_shards(entry.sharding, reference, st.gpn // st.tp)
     m = st.model
     owned = float(shards.sum(axis=(0, 1)).max()) * st.expert_params / st.tp
@@ -343,7 +361,7 @@ def run_fssdp(st: StageRunner, entry: LayoutEntry, progress: Progress | None = N
         if entry.predict == "current":
             load = st.step_loads(b)
         mat = (everywhere(m.num_layers, m.num_experts, st.R) if entry.placement == "everywhere"
-               else st.replan(entry, load, st.R))
+               else st.replan(entry, load, size))
         layers, rows = st.layer_steps(b, mat, entry.replica_rule)
         nbytes, extra = _fssdp_collectives(st, layers, rows, mat, shards, entry.sparse)
         mb = _time(st, layers, entry.rematerialize)
@@ -353,12 +371,14 @@ def run_fssdp(st: StageRunner, entry: LayoutEntry, progress: Progress | None = N
         peak_rows = max(peak_rows, max(float(r.sum(axis=1).max()) for r in rows))
         at_once = extra.max(axis=0).max() * 2 if entry.rematerialize else extra.sum(axis=0).max()
         peak_mat, peak_layer = max(peak_mat, float(at_once)), max(peak_layer, float(extra.max()))
-        run.step_s.append(step_seconds(mb, st.train, grad_sync_s=st.grad_sync_s(0.0),
-                                       optimizer_s=st.optimizer_s(owned)))
+        run.step_s.append(st.scaled(step_seconds(mb, st.train, grad_sync_s=st.grad_sync_s(0.0),
+                                                 optimizer_s=st.optimizer_s(owned))))
         load = st.step_loads(b)
         if progress is not None:
             progress(entry.name)
-    run.memory = st.memory(owned, peak_rows, materialised=peak_mat, materialised_layer=peak_layer)
+    mem = st.memory(owned, peak_rows)
+    per_step = peak_mat * (1.0 if entry.rematerialize else st.scale)  # all layers' materialised copies, or two
+    run.memory = replace(mem, materialised=per_step * st.train.param_bytes + peak_layer * st.train.grad_bytes)
     return run
 
 
