@@ -231,3 +231,63 @@ def test_training_study_runs_every_layout():
     tokens = 8 * 256 * 2  # GPUs x tokens per micro-batch x micro-batches
     assert summary["ep"]["tokens_per_s"] == pytest.approx(tokens / summary["ep"]["step_ms"]["step"] * 1e3)
     assert verdict(result)[0].startswith("2x4: ")
+
+
+def test_moesim_run_writes_the_training_outputs(tmp_path, capsys):
+    import json
+
+    from moesim.cli import main
+    from tests.conftest import write_yaml
+
+    path = write_yaml(tmp_path / "train.yaml", TRAIN_SCENARIO)
+    out = tmp_path / "out"
+    assert main(["run", str(path), "-o", str(out), "-q", "--no-plots"]) == 0
+    printed = capsys.readouterr().out
+    assert "Verdict:" in printed and "fssdp" in printed
+    data = json.loads((out / "training.json").read_text())
+    assert data["format"] == "moesim.training/1" and len(data["runs"]) == 4
+    rows = (out / "training_steps.csv").read_text().splitlines()
+    assert rows[0].startswith("cluster,layout,step,") and len(rows) == 1 + 4 * 4
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "notes.txt").write_text("mine")
+    assert main(["run", str(path), "-o", str(tmp_path / "foreign"), "-q"]) == 2  # a folder moesim did not write
+    assert (tmp_path / "foreign" / "notes.txt").read_text() == "mine"
+
+
+def test_layout_errors_name_the_field():
+    group = {**TRAIN_SCENARIO, "training": {"layouts": [
+        {"name": "f", "kind": "fssdp", "placement": "greedy", "group": 3}]}}
+    with pytest.raises(InputError, match="training.layouts.f"):
+        run_training(parse_scenario(group, "t.yaml"))
+    pp = {**TRAIN_SCENARIO, "training": {**TRAIN_SCENARIO["training"], "pp": 4}}
+    with pytest.raises(InputError, match="training.pp"):
+        run_training(parse_scenario(pp, "t.yaml"))
+    with pytest.raises(InputError, match="everywhere"):
+        parse_scenario({**TRAIN_SCENARIO, "training": {"layouts": [
+            {"name": "e", "kind": "ep", "placement": "everywhere"}]}}, "t.yaml")
+
+
+def test_pipeline_stage_and_memory_flag():
+    data = {**TRAIN_SCENARIO, "model": {**TRAIN_SCENARIO["model"], "num_layers": 4},
+            "training": {**TRAIN_SCENARIO["training"], "pp": 2, "model_layers": 8}}
+    result = run_training(parse_scenario(data, "t.yaml"), layouts=["ep"])
+    run = result.runs[0]
+    assert len(run.micro[0].terms) and run.step_s[0]["bubble"] > 0  # 1F1B bubble of pp - 1 micro-batches
+    # 2 of the stage's 4 layers are simulated and scaled by 2: the memory of 4 layers
+    small = {**data, "clusters": [{**TRAIN_SCENARIO["clusters"][0], "gpu": {"memory_GB": 0.05}}]}
+    tiny = run_training(parse_scenario(small, "t.yaml"), layouts=["ep"])
+    assert not tiny.runs[0].memory.fits
+    assert "no layout fits in GPU memory" in verdict(tiny)[0]
+
+
+def test_sweep_rows_and_crossovers():
+    from moesim.study.training_sweep import best_speedup, crossovers, sweep
+
+    data = {**TRAIN_SCENARIO, "workload": {**TRAIN_SCENARIO["workload"],
+                                           "synthetic": {**TRAIN_SCENARIO["workload"]["synthetic"], "batches": 2}}}
+    rows = sweep(data, nodes=[1, 2], alphas=[0.0, 1.5])
+    assert len(rows) == 2 * 2 * 4 and {r["gpus"] for r in rows} == {4, 8}
+    assert all(r["speedup"] == 1.0 for r in rows if r["layout"] == "ep")
+    lines = crossovers(rows, "ep")
+    assert len(lines) == 2 and lines[0].startswith("m on 4 GPUs")
+    assert best_speedup(rows, "fssdp") == max(r["speedup"] for r in rows if r["kind"] == "fssdp")
