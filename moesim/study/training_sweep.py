@@ -46,6 +46,7 @@ def sweep(data: dict[str, Any], *, nodes: Iterable[int], alphas: Iterable[float]
             d["clusters"] = [{**d["clusters"][0], "nodes": int(n)}]
             d["workload"]["synthetic"]["zipf_alpha"] = float(alpha)
             scenario = parse_scenario(d, source)
+            assert scenario.training is not None
             gpus = scenario.clusters[0].spec.num_gpus
             try:
                 result = run_training(scenario)
