@@ -291,3 +291,46 @@ def test_sweep_rows_and_crossovers():
     lines = crossovers(rows, "ep")
     assert len(lines) == 2 and lines[0].startswith("m on 4 GPUs")
     assert best_speedup(rows, "fssdp") == max(r["speedup"] for r in rows if r["kind"] == "fssdp")
+
+
+REAL = sorted((__import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "traces"
+               / "deepseek-v2-lite-prefill").glob("*.csv.gz"))
+V2_LITE = {"name": "deepseek-v2-lite", "num_layers": 26, "num_experts": 64, "top_k": 6, "d_model": 2048,
+           "d_ff": 1408, "num_heads": 16, "num_kv_heads": 16, "head_dim": 128}
+
+
+def _v2_lite_training(workload: dict) -> dict:
+    return {"name": "v2lite-train", "clusters": [{"name": "1x8", "preset": "hgx-h200", "nodes": 1}],
+            "model": {**V2_LITE, "num_layers": 2}, "workload": {"phase": "train", **workload},
+            "training": {"layouts": [{"name": "ep", "kind": "ep", "placement": "contiguous"},
+                                     {"name": "fssdp", "kind": "fssdp", "placement": "greedy",
+                                      "options": {"redundant_experts": 8}, "predict": "current"}]}}
+
+
+def test_training_on_the_fitted_generator_drifts_step_to_step():
+    data = _v2_lite_training({"synthetic": {"fitted": "deepseek-v2-lite", "tokens_per_gpu": 256, "batches": 3,
+                                            "seed": 4}})
+    data["model"]["num_layers"] = 26  # as fitted; then cut to 2 (the generator keeps the fit's first layers)
+    scenario = parse_scenario(data, "t.yaml")
+    scenario = scenario.model_copy(update={"model": scenario.model.model_copy(update={"num_layers": 2})})
+    result = run_training(scenario)
+    ep = result.runs[0]
+    assert len(ep.step_s) == 3 and len(set(round(s["step"], 12) for s in ep.step_s)) == 3  # loads move per step
+
+
+@pytest.mark.skipif(len(REAL) != 250, reason="needs ../shared/traces/deepseek-v2-lite-prefill")
+def test_training_on_real_deepseek_v2_lite_routing(tmp_path):
+    from moesim.traces.format import save_trace
+    from moesim.traces.readers import import_trace
+
+    res = import_trace(REAL[:40], num_experts=64, num_gpus=8, tokens_per_gpu=128, model="deepseek-v2-lite-chat")
+    trace = res.trace
+    cut = type(trace)(experts=trace.experts[:, :2], meta=trace.meta.__class__(**{**trace.meta.__dict__,
+                                                                                  "num_layers": 2}),
+                      home=trace.home, batch=trace.batch)
+    path = tmp_path / "real.npz"
+    save_trace(cut, path)
+    result = run_training(parse_scenario(_v2_lite_training({"trace": {"file": str(path)}}), "t.yaml"))
+    ep, fssdp = result.runs
+    assert len(ep.step_s) == res.trace.num_batches(8, None) >= 2
+    assert np.mean(fssdp.imbalance) < np.mean(ep.imbalance)  # real skew: materialising hot experts twice helps
