@@ -58,6 +58,9 @@ def test_backward_gemms_are_dgrad_plus_wgrad(nodes2x4):
     np.testing.assert_allclose(bwd["activation"], fwd["activation"] * 5 / 3)
     np.testing.assert_allclose(bwd["permute"], fwd["permute"])  # gathers move their bytes back once
     assert BACKWARD["attn_core"] == 2.5
+    measured = backward_kernels(fwd, gemm_factor=2.5)  # an H200's grouped GEMMs through autograd
+    np.testing.assert_allclose(measured["gemm_down"], 2.5 * fwd["gemm_down"])
+    np.testing.assert_allclose(measured["activation"], bwd["activation"])
 
 
 def test_attention_backward_splits_core_and_projections(nodes2x4):

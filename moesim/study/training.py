@@ -127,7 +127,8 @@ def stage_scenario(scenario: Scenario) -> Scenario:
 def train_options(cfg: TrainingConfig) -> TrainOptions:
     return TrainOptions(pp=cfg.pp, micro_batches=cfg.micro_batches, overlap=cfg.overlap,
                         overlap_grad_sync=cfg.overlap_grad_sync, prefetch=cfg.prefetch, recompute=cfg.recompute,
-                        grad_bytes=cfg.grad_bytes, optimizer_bytes=cfg.optimizer_bytes)
+                        grad_bytes=cfg.grad_bytes, optimizer_bytes=cfg.optimizer_bytes,
+                        gemm_backward=cfg.gemm_backward)
 
 
 def group_problem(problem: PlacementProblem, ep: int) -> PlacementProblem:
@@ -218,7 +219,7 @@ class StageRunner:
             rows = ranks_rows[rank_of_gpu]
             fwd = layer_kernels(home, rows, self.model, self.cp.topology, layer=l, tp=self.tp, options=self.options,
                                 attention=self.scenario.workload.attention)
-            steps.append(LayerStep(fwd=fwd, bwd=backward_kernels(fwd), mats=mats))
+            steps.append(LayerStep(fwd=fwd, bwd=backward_kernels(fwd, self.train.gemm_backward), mats=mats))
             rows_by_rank.append(ranks_rows)
         return steps, rows_by_rank
 
