@@ -1,7 +1,8 @@
 """EP vs EP with rearrangement vs Hecate's FSSDP: step time across expert skew and 8 to 256 H200s, Mixtral-8x7B-
 and DeepSeek-V3-shaped, next to Hecate's reported range (up to 3.54x over state-of-the-art MoE training systems,
-arXiv 2502.02581). Run by hand: ``python benchmarks/training_crossover.py [--quick]`` (the full grid takes
-several minutes; ``--quick`` runs 8 and 32 GPUs). Prints one line per (model, GPUs, skew, layout) and the
+arXiv 2502.02581). Run by hand: ``python benchmarks/training_crossover.py [--quick] [--nodes 1,4,16,32]
+[--models mixtral-8x7b,deepseek-v3]`` (the full grid takes tens of minutes, DeepSeek-V3 on 128 and 256 GPUs most
+of them; ``--quick`` runs 8 and 32 GPUs). Prints one line per (model, GPUs, skew, layout) and the
 crossovers. Two MoE layers are simulated and scaled to the whole model (``training.model_layers``); every
 step's routing is a fresh draw of the same skew with expert popularity drifting between steps.
 """
@@ -39,14 +40,34 @@ def scenario(preset: str, model_layers: int, ep: int | None, extra: dict) -> dic
     }
 
 
+def show(rows: list[dict]) -> None:
+    for r in rows:
+        if r.get("error"):
+            print(f"{r['model']:14s} {r['gpus']:5d} {r['zipf_alpha']:5.1f} {r['layout']:15s} {r['error']}", flush=True)
+            continue
+        print(f"{r['model']:14s} {r['gpus']:5d} {r['zipf_alpha']:5.1f} {r['layout']:15s} {r['step_ms']:9.1f} "
+              f"{r['tokens_per_s']:11,.0f} {r['speedup']:6.2f}x {r['imbalance']:6.2f} {r['wait_ms']:7.1f} "
+              f"{r['a2a_ms']:7.1f} {r['fssdp_ms']:7.1f} {r['memory_GB']:7.1f}" + ("" if r["fits"] else " OOM"),
+              flush=True)
+
+
 def main() -> int:
     quick = "--quick" in sys.argv
     nodes = [1, 4] if quick else [1, 4, 16, 32]
+    models = ["mixtral-8x7b", "deepseek-v3"]
+    for flag in ("--nodes", "--models"):  # e.g. --nodes 16,32 --models deepseek-v3
+        if flag in sys.argv:
+            value = sys.argv[sys.argv.index(flag) + 1].split(",")
+            nodes, models = ([int(v) for v in value], models) if flag == "--nodes" else (nodes, value)
     alphas = [0.0, 0.5, 1.0]
     t0 = time.perf_counter()
-    rows = []
+    rows: list[dict] = []
+    print(f"{'model':14s} {'GPUs':>5s} {'alpha':>5s} {'layout':15s} {'step ms':>9s} {'tokens/s':>11s} "
+          f"{'speedup':>7s} {'imbal':>6s} {'wait':>7s} {'a2a':>7s} {'fssdp':>7s} {'mem GB':>7s}", flush=True)
     for preset, layers, ep, extra in (("mixtral-8x7b", 32, 8, {}),
                                       ("deepseek-v3", 58, None, {"first_dense_layers": 0})):
+        if preset not in models:
+            continue
         data = scenario(preset, layers, ep, extra)
         for n in nodes:
             gpus = n * 8
@@ -55,18 +76,11 @@ def main() -> int:
             data["training"]["layouts"][2]["options"]["redundant_experts"] = gpus
             if preset != "mixtral-8x7b":
                 data["training"]["layouts"] = data["training"]["layouts"][:3]
-            rows += sweep(data, nodes=[n], alphas=alphas, source=f"benchmarks/training_crossover.py ({preset})",
-                          progress=lambda what: print(f"  ... {what} ({time.perf_counter() - t0:.0f} s)",
-                                                      file=sys.stderr))
-    print(f"{'model':14s} {'GPUs':>5s} {'alpha':>5s} {'layout':15s} {'step ms':>9s} {'tokens/s':>11s} "
-          f"{'speedup':>7s} {'imbal':>6s} {'wait':>7s} {'a2a':>7s} {'fssdp':>7s} {'mem GB':>7s}")
-    for r in rows:
-        if r.get("error"):
-            print(f"{r['model']:14s} {r['gpus']:5d} {r['zipf_alpha']:5.1f} {r['layout']:15s} {r['error']}")
-            continue
-        print(f"{r['model']:14s} {r['gpus']:5d} {r['zipf_alpha']:5.1f} {r['layout']:15s} {r['step_ms']:9.1f} "
-              f"{r['tokens_per_s']:11,.0f} {r['speedup']:6.2f}x {r['imbalance']:6.2f} {r['wait_ms']:7.1f} "
-              f"{r['a2a_ms']:7.1f} {r['fssdp_ms']:7.1f} {r['memory_GB']:7.1f}" + ("" if r["fits"] else " OOM"))
+            new = sweep(data, nodes=[n], alphas=alphas, source=f"benchmarks/training_crossover.py ({preset})",
+                        progress=lambda what: print(f"  ... {what} ({time.perf_counter() - t0:.0f} s)",
+                                                    file=sys.stderr))
+            show(new)
+            rows += new
     print("\n".join(crossovers(rows, "ep")))
     print(f"best FSSDP speedup over EP in this grid: {best_speedup(rows, 'fssdp'):.2f}x (Hecate reports up to 3.54x "
           f"over state-of-the-art MoE training systems); {time.perf_counter() - t0:.0f} s")

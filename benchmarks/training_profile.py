@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moesim.study.config import parse_scenario  # noqa: E402
 from moesim.study.plan import prepare  # noqa: E402
-from moesim.study.training import StageRunner, _time  # noqa: E402
+from moesim.study.training import StageRunner, time_micro_batch  # noqa: E402
 
 SCENARIO = {
     "name": "deepseek-train-profile",
@@ -59,7 +59,7 @@ def main() -> int:
     study = prepare(scenario)
     st = StageRunner(study, study.clusters[0], scenario.training)
     layers, _ = st.layer_steps(0, st.static_placement(scenario.training.layouts[0]), "token_index")
-    mb = _time(st, layers)
+    mb = time_micro_batch(st, layers)
     n = len(layers)
     print("DeepSeek-V3 training profile (H800, EP64, 4K sequence, DualPipe, balanced routing), one MoE layer:")
     print(f"{'kernel':32s} {'moesim us':>10s} {'published us':>13s} {'error':>7s}")

@@ -31,7 +31,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from moesim.metrics.training import Memory, imbalance, local_params, memory_per_gpu
+from moesim.errors import InputError
+from moesim.metrics.training import Memory, imbalance, local_params, memory_per_gpu, non_expert_params
 from moesim.placement.format import Placement
 from moesim.placement.fssdp import (
     everywhere, held, lanes, make_shards, sparse_allgather_bytes, sparse_reduce_scatter_bytes,
@@ -40,8 +41,8 @@ from moesim.placement.registry import PlacementProblem, make_placement
 from moesim.sim.replicas import ReplicaChooser
 from moesim.sim.traffic import hierarchical_bytes, layer_traffic
 from moesim.sim.training import (
-    CollectiveTimer, LayerStep, MicroBatch, TrainOptions, adam_seconds, backward_kernels, comm_slowdown,
-    allreduce_bytes, layer_kernels, step_seconds,
+    CollectiveTimer, LayerStep, MicroBatch, TrainOptions, adam_seconds, allreduce_bytes, backward_kernels,
+    comm_slowdown, layer_kernels, run_micro_batch, step_seconds,
 )
 from moesim.study.config import Scenario
 from moesim.study.plan import ClusterPlan, StudyPlan, prepare
@@ -115,8 +116,6 @@ def stage_scenario(scenario: Scenario) -> Scenario:
     clusters = []
     for c in scenario.clusters:
         if c.spec.nodes % pp:
-            from moesim.errors import InputError
-
             raise InputError(f"pp={pp} must divide the {c.spec.nodes} nodes of cluster {c.name}",
                              source=scenario.source, field="training.pp")
         clusters.append(c.model_copy(update={"spec": c.spec.model_copy(update={"nodes": c.spec.nodes // pp})}))
@@ -171,8 +170,6 @@ class StageRunner:
         # the simulated layers stand for the whole stage's (training.model_layers)
         self.scale = -(-cfg.model_layers // cfg.pp) / len(self.layers) if cfg.model_layers else 1.0
         if self.R % self.ep:
-            from moesim.errors import InputError
-
             raise InputError(f"ep={self.ep} must divide the stage's {self.R} EP ranks on cluster {cp.cluster.name}",
                              source=self.scenario.source, field="training.ep")
 
@@ -226,8 +223,6 @@ class StageRunner:
     def grad_sync_s(self, expert_dp_params: float) -> float:
         """Ring all-reduces of the non-expert gradients over data parallelism (per TP lane) and of the expert
         gradients over the expert-data-parallel groups; one after the other."""
-        from moesim.metrics.training import non_expert_params
-
         dense = non_expert_params(self.model, self.layers) / self.tp * self.train.grad_bytes
         t = float(self.timer.durations(allreduce_bytes(self.G, self.gpn, self.tp, dense), "grad_allreduce").max())
         if expert_dp_params > 0 and self.R // self.ep > 1:
@@ -264,8 +259,6 @@ class StageRunner:
         """EP ranks per group the layout plans over (``training.ep``, or an fssdp layout's ``group``)."""
         size = (entry.group or self.R) if entry.kind == "fssdp" else self.ep
         if self.R % size:
-            from moesim.errors import InputError
-
             raise InputError(f"{size} must divide the stage's {self.R} EP ranks on cluster {self.cp.cluster.name}",
                              source=self.scenario.source, field=f"training.layouts.{entry.name}")
         return size
@@ -310,7 +303,7 @@ def run_ep(st: StageRunner, entry: LayoutEntry, progress: Progress | None = None
             run.migrated_bytes += float(nbytes.sum())
             placement = new
         layers, rows = st.layer_steps(b, placement, rule)
-        mb = _time(st, layers)
+        mb = time_micro_batch(st, layers)
         run.micro.append(mb)
         run.imbalance.append(float(np.mean([imbalance(r.sum(axis=1)) for r in rows])))
         peak_rows = max(peak_rows, max(float(r.sum(axis=1).max()) for r in rows))
@@ -323,9 +316,8 @@ def run_ep(st: StageRunner, entry: LayoutEntry, progress: Progress | None = None
     return run
 
 
-def _time(st: StageRunner, layers: list[LayerStep], rematerialize: bool = False) -> MicroBatch:
-    from moesim.sim.training import run_micro_batch
-
+def time_micro_batch(st: StageRunner, layers: list[LayerStep], rematerialize: bool = False) -> MicroBatch:
+    """One micro-batch of ``layers`` on the stage's fabric (:func:`moesim.sim.training.run_micro_batch`)."""
     return run_micro_batch(layers, st.timer, st.train, slowdown=st.slow, rematerialize=rematerialize)
 
 
@@ -365,7 +357,7 @@ def run_fssdp(st: StageRunner, entry: LayoutEntry, progress: Progress | None = N
                else st.replan(entry, load, size))
         layers, rows = st.layer_steps(b, mat, entry.replica_rule)
         nbytes, extra = _fssdp_collectives(st, layers, rows, mat, shards, entry.sparse)
-        mb = _time(st, layers, entry.rematerialize)
+        mb = time_micro_batch(st, layers, entry.rematerialize)
         run.micro.append(mb)
         run.fssdp_bytes.append(nbytes)
         run.imbalance.append(float(np.mean([imbalance(r.sum(axis=1)) for r in rows])))
