@@ -28,7 +28,7 @@ def scenario(preset: str, model_layers: int, ep: int | None, extra: dict) -> dic
                                    "drift_swaps_per_batch": 1, "seed": 5}},
         "training": {"ep": ep, "micro_batches": 8, "model_layers": model_layers, "layouts": [
             {"name": "ep", "kind": "ep", "placement": "contiguous"},
-            {"name": "ep-rearrange-4", "kind": "rearrange", "placement": "greedy", "every_steps": 2,
+            {"name": "ep-rearrange-2", "kind": "rearrange", "placement": "greedy", "every_steps": 2,
              "options": {"redundant_experts": ep or 0}},
             {"name": "fssdp", "kind": "fssdp", "placement": "greedy", "sharding": "home", "replica_rule": "local",
              "predict": "current", "options": {"redundant_experts": 0}},
