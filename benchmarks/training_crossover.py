@@ -72,11 +72,16 @@ def main() -> int:
         data = scenario(preset, layers, ep, extra, recompute)
         for n in nodes:
             gpus = n * 8
-            # FSSDP materialises one extra copy per GPU beyond the experts (hot experts replicated); per node
-            # only where a node can hold a full set (Mixtral's 8 experts, not DeepSeek-V3's 256)
+            # FSSDP materialises one extra copy per GPU of the stage beyond the experts (hot experts replicated);
+            # per node only where a node can hold a full set (Mixtral's 8 experts, not DeepSeek-V3's 256)
             data["training"]["layouts"][2]["options"]["redundant_experts"] = gpus
             if preset != "mixtral-8x7b":
                 data["training"]["layouts"] = data["training"]["layouts"][:3]
+                # DeepSeek-V3's non-expert weights and gradients (about 14B parameters) fill a GPU unless pipeline
+                # stages split them: stages of 4 nodes (EP32, as the 32-GPU point), 16 micro-batches per step
+                data["training"]["pp"] = max(1, n // 4)
+                data["training"]["micro_batches"] = 16 if n >= 8 else 8
+                data["training"]["layouts"][2]["options"]["redundant_experts"] = gpus // data["training"]["pp"]
             new = sweep(data, nodes=[n], alphas=alphas, source=f"benchmarks/training_crossover.py ({preset})",
                         progress=lambda what: print(f"  ... {what} ({time.perf_counter() - t0:.0f} s)",
                                                     file=sys.stderr))
