@@ -34,8 +34,8 @@ DeepSeek's DualPipe (and Megatron's 1F1B all-to-all overlap) do: a layer pair ta
 ``overlap_grad_sync``), and Adam over the GPU's local parameters, memory-bound (:data:`ADAM_BYTES_PER_PARAM`).
 
 Deliberately ignored: the embedding, the LM head and the loss; pipeline point-to-point transfers; tensor
-parallelism's collectives (``tp`` divides each GPU's work; its all-gathers and reduce-scatters are not charged); activation
-recomputation's kernel-level details (``recompute`` charges the layer's forward compute again); link
+parallelism's collectives (``tp`` divides each GPU's work; its all-gathers and reduce-scatters are not charged);
+activation recomputation's kernel-level details (``recompute`` charges the layer's forward compute again); link
 contention between an overlapped all-gather and the all-to-alls (prefetches overlap compute only); routing
 that changes between the micro-batches of one step (each step's routing is its trace batch).
 """
