@@ -28,6 +28,18 @@ def shrink(scenario: Scenario) -> Scenario:
     return scenario.model_copy(update=update)
 
 
+def _training_smoke(scenario: Scenario) -> None:
+    from moesim.study.training import run_training
+
+    result = run_training(scenario)
+    assert len(result.runs) == len(scenario.clusters) * len(scenario.training.layouts)
+    for run in result.summary()["runs"]:
+        assert np.isfinite(run["step_ms"]["step"]) and run["step_ms"]["step"] > 0, run["layout"]
+        assert run["tokens_per_s"] > 0 and run["memory_GB"]["total"] > 0
+        if run["layout"] == scenario.training.baseline_name:
+            assert run["speedup_vs_baseline"] == 1.0
+
+
 def test_there_are_scenarios():
     assert SCENARIO_FILES
 
@@ -35,6 +47,9 @@ def test_there_are_scenarios():
 @pytest.mark.parametrize("path", SCENARIO_FILES, ids=lambda p: p.stem)
 def test_scenario_smoke(path):
     scenario = shrink(load_scenario(path))
+    if scenario.training is not None:  # workload.phase: train
+        _training_smoke(scenario)
+        return
     result = run_study(scenario)
     assert len(result.runs) == len(scenario.clusters) * len(scenario.placements)
     for run in result.runs:

@@ -28,6 +28,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     scenario = load_any(args.scenario)
     if isinstance(scenario, DisaggScenario):
         return _run_disaggregated(args, scenario)
+    if scenario.training is not None:  # workload.phase: train (moesim.study.training)
+        from moesim.cli.training import run_training_scenario
+
+        return run_training_scenario(scenario, args)
     out = Path(args.output) if args.output else scenario.output
     check_scenario_output(out, RUN_OUTPUTS, scenario, flag=args.output)  # before simulating: costs nothing
     t0 = time.perf_counter()

@@ -23,6 +23,7 @@ from moesim.loaders import NoBoolNumbers, check_values, read_yaml
 from moesim.placement.registry import check_option, policy_names, policy_options, replica_option
 from moesim.sim.compute import Attention
 from moesim.sim.engine import EngineOptions
+from moesim.study.train_config import TrainingConfig
 from moesim.traces.model import ModelSpec
 from moesim.traces.model_presets import model_with_overrides
 
@@ -95,6 +96,8 @@ class TraceWorkload(_Strict):
 
 
 class Workload(_Strict):
+    phase: Literal["serve", "train"] = Field(default="serve", description="serve (the engine's forward) or train "
+                                             "(forward, backward, optimizer: the scenario's training section)")
     synthetic: SyntheticWorkload | None = None
     trace: TraceWorkload | None = None
     seq_len: int | None = Field(default=None, ge=1, le=MAX_COUNT, description="prefill: the batch is prompts of "
@@ -218,10 +221,12 @@ class Scenario(_Strict):
     engine: EngineConfig
     output: Path
     rebalance: RebalanceConfig | None = None
+    training: TrainingConfig | None = None
 
 
 _M = TypeVar("_M", bound=BaseModel)
-TOP_KEYS = {"name", "clusters", "model", "workload", "placements", "baseline", "engine", "output", "rebalance"}
+TOP_KEYS = {"name", "clusters", "model", "workload", "placements", "baseline", "engine", "output", "rebalance",
+            "training"}
 
 
 def _loc(loc: tuple[Any, ...]) -> str:
@@ -421,7 +426,7 @@ def _check_top_level(data: Any, source: str) -> None:
                              field="pools")
         if key not in TOP_KEYS:
             raise InputError(f"unknown key; valid: {', '.join(sorted(TOP_KEYS))}", source=source, field=str(key))
-    for key in ("clusters", "model", "workload", "placements"):
+    for key in ("clusters", "model", "workload") + (() if "training" in data else ("placements",)):
         if key not in data:
             raise InputError("missing", source=source, field=key)
 
@@ -540,6 +545,20 @@ def _baseline(data: dict[str, Any], placements: tuple[PlacementEntry, ...], sour
     return baseline
 
 
+def _training(data: dict[str, Any], workload: Workload, source: str) -> TrainingConfig | None:
+    """The training section: present exactly when ``workload.phase`` is train (moesim.study.train_config)."""
+    if (workload.phase == "train") != ("training" in data):
+        raise InputError("workload.phase train needs a training section, and a training section needs it",
+                         source=source, field="training" if "training" in data else "workload.phase")
+    return None if workload.phase == "serve" else _validated(TrainingConfig, data["training"], source, "training")
+
+
+def _layout_placements(training: TrainingConfig) -> list[dict[str, Any]]:
+    """The layouts' placements as scenario placements (what ``moesim validate`` and the planner check)."""
+    return [{"name": lay.name, "policy": "contiguous" if lay.placement == "everywhere" else lay.placement,
+             **lay.options} for lay in training.layouts]
+
+
 def parse_scenario(data: Any, source: str, base_dir: Path | None = None) -> Scenario:
     """Validate a scenario given as plain data (what YAML loads to): its top-level keys, then each section
     in turn (clusters, model, workload, placements, baseline, engine, rebalance), cross-field checks with
@@ -550,14 +569,16 @@ def parse_scenario(data: Any, source: str, base_dir: Path | None = None) -> Scen
     clusters = _parse_clusters(data["clusters"], source, base_dir)
     model = _parse_model(data["model"], source)
     workload = _parse_workload(data["workload"], model, source, base_dir)
-    placements = _parse_placements(data["placements"], source, base_dir)
-    baseline = _baseline(data, placements, source)
+    training = _training(data, workload, source)
+    placements = _parse_placements(data["placements"] if training is None else _layout_placements(training),
+                                   source, base_dir)
+    baseline = _baseline(data if training is None else {"baseline": training.baseline_name}, placements, source)
     engine = _validated(EngineConfig, data.get("engine") or {}, source, "engine")
     name = str(data.get("name") or Path(source).stem)
     output = Path(str(data.get("output") or Path("results") / safe_name(name)))  # the name: one safe component
     rebalance = _rebalance(data.get("rebalance"), placements, workload, source)
     return Scenario(name=name, source=source, clusters=clusters, model=model, workload=workload, rebalance=rebalance,
-                    placements=placements, baseline=baseline, engine=engine, output=output)
+                    placements=placements, baseline=baseline, engine=engine, output=output, training=training)
 
 
 def load_scenario(path: str | Path) -> Scenario:
