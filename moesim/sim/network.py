@@ -38,6 +38,7 @@ import simpy
 from moesim.hardware.topology import Topology
 
 _REL_TOL = 1e-9
+_RISE_TOL = 1e-6  # flows within this of the departed rate are recomputed too (rounding)
 
 
 def _max_min(cols: list[np.ndarray], capacity: np.ndarray) -> np.ndarray:
@@ -112,43 +113,67 @@ def _components(cols: list[np.ndarray], num_links: int) -> np.ndarray:
         label = new
 
 
+def _load(cols: list[np.ndarray], rate: np.ndarray, num_links: int) -> np.ndarray:
+    """Per link (the dummy last): the summed rate of the flows on links ``cols`` crossing it."""
+    load = np.bincount(cols[0], weights=rate, minlength=num_links)
+    for c in cols[1:]:
+        load += np.bincount(c, weights=rate, minlength=num_links)
+    return load
+
+
 def fluid_ends(size: np.ndarray, cols: list[np.ndarray], capacity: np.ndarray, rate_tolerance: float = 0.0,
                ) -> tuple[np.ndarray, int]:
-    """When each flow's last byte leaves, for flows of ``size`` bytes all starting at time 0 on links
-    ``cols`` (as for :func:`max_min_rates`), sharing ``capacity`` max-min fairly; and how many times rates
-    were recomputed.
+    """When each flow's last byte leaves, for flows of ``size`` bytes all starting at time 0 on links ``cols``
+    (as for :func:`max_min_rates`, one array per path position), sharing ``capacity`` max-min fairly; and how many times
+    rates were recomputed.
 
-    A departure-only fluid process: rates are recomputed when flows end, only in the connected
-    components that lost a flow. With ``rate_tolerance`` > 0, flows ending within ``rate_tolerance x``
-    the time of the first end of a step end in that step, and their bandwidth is handed out at its end.
+    A departure-only fluid process. When flows end, only the flows whose rate can change are recomputed,
+    on the capacity the others leave free: in each connected component that lost flows, those whose rate
+    is at least the smallest departed rate. (Exact: progressive filling freezes every flow slower than a
+    departed flow f at a link f does not cross, at a level f's absence does not change; and no other flow
+    falls below f's rate, since every link f crossed had room for it up to that level.) With
+    ``rate_tolerance`` > 0, flows ending within ``rate_tolerance x`` the time of the first end of a step
+    end in that step, and their bandwidth is handed out at its end.
     """
-    end = np.empty(size.size)
-    if size.size == 0:
+    n = size.size
+    end = np.empty(n)
+    if n == 0:
         return end, 0
-    active = np.arange(size.size)  # flows still sending, with their links, component, rate and end time
+    num_links = capacity.size + 1
     comp = _components(cols, capacity.size)
-    touched = np.zeros(comp.max() + 1, dtype=bool)
+    single = comp.max() == 0
     rate = _max_min(cols, capacity)
     t_end = size / rate
+    pending = t_end.copy()  # end times of flows still sending; inf once they ended
+    free = np.append(capacity, np.inf) - _load(cols, rate, num_links)  # kept up to date as rates change
     now, recomputations = 0.0, 1
-    while active.size:
-        first = t_end.min()
-        ending = t_end <= now + (first - now + rate_tolerance * first) * (1 + _REL_TOL)
-        done = ending.nonzero()[0]
-        end[active[done]] = t_end[done]
-        now = t_end[done].max()
-        touched[:] = False
-        touched[comp[done]] = True
-        keep = (~ending).nonzero()[0]
-        active, comp, rate, t_end = active[keep], comp[keep], rate[keep], t_end[keep]
-        cols = [c[keep] for c in cols]
-        redo = touched[comp].nonzero()[0]
+    while True:
+        first = pending.min()
+        if first == np.inf:
+            return end, recomputations
+        done = (pending <= now + (first - now + rate_tolerance * first) * (1 + _REL_TOL)).nonzero()[0]
+        end[done] = t_end[done]
+        now = float(t_end[done].max())
+        pending[done] = np.inf
+        gone = rate[done]
+        free += _load([c[done] for c in cols], gone, num_links)
+        rate[done] = 0.0  # never rises again
+        if single:  # the smallest departed rate: flows at least that fast may change
+            rising = rate >= gone.min() * (1 - _RISE_TOL)
+        else:
+            floor = np.full(int(comp.max()) + 1, np.inf)
+            np.minimum.at(floor, comp[done], gone)
+            rising = rate >= floor[comp] * (1 - _RISE_TOL)
+        redo = rising.nonzero()[0]
         if redo.size:
+            sub = [c[redo] for c in cols]
+            free += _load(sub, rate[redo], num_links)
             remaining = (t_end[redo] - now) * rate[redo]
-            rate[redo] = _max_min([c[redo] for c in cols], capacity)
-            t_end[redo] = now + remaining / rate[redo]
+            new = _max_min(sub, np.maximum(free[:-1], 0.0))
+            free -= _load(sub, new, num_links)
+            rate[redo] = new
+            t_end[redo] = pending[redo] = now + remaining / new
             recomputations += 1
-    return end, recomputations
 
 
 def binding_links(topo: Topology) -> np.ndarray:
