@@ -5,18 +5,22 @@ move, each following its fixed path of links (:mod:`moesim.hardware.topology`). 
 every link's capacity is shared among the flows crossing it max-min fairly (progressive filling): two
 GPUs sending through one NIC get half each; a flow limited elsewhere leaves its unused share to the
 others. Rates are recomputed whenever flows finish; a flow's bytes arrive ``path latency`` after its
-last byte leaves, and every call pays the cluster's fixed ``a2a_launch_us``. On a single GPU (NCCL with one rank)
-a collective is a device-to-device copy: ``a2a_self_launch_us`` and half the HBM rate (read and write).
+last byte leaves. Every call first pays the fixed costs of its all-to-all kernel family (:func:`kernel_cost`,
+``cluster.a2a_kernels``: NCCL, DeepEP normal, DeepEP low-latency, NVLink one-sided): a launch, an exchange of
+counts before a dispatch, a cost per peer; a family may reach its own share of the NVLink and NIC line rates. On a
+single GPU (NCCL with one rank) a collective is a device-to-device copy: ``a2a_self_launch_us`` and half the HBM
+rate (read and write).
 
 The solver freezes, in one vectorised step, every link whose fair share is the smallest among all links
 its flows cross (a local bottleneck): those rates are final, so the number of steps is the depth of the
 bottleneck structure, not the number of links. Links that can never saturate (their capacity is at least
 the summed capacity of the bottleneck links feeding them) are pruned once per topology (:class:`Routing`,
 built once and shared by every fabric on the topology). Flows that share no link (NVLink inside each
-node, NICs between nodes) never affect each other's rates, so a departure only recomputes the rates of
-its own connected component. The fluid phase is a pure function of the flows (:func:`fluid_ends`);
-the fabric schedules its outcome in SimPy time, and reuses it for a collective whose bytes are a
-multiple of a recent one's or of their transpose (the combine that mirrors a dispatch).
+node, NICs between nodes) never affect each other's rates, so a departure only recomputes rates in
+its own connected component, and there only the flows at least as fast as the departed one: the slower
+ones keep their rates exactly. The fluid phase is a pure function of the flows (:func:`fluid_ends`); the
+fabric schedules its outcome in SimPy time, and reuses it for a collective whose bytes are a multiple of a
+recent one's or of their transpose (the combine that mirrors a dispatch).
 
 ``rate_tolerance`` trades exactness for speed: after a recomputation, every flow that would finish within
 ``rate_tolerance x`` the elapsed collective time of the first one finishes in the same step, and the
@@ -29,12 +33,13 @@ Deliberately ignored: packets, congestion control and switch buffers, protocol o
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Generator
 
 import numpy as np
 import simpy
 
+from moesim.hardware.spec import A2A_ALIASES, A2A_FAMILIES
 from moesim.hardware.topology import Topology
 
 _REL_TOL = 1e-9
@@ -241,6 +246,39 @@ class Routing:
         return cls(bind=bind, path_pair=pair_of_link, mirrored=mirrored)
 
 
+@dataclass(frozen=True)
+class KernelCost:
+    """What one all-to-all kernel family costs on a topology: fixed seconds per call, per exchange of counts and
+    per peer of the busiest rank, and the link capacities (with their routing) at the family's bandwidth shares."""
+
+    family: str
+    launch_s: float
+    notify_s: float
+    per_peer_s: float
+    capacity: np.ndarray
+    routing: Routing
+
+
+def kernel_cost(topo: Topology, family: str, routing: Routing | None = None) -> KernelCost:
+    """Kernel family ``family``'s costs on ``topo`` from ``cluster.a2a_kernels`` (``routing``: the topology's own,
+    reused when the family keeps the links' default shares). NCCL among one GPU is a device copy: it pays
+    ``a2a_self_launch_us``."""
+    cluster = topo.cluster
+    spec = cluster.a2a_kernels.family(family)
+    launch = spec.launch_us if spec.launch_us is not None else cluster.a2a_launch_us
+    if family == "nccl" and topo.num_gpus == 1 and cluster.a2a_self_launch_us is not None:
+        launch = cluster.a2a_self_launch_us
+    capacity = topo.capacity
+    kind = np.array(topo.link_kind)
+    for link_kind, share, default in (("nvlink", spec.nvlink_efficiency, cluster.nvlink.efficiency),
+                                      ("nic", spec.rdma_efficiency, cluster.network.nic_efficiency)):
+        if share is not None and share != default:
+            capacity = np.where(kind == link_kind, capacity * (share / default), capacity)
+    if capacity is not topo.capacity or routing is None:  # other shares can bind other links
+        routing = Routing.of(replace(topo, capacity=capacity))
+    return KernelCost(family, launch * 1e-6, spec.notify_us * 1e-6, spec.per_peer_us * 1e-6, capacity, routing)
+
+
 @dataclass
 class CollectiveResult:
     """What one collective did: per-flow and per-GPU times (absolute simulation seconds)."""
@@ -264,6 +302,7 @@ class _Fluid:
     nbytes: np.ndarray  # [G, G], zero diagonal
     flow_at: np.ndarray  # [G, G]: index of pair (s, d) in ``end``
     end: np.ndarray  # per flow
+    mirrored: bool  # its routing's (Routing.mirrored): the transpose shares its rates
 
 
 def _succeed(event: simpy.Event) -> Callable[[simpy.Event], None]:
@@ -293,23 +332,25 @@ class Fabric:
         self.topo = topo
         self.rate_tolerance = rate_tolerance
         self.routing = routing if routing is not None else Routing.of(topo)
-        self.launch_s = topo.cluster.a2a_launch_us * 1e-6
         self.link_bytes = np.zeros(topo.num_links)
         self.recomputations = 0
         self.local_bytes_per_s = topo.cluster.gpu.local_copy_bytes_per_s
         if topo.num_gpus == 1:  # NCCL with one rank: a device-to-device copy, no kernel of its own
-            self.launch_s = (topo.cluster.a2a_self_launch_us if topo.cluster.a2a_self_launch_us is not None
-                             else topo.cluster.a2a_launch_us) * 1e-6
             self.local_bytes_per_s = topo.cluster.gpu.hbm_bytes_per_s / 2
-        self._recent: list[_Fluid] = []
+        self.kernels = {name: kernel_cost(topo, name, self.routing) for name in A2A_FAMILIES}
+        self._recent: dict[str, list[_Fluid]] = {name: [] for name in A2A_FAMILIES}
 
-    def collective(self, name: str, nbytes: np.ndarray, gpu_events: list[simpy.Event] | None = None,
-                   ) -> Generator[simpy.Event, None, CollectiveResult]:
-        """Move ``nbytes[s, d]`` from every GPU s to every GPU d; a SimPy process body.
+    def collective(self, name: str, nbytes: np.ndarray, gpu_events: list[simpy.Event] | None = None, *,
+                   kernel: str = "nccl", notify: bool = False) -> Generator[simpy.Event, None, CollectiveResult]:
+        """Move ``nbytes[s, d]`` from every GPU s to every GPU d with all-to-all kernel family ``kernel``
+        (:data:`moesim.hardware.spec.A2A_FAMILIES`); a SimPy process body.
 
-        Starts now (the caller rendezvous all GPUs first). ``gpu_events[g]`` succeeds at the moment GPU g
-        has sent and received all its bytes, so a GPU can move on before the slowest pair finishes.
+        Starts now (the caller rendezvous all GPUs first) with the kernel's fixed costs: its launch, its
+        exchange of counts when ``notify`` (a dispatch's layout step), and its per-peer cost times the peers
+        of the busiest rank. ``gpu_events[g]`` succeeds at the moment GPU g has sent and received all its
+        bytes, so a GPU can move on before the slowest pair finishes.
         """
+        cost = self.kernels[A2A_ALIASES.get(kernel, kernel)]
         env, topo = self.env, self.topo
         G = topo.num_gpus
         start = env.now
@@ -324,15 +365,18 @@ class Fabric:
                                        minlength=topo.num_links)
 
         latency = topo.path_latency[src, dst]
-        yield env.timeout(self.launch_s)
+        peers = max(int(np.bincount(src, minlength=G).max(initial=0)),
+                    int(np.bincount(dst, minlength=G).max(initial=0)))  # the busiest rank's
+        yield env.timeout(cost.launch_s + (cost.notify_s if notify else 0.0) + cost.per_peer_s * peers)
         t0 = env.now
         recomputations = 0
-        end = self._recall(off, src, dst)
+        recent = self._recent[cost.family]
+        end = self._recall(recent, off, src, dst)
         if end is None:
-            cols = [row[src * G + dst] for row in self.routing.bind]
-            end, recomputations = fluid_ends(size, cols, topo.capacity, self.rate_tolerance)
+            cols = [row[src * G + dst] for row in cost.routing.bind]
+            end, recomputations = fluid_ends(size, cols, cost.capacity, self.rate_tolerance)
             if size.size:
-                self._remember(off, src, dst, end)
+                self._remember(recent, off, src, dst, end, cost.routing.mirrored)
         finish = t0 + end + latency
         gpu_done = t0 + local / self.local_bytes_per_s
         for ends in (src, dst):
@@ -346,20 +390,23 @@ class Fabric:
         return CollectiveResult(name=name, start=start, src=src, dst=dst, nbytes=size, finish=finish,
                                 gpu_done=gpu_done, local_bytes=local, recomputations=recomputations)
 
-    def _remember(self, off: np.ndarray, src: np.ndarray, dst: np.ndarray, end: np.ndarray) -> None:
+    def _remember(self, recent: list[_Fluid], off: np.ndarray, src: np.ndarray, dst: np.ndarray,
+                  end: np.ndarray, mirrored: bool) -> None:
         G = self.topo.num_gpus
         flow_at = np.zeros((G, G), dtype=np.int64)
         flow_at[src, dst] = np.arange(src.size)
-        self._recent = [_Fluid(off, flow_at, end)] + self._recent[: self._REMEMBER - 1]
+        recent.insert(0, _Fluid(off, flow_at, end, mirrored))
+        del recent[self._REMEMBER :]
 
-    def _recall(self, off: np.ndarray, src: np.ndarray, dst: np.ndarray) -> np.ndarray | None:
+    @staticmethod
+    def _recall(recent: list[_Fluid], off: np.ndarray, src: np.ndarray, dst: np.ndarray) -> np.ndarray | None:
         """Fluid end times of the flows (src, dst) of ``off`` if it is a remembered collective scaled by one
         factor, or its transpose on a mirrored routing; None otherwise. Scaling every flow's bytes by c
         scales every end time (and every grouping window) by c."""
         if src.size == 0:
             return None
-        for fluid in self._recent:
-            for mirror in (False, True) if self.routing.mirrored else (False,):
+        for fluid in recent:
+            for mirror in (False, True) if fluid.mirrored else (False,):
                 ref = fluid.nbytes.T if mirror else fluid.nbytes
                 scale = off[src[0], dst[0]] / ref[src[0], dst[0]] if ref[src[0], dst[0]] > 0 else 0.0
                 if scale > 0 and np.count_nonzero(ref) == src.size \
