@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from moesim.hardware import build_topology
-from moesim.sim.network import Fabric, max_min_rates
+from moesim.sim.network import Fabric, fluid_ends, max_min_rates
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -485,3 +485,77 @@ def test_uniform_scaling_stretches_every_flow_linearly(nodes2x4, collective, m, 
     np.testing.assert_array_equal(scaled.src, base.src)
     np.testing.assert_allclose(scaled.finish - launch - latency, factor * (base.finish - launch - latency),
                                rtol=1e-9)
+
+
+# ---------------------------------------------------------------- (g) the incremental solver vs plain max-min
+
+def plain_fluid_ends(size: list[float], paths: list[list[int]], capacity: list[float]) -> list[float]:
+    """The obvious departure-driven fluid process: after every departure, every remaining flow's rate is
+    recomputed from scratch by textbook progressive filling."""
+    remaining, end = list(size), [0.0] * len(size)
+    active, now = list(range(len(size))), 0.0
+    while active:
+        rates = progressive_filling([paths[i] for i in active], capacity)
+        step = min(remaining[i] / r for i, r in zip(active, rates))
+        now += step
+        for i, r in zip(active, rates):
+            remaining[i] -= r * step
+        finished = [i for i in active if remaining[i] <= 1e-9 * size[i]]
+        for i in finished:
+            end[i] = now
+        active = [i for i in active if i not in finished]
+    return end
+
+
+@st.composite
+def flow_sets(draw):
+    capacity, paths = draw(max_min_instances())
+    sizes = st.one_of(st.sampled_from([1.0, 2.0, 3.0]), st.floats(0.1, 50.0))  # ties end together
+    return capacity, paths, draw(st.lists(sizes, min_size=len(paths), max_size=len(paths)))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(flow_sets())
+def test_fluid_ends_equal_a_plain_max_min_fluid_process(instance):
+    """Recomputing only the flows at least as fast as a departed one (on the capacity the others leave) gives the
+    same end times as recomputing every rate after every departure."""
+    capacity, paths, sizes = instance
+    links = as_link_matrix(paths, len(capacity))
+    got, _ = fluid_ends(np.array(sizes), [np.ascontiguousarray(c) for c in links], np.array(capacity))
+    assert got.tolist() == pytest.approx(plain_fluid_ends(sizes, paths, capacity), rel=1e-9)
+
+
+def test_fluid_ends_keeps_slower_flows_and_moves_faster_ones():
+    """Links 0 (capacity 1), 1 (10) and 2 (0.2). Flow 0 crosses link 0; flow 1 links 0 and 1; flow 2 link 1;
+    flow 3 links 1 and 2. Rates: flow 3 0.2 (link 2), flows 0 and 1 0.5 (link 0), flow 2 the rest of link 1, 9.3.
+    Flow 0 (0.5 bytes) ends at 1: flow 1 rises to 1 and flow 2 falls to 8.8 (faster than 0.5: recomputed);
+    flow 3 (slower) keeps 0.2. Flow 1 (2 bytes) ends at 2.5; flow 2 gets 9.8; flow 3 (1 byte) ends at 5;
+    flow 2 then gets all 10 and ends at 5 + (95 - 9.3 - 8.8 * 1.5 - 9.8 * 2.5) / 10 = 9.8."""
+    links = [np.array([0, 0, 1, 1]), np.array([3, 1, 3, 2])]  # 3 is the dummy link
+    end, recomputations = fluid_ends(np.array([0.5, 2.0, 95.0, 1.0]), links, np.array([1.0, 10.0, 0.2]))
+    assert end.tolist() == pytest.approx([1.0, 2.5, 9.8, 5.0], rel=1e-12)
+    assert recomputations == 4  # the first solve, then after each departure but the last
+
+
+@pytest.mark.parametrize("nodes", [2, 4])
+@pytest.mark.parametrize("a2a", ["direct", "hierarchical"])
+def test_flows_grow_with_gpus_as_the_all_to_all_implies(cluster, nodes, a2a):
+    """With every pair of GPUs exchanging tokens, a direct all-to-all has G (G - 1) flows; a hierarchical one
+    G (gpus_per_node - 1) inside the nodes plus G (nodes - 1) to the rail peers on the other nodes."""
+    from moesim.placement.format import Placement
+    from moesim.sim.engine import EngineOptions, Simulation
+    from moesim.traces.model import ModelSpec
+    from moesim.traces.synthetic import SyntheticParams, generate_trace
+
+    spec = cluster(nodes=nodes, gpus_per_node=4)
+    G, gpn = spec.num_gpus, 4
+    E, T = 4 * G, 256
+    trace = generate_trace(num_layers=1, num_experts=E, top_k=8, num_gpus=G, tokens_per_gpu=T, batches=1,
+                           params=SyntheticParams(zipf_alpha=0.0, gpu_mix_sigma=0.0, affinity=0.0),
+                           rng=np.random.default_rng(0))
+    placement = Placement.from_assignment((np.arange(E) * G // E)[None, :], G, "contiguous")
+    model = ModelSpec(num_layers=1, num_experts=E, top_k=8, d_model=64, d_ff=32)
+    rec = Simulation(build_topology(spec), model, options=EngineOptions(a2a=a2a)).run(trace, trace.layout(G, T),
+                                                                                       placement)
+    per_collective = G * (G - 1) if a2a == "direct" else G * (gpn - 1) + G * (nodes - 1)
+    assert rec.flows == 2 * per_collective  # dispatch and combine

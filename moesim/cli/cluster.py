@@ -13,7 +13,7 @@ from typing import Any
 from moesim.cli.common import key_values
 from moesim.errors import InputError
 from moesim.hardware.presets import deep_merge, preset, preset_names
-from moesim.hardware.spec import ClusterSpec
+from moesim.hardware.spec import A2A_FAMILIES, ClusterSpec
 from moesim.hardware.topology import build_topology
 from moesim.loaders import dump_yaml, read_yaml
 
@@ -58,6 +58,19 @@ def _read_cluster_file(name: str) -> dict[str, Any]:
         except KeyError as exc:
             raise InputError(str(exc.args[0]), source=name, field="preset") from None
     return deep_merge(base, raw)
+
+
+def _a2a_kernels(spec: ClusterSpec) -> list[str]:
+    """One line per all-to-all kernel family (engine.a2a): its fixed costs, bandwidth shares and SMs."""
+    out = []
+    for name in A2A_FAMILIES:
+        k = spec.a2a_kernels.family(name)
+        launch = k.launch_us if k.launch_us is not None else spec.a2a_launch_us
+        shares = "".join(f", {what} x{v}" for what, v in (("NVLink", k.nvlink_efficiency), ("RDMA", k.rdma_efficiency))
+                         if v is not None)
+        out.append(f"  a2a       {name}: launch {launch:g} us, notify {k.notify_us:g} us, per peer {k.per_peer_us:g} us"
+                   f"{shares}, {k.sms} SMs")
+    return out
 
 
 def _nics(spec: ClusterSpec) -> str:
@@ -107,8 +120,9 @@ def _describe(spec: ClusterSpec) -> list[str]:
         f"{nv.bytes_per_s / 1e9:.0f} GB/s), {nv.latency_us} us",
         f"  network   {_nics(spec)} (x{net.nic_efficiency} = {net.nic_bytes_per_s / 1e9:.1f} GB/s each), "
         f"{net.latency_us} us; {fabric}, oversubscription {net.oversubscription}:1; PCIe {net.pcie_GBps:.0f} GB/s",
-        f"  all-to-all launch {spec.a2a_launch_us} us; "
+        f"  all-to-all launch {spec.a2a_launch_us} us (NCCL); "
         f"expert weights may use {spec.expert_memory_fraction:.0%} of HBM",
+        *_a2a_kernels(spec),
         f"  graph     {topo.graph.number_of_nodes()} nodes, {topo.num_links} directed links "
         + "(" + ", ".join(f"{v} {k}" for k, v in sorted(kinds.items())) + ")",
     ]

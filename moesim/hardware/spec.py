@@ -241,6 +241,84 @@ class NetworkSpec(StrictModel):
         return self.nic_Gbps / 8 * 1e9 * self.nic_efficiency
 
 
+class A2AKernelSpec(StrictModel):
+    """One all-to-all kernel family as production stacks run it (:mod:`moesim.sim.network` charges it): fixed
+    costs per call, per exchange of counts before the data moves and per peer, the share of the links' line
+    rates its copies reach, and the SMs it occupies while in flight."""
+
+    launch_us: float | None = Micros(default=None, description="fixed cost of one call: launch, handshake, "
+                                     "completion (default: the cluster's a2a_launch_us)")
+    notify_us: float = Micros(default=0.0, description="exchange of per-rank counts (layout/notify) before a "
+                              "dispatch's data moves")
+    per_peer_us: float = Micros(default=0.0, description="per peer GPU a rank exchanges bytes with (setup of one "
+                                "send/receive pair), the busiest rank's count")
+    nvlink_efficiency: float | None = Fraction(default=None, description="share of NVLink line rate its copies "
+                                               "reach (default nvlink.efficiency)")
+    rdma_efficiency: float | None = Fraction(default=None, description="share of NIC line rate its RDMA writes "
+                                             "reach (default network.nic_efficiency)")
+    sms: int = Field(default=0, ge=0, le=1_000_000, description="SMs the kernel occupies while in flight")
+
+
+# Each family's figures; a cluster's ``a2a_kernels`` overrides them field by field. Sources:
+_FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    # NCCL all_to_all / all_to_all_single (torch.distributed): one grouped ncclSend/ncclRecv per peer. launch_us
+    # (None: the cluster's a2a_launch_us) is the whole call as PyTorch issues it, measured on 2x H200 (0.036 ms,
+    # one peer); per_peer_us cannot be told apart from it on one peer and stays 0 until measured on more GPUs
+    # (moesim bench a2a --nproc 8). 24 SMs: NCCL's channels, taken as DeepEP's normal kernels (estimate).
+    "nccl": {"launch_us": None, "sms": 24},
+    # DeepEP normal kernels (github deepseek-ai/DeepEP, README: "NVLink and RDMA forwarding", SM number control;
+    # its tests tune 24 SMs): a layout kernel and notify_dispatch (per-rank counts exchanged, the host waits for
+    # them to size its buffers) before every dispatch, then the data through one RDMA copy per node and NVLink
+    # forwarding. launch_us 10 and notify_us 25 are ESTIMATES (not published); the README's bandwidths are the
+    # links' own rates (its tests time dispatches on a cached layout, without notify; docs/a2a.md).
+    "deepep_normal": {"launch_us": 10.0, "notify_us": 25.0, "sms": 24},
+    # DeepEP low-latency kernels (README: "pure RDMA", IBGDA, one message per (token, expert), hook-based overlap
+    # "that does not occupy any SM resource"; CUDA-graph capturable, no notify step). launch_us 30 is DERIVED from
+    # the README's H800 table, not measured apart: its kernel times less their bytes at the links' rates leave
+    # 16-37 us per call (counts signalled per expert, receivers polling, packing); 30 is that of the EP128/256 rows
+    # (whose dispatch-combine difference gives the RDMA rate, 0.85 of 50 GB/s: the preset's NIC rate).
+    "deepep_low_latency": {"launch_us": 30.0, "sms": 0},
+    # TensorRT-LLM NVLinkOneSided all-to-all (TensorRT-LLM tech blog 18, "Optimizing MoE Communication with
+    # One-Sided AlltoAll Over NVLink", DGX B200 / GB200 NVL72): each rank writes its tokens straight into the
+    # receivers' buffers over NVLink (symmetric memory), counts travel with the data, receivers poll flags; one
+    # NVLink domain only. launch_us 8 (a kernel replayed from a CUDA graph plus a flag round trip over NVLink)
+    # and 16 SMs are ESTIMATES, not published figures.
+    "nvlink_one_sided": {"launch_us": 8.0, "sms": 16},
+}
+
+
+def _family(name: str) -> Any:
+    return Field(default_factory=lambda: A2AKernelSpec(**_FAMILY_DEFAULTS[name]))
+
+
+class A2AKernels(StrictModel):
+    """The all-to-all kernel families (``engine.a2a``), each with its own costs (:data:`_FAMILY_DEFAULTS`, with
+    their sources; docs/a2a.md says which stack each stands for). A cluster file overrides a family field by
+    field: ``a2a_kernels: {deepep_low_latency: {launch_us: 20}}`` keeps its other figures."""
+
+    nccl: A2AKernelSpec = _family("nccl")
+    deepep_normal: A2AKernelSpec = _family("deepep_normal")
+    deepep_low_latency: A2AKernelSpec = _family("deepep_low_latency")
+    nvlink_one_sided: A2AKernelSpec = _family("nvlink_one_sided")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _over_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        return {k: {**_FAMILY_DEFAULTS[k], **v} if k in _FAMILY_DEFAULTS and isinstance(v, dict) else v
+                for k, v in data.items()}
+
+    def family(self, name: str) -> A2AKernelSpec:
+        """The spec of family ``name`` (an alias such as ``direct`` resolves first, :data:`A2A_ALIASES`)."""
+        return getattr(self, A2A_ALIASES.get(name, name))
+
+
+A2A_FAMILIES = ("nccl", "deepep_normal", "deepep_low_latency", "nvlink_one_sided")
+# The names earlier scenarios use: direct (NCCL), hierarchical (DeepEP normal), low_latency (DeepEP low-latency).
+A2A_ALIASES = {"direct": "nccl", "hierarchical": "deepep_normal", "low_latency": "deepep_low_latency"}
+
+
 class ClusterSpec(StrictModel):
     """A cluster of identical nodes, each an NVLink domain of ``gpus_per_node`` GPUs."""
 
@@ -255,6 +333,8 @@ class ClusterSpec(StrictModel):
         default=None, description="fixed cost of an all-to-all among one GPU (NCCL with one rank copies with "
         "cudaMemcpy, at the device copy rate); default a2a_launch_us")
     expert_memory_fraction: float = Fraction(default=0.8, description="share of HBM that expert weights may use")
+    a2a_kernels: A2AKernels = Field(default_factory=A2AKernels, description="the all-to-all kernel families' fixed "
+                                    "costs, bandwidth shares and SMs (engine.a2a picks one)")
 
     @property
     def num_gpus(self) -> int:

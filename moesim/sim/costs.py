@@ -48,11 +48,11 @@ class HardwareCosts(PlanningCosts):
 
 
 def a2a_copies(options: EngineOptions) -> str:
-    """How the engine's dispatch copies a token: per destination node (hierarchical), per destination rank
-    (direct, deduplicated) or per expert pick."""
-    if options.a2a == "hierarchical":
+    """How the engine's dispatch copies a token: per destination node (DeepEP normal, hierarchical), per
+    destination rank (NCCL or NVLink one-sided, deduplicated) or per expert pick."""
+    if options.a2a == "deepep_normal":
         return "node"
-    return "gpu" if options.a2a == "direct" and options.dedup else "expert"
+    return "gpu" if options.a2a in ("nccl", "nvlink_one_sided") and options.dedup else "expert"
 
 
 def expert_seconds(rows_per_rank: np.ndarray, model: ModelSpec, gpu: GPUSpec, tp: int, options: EngineOptions,
@@ -65,7 +65,7 @@ def expert_seconds(rows_per_rank: np.ndarray, model: ModelSpec, gpu: GPUSpec, tp
         return expert_time(per_expert, model, gpu, tp=tp, grouped=options.grouped)
     work = LayerWork(home=np.zeros_like(rows), sent=np.zeros_like(rows), rows=per_expert)
     return phase_times(work, model, gpu, pipeline=options.moe_kernels, tp=tp, dtype=options.expert_dtype,
-                       launch=options.launch, expert_major=options.a2a == "low_latency")[1]
+                       launch=options.launch, expert_major=options.a2a == "deepep_low_latency")[1]
 
 
 def compute_s_per_pair(topo: Topology, model: ModelSpec, tp: int, options: EngineOptions,
@@ -125,11 +125,13 @@ def layer_fixed_seconds(topo: Topology, model: ModelSpec, tp: int, options: Engi
         work = LayerWork(home=np.array(T), sent=np.array(T * model.top_k), rows=np.zeros(model.num_experts))
         before, _, after = phase_times(work, model, gpu, pipeline=options.moe_kernels, tp=tp,
                                        dtype=options.expert_dtype, launch=options.launch,
-                                       expert_major=options.a2a == "low_latency")
+                                       expert_major=options.a2a == "deepep_low_latency")
         around = float(before + after)
     at = float(expert_seconds(np.array([r0]), model, gpu, tp, options, experts)[0])
     slope = compute_s_per_pair(topo, model, tp, options, tokens_per_gpu)
-    fixed = dense + around + max(at - slope * r0, 0.0) + 2 * topo.cluster.a2a_launch_us * 1e-6
+    kernel = topo.cluster.a2a_kernels.family(options.a2a)  # its fixed costs: two calls, one count exchange
+    launch_us = kernel.launch_us if kernel.launch_us is not None else topo.cluster.a2a_launch_us
+    fixed = dense + around + max(at - slope * r0, 0.0) + (2 * launch_us + kernel.notify_us) * 1e-6
     if model.shared_experts or model.dense_layers:
         dense_layers = sum(float(dense_layers_time(np.array([T]), model, gpu, model.dense_layers_before(l),
                                                    attention=attention, launch=options.launch,

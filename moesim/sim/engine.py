@@ -23,11 +23,14 @@ collective waits only for its own TP group), moves its bytes as max-min fair flo
 (:mod:`moesim.sim.network`), and releases each GPU when that GPU's own sends and receives are done. A batch
 ends when its last GPU finishes the last layer; batches run one after another.
 
-How an all-to-all moves its bytes is ``EngineOptions.a2a``: ``direct`` (NCCL alltoallv, DeepEP's
-intranode kernels: every copy straight from source to destination GPU), ``hierarchical`` (DeepEP's
-internode normal kernels: one network copy per destination node to the sender's rail peer there, then
-NVLink forwarding; :func:`moesim.sim.traffic.hierarchical_bytes`) or ``low_latency`` (DeepEP's
-low-latency kernels: direct, one message per (token, expert), no deduplication).
+How an all-to-all moves its bytes is its kernel family, ``EngineOptions.a2a`` (docs/a2a.md), each with its own
+fixed costs (``cluster.a2a_kernels``, :func:`moesim.sim.network.kernel_cost`): ``nccl`` (alias ``direct``; NCCL
+all_to_all: every copy straight from source to destination GPU), ``deepep_normal`` (alias ``hierarchical``;
+DeepEP's normal kernels: a notify step before the dispatch, then on several nodes one network copy per
+destination node to the sender's rail peer there and NVLink forwarding,
+:func:`moesim.sim.traffic.hierarchical_bytes`; on one node direct), ``deepep_low_latency`` (alias
+``low_latency``; DeepEP's low-latency kernels: direct, one message per (token, expert), no deduplication) or
+``nvlink_one_sided`` (TensorRT-LLM's one-sided NVLink kernels: direct copies, one NVLink domain only).
 
 ``EngineOptions.dataflow``: ``standard`` (above: tokens live at home, two all-to-alls per layer) or
 ``coherent`` (ExFlow's context-coherent expert parallelism, where cross-layer expert affinity pays):
@@ -56,6 +59,7 @@ import numpy as np
 import simpy
 from simpy.events import NORMAL, EventPriority
 
+from moesim.hardware.spec import A2A_ALIASES, A2A_FAMILIES
 from moesim.hardware.topology import Topology
 from moesim.placement.format import Placement
 from moesim.sim.compute import Attention, dense_layers_time, dense_time, expert_time, shared_expert_time
@@ -82,7 +86,7 @@ class EngineOptions:
     dedup: bool = True  # one copy per (token, destination GPU); False: one per (token, expert)
     grouped: bool = True  # one grouped-GEMM launch per GPU and layer; False: one kernel per expert
     rate_tolerance: float = 0.01  # see moesim.sim.network; 0 = exact max-min
-    a2a: Literal["direct", "hierarchical", "low_latency"] = "direct"  # see the module docstring
+    a2a: str = "nccl"  # the all-to-all kernel family (A2A_FAMILIES or an alias); see the module docstring
     replica_rule: str = "token_index"  # token_index (vLLM), local (SGLang static), balanced_split (LPLB)
     dataflow: Literal["standard", "coherent"] = "standard"  # see the module docstring
     # the MoE layer's kernel pipeline (moesim.sim.kernels); ffn: the experts only
@@ -94,10 +98,13 @@ class EngineOptions:
     dense_dtype: Literal["bf16", "fp8"] = "bf16"  # projections, shared experts, dense MLPs (moesim.sim.compute)
 
     def __post_init__(self) -> None:
+        if self.a2a not in (*A2A_FAMILIES, *A2A_ALIASES):
+            raise ValueError(f"a2a must be one of {', '.join((*A2A_FAMILIES, *A2A_ALIASES))}, got {self.a2a!r}")
+        object.__setattr__(self, "a2a", A2A_ALIASES.get(self.a2a, self.a2a))  # the family's own name
         if self.dataflow not in ("standard", "coherent"):
             raise ValueError(f"dataflow must be standard or coherent, got {self.dataflow!r}")
-        if self.dataflow == "coherent" and self.a2a == "hierarchical":
-            raise ValueError("dataflow coherent moves tokens directly between expert GPUs; use a2a direct")
+        if self.dataflow == "coherent" and self.a2a == "deepep_normal":
+            raise ValueError("dataflow coherent moves tokens directly between expert GPUs; use a2a nccl (direct)")
         if self.dataflow == "coherent" and self.replica_rule != "token_index":
             raise ValueError("dataflow coherent picks replicas by token index; use replica_rule token_index")
         if self.moe_kernels not in ("ffn", *PIPELINES):
@@ -112,8 +119,6 @@ class EngineOptions:
         if self.launch == "cuda_graph" and self.moe_kernels not in ("fused", "deepgemm"):
             raise ValueError("launch cuda_graph needs moe_kernels fused or deepgemm (torch_reference's permute syncs "
                              "with the host for its split sizes, and ffn has no launch model)")
-        if self.a2a not in ("direct", "hierarchical", "low_latency"):
-            raise ValueError(f"a2a must be direct, hierarchical or low_latency, got {self.a2a!r}")
         if self.overlap not in ("none", "two_batch"):
             raise ValueError(f"overlap must be none or two_batch, got {self.overlap!r}")
         if self.overlap == "two_batch" and self.dataflow == "coherent":
@@ -166,8 +171,9 @@ class _Rendezvous:
     when it is done."""
 
     def __init__(self, fabric: Fabric, name: str, nbytes: np.ndarray, sink: list[CollectiveResult] | None,
-                 members: int | None = None):
+                 members: int | None = None, *, kernel: str = "nccl", notify: bool = False):
         self.fabric, self.name, self.nbytes, self.sink = fabric, name, nbytes, sink
+        self.kernel, self.notify = kernel, notify  # the all-to-all kernel family; a dispatch's count exchange
         G = nbytes.shape[0]
         self.events = [fabric.env.event() for _ in range(G)]
         self.members = G if members is None else members
@@ -182,7 +188,8 @@ class _Rendezvous:
         return self.events[g]
 
     def _run(self) -> Generator[simpy.Event, None, None]:
-        result = yield from self.fabric.collective(self.name, self.nbytes, self.events)
+        result = yield from self.fabric.collective(self.name, self.nbytes, self.events, kernel=self.kernel,
+                                                   notify=self.notify)
         if self.sink is not None:
             self.sink.append(result)
 
@@ -244,6 +251,9 @@ class Simulation:
         self.attention = attention  # sequence lengths for the attention core; None: projections only
         self.num_gpus = cluster.num_gpus
         self.num_ranks = cluster.num_gpus // tp
+        if options.a2a == "nvlink_one_sided" and cluster.nodes > 1:
+            raise ValueError(f"a2a nvlink_one_sided runs within one NVLink domain; this EP group spans {cluster.nodes} "
+                             f"nodes of {cluster.gpus_per_node} GPUs (use deepep_normal, deepep_low_latency or nccl)")
         self.routing = Routing.of(topo)  # per topology: shared by every run's fabric
 
     def run(self, trace: Trace, layout: Layout, placement: Placement, *, name: str | None = None,
@@ -294,7 +304,7 @@ class Simulation:
             return dense, zero, expert_time(tok, model, gpu, tp=tp, grouped=opt.grouped), zero
         before, experts, after = phase_times(LayerWork(home=held, sent=sent, rows=tok), model, gpu,
                                              pipeline=opt.moe_kernels, tp=tp, dtype=opt.expert_dtype,
-                                             launch=opt.launch, expert_major=opt.a2a == "low_latency")
+                                             launch=opt.launch, expert_major=opt.a2a == "deepep_low_latency")
         return dense, before, experts, after
 
     def _phases(self, l: int, held: np.ndarray, sent: np.ndarray, tok: np.ndarray) -> dict[str, np.ndarray]:
@@ -316,8 +326,8 @@ class Simulation:
         micro-batch's collectives); records the per-GPU counts."""
         model, tp, G, opt = self.model, self.tp, self.num_gpus, self.options
         L, gpn = model.num_layers, self.topo.cluster.gpus_per_node
-        dedup = opt.dedup and opt.a2a != "low_latency"
-        hierarchical = opt.a2a == "hierarchical" and self.topo.cluster.nodes > 1
+        dedup = opt.dedup and opt.a2a != "deepep_low_latency"
+        hierarchical = opt.a2a == "deepep_normal" and self.topo.cluster.nodes > 1
         coherent = opt.dataflow == "coherent"
         same_node = self.topo.same_node()
         offdiag_mask = ~np.eye(G, dtype=bool)
@@ -361,7 +371,8 @@ class Simulation:
             rec["bytes_out_inter"][b, l] = (offdiag * ~same_node).sum(axis=1)
             flows += sum(int(np.count_nonzero(m * offdiag_mask)) for m in mats.values())
             coll = {k: _GroupRendezvous(fabric, f"{k}[b{b}{tag}.l{l}]", m, sink, tp) if k in TP_COLLECTIVES
-                    else _Rendezvous(fabric, f"{k}[b{b}{tag}.l{l}]", m, sink) for k, m in mats.items()}
+                    else _Rendezvous(fabric, f"{k}[b{b}{tag}.l{l}]", m, sink, kernel=opt.a2a, notify=k == "dispatch")
+                    for k, m in mats.items()}
             plan.append(LayerPlan(coll, **self._phases(l, held, sent, tok)))
         return plan, flows
 

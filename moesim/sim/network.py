@@ -5,18 +5,22 @@ move, each following its fixed path of links (:mod:`moesim.hardware.topology`). 
 every link's capacity is shared among the flows crossing it max-min fairly (progressive filling): two
 GPUs sending through one NIC get half each; a flow limited elsewhere leaves its unused share to the
 others. Rates are recomputed whenever flows finish; a flow's bytes arrive ``path latency`` after its
-last byte leaves, and every call pays the cluster's fixed ``a2a_launch_us``. On a single GPU (NCCL with one rank)
-a collective is a device-to-device copy: ``a2a_self_launch_us`` and half the HBM rate (read and write).
+last byte leaves. Every call first pays the fixed costs of its all-to-all kernel family (:func:`kernel_cost`,
+``cluster.a2a_kernels``: NCCL, DeepEP normal, DeepEP low-latency, NVLink one-sided): a launch, an exchange of
+counts before a dispatch, a cost per peer; a family may reach its own share of the NVLink and NIC line rates. On a
+single GPU (NCCL with one rank) a collective is a device-to-device copy: ``a2a_self_launch_us`` and half the HBM
+rate (read and write).
 
 The solver freezes, in one vectorised step, every link whose fair share is the smallest among all links
 its flows cross (a local bottleneck): those rates are final, so the number of steps is the depth of the
 bottleneck structure, not the number of links. Links that can never saturate (their capacity is at least
 the summed capacity of the bottleneck links feeding them) are pruned once per topology (:class:`Routing`,
 built once and shared by every fabric on the topology). Flows that share no link (NVLink inside each
-node, NICs between nodes) never affect each other's rates, so a departure only recomputes the rates of
-its own connected component. The fluid phase is a pure function of the flows (:func:`fluid_ends`);
-the fabric schedules its outcome in SimPy time, and reuses it for a collective whose bytes are a
-multiple of a recent one's or of their transpose (the combine that mirrors a dispatch).
+node, NICs between nodes) never affect each other's rates, so a departure only recomputes rates in
+its own connected component, and there only the flows at least as fast as the departed one: the slower
+ones keep their rates exactly. The fluid phase is a pure function of the flows (:func:`fluid_ends`); the
+fabric schedules its outcome in SimPy time, and reuses it for a collective whose bytes are a multiple of a
+recent one's or of their transpose (the combine that mirrors a dispatch).
 
 ``rate_tolerance`` trades exactness for speed: after a recomputation, every flow that would finish within
 ``rate_tolerance x`` the elapsed collective time of the first one finishes in the same step, and the
@@ -29,15 +33,17 @@ Deliberately ignored: packets, congestion control and switch buffers, protocol o
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Generator
 
 import numpy as np
 import simpy
 
+from moesim.hardware.spec import A2A_ALIASES, A2A_FAMILIES
 from moesim.hardware.topology import Topology
 
 _REL_TOL = 1e-9
+_RISE_TOL = 1e-6  # flows within this of the departed rate are recomputed too (rounding)
 
 
 def _max_min(cols: list[np.ndarray], capacity: np.ndarray) -> np.ndarray:
@@ -112,43 +118,67 @@ def _components(cols: list[np.ndarray], num_links: int) -> np.ndarray:
         label = new
 
 
+def _load(cols: list[np.ndarray], rate: np.ndarray, num_links: int) -> np.ndarray:
+    """Per link (the dummy last): the summed rate of the flows on links ``cols`` crossing it."""
+    load = np.bincount(cols[0], weights=rate, minlength=num_links)
+    for c in cols[1:]:
+        load += np.bincount(c, weights=rate, minlength=num_links)
+    return load
+
+
 def fluid_ends(size: np.ndarray, cols: list[np.ndarray], capacity: np.ndarray, rate_tolerance: float = 0.0,
                ) -> tuple[np.ndarray, int]:
-    """When each flow's last byte leaves, for flows of ``size`` bytes all starting at time 0 on links
-    ``cols`` (as for :func:`max_min_rates`), sharing ``capacity`` max-min fairly; and how many times rates
-    were recomputed.
+    """When each flow's last byte leaves, for flows of ``size`` bytes all starting at time 0 on links ``cols``
+    (as for :func:`max_min_rates`, one array per path position), sharing ``capacity`` max-min fairly; and how many times
+    rates were recomputed.
 
-    A departure-only fluid process: rates are recomputed when flows end, only in the connected
-    components that lost a flow. With ``rate_tolerance`` > 0, flows ending within ``rate_tolerance x``
-    the time of the first end of a step end in that step, and their bandwidth is handed out at its end.
+    A departure-only fluid process. When flows end, only the flows whose rate can change are recomputed,
+    on the capacity the others leave free: in each connected component that lost flows, those whose rate
+    is at least the smallest departed rate. (Exact: progressive filling freezes every flow slower than a
+    departed flow f at a link f does not cross, at a level f's absence does not change; and no other flow
+    falls below f's rate, since every link f crossed had room for it up to that level.) With
+    ``rate_tolerance`` > 0, flows ending within ``rate_tolerance x`` the time of the first end of a step
+    end in that step, and their bandwidth is handed out at its end.
     """
-    end = np.empty(size.size)
-    if size.size == 0:
+    n = size.size
+    end = np.empty(n)
+    if n == 0:
         return end, 0
-    active = np.arange(size.size)  # flows still sending, with their links, component, rate and end time
+    num_links = capacity.size + 1
     comp = _components(cols, capacity.size)
-    touched = np.zeros(comp.max() + 1, dtype=bool)
+    single = comp.max() == 0
     rate = _max_min(cols, capacity)
     t_end = size / rate
+    pending = t_end.copy()  # end times of flows still sending; inf once they ended
+    free = np.append(capacity, np.inf) - _load(cols, rate, num_links)  # kept up to date as rates change
     now, recomputations = 0.0, 1
-    while active.size:
-        first = t_end.min()
-        ending = t_end <= now + (first - now + rate_tolerance * first) * (1 + _REL_TOL)
-        done = ending.nonzero()[0]
-        end[active[done]] = t_end[done]
-        now = t_end[done].max()
-        touched[:] = False
-        touched[comp[done]] = True
-        keep = (~ending).nonzero()[0]
-        active, comp, rate, t_end = active[keep], comp[keep], rate[keep], t_end[keep]
-        cols = [c[keep] for c in cols]
-        redo = touched[comp].nonzero()[0]
+    while True:
+        first = pending.min()
+        if first == np.inf:
+            return end, recomputations
+        done = (pending <= now + (first - now + rate_tolerance * first) * (1 + _REL_TOL)).nonzero()[0]
+        end[done] = t_end[done]
+        now = float(t_end[done].max())
+        pending[done] = np.inf
+        gone = rate[done]
+        free += _load([c[done] for c in cols], gone, num_links)
+        rate[done] = 0.0  # never rises again
+        if single:  # the smallest departed rate: flows at least that fast may change
+            rising = rate >= gone.min() * (1 - _RISE_TOL)
+        else:
+            floor = np.full(int(comp.max()) + 1, np.inf)
+            np.minimum.at(floor, comp[done], gone)
+            rising = rate >= floor[comp] * (1 - _RISE_TOL)
+        redo = rising.nonzero()[0]
         if redo.size:
+            sub = [c[redo] for c in cols]
+            free += _load(sub, rate[redo], num_links)
             remaining = (t_end[redo] - now) * rate[redo]
-            rate[redo] = _max_min([c[redo] for c in cols], capacity)
-            t_end[redo] = now + remaining / rate[redo]
+            new = _max_min(sub, np.maximum(free[:-1], 0.0))
+            free -= _load(sub, new, num_links)
+            rate[redo] = new
+            t_end[redo] = pending[redo] = now + remaining / new
             recomputations += 1
-    return end, recomputations
 
 
 def binding_links(topo: Topology) -> np.ndarray:
@@ -216,6 +246,39 @@ class Routing:
         return cls(bind=bind, path_pair=pair_of_link, mirrored=mirrored)
 
 
+@dataclass(frozen=True)
+class KernelCost:
+    """What one all-to-all kernel family costs on a topology: fixed seconds per call, per exchange of counts and
+    per peer of the busiest rank, and the link capacities (with their routing) at the family's bandwidth shares."""
+
+    family: str
+    launch_s: float
+    notify_s: float
+    per_peer_s: float
+    capacity: np.ndarray
+    routing: Routing
+
+
+def kernel_cost(topo: Topology, family: str, routing: Routing | None = None) -> KernelCost:
+    """Kernel family ``family``'s costs on ``topo`` from ``cluster.a2a_kernels`` (``routing``: the topology's own,
+    reused when the family keeps the links' default shares). NCCL among one GPU is a device copy: it pays
+    ``a2a_self_launch_us``."""
+    cluster = topo.cluster
+    spec = cluster.a2a_kernels.family(family)
+    launch = spec.launch_us if spec.launch_us is not None else cluster.a2a_launch_us
+    if family == "nccl" and topo.num_gpus == 1 and cluster.a2a_self_launch_us is not None:
+        launch = cluster.a2a_self_launch_us
+    capacity = topo.capacity
+    kind = np.array(topo.link_kind)
+    for link_kind, share, default in (("nvlink", spec.nvlink_efficiency, cluster.nvlink.efficiency),
+                                      ("nic", spec.rdma_efficiency, cluster.network.nic_efficiency)):
+        if share is not None and share != default:
+            capacity = np.where(kind == link_kind, capacity * (share / default), capacity)
+    if capacity is not topo.capacity or routing is None:  # other shares can bind other links
+        routing = Routing.of(replace(topo, capacity=capacity))
+    return KernelCost(family, launch * 1e-6, spec.notify_us * 1e-6, spec.per_peer_us * 1e-6, capacity, routing)
+
+
 @dataclass
 class CollectiveResult:
     """What one collective did: per-flow and per-GPU times (absolute simulation seconds)."""
@@ -239,6 +302,7 @@ class _Fluid:
     nbytes: np.ndarray  # [G, G], zero diagonal
     flow_at: np.ndarray  # [G, G]: index of pair (s, d) in ``end``
     end: np.ndarray  # per flow
+    mirrored: bool  # its routing's (Routing.mirrored): the transpose shares its rates
 
 
 def _succeed(event: simpy.Event) -> Callable[[simpy.Event], None]:
@@ -268,23 +332,25 @@ class Fabric:
         self.topo = topo
         self.rate_tolerance = rate_tolerance
         self.routing = routing if routing is not None else Routing.of(topo)
-        self.launch_s = topo.cluster.a2a_launch_us * 1e-6
         self.link_bytes = np.zeros(topo.num_links)
         self.recomputations = 0
         self.local_bytes_per_s = topo.cluster.gpu.local_copy_bytes_per_s
         if topo.num_gpus == 1:  # NCCL with one rank: a device-to-device copy, no kernel of its own
-            self.launch_s = (topo.cluster.a2a_self_launch_us if topo.cluster.a2a_self_launch_us is not None
-                             else topo.cluster.a2a_launch_us) * 1e-6
             self.local_bytes_per_s = topo.cluster.gpu.hbm_bytes_per_s / 2
-        self._recent: list[_Fluid] = []
+        self.kernels = {name: kernel_cost(topo, name, self.routing) for name in A2A_FAMILIES}
+        self._recent: dict[str, list[_Fluid]] = {name: [] for name in A2A_FAMILIES}
 
-    def collective(self, name: str, nbytes: np.ndarray, gpu_events: list[simpy.Event] | None = None,
-                   ) -> Generator[simpy.Event, None, CollectiveResult]:
-        """Move ``nbytes[s, d]`` from every GPU s to every GPU d; a SimPy process body.
+    def collective(self, name: str, nbytes: np.ndarray, gpu_events: list[simpy.Event] | None = None, *,
+                   kernel: str = "nccl", notify: bool = False) -> Generator[simpy.Event, None, CollectiveResult]:
+        """Move ``nbytes[s, d]`` from every GPU s to every GPU d with all-to-all kernel family ``kernel``
+        (:data:`moesim.hardware.spec.A2A_FAMILIES`); a SimPy process body.
 
-        Starts now (the caller rendezvous all GPUs first). ``gpu_events[g]`` succeeds at the moment GPU g
-        has sent and received all its bytes, so a GPU can move on before the slowest pair finishes.
+        Starts now (the caller rendezvous all GPUs first) with the kernel's fixed costs: its launch, its
+        exchange of counts when ``notify`` (a dispatch's layout step), and its per-peer cost times the peers
+        of the busiest rank. ``gpu_events[g]`` succeeds at the moment GPU g has sent and received all its
+        bytes, so a GPU can move on before the slowest pair finishes.
         """
+        cost = self.kernels[A2A_ALIASES.get(kernel, kernel)]
         env, topo = self.env, self.topo
         G = topo.num_gpus
         start = env.now
@@ -299,15 +365,18 @@ class Fabric:
                                        minlength=topo.num_links)
 
         latency = topo.path_latency[src, dst]
-        yield env.timeout(self.launch_s)
+        peers = max(int(np.bincount(src, minlength=G).max(initial=0)),
+                    int(np.bincount(dst, minlength=G).max(initial=0)))  # the busiest rank's
+        yield env.timeout(cost.launch_s + (cost.notify_s if notify else 0.0) + cost.per_peer_s * peers)
         t0 = env.now
         recomputations = 0
-        end = self._recall(off, src, dst)
+        recent = self._recent[cost.family]
+        end = self._recall(recent, off, src, dst)
         if end is None:
-            cols = [row[src * G + dst] for row in self.routing.bind]
-            end, recomputations = fluid_ends(size, cols, topo.capacity, self.rate_tolerance)
+            cols = [row[src * G + dst] for row in cost.routing.bind]
+            end, recomputations = fluid_ends(size, cols, cost.capacity, self.rate_tolerance)
             if size.size:
-                self._remember(off, src, dst, end)
+                self._remember(recent, off, src, dst, end, cost.routing.mirrored)
         finish = t0 + end + latency
         gpu_done = t0 + local / self.local_bytes_per_s
         for ends in (src, dst):
@@ -321,20 +390,23 @@ class Fabric:
         return CollectiveResult(name=name, start=start, src=src, dst=dst, nbytes=size, finish=finish,
                                 gpu_done=gpu_done, local_bytes=local, recomputations=recomputations)
 
-    def _remember(self, off: np.ndarray, src: np.ndarray, dst: np.ndarray, end: np.ndarray) -> None:
+    def _remember(self, recent: list[_Fluid], off: np.ndarray, src: np.ndarray, dst: np.ndarray,
+                  end: np.ndarray, mirrored: bool) -> None:
         G = self.topo.num_gpus
         flow_at = np.zeros((G, G), dtype=np.int64)
         flow_at[src, dst] = np.arange(src.size)
-        self._recent = [_Fluid(off, flow_at, end)] + self._recent[: self._REMEMBER - 1]
+        recent.insert(0, _Fluid(off, flow_at, end, mirrored))
+        del recent[self._REMEMBER :]
 
-    def _recall(self, off: np.ndarray, src: np.ndarray, dst: np.ndarray) -> np.ndarray | None:
+    @staticmethod
+    def _recall(recent: list[_Fluid], off: np.ndarray, src: np.ndarray, dst: np.ndarray) -> np.ndarray | None:
         """Fluid end times of the flows (src, dst) of ``off`` if it is a remembered collective scaled by one
         factor, or its transpose on a mirrored routing; None otherwise. Scaling every flow's bytes by c
         scales every end time (and every grouping window) by c."""
         if src.size == 0:
             return None
-        for fluid in self._recent:
-            for mirror in (False, True) if self.routing.mirrored else (False,):
+        for fluid in recent:
+            for mirror in (False, True) if fluid.mirrored else (False,):
                 ref = fluid.nbytes.T if mirror else fluid.nbytes
                 scale = off[src[0], dst[0]] / ref[src[0], dst[0]] if ref[src[0], dst[0]] > 0 else 0.0
                 if scale > 0 and np.count_nonzero(ref) == src.size \

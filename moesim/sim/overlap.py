@@ -12,10 +12,10 @@ experts run right after their own dispatch is issued, beside it (as DeepSeek and
 Communication kernels occupy SMs: while any all-to-all of a GPU is in flight (from its launch on that GPU until
 its own sends and receives are done, waiting for the slowest GPU included, as DeepEP's kernels spin), a compute
 step that starts on that GPU runs at ``(sms - comm_sms) / sms`` of its speed for its whole length.
-``comm_sms`` is ``EngineOptions.comm_sms``, by default 24 for ``a2a: direct`` and ``hierarchical`` (DeepEP's
-normal kernels as DeepSeek ran prefill, ``Buffer.set_num_sms(24)``: 108 compute + 24 communication SMs of
-132, deepseek-ai/profile-data) and 0 for ``low_latency`` (DeepEP's low-latency kernels with receive hooks
-occupy no SM while the data moves).
+``comm_sms`` is ``EngineOptions.comm_sms``, by default the kernel family's ``sms`` (``cluster.a2a_kernels``):
+24 for ``nccl`` and ``deepep_normal`` (DeepEP's normal kernels as DeepSeek ran prefill, ``Buffer.set_num_sms(24)``:
+108 compute + 24 communication SMs of 132, deepseek-ai/profile-data), 0 for ``deepep_low_latency`` (DeepEP's
+low-latency kernels with receive hooks occupy no SM while the data moves), 16 for ``nvlink_one_sided`` (estimate).
 
 Records: each micro-batch's own arrays are ``SimRecords.micro``; ``SimRecords.gpu`` merges them - counts summed,
 ``t_layer_start`` the earlier and ``t_layer_end`` the later of the two, every other time micro-batch 0's - so
@@ -40,7 +40,6 @@ from moesim.traces.format import Layout, Trace
 if TYPE_CHECKING:
     from moesim.sim.engine import CountingEnvironment, LayerPlan, SimRecords, Simulation
 
-COMM_SMS = {"direct": 24, "hierarchical": 24, "low_latency": 0}  # SMs an all-to-all occupies (module docstring)
 COUNTS = ("tokens", "recv_copies", "bytes_out_intra", "bytes_out_inter")
 
 
@@ -59,7 +58,7 @@ def split_two(idx: np.ndarray, home: np.ndarray, num_gpus: int) -> tuple[np.ndar
 def slowdown(sim: "Simulation") -> float:
     """How much longer a compute step takes while an all-to-all occupies ``comm_sms`` of the GPU's SMs."""
     opt, sms = sim.options, sim.topo.cluster.gpu.sms
-    comm = COMM_SMS[opt.a2a] if opt.comm_sms is None else opt.comm_sms
+    comm = sim.topo.cluster.a2a_kernels.family(opt.a2a).sms if opt.comm_sms is None else opt.comm_sms
     if comm >= sms:
         raise ValueError(f"comm_sms ({comm}) must leave the GPU some of its {sms} SMs")
     return sms / (sms - comm)

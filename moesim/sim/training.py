@@ -53,7 +53,6 @@ from moesim.sim.compute import Attention, attention_time, dense_layers_time, den
 from moesim.sim.engine import EngineOptions
 from moesim.sim.kernels import AFTER_COMBINE, BEFORE_DISPATCH, LayerWork, step_times
 from moesim.sim.network import Fabric, Routing
-from moesim.sim.overlap import COMM_SMS
 from moesim.traces.model import ModelSpec
 
 # Backward time as a multiple of the forward's, per kernel (module docstring); kernels not listed: 1x.
@@ -286,7 +285,7 @@ def _pairs(layers: list[LayerStep], durs: list[dict[str, np.ndarray]], slowdown:
 def comm_slowdown(topo: Topology, options: EngineOptions) -> float:
     """How much longer compute takes while communication kernels hold ``comm_sms`` SMs (moesim.sim.overlap)."""
     sms = topo.cluster.gpu.sms
-    comm = COMM_SMS[options.a2a] if options.comm_sms is None else options.comm_sms
+    comm = topo.cluster.a2a_kernels.family(options.a2a).sms if options.comm_sms is None else options.comm_sms
     if comm >= sms:
         raise ValueError(f"comm_sms ({comm}) must leave the GPU some of its {sms} SMs")
     return sms / (sms - comm)

@@ -11,6 +11,7 @@ anything is simulated. Relative paths (trace and placement files) resolve agains
 from __future__ import annotations
 
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -137,8 +138,8 @@ class EngineConfig(_Strict):
         default=None, description="the MoE layer's kernel pipeline (moesim.sim.kernels): torch_reference "
         "(plain PyTorch EP: router, permute, all_to_all_single, regroup, grouped GEMMs, unpermute, index_add), fused "
         "(vLLM's fused_moe Triton kernels), deepgemm (DeepEP + DeepGEMM FP8 grouped GEMMs: SGLang wide EP, "
-        "DeepSeek), ffn (the expert FFNs alone); default: deepgemm with the DeepEP all-to-alls (a2a hierarchical "
-        "or low_latency), else torch_reference")
+        "DeepSeek), ffn (the expert FFNs alone); default: deepgemm with the DeepEP or NVLink one-sided all-to-alls, "
+        "else torch_reference")
     expert_dtype: Literal["bf16", "fp8"] = Field(default="bf16", description="the expert GEMMs' dtype")
     launch: Literal["eager", "cuda_graph"] = Field(
         default="eager", description="how the MoE pipeline's kernels are launched: eager (PyTorch from Python; small "
@@ -149,10 +150,13 @@ class EngineConfig(_Strict):
         "per_expert with moe_kernels torch_reference (its send buffer has a row per pick), else per_gpu")
     expert_kernel: Literal["grouped", "per_expert"] = "grouped"
     rate_tolerance: float = Field(default=0.01, ge=0, le=0.2)
-    a2a: Literal["direct", "hierarchical", "low_latency"] = Field(
-        default="direct", description="direct (NCCL, DeepEP intranode), hierarchical (DeepEP internode normal: "
-                                      "one network copy per node, NVLink forwarding), low_latency (DeepEP "
-                                      "low-latency: direct, one message per token and expert)")
+    a2a: Literal["nccl", "deepep_normal", "deepep_low_latency", "nvlink_one_sided", "direct", "hierarchical",
+                 "low_latency"] = Field(
+        default="direct", description="the all-to-all kernel family (docs/a2a.md; fixed costs in the cluster's "
+        "a2a_kernels): nccl (alias direct: NCCL all_to_all, copies straight to each GPU), deepep_normal (alias "
+        "hierarchical: DeepEP normal, notify step, one network copy per node and NVLink forwarding), "
+        "deepep_low_latency (alias low_latency: DeepEP low-latency, one message per token and expert), "
+        "nvlink_one_sided (TensorRT-LLM one-sided NVLink, one NVLink domain only)")
     replica_rule: Literal["token_index", "local", "balanced_split"] = Field(
         default="token_index", description="which replica serves a token: token_index (vLLM), local (SGLang "
                                            "static: same GPU, then node, then spread), balanced_split (LPLB)")
@@ -164,8 +168,8 @@ class EngineConfig(_Strict):
         "the other's compute, shared experts beside their own dispatch (DeepSeek, SGLang TBO, vLLM DBO; "
         "moesim.sim.overlap)")
     comm_sms: int | None = Field(default=None, ge=0, le=100_000, description="SMs an all-to-all kernel occupies "
-                                 "while in flight, slowing the compute it overlaps (default: 24 for a2a direct and "
-                                 "hierarchical, DeepEP normal kernels; 0 for low_latency, receive hooks)")
+                                 "while in flight, slowing the compute it overlaps (default: the kernel family's sms "
+                                 "in the cluster's a2a_kernels)")
     dense_dtype: Literal["bf16", "fp8"] = Field(
         default="bf16", description="dtype of the GEMMs outside the routed experts: attention projections, shared "
         "experts, dense layers' MLPs (DeepSeek serves every linear layer in FP8)")
@@ -173,14 +177,15 @@ class EngineConfig(_Strict):
 
     @model_validator(mode="after")
     def _a2a(self) -> "EngineConfig":
-        if self.a2a == "low_latency" and "dispatch" in self.model_fields_set and self.dispatch == "per_gpu":
-            raise ValueError("a2a low_latency sends one message per (token, expert); drop dispatch: per_gpu")
+        if self.a2a in ("low_latency", "deepep_low_latency") and "dispatch" in self.model_fields_set \
+                and self.dispatch == "per_gpu":
+            raise ValueError(f"a2a {self.a2a} sends one message per (token, expert); drop dispatch: per_gpu")
         self.options()  # the engine's own checks (EngineOptions), defined once there
         return self
 
     def options(self) -> EngineOptions:
         """The engine options these settings ask for."""
-        kernels = self.moe_kernels or ("deepgemm" if self.a2a in ("hierarchical", "low_latency") else "torch_reference")
+        kernels = self.moe_kernels or ("torch_reference" if self.a2a in ("direct", "nccl") else "deepgemm")
         dispatch = self.dispatch or ("per_expert" if kernels == "torch_reference" else "per_gpu")
         return EngineOptions(dedup=dispatch == "per_gpu", grouped=self.expert_kernel == "grouped",
                              rate_tolerance=self.rate_tolerance, a2a=self.a2a, replica_rule=self.replica_rule,
@@ -574,11 +579,23 @@ def parse_scenario(data: Any, source: str, base_dir: Path | None = None) -> Scen
                                    source, base_dir)
     baseline = _baseline(data if training is None else {"baseline": training.baseline_name}, placements, source)
     engine = _validated(EngineConfig, data.get("engine") or {}, source, "engine")
+    _check_a2a_domain(engine, clusters, source)
     name = str(data.get("name") or Path(source).stem)
     output = Path(str(data.get("output") or Path("results") / safe_name(name)))  # the name: one safe component
     rebalance = _rebalance(data.get("rebalance"), placements, workload, source)
     return Scenario(name=name, source=source, clusters=clusters, model=model, workload=workload, rebalance=rebalance,
                     placements=placements, baseline=baseline, engine=engine, output=output, training=training)
+
+
+def _check_a2a_domain(engine: EngineConfig, clusters: Sequence[ClusterEntry], source: str) -> None:
+    """One-sided NVLink all-to-alls run within one NVLink domain: refuse a cluster of several nodes."""
+    if engine.a2a != "nvlink_one_sided":
+        return
+    for c in clusters:
+        if c.spec.nodes > 1:
+            raise InputError(f"nvlink_one_sided runs within one NVLink domain; cluster {c.name!r} spans "
+                             f"{c.spec.nodes} nodes of {c.spec.gpus_per_node} GPUs (use deepep_normal, "
+                             "deepep_low_latency or nccl)", source=source, field="engine.a2a")
 
 
 def load_scenario(path: str | Path) -> Scenario:
