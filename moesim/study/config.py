@@ -558,12 +558,6 @@ def _training(data: dict[str, Any], workload: Workload, source: str) -> Training
     return None if workload.phase == "serve" else _validated(TrainingConfig, data["training"], source, "training")
 
 
-def _layout_placements(training: TrainingConfig) -> list[dict[str, Any]]:
-    """The layouts' placements as scenario placements (what ``moesim validate`` and the planner check)."""
-    return [{"name": lay.name, "policy": "contiguous" if lay.placement == "everywhere" else lay.placement,
-             **lay.options} for lay in training.layouts]
-
-
 def parse_scenario(data: Any, source: str, base_dir: Path | None = None) -> Scenario:
     """Validate a scenario given as plain data (what YAML loads to): its top-level keys, then each section
     in turn (clusters, model, workload, placements, baseline, engine, rebalance), cross-field checks with
@@ -575,7 +569,7 @@ def parse_scenario(data: Any, source: str, base_dir: Path | None = None) -> Scen
     model = _parse_model(data["model"], source)
     workload = _parse_workload(data["workload"], model, source, base_dir)
     training = _training(data, workload, source)
-    placements = _parse_placements(data["placements"] if training is None else _layout_placements(training),
+    placements = _parse_placements(data["placements"] if training is None else training.scenario_placements(),
                                    source, base_dir)
     baseline = _baseline(data if training is None else {"baseline": training.baseline_name}, placements, source)
     engine = _validated(EngineConfig, data.get("engine") or {}, source, "engine")
@@ -589,13 +583,10 @@ def parse_scenario(data: Any, source: str, base_dir: Path | None = None) -> Scen
 
 def _check_a2a_domain(engine: EngineConfig, clusters: Sequence[ClusterEntry], source: str) -> None:
     """One-sided NVLink all-to-alls run within one NVLink domain: refuse a cluster of several nodes."""
-    if engine.a2a != "nvlink_one_sided":
-        return
-    for c in clusters:
-        if c.spec.nodes > 1:
-            raise InputError(f"nvlink_one_sided runs within one NVLink domain; cluster {c.name!r} spans "
-                             f"{c.spec.nodes} nodes of {c.spec.gpus_per_node} GPUs (use deepep_normal, "
-                             "deepep_low_latency or nccl)", source=source, field="engine.a2a")
+    for c in (c for c in clusters if engine.a2a == "nvlink_one_sided" and c.spec.nodes > 1):
+        raise InputError(f"nvlink_one_sided runs within one NVLink domain; cluster {c.name!r} spans {c.spec.nodes} "
+                         f"nodes of {c.spec.gpus_per_node} GPUs (use deepep_normal, deepep_low_latency or nccl)",
+                         source=source, field="engine.a2a")
 
 
 def load_scenario(path: str | Path) -> Scenario:

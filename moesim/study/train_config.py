@@ -97,3 +97,8 @@ class TrainingConfig(_Strict):
     @property
     def baseline_name(self) -> str:
         return self.baseline or self.layouts[0].name
+
+    def scenario_placements(self) -> list[dict[str, Any]]:
+        """The layouts' placements as scenario placements (what ``moesim validate`` and the planner check)."""
+        return [{"name": lay.name, "policy": "contiguous" if lay.placement == "everywhere" else lay.placement,
+                 **lay.options} for lay in self.layouts]
