@@ -6,7 +6,8 @@ file and field, and exits with status 2, before any output file is written. Ctrl
 outputs or the new ones, never a mix (:mod:`moesim.fileio`).
 
 One module per command group, each registering its subcommands through ``add_parsers``: :mod:`.run` (run,
-validate, place), :mod:`.export`, :mod:`.bench`, :mod:`.calibrate`, :mod:`.sweep`, :mod:`.cluster`, :mod:`.model`, :mod:`.trace`;
+validate, place), :mod:`.export`, :mod:`.bench`, :mod:`.calibrate`, :mod:`.sweep`, :mod:`.cluster`, :mod:`.model`,
+:mod:`.trace`;
 :mod:`.common` holds what several share. This is the top layer: it may import every other one.
 """
 
@@ -32,7 +33,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="moesim", description="Simulate MoE expert placements on GPU clusters.")
     sub = p.add_subparsers(dest="command", required=True)
-    for group in (run, export, bench, calibrate, sweep, cluster, model, trace):  # the order ``moesim --help`` lists them in
+    # the order ``moesim --help`` lists them in
+    for group in (run, export, bench, calibrate, sweep, cluster, model, trace):
         group.add_parsers(sub)
     return p
 

@@ -53,7 +53,8 @@ def layout_from_args(args: argparse.Namespace, num_moe_layers: int, model: Model
             raise InputError(f"model {model.name} has {model.num_layers} MoE layers, the placement {num_moe_layers}",
                              field="--model")
         lay = LayerLayout.from_model(model)
-        return lay, f"layers of {model.name}: {lay.num_decoder_layers} decoder layers, MoE from layer {lay.layer_ids[0]}"
+        return lay, (f"layers of {model.name}: {lay.num_decoder_layers} decoder layers, MoE from layer "
+                     f"{lay.layer_ids[0]}")
     lay = LayerLayout.from_counts(num_moe_layers, first_dense_layers=args.first_dense_layers or 0,
                                   moe_layer_step=args.moe_layer_step or 1, num_decoder_layers=args.num_decoder_layers)
     if all(c is None for c in counts):

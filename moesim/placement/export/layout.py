@@ -60,7 +60,8 @@ class LayerLayout:
         if num_decoder_layers is not None:
             if num_decoder_layers < total:
                 raise InputError(f"{num_decoder_layers} decoder layers cannot hold {first_dense_layers} dense layers "
-                                 f"and {num_moe_layers} MoE layers every {moe_layer_step}", field="--num-decoder-layers")
+                                 f"and {num_moe_layers} MoE layers every {moe_layer_step}",
+                                 field="--num-decoder-layers")
             total = num_decoder_layers
         return cls(ids, total)
 
