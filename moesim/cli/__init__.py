@@ -1,4 +1,4 @@
-"""Command line: ``moesim run | validate | place | export | cluster | model | bench | calibrate | sweep | trace``.
+"""Command line: ``moesim run | validate | place | export | plan | cluster | model | bench | calibrate | sweep | trace``.
 
 Bad input of any kind - including an output path that cannot take the outputs - prints one line naming the
 file and field, and exits with status 2, before any output file is written. Ctrl-C prints
@@ -6,7 +6,7 @@ file and field, and exits with status 2, before any output file is written. Ctrl
 outputs or the new ones, never a mix (:mod:`moesim.fileio`).
 
 One module per command group, each registering its subcommands through ``add_parsers``: :mod:`.run` (run,
-validate, place), :mod:`.export`, :mod:`.bench`, :mod:`.calibrate`, :mod:`.sweep`, :mod:`.cluster`, :mod:`.model`,
+validate, place), :mod:`.export`, :mod:`.plan`, :mod:`.bench`, :mod:`.calibrate`, :mod:`.sweep`, :mod:`.cluster`, :mod:`.model`,
 :mod:`.trace`;
 :mod:`.common` holds what several share. This is the top layer: it may import every other one.
 """
@@ -18,7 +18,7 @@ import os
 import sys
 from typing import NoReturn
 
-from moesim.cli import bench, calibrate, cluster, export, model, run, sweep, trace
+from moesim.cli import bench, calibrate, cluster, export, model, plan, run, sweep, trace
 from moesim.errors import InputError
 
 
@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="moesim", description="Simulate MoE expert placements on GPU clusters.")
     sub = p.add_subparsers(dest="command", required=True)
     # the order ``moesim --help`` lists them in
-    for group in (run, export, bench, calibrate, sweep, cluster, model, trace):
+    for group in (run, export, plan, bench, calibrate, sweep, cluster, model, trace):
         group.add_parsers(sub)
     return p
 
