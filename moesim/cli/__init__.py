@@ -1,4 +1,5 @@
-"""Command line: ``moesim run | validate | place | export | plan | cluster | model | bench | calibrate | sweep | trace``.
+"""Command line: ``moesim run | validate | place | export | plan | cluster | model | bench | calibrate | sweep |
+trace``.
 
 Bad input of any kind - including an output path that cannot take the outputs - prints one line naming the
 file and field, and exits with status 2, before any output file is written. Ctrl-C prints
@@ -6,8 +7,8 @@ file and field, and exits with status 2, before any output file is written. Ctrl
 outputs or the new ones, never a mix (:mod:`moesim.fileio`).
 
 One module per command group, each registering its subcommands through ``add_parsers``: :mod:`.run` (run,
-validate, place), :mod:`.export`, :mod:`.plan`, :mod:`.bench`, :mod:`.calibrate`, :mod:`.sweep`, :mod:`.cluster`, :mod:`.model`,
-:mod:`.trace`;
+validate, place), :mod:`.export`, :mod:`.plan`, :mod:`.bench`, :mod:`.calibrate`, :mod:`.sweep`, :mod:`.cluster`,
+:mod:`.model`, :mod:`.trace`;
 :mod:`.common` holds what several share. This is the top layer: it may import every other one.
 """
 

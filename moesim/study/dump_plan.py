@@ -148,10 +148,11 @@ def _problem(scenario: Scenario, loads: np.ndarray, routing: np.ndarray | None, 
              seed: int) -> PlacementProblem:
     m, cluster = scenario.model, scenario.clusters[0]
     cap = capacity_of(scenario, cluster)
+    max_slots = int(cap.memory_bytes_per_gpu // (cap.expert_bytes_per_gpu * m.num_layers))
     return PlacementProblem(num_layers=m.num_layers, num_experts=m.num_experts, num_ranks=cluster.ep,
                             gpus_per_node=cluster.spec.gpus_per_node // cluster.tp,
                             slots_per_gpu=-(-m.num_experts // cluster.ep), load=loads, seed=seed,
-                            max_slots_per_gpu=int(cap.memory_bytes_per_gpu // (cap.expert_bytes_per_gpu * m.num_layers)),
+                            max_slots_per_gpu=max_slots,
                             routing=routing, costs=costs)
 
 
