@@ -15,7 +15,8 @@ above ``1 / top_k`` of a window's picks: a token picks an expert once). Then
 half of the windows and scores on the second. Printed: the command's wall and CPU time (the issue asks for under
 30 s on the 2-core machine; on a shared machine the wall time includes waiting for a core) and the current (engine
 default) map's and EPLB's out-of-sample imbalance, next to TensorRT-LLM's published DeepSeek-R1 EP32 figures
-(1.56 without EPLB, 0.115 with 32 redundant experts, as (max - mean) / mean averaged over layers and iterations). The V2-Lite statistics are not DeepSeek-R1's
+(1.56 without EPLB, 0.115 with 32 redundant experts, as (max - mean) / mean averaged over layers and iterations).
+The V2-Lite statistics are not DeepSeek-R1's
 routing: the comparison is of the same measure, not of the same traffic.
 """
 
