@@ -18,20 +18,34 @@ from moesim.cli.export import ENGINES, model_from_flag
 from moesim.errors import InputError
 
 if TYPE_CHECKING:
+    from moesim.placement.export import LayerLayout
+    from moesim.traces.model import ModelSpec
     from moesim.study.config import Scenario
     from moesim.traces.count_trace import CountTrace
     from moesim.traces.format import Trace
 
 
-def load_dump(path: str, fmt: str | None) -> Trace | CountTrace:
-    """A routing dump: moesim's own trace or count ``.npz`` (``moesim trace import`` writes them from the
-    engines' dumps)."""
+def load_dump(path: str, fmt: str | None, model: ModelSpec) -> Trace | CountTrace:
+    """A routing dump: an engine's (:func:`moesim.traces.readers.engines.import_dump`, the model giving the
+    expert count and top-k a dump may lack), or moesim's own trace or count ``.npz``."""
     from moesim.traces.count_trace import is_counts_file, load_counts
     from moesim.traces.format import load_trace
+    from moesim.traces.readers.engines import ENGINE_FORMATS, detect_engine, import_dump
 
-    if fmt not in (None, "moesim"):
-        raise InputError(f"unknown dump format {fmt!r}; valid: moesim", field="--format")
-    return load_counts(path) if is_counts_file(path) else load_trace(path)
+    if fmt not in (None, "moesim", *ENGINE_FORMATS):
+        raise InputError(f"unknown dump format {fmt!r}; valid: moesim, {', '.join(ENGINE_FORMATS)}", field="--format")
+    if fmt == "moesim" or (fmt is None and detect_engine([Path(path)]) is None):
+        return load_counts(path) if is_counts_file(path) else load_trace(path)
+    return import_dump(path, fmt, num_experts=model.num_experts, top_k=model.top_k, model=model.name)
+
+
+def check_layers(dump: Trace | CountTrace, layout: LayerLayout, source: str) -> None:
+    """The dump's MoE layers, where it names their decoder layers, must be the model's."""
+    ids = getattr(dump, "layer_ids", None) or dump.meta.extra.get("layer_ids")
+    if ids is not None and tuple(ids) != layout.layer_ids:
+        raise InputError(f"the dump's MoE layers are decoder layers {list(ids)[:4]}..., the model's "
+                         f"{list(layout.layer_ids)[:4]}...: give the model the dump came from", source=source,
+                         field="--model")
 
 
 def _scenario(args: argparse.Namespace) -> Scenario:
@@ -39,7 +53,7 @@ def _scenario(args: argparse.Namespace) -> Scenario:
     from moesim.study.config import parse_scenario
 
     model = model_from_flag(args.model)
-    cluster: dict[str, Any] = {"name": "cluster"}
+    cluster: dict[str, Any] = {}
     if Path(args.cluster).suffix in (".yaml", ".yml"):
         cluster["file"] = str(Path(args.cluster).resolve())
     else:
@@ -95,9 +109,10 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     scenario = _scenario(args)
     opts = _options(args)
-    dump = load_dump(args.dump, args.format)
+    dump = load_dump(args.dump, args.format, scenario.model)
     args.first_dense_layers = args.moe_layer_step = args.num_decoder_layers = None
     layout, _ = layout_from_args(args, scenario.model.num_layers, scenario.model)
+    check_layers(dump, layout, args.dump)
     cluster = scenario.clusters[0]
     with progress_bar(len(opts.policies) * 4 + 6, "planning", "step", quiet=args.quiet) as bar:
         def step(name: str) -> None:
@@ -118,7 +133,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Register ``moesim plan``."""
     p = sub.add_parser("plan", help="from a routing dump to a placement decision and the map your engine loads")
-    p.add_argument("dump", help="the routing dump (moesim trace or counts .npz; moesim trace import makes them)")
+    p.add_argument("dump", help="the routing dump: an engine's (file or folder) or moesim's trace or counts .npz")
     p.add_argument("--format", help="the dump's format (default: recognised)")
     p.add_argument("--cluster", required=True, help="cluster preset or cluster YAML (moesim cluster list)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="cluster field, e.g. nodes=4")

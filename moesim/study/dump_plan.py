@@ -52,6 +52,7 @@ GAIN_ERROR_SOURCE = ("one EP layer on 2x H200, greedy vs contiguous: 1.155x pred
                      "(README accuracy table); whole deployments' EPLB gain was predicted 1.08x vs 1.49x "
                      "published (their expert distribution is not published)")
 REBALANCE_S = 1.8  # SGLang PR #6739: about 1.8 s per rebalance
+TIE = 0.005  # simulated times within 0.5% of the fastest count as equal: the best-balanced of them wins
 MAX_DRIFT_WINDOWS = 8  # the dump's windows are grouped into at most this many for the staleness curve
 
 
@@ -319,8 +320,8 @@ def rebalance_interval(plan: DumpPlan, slope: float, batch_s: float) -> tuple[in
     cost = {n: (REBALANCE_S + sum(penalty[:n])) / n for n in range(1, len(s) + 1)}
     n_best = min(cost, key=lambda n: cost[n])
     static = penalty[-1]
-    why = (f"a map {len(s)} window groups old is {100 * (s[-1] / s[0] - 1):.1f}% less balanced than a fresh one "
-           f"(max/mean {s[0]:.3f} -> {s[-1]:.3f}), costing ~{static * 1e3:.1f} ms per group of "
+    why = (f"an EPLB map used 1 window group after it was made leaves max/mean {s[0]:.3f}, {len(s)} groups after "
+           f"{s[-1]:.3f} ({100 * (s[-1] / s[0] - 1):+.1f}%), costing ~{static * 1e3:.1f} ms per group of "
            f"{plan.window_tokens:.0f} tokens (~{group_s * 1e3:.1f} ms of serving); a rebalance costs ~{REBALANCE_S} s")
     if cost[n_best] < static:
         return n_best, why
@@ -331,7 +332,9 @@ def verdict(plan: DumpPlan, engine: str) -> Verdict:
     """Is EPLB worth enabling, with how many redundant experts, how often to rebalance; which map to write."""
     cur = plan.get("current")
     ok = [c for c in plan.candidates if c.e2e_ms is not None and expressible(c, engine) is None]
-    winner = min(ok, key=lambda c: c.e2e_ms or 0.0) if ok else cur
+    fastest = min((c.e2e_ms or 0.0 for c in ok), default=0.0)
+    close = [c for c in ok if (c.e2e_ms or 0.0) <= fastest * (1 + TIE)]  # the best balance among near-equals
+    winner = min(close, key=lambda c: (c.imbalance_out, c.redundant)) if close else cur
     eplbs = [c for c in ok if c.name.startswith("eplb")]
     lines = []
     if not eplbs or cur.e2e_ms is None:
