@@ -121,3 +121,22 @@ def test_plan_refuses_bad_input_and_writes_nothing(tiny_scenario_file, tmp_path,
     save_counts(tmp_path / "one.npz", one)
     assert main(_plan_cli(tmp_path / "one.npz", tiny_scenario_file, out, "--policies", "eplb")) == 0
     assert "IN SAMPLE" in capsys.readouterr().out
+
+
+def test_plan_against_the_users_current_engine_map(tiny_scenario_file, tmp_path, capsys):
+    save_counts(tmp_path / "c.npz", _count_dump())
+    # the user's map: TensorRT-LLM YAML that puts the 4 hot experts on 4 different GPUs (8 ranks x 2 slots)
+    rows = [[0, 4, 1, 5, 2, 6, 3, 7, 8, 9, 10, 11, 12, 13, 14, 15]] * 4
+    lines = ["num_slots: 16", "layer_updates_per_iter: 0", "initial_global_assignments:"]
+    (tmp_path / "cur.yaml").write_text("\n".join(lines + [f"  {l}: {r}" for l, r in enumerate(rows)]) + "\n")
+    assert main(_plan_cli(tmp_path / "c.npz", tiny_scenario_file, tmp_path / "p", "--current",
+                          str(tmp_path / "cur.yaml"), "--policies", "eplb")) == 0
+    plan = json.loads((tmp_path / "p" / "plan.json").read_text())
+    cur = next(c for c in plan["candidates"] if c["name"] == "current")
+    # a hot (6) and a cold (1) expert per rank: 7 over a mean of 36 / 8 = 4.5, i.e. 1.56 before sampling noise;
+    # the default map puts two hot experts on each of ranks 0 and 1: 12 / 4.5 = 2.67
+    assert 1.5 < cur["imbalance_out"] < 2.0
+    (tmp_path / "bad.yaml").write_text("num_slots: 16\ninitial_global_assignments: {0: [1]}\n")
+    assert main(_plan_cli(tmp_path / "c.npz", tiny_scenario_file, tmp_path / "q", "--current",
+                          str(tmp_path / "bad.yaml"))) == 2
+    assert "--current" in capsys.readouterr().err and not (tmp_path / "q").exists()

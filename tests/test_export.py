@@ -198,3 +198,27 @@ def test_place_to_writes_the_engine_file(tiny_scenario_file, tmp_path):
 
 def test_cli_engine_names_are_the_writers():
     assert list(ENGINES) == writer_names()
+
+
+@pytest.mark.parametrize("engine", ["sglang", "trtllm", "vllm", "vllm-ascend", "moesim"])
+def test_read_map_takes_back_every_format(engine, tmp_path):
+    from moesim.placement.export.read import read_map
+
+    layout = LayerLayout.from_counts(3, first_dense_layers=1, num_decoder_layers=5)
+    for i, p in enumerate(_placements()):
+        export_placement(p, engine, tmp_path / f"{i}", layout)
+        back = read_map(tmp_path / f"{i}", layout, p.num_experts, p.num_ranks)
+        assert _ranks_of_placement(back) == _ranks_of_placement(p)
+
+
+def test_read_map_names_the_file_and_field(tmp_path):
+    from moesim.placement.export.read import read_map
+
+    layout = LayerLayout.moe_only(2)
+    bad = tmp_path / "s.json"
+    bad.write_text(json.dumps({"physical_to_logical_map": [[0, 1, 2, 3], [0, 1, 2, 2]]}))
+    with pytest.raises(InputError, match="s.json: physical_to_logical_map: expert 3 has no slot in layer 1"):
+        read_map(bad, layout, 4, 2)
+    bad.write_text("num_slots: 4\ninitial_global_assignments: {0: [0, 1, 2, 3]}\n")
+    with pytest.raises(InputError, match="initial_global_assignments: has no layer 1"):
+        read_map(bad, layout, 4, 2)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -79,7 +80,6 @@ def _ints(text: str | None, flag: str) -> tuple[int, ...] | None:
 
 
 def _options(args: argparse.Namespace) -> Any:
-    from moesim.placement.format import load_placement
     from moesim.study.dump_plan import PlanOptions
 
     at_least_one(args.tokens_per_gpu, "--tokens-per-gpu")
@@ -91,10 +91,22 @@ def _options(args: argparse.Namespace) -> Any:
         raise InputError(f"must name some of eplb, greedy, ilp, got {args.policies!r}", field="--policies")
     if not 0 < args.ilp_time_limit <= 3600:
         raise InputError(f"must be from 0 to 3600 seconds, got {args.ilp_time_limit}", field="--ilp-time-limit")
-    current = load_placement(args.current) if args.current else None
     return PlanOptions(redundant=_ints(args.redundant, "--redundant"), policies=policies,
                        tokens_per_gpu=args.tokens_per_gpu, ilp_time_limit_s=args.ilp_time_limit, seed=args.seed,
-                       current=current, current_redundant=args.current_redundant)
+                       current_redundant=args.current_redundant)
+
+
+def _current(path: str, layout: LayerLayout, scenario: Scenario) -> Any:
+    """``--current``: the user's map (an engine's file or a moesim placement), checked against model and cluster."""
+    from moesim.placement.export.read import read_map
+    from moesim.placement.validate import validate_placement
+
+    m, ep = scenario.model, scenario.clusters[0].ep
+    try:
+        return validate_placement(read_map(path, layout, m.num_experts, ep), num_layers=m.num_layers,
+                                  num_experts=m.num_experts, num_ranks=ep, source=path)
+    except InputError as exc:
+        raise exc.via(None, "--current") from None
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
@@ -113,6 +125,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     args.first_dense_layers = args.moe_layer_step = args.num_decoder_layers = None
     layout, _ = layout_from_args(args, scenario.model.num_layers, scenario.model)
     check_layers(dump, layout, args.dump)
+    if args.current:
+        opts = replace(opts, current=_current(args.current, layout, scenario))
     cluster = scenario.clusters[0]
     with progress_bar(len(opts.policies) * 4 + 6, "planning", "step", quiet=args.quiet) as bar:
         def step(name: str) -> None:
@@ -140,7 +154,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     p.add_argument("--model", required=True, help="model preset or scenario YAML (its model)")
     p.add_argument("--engine", required=True, metavar="|".join(ENGINES), help="the engine whose map to write")
     p.add_argument("-o", "--output", required=True, help="output folder")
-    p.add_argument("--current", help="your current placement (moesim JSON); default: the engine's default map")
+    p.add_argument("--current", help="your current map: an engine's file (SGLang, TensorRT-LLM, vLLM, vllm-ascend) or "
+                   "a moesim placement; default: the engine's default map")
     p.add_argument("--current-redundant", type=int, help="redundant experts of the engine's default map")
     p.add_argument("--redundant", help="EPLB's redundant experts to try, e.g. 0,32,64 (default: 0-4 per rank)")
     p.add_argument("--policies", default="eplb,greedy,ilp", help="policies to plan with (default: all three)")
