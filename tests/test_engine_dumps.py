@@ -388,3 +388,82 @@ def test_routed_experts_json_and_base64(tmp_path):
 def test_every_format_is_listed():
     assert set(ENGINE_FORMATS) == {"sglang-stat", "sglang-per-pass", "sglang-per-token", "trtllm", "megatron",
                                    "vllm-stats", "routed-experts"}
+
+
+# ---------------------------------------------------------------- the CLI: moesim trace import / stats
+
+def test_cli_import_counts_and_stats(tmp_path, capsys):
+    from moesim.cli import main
+    from moesim.traces.count_trace import load_counts
+
+    folder, route = trtllm_folder(tmp_path, raw=False)
+    out = tmp_path / "out" / "counts.npz"
+    assert main(["trace", "import", str(folder), "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "counts (trtllm) of 3 windows x 3 MoE layers x 6 experts, top-2" in text
+    assert "decoder-layer ids 3, 4, 6" in text
+    assert "supports: EPLB" in text
+    np.testing.assert_array_equal(load_counts(out).loads, logical_counts(route))
+    assert main(["trace", "import", str(folder), "-o", str(out)]) == 0  # replaces its own counts file
+    assert main(["trace", "stats", str(out), "--json", str(tmp_path / "s.json")]) == 0
+    text = capsys.readouterr().out
+    assert "counts of 3 windows x 3 MoE layers" in text and "not from counts" in text
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["kind"] == "counts" and summary["picks"] == PASSES * RANKS * TOKENS * 3 * K
+    assert main(["trace", "stats", str(out), "--plots", str(tmp_path / "p")]) == 2
+    assert "is a count trace" in capsys.readouterr().err and not (tmp_path / "p").exists()
+    assert main(["trace", "fit", str(out), "-o", str(tmp_path / "f.yaml")]) == 2
+    assert "is a count trace" in capsys.readouterr().err and not (tmp_path / "f.yaml").exists()
+
+
+def test_cli_import_per_token(tmp_path, capsys):
+    from moesim.cli import main
+    from moesim.traces.format import load_trace
+
+    paths, _ = megatron_files(tmp_path)
+    out = tmp_path / "t.npz"
+    assert main(["trace", "import", *map(str, paths), "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "per-token trace (megatron) of 30 tokens x 3 MoE layers x top-2" in text and "3 batches" in text
+    assert load_trace(out).meta.extra["layer_ids"] == list(MOE_LAYERS)
+    assert main(["trace", "import", *map(str, paths), "-o", str(out), "--gpus", "4"]) == 2
+    assert "--gpus: does not apply to engine dumps" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", ["pickle", "truncated", "ids", "shape", "top_k"])
+def test_cli_bad_dumps_exit_2_and_write_nothing(tmp_path, capsys, case):
+    from moesim.cli import main
+
+    out = tmp_path / "o" / "x.npz"
+    if case == "pickle":
+        obj = Hostile()
+        obj.marker = str(tmp_path / "ran")
+        torch.save({"records": [obj], "last_physical_to_logical_map": torch.zeros(1, 2)}, tmp_path / "d.pt")
+        args, words = [str(tmp_path / "d.pt")], "not a file of plain tensors"
+    elif case == "truncated":
+        folder, _ = trtllm_folder(tmp_path, raw=True)
+        raw = folder / "rank0_raw.safetensors"
+        raw.write_bytes(raw.read_bytes()[:-20])
+        args, words = [str(folder)], "truncated or damaged: data_offsets"
+    elif case == "ids":
+        paths, _ = megatron_files(tmp_path)
+        args, words = [*map(str, paths), "--num-experts", "3"], "line 1: expert id"
+    elif case == "shape":
+        torch.save({"rank": 0, "logical_count": torch.zeros(3, dtype=torch.int32)}, tmp_path / "s.pt")
+        args, words = [str(tmp_path / "s.pt"), "--top-k", "2"], "logical_count: must be [buffer, layers, experts]"
+    else:
+        path, _ = vllm_stats(tmp_path, header=True)
+        args, words = [str(path)], "top_k: vLLM load statistics do not record top_k"
+    assert main(["trace", "import", *args, "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert words in err and len(err.splitlines()) == 1
+    assert not out.parent.exists() and not (tmp_path / "ran").exists()
+
+
+def test_missing_torch_names_the_extra(tmp_path, monkeypatch):
+    import sys
+
+    paths, _ = sglang_dumps(tmp_path, per_token=False)
+    monkeypatch.setitem(sys.modules, "torch", None)
+    with pytest.raises(InputError, match=r"needs torch: pip install 'moesim\[engines\]'"):
+        import_dump(paths, "sglang-per-pass", top_k=K)

@@ -21,7 +21,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -44,6 +44,11 @@ class DumpOptions:
     top_k: int | None = None
     layers: int | None = None
     model: str = ""
+    progress: Callable[[int], object] | None = None  # told of each file read
+
+    def tick(self) -> None:
+        if self.progress is not None:
+            self.progress(1)
 
 
 @dataclass(frozen=True)

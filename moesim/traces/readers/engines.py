@@ -35,7 +35,7 @@ from moesim.traces.readers.dumps import Dump, DumpOptions, first_json_object, li
 from moesim.traces.readers.megatron_reader import MEGATRON, read_megatron
 from moesim.traces.readers.sglang_reader import PER_PASS, PER_TOKEN, STAT, read_per_pass, read_per_token, read_stat
 from moesim.traces.readers.sglang_reader import sglang_kind
-from moesim.traces.readers.trtllm_reader import TRTLLM, read_trtllm
+from moesim.traces.readers.trtllm_reader import TRTLLM, read_trtllm, trtllm_files
 from moesim.traces.readers.vllm_reader import ROUTED, VLLM_STATS, looks_like, read_routed_experts, read_vllm_stats
 
 
@@ -97,6 +97,15 @@ def detect_engine(paths: Sequence[Path]) -> str | None:
         obj = first_json_object(p)
         return None if obj is None else looks_like(obj)
     return None
+
+
+def dump_files(paths: Sequence[str | os.PathLike[str]], fmt: str) -> list[Path]:
+    """The files a reader of ``fmt`` reads for ``paths`` (folders opened), one progress step each."""
+    plist = [Path(p) for p in paths]
+    if fmt == TRTLLM:
+        _, counts, raw = trtllm_files(plist)
+        return raw or counts
+    return _expand(plist)
 
 
 def read_dump(paths: Sequence[str | os.PathLike[str]], fmt: str | None = None,

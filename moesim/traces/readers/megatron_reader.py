@@ -33,6 +33,7 @@ def read_megatron(paths: list[Path], opts: DumpOptions) -> Dump:
     calls: dict[tuple[int, int, int], list[np.ndarray]] = defaultdict(list)  # (rank, step, layer) -> calls
     mtp = 0
     for path in paths:
+        opts.tick()
         src = str(path)
         for line, rec in jsonl_objects(path):
             where = f"line {line}"

@@ -78,6 +78,7 @@ def read_stat(paths: list[Path], opts: DumpOptions) -> Dump:
     notes: list[str] = []
     parts: list[np.ndarray] = []
     for path in paths:
+        opts.tick()
         src = str(path)
         raw = _load(path, STAT)["logical_count"]
         counts = int_array(raw, src, "logical_count", raw.ndim if isinstance(raw, np.ndarray) else 3)
@@ -126,6 +127,7 @@ def read_per_pass(paths: list[Path], opts: DumpOptions) -> Dump:
     by_pass: dict[int, np.ndarray] = {}
     first: tuple[int, int] | None = None  # (layers, logical experts) of the first file
     for path in paths:
+        opts.tick()
         src = str(path)
         records, p2l, E = _records(_load(path, PER_PASS), src)
         if first is not None and (p2l.shape[0], E) != first:
@@ -166,6 +168,7 @@ def read_per_token(paths: list[Path], opts: DumpOptions) -> Dump:
     replicas = 0
     L = None
     for path in paths:
+        opts.tick()
         src = str(path)
         records, p2l, _ = _records(_load(path, PER_TOKEN), src)
         if L is not None and p2l.shape[0] != L:

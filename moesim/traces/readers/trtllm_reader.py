@@ -106,6 +106,7 @@ def _read_counts(files: list[Path], E: int, k: int, opts: DumpOptions) -> Dump:
     notes: list[str] = []
     total: dict[tuple[int, int], np.ndarray] = {}
     for path in files:
+        opts.tick()
         src = str(path)
         tensors = load_safetensors(path)
         keys = _keys(tensors, src)
@@ -140,6 +141,7 @@ def _read_raw(files: list[Path], E: int, k: int, opts: DumpOptions) -> Dump:
     blocks: list[TokenBlock] = []
     layers_all: list[int] | None = None
     for path in files:
+        opts.tick()
         src = str(path)
         rank = rank_of(path)
         tensors = load_safetensors(path)

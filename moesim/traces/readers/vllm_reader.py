@@ -47,6 +47,7 @@ def read_vllm_stats(paths: list[Path], opts: DumpOptions) -> Dump:
     shape: tuple[int, int] | None = None
     model = opts.model
     for path in paths:
+        opts.tick()
         src = str(path)
         header_seen, stats_seen = False, False
         for line, rec in jsonl_objects(path):
@@ -134,6 +135,7 @@ def read_routed_experts(paths: list[Path], opts: DumpOptions) -> Dump:
     blocks: list[TokenBlock] = []
     L: int | None = None
     for path in paths:
+        opts.tick()
         src = str(path)
         for where, rec in _requests(path):
             ids = _routed(rec, src, where, opts)
