@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -83,7 +84,7 @@ def read_map(path: str | os.PathLike[str], layout: LayerLayout, num_experts: int
     src = str(path)
     if is_placement_file(path):
         return load_placement(path)
-    start = head(path, 64).lstrip()
+    start = head(Path(path), 64).lstrip()
     if start.startswith(b"{"):
         raw = _jsonl_record(path) if start.startswith(b'{"record_type"') else read_json(path)
         if not isinstance(raw, dict):
