@@ -3,7 +3,7 @@
 The folder holds ``report.txt`` (what the command printed), ``plan.json`` (format ``moesim.plan/1``: every
 candidate's scores, the split, the staleness curve and the verdict), ``placements/NAME.json`` (every candidate
 in moesim's format, for ``moesim export`` or a scenario) and the winner in the engine's format
-(:data:`MAP_FILES`). Ignored: plots (the table carries the few numbers there are).
+(the writer's ``file_name``). Ignored: plots (the table carries the few numbers there are).
 """
 
 from __future__ import annotations
@@ -13,13 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from moesim.fileio import FolderKind, contains, output_folder, safe_name, starts_with
-from moesim.placement.export import LayerLayout, export_placement, get_writer
+from moesim.placement.export import WRITERS, LayerLayout, export_placement, get_writer
 from moesim.placement.format import is_placement_file, save_placement
 from moesim.study.dump_plan import GAIN_ERROR, DumpPlan, Verdict, expressible
 
 FORMAT = "moesim.plan/1"
-MAP_FILES = {"sglang": "expert_location.json", "trtllm": "moe_load_balancer.yaml",
-             "vllm": "eplb_initial_mapping.jsonl", "vllm-ascend": "expert_map.json", "moesim": "placement.json"}
+MAP_FILES = {w.name: w.file_name for w in WRITERS}  # the winning map's file, by engine
 PLAN_OUTPUTS = FolderKind(
     "moesim plan's outputs",
     files={"plan.json": contains(f'"format": "{FORMAT}"'.encode()), "report.txt": starts_with(b"moesim plan"),

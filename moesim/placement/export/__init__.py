@@ -34,6 +34,7 @@ class Writer:
     owned: Callable[[Path], bool]  # whether an existing file is one this writer wrote (it may be replaced)
     render: Callable[[Placement, np.ndarray, LayerLayout], str] | None  # None: moesim's own JSON
     launch: str  # how the engine is pointed at the file; {file}, {redundant} are filled in
+    file_name: str  # what moesim plan calls the file in its folder
     proposal: str | None = None  # the unmerged proposal the format follows, if any
 
 
@@ -45,19 +46,20 @@ def _header(p: Placement) -> str:
 WRITERS: tuple[Writer, ...] = (
     Writer("sglang", "SGLang --init-expert-location JSON", starts_with(b'{"physical_to_logical_map": [\n'),
            lambda p, m, lay: sglang.render(m, p.num_experts, lay),
-           "--init-expert-location {file} --ep-num-redundant-experts {redundant}"),
+           "--init-expert-location {file} --ep-num-redundant-experts {redundant}", "expert_location.json"),
     Writer("trtllm", "TensorRT-LLM MoE load-balancer YAML", starts_with(b"# moesim placement"),
            lambda p, m, lay: trtllm.render(m, p.num_experts, lay, _header(p)),
-           "moe_config: {{backend: WideEP, load_balancer: {file}}} (EP size = the placement's ranks)"),
+           "moe_config: {{backend: WideEP, load_balancer: {file}}} (EP size = the placement's ranks)",
+           "moe_load_balancer.yaml"),
     Writer("vllm", "vLLM static EPLB map JSONL", starts_with(b'{"record_type": "eplb_initial_mapping"'),
            lambda p, m, lay: vllm.render(m, p.num_experts),
            '--enable-eplb --eplb-config \'{{"num_redundant_experts": {redundant}, "initial_mapping_path": '
-           '"{file}"}}\'', proposal=vllm.PROPOSAL),
+           '"{file}"}}\'', "eplb_initial_mapping.jsonl", proposal=vllm.PROPOSAL),
     Writer("vllm-ascend", "vllm-ascend expert map JSON", starts_with(b'{\n "moe_layer_count"'),
            lambda p, m, lay: vllm_ascend.render(m, p.num_ranks),
-           "expert_map_path: {file} (in --additional-config or eplb_config, by version)"),
+           "expert_map_path: {file} (in --additional-config or eplb_config, by version)", "expert_map.json"),
     Writer("moesim", "moesim placement JSON", is_placement_file, None,
-           "placements: [{{name: mine, file: {file}}}] in a scenario"),
+           "placements: [{{name: mine, file: {file}}}] in a scenario", "placement.json"),
 )
 
 
