@@ -27,7 +27,7 @@ import numpy as np
 
 from moesim.budget import require_memory
 from moesim.errors import InputError
-from moesim.loaders import check_values, read_text, require_regular_file, unique_pairs
+from moesim.loaders import read_text, require_regular_file, unique_pairs
 from moesim.traces.count_trace import CountTrace
 from moesim.traces.format import MAX_COUNT, Trace, TraceMeta
 
@@ -126,7 +126,7 @@ def _check_safetensors_size(path: Path, size: int, src: str) -> None:
             if not 2 <= n <= min(size - 8, 100 << 20):
                 raise InputError(f"damaged safetensors file (header length {n} in a file of {size} bytes)",
                                  source=src, field="header")
-            header = json.loads(fh.read(n), object_pairs_hook=unique_pairs)
+            header = json.loads(fh.read(n))  # (a key given twice: safetensors refuses it below)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InputError(f"damaged safetensors file (header is not JSON: {str(exc)[:120]})", source=src,
                          field="header") from None
@@ -191,10 +191,9 @@ def int_array(value: Any, src: str, where: str, ndim: int) -> np.ndarray:
         if not isinstance(value, list):
             raise InputError(f"must be a {ndim}-D array of integers, got {type(value).__name__}", source=src,
                              field=where)
-        check_values(value, src, where)
-        try:
+        try:  # floats, booleans, text or integers beyond 64 bits give a dtype refused below
             arr = np.array(value)
-        except ValueError:
+        except (ValueError, OverflowError):
             raise InputError(f"must be a {ndim}-D array of integers (rows of unequal length)", source=src,
                              field=where) from None
         if arr.size == 0:

@@ -23,6 +23,7 @@ files of SGLang or Megatron in it).
 from __future__ import annotations
 
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -74,6 +75,24 @@ def _expand(paths: Sequence[Path]) -> list[Path]:
     return out
 
 
+def _sniff_torch(path: Path) -> str | None:
+    """The SGLang recorder mode of a ``torch.save`` zip file from the key names in its pickle's bytes (read as
+    bytes, never unpickled; the tensors' data is not read), or None when that cannot tell."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            pkl = [n for n in zf.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
+            if len(pkl) != 1 or zf.getinfo(pkl[0]).file_size > 64 << 20:
+                return None
+            raw = zf.read(pkl[0])
+    except (OSError, zipfile.BadZipFile, ValueError, KeyError):
+        return None
+    if b"logical_count" in raw:
+        return STAT
+    if b"last_physical_to_logical_map" in raw:
+        return PER_TOKEN if b"topk_ids_of_layer" in raw else PER_PASS
+    return None
+
+
 def detect_engine(paths: Sequence[Path]) -> str | None:
     """The engine format of ``paths`` (the first one decides), or None when it is none of them (a plain
     moesim routing log: CSV, JSONL records, numpy)."""
@@ -89,7 +108,7 @@ def detect_engine(paths: Sequence[Path]) -> str | None:
     if name == "meta_info.json" or name.endswith(".safetensors"):
         return TRTLLM
     if name.endswith(".pt"):
-        kind = sglang_kind(load_torch(p))
+        kind = _sniff_torch(p) or sglang_kind(load_torch(p))
         if kind is None:
             raise InputError("a torch file that is not an SGLang expert-distribution dump", source=str(p))
         return kind

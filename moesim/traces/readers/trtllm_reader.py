@@ -112,13 +112,16 @@ def _read_counts(files: list[Path], E: int, k: int, opts: DumpOptions) -> Dump:
         keys = _keys(tensors, src)
         _grid(set(keys), src)
         for ik, key in keys.items():
-            counts = int_array(tensors[key], src, key, 1)
-            if counts.shape != (E,):
-                raise InputError(f"shape {counts.shape} must be [num_experts={E}] (meta_info.json)", source=src,
+            if tensors[key].shape != (E,):
+                raise InputError(f"shape {tensors[key].shape} must be [num_experts={E}] (meta_info.json)", source=src,
                                  field=key)
-            if counts.size and int(counts.min()) < 0:
-                raise InputError(f"count {int(counts.min())} must be >= 0", source=src, field=key)
-            total[ik] = total[ik] + counts if ik in total else counts
+        order = list(keys)
+        rows = int_array(np.stack([tensors[keys[ik]] for ik in order]), src, keys[order[0]], 2)
+        if rows.size and int(rows.min()) < 0:
+            bad = order[int(np.argmax((rows < 0).any(axis=1)))]
+            raise InputError(f"count {int(rows.min())} must be >= 0", source=src, field=keys[bad])
+        for ik, row in zip(order, rows):
+            total[ik] = total[ik] + row if ik in total else row
     src = sources(files)
     iters, layers = _grid(set(total), src)
     loads = np.stack([np.stack([total[(it, lay)] for lay in layers]) for it in iters])
