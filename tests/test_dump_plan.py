@@ -140,3 +140,23 @@ def test_plan_against_the_users_current_engine_map(tiny_scenario_file, tmp_path,
     assert main(_plan_cli(tmp_path / "c.npz", tiny_scenario_file, tmp_path / "q", "--current",
                           str(tmp_path / "bad.yaml"))) == 2
     assert "--current" in capsys.readouterr().err and not (tmp_path / "q").exists()
+
+
+def test_plan_an_engine_dump_checks_it_against_the_model(tmp_path, capsys):
+    from pathlib import Path
+
+    data = Path(__file__).resolve().parents[1] / "notebooks" / "data"
+    dump, model = data / "tiny-deepseek-trtllm", data / "tiny-deepseek.yaml"
+    base = ["plan", str(dump), "--cluster", "hgx-h200", "--set", "gpus_per_node=4", "--engine", "vllm", "-q",
+            "--tokens-per-gpu", "32", "--policies", "eplb"]
+    assert main([*base, "--model", "deepseek-v3", "-o", str(tmp_path / "a")]) == 2
+    assert "the model deepseek-v3 (--model) has 256" in capsys.readouterr().err
+    shifted = yaml.safe_load(model.read_text())
+    shifted["model"].update(first_dense_layers=0, dense_d_ff=None)
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(shifted))  # MoE layers 0-2, the dump says 1-3
+    assert main([*base, "--model", str(tmp_path / "m.yaml"), "-o", str(tmp_path / "b")]) == 2
+    assert "decoder layers [1, 2, 3]" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert main([*base, "--model", str(model), "-o", str(tmp_path / "c")]) == 0
+    rec = json.loads((tmp_path / "c" / "eplb_initial_mapping.jsonl").read_text())
+    assert list(rec["initial_global_assignments"]) == ["0", "1", "2"]

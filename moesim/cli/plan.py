@@ -37,7 +37,11 @@ def load_dump(path: str, fmt: str | None, model: ModelSpec) -> Trace | CountTrac
         raise InputError(f"unknown dump format {fmt!r}; valid: moesim, {', '.join(ENGINE_FORMATS)}", field="--format")
     if fmt == "moesim" or (fmt is None and detect_engine([Path(path)]) is None):
         return load_counts(path) if is_counts_file(path) else load_trace(path)
-    return import_dump(path, fmt, num_experts=model.num_experts, top_k=model.top_k, model=model.name)
+    try:
+        return import_dump(path, fmt, num_experts=model.num_experts, top_k=model.top_k, model=model.name)
+    except InputError as exc:  # the counts it was given came from --model, not from trace import's flags
+        detail = exc.detail.replace("--num-experts says", f"the model {model.name} (--model) has")
+        raise InputError(detail, source=exc.source, field=exc.field) from None
 
 
 def check_layers(dump: Trace | CountTrace, layout: LayerLayout, source: str) -> None:
