@@ -19,8 +19,12 @@ from moesim.traces.format import Trace
 from moesim.traces.readers.dumps import DumpOptions
 from moesim.traces.readers.engines import ENGINE_FORMATS, detect_engine, import_dump, read_dump
 
-torch = pytest.importorskip("torch")
-safetensors_torch = pytest.importorskip("safetensors.torch")
+try:
+    import safetensors.torch as safetensors_torch
+    import torch
+except ImportError:  # the engines extra: SGLang's and TensorRT-LLM's dumps cannot be written (nor read) without it
+    torch = safetensors_torch = None
+needs_torch = pytest.mark.skipif(torch is None, reason="needs the engines extra (torch, safetensors)")
 
 # A model of 4 decoder layers, layer 0 dense, 6 logical experts, top-2, on 2 EP ranks of 4 physical slots each
 # (2 redundant slots per layer: replicas of experts 0 and 3 in layer 1, of 5 and 1 in layers 2 and 3).
@@ -84,6 +88,7 @@ def logical_counts(route: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------- SGLang
 
+@needs_torch
 def test_sglang_stat(tmp_path):
     buffer = np.zeros((8, DECODER, E), dtype=np.int32)  # a circular buffer of 8 passes, 3 filled
     buffer[:PASSES, DENSE:] = logical_counts(routing())
@@ -102,6 +107,7 @@ def test_sglang_stat(tmp_path):
         import_dump(path)
 
 
+@needs_torch
 def test_sglang_per_pass_maps_redundant_slots_to_logical(tmp_path):
     paths, route = sglang_dumps(tmp_path, per_token=False)
     assert detect_engine(paths) == "sglang-per-pass"
@@ -112,6 +118,7 @@ def test_sglang_per_pass_maps_redundant_slots_to_logical(tmp_path):
     assert import_dump([tmp_path], "sglang-per-pass", top_k=K).loads.sum() == ct.loads.sum()  # a folder
 
 
+@needs_torch
 def test_sglang_per_token(tmp_path):
     paths, route = sglang_dumps(tmp_path, per_token=True)
     assert detect_engine(paths) == "sglang-per-token"
@@ -129,6 +136,7 @@ def test_sglang_per_token(tmp_path):
     np.testing.assert_array_equal(ct.loads, count_window_picks(tr.experts, E, tr.batch.astype(np.int64)))
 
 
+@needs_torch
 def test_sglang_tensor_parallel_replicas_kept_once(tmp_path):
     paths, route = sglang_dumps(tmp_path, per_token=True)
     data = torch.load(paths[0], weights_only=True)
@@ -149,6 +157,7 @@ class Hostile:
         return (Path.write_text, (Path(self.marker), "ran"))
 
 
+@needs_torch
 def test_sglang_refuses_pickled_objects_without_running_them(tmp_path):
     marker = tmp_path / "code_ran"
     obj = Hostile()
@@ -172,6 +181,7 @@ def test_sglang_refuses_pickled_objects_without_running_them(tmp_path):
     (lambda d: d["last_physical_to_logical_map"].__setitem__((1, 4), 0), "last_physical_to_logical_map",
      "logical expert 4 has no physical slot"),
 ])
+@needs_torch
 def test_sglang_bad_dumps(tmp_path, mutate, field, words):
     paths, _ = sglang_dumps(tmp_path, per_token=True)
     data = torch.load(paths[0], weights_only=True)
@@ -205,6 +215,7 @@ def trtllm_folder(tmp: Path, raw: bool) -> tuple[Path, np.ndarray]:
     return folder, route
 
 
+@needs_torch
 def test_trtllm_counts(tmp_path):
     folder, route = trtllm_folder(tmp_path, raw=False)
     assert detect_engine([folder]) == "trtllm"
@@ -216,6 +227,7 @@ def test_trtllm_counts(tmp_path):
     assert ct.meta.extra["iterations"] == [100, 101, 102]
 
 
+@needs_torch
 def test_trtllm_raw_per_token(tmp_path):
     folder, route = trtllm_folder(tmp_path, raw=True)
     tr = import_dump(folder)
@@ -224,6 +236,7 @@ def test_trtllm_raw_per_token(tmp_path):
     np.testing.assert_array_equal(tr.home, np.tile(np.repeat([0, 1], TOKENS), PASSES))
 
 
+@needs_torch
 def test_trtllm_truncated_safetensors(tmp_path):
     folder, _ = trtllm_folder(tmp_path, raw=False)
     f = folder / "rank1.safetensors"
@@ -236,6 +249,7 @@ def test_trtllm_truncated_safetensors(tmp_path):
         import_dump(folder)
 
 
+@needs_torch
 def test_trtllm_bad_statistics(tmp_path):
     folder, _ = trtllm_folder(tmp_path, raw=False)
     safetensors_torch.save_file({"100_3": torch.zeros(E + 1, dtype=torch.int64)}, str(folder / "rank1.safetensors"))
@@ -250,6 +264,7 @@ def test_trtllm_bad_statistics(tmp_path):
         import_dump(folder)
 
 
+@needs_torch
 def test_trtllm_raw_ids_out_of_range(tmp_path):
     folder, _ = trtllm_folder(tmp_path, raw=True)
     ids = torch.tensor([[0, 9]], dtype=torch.int32)
@@ -392,6 +407,7 @@ def test_every_format_is_listed():
 
 # ---------------------------------------------------------------- the CLI: moesim trace import / stats
 
+@needs_torch
 def test_cli_import_counts_and_stats(tmp_path, capsys):
     from moesim.cli import main
     from moesim.traces.count_trace import load_counts
@@ -431,6 +447,7 @@ def test_cli_import_per_token(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("case", ["pickle", "truncated", "ids", "shape", "top_k"])
+@needs_torch
 def test_cli_bad_dumps_exit_2_and_write_nothing(tmp_path, capsys, case):
     from moesim.cli import main
 
@@ -460,6 +477,7 @@ def test_cli_bad_dumps_exit_2_and_write_nothing(tmp_path, capsys, case):
     assert not out.parent.exists() and not (tmp_path / "ran").exists()
 
 
+@needs_torch
 def test_missing_torch_names_the_extra(tmp_path, monkeypatch):
     import sys
 
@@ -467,3 +485,20 @@ def test_missing_torch_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)
     with pytest.raises(InputError, match=r"needs torch: pip install 'moesim\[engines\]'"):
         import_dump(paths, "sglang-per-pass", top_k=K)
+
+
+def test_recognised_when_the_first_line_is_longer_than_the_sniffed_megabyte(tmp_path):
+    rec = {"step": 0, "stage": "pre_dispatch", "block": "decoder", "layer": 3, "rank": 0, "num_tokens": 70000,
+           "topk": 8, "top_indices": [list(range(8))] * 70000}
+    path = tmp_path / "router_trace_rank0.jsonl"
+    path.write_text(json.dumps(rec) + "\n")
+    assert path.stat().st_size > 1 << 20
+    assert detect_engine([path]) == "megatron"
+    assert import_dump(path).num_tokens == 70000
+
+
+def test_flags_that_contradict_the_dump(tmp_path):
+    paths, _ = megatron_files(tmp_path)
+    with pytest.raises(InputError, match="--top-k: the dump says 2, --top-k says 4"):
+        import_dump(paths, top_k=4)
+    assert import_dump(paths, top_k=2, num_experts=6).meta.num_experts == 6

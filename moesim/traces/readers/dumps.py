@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -32,6 +33,8 @@ from moesim.traces.count_trace import CountTrace
 from moesim.traces.format import MAX_COUNT, Trace, TraceMeta
 
 EXTRA = "pip install 'moesim[engines]'"
+_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+             "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}  # safetensors dtype -> bytes
 MAX_ID = 2**31 - 1
 
 
@@ -140,6 +143,12 @@ def _check_safetensors_size(path: Path, size: int, src: str) -> None:
                 or offsets[1] > size - 8 - n):
             raise InputError(f"truncated or damaged: data_offsets {offsets} beyond the file's {size - 8 - n} data "
                              "bytes", source=src, field=key)
+        shape, itemsize = info.get("shape"), _ITEMSIZE.get(str(info.get("dtype")))
+        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape) or itemsize is None:
+            raise InputError(f"damaged: dtype {info.get('dtype')!r}, shape {shape!r}", source=src, field=key)
+        if int(np.prod(shape, dtype=object)) * itemsize != offsets[1] - offsets[0]:
+            raise InputError(f"damaged: shape {shape} of {info.get('dtype')} does not fill its "
+                             f"{offsets[1] - offsets[0]} bytes", source=src, field=key)
 
 
 def jsonl_objects(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -160,8 +169,9 @@ def jsonl_objects(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
 
 
 def first_json_object(path: Path) -> dict[str, Any] | None:
-    """The first line of a JSON / JSONL file parsed as an object (a JSON list: its first item), or None; used
-    to recognise a format, never to read it."""
+    """The first line of a JSON / JSONL file parsed as an object (a JSON list: its first item); when the first
+    megabyte holds no whole object, an object of the top-level key names found there (values None); None when
+    neither. Used to recognise a format, never to read it."""
     try:
         with open(path, "rb") as fh:
             head = fh.read(1 << 20).decode("utf-8", "replace")
@@ -178,7 +188,8 @@ def first_json_object(path: Path) -> dict[str, Any] | None:
             return obj[0]
         if isinstance(obj, dict):
             return obj
-    return None
+    keys = re.findall(r'"([A-Za-z_]+)"\s*:', head)
+    return dict.fromkeys(keys) if keys else None
 
 
 # ---------------------------------------------------------------- values

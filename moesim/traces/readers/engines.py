@@ -140,7 +140,13 @@ def read_dump(paths: Sequence[str | os.PathLike[str]], fmt: str | None = None,
         raise InputError(f"not a dump of a known engine; give --format ({', '.join(ENGINE_FORMATS)})",
                          source=str(plist[0]))
     files = plist if fmt == TRTLLM else _expand(plist)
-    return ENGINE_FORMATS[fmt].read(files, options or DumpOptions())
+    opts = options or DumpOptions()
+    dump = ENGINE_FORMATS[fmt].read(files, opts)
+    m = dump.data.meta
+    for flag, given, found in (("--top-k", opts.top_k, m.top_k), ("--num-experts", opts.num_experts, m.num_experts)):
+        if given is not None and given != found:
+            raise InputError(f"the dump says {found}, {flag} says {given}", source=str(plist[0]), field=flag)
+    return dump
 
 
 def import_dump(path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], format: str | None = None, *,

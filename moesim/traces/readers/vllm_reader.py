@@ -162,7 +162,7 @@ def read_routed_experts(paths: list[Path], opts: DumpOptions) -> Dump:
 
 def looks_like(obj: dict[str, Any]) -> str | None:
     """The format a JSON object's keys suggest (vllm-stats, routed-experts, megatron), or None."""
-    if obj.get("record_type") in ("eplb_load_stats", "eplb_load_meta"):
+    if obj.get("record_type") in ("eplb_load_stats", "eplb_load_meta") or {"expert_load", "p2l_map"} <= set(obj):
         return VLLM_STATS
     meta = obj.get("meta_info")
     if "routed_experts" in obj or (isinstance(meta, dict) and "routed_experts" in meta):
