@@ -40,8 +40,11 @@ def load_dump(path: str, fmt: str | None, model: ModelSpec) -> Trace | CountTrac
     try:
         return import_dump(path, fmt, num_experts=model.num_experts, top_k=model.top_k, model=model.name)
     except InputError as exc:  # the counts it was given came from --model, not from trace import's flags
-        detail = exc.detail.replace("--num-experts says", f"the model {model.name} (--model) has")
-        raise InputError(detail, source=exc.source, field=exc.field) from None
+        detail, field = exc.detail, exc.field
+        for flag in ("--num-experts", "--top-k"):
+            detail = detail.replace(f"{flag} says", f"the model {model.name} (--model) has")
+            field = "--model" if field == flag else field
+        raise InputError(detail, source=exc.source, field=field) from None
 
 
 def check_layers(dump: Trace | CountTrace, layout: LayerLayout, source: str) -> None:
