@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from moesim.cli.common import check_scenario_output, key_values
+from moesim.cli.export import ENGINES
 from moesim.errors import InputError
 
 if TYPE_CHECKING:
@@ -172,7 +173,12 @@ def _cmd_place(args: argparse.Namespace) -> int:
         return 0
     if not args.scenario or not args.policy or not args.output:
         raise InputError("moesim place needs SCENARIO, --policy and -o (or --list)")
-    check_output_file(args.output, owned=is_placement_file, what="a placement file moesim wrote")
+    if args.to:
+        from moesim.placement.export import check_export_target
+
+        check_export_target(args.output, args.to)
+    else:
+        check_output_file(args.output, owned=is_placement_file, what="a placement file moesim wrote")
     scenario = load_scenario(args.scenario)
     options = dict(key_values(args.set))
     if args.policy not in policy_names():
@@ -184,9 +190,17 @@ def _cmd_place(args: argparse.Namespace) -> int:
                    progress=False if args.quiet else scenario.engine.progress)  # as run shows it
     cp = plan.clusters[0]
     placement = cp.placement(entry.name)
-    save_placement(placement, args.output)
-    print(f"wrote {args.output}: {args.policy} for {cp.cluster.name} (EP{cp.cluster.ep}), "
-          f"{placement.num_layers} layers x {placement.num_experts} experts")
+    what = (f"{args.policy} for {cp.cluster.name} (EP{cp.cluster.ep}), {placement.num_layers} layers x "
+            f"{placement.num_experts} experts")
+    if args.to:
+        from moesim.placement.export import LayerLayout, export_placement, get_writer
+
+        done = export_placement(placement, args.to, args.output, LayerLayout.from_model(scenario.model),
+                                source=f"--policy {args.policy}")
+        print(f"{what}\n{done.summary(get_writer(args.to).title)}")
+    else:
+        save_placement(placement, args.output)
+        print(f"wrote {args.output}: {what}")
     solved = solve_summary(placement.info)
     if solved:
         print(f"  {solved}")
@@ -210,6 +224,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     pl.add_argument("--cluster", help="cluster name in the scenario (default: the first)")
     pl.add_argument("--set", action="append", metavar="KEY=VALUE", help="policy option")
     pl.add_argument("-o", "--output")
+    pl.add_argument("--to", metavar="|".join(ENGINES),
+                    help="write -o in this serving engine's format (moesim export's), not moesim's own")
     pl.add_argument("--list", action="store_true", help="list the registered policies")
     pl.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     pl.set_defaults(func=_cmd_place)
