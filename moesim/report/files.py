@@ -22,6 +22,7 @@ import numpy as np
 from moesim.fileio import FolderKind, contains, is_matplotlib_png, output_folder, safe_names, starts_with
 from moesim.placement.format import is_placement_file, save_placement
 from moesim.report import plots, timeline
+from moesim.report.grid import GRID_OUTPUTS
 from moesim.report import rebalance as rebalance_report
 from moesim.study.runner import StudyResult
 
@@ -37,7 +38,8 @@ RUN_OUTPUTS = FolderKind(
            **{png: is_matplotlib_png for png in ("speedup.png", "gpu_load.png", "a2a_tail.png", "rebalance.png")}},
     folders={"placements": FolderKind("placements", folders={
         "*": FolderKind("placements", files={"*.json": is_placement_file})})},
-    keep={"sweep": rebalance_report.SWEEP_OUTPUTS})  # moesim sweep's default folder lies inside the run's
+    # moesim sweep's default folders lie inside the run's
+    keep={"sweep": rebalance_report.SWEEP_OUTPUTS, "grid": GRID_OUTPUTS})
 # dense_layers_ms: the dense transformer layers run before this MoE layer; dense_ms: the MoE layer's attention;
 # route_ms: the pipeline's steps before the dispatch; shared_expert_ms: the shared experts (docs/formats.md)
 CSV_FIELDS = ("cluster", "placement", "batch", "layer", "gpu", "ep_rank", "tokens", "recv_copies", "dense_layers_ms",

@@ -220,7 +220,8 @@ class Scenario(_Strict):
 
 
 _M = TypeVar("_M", bound=BaseModel)
-TOP_KEYS = {"name", "clusters", "model", "workload", "placements", "baseline", "engine", "output", "rebalance"}
+TOP_KEYS = {"name", "clusters", "model", "workload", "placements", "baseline", "engine", "output", "rebalance",
+            "sweep"}
 
 
 def _loc(loc: tuple[Any, ...]) -> str:
@@ -536,6 +537,19 @@ def _baseline(data: dict[str, Any], placements: tuple[PlacementEntry, ...], sour
     return baseline
 
 
+def _check_sweep(raw: Any, source: str) -> None:
+    """A ``sweep`` section's shape (``moesim sweep`` expands it: moesim.study.grid); other commands run the
+    scenario as written, without it."""
+    if raw is None:
+        return
+    if not isinstance(raw, dict) or not raw:
+        raise InputError("must be a mapping of dotted keys to lists of values, e.g. {cluster.nodes: [1, 2, 4]}",
+                         source=source, field="sweep")
+    for key, values in raw.items():
+        if not isinstance(values, list) or not values:
+            raise InputError("must be a non-empty list of values", source=source, field=f"sweep.{key}")
+
+
 def parse_scenario(data: Any, source: str, base_dir: Path | None = None) -> Scenario:
     """Validate a scenario given as plain data (what YAML loads to): its top-level keys, then each section
     in turn (clusters, model, workload, placements, baseline, engine, rebalance), cross-field checks with
@@ -552,6 +566,7 @@ def parse_scenario(data: Any, source: str, base_dir: Path | None = None) -> Scen
     name = str(data.get("name") or Path(source).stem)
     output = Path(str(data.get("output") or Path("results") / safe_name(name)))  # the name: one safe component
     rebalance = _rebalance(data.get("rebalance"), placements, workload, source)
+    _check_sweep(data.get("sweep"), source)
     return Scenario(name=name, source=source, clusters=clusters, model=model, workload=workload, rebalance=rebalance,
                     placements=placements, baseline=baseline, engine=engine, output=output)
 
