@@ -15,7 +15,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -196,12 +196,15 @@ def write_plots(out: Path, rows: list[dict[str, Any]], keys: Sequence[str], base
                 raise InputError(f"{k!r} is not a swept key; swept: {', '.join(keys)}", field="--heatmap")
     written = []
     ok = [r for r in rows if r.get("speedup_vs_baseline") is not None]
-    for name, draw in (("speedup_vs_gpus.png", lambda fh: plot_speedup_vs_gpus(
-                            ok, keys, baseline, fh, f"{scenario}: speedup vs GPU count, per placement")),
-                       ("heatmap.png", lambda fh: plot_heatmap(ok, keys, baseline, fh, f"{scenario}: speedup", pair))):
+    drawers: list[tuple[str, Callable[[IO[bytes]], bool]]] = [
+        ("speedup_vs_gpus.png", lambda fh: plot_speedup_vs_gpus(ok, keys, baseline, fh,
+                                                                f"{scenario}: speedup vs GPU count, per placement")),
+        ("heatmap.png", lambda fh: plot_heatmap(ok, keys, baseline, fh, f"{scenario}: speedup", pair))]
+    for name, draw in drawers:
         buf = io.BytesIO()
         if draw(buf):
-            atomic_write(out / name, lambda fh, data=buf.getvalue(): fh.write(data), binary=True)
+            data = buf.getvalue()
+            atomic_write(out / name, lambda fh: fh.write(data), binary=True)
             written.append(name)
         else:  # an older sweep's plot in this folder would describe another grid
             (out / name).unlink(missing_ok=True)

@@ -11,9 +11,12 @@ shorthands for the lists:
 - ``workload.tokens_per_gpu`` is ``workload.synthetic.tokens_per_gpu`` (or ``workload.trace.*``): a workload key
   that is not the workload's own goes into whichever source the scenario has.
 
+Keys joined by commas move together (one axis): ``"cluster.nodes, placement.redundant_experts": [[1, 32], [8, 64]]``
+(a ``sweep:`` section or :func:`sweep_points`; ``--grid`` takes one key each).
+
 Every point is the scenario's data with its values written in, then validated by the scenario loader
-(:func:`moesim.study.config.parse_scenario`) and the study's up-front checks (:func:`moesim.study.plan.prepare`
-without building): a bad point is the loader's one-line error, naming the field, with the point appended.
+(:func:`moesim.study.config.parse_scenario`) and the study's up-front checks (:func:`moesim.study.plan.check_study`:
+fit, replicas, memory, time): a bad point is the loader's one-line error, naming the field, with the point appended.
 A point is keyed by a digest of its resolved scenario (every validated field but the file name, output folder and
 progress switch), so a resumed sweep recognises the points it has already simulated. Deliberately not here:
 running the points (:mod:`moesim.study.sweep`) and writing anything.
@@ -47,6 +50,11 @@ class Axis:
     key: str
     values: tuple[Any, ...]
     origin: str
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """The keys this axis sets: one, or several moving together (``"a, b": [[a1, b1], [a2, b2]]``)."""
+        return tuple(k.strip() for k in self.key.split(","))
 
 
 @dataclass(frozen=True)
@@ -91,11 +99,24 @@ def section_axes(raw: Any, source: str) -> list[Axis]:
                          source=source, field="sweep")
     axes = []
     for key, values in raw.items():
-        _segments(str(key), f"sweep.{key}", source)
+        axis = Axis(str(key), tuple(values) if isinstance(values, list) else (), "sweep")
+        for k in axis.keys:
+            _segments(k, f"sweep.{key}", source)
         if not isinstance(values, list) or not values:
             raise InputError("must be a non-empty list of values", source=source, field=f"sweep.{key}")
-        axes.append(Axis(str(key), tuple(values), "sweep"))
+        if len(axis.keys) > 1 and any(not isinstance(v, list) or len(v) != len(axis.keys) for v in values):
+            raise InputError(f"keys that move together take lists of {len(axis.keys)} values, one per key",
+                             source=source, field=f"sweep.{key}")
+        axes.append(axis)
     return axes
+
+
+def sweep_points(data: dict[str, Any], sweep: dict[str, list[Any]], *, source: str = "<sweep>",
+                 base_dir: str | Path = ".", check: bool = True) -> tuple[list[Axis], list[SweepPoint]]:
+    """The Python form of a ``sweep:`` section: scenario ``data`` (a mapping, as the YAML loads) and the swept
+    keys with their values, expanded and validated (:func:`expand`); paths resolve against ``base_dir``."""
+    axes = section_axes(sweep, source)
+    return axes, expand(data, axes, source, Path(base_dir), check=check)
 
 
 def merge_axes(section: list[Axis], grid: list[Axis]) -> list[Axis]:
@@ -222,7 +243,7 @@ def expand(data: dict[str, Any], axes: list[Axis], source: str, base_dir: Path, 
     """Every point of the grid over scenario ``data`` (its ``sweep`` section left out), validated; ``check``
     also runs the study's up-front checks (fit, memory, time) on each. Points with the same resolved scenario
     (a value written twice) are kept once."""
-    from moesim.study.plan import prepare
+    from moesim.study.plan import check_study
 
     count = 1
     for axis in axes:
@@ -233,16 +254,18 @@ def expand(data: dict[str, Any], axes: list[Axis], source: str, base_dir: Path, 
     points: list[SweepPoint] = []
     seen: set[str] = set()
     for combo in itertools.product(*(a.values for a in axes)):
-        values = tuple((a.key, v) for a, v in zip(axes, combo))
+        values = tuple(pair for a, v in zip(axes, combo)
+                       for pair in (zip(a.keys, v) if len(a.keys) > 1 else [(a.key, v)]))
         label = ", ".join(f"{k}={json.dumps(v)}" for k, v in values)
         point = copy.deepcopy(base)
         try:
             for axis, value in zip(axes, combo):
                 field = f"--grid {axis.key}" if axis.origin == "--grid" else f"sweep.{axis.key}"
-                apply_value(point, axis.key, value, field)
+                for key, v in (zip(axis.keys, value) if len(axis.keys) > 1 else [(axis.key, value)]):
+                    apply_value(point, key, v, field)
             scenario = parse_scenario(point, source, base_dir)
             if check:
-                prepare(scenario, build=False)
+                check_study(scenario)
         except InputError as exc:
             raise InputError(f"{exc.detail} (sweep point {label})", source=exc.source or source,
                              field=exc.field) from None
