@@ -280,3 +280,17 @@ def test_ray_gives_the_same_results_with_a_worker_killed_mid_point(tmp_path):
     assert killed, "no Ray worker was seen running a point"
     assert [o.error for o in remote] == [None] * 4
     assert [o.rows for o in remote] == [o.rows for o in local]
+
+
+def test_the_default_folder_lies_in_the_runs_and_a_run_keeps_it(tmp_path, capsys, monkeypatch):
+    """moesim sweep --grid writes to OUTPUT/grid by default; a later moesim run replaces its own files and
+    carries the grid folder over (as it does moesim sweep's sweep/)."""
+    monkeypatch.chdir(tmp_path)
+    path = scenario_file(tmp_path, {"workload.synthetic.seed": [1, 2]}, placements=["contiguous", "greedy"])
+    rc, _, _ = cli(["sweep", "small.yaml", "--jobs", "1", "-q"], capsys)
+    grid = tmp_path / "results" / "small" / "grid"
+    assert rc == 0 and (grid / "sweep.json").is_file()
+    before = merged(grid)
+    rc, _, err = cli(["run", str(path), "-q", "--no-plots"], capsys)
+    assert rc == 0, err
+    assert (tmp_path / "results" / "small" / "results.json").is_file() and merged(grid) == before
