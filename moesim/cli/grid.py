@@ -17,6 +17,7 @@ import json
 import os
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +65,9 @@ def cmd_grid(args: argparse.Namespace) -> int:
     at_least_one(args.jobs, "--jobs", 4096)
     pair = _pair(args.heatmap)
     t0 = time.perf_counter()
-    axes, points = load_grid(args.scenario, args.grid)
+    with ExitStack() as stack:  # a bar while the points are checked, shown when that takes over 2 s
+        axes, points = load_grid(args.scenario, args.grid, progress=lambda n: stack.enter_context(
+            progress_bar(n, "checking the sweep's points", "point", quiet=args.quiet)).update)
     first = points[0].scenario
     keys = [a.key for a in axes]
     if pair is not None and not set(pair) <= set(keys):

@@ -31,7 +31,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from moesim.errors import InputError
 from moesim.loaders import load_yaml, read_yaml
@@ -238,16 +238,22 @@ def point_digest(scenario: Scenario) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def expand(data: dict[str, Any], axes: list[Axis], source: str, base_dir: Path, *,
-           check: bool = True) -> list[SweepPoint]:
-    """Every point of the grid over scenario ``data`` (its ``sweep`` section left out), validated; ``check``
-    also runs the study's up-front checks (fit, memory, time) on each. Points with the same resolved scenario
-    (a value written twice) are kept once."""
-    from moesim.study.plan import check_study
-
+def grid_size(axes: list[Axis]) -> int:
+    """Points in the grid (before points that resolve to the same scenario are merged)."""
     count = 1
     for axis in axes:
         count *= len(axis.values)
+    return count
+
+
+def expand(data: dict[str, Any], axes: list[Axis], source: str, base_dir: Path, *, check: bool = True,
+           progress: Callable[[], object] | None = None) -> list[SweepPoint]:
+    """Every point of the grid over scenario ``data`` (its ``sweep`` section left out), validated; ``check``
+    also runs the study's up-front checks (fit, memory, time) on each; ``progress()`` is called after each.
+    Points with the same resolved scenario (a value written twice) are kept once."""
+    from moesim.study.plan import check_study
+
+    count = grid_size(axes)
     if count > MAX_POINTS:
         raise InputError(f"the grid has {count} points; at most {MAX_POINTS}", source=source, field="sweep")
     base = {k: v for k, v in data.items() if k != "sweep"}
@@ -270,21 +276,25 @@ def expand(data: dict[str, Any], axes: list[Axis], source: str, base_dir: Path, 
             raise InputError(f"{exc.detail} (sweep point {label})", source=exc.source or source,
                              field=exc.field) from None
         digest = point_digest(scenario)
+        if progress is not None:
+            progress()
         if digest not in seen:
             seen.add(digest)
             points.append(SweepPoint(len(points), values, scenario, digest))
     return points
 
 
-def load_grid(path: str | Path, grid: list[str] | None = None, *, check: bool = True) -> tuple[list[Axis],
-                                                                                               list[SweepPoint]]:
-    """A scenario file's sweep: its ``sweep:`` section merged with ``--grid`` items, expanded and validated."""
+def load_grid(path: str | Path, grid: list[str] | None = None, *, check: bool = True,
+              progress: Callable[[int], Callable[[], object]] | None = None) -> tuple[list[Axis], list[SweepPoint]]:
+    """A scenario file's sweep: its ``sweep:`` section merged with ``--grid`` items, expanded and validated;
+    ``progress(count)`` gives what to call after each point is checked."""
     source = str(path)
     data = read_yaml(path, source)
     if not isinstance(data, dict):
         raise InputError("a scenario must be a YAML mapping", source=source)
     axes = merge_axes(section_axes(data.get("sweep"), source), [parse_grid_option(g) for g in grid or []])
     if not axes:
-        raise InputError("nothing to sweep: give --grid KEY=V1,V2,... or a 'sweep:' section", source=source,
-                         field="sweep")
-    return axes, expand(data, axes, source, Path(path).parent, check=check)
+        raise InputError("nothing to sweep: give --grid KEY=V1,V2,... or a 'sweep:' section (or --redundant and "
+                         "--every for the rebalancing trade-off)", source=source, field="sweep")
+    step = progress(grid_size(axes)) if progress is not None else None
+    return axes, expand(data, axes, source, Path(path).parent, check=check, progress=step)
