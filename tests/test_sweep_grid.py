@@ -128,6 +128,20 @@ def test_points_are_every_combination_validated_and_keyed_by_their_scenario(tmp_
     assert len(dup) == 1
 
 
+def test_keys_joined_by_a_comma_move_together():
+    from moesim.study.grid import sweep_points
+
+    axes, points = sweep_points(SMALL, {"cluster.nodes, placement.redundant_experts": [[1, 8], [2, 16]],
+                                        "workload.tokens_per_gpu": [64, 128]})
+    assert len(points) == 4 and axes[0].keys == ("cluster.nodes", "placement.redundant_experts")
+    assert points[2].values == (("cluster.nodes", 2), ("placement.redundant_experts", 16),
+                                ("workload.tokens_per_gpu", 64))
+    eplb = next(p for p in points[2].scenario.placements if p.policy == "eplb")
+    assert points[2].scenario.clusters[0].spec.num_gpus == 16 and eplb.options["redundant_experts"] == 16
+    with pytest.raises(InputError, match="take lists of 2 values"):
+        sweep_points(SMALL, {"cluster.nodes, placement.redundant_experts": [[1, 8], 2]})
+
+
 def test_a_bad_point_is_one_line_naming_the_field_and_writes_nothing(tmp_path, capsys):
     path = scenario_file(tmp_path, {"cluster.nodes": [1, 0]})
     out = tmp_path / "out"
