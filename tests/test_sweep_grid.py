@@ -261,7 +261,7 @@ def test_ray_missing_is_one_line_naming_the_extra(tmp_path, monkeypatch):
 
 def _kill_one_ray_task(stop: threading.Event, killed: list[int]) -> None:
     """SIGKILL the first Ray worker seen running a point (its process title is ray::run_one)."""
-    psutil = pytest.importorskip("psutil")
+    import psutil  # a dependency of Ray
     while not stop.is_set() and not killed:
         for proc in psutil.process_iter(["pid", "cmdline"]):
             cmd = " ".join(proc.info["cmdline"] or [])
