@@ -4,9 +4,10 @@ Each point is a shipped scenario of scenarios/deployments/ (its header gives the
 states and every assumption moesim makes), run as it ships or with the one change the point names (prompt
 length, requests per GPU, overlap, placement). Throughput per node = tokens per GPU per forward / the simulated
 forward time x GPUs per node: input tokens for prefill, output tokens for decode (one per request per step, no
-MTP). Gains are ratios of two simulated throughputs beside the published ratio.
+MTP), as moesim.metrics.serving computes them for every run. Gains are ratios of two simulated throughputs
+beside the published ratio.
 
-    python benchmarks/deployments.py            # every point, about 15 minutes on 2 cores
+    python benchmarks/deployments.py            # every point and Day 6 disaggregated, about 20 minutes on 2 cores
     python benchmarks/deployments.py --quick    # DeepSeek's two profiled points only
 
 Nothing here is fitted to these figures: the GPUs, kernels and networks are the presets' (calibrated on other
@@ -68,6 +69,26 @@ GAINS = (
      (1.49,), LMSYS),
 )
 
+# DeepSeek's Day-6 deployment with prefill and decode pools (moesim.study.disagg): the prefill:decode node ratio its
+# request mix needs, beside the one Day 6's own rates imply (95.5 prefill + 131.4 decode nodes, SERVING.md)
+DISAGG = ("Day 6, prefill:decode nodes for its request mix", "deepseek_day6_disaggregated", 95.5 / 131.4,
+          "open-infra-index Day 6 (nodes derived from its rates)")
+
+
+def node_ratio() -> None:
+    """The disaggregated Day-6 scenario run whole: its combined figures beside the published ones."""
+    from moesim.study.disagg import DisaggScenario, load_any, run_disaggregated
+
+    label, scenario, published, source = DISAGG
+    sc = load_any(DEPLOYMENTS / f"{scenario}.yaml")
+    assert isinstance(sc, DisaggScenario)
+    t0 = time.perf_counter()
+    figures = run_disaggregated(sc, progress=False).figures
+    print(f"  ({scenario}: {time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+    ratio = figures["needed_nodes_ratio"]
+    print(f"\n{'disaggregated':60s} {'moesim':>9s} {'published':>10s} {'error':>7s}  source")
+    print(f"{label:60s} {ratio:9.3f} {published:10.3f} {ratio / published - 1:+7.1%}  {source}", flush=True)
+
 
 def changed(sc: Scenario, change: dict[str, Any]) -> Scenario:
     """The scenario with a point's changes applied (prompt or KV length, tokens per GPU, overlap)."""
@@ -94,12 +115,11 @@ def throughput(scenario: str, change: dict[str, Any]) -> dict[str, float]:
         sc = changed(load_scenario(DEPLOYMENTS / f"{scenario}.yaml"), change)
         t0 = time.perf_counter()
         result = run_study(sc, progress=False)
-        syn = sc.workload.synthetic
-        assert syn is not None
         out = {}
-        for run in result.runs:
-            forward_s = run.metrics.e2e_ms["mean"] / 1e3
-            out[run.name] = syn.tokens_per_gpu / forward_s * run.cluster.spec.gpus_per_node
+        for run in result.runs:  # input tokens/s per node in prefill, output tokens/s per node in decode
+            serving = run.metrics.serving
+            assert serving is not None and serving.phase in ("prefill", "decode")
+            out[run.name] = serving.tokens_per_s_per_node
         print(f"  ({scenario} {dict(key[1])}: {time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
         _CACHE[key] = out
     return _CACHE[key]
@@ -128,6 +148,7 @@ def main() -> None:
             mid = sum(published) / len(published)
             shown = "-".join(f"{x:.2f}" for x in published)
             print(f"{label:60s} {ratio:8.2f}x {shown:>9s}x {ratio / mid - 1:+7.1%}", flush=True)
+        node_ratio()
     print(f"\nthroughput: median |error| {sorted(errors)[len(errors) // 2]:.1%}, max {max(errors):.1%} "
           f"over {len(errors)} points")
 

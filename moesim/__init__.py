@@ -15,11 +15,16 @@ docs/api.md describes each function and the objects they return.
 """
 
 from moesim.errors import InputError
+from moesim.report.disagg import write_disaggregated
 from moesim.report.files import write_outputs
+from moesim.report.serving import write_serving
 from moesim.report.text import format_report
 from moesim.study import Scenario, StudyPlan, StudyResult, load_scenario, parse_scenario, prepare, run_study
+from moesim.study.disagg import load_any, run_disaggregated
+from moesim.study.serving import serving_sweep
 
 __version__ = "0.1.0"
 
-__all__ = ["InputError", "Scenario", "StudyPlan", "StudyResult", "format_report", "load_scenario", "parse_scenario",
-           "prepare", "run_study", "write_outputs", "__version__"]
+__all__ = ["InputError", "Scenario", "StudyPlan", "StudyResult", "format_report", "load_any", "load_scenario",
+           "parse_scenario", "prepare", "run_disaggregated", "run_study", "serving_sweep", "write_disaggregated",
+           "write_outputs", "write_serving", "__version__"]

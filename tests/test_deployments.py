@@ -18,7 +18,9 @@ from moesim.traces.model import ModelSpec
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_scenarios_smoke import shrink  # noqa: E402
 
-DEPLOYMENTS = sorted((Path(__file__).resolve().parents[1] / "scenarios" / "deployments").glob("*.yaml"))
+# the plain scenarios; disaggregated ones (a prefill and a decode pool) are tests/test_disagg.py's
+DEPLOYMENTS = sorted(p for p in (Path(__file__).resolve().parents[1] / "scenarios" / "deployments").glob("*.yaml")
+                     if "pools:" not in p.read_text())
 GPU = ClusterSpec(**preset("h800")).gpu
 
 

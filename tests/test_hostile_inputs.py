@@ -1995,6 +1995,91 @@ def _(d: Path) -> list[str]:
     return validate()
 
 
+# ---- engine dumps (moesim trace import of SGLang, TensorRT-LLM, Megatron-LM, vLLM files)
+
+def safetensors_bytes(header: dict[str, Any], data: bytes = b"", header_len: int | None = None) -> bytes:
+    text = json.dumps(header).encode()
+    return struct.pack("<Q", len(text) if header_len is None else header_len) + text + data
+
+
+def trtllm_dir(d: Path, rank0: bytes) -> list[str]:
+    (d / "stats").mkdir()
+    write(d / "stats" / "meta_info.json", json.dumps({"num_experts": 4, "num_experts_per_token": 2}))
+    write(d / "stats" / "rank0.safetensors", rank0)
+    return import_cmd("stats")
+
+
+@case("engine-dump", "safetensors-offsets-beyond-file", "rank0.safetensors", "0_1", "truncated")
+def _(d: Path) -> list[str]:
+    return trtllm_dir(d, safetensors_bytes({"0_1": {"dtype": "I64", "shape": [4], "data_offsets": [0, 32]}}, b"\0" * 8))
+
+
+@case("engine-dump", "safetensors-header-length-huge", "rank0.safetensors", "header")
+def _(d: Path) -> list[str]:
+    return trtllm_dir(d, safetensors_bytes({}, header_len=1 << 60))
+
+
+@case("engine-dump", "safetensors-shape-lies", "rank0.safetensors", "0_1")
+def _(d: Path) -> list[str]:
+    return trtllm_dir(d, safetensors_bytes({"0_1": {"dtype": "I64", "shape": [1 << 40], "data_offsets": [0, 32]}},
+                                           b"\0" * 32))
+
+
+@case("engine-dump", "trtllm-key-not-iter-layer", "rank0.safetensors", "weights")
+def _(d: Path) -> list[str]:
+    return trtllm_dir(d, safetensors_bytes({"weights": {"dtype": "I64", "shape": [4], "data_offsets": [0, 32]}},
+                                           b"\0" * 32))
+
+
+# (without torch installed, both .pt cases are the one-line "needs torch" error naming the file)
+@case("engine-dump", "pt-not-a-torch-file", "expert_distribution_recorder_1.pt")
+def _(d: Path) -> list[str]:
+    write(d / "expert_distribution_recorder_1.pt", zlib.compress(b"not a pickle" * 100))
+    return import_cmd("expert_distribution_recorder_1.pt", "--format", "sglang-stat", "--top-k", "2")
+
+
+@case("engine-dump", "pt-pickle-of-objects", "expert_distribution_recorder_1.pt")
+def _(d: Path) -> list[str]:
+    try:
+        import torch
+    except ImportError:
+        write(d / "expert_distribution_recorder_1.pt", b"PK")
+    else:
+        torch.save({"logical_count": torch.zeros(1, 2, 4, dtype=torch.int32), "path": Path("x")},
+                   d / "expert_distribution_recorder_1.pt")
+    return import_cmd("expert_distribution_recorder_1.pt", "--top-k", "2")
+
+
+@case("engine-dump", "megatron-line-not-json", "router_trace_rank0.jsonl", "line 2")
+def _(d: Path) -> list[str]:
+    rec = {"step": 0, "stage": "pre_dispatch", "block": "decoder", "layer": 1, "rank": 0, "num_tokens": 1, "topk": 2,
+           "top_indices": [[0, 1]]}
+    write(d / "router_trace_rank0.jsonl", json.dumps(rec) + "\n{\n")
+    return import_cmd("router_trace_rank0.jsonl")
+
+
+@case("engine-dump", "megatron-ids-not-integers", "router_trace_rank0.jsonl", "line 1")
+def _(d: Path) -> list[str]:
+    rec = {"step": 0, "stage": "pre_dispatch", "block": "decoder", "layer": 1, "rank": 0, "num_tokens": 1, "topk": 2,
+           "top_indices": [[0, 1e400]]}
+    write(d / "router_trace_rank0.jsonl", json.dumps(rec) + "\n")
+    return import_cmd("router_trace_rank0.jsonl")
+
+
+@case("engine-dump", "vllm-stats-huge-integer", "eplb.jsonl", "line 1")
+def _(d: Path) -> list[str]:
+    rec = {"record_type": "eplb_load_stats", "version": 1, "step": 0, "expert_load": [[10**30, 1]],
+           "p2l_map": [[0, 1]]}
+    write(d / "eplb.jsonl", json.dumps(rec) + "\n")
+    return import_cmd("eplb.jsonl", "--top-k", "1")
+
+
+@case("engine-dump", "routed-experts-bad-base64", "r.json", "routed_experts")
+def _(d: Path) -> list[str]:
+    write(d / "r.json", json.dumps([{"meta_info": {"routed_experts": "***"}}]))
+    return import_cmd("r.json", "--layers", "2", "--top-k", "2")
+
+
 # ------------------------------------------------------------------------------------------------ the runner
 
 RUNNER = r'''

@@ -22,6 +22,7 @@ from moesim.traces.model import ModelSpec
 
 GPU = ClusterSpec(**preset("hgx-h200")).gpu
 REF = GPU.moe_pipelines["torch_reference"]
+REPO = Path(__file__).resolve().parents[1]
 MOE_RUNS = [Path(__file__).resolve().parents[1] / "benchmarks/validation/moe_h200" / name
             for name in ("moe_h200.json", "moe_h200_run2.json")]
 
@@ -164,11 +165,52 @@ def test_shipped_graph_fit_holds_on_the_points_it_held_out():
     points = graph_points(json.loads(path.read_text()), str(path))
     held = held_out(points)
     pipes = fit_graph_pipelines(points, held, GPU)
-    assert pipes["fused"].graph_gemm_fixed_us == pytest.approx(GPU.moe_pipelines["fused"].graph_gemm_fixed_us)
+    ref = GPU.moe_pipelines["torch_reference"]
+    assert pipes["torch_reference"].graph_gemm_fixed_us == pytest.approx(ref.graph_gemm_fixed_us)
+    assert pipes["torch_reference"].graph_steps == ref.graph_steps
+    # the fused pipeline's GEMMs are vLLM's (fitted on AIConfigurator's table, the next test): moesim's own
+    # Triton stand-in for fused_moe (untuned tiles, alignment sorted in PyTorch) is slower, never faster
     spec = ClusterSpec(**preset("hgx-h200"))
-    errors = [abs(predict_point(p, spec)[0] / p.total_ms - 1) for p, h in zip(points, held)
-              if h and p.whole_measured]
-    assert len(errors) >= 20 and np.median(errors) < 0.10 and max(errors) < 0.30
+    ratio = [predict_point(p, spec)[0] / p.total_ms for p, h in zip(points, held) if h and p.whole_measured]
+    assert len(ratio) >= 10 and 0.6 < np.median(ratio) < 1.0
+
+
+@pytest.mark.parametrize("name, pipeline, least", [("vllm_fused_moe", "fused", 100),
+                                                    ("sglang_deepep_moe", "deepgemm", 15)])
+def test_fused_pipelines_are_the_engines_kernels_as_aiconfigurator_timed_them(name, pipeline, least):
+    """The shipped fused (vLLM fused_moe) and deepgemm (SGLang's DeepEP + DeepGEMM) pipelines refit from the H200
+    tables (benchmarks/validation/aiconfigurator); their held-out rows stay close, and the H100 tables, never
+    fitted, are predicted as closely on the H100's HBM and peak."""
+    import json
+
+    from moesim.calibration.moe import held_out, predict_point
+    from moesim.calibration.table import check_moe_table, fit_table_pipeline, table_points, with_floors
+
+    def points(gpu):
+        path = REPO / "benchmarks" / "validation" / "aiconfigurator" / f"{name}_{gpu}.json"
+        raw = json.loads(path.read_text())
+        check_moe_table(raw, str(path))
+        return table_points(raw, str(path))
+
+    h200, h100 = points("h200"), points("h100")
+    held = held_out(h200)
+    pipes, floors = fit_table_pipeline(h200, held, GPU)
+    assert pipes[pipeline] == GPU.moe_pipelines[pipeline]  # what ships is what the fit gives
+    assert all(0.0 <= f < 0.5 for f in floors.values())  # a harness's own floor: a fraction of a millisecond
+    for pts, spec, mask in ((with_floors(h200, floors), ClusterSpec(**preset("hgx-h200")), held),
+                            (with_floors(h100, floors), ClusterSpec(**preset("dgx-h100")), [True] * len(h100))):
+        for phase, bound in (("decode", 0.07), ("prefill", 0.10)):
+            err = [abs(predict_point(p, spec)[0] / p.total_ms - 1) for p, m in zip(pts, mask)
+                   if m and p.phase == phase]
+            assert len(err) >= least and np.median(err) < bound and max(err) < 0.8, (spec.name, phase)
+
+
+def test_deepgemm_fp8_gemms_outrun_vllms_triton_ones():
+    """What the two tables say of the FP8 kernels: DeepGEMM reaches over twice the FP8 peak share of vLLM's
+    block-FP8 Triton kernel, which runs no faster than vLLM's bf16 one."""
+    fused, deep = GPU.moe_pipelines["fused"], GPU.moe_pipelines["deepgemm"]
+    assert deep.fp8_gemm_efficiency > 2 * fused.fp8_gemm_efficiency
+    assert fused.fp8_gemm_efficiency * GPU.fp8_tflops <= 1.05 * fused.gemm_efficiency * GPU.bf16_tflops
 
 
 def test_plain_gemm_is_one_expert_holding_every_row():

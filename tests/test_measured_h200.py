@@ -56,7 +56,9 @@ def test_shipped_h200_preset_is_what_moesim_calibrate_fits() -> None:
     moe = Path(__file__).resolve().parents[1] / "benchmarks/validation/moe_h200"
     fit = calibrate(load_bench([DATA.parent / "a2a_2xh200.json", DATA, attention, moe / "moe_h200.json",
                                 moe / "moe_h200_run2.json", moe / "moe_graphs_h200.json",
-                                moe / "dense_h200.json"]), "hgx-h200")
+                                moe / "dense_h200.json",
+                                moe.parent / "aiconfigurator" / "vllm_fused_moe_h200.json",
+                                moe.parent / "aiconfigurator" / "sglang_deepep_moe_h200.json"]), "hgx-h200")
     assert "gpu.attention_hbm_efficiency" in fit.fitted
     assert "gpu.moe_pipelines.torch_reference.gemm_efficiency" in fit.fitted
     assert spec["gpu"]["moe_pipelines"] == ClusterSpec(**spec).model_dump(mode="json")["gpu"]["moe_pipelines"]

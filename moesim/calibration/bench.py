@@ -18,6 +18,8 @@ import numpy as np
 from moesim.calibration.attention import AttentionPoint, ProjectionPoint, bench_points
 from moesim.calibration.gemm import GemmPoint, gemm_points
 from moesim.calibration.moe import MoEPoint, graph_points, moe_points
+from moesim.calibration.table import FORMAT as TABLE_FORMAT
+from moesim.calibration.table import check_moe_table, table_points
 from moesim.calibration.schema import check_a2a, check_dense, check_ffn, check_moe, check_moe_graphs
 from moesim.errors import InputError
 from moesim.fileio import read_json_object
@@ -64,6 +66,7 @@ class BenchData:
     projections: list[ProjectionPoint] = field(default_factory=list)
     moe: list[MoEPoint] = field(default_factory=list)  # moesim bench moe records (moesim.calibration.moe)
     moe_graphs: list[MoEPoint] = field(default_factory=list)  # the same steps replayed from CUDA graphs
+    moe_table: list[MoEPoint] = field(default_factory=list)  # whole layers from a kernel-timing table (.table)
     gemms: list[GemmPoint] = field(default_factory=list)  # plain GEMMs (moesim.calibration.gemm)
     sources: list[str] = field(default_factory=list)
 
@@ -114,6 +117,9 @@ def load_bench(paths: list[str | Path]) -> BenchData:
             elif raw.get("format") == "moesim.bench.moe_graphs/1":
                 check_moe_graphs(raw, src)
                 data.moe_graphs.extend(graph_points(raw, src))
+            elif raw.get("format") == TABLE_FORMAT:
+                check_moe_table(raw, src)
+                data.moe_table.extend(table_points(raw, src))
             elif raw.get("format") == "moesim.bench.dense/1":
                 check_dense(raw, src)
                 data.gemms.extend(gemm_points(raw, src))

@@ -29,6 +29,7 @@ from moesim.calibration.bench import A2APoint, BenchData, FFNPoint, P2PPoint
 from moesim.calibration.gemm import fit_plain_gemm, gemm_predictions
 from moesim.calibration.gemm import held_out as gemm_held_out
 from moesim.calibration.moe import fit_graph_pipelines, fit_pipelines, fit_self_a2a, held_out, moe_predictions
+from moesim.calibration.table import fit_table_pipeline, with_floors
 from moesim.hardware.presets import deep_merge, preset
 from moesim.hardware.spec import ClusterSpec
 from moesim.hardware.topology import build_topology
@@ -235,6 +236,15 @@ def _fit_kernels(data: BenchData, base: dict[str, Any],
         base = deep_merge(base, {"gpu": {"moe_pipelines": {k: v.model_dump() for k, v in pipes.items()}}})
         fitted.update({f"gpu.moe_pipelines.{k}.graph_gemm_fixed_us": v.graph_gemm_fixed_us for k, v in pipes.items()
                        if k in {p.pipeline for p in data.moe_graphs} and v.graph_gemm_fixed_us is not None})
+    if data.moe_table:  # kernel-timing tables of whole fused layers: those pipelines' GEMMs refitted
+        pipes, floors = fit_table_pipeline(data.moe_table, held_out(data.moe_table), ClusterSpec(**base).gpu)
+        refit = sorted({p.pipeline for p in data.moe_table})
+        base = deep_merge(base, {"gpu": {"moe_pipelines": {k: pipes[k].model_dump() for k in refit}}})
+        fitted.update({f"gpu.moe_pipelines.{k}.{f}": getattr(pipes[k], f) for k in refit for f in (
+            "tile_m", "tile_n", "gemm_efficiency", "gemm_hbm_efficiency", "graph_gemm_fixed_us", "fp8_gemm_efficiency",
+            "fp8_gemm_hbm_efficiency", "graph_fp8_gemm_fixed_us", "fp8_tile_m", "fp8_tile_n")
+            if getattr(pipes[k], f) is not None})
+        data.moe_table = with_floors(data.moe_table, floors)  # each eager harness's own cost, to predict its rows
     gemm_held = gemm_held_out(data.gemms)
     if data.gemms:  # plain GEMMs: shared experts, dense layers, projections
         plain = fit_plain_gemm(data.gemms, gemm_held, ClusterSpec(**base).gpu)
@@ -292,6 +302,7 @@ def calibrate(data: BenchData, base_preset: str = "hgx-h200", name: str | None =
     preds += [Prediction(*row) for row in gemm_predictions(data.gemms, gemm_held, spec)]
     preds += [Prediction(*row) for row in moe_predictions(data.moe, moe_held, spec)]
     preds += [Prediction(*row) for row in moe_predictions(data.moe_graphs, graph_held, spec)]
+    preds += [Prediction(*row) for row in moe_predictions(data.moe_table, held_out(data.moe_table), spec)]
     if data.ffn:
         preds += [Prediction("ffn", f"{p.shape} {list(p.tokens)}", p.ms, predict_ffn(spec, p), h)
                   for p, h in zip(data.ffn, ffn_held)]

@@ -78,8 +78,8 @@ def _obs(points: list[GemmPoint], spec: GemmSpec, gpu: GPUSpec, fp8: bool,
     waves, mem, meas = [], [], []
     for p in points:
         tiles, nbytes = gemm_work(np.array([[float(p.tokens)]]), p.n, p.k, spec, weight_bytes=b, act_bytes=b,
-                                  out_bytes=2.0)
-        waves.append(float(np.ceil(tiles[0] / gpu.sms)) * 2.0 * spec.tile_m * spec.tile_n * p.k / (peak / gpu.sms))
+                                  out_bytes=2.0, fp8=fp8)
+        waves.append(float(np.ceil(tiles[0] / gpu.sms)) * 2.0 * np.prod(spec.tile(fp8)) * p.k / (peak / gpu.sms))
         mem.append(float(nbytes[0]) / (gpu.hbm_GBps * 1e9))
         meas.append(p.ms[launch] * 1e-3)
     return np.array(waves), np.array(mem), np.array(meas)
@@ -116,7 +116,7 @@ def fit_plain_gemm(points: list[GemmPoint], held: list[bool], gpu: GPUSpec) -> G
             gfx = _grid_gemm(*_obs(graphed, spec, gpu, fp8, "cuda_graph"), np.array([eff]), np.array([meff]),
                              fixeds)[3]
             update[f"graph_{prefix}gemm_fixed_us"] = round(gfx * 1e6, 2)
-    return GemmSpec(tile_m=tile[0], tile_n=tile[1], **update)
+    return GemmSpec(tile_m=tile[0], tile_n=tile[1]).model_copy(update=update)
 
 
 def gemm_predictions(points: list[GemmPoint], held: list[bool],

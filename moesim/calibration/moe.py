@@ -36,7 +36,8 @@ from moesim.traces.model import ModelSpec
 
 GEMMS = ("gemm_gate_up", "gemm_down")
 TILES = {"torch_reference": ((64, 128), (128, 128), (128, 256), (256, 128)),
-         "fused": ((16, 64), (32, 64), (64, 64), (64, 128), (128, 128))}
+         "fused": ((16, 64), (32, 64), (64, 64), (64, 128), (128, 128)),
+         "deepgemm": ((64, 64), (64, 128), (128, 128), (128, 256))}  # DeepGEMM: BLOCK_M 64/128, BLOCK_N up to 256
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,11 @@ class MoEPoint:
     total_ms: float = 0.0
     launch: str = "eager"  # eager PyTorch, or replayed from CUDA graphs (engine.launch)
     whole_measured: bool = True  # total_ms timed as one run (not summed from its steps)
+    table: bool = False  # a row of a kernel-timing table (moesim.calibration.table): no step timed alone
+    covers: tuple[str, ...] = ()  # the steps a table row timed (empty: every step but the router)
+    expert_major: bool = False  # rows delivered expert by expert (DeepEP low-latency layout): no alignment
+    harness: str = ""  # the eager harness that timed a table row
+    harness_ms: float = 0.0  # that harness's own fixed cost, as fitted (no kernel's; never simulated)
 
     @property
     def tokens(self) -> int:
@@ -187,8 +193,8 @@ def _gemm_obs(points: list[MoEPoint], spec: PipelineSpec, gpu: GPUSpec,
         d, f = p.model.d_model, p.model.d_ff
         wb = 1.0 if fp8 else 2.0
         for name, n, k in (("gemm_gate_up", 2 * f, d), ("gemm_down", d, f)):
-            tiles, nbytes = gemm_work(p.work.rows, n, k, spec, weight_bytes=wb, act_bytes=wb, out_bytes=2.0)
-            waves.append(np.ceil(tiles / gpu.sms) * 2.0 * spec.tile_m * spec.tile_n * k / (peak / gpu.sms))
+            tiles, nbytes = gemm_work(p.work.rows, n, k, spec, weight_bytes=wb, act_bytes=wb, out_bytes=2.0, fp8=fp8)
+            waves.append(np.ceil(tiles / gpu.sms) * 2.0 * np.prod(spec.tile(fp8)) * k / (peak / gpu.sms))
             mem.append(nbytes / (gpu.hbm_GBps * 1e9))
             meas.append(p.steps_ms[name] * 1e-3)
     return np.array(waves, dtype=float), np.array(mem, dtype=float), np.array(meas)
@@ -331,7 +337,7 @@ def moe_predictions(points: list[MoEPoint], held: list[bool],
     out = []
     for p, h in zip(points, held):
         total, steps = predict_point(p, spec)
-        graph = "graph-" if p.launch == "cuda_graph" else ""
+        graph = f"table-{p.pipeline}-" if p.table else "graph-" if p.launch == "cuda_graph" else ""
         if p.whole_measured:
             out.append((f"moe-{graph}{p.phase}", p.label, p.total_ms, total, h))
         out += [(f"moe-{graph}step:{k}", p.label, p.steps_ms[k], v, h) for k, v in steps.items() if k in p.steps_ms]
@@ -341,6 +347,11 @@ def moe_predictions(points: list[MoEPoint], held: list[bool],
 def predict_point(p: MoEPoint, spec: ClusterSpec) -> tuple[float, dict[str, float]]:
     """The layer's milliseconds and each step's, as the kernel and network models predict them (under CUDA
     graphs: the captured steps only)."""
+    if p.table:  # a table's row: the steps it covers, and its harness's own fixed cost
+        every = step_times(p.work, p.model, spec.gpu, pipeline=p.pipeline, dtype=p.dtype, launch=p.launch,
+                           expert_major=p.expert_major)
+        keep = p.covers or tuple(k for k in every if k != "router")
+        return sum(float(every[k]) for k in keep if k in every) * 1e3 + p.harness_ms, {}
     every = step_times(p.work, p.model, spec.gpu, pipeline=p.pipeline, dtype=p.dtype, launch=p.launch) \
         if p.launch == "eager" else _graph_step_times(p, spec.gpu)
     steps = {k: float(v) * 1e3 for k, v in every.items()}

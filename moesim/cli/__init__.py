@@ -1,4 +1,4 @@
-"""Command line: ``moesim run | validate | place | cluster | model | bench | calibrate | sweep | trace``.
+"""Command line: ``moesim run | validate | place | cluster | model | bench | calibrate | sweep | serving | trace``.
 
 Bad input of any kind - including an output path that cannot take the outputs - prints one line naming the
 file and field, and exits with status 2, before any output file is written. Ctrl-C prints
@@ -6,8 +6,9 @@ file and field, and exits with status 2, before any output file is written. Ctrl
 outputs or the new ones, never a mix (:mod:`moesim.fileio`).
 
 One module per command group, each registering its subcommands through ``add_parsers``: :mod:`.run` (run,
-validate, place), :mod:`.bench`, :mod:`.calibrate`, :mod:`.sweep`, :mod:`.cluster`, :mod:`.model`, :mod:`.trace`;
-:mod:`.common` holds what several share. This is the top layer: it may import every other one.
+validate, place), :mod:`.bench`, :mod:`.calibrate`, :mod:`.sweep`, :mod:`.serving`, :mod:`.cluster`,
+:mod:`.model`, :mod:`.trace`; :mod:`.common` holds what several share. This is the top layer: it may import
+every other one.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import os
 import sys
 from typing import NoReturn
 
-from moesim.cli import bench, calibrate, cluster, model, run, sweep, trace
+from moesim.cli import bench, calibrate, cluster, model, run, serving, sweep, trace
 from moesim.errors import InputError
 
 
@@ -32,7 +33,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="moesim", description="Simulate MoE expert placements on GPU clusters.")
     sub = p.add_subparsers(dest="command", required=True)
-    for group in (run, bench, calibrate, sweep, cluster, model, trace):  # the order ``moesim --help`` lists them in
+    # the order ``moesim --help`` lists them in
+    for group in (run, bench, calibrate, sweep, serving, cluster, model, trace):
         group.add_parsers(sub)
     return p
 

@@ -31,6 +31,10 @@ _ERROR_GROUPS = {"network": ("a2a-uniform", "a2a-skew", "p2p"), "expert FFN": ("
                  "MoE layer, decode": ("moe-decode",), "MoE layer, prefill": ("moe-prefill",),
                  "MoE layer in CUDA graphs, decode": ("moe-graph-decode",),
                  "MoE layer in CUDA graphs, prefill": ("moe-graph-prefill",),
+                 "vLLM fused_moe from a kernel table, decode": ("moe-table-fused-decode",),
+                 "vLLM fused_moe from a kernel table, prefill": ("moe-table-fused-prefill",),
+                 "DeepEP+DeepGEMM from a kernel table, decode": ("moe-table-deepgemm-decode",),
+                 "DeepEP+DeepGEMM from a kernel table, prefill": ("moe-table-deepgemm-prefill",),
                  "plain GEMMs": ("gemm",), "plain GEMMs in CUDA graphs": ("gemm-graph",)}
 
 
@@ -54,7 +58,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
     check_output_file(args.output, owned=starts_with(CALIBRATED_HEADER), what="a cluster YAML moesim calibrate wrote")
     data = load_bench(args.bench)
-    if not (data.a2a or data.ffn or data.attention or data.moe or data.moe_graphs or data.gemms):
+    if not (data.a2a or data.ffn or data.attention or data.moe or data.moe_graphs or data.moe_table or data.gemms):
         raise InputError("no all-to-all, expert-FFN, attention-core or MoE-layer points in the benchmark files")
     devices = ", ".join(sorted(data.devices))
     name = _choose_preset(args.preset, data, devices)
@@ -95,7 +99,8 @@ def _print_fit(result: Calibration, data: BenchData, name: str, devices: str) ->
     print(f"calibrated {name} on {len(data.a2a)} all-to-all, {len(data.p2p)} p2p, {len(data.ffn)} FFN, "
           f"{len(data.attention)} attention-core{' (' + ' and '.join(timings) + ')' if timings else ''}, "
           f"{len(data.projections)} attention-projection, {len(data.moe)} MoE-layer, {len(data.moe_graphs)} "
-          f"MoE-layer-in-CUDA-graphs and {len(data.gemms)} plain-GEMM points from {devices}")
+          f"MoE-layer-in-CUDA-graphs, {len(data.moe_table)} kernel-table MoE-layer and {len(data.gemms)} plain-GEMM "
+          f"points from {devices}")
     for key, value in result.fitted.items():
         print(f"  {key:26s} {value:10.4g}")
     print(f"{'points':46s} {'n':>4s} {'median |err|':>13s} {'max |err|':>10s}")

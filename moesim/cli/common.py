@@ -54,6 +54,12 @@ def check_scenario_output(out: Path, kind: FolderKind, scenario: Scenario, *, fl
     """:func:`moesim.fileio.check_output_folder` for a command's output folder: ``flag``'s value (``-o``), or,
     when the flag was not given, one the scenario's ``output`` field chose. A problem with the latter names the
     scenario file and that field as well as the folder: the user did not type that path on the command line."""
+    check_output_folder_of(out, kind, scenario.source, scenario.name, scenario.output, flag=flag)
+
+
+def check_output_folder_of(out: Path, kind: FolderKind, source: str, name: str, output: Path, *,
+                           flag: str | None) -> None:
+    """:func:`check_scenario_output` for the scenario file ``source`` named ``name`` whose ``output`` is given."""
     from moesim.fileio import check_output_folder, safe_name
 
     if flag is not None:
@@ -62,9 +68,9 @@ def check_scenario_output(out: Path, kind: FolderKind, scenario: Scenario, *, fl
     try:
         check_output_folder(out, kind)
     except InputError as exc:
-        default = scenario.output == Path("results") / safe_name(scenario.name)
+        default = output == Path("results") / safe_name(name)
         shown = f"{exc.source} (not set: the default, from the name)" if default else exc.source
-        raise InputError(f"{shown}: {exc.detail}", source=scenario.source, field="output") from None
+        raise InputError(f"{shown}: {exc.detail}", source=source, field="output") from None
 
 
 PROGRESS_DELAY_S = 2.0  # a bar appears once its step has run this long: quick commands print nothing more

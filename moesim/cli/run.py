@@ -15,21 +15,26 @@ from moesim.errors import InputError
 
 if TYPE_CHECKING:
     from moesim.study import StudyResult
+    from moesim.study.disagg import DisaggScenario
     from moesim.study.runner import Run
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from moesim.report.files import RUN_OUTPUTS, write_outputs
     from moesim.report.text import format_report
-    from moesim.study import load_scenario, run_study
+    from moesim.study import run_study
+    from moesim.study.disagg import DisaggScenario, load_any
 
-    scenario = load_scenario(args.scenario)
+    scenario = load_any(args.scenario)
+    if isinstance(scenario, DisaggScenario):
+        return _run_disaggregated(args, scenario)
     out = Path(args.output) if args.output else scenario.output
     check_scenario_output(out, RUN_OUTPUTS, scenario, flag=args.output)  # before simulating: costs nothing
     t0 = time.perf_counter()
     result = run_study(scenario, progress=False if args.quiet else None)
     wall = time.perf_counter() - t0
     print(format_report(result.metrics(), scenario.baseline))
+    _print_serving(result)
     _print_terms(result)
     _print_solves(result)
     if result.rebalance:  # the scenario's rebalance section (moesim.study.rebalance)
@@ -39,6 +44,41 @@ def _cmd_run(args: argparse.Namespace) -> int:
           f"({', '.join(p.name for p in written if p.parent == out)})")
     _print_renamed(result)
     return 0
+
+
+def _run_disaggregated(args: argparse.Namespace, scenario: DisaggScenario) -> int:
+    """A prefill pool and a decode pool (moesim.study.disagg): each pool's report, then the combined figures."""
+    from moesim.cli.common import check_output_folder_of
+    from moesim.report.disagg import DISAGG_OUTPUTS, disagg_lines, write_disaggregated
+    from moesim.report.text import format_report
+    from moesim.study.disagg import run_disaggregated
+
+    out = Path(args.output) if args.output else scenario.output
+    check_output_folder_of(out, DISAGG_OUTPUTS, scenario.source, scenario.name, scenario.output, flag=args.output)
+    t0 = time.perf_counter()
+    result = run_disaggregated(scenario, progress=False if args.quiet else None)
+    wall = time.perf_counter() - t0
+    for name, pool in result.pools.items():
+        print(f"#### {name} pool\n{format_report(pool.metrics(), pool.scenario.baseline)}")
+        _print_serving(pool)
+        _print_terms(pool)
+        print()
+    print("Disaggregated prefill and decode (each pool's fastest placement; moesim.metrics.serving):\n"
+          + "\n".join(f"  {line}" for line in disagg_lines(result)))
+    written = write_disaggregated(result, out, plots_on=not args.no_plots)
+    runs = sum(len(p.runs) for p in result.pools.values())
+    print(f"\n{runs} runs simulated in {wall:.1f} s; results in {out}/ "
+          f"({', '.join(sorted({p.relative_to(out).parts[0] for p in written}))})")
+    return 0
+
+
+def _print_serving(result: StudyResult) -> None:
+    """Per run, the serving figures: tokens/s per GPU and per node, time per forward or per output token."""
+    from moesim.report.text import serving_lines
+
+    lines = serving_lines(result.metrics())
+    if lines:
+        print("\nServing (back-to-back forwards of the batch; moesim.metrics.serving):\n" + "\n".join(lines))
 
 
 def _print_terms(result: StudyResult) -> None:
@@ -97,9 +137,16 @@ def _print_rebalancing(result: StudyResult) -> None:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from moesim.study import load_scenario, prepare
+    from moesim.study import prepare
+    from moesim.study.disagg import DisaggScenario, check_disaggregated, load_any
 
-    scenario = load_scenario(args.scenario)
+    scenario = load_any(args.scenario)
+    if isinstance(scenario, DisaggScenario):
+        check_disaggregated(scenario)
+        pools = "; ".join(f"{name}: {p.clusters[0].name} ({p.clusters[0].spec.num_gpus} GPUs, EP{p.clusters[0].ep}), "
+                          f"{len(p.placements)} placement(s)" for name, p in scenario.pools.items())
+        print(f"{args.scenario}: ok - disaggregated, {pools}")
+        return 0
     prepare(scenario, build=False)
     names = ", ".join(f"{c.name} ({c.spec.num_gpus} GPUs, EP{c.ep}" + (f" x TP{c.tp})" if c.tp > 1 else ")")
                       for c in scenario.clusters)

@@ -31,11 +31,36 @@ def _n(count: int, one: str, many: str | None = None) -> str:
     return f"{count} {one if count == 1 else many or one + 's'}"
 
 
+def _owned_import(path: Path) -> bool:
+    from moesim.traces.count_trace import is_counts_file
+    from moesim.traces.format import is_trace_file
+
+    return is_trace_file(path) or is_counts_file(path)
+
+
+def _engine_format(args: argparse.Namespace) -> str | None:
+    """The engine dump format of the inputs (``--format`` or recognised), None for a plain routing log."""
+    from moesim.traces.readers.engines import ENGINE_FORMATS, detect_engine
+
+    if args.format in ENGINE_FORMATS:
+        return str(args.format)
+    if args.format is not None:
+        return None
+    return detect_engine([Path(p) for p in args.inputs])
+
+
 def _cmd_import(args: argparse.Namespace) -> int:
     from moesim.traces.format import save_trace
     from moesim.traces.readers import import_trace
 
-    _check_trace_output(args.output)
+    check_output_file(args.output, owned=_owned_import, what="a trace or counts file moesim wrote")
+    if args.layers is not None:
+        at_least_one(args.layers, "--layers")
+    fmt = _engine_format(args)
+    if fmt is not None:
+        return _import_engine_dump(args, fmt)
+    if args.layers is not None:
+        raise InputError("applies to base64 routed experts only (--format routed-experts)", field="--layers")
     t0 = time.perf_counter()
     try:
         res = import_trace(args.inputs, fmt=args.format, num_experts=args.num_experts, top_k=args.top_k,
@@ -57,6 +82,59 @@ def _cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def _layer_text(ids: list[int] | tuple[int, ...] | None, decoder: int | None) -> str:
+    if ids is None:
+        return "MoE-layer index 0.." + "L-1"
+    shown = ", ".join(map(str, ids[:6])) + (f", ... {ids[-1]}" if len(ids) > 6 else "")
+    return f"decoder-layer ids {shown}" + (f" of {decoder} decoder layers" if decoder else "")
+
+
+def _import_engine_dump(args: argparse.Namespace, fmt: str) -> int:
+    """``moesim trace import`` of an engine dump: a per-token trace or a count trace, and what it supports."""
+    from moesim.traces.count_trace import CountTrace, save_counts
+    from moesim.traces.format import save_trace
+    from moesim.traces.readers.dumps import DumpOptions
+    from moesim.traces.readers.engines import dump_files, read_dump
+
+    for flag, value in (("--gpus", args.gpus), ("--tokens-per-gpu", args.tokens_per_gpu),
+                        ("--skip-bad", args.skip_bad), ("--allow-missing", args.allow_missing),
+                        ("--axes", args.axes != "tlk")):
+        if value:
+            raise InputError(f"does not apply to engine dumps ({fmt}: the engine's own batches are kept)",
+                             field=flag)
+    for flag, value in (("--num-experts", args.num_experts), ("--top-k", args.top_k)):
+        if value is not None:
+            at_least_one(value, flag)
+    t0 = time.perf_counter()
+    with progress_bar(len(dump_files(args.inputs, fmt)), f"reading {fmt}", "file", quiet=args.quiet) as bar:
+        opts = DumpOptions(num_experts=args.num_experts, top_k=args.top_k, layers=args.layers, model=args.model,
+                           progress=bar.update)
+        dump = read_dump(args.inputs, fmt, opts)
+    data = dump.data
+    took = time.perf_counter() - t0
+    if isinstance(data, CountTrace):
+        save_counts(args.output, data)
+        m = data.meta
+        print(f"wrote {args.output}: counts ({fmt}) of {_n(data.num_windows, 'window')} x {m.num_layers} MoE layers x "
+              f"{m.num_experts} experts, top-{m.top_k}, {int(data.loads.sum())} picks "
+              f"({_layer_text(data.layer_ids, data.num_decoder_layers)}) in {took:.1f} s")
+        print("  supports: EPLB, greedy and ILP load terms, imbalance and drift per window; per-token traffic and "
+              "cross-layer affinity only through the labelled synthetic expansion (expand_counts)")
+    else:
+        save_trace(data, args.output, compress=not args.stored)
+        m = data.meta
+        batches = int(data.batch.max()) + 1 if data.batch is not None else None
+        ids = m.extra.get("layer_ids")
+        print(f"wrote {args.output}: per-token trace ({fmt}) of {data.num_tokens} tokens x {m.num_layers} MoE layers x "
+              f"top-{m.top_k} of {m.num_experts} experts"
+              + (f", {_n(batches, 'batch', 'batches')}" if batches else "")
+              + f" ({_layer_text(ids, m.extra.get('num_decoder_layers'))}) in {took:.1f} s")
+        print("  supports: everything a routing trace does (placements, simulation, trace stats)")
+    for note in dump.notes:
+        print(f"  note: {note}")
+    return 0
+
+
 def _cmd_stats(args: argparse.Namespace) -> int:
     from moesim.traces.format import load_trace
     from moesim.traces.stats import STATS_PASSES, STATS_PLOTS, format_stats, is_stats_json, plot_stats, trace_stats
@@ -68,6 +146,8 @@ def _cmd_stats(args: argparse.Namespace) -> int:
         if json_out is not None and plots_out in json_out.parents:
             raise InputError(f"lies inside the --plots folder {args.plots}; give it a place of its own",
                              source=args.json)
+    if _is_counts(args.trace):
+        return _count_stats(args)
     trace = load_trace(args.trace, mmap=True)
     at_least_one(args.top, "--top")
     at_least_one(args.window, "--window")
@@ -96,6 +176,34 @@ def _cmd_stats(args: argparse.Namespace) -> int:
         print(f"wrote {args.json}")
     if args.plots:
         print(f"wrote {', '.join(str(Path(args.plots) / n) for n in names)}")
+    return 0
+
+
+def _is_counts(path: str) -> bool:
+    from moesim.traces.count_trace import is_counts_file
+
+    return Path(path).is_file() and is_counts_file(path)
+
+
+def _count_stats(args: argparse.Namespace) -> int:
+    """``moesim trace stats`` of a count trace: loads and drift; what needs per-token paths is refused."""
+    from moesim.traces.count_stats import count_stats, format_count_stats
+    from moesim.traces.count_trace import load_counts, refuse_counts
+
+    if args.plots:
+        raise refuse_counts("the heatmaps of --plots (co-activation, transitions)", source=args.trace)
+    if args.window is not None:
+        raise InputError("does not apply to a count trace: its windows are the dump's", field="--window")
+    at_least_one(args.top, "--top")
+    ct = load_counts(args.trace)
+    if args.layer is not None and not 0 <= args.layer < ct.meta.num_layers:
+        raise InputError(f"layer {args.layer} out of range [0, {ct.meta.num_layers})", field="--layer")
+    summary = count_stats(ct, top_m=args.top)
+    print(format_count_stats(summary, name=str(args.trace), layers=None if args.all_layers else 12))
+    if args.json:
+        text = json.dumps(summary, indent=1)
+        atomic_write(args.json, lambda fh: fh.write(text + "\n"))
+        print(f"wrote {args.json}")
     return 0
 
 
@@ -194,13 +302,20 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
 
 def _add_import_parser(ts: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     from moesim.traces.readers import READERS
+    from moesim.traces.readers.engines import ENGINE_FORMATS
 
-    i = ts.add_parser("import", help="convert CSV / JSONL / numpy routing logs to a .npz trace")
-    i.add_argument("inputs", nargs="+", help="log files (.csv[.gz], .jsonl[.gz], .npy, .npz)")
-    i.add_argument("-o", "--output", required=True, help=".npz trace to write")
-    i.add_argument("--format", choices=list(READERS), help="default: from the file names")
+    engines = "; ".join(f"{f.name}: {f.what}" for f in ENGINE_FORMATS.values())
+    i = ts.add_parser("import", help="convert routing logs or engine dumps (SGLang, TensorRT-LLM, Megatron-LM, "
+                                     "vLLM) to a .npz trace, or to counts when the dump holds only counts")
+    i.add_argument("inputs", nargs="+", help="log files (.csv[.gz], .jsonl[.gz], .npy, .npz), or an engine's dump "
+                                             "files or folder")
+    i.add_argument("-o", "--output", required=True, help=".npz trace (or counts) to write")
+    i.add_argument("--format", choices=list(READERS) + list(ENGINE_FORMATS),
+                   help=f"default: from the file names and contents. Engine dumps: {engines}")
     i.add_argument("--num-experts", type=int, help="routed experts per layer (default: highest id + 1)")
-    i.add_argument("--top-k", type=int, help="picks per token (default: the most any record has)")
+    i.add_argument("--top-k", type=int, help="picks per token (default: the most any record has; required for "
+                                             "count dumps that do not record it)")
+    i.add_argument("--layers", type=int, help="layers of base64 routed experts (routed-experts)")
     i.add_argument("--gpus", type=int, help="pack requests onto this many GPUs (home ranks) and batches")
     i.add_argument("--tokens-per-gpu", type=int, help="per-GPU token budget of a batch (default: longest request)")
     i.add_argument("--assign", choices=["least_loaded", "round_robin"], default="least_loaded",
@@ -210,12 +325,14 @@ def _add_import_parser(ts: argparse._SubParsersAction) -> None:  # type: ignore[
     i.add_argument("--axes", default="tlk", help="axis order of raw numpy arrays (t=token, l=layer, k=choice)")
     i.add_argument("--model", default="", help="model name stored in the trace")
     i.add_argument("--stored", action="store_true", help="write uncompressed (memory-mappable)")
+    i.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     i.set_defaults(func=_cmd_import)
 
 
 def _add_stats_parser(ts: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    s = ts.add_parser("stats", help="load skew, co-activation, transitions, drift; heatmaps with --plots")
-    s.add_argument("trace")
+    s = ts.add_parser("stats", help="load skew, co-activation, transitions, drift; heatmaps with --plots (a count "
+                                    "trace: load skew and drift only)")
+    s.add_argument("trace", help="a trace, or counts that 'moesim trace import' wrote from an engine dump")
     s.add_argument("--top", type=int, default=8, help="m of the top-m successor / partner shares (8)")
     s.add_argument("--window", type=int, help="drift window in tokens (default: the trace's batches, or 16 windows)")
     s.add_argument("--plots", help="folder for load.png, transitions.png, coactivation.png, drift.png")

@@ -83,6 +83,16 @@ class GemmSpec(StrictModel):
                                               "grouped GEMM replayed from a CUDA graph (default gemm_fixed_us)")
     graph_fp8_gemm_fixed_us: float | None = Field(default=None, ge=0, lt=MAX_US, description="the same for FP8 "
                                                   "(default fp8_gemm_fixed_us)")
+    fp8_tile_m: int | None = Field(default=None, ge=1, le=65536, description="FP8 grouped-GEMM tile rows "
+                                   "(block-scaled kernels tile by the 128-wide scale blocks; default tile_m)")
+    fp8_tile_n: int | None = Field(default=None, ge=1, le=65536, description="FP8 grouped-GEMM tile columns "
+                                   "(default tile_n)")
+
+    def tile(self, fp8: bool = False) -> tuple[int, int]:
+        """(rows, columns) of one tile of the bf16 or the FP8 kernel."""
+        if fp8:
+            return self.fp8_tile_m or self.tile_m, self.fp8_tile_n or self.tile_n
+        return self.tile_m, self.tile_n
 
 
 class PipelineSpec(GemmSpec):

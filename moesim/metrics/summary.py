@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from moesim.metrics.serving import ServingMetrics
 from moesim.sim.engine import SimRecords
 
 
@@ -45,9 +46,14 @@ class RunMetrics:
     traffic_GB: dict[str, float]
     busiest_link: dict[str, Any]
     speedup_vs_baseline: float | None = None
+    serving: ServingMetrics | None = None  # tokens/s per GPU and per node, TPOT (moesim.metrics.serving)
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        out["serving"] = self.serving.to_json() if self.serving is not None else None
+        if out["serving"] is None:
+            del out["serving"]
+        return out
 
 
 def per_rank(x: np.ndarray, tp: int) -> np.ndarray:

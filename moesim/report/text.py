@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from moesim.metrics.serving import headline
 from moesim.metrics.summary import RunMetrics
 
 
@@ -95,3 +96,8 @@ def format_report(metrics: list[RunMetrics], baseline: str) -> str:
             cells = ", ".join(f"{c} {speed[(c, n)]:.3f}x" for c in clusters if speed.get((c, n)))
             parts.append(f"  {n}: {cells}")
     return "\n".join(parts)
+
+
+def serving_lines(metrics: list[RunMetrics]) -> list[str]:
+    """Per cluster and placement, the serving figures in one line (:func:`moesim.metrics.serving.headline`)."""
+    return [f"  {m.cluster} / {m.placement}: {headline(m.serving)}" for m in metrics if m.serving is not None]

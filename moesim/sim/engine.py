@@ -85,7 +85,8 @@ class EngineOptions:
     a2a: Literal["direct", "hierarchical", "low_latency"] = "direct"  # see the module docstring
     replica_rule: str = "token_index"  # token_index (vLLM), local (SGLang static), balanced_split (LPLB)
     dataflow: Literal["standard", "coherent"] = "standard"  # see the module docstring
-    moe_kernels: Literal["ffn", "torch_reference", "fused"] = "torch_reference"  # moesim.sim.kernels; ffn: experts only
+    # the MoE layer's kernel pipeline (moesim.sim.kernels); ffn: the experts only
+    moe_kernels: Literal["ffn", "torch_reference", "fused", "deepgemm"] = "torch_reference"
     expert_dtype: Literal["bf16", "fp8"] = "bf16"  # the expert GEMMs' dtype (fp8 only with a kernel pipeline)
     launch: Literal["eager", "cuda_graph"] = "eager"  # how the pipeline's kernels are launched (moesim.sim.kernels)
     overlap: Literal["none", "two_batch"] = "none"  # two micro-batches overlap (moesim.sim.overlap)
@@ -104,12 +105,13 @@ class EngineOptions:
         if self.expert_dtype not in ("bf16", "fp8"):
             raise ValueError(f"expert_dtype must be bf16 or fp8, got {self.expert_dtype!r}")
         if self.expert_dtype == "fp8" and self.moe_kernels == "ffn":
-            raise ValueError("expert_dtype fp8 needs a kernel pipeline (moe_kernels torch_reference or fused)")
+            raise ValueError("expert_dtype fp8 needs a kernel pipeline (moe_kernels torch_reference, fused or "
+                             "deepgemm)")
         if self.launch not in LAUNCHES:
             raise ValueError(f"launch must be {' or '.join(LAUNCHES)}, got {self.launch!r}")
-        if self.launch == "cuda_graph" and self.moe_kernels != "fused":
-            raise ValueError("launch cuda_graph needs moe_kernels fused (torch_reference's permute syncs with the host "
-                             "for its split sizes, and ffn has no launch model)")
+        if self.launch == "cuda_graph" and self.moe_kernels not in ("fused", "deepgemm"):
+            raise ValueError("launch cuda_graph needs moe_kernels fused or deepgemm (torch_reference's permute syncs "
+                             "with the host for its split sizes, and ffn has no launch model)")
         if self.a2a not in ("direct", "hierarchical", "low_latency"):
             raise ValueError(f"a2a must be direct, hierarchical or low_latency, got {self.a2a!r}")
         if self.overlap not in ("none", "two_batch"):

@@ -1,6 +1,6 @@
 """The MoE layer's kernel pipeline on one GPU, kernel by kernel: what each step reads, writes and computes.
 
-Two pipelines (``engine.moe_kernels``):
+Three pipelines (``engine.moe_kernels``):
 
 ``torch_reference`` - the plain PyTorch expert-parallel layer (what ``moesim bench moe`` measures, and what
 Megatron-style or hand-written EP code without fused kernels runs):
@@ -25,13 +25,19 @@ unregroup       scatter rows back to receive order                          2 R 
 reduce          multiply by the gate weights, ``index_add_`` into [T, d]   (3 S d + 2 T d) b
 ==============  ==========================================================  ===============================
 
-``fused`` - permutation folded into the grouped GEMMs and the top-k sum fused (vLLM's fused_moe Triton kernel,
-SGLang with DeepEP and DeepGEMM, TensorRT-LLM's CUTLASS MoE): ``router``, ``align`` (sort the picks by expert
-and pad each expert to the GEMM tile: a few small kernels on S ids), ``gemm_gate_up`` reading its A rows
-through the sorted ids, ``activation``, ``gemm_down`` writing weighted rows in token order, ``reduce`` (sum of
-the k rows per token, ``S d b + T d b``). No permute, regroup or unregroup copies. With DeepEP's low-latency
+``fused`` - permutation folded into the grouped GEMMs and the top-k sum fused, as vLLM's fused_moe Triton kernels
+run it (their GEMMs fitted on vLLM's own kernels, benchmarks/validation/aiconfigurator): ``router``, ``align``
+(sort the picks by expert and pad each expert to the GEMM tile: one kernel on S ids), ``gemm_gate_up`` reading
+its A rows through the sorted ids, ``activation``, ``gemm_down`` writing weighted rows in token order, ``reduce``
+(sum of the k rows per token, ``S d b + T d b``). No permute, regroup or unregroup copies. With DeepEP's low-latency
 all-to-all (``expert_major``) there is no ``align`` either: its dispatch writes the received rows expert by
 expert (a ``[local experts, max tokens, hidden]`` buffer that masked grouped GEMMs such as DeepGEMM's read).
+
+``deepgemm`` - the same steps with DeepGEMM's FP8 grouped GEMMs (contiguous after DeepEP's normal dispatch, masked
+after its low-latency one), as SGLang's wide-EP stack and DeepSeek's serving run them; their GEMM terms fitted on
+SGLang's DeepEP MoE kernels as AIConfigurator timed them. DeepGEMM's FP8 kernels reach about twice the share of the
+FP8 peak that vLLM's block-FP8 Triton kernels do, so the two are separate pipelines. (TensorRT-LLM's CUTLASS MoE
+has not been measured: choose the closer of the two.)
 
 Every step but the GEMMs costs ``fixed_us + bytes / (HBM rate x hbm_efficiency)`` (``GPUSpec.moe_pipelines[
 pipeline].steps``): the fixed cost holds its kernel launches and host work (eager PyTorch launches every op from
@@ -52,8 +58,8 @@ host launches every op from Python and small layers are bound by it; ``cuda_grap
 same steps replayed from CUDA graphs (``PipelineSpec.graph_steps``, ``graph_gemm_fixed_us``; measured by
 benchmarks/validation/moe_h200/graphs.py), as serving engines replay decode steps: only the GPU's own time per
 kernel. A step that syncs with the host (``torch_reference``'s ``permute`` sends its split sizes to the host)
-has no graph cost, so ``cuda_graph`` needs the ``fused`` pipeline. The replay's own launch (about 4 us per
-graph, once per forward) is not charged.
+has no graph cost, so ``cuda_graph`` needs a fused pipeline (``fused`` or ``deepgemm``). The replay's own launch
+(about 4 us per graph, once per forward) is not charged.
 
 Deliberately ignored: L2 reuse between steps, the overlap of one step's tail with the next step's launch,
 split-K, stream-K and other schedulers that break the wave quantisation, and the gate's bias terms.
@@ -69,8 +75,8 @@ import numpy as np
 from moesim.hardware.spec import GemmSpec, GPUSpec
 from moesim.traces.model import ModelSpec
 
-Pipeline = Literal["torch_reference", "fused"]
-PIPELINES: tuple[str, ...] = ("torch_reference", "fused")
+Pipeline = Literal["torch_reference", "fused", "deepgemm"]
+PIPELINES: tuple[str, ...] = ("torch_reference", "fused", "deepgemm")
 Launch = Literal["eager", "cuda_graph"]
 LAUNCHES: tuple[str, ...] = ("eager", "cuda_graph")
 BEFORE_DISPATCH = ("router", "permute", "a2a_issue", "align")  # on the tokens at home, before the dispatch all-to-all
@@ -88,11 +94,13 @@ class LayerWork:
 
 
 def gemm_work(rows: np.ndarray, n: int, k: int, spec: GemmSpec, *, weight_bytes: float, act_bytes: float,
-              out_bytes: float) -> tuple[np.ndarray, np.ndarray]:
-    """Tiles (``ceil(r_e / tile_m) x ceil(n / tile_n)`` summed over experts) and bytes (the touched experts'
-    weights, the rows in and out) of one grouped GEMM over ``rows[..., e]`` rows per expert."""
+              out_bytes: float, fp8: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Tiles (``ceil(r_e / tile_m) x ceil(n / tile_n)`` summed over experts, at the FP8 kernel's tile with
+    ``fp8``) and bytes (the touched experts' weights, the rows in and out) of one grouped GEMM over
+    ``rows[..., e]`` rows per expert."""
     rows = np.asarray(rows, dtype=float)
-    tiles = (np.ceil(rows / spec.tile_m) * np.ceil(n / spec.tile_n)).sum(-1)
+    tm, tn = spec.tile(fp8)
+    tiles = (np.ceil(rows / tm) * np.ceil(n / tn)).sum(-1)
     touched = (rows > 0).sum(-1)
     nbytes = touched * float(k * n) * weight_bytes + rows.sum(-1) * (k * act_bytes + n * out_bytes)
     return tiles, nbytes
@@ -102,14 +110,16 @@ def grouped_gemm_time(rows: np.ndarray, n: int, k: int, gpu: GPUSpec, spec: Gemm
                       act_bytes: float, out_bytes: float, fp8: bool = False, launch: str = "eager") -> np.ndarray:
     """Seconds of one grouped GEMM (``[r_e, k] x [k, n]`` per expert), its fixed cost included: tile-padded
     waves over the SMs against the bytes of the touched experts' weights and the rows' activations."""
-    tiles, nbytes = gemm_work(rows, n, k, spec, weight_bytes=weight_bytes, act_bytes=act_bytes, out_bytes=out_bytes)
+    tiles, nbytes = gemm_work(rows, n, k, spec, weight_bytes=weight_bytes, act_bytes=act_bytes, out_bytes=out_bytes,
+                              fp8=fp8)
     peak = (gpu.fp8_tflops or 2 * gpu.bf16_tflops) if fp8 else gpu.bf16_tflops
     eff, meff, fixed = ((spec.fp8_gemm_efficiency, spec.fp8_gemm_hbm_efficiency, spec.fp8_gemm_fixed_us) if fp8 else
                         (spec.gemm_efficiency, spec.gemm_hbm_efficiency, spec.gemm_fixed_us))
     if launch == "cuda_graph":
         graph = spec.graph_fp8_gemm_fixed_us if fp8 else spec.graph_gemm_fixed_us
         fixed = fixed if graph is None else graph
-    tile_s = 2.0 * spec.tile_m * spec.tile_n * k / (peak * 1e12 * eff / gpu.sms)
+    tm, tn = spec.tile(fp8)
+    tile_s = 2.0 * tm * tn * k / (peak * 1e12 * eff / gpu.sms)
     busy = np.maximum(np.ceil(tiles / gpu.sms) * tile_s, nbytes / (gpu.hbm_GBps * 1e9 * meff))
     return (busy + fixed * 1e-6) * (tiles > 0)
 
@@ -143,6 +153,8 @@ def step_bytes(work: LayerWork, model: ModelSpec, *, pipeline: str, tp: int = 1,
     else:
         if not expert_major:  # the dispatch delivers rows in token order: sort and pad them per expert
             out["align"] = 16.0 * S
+            if pipeline == "deepgemm":  # DeepGEMM's contiguous layout: the rows are copied into it (ep_scatter)
+                out["align"] = out["align"] + 2.0 * R * d * (1.0 if dtype == "fp8" else b)
         out["activation"] = 3.0 * R * f * b
         out["reduce"] = (S * d + T * d) * b
     if dtype == "fp8" and pipeline == "torch_reference":  # fused stacks quantise inside the dispatch and activation

@@ -130,16 +130,17 @@ class PlacementEntry(_Strict):
 
 
 class EngineConfig(_Strict):
-    moe_kernels: Literal["torch_reference", "fused", "ffn"] | None = Field(
+    moe_kernels: Literal["torch_reference", "fused", "deepgemm", "ffn"] | None = Field(
         default=None, description="the MoE layer's kernel pipeline (moesim.sim.kernels): torch_reference "
         "(plain PyTorch EP: router, permute, all_to_all_single, regroup, grouped GEMMs, unpermute, index_add), fused "
-        "(vLLM fused_moe, SGLang/DeepEP + DeepGEMM, TensorRT-LLM CUTLASS MoE), ffn (the expert FFNs alone); default: "
-        "fused with the DeepEP all-to-alls (a2a hierarchical or low_latency), else torch_reference")
+        "(vLLM's fused_moe Triton kernels), deepgemm (DeepEP + DeepGEMM FP8 grouped GEMMs: SGLang wide EP, "
+        "DeepSeek), ffn (the expert FFNs alone); default: deepgemm with the DeepEP all-to-alls (a2a hierarchical "
+        "or low_latency), else torch_reference")
     expert_dtype: Literal["bf16", "fp8"] = Field(default="bf16", description="the expert GEMMs' dtype")
     launch: Literal["eager", "cuda_graph"] = Field(
         default="eager", description="how the MoE pipeline's kernels are launched: eager (PyTorch from Python; small "
         "layers are bound by the host) or cuda_graph (replayed from CUDA graphs, as serving engines run decode; needs "
-        "moe_kernels fused)")
+        "moe_kernels fused or deepgemm)")
     dispatch: Literal["per_gpu", "per_expert"] | None = Field(
         default=None, description="one token copy per destination GPU (DeepEP) or per expert (naive); default: "
         "per_expert with moe_kernels torch_reference (its send buffer has a row per pick), else per_gpu")
@@ -176,7 +177,7 @@ class EngineConfig(_Strict):
 
     def options(self) -> EngineOptions:
         """The engine options these settings ask for."""
-        kernels = self.moe_kernels or ("fused" if self.a2a in ("hierarchical", "low_latency") else "torch_reference")
+        kernels = self.moe_kernels or ("deepgemm" if self.a2a in ("hierarchical", "low_latency") else "torch_reference")
         dispatch = self.dispatch or ("per_expert" if kernels == "torch_reference" else "per_gpu")
         return EngineOptions(dedup=dispatch == "per_gpu", grouped=self.expert_kernel == "grouped",
                              rate_tolerance=self.rate_tolerance, a2a=self.a2a, replica_rule=self.replica_rule,
@@ -416,6 +417,9 @@ def _check_top_level(data: Any, source: str) -> None:
     if not isinstance(data, dict):
         raise InputError("a scenario must be a YAML mapping", source=source)
     for key in data:
+        if key == "pools":  # a disaggregated deployment: moesim.study.disagg reads it (moesim run does)
+            raise InputError("a disaggregated scenario: load it with moesim.study.disagg.load_any", source=source,
+                             field="pools")
         if key not in TOP_KEYS:
             raise InputError(f"unknown key; valid: {', '.join(sorted(TOP_KEYS))}", source=source, field=str(key))
     for key in ("clusters", "model", "workload", "placements"):

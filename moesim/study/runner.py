@@ -7,11 +7,13 @@ first simulation starts.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
+import numpy as np
 from tqdm import tqdm
 
+from moesim.metrics.serving import serving_metrics
 from moesim.metrics.summary import RunMetrics, summarize, with_speedups
 from moesim.placement.format import Placement
 from moesim.sim.engine import SimRecords
@@ -58,14 +60,17 @@ def _simulate_cluster(plan: StudyPlan, cp: ClusterPlan, show: bool,
     scenario, work = plan.scenario, cp.workload
     assert work is not None and cp.problem is not None
     sim = plan.simulation(cp)
+    batch_tokens = np.bincount(work.layout.batch, minlength=work.layout.num_batches)  # tokens of each forward
     runs = []
     for entry, placement in cp.placements:
         total = work.layout.num_batches * scenario.model.num_layers
         with tqdm(total=total, desc=f"{cp.cluster.name} / {entry.name}", unit="layer", disable=not show,
                   leave=False) as bar:
             records = sim.run(work.trace, work.layout, placement, name=entry.name, progress=bar.update)
+        metrics = replace(summarize(records),
+                          serving=serving_metrics(records, batch_tokens, scenario.workload.attention))
         run = Run(cluster=cp.cluster, name=entry.name, placement=placement, records=records,
-                  metrics=summarize(records), predicted_ms=_predicted_ms(cp, placement, scenario.model.num_layers))
+                  metrics=metrics, predicted_ms=_predicted_ms(cp, placement, scenario.model.num_layers))
         runs.append(run)
         if on_run is not None:
             on_run(run)

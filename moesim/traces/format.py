@@ -288,6 +288,10 @@ def _read_members(path: str | os.PathLike[str], src: str, mmap: bool) -> dict[st
     """Every array of the archive (headers checked first), the big ones memory-mapped when asked and
     stored uncompressed; an unknown member is an error before anything is read."""
     names = npz_names(path, src)
+    if "loads" in names and "experts" not in names:
+        raise InputError("is a count trace (expert loads per window, no per-token paths), and this needs per-token "
+                         "routing: use a per-token dump, or expand the counts (moesim.traces.count_trace."
+                         "expand_counts: synthetic, labelled, no cross-layer affinity)", source=src)
     if "meta" not in names:
         raise InputError("missing (JSON with num_experts, num_layers, top_k): a plain array archive, not a moesim "
                          "trace? convert it with 'moesim trace import'", source=src, field="meta")

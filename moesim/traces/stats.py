@@ -95,6 +95,45 @@ def _tv(p: np.ndarray, q: np.ndarray) -> np.ndarray:
     return 0.5 * np.abs(p - q).sum(axis=-1)
 
 
+def load_skew(load: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per layer of ``load`` [L, E]: the busiest expert's load over the mean, and the coefficient of variation
+    (NaN for a layer without picks)."""
+    mean = load.mean(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mom = np.where(mean > 0, load.max(axis=1) / np.maximum(mean, 1e-300), np.nan)
+        cv = np.where(mean > 0, load.std(axis=1) / np.maximum(mean, 1e-300), np.nan)
+    return mom, cv
+
+
+def window_drift(wload: np.ndarray, load: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """Drift of the loads per window ``wload`` [W, L, E] (``load`` [L, E] their sum): per layer, the mean TV
+    distance between consecutive windows' load shares, of a window to the whole, and from sampling alone; and
+    the share of a window's top-``m`` hottest experts not in the previous window's."""
+    W, L, E = wload.shape
+    shares = wload / np.maximum(wload.sum(axis=2, keepdims=True), 1)
+    overall = load / np.maximum(load.sum(axis=1, keepdims=True), 1)
+    nonempty = wload.sum(axis=2) > 0  # [W, L]
+    if W > 1:
+        both = nonempty[1:] & nonempty[:-1]
+        tv = _tv(shares[1:], shares[:-1])
+        tv_cons = np.where(both.any(axis=0), (tv * both).sum(axis=0) / np.maximum(both.sum(axis=0), 1), np.nan)
+    else:
+        tv_cons = np.full(L, np.nan)
+    tv_all = (_tv(shares, overall[None]) * nonempty).sum(axis=0) / np.maximum(nonempty.sum(axis=0), 1)
+    # Sampling noise: E|X/n - p| ~ sqrt(2 p (1-p) / (pi n)) per expert for n picks per window and layer.
+    n_w = np.maximum(wload.sum(axis=2), 1)[:, :, None]
+    noise = 0.5 * np.sqrt(2 * overall[None] * (1 - overall[None]) / (np.pi * n_w)).sum(axis=2)
+    tv_noise = (noise * nonempty).sum(axis=0) / np.maximum(nonempty.sum(axis=0), 1)
+    if W > 1:
+        hot = np.argsort(-wload, axis=2, kind="stable")[:, :, :m]  # [W, L, m]
+        hot_mask = np.zeros((W, L, E), dtype=bool)
+        np.put_along_axis(hot_mask, hot, True, axis=2)
+        churn = float(1 - (hot_mask[1:] & hot_mask[:-1]).sum(axis=2).mean() / m)
+    else:
+        churn = float("nan")
+    return tv_cons, tv_all, tv_noise, churn
+
+
 @dataclass(frozen=True)
 class TraceStats:
     """Placement-relevant statistics of one trace. Per-layer arrays are indexed by MoE layer."""
@@ -221,37 +260,14 @@ def trace_stats(trace: Trace, *, top_m: int = 8, window: int | None = None,
     require_time(seconds, f"statistics of {what}", field="--window" if window else None)
     L, E, K = trace.meta.num_layers, trace.meta.num_experts, trace.meta.top_k
     load = expert_counts(trace, progress)
-    mean = load.mean(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mom = np.where(mean > 0, load.max(axis=1) / np.maximum(mean, 1e-300), np.nan)
-        cv = np.where(mean > 0, load.std(axis=1) / np.maximum(mean, 1e-300), np.nan)
+    mom, cv = load_skew(load)
     coact = coactivation_counts(trace, progress)
     trans = transition_counts(trace, progress)
     wid = window_ids(trace, window)
     wload = window_counts(trace, wid, progress)
     W = wload.shape[0]
-    shares = wload / np.maximum(wload.sum(axis=2, keepdims=True), 1)
-    overall = load / np.maximum(load.sum(axis=1, keepdims=True), 1)
-    nonempty = wload.sum(axis=2) > 0  # [W, L]
-    if W > 1:
-        both = nonempty[1:] & nonempty[:-1]
-        tv = _tv(shares[1:], shares[:-1])
-        tv_cons = np.where(both.any(axis=0), (tv * both).sum(axis=0) / np.maximum(both.sum(axis=0), 1), np.nan)
-    else:
-        tv_cons = np.full(L, np.nan)
-    tv_all = (_tv(shares, overall[None]) * nonempty).sum(axis=0) / np.maximum(nonempty.sum(axis=0), 1)
-    # Sampling noise: E|X/n - p| ~ sqrt(2 p (1-p) / (pi n)) per expert for n picks per window and layer.
-    n_w = np.maximum(wload.sum(axis=2), 1)[:, :, None]
-    noise = 0.5 * np.sqrt(2 * overall[None] * (1 - overall[None]) / (np.pi * n_w)).sum(axis=2)
-    tv_noise = (noise * nonempty).sum(axis=0) / np.maximum(nonempty.sum(axis=0), 1)
     m = min(top_m, E)
-    if W > 1:
-        hot = np.argsort(-wload, axis=2, kind="stable")[:, :, :m]  # [W, L, m]
-        hot_mask = np.zeros((W, L, E), dtype=bool)
-        np.put_along_axis(hot_mask, hot, True, axis=2)
-        churn = float(1 - (hot_mask[1:] & hot_mask[:-1]).sum(axis=2).mean() / m)
-    else:
-        churn = float("nan")
+    tv_cons, tv_all, tv_noise, churn = window_drift(wload, load, m)
     return TraceStats(
         num_tokens=trace.num_tokens, num_layers=L, num_experts=E, top_k=K, top_m=m, load=load,
         max_over_mean=mom, cv=cv, coact_top_share=weighted_top_share(coact, m),
