@@ -832,6 +832,42 @@ def _(d: Path) -> list[str]:
     return ["sweep", "s.yaml", "--redundant", "0", "--every", "2", "--window", "0", "-o", "out"]
 
 
+@case("flags", "grid-no-equals", "--grid")
+def _(d: Path) -> list[str]:
+    write(d / "s.yaml", scenario())
+    return ["sweep", "s.yaml", "--grid", "cluster.nodes", "-o", "out"]
+
+
+@case("flags", "grid-point-out-of-range", "s.yaml", "clusters[0].nodes", "cluster.nodes=-1")
+def _(d: Path) -> list[str]:
+    write(d / "s.yaml", scenario())
+    return ["sweep", "s.yaml", "--grid", "cluster.nodes=1,-1", "-o", "out"]
+
+
+@case("flags", "grid-value-nan", "--grid model.num_layers")
+def _(d: Path) -> list[str]:
+    write(d / "s.yaml", scenario())
+    return ["sweep", "s.yaml", "--grid", "model.num_layers=2,.nan", "-o", "out"]
+
+
+@case("scenario", "sweep-section-not-lists", "s.yaml", "sweep.cluster.nodes")
+def _(d: Path) -> list[str]:
+    write(d / "s.yaml", scenario(sweep={"cluster.nodes": 4}))
+    return ["sweep", "s.yaml", "-o", "out"]
+
+
+@case("scenario", "sweep-section-bad-key", "s.yaml", "sweep.a..b")
+def _(d: Path) -> list[str]:
+    write(d / "s.yaml", scenario(sweep={"a..b": [1]}))
+    return ["sweep", "s.yaml", "-o", "out"]
+
+
+@case("flags", "grid-jobs-huge", "--jobs")
+def _(d: Path) -> list[str]:
+    write(d / "s.yaml", scenario(sweep={"cluster.nodes": [1]}))
+    return ["sweep", "s.yaml", "--jobs", "100000", "-o", "out"]
+
+
 @case("flags", "int-flag-not-int", "--gpus")
 def _(d: Path) -> list[str]:
     write(d / "l.csv", csv_log(GOOD_ROWS))

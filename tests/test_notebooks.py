@@ -1,4 +1,5 @@
-"""Every notebook runs top to bottom (working directory: notebooks/), as a reader would run it."""
+"""Every notebook runs top to bottom (working directory: notebooks/), as a reader would run it; with
+``MOESIM_NOTEBOOK_SMOKE=1`` set, which a notebook whose full study takes long reads to run a reduced grid."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 
 @pytest.mark.skipif(not NOTEBOOKS, reason="no notebooks in notebooks/")
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_runs(path):
+def test_notebook_runs(path, monkeypatch):
+    monkeypatch.setenv("MOESIM_NOTEBOOK_SMOKE", "1")
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     nb = nbformat.read(path, as_version=4)

@@ -1,6 +1,8 @@
-"""``moesim sweep``: redundant-expert counts x rebalance intervals -> the trade-off plot, CSV and verdict.
+"""``moesim sweep``: redundant-expert counts x rebalance intervals -> the trade-off plot, CSV and verdict; or, with
+``--grid`` or a scenario's ``sweep:`` section, any scenario fields (:mod:`moesim.cli.grid`).
 
     moesim sweep SCENARIO --redundant 0,16,32 --every 2,4,8,16 [--window N] [--cluster NAME] [-o DIR]
+    moesim sweep SCENARIO [--grid KEY=V1,V2,...]... [--jobs N] [--backend local|ray] [--address ADDR] [-o DIR]
 
 The scenario's ``rebalance`` section names the placement to re-plan and its window, incremental and
 migration settings; the sweep replaces that placement's ``redundant_experts`` and the section's
@@ -133,7 +135,32 @@ def sweep_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+_GRID_FLAGS = (("grid", "--grid"), ("jobs", "--jobs"), ("address", "--address"), ("heatmap", "--heatmap"))
+
+
 def _cmd_sweep(args: argparse.Namespace) -> int:
+    """The redundant x interval sweep when --redundant or --every is given, else the grid sweep."""
+    if args.redundant is None and args.every is None:
+        for key, flag in (("window", "--window"), ("cluster", "--cluster")):
+            if getattr(args, key) is not None:
+                raise InputError("only with --redundant and --every (a grid sweeps any field: --grid "
+                                 f"{'rebalance.window_batches' if key == 'window' else 'clusters[0].nodes'}=...)",
+                                 field=flag)
+        from moesim.cli.grid import cmd_grid
+
+        return cmd_grid(args)
+    given = [flag for key, flag in _GRID_FLAGS if getattr(args, key)] + (["--backend"] if args.backend != "local"
+                                                                          else [])
+    if given:
+        raise InputError("is for a grid sweep; --redundant and --every sweep the rebalance section alone: give "
+                         "one kind of sweep", field=given[0])
+    for value, flag in ((args.redundant, "--redundant"), (args.every, "--every")):
+        if value is None:
+            raise InputError("--redundant and --every go together (or sweep any field with --grid)", field=flag)
+    return _cmd_rebalance_sweep(args)
+
+
+def _cmd_rebalance_sweep(args: argparse.Namespace) -> int:
     from moesim.report.rebalance import SWEEP_OUTPUTS, sweep_verdict
     from moesim.study import load_scenario
 
@@ -174,13 +201,24 @@ def _write_sweep(rows: list[dict[str, Any]], lines: list[str], scenario: Scenari
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Register ``moesim sweep`` on the top-level subparsers."""
-    s = sub.add_parser("sweep", help="sweep redundant experts x rebalance intervals of a scenario's rebalance section")
+    s = sub.add_parser("sweep", help="sweep any scenario fields (--grid, or the scenario's sweep: section), in "
+                       "parallel and resumably; or redundant experts x rebalance intervals (--redundant, --every)")
     s.add_argument("scenario")
-    s.add_argument("--redundant", required=True, help="redundant-expert counts, e.g. 0,8,16,32")
-    s.add_argument("--every", required=True, help="rebalance intervals in batches, e.g. 2,4,8")
+    s.add_argument("--grid", action="append", metavar="KEY=V1,V2,...",
+                   help="a swept key and its values, e.g. cluster.nodes=1,2,4 or placement.redundant_experts=0,32 "
+                        "(repeat for more keys; replaces the same key of the sweep: section)")
+    s.add_argument("--jobs", type=int, help="points run at once (default: this machine's CPUs)")
+    s.add_argument("--backend", choices=("local", "ray"), default="local",
+                   help="local worker processes (default), or Ray tasks (pip install -e \".[ray]\")")
+    s.add_argument("--address", help="with --backend ray: an existing Ray cluster (default: start one here)")
+    s.add_argument("--heatmap", metavar="KEY1,KEY2", help="the two swept keys of heatmap.png (default: the first two "
+                   "that vary)")
+    s.add_argument("--redundant", help="redundant-expert counts, e.g. 0,8,16,32 (with --every)")
+    s.add_argument("--every", help="rebalance intervals in batches, e.g. 2,4,8 (with --redundant)")
     s.add_argument("--window", type=int, help="window in batches (default: the scenario's)")
     s.add_argument("--cluster", help="only this cluster of the scenario")
-    s.add_argument("-o", "--output", help="output folder (default: the scenario's output folder /sweep)")
+    s.add_argument("-o", "--output", help="output folder (default: the scenario's output folder /sweep, or /grid "
+                   "for a grid sweep)")
     s.add_argument("-q", "--quiet", action="store_true")
     s.add_argument("--no-plots", action="store_true")
     s.set_defaults(func=_cmd_sweep)

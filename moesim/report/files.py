@@ -24,6 +24,7 @@ from moesim.placement.format import is_placement_file, save_placement
 from moesim.report import plots, timeline
 from moesim.report import rebalance as rebalance_report
 from moesim.report import serving as serving_report
+from moesim.report.grid import GRID_OUTPUTS
 from moesim.study.runner import StudyResult
 
 RESULTS_FORMAT = "moesim.results/1"
@@ -38,8 +39,8 @@ RUN_OUTPUTS = FolderKind(
            **{png: is_matplotlib_png for png in ("speedup.png", "gpu_load.png", "a2a_tail.png", "rebalance.png")}},
     folders={"placements": FolderKind("placements", folders={
         "*": FolderKind("placements", files={"*.json": is_placement_file})})},
-    keep={"sweep": rebalance_report.SWEEP_OUTPUTS,  # moesim sweep's and serving's default folders lie inside the run's
-          "serving": serving_report.SERVING_OUTPUTS})
+    # moesim sweep's, sweep --grid's and serving's default folders lie inside the run's
+    keep={"sweep": rebalance_report.SWEEP_OUTPUTS, "grid": GRID_OUTPUTS, "serving": serving_report.SERVING_OUTPUTS})
 # dense_layers_ms: the dense transformer layers run before this MoE layer; dense_ms: the MoE layer's attention;
 # route_ms: the pipeline's steps before the dispatch; shared_expert_ms: the shared experts (docs/formats.md)
 CSV_FIELDS = ("cluster", "placement", "batch", "layer", "gpu", "ep_rank", "tokens", "recv_copies", "dense_layers_ms",

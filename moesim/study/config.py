@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from moesim.errors import InputError
 from moesim.fileio import safe_name
-from moesim.hardware.presets import deep_merge, preset, preset_names
+from moesim.hardware.presets import deep_merge, preset
 from moesim.hardware.spec import ClusterSpec
 from moesim.loaders import NoBoolNumbers, check_values, read_yaml
 from moesim.placement.registry import check_option, policy_names, policy_options, replica_option
@@ -231,7 +231,7 @@ class Scenario(_Strict):
 
 _M = TypeVar("_M", bound=BaseModel)
 TOP_KEYS = {"name", "clusters", "model", "workload", "placements", "baseline", "engine", "output", "rebalance",
-            "training"}
+            "training", "sweep"}
 
 
 def _loc(loc: tuple[Any, ...]) -> str:
@@ -577,6 +577,8 @@ def parse_scenario(data: Any, source: str, base_dir: Path | None = None) -> Scen
     name = str(data.get("name") or Path(source).stem)
     output = Path(str(data.get("output") or Path("results") / safe_name(name)))  # the name: one safe component
     rebalance = _rebalance(data.get("rebalance"), placements, workload, source)
+    from moesim.study.grid import check_sweep  # moesim sweep expands the section; the others run without it
+    check_sweep(data.get("sweep"), source)
     return Scenario(name=name, source=source, clusters=clusters, model=model, workload=workload, rebalance=rebalance,
                     placements=placements, baseline=baseline, engine=engine, output=output, training=training)
 
@@ -593,7 +595,3 @@ def load_scenario(path: str | Path) -> Scenario:
     """Read and validate a scenario YAML file (:func:`moesim.loaders.read_yaml`: UTF-8, no duplicate keys,
     aliases and nesting bounded)."""
     return parse_scenario(read_yaml(path, str(path)), str(path), Path(path).parent)
-
-
-def known_presets() -> list[str]:
-    return preset_names()

@@ -180,20 +180,39 @@ def prepare(scenario: Scenario, *, placements: Sequence[PlacementEntry] | None =
     options = scenario.engine.options()
     shared_trace = load_workload_trace(scenario)
     selected = _select(scenario, clusters, cluster_field)
-    seconds = 0.0
-    for cluster in selected:  # every check that needs nothing built, for every cluster, before building any
-        check_fits(scenario, cluster)
-        for entry in entries:
-            check_replica_fit(scenario, cluster, entry, label[entry.name])
-        seconds += check_cluster_sizes(scenario, cluster, entries, shared_trace)  # memory and time
-    require_time(seconds, f"the study of {len(entries)} placement(s) on {len(selected)} cluster(s)",
-                 source=scenario.source, field=cluster_field)
+    _check_unbuilt(scenario, selected, entries, label, shared_trace, cluster_field)
     plans = []
     for cluster in selected:
         with tqdm(total=2 + len(entries), desc=f"{cluster.name} / preparing", unit="step",
                   disable=not (progress and build), leave=False) as bar:
             plans.append(_build_cluster(scenario, cluster, entries, label, options, shared_trace, build, bar))
     return StudyPlan(scenario, options, plans)
+
+
+def _check_unbuilt(scenario: Scenario, selected: list[ClusterEntry], entries: list[PlacementEntry],
+                   label: Mapping[str, str], shared_trace: Trace | None, cluster_field: str) -> None:
+    """Every check that needs nothing built, for every cluster, before building any: the model fits, the
+    replicas fit, memory and time."""
+    seconds = 0.0
+    for cluster in selected:
+        check_fits(scenario, cluster)
+        for entry in entries:
+            check_replica_fit(scenario, cluster, entry, label[entry.name])
+        seconds += check_cluster_sizes(scenario, cluster, entries, shared_trace)  # memory and time
+    require_time(seconds, f"the study of {len(entries)} placement(s) on {len(selected)} cluster(s)",
+                 source=scenario.source, field=cluster_field)
+
+
+def check_study(scenario: Scenario) -> None:
+    """What :func:`prepare` without building checks, at less cost where it can: a scenario with a synthetic
+    workload and no placement files builds no topology (routing every GPU pair of a large cluster takes seconds),
+    so that a sweep validates many points quickly; the others go through :func:`prepare` itself."""
+    if scenario.workload.trace is not None or any(e.file is not None for e in scenario.placements):
+        prepare(scenario, build=False)
+        return
+    entries = list(scenario.placements)
+    _check_unbuilt(scenario, list(scenario.clusters), entries, {e.name: f"placements.{e.name}" for e in entries},
+                   None, "clusters")
 
 
 def _build_cluster(scenario: Scenario, cluster: ClusterEntry, entries: list[PlacementEntry], label: dict[str, str],
