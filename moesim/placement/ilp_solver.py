@@ -12,15 +12,17 @@ Deliberately ignored: solver threads (one, so results repeat) and solver-specifi
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 import os
 import re
+import sys
 import tempfile
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import pulp
 
@@ -52,6 +54,25 @@ def resolve_solver(name: str) -> str:
     return name
 
 
+@contextlib.contextmanager
+def _no_native_stdout() -> Iterator[None]:
+    """HiGHS prints its banner from C++ to the process's stdout, past Python's ``sys.stdout`` and past
+    ``msg=False``: point file descriptor 1 at /dev/null while it runs, so a report on stdout stays the report."""
+    try:
+        sys.stdout.flush()
+        saved = os.dup(1)
+    except (OSError, ValueError):  # no file descriptor 1 (an embedded interpreter): nothing to silence
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 @dataclass(frozen=True)
 class SolveResult:
     status: str  # optimal | time_limit | infeasible | no_solution
@@ -80,7 +101,8 @@ def solve(model: pulp.LpProblem, *, solver: str, time_limit_s: float, gap: float
             opts["objective_bound"] = float(incumbent)
         s = pulp.HiGHS(msg=False, timeLimit=max(float(time_limit_s), 0.01), gapRel=gap, **opts)
         try:
-            status = model.solve(s)
+            with _no_native_stdout():
+                status = model.solve(s)
         except KeyError:  # PuLP 3.3 has no mapping for HiGHS's node-limit status: read the solution here
             status = pulp.LpStatusNotSolved
             values = model.solverModel.getSolution().col_value
