@@ -40,7 +40,8 @@ class Point:
     published: float  # tokens/s per node
     source: str
     placement: str | None = None  # the scenario's baseline when None
-    change: dict[str, Any] = field(default_factory=dict)  # "seq_len", "kv_len", "tokens_per_gpu", "overlap"
+    change: dict[str, Any] = field(default_factory=dict)  # "seq_len", "kv_len", "tokens_per_gpu", "overlap",
+    # "balanced" (routing with every expert equally loaded)
 
 
 POINTS = (
@@ -55,6 +56,9 @@ POINTS = (
     Point("SGLang prefill EP32 H100, 1K prompts", "sglang_prefill_h100", 57_674, LMSYS, "eplb", {"seq_len": 1024}),
     Point("SGLang prefill EP32 H100, 2K prompts", "sglang_prefill_h100", 54_543, LMSYS, "eplb", {"seq_len": 2048}),
     Point("SGLang prefill EP32 H100, 4K prompts", "sglang_prefill_h100", 50_302, LMSYS, "eplb"),
+    # LMSYS's own "simulated perfect EPLB" run: the routing skew (which moesim cannot know) taken out on both sides
+    Point("SGLang prefill EP32 H100, 4K, perfect EPLB (balanced)", "sglang_prefill_h100", 59_337, LMSYS, "eplb",
+          {"balanced": True}),
     Point("SGLang decode EP72 H100, 256 req/GPU, KV 2000", "sglang_decode_h100", 22_282, LMSYS),
 )
 QUICK = POINTS[:2]
@@ -100,6 +104,9 @@ def changed(sc: Scenario, change: dict[str, Any]) -> Scenario:
     if "tokens_per_gpu" in change and work.synthetic is not None:
         work = work.model_copy(update={"synthetic": work.synthetic.model_copy(
             update={"tokens_per_gpu": change["tokens_per_gpu"]})})
+    if change.get("balanced") and work.synthetic is not None:  # every expert equally loaded, no GPU mix
+        work = work.model_copy(update={"synthetic": work.synthetic.model_copy(
+            update={"zipf_alpha": 0.0, "gpu_mix_sigma": 0.0, "affinity": 0.0})})
     if "overlap" in change:
         engine = engine.model_copy(update={"overlap": change["overlap"]})
     return sc.model_copy(update={"workload": work, "engine": engine.model_copy(update={"progress": False})})
