@@ -41,6 +41,12 @@ RECORD: dict[str, Any] = {
 MOE: dict[str, Any] = {"format": "moesim.bench.moe/1", "device": "NVIDIA H200",
                        "records": [RECORD, {**RECORD, "tokens": 64, "rows": 128, "rows_per_expert": [16] * 8,
                                             "send_rows": 128, "total_ms": 0.5}]}
+TABLE_ROW: dict[str, Any] = {k: v for k, v in RECORD.items() if k not in ("steps_ms", "steps_sum_ms", "total_ms",
+                                                                          "rows")}
+TABLE: dict[str, Any] = {"format": "moesim.bench.moe_table/1", "device": "NVIDIA H200",  # a kernel-timing table
+                         "records": [{**TABLE_ROW, "pipeline": "fused", "layer_us": 40.0},
+                                     {**TABLE_ROW, "pipeline": "deepgemm", "dtype": "fp8", "layer_us": 50.0,
+                                      "launch": "eager", "covers": ["gemm_gate_up", "gemm_down"], "harness": "h"}]}
 MOST = f"at most {MAX_SIZE}"
 
 
@@ -115,6 +121,14 @@ def test_the_valid_files_load(tmp_path):
     (MOE, _set("records.0.steps_ms", {}), "records[0].steps_ms: must be a mapping of step name to milliseconds"),
     (MOE, _set("records.0.steps_ms", [0.1]), "records[0].steps_ms: must be a mapping of step name to milliseconds"),
     (MOE, _set("records.1.steps_sum_ms", 0), f"records[1].steps_sum_ms: must be a number > 0 and {MOST}, got 0"),
+    (TABLE, _set("records.0.layer_us", ...), "records[0].layer_us: missing"),
+    (TABLE, _set("records.0.layer_us", -3), f"records[0].layer_us: must be a number > 0 and {MOST}, got -3"),
+    (TABLE, _set("records.0.pipeline", "torch_reference"),
+     "records[0]: a table row must be of pipeline fused or deepgemm in bf16 or fp8, got 'torch_reference' 'bf16'"),
+    (TABLE, _set("records.1.launch", "graph"), "records[1].launch: must be eager or cuda_graph, got 'graph'"),
+    (TABLE, _set("records.1.covers", ["permute"]), "records[1].covers: must list steps among router, align, "
+                                                   "gemm_gate_up, activation, gemm_down, reduce"),
+    (TABLE, _set("records.0.rows_per_expert", [8] * 7), "records[0].rows_per_expert: must be a list of 8 numbers"),
 ])
 def test_malformed_files_are_one_line_naming_file_and_field(tmp_path, base, change, expected):
     good = _write(tmp_path, A2A, name="a.json")
@@ -123,6 +137,13 @@ def test_malformed_files_are_one_line_naming_file_and_field(tmp_path, base, chan
         load_bench([good, path])
     assert str(err.value) == f"{path}: {expected}"
     assert err.value.source == str(path) and str(err.value).count("\n") == 0
+
+
+def test_a_kernel_table_loads_as_whole_layer_points(tmp_path):
+    points = load_bench([_write(tmp_path, TABLE)]).moe_table
+    assert [(p.pipeline, p.launch, p.covers, p.harness) for p in points] == [
+        ("fused", "cuda_graph", (), ""), ("deepgemm", "eager", ("gemm_gate_up", "gemm_down"), "h")]
+    assert points[0].total_ms == pytest.approx(0.040) and points[0].table
 
 
 def test_skipped_moe_records_are_not_checked(tmp_path):

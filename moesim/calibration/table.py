@@ -32,11 +32,11 @@ from moesim.calibration.moe import GEMMS, TILES, MoEPoint
 from moesim.calibration.schema import _get, _moe_work, items, number
 from moesim.errors import InputError
 from moesim.hardware.spec import GPUSpec, PipelineSpec, StepCost
-from moesim.sim.kernels import AFTER_COMBINE, BEFORE_DISPATCH, LayerWork, gemm_work, step_times
+from moesim.sim.kernels import LayerWork, gemm_work, step_times
 from moesim.traces.model import ModelSpec
 
 FORMAT = "moesim.bench.moe_table/1"
-STEPS = (*BEFORE_DISPATCH, *GEMMS, "activation", *AFTER_COMBINE)  # the steps a fused pipeline's row can cover
+STEPS = ("router", "align", "gemm_gate_up", "activation", "gemm_down", "reduce")  # a fused pipeline's steps
 PIPELINES = ("fused", "deepgemm")  # the pipelines a table can refit
 _EFFS, _MEFFS = np.linspace(0.2, 1.0, 41), np.linspace(0.3, 1.0, 36)
 _FIXEDS = np.linspace(0.0, 4e-5, 41)  # a grouped GEMM's fixed cost under CUDA graphs, seconds
