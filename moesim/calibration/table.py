@@ -84,8 +84,9 @@ def _parts(points: list[MoEPoint], gpu: GPUSpec, spec: PipelineSpec,
     peak = ((gpu.fp8_tflops or 2 * gpu.bf16_tflops) if fp8 else gpu.bf16_tflops) * 1e12
     wb = 1.0 if fp8 else 2.0
     waves, mem, rest, meas = [], [], [], []
-    no_align = spec.model_copy(update={key: {**getattr(spec, key), "align": StepCost(
-        fixed_us=0.0, hbm_efficiency=getattr(spec, key)["align"].hbm_efficiency)} for key in ("steps", "graph_steps")})
+    # the alignment's launch-free fixed cost is what the graph rows fit (as ``extras``); eager rows keep theirs
+    no_align = spec.model_copy(update={"graph_steps": {**spec.graph_steps, "align": StepCost(
+        fixed_us=0.0, hbm_efficiency=spec.graph_steps["align"].hbm_efficiency)}})
     for p in points:
         g = gpu.model_copy(update={"moe_pipelines": {**gpu.moe_pipelines, p.pipeline: no_align}})
         d, f = p.model.d_model, p.model.d_ff
