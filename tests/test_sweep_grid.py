@@ -260,27 +260,28 @@ def test_ray_missing_is_one_line_naming_the_extra(tmp_path, monkeypatch):
 
 
 def _kill_one_ray_task(stop: threading.Event, killed: list[int]) -> None:
-    """SIGKILL the first Ray worker seen running a point (its process title is ray::run_one)."""
+    """SIGKILL the first Ray worker seen running a point: Ray titles a worker ray::run_one only while it runs
+    the task (ray::IDLE otherwise), so a worker seen with that title is mid-point."""
     import psutil  # a dependency of Ray
     while not stop.is_set() and not killed:
         for proc in psutil.process_iter(["pid", "cmdline"]):
-            cmd = " ".join(proc.info["cmdline"] or [])
-            if cmd.startswith("ray::run_one"):
-                time.sleep(0.1)  # into the point
+            if " ".join(proc.info["cmdline"] or []).startswith("ray::run_one"):
                 try:
-                    if " ".join(proc.cmdline()).startswith("ray::run_one"):  # still on it: mid-point
-                        os.kill(proc.info["pid"], signal.SIGKILL)
-                        killed.append(proc.info["pid"])
-                        return
-                except psutil.Error:
-                    pass
-        time.sleep(0.05)
+                    os.kill(proc.info["pid"], signal.SIGKILL)
+                except OSError:  # it finished and exited meanwhile: look again
+                    continue
+                killed.append(proc.info["pid"])
+                return
+        time.sleep(0.01)
 
 
 @pytest.mark.ray
 def test_ray_gives_the_same_results_with_a_worker_killed_mid_point(tmp_path):
     pytest.importorskip("ray")
-    path = scenario_file(tmp_path, {"workload.synthetic.seed": [1, 2, 3, 4]}, placements=["contiguous", "greedy"])
+    # points of several seconds each, so that the killer, however loaded the machine, finds one running
+    workload = {"synthetic": {**SMALL["workload"]["synthetic"], "tokens_per_gpu": 1024, "batches": 3}}
+    path = scenario_file(tmp_path, {"workload.synthetic.seed": [1, 2, 3, 4]}, placements=["contiguous", "greedy"],
+                         workload=workload)
     _, points = load_grid(path)
     local = run_points(points, jobs=1)
     stop, killed = threading.Event(), []
