@@ -34,7 +34,7 @@ TOP_KEYS = {"format", "device", "torch", "cuda", "sms", "world_size", "date", "m
 POINT_KEYS = {"shape", "d_model", "d_ff", "num_experts", "top_k", "ep", "local_experts", "pipeline", "dtype",
               "routing", "tokens"}
 TIMED_KEYS = POINT_KEYS | {"rows", "rows_per_expert", "send_rows", "steps_ms", "steps_sum_ms", "total_ms", "min_ms",
-                           "max_ms"}
+                           "max_ms", "host_steps_ms"}
 STEPS = {
     ("torch_reference", "bf16"): ["router", "permute", "dispatch", "regroup", "gemm_gate_up", "activation",
                                   "gemm_down", "unregroup", "combine", "reduce"],
@@ -107,6 +107,7 @@ def test_cpu_run_records(cpu_run):
         assert list(r["steps_ms"]) == STEPS[(r["pipeline"], r["dtype"])]
         assert all(v >= 0 for v in r["steps_ms"].values())
         assert r["steps_sum_ms"] == pytest.approx(sum(r["steps_ms"].values()))
+        assert list(r["host_steps_ms"]) == list(r["steps_ms"]) and all(v > 0 for v in r["host_steps_ms"].values())
         assert 0 < r["min_ms"] <= r["total_ms"] <= r["max_ms"]
     for r in records:
         if "skipped" in r:

@@ -5,6 +5,7 @@ the blockwise fp8 probe."""
 from __future__ import annotations
 
 import statistics
+import time
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Callable
@@ -33,14 +34,19 @@ class Timer:
         sync(self.cpu)
         self.comm.barrier()
 
-    def _stepped(self, steps: list[Step], x: torch.Tensor, evs: list) -> list[float]:
+    def _stepped(self, steps: list[Step], x: torch.Tensor, evs: list) -> tuple[list[float], list[float]]:
+        """The GPU's time per step (events) and the host's (wall clock from the first event's record to each
+        step's return: how long the host took to issue it, its waits for the device included)."""
         s = SimpleNamespace(x=x)
+        stamps = [time.perf_counter()]
         evs[0].record()
         for (_, fn), ev in zip(steps, evs[1:]):
             fn(s)
+            stamps.append(time.perf_counter())
             ev.record()
         sync(self.cpu)
-        return [a.elapsed_time(b) for a, b in zip(evs, evs[1:])]
+        return ([a.elapsed_time(b) for a, b in zip(evs, evs[1:])],
+                [(b - a) * 1e3 for a, b in zip(stamps, stamps[1:])])
 
     def _whole(self, steps: list[Step], x: torch.Tensor, pair: list) -> float:
         s = SimpleNamespace(x=x)
@@ -60,16 +66,20 @@ class Timer:
             self._before()
             self._whole(steps, x, pair)
         per_step: list[list[float]] = [[] for _ in steps]
+        host: list[list[float]] = [[] for _ in steps]
         totals = []
         for _ in range(self.reps):
             self._before()
-            for acc, ms in zip(per_step, self._stepped(steps, x, evs)):
+            gpu_ms, host_ms = self._stepped(steps, x, evs)
+            for acc, acc_host, ms, h in zip(per_step, host, gpu_ms, host_ms):
                 acc.append(ms)
+                acc_host.append(h)
             self._before()
             totals.append(self._whole(steps, x, pair))
         medians = {name: statistics.median(v) for (name, _), v in zip(steps, per_step)}
         return {"steps_ms": medians, "steps_sum_ms": sum(medians.values()), "total_ms": statistics.median(totals),
-                "min_ms": min(totals), "max_ms": max(totals)}
+                "min_ms": min(totals), "max_ms": max(totals),
+                "host_steps_ms": {name: statistics.median(v) for (name, _), v in zip(steps, host)}}
 
 
 def _median_event_ms(fn: Callable[[], object], cpu: bool, n: int = 10) -> float:
