@@ -332,12 +332,13 @@ def predict_kernels(p: MoEPoint, gpu: GPUSpec) -> tuple[float, dict[str, float]]
 def moe_predictions(points: list[MoEPoint], held: list[bool],
                     spec: ClusterSpec) -> list[tuple[str, str, float, float, bool]]:
     """(kind, label, measured ms, predicted ms, held out) for every point's whole layer (kind ``moe-decode`` or
-    ``moe-prefill``: the kernels and the all-to-alls among one GPU, :func:`predict_point`) and every step it
+    ``moe-prefill`` for torch_reference, ``moe-eager-PIPELINE-PHASE`` for another pipeline run eagerly: the kernels and the all-to-alls among one GPU, :func:`predict_point`) and every step it
     ran (kind ``moe-step:NAME``)."""
     out = []
     for p, h in zip(points, held):
         total, steps = predict_point(p, spec)
-        graph = f"table-{p.pipeline}-" if p.table else "graph-" if p.launch == "cuda_graph" else ""
+        graph = (f"table-{p.pipeline}-" if p.table else "graph-" if p.launch == "cuda_graph"
+                 else "" if p.pipeline == "torch_reference" else f"eager-{p.pipeline}-")
         if p.whole_measured:
             out.append((f"moe-{graph}{p.phase}", p.label, p.total_ms, total, h))
         out += [(f"moe-{graph}step:{k}", p.label, p.steps_ms[k], v, h) for k, v in steps.items() if k in p.steps_ms]
