@@ -120,3 +120,22 @@ def test_shipped_h100_gpu_is_what_moesim_calibrate_fits() -> None:
         assert value == pytest.approx(node, rel=1e-3), key
     held = fit.errors(True, ("ffn",))
     assert np.median(held) < 0.08  # 4.9% when written
+
+
+def test_a_point_measured_in_several_runs_is_also_judged_against_their_median() -> None:
+    """moe_predictions adds, for each torch_reference layer measured in >= 3 runs of the sweep, one entry whose
+    measurement is the median of its runs and whose prediction is the point's."""
+    from moesim.calibration.moe import held_out, moe_points, moe_predictions
+
+    moe = Path(__file__).resolve().parents[1] / "benchmarks/validation/moe_h200"
+    points = [p for name in ("moe_h200.json", "moe_h200_run3.json", "moe_h200_run4.json")
+              for p in moe_points(json.loads((moe / name).read_text()), name)]
+    rows = moe_predictions(points, held_out(points), ClusterSpec(**preset("hgx-h200")))
+    runs: dict[str, list[float]] = {}
+    for kind, label, ms, _, _ in rows:
+        if kind in ("moe-decode", "moe-prefill"):
+            runs.setdefault(label, []).append(ms)
+    medians = {label: ms for kind, label, ms, _, _ in rows if kind.startswith("moe-median-")}
+    many = {label: v for label, v in runs.items() if len(v) == 3}
+    assert many and set(medians) == set(many)
+    assert all(medians[label] == pytest.approx(float(np.median(v))) for label, v in many.items())

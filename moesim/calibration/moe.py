@@ -143,6 +143,9 @@ def graph_points(raw: dict, src: str) -> list[MoEPoint]:
     return points
 
 
+MEDIAN_RUNS = 3  # a point measured in this many runs or more is also judged against the median of its runs
+
+
 def held_out(points: list[MoEPoint]) -> list[bool]:
     """Every third point of each (pipeline, dtype, EP slice, routing) group, ordered by shape and tokens; a point
     measured in several runs is held out (or not) in all of them."""
@@ -332,16 +335,24 @@ def predict_kernels(p: MoEPoint, gpu: GPUSpec) -> tuple[float, dict[str, float]]
 def moe_predictions(points: list[MoEPoint], held: list[bool],
                     spec: ClusterSpec) -> list[tuple[str, str, float, float, bool]]:
     """(kind, label, measured ms, predicted ms, held out) for every point's whole layer (kind ``moe-decode`` or
-    ``moe-prefill`` for torch_reference, ``moe-eager-PIPELINE-PHASE`` for another pipeline run eagerly: the kernels and the all-to-alls among one GPU, :func:`predict_point`) and every step it
+    ``moe-prefill`` for torch_reference, ``moe-eager-PIPELINE-PHASE`` for another pipeline run eagerly, and
+    ``moe-median-PHASE`` once more against the median of its runs for a torch_reference point measured in at least
+    :data:`MEDIAN_RUNS` runs: the kernels and the all-to-alls among one GPU, :func:`predict_point`) and every step it
     ran (kind ``moe-step:NAME``)."""
     out = []
+    runs: dict[tuple, list[float]] = {}
     for p, h in zip(points, held):
         total, steps = predict_point(p, spec)
         graph = (f"table-{p.pipeline}-" if p.table else "graph-" if p.launch == "cuda_graph"
                  else "" if p.pipeline == "torch_reference" else f"eager-{p.pipeline}-")
         if p.whole_measured:
             out.append((f"moe-{graph}{p.phase}", p.label, p.total_ms, total, h))
+            if not graph:
+                runs.setdefault((p.label, p.phase, total, h), []).append(p.total_ms)
         out += [(f"moe-{graph}step:{k}", p.label, p.steps_ms[k], v, h) for k, v in steps.items() if k in p.steps_ms]
+    # a point measured in several runs (eager layers vary from run to run): also against the median of its runs
+    out += [(f"moe-median-{phase}", label, float(np.median(ms)), total, h)
+            for (label, phase, total, h), ms in runs.items() if len(ms) >= MEDIAN_RUNS]
     return out
 
 

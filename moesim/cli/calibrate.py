@@ -30,6 +30,8 @@ _ERROR_GROUPS = {"network": ("a2a-uniform", "a2a-skew", "p2p"), "expert FFN": ("
                  "attention core": ("attention",), "attention projections": ("projection",),
                  "MoE layer (torch_reference), decode": ("moe-decode",),
                  "MoE layer (torch_reference), prefill": ("moe-prefill",),
+                 "MoE layer (torch_reference) vs the median of its runs, decode": ("moe-median-decode",),
+                 "MoE layer (torch_reference) vs the median of its runs, prefill": ("moe-median-prefill",),
                  "our fused_moe stand-in, eager, decode": ("moe-eager-fused-decode",),
                  "our fused_moe stand-in, eager, prefill": ("moe-eager-fused-prefill",),
                  "our fused_moe stand-in in CUDA graphs, decode": ("moe-graph-decode",),
