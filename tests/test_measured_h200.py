@@ -59,7 +59,8 @@ def test_shipped_h200_preset_is_what_moesim_calibrate_fits() -> None:
                                 moe / "moe_h200_run5.json", moe / "moe_graphs_h200.json",
                                 moe / "dense_h200.json",
                                 moe.parent / "aiconfigurator" / "vllm_fused_moe_h200.json",
-                                moe.parent / "aiconfigurator" / "sglang_deepep_moe_h200.json"]), "hgx-h200")
+                                moe.parent / "aiconfigurator" / "sglang_deepep_moe_h200.json",
+                                moe.parent / "train_h200" / "train_h200.json"]), "hgx-h200")
     assert "gpu.attention_hbm_efficiency" in fit.fitted
     assert "gpu.moe_pipelines.torch_reference.gemm_efficiency" in fit.fitted
     assert spec["gpu"]["moe_pipelines"] == ClusterSpec(**spec).model_dump(mode="json")["gpu"]["moe_pipelines"]

@@ -20,6 +20,8 @@ from moesim.calibration.gemm import GemmPoint, gemm_points
 from moesim.calibration.moe import MoEPoint, graph_points, moe_points
 from moesim.calibration.table import FORMAT as TABLE_FORMAT
 from moesim.calibration.table import check_moe_table, table_points
+from moesim.calibration.train import FORMAT as TRAIN_FORMAT
+from moesim.calibration.train import CollectivePoint, TrainGemmPoint, check_train, train_points
 from moesim.calibration.schema import check_a2a, check_dense, check_ffn, check_moe, check_moe_graphs
 from moesim.errors import InputError
 from moesim.fileio import read_json_object
@@ -68,6 +70,8 @@ class BenchData:
     moe_graphs: list[MoEPoint] = field(default_factory=list)  # the same steps replayed from CUDA graphs
     moe_table: list[MoEPoint] = field(default_factory=list)  # whole layers from a kernel-timing table (.table)
     gemms: list[GemmPoint] = field(default_factory=list)  # plain GEMMs (moesim.calibration.gemm)
+    train_gemms: list[TrainGemmPoint] = field(default_factory=list)  # moesim bench train (moesim.calibration.train)
+    collectives: list[CollectivePoint] = field(default_factory=list)  # its all-gathers and reduce-scatters
     sources: list[str] = field(default_factory=list)
 
 
@@ -120,6 +124,11 @@ def load_bench(paths: list[str | Path]) -> BenchData:
             elif raw.get("format") == TABLE_FORMAT:
                 check_moe_table(raw, src)
                 data.moe_table.extend(table_points(raw, src))
+            elif raw.get("format") == TRAIN_FORMAT:
+                check_train(raw, src)
+                gemms, colls = train_points(raw, src)
+                data.train_gemms.extend(gemms)
+                data.collectives.extend(colls)
             elif raw.get("format") == "moesim.bench.dense/1":
                 check_dense(raw, src)
                 data.gemms.extend(gemm_points(raw, src))

@@ -29,6 +29,8 @@ from moesim.calibration.bench import A2APoint, BenchData, FFNPoint, P2PPoint
 from moesim.calibration.gemm import fit_plain_gemm, gemm_predictions
 from moesim.calibration.gemm import held_out as gemm_held_out
 from moesim.calibration.moe import fit_graph_pipelines, fit_pipelines, fit_self_a2a, held_out, moe_predictions
+from moesim.calibration.train import fit_backward, train_predictions
+from moesim.calibration.train import held_out as held_out_train
 from moesim.calibration.table import fit_table_pipeline, with_floors
 from moesim.hardware.presets import deep_merge, preset
 from moesim.hardware.spec import ClusterSpec
@@ -297,12 +299,19 @@ def calibrate(data: BenchData, base_preset: str = "hgx-h200", name: str | None =
         attention["dense_efficiency"] = fit_dense_efficiency(train_proj, ClusterSpec(**base).gpu)
         base = deep_merge(base, {"gpu": {"dense_efficiency": attention["dense_efficiency"]}})
     base, moe_held, graph_held, gemm_held = _fit_kernels(data, base, fitted)
+    train_held, harness_ms = held_out_train(data.train_gemms), 0.0
+    if data.train_gemms:  # the experts' GEMMs' backward / forward (training), beside its benchmark's harness
+        ratio, harness_ms = fit_backward(data.train_gemms, train_held)
+        base = deep_merge(base, {"gpu": {"gemm_backward": ratio}})
+        fitted["gpu.gemm_backward"] = ratio
     spec = ClusterSpec(**base)
     preds = _network_predictions(spec, data, net_held) if net_points else []
     preds += [Prediction(*row) for row in gemm_predictions(data.gemms, gemm_held, spec)]
     preds += [Prediction(*row) for row in moe_predictions(data.moe, moe_held, spec)]
     preds += [Prediction(*row) for row in moe_predictions(data.moe_graphs, graph_held, spec)]
     preds += [Prediction(*row) for row in moe_predictions(data.moe_table, held_out(data.moe_table), spec)]
+    preds += [Prediction(*row) for row in train_predictions(data.train_gemms, train_held, data.collectives, spec,
+                                                            harness_ms)]
     if data.ffn:
         preds += [Prediction("ffn", f"{p.shape} {list(p.tokens)}", p.ms, predict_ffn(spec, p), h)
                   for p, h in zip(data.ffn, ffn_held)]

@@ -1,4 +1,5 @@
-"""``moesim bench a2a | ffn | attention``: measure this host's GPUs into the JSON ``moesim calibrate`` fits.
+"""``moesim bench a2a | ffn | attention | moe | train``: measure this host's GPUs into the JSON ``moesim calibrate``
+fits.
 
 Needs PyTorch (``pip install -e '.[bench]'``); without it the command fails as bad input, naming the extra.
 The measuring itself lives in :mod:`moesim.measure`; this module only picks the shapes and the runner.
@@ -19,10 +20,12 @@ def _bench_shapes(args: argparse.Namespace) -> dict:
     from moesim.study.config import load_scenario
 
     if args.what == "a2a":
-        raise InputError("applies to moesim bench ffn, attention and moe (the all-to-all sweep has no model shape)",
-                         field="--scenario")
+        raise InputError("applies to moesim bench ffn, attention, moe and train (the all-to-all sweep has no model "
+                         "shape)", field="--scenario")
     m = load_scenario(args.scenario).model
     name, scale = m.name or "model", 16 if args.cpu else 1
+    if args.what == "train":
+        return {name: (max(m.d_model // scale, 1), max(m.d_ff // scale, 1), m.num_experts, m.top_k)}
     if args.what == "moe":
         return {name: {"d_model": max(m.d_model // scale, 1), "d_ff": max(m.d_ff // scale, 1),
                        "num_experts": m.num_experts, "top_k": m.top_k}}
@@ -45,7 +48,7 @@ def _check_bench_output(args: argparse.Namespace) -> None:
         raise InputError("exists and is not a folder; -o takes the folder for the benchmark JSON",
                          source=args.output)
     name = {"a2a": f"a2a_{args.nproc or 2}.json", "ffn": "expert_ffn.json", "attention": "attention.json",
-            "moe": "moe.json"}[args.what]
+            "moe": "moe.json", "train": "train.json"}[args.what]
     check_output_file(folder / name, owned=contains(b'"device":'), what="a file moesim bench wrote")
 
 
@@ -70,6 +73,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         path = moe.run(args.output, cpu=args.cpu, quick=args.quick, nproc=args.nproc or 1, shapes=shapes,
                        dtypes=tuple(args.dtypes.split(",")), pipelines=tuple(args.pipelines.split(",")),
                        log=lambda line: print(line, flush=True))
+    elif args.what == "train":
+        from moesim.measure import train
+
+        path = train.run(args.output, nproc=args.nproc or 1, cpu=args.cpu, quick=args.quick, shapes=shapes,
+                         log=lambda line: print(line, flush=True))
     elif args.what == "attention":
         from moesim.measure import attention
 
@@ -86,17 +94,19 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     """Register ``moesim bench`` on the top-level subparsers."""
     b = sub.add_parser("bench", help="measure all-to-all, expert-FFN, attention-block or MoE-layer timings on this "
                        "host's GPUs (needs torch)")
-    b.add_argument("what", choices=["a2a", "ffn", "attention", "moe"],
+    b.add_argument("what", choices=["a2a", "ffn", "attention", "moe", "train"],
                    help="a2a: all-to-all and p2p among --nproc GPUs; ffn: expert FFNs on one GPU; attention: "
                    "QKV/core/O projections of two attention shapes at tp 1/2/4, prefill and decode, on one GPU; "
-                   "moe: the whole MoE layer's kernel pipeline step by step (moesim/measure/moe/)")
-    b.add_argument("--nproc", type=int, help="ranks (GPUs of this host): a2a (default 2), moe (default 1)")
+                   "moe: the whole MoE layer's kernel pipeline step by step (moesim/measure/moe/); train: forward and "
+                   "backward expert grouped GEMMs on one GPU, all-gather and reduce-scatter among --nproc GPUs")
+    b.add_argument("--nproc", type=int, help="ranks (GPUs of this host): a2a (default 2), moe and train (default 1)")
     b.add_argument("--cpu", action="store_true", help="dry run on the CPU (gloo, tiny shapes)")
     b.add_argument("--scenario", help="measure this scenario's model shape (expert FFN, attention or MoE layer) "
                    "instead of the built-in list of common MoE shapes")
-    b.add_argument("--quick", action="store_true", help="moe: a handful of points")
+    b.add_argument("--quick", action="store_true", help="moe, train: a handful of points")
     b.add_argument("--dtypes", default="bf16,fp8", help="moe: expert dtypes (bf16, fp8)")
     b.add_argument("--pipelines", default="torch_reference,fused", help="moe: pipelines (torch_reference, fused)")
     b.add_argument("-o", "--output", required=True,
-                   help="folder for the JSON (a2a_<nproc>.json, expert_ffn.json, attention.json or moe.json)")
+                   help="folder for the JSON (a2a_<nproc>.json, expert_ffn.json, attention.json, moe.json or "
+                   "train.json)")
     b.set_defaults(func=_cmd_bench)

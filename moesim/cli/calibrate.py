@@ -40,7 +40,10 @@ _ERROR_GROUPS = {"network": ("a2a-uniform", "a2a-skew", "p2p"), "expert FFN": ("
                  "vLLM fused_moe from a kernel table, prefill": ("moe-table-fused-prefill",),
                  "DeepEP+DeepGEMM from a kernel table, decode": ("moe-table-deepgemm-decode",),
                  "DeepEP+DeepGEMM from a kernel table, prefill": ("moe-table-deepgemm-prefill",),
-                 "plain GEMMs": ("gemm",), "plain GEMMs in CUDA graphs": ("gemm-graph",)}
+                 "plain GEMMs": ("gemm",), "plain GEMMs in CUDA graphs": ("gemm-graph",),
+                 "expert GEMMs' backward, from the measured forward": ("train-bwd-ratio",),
+                 "expert GEMMs' backward, from the modelled forward": ("train-bwd",),
+                 "all-gather and reduce-scatter (not fitted)": ("all_gather", "reduce_scatter")}
 
 
 def _rounded(value: Any, digits: int = 4) -> Any:
@@ -63,8 +66,10 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
     check_output_file(args.output, owned=starts_with(CALIBRATED_HEADER), what="a cluster YAML moesim calibrate wrote")
     data = load_bench(args.bench)
-    if not (data.a2a or data.ffn or data.attention or data.moe or data.moe_graphs or data.moe_table or data.gemms):
-        raise InputError("no all-to-all, expert-FFN, attention-core or MoE-layer points in the benchmark files")
+    if not (data.a2a or data.ffn or data.attention or data.moe or data.moe_graphs or data.moe_table or data.gemms
+            or data.train_gemms):
+        raise InputError("no all-to-all, expert-FFN, attention-core, MoE-layer or training points in the benchmark "
+                         "files")
     devices = ", ".join(sorted(data.devices))
     name = _choose_preset(args.preset, data, devices)
     with progress_bar(calibration_steps(data), f"fitting {name}", "iteration", quiet=args.quiet) as bar:

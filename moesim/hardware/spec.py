@@ -127,6 +127,12 @@ def measured_plain_gemm() -> GemmSpec:
     return GemmSpec(**fit) if fit else GemmSpec()
 
 
+def measured_backward() -> float:
+    """The experts' grouped GEMMs' backward / forward time as fitted on one H200 (``calibrated/hgx-h200.yaml``, from
+    ``moesim bench train``): the default of a GPU given without its own fit; 2 (the FLOPs' ratio) without one."""
+    return float(_h200_fit().get("gemm_backward", 2.0))
+
+
 class GPUSpec(StrictModel):
     """One accelerator: compute rate, memory bandwidth and capacity, kernel overhead."""
 
@@ -166,6 +172,10 @@ class GPUSpec(StrictModel):
                      description="streaming multiprocessors (GEMM tiles run in waves over them)")
     moe_pipelines: dict[str, PipelineSpec] = Field(default_factory=measured_pipelines,
                                                    description="the MoE kernel pipelines on this GPU, by name")
+    gemm_backward: float = Field(default_factory=measured_backward, ge=1, le=10,
+                                 description="backward / forward time of the experts' grouped GEMMs in training (their "
+                                 "data- and weight-gradient GEMMs; 2 is the FLOPs' ratio): moesim calibrate fits it on "
+                                 "moesim bench train; a GPU without its own fit takes the H200's")
     plain_gemm: GemmSpec = Field(default_factory=measured_plain_gemm,
                                  description="plain GEMMs (shared experts, dense layers, projections): tiles, rates "
                                              "and fixed costs (moesim.sim.kernels.plain_gemm_time)")

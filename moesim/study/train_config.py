@@ -73,9 +73,9 @@ class TrainingConfig(_Strict):
     recompute: bool = False
     shard_optimizer: bool = Field(default=True, description="non-expert optimizer states sharded over data "
                                   "parallelism (ZeRO-1)")
-    gemm_backward: float = Field(default=2.0, ge=1, le=10, description="backward / forward time of every GEMM: 2 "
-                                 "is the FLOPs' ratio (data- and weight-gradient GEMMs); an H200 measured 2.5 for the "
-                                 "experts' grouped GEMMs (benchmarks/validation/train_h200)")
+    gemm_backward: float | None = Field(default=None, ge=1, le=10, description="backward / forward time of every "
+                                        "GEMM; default the GPU's gpu.gemm_backward (fitted by moesim calibrate on "
+                                        "moesim bench train; 2, the FLOPs' ratio, where not measured)")
     grad_bytes: float = Field(default=4.0, gt=0, le=16)
     optimizer_bytes: float = Field(default=12.0, ge=0, le=64)
     model_layers: int | None = Field(default=None, ge=1, le=100_000, description="the whole model's MoE layers, "

@@ -123,11 +123,12 @@ def stage_scenario(scenario: Scenario) -> Scenario:
     return scenario.model_copy(update={"clusters": tuple(clusters), "model": model})
 
 
-def train_options(cfg: TrainingConfig) -> TrainOptions:
+def train_options(cfg: TrainingConfig, gpu_backward: float = 2.0) -> TrainOptions:
+    """The engine's training options; the GEMMs' backward ratio is the scenario's or else the GPU's."""
     return TrainOptions(pp=cfg.pp, micro_batches=cfg.micro_batches, overlap=cfg.overlap,
                         overlap_grad_sync=cfg.overlap_grad_sync, prefetch=cfg.prefetch, recompute=cfg.recompute,
                         grad_bytes=cfg.grad_bytes, optimizer_bytes=cfg.optimizer_bytes,
-                        gemm_backward=cfg.gemm_backward)
+                        gemm_backward=cfg.gemm_backward if cfg.gemm_backward is not None else gpu_backward)
 
 
 def group_problem(problem: PlacementProblem, ep: int) -> PlacementProblem:
@@ -158,7 +159,7 @@ class StageRunner:
         self.G = cp.cluster.spec.num_gpus
         self.R = self.G // self.tp
         self.gpn = cp.cluster.spec.gpus_per_node
-        self.train = train_options(cfg)
+        self.train = train_options(cfg, cp.cluster.spec.gpu.gemm_backward)
         self.timer = CollectiveTimer(cp.topology, rate_tolerance=self.options.rate_tolerance)
         self.slow = comm_slowdown(cp.topology, self.options) if cfg.overlap == "dualpipe" else 1.0
         assert cp.workload is not None and cp.problem is not None
