@@ -7,8 +7,9 @@ simulated time (mean over the 64 GPUs and the 4 layers) beside the published med
 Nothing is fitted to these figures. Setup as the profile states or implies: 8 nodes of 8 H800s (the ``h800``
 preset), DeepSeek-V3 with 4 MoE layers, 4,096 tokens per GPU per micro-batch (one 4K sequence), routing
 spread evenly (Zipf 0) and group-limited to 4 of 8 node groups, DeepEP's hierarchical all-to-alls on 20 SMs
-(the profile's comm kernels run on grid 20), FP8 dispatch and BF16 combine, FP8 expert and dense GEMMs with the
-fused pipeline, BF16 attention.
+(the profile's comm kernels run on grid 20), FP8 dispatch and BF16 combine (the backward's dispatch of the
+activation gradients FP8 too, as the DeepSeek-V3 report, 3.3.2, says), FP8 expert GEMMs on DeepGEMM's pipeline
+(DeepSeek trains with DeepGEMM) and FP8 dense GEMMs, BF16 attention.
 """
 
 from __future__ import annotations
@@ -31,9 +32,9 @@ SCENARIO = {
     "workload": {"phase": "train", "seq_len": 4096,
                  "synthetic": {"tokens_per_gpu": 4096, "batches": 1, "profile_batches": 1, "zipf_alpha": 0.0,
                                "gpu_mix_sigma": 0.0, "affinity": 0.0, "seed": 1}},
-    "training": {"overlap": "dualpipe", "micro_batches": 2,
+    "training": {"overlap": "dualpipe", "micro_batches": 2, "fp8_gradient_dispatch": True,
                  "layouts": [{"name": "ep64", "kind": "ep", "placement": "contiguous"}]},
-    "engine": {"a2a": "hierarchical", "moe_kernels": "fused", "expert_dtype": "fp8", "dense_dtype": "fp8",
+    "engine": {"a2a": "hierarchical", "moe_kernels": "deepgemm", "expert_dtype": "fp8", "dense_dtype": "fp8",
                "comm_sms": 20, "progress": False},
 }
 

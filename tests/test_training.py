@@ -337,3 +337,24 @@ def test_training_on_real_deepseek_v2_lite_routing(tmp_path):
     ep, fssdp = result.runs
     assert len(ep.step_s) == res.trace.num_batches(8, None) >= 2
     assert np.mean(fssdp.imbalance) < np.mean(ep.imbalance)  # real skew: materialising hot experts twice helps
+
+
+def test_fp8_gradient_dispatch_sends_the_gradients_at_the_dispatchs_bytes():
+    """training.fp8_gradient_dispatch: the backward's all-to-all to the experts moves the dispatch's bytes per copy
+    (DeepSeek-V3's FP8 recipe) on the same matrix it moves the combine's bytes on without it."""
+    from moesim.study.plan import prepare
+    from moesim.study.training import StageRunner
+
+    data = {**TRAIN_SCENARIO, "model": {**TRAIN_SCENARIO["model"], "dispatch_bytes_per_token": 600,
+                                        "combine_bytes_per_token": 1024}}
+    mats = {}
+    for fp8 in (False, True):
+        scenario = parse_scenario({**data, "training": {**data["training"], "fp8_gradient_dispatch": fp8}}, "t.yaml")
+        study = prepare(scenario)
+        st = StageRunner(study, study.clusters[0], scenario.training)
+        placement = st.static_placement(scenario.training.layouts[0])
+        mats[fp8] = st.traffic(0, placement, "token_index")[0][2]
+    assert mats[True]["combine_bwd"].sum() > 0
+    np.testing.assert_allclose(mats[True]["combine_bwd"], mats[False]["combine_bwd"] * 600 / 1024)
+    np.testing.assert_allclose(mats[True]["dispatch_bwd"], mats[False]["dispatch_bwd"])
+    np.testing.assert_allclose(mats[True]["dispatch"], mats[True]["combine_bwd"])

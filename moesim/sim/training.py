@@ -15,7 +15,9 @@ the layers in reverse, each kernel at a closed-form multiple of its forward time
   of f against the forward's 3): 5/3;
 - gathers, scatters and the top-k reduction move their bytes back once: 1x;
 - the all-to-alls run reversed: the combine's gradient goes to the experts' GPUs (the dispatch's byte matrix,
-  at the combine's bf16 bytes per copy), the dispatch's gradient comes home (the combine's matrix).
+  at the combine's bf16 bytes per copy, or the dispatch's fp8 ones with ``training.fp8_gradient_dispatch``, as
+  DeepSeek-V3 quantises the activation gradient before the down-projections), the dispatch's gradient comes home
+  (the combine's matrix, bf16).
 
 A collective starts when its last GPU joins and releases each GPU when its own bytes are moved (the engine's
 rule); its durations come from the cluster's max-min fair flow model (:class:`moesim.sim.network.Fabric`), so

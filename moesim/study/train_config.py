@@ -76,6 +76,10 @@ class TrainingConfig(_Strict):
     gemm_backward: float | None = Field(default=None, ge=1, le=10, description="backward / forward time of every "
                                         "GEMM; default the GPU's gpu.gemm_backward (fitted by moesim calibrate on "
                                         "moesim bench train; 2, the FLOPs' ratio, where not measured)")
+    fp8_gradient_dispatch: bool = Field(default=False, description="the backward's all-to-all that sends the "
+                                        "activation gradients to the experts moves the forward dispatch's bytes per "
+                                        "token (FP8, as DeepSeek-V3 trains: arXiv 2412.19437, 3.3.2) instead of the "
+                                        "combine's (BF16)")
     grad_bytes: float = Field(default=4.0, gt=0, le=16)
     optimizer_bytes: float = Field(default=12.0, ge=0, le=64)
     model_layers: int | None = Field(default=None, ge=1, le=100_000, description="the whole model's MoE layers, "

@@ -204,8 +204,9 @@ class StageRunner:
                     return hierarchical_bytes(tr.copies, tr.node_copies, self.gpn, per_copy)
                 return tr.copies * per_copy
 
+            grads = m.dispatch_bytes if self.cfg.fp8_gradient_dispatch else m.combine_bytes
             mats = {"dispatch": mat(m.dispatch_bytes), "combine": mat(m.combine_bytes).T,
-                    "combine_bwd": mat(m.combine_bytes), "dispatch_bwd": mat(m.combine_bytes).T}
+                    "combine_bwd": mat(grads), "dispatch_bwd": mat(m.combine_bytes).T}
             out.append((held_tokens, tr.expert_tokens, mats))
         return out
 
