@@ -149,19 +149,23 @@ class CollectiveTimer:
     fair flows; per GPU, the seconds from the start until its own sends and receives are done (launch
     included). The fabric reuses the fluid phase of a collective that scales, or mirrors, a recent one."""
 
-    def __init__(self, topo: Topology, *, rate_tolerance: float = 0.01, routing: Routing | None = None) -> None:
-        self.topo = topo
+    def __init__(self, topo: Topology, *, rate_tolerance: float = 0.01, routing: Routing | None = None,
+                 a2a: str = "nccl") -> None:
+        self.topo, self.a2a = topo, a2a  # the all-to-alls' kernel family (the engine's a2a); the rest run as NCCL
         self.env = simpy.Environment()
         self.fabric = Fabric(self.env, topo, rate_tolerance=rate_tolerance, routing=routing or Routing.of(topo))
         self.calls = 0
 
-    def durations(self, nbytes: np.ndarray, name: str = "collective") -> np.ndarray:
-        """[G] seconds per GPU; zeros when nothing moves."""
+    def durations(self, nbytes: np.ndarray, name: str = "collective", *, a2a: bool = False,
+                  notify: bool = False) -> np.ndarray:
+        """[G] seconds per GPU; zeros when nothing moves. ``a2a``: an all-to-all of the layer, run by the
+        timer's kernel family (its launch, bandwidth shares and, with ``notify``, its layout step); else NCCL."""
         nbytes = np.asarray(nbytes, dtype=float)
         if not (nbytes > 0).any():
             return np.zeros(nbytes.shape[0])
         self.calls += 1
-        proc = self.env.process(self.fabric.collective(name, nbytes))
+        proc = self.env.process(self.fabric.collective(name, nbytes, kernel=self.a2a if a2a else "nccl",
+                                                       notify=notify))
         self.env.run(until=proc)
         res = proc.value
         assert res is not None
@@ -242,7 +246,8 @@ def run_micro_batch(layers: list[LayerStep], timer: CollectiveTimer, options: Tr
     experts are materialised once per step and their gradients accumulate over its micro-batches."""
     G = timer.topo.num_gpus
     terms: dict[str, float] = {}
-    durs = [{n: timer.durations(lp.mats[n], n) for n in A2A} for lp in layers]
+    # the forward dispatch computes its layout (notify); the backward's reuses it (DeepEP's cached handle)
+    durs = [{n: timer.durations(lp.mats[n], n, a2a=True, notify=n == "dispatch") for n in A2A} for lp in layers]
     ready = np.zeros(G)
     for lp, d in zip(layers, durs):
         ready = _chunk(ready, lp, d, terms, backward=False, recompute=False)

@@ -160,7 +160,7 @@ class StageRunner:
         self.R = self.G // self.tp
         self.gpn = cp.cluster.spec.gpus_per_node
         self.train = train_options(cfg, cp.cluster.spec.gpu.gemm_backward)
-        self.timer = CollectiveTimer(cp.topology, rate_tolerance=self.options.rate_tolerance)
+        self.timer = CollectiveTimer(cp.topology, rate_tolerance=self.options.rate_tolerance, a2a=self.options.a2a)
         self.slow = comm_slowdown(cp.topology, self.options) if cfg.overlap == "dualpipe" else 1.0
         assert cp.workload is not None and cp.problem is not None
         self.work = cp.workload
