@@ -56,7 +56,8 @@ def test_shipped_h200_preset_is_what_moesim_calibrate_fits() -> None:
     moe = Path(__file__).resolve().parents[1] / "benchmarks/validation/moe_h200"
     fit = calibrate(load_bench([DATA.parent / "a2a_2xh200.json", DATA, attention, moe / "moe_h200.json",
                                 moe / "moe_h200_run2.json", moe / "moe_h200_run3.json", moe / "moe_h200_run4.json",
-                                moe / "moe_h200_run5.json", moe / "moe_graphs_h200.json",
+                                moe / "moe_h200_run5.json", moe / "moe_h200_run6.json",
+                                moe / "moe_h200_run7.json", moe / "moe_graphs_h200.json",
                                 moe / "dense_h200.json",
                                 moe.parent / "aiconfigurator" / "vllm_fused_moe_h200.json",
                                 moe.parent / "aiconfigurator" / "sglang_deepep_moe_h200.json",

@@ -3,7 +3,7 @@ phase, by step, and the worst points; then the same whole layers against the med
 them, and how far the runs lie apart. Prints what the shipped hgx-h200 preset predicts (its pipelines are what
 ``moesim calibrate`` fits on the two thirds of the points not held out; the other third is never seen by the fit).
 
-The sweep ran five times on one H200 host (runs 1-2 on 2026-12-02, 3-5 back to back on 2026-12-03, another lease):
+The sweep ran seven times on three leases of an H200 (runs 1-2 on 2026-12-02; 3-5 and 6-7 on 2026-12-03):
 an eager decode layer is bound by the host issuing its kernels, and the same point's median over 12 repetitions
 varies by up to 2x from one run to the next, so a single run is a noisy measurement of it; the median over the
 runs is the measurement the model is held to.
@@ -26,7 +26,7 @@ from moesim.calibration.moe import held_out, moe_points, predict_kernels, predic
 from moesim.hardware import ClusterSpec, preset  # noqa: E402
 
 
-RUNS = ("moe_h200.json", "moe_h200_run2.json", "moe_h200_run3.json", "moe_h200_run4.json", "moe_h200_run5.json")
+RUNS = ("moe_h200.json", *(f"moe_h200_run{i}.json" for i in range(2, 8)))
 
 
 def _key(p) -> tuple:
