@@ -11,8 +11,10 @@ network once per destination node, to the GPU of that node with the sender's loc
 it over NVLink to each destination GPU there (:func:`hierarchical_bytes`). ``gpus_per_node`` asks
 :func:`layer_traffic` for the per-node copy counts this needs.
 
-Arrays are handled one top-k choice at a time ([choice, token] rows), which keeps numpy's temporaries
-small and contiguous; copies are counted by one ``bincount`` over int64 keys of all choices.
+Tokens are counted in chunks of 32k (:func:`layer_traffic`), each as whole [choice, token] arrays: every
+(token, choice) gets one int64 key, and one ``bincount`` per chunk counts the copies (numpy's per-call cost,
+not the bytes, dominates at this size; int64 keys because ``bincount`` converts narrower ones slowly). The
+chunks keep temporaries in cache and below the size numpy's allocator maps fresh from the OS.
 """
 
 from __future__ import annotations
