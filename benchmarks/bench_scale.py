@@ -2,16 +2,18 @@
 scenario (scenarios/deepseek_v3_64gpu.yaml: 58 MoE layers, 256 experts, top-8, 4096 tokens per GPU, contention on,
 hierarchical all-to-alls), contiguous placement, as ``moesim run`` builds it.
 
-    python benchmarks/bench_scale.py [--baseline main] [--gpus 16,32,64,128,256] [--layers 4,8] [--quick]
+    python benchmarks/bench_scale.py [--baseline main] [--gpus 16,32,64,128,256] [--layers 4,8] [--no-compare]
+    python benchmarks/bench_scale.py --no-compare --gpus 512,1024 --layers 2,4   # the large clusters (minutes)
 
 1. before/after on the same inputs in one run: the simulation of one placement with the baseline revision's
    token bookkeeping (``layer_traffic``, read with ``git show REV:moesim/sim/traffic.py``) and with this tree's,
    on 64 GPUs and 58 layers (direct NCCL all-to-alls too); their wall times, ratio and the largest relative
    difference of any GPU's recorded times (0: the counts are integers and equal);
 2. growth with GPUs and layers: wall seconds and peak resident memory of the process (Linux's VmHWM, reset
-   before each phase through /proc/self/clear_refs; it includes what earlier phases left resident) of building the workload (trace generation, profile trace, placement problem: ``prepare``) and of simulating
-   one placement (``run_study``), each measured at ``--layers`` and extrapolated linearly to 58 layers (labelled
-   ``x58``): both grow linearly in layers, as the per-layer columns show.
+   before each phase through /proc/self/clear_refs; it includes what earlier phases left resident) of building
+   the workload (trace generation, profile trace, placement problem: ``prepare``) and of simulating one
+   placement (``run_study``), each measured at ``--layers`` and extrapolated linearly to 58 layers (labelled
+   ``x58``; fixed costs included, so rows of few layers overstate).
 
 Wall times depend on the machine's load (2 cores shared): compare ratios from one run.
 """
@@ -24,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -112,9 +115,9 @@ def growth(gpu_list: list[int], layer_list: list[int]) -> None:
           f"{'prep s/l':>8s} {'sim s/l':>8s} {'prep x58':>8s} {'sim x58':>8s} {'run x58':>8s}")
     for gpus in gpu_list:
         for layers in layer_list:
-            plan, t_prep, m_prep = measured(lambda: prepare(scenario(gpus, layers)))
-            _, t_sim, m_sim = measured(lambda: run_study(plan, progress=False))
-            del plan
+            plan, t_prep, m_prep = measured(partial(prepare, scenario(gpus, layers)))
+            _, t_sim, m_sim = measured(partial(run_study, plan, progress=False))
+            plan = None  # the next point's peak memory is its own
             scale = 58 / layers
             print(f"{gpus:5d} {layers:6d} {t_prep:7.2f} {m_prep:7.2f} {t_sim:7.2f} {m_sim:7.2f} "
                   f"{t_prep / layers:8.3f} {t_sim / layers:8.3f} {t_prep * scale:8.1f} {t_sim * scale:8.1f} "
@@ -127,11 +130,13 @@ def main() -> None:
     ap.add_argument("--gpus", default="16,32,64,128,256", help="cluster sizes of the growth table")
     ap.add_argument("--layers", default="4,8", help="MoE layers of the growth table")
     ap.add_argument("--compare-layers", type=int, default=58, help="MoE layers of the before/after runs")
+    ap.add_argument("--no-compare", action="store_true", help="the growth table only")
     ap.add_argument("--quick", action="store_true", help="a smoke run: 2 layers, small clusters")
     a = ap.parse_args()
     gpu_list = [16, 32] if a.quick else [int(g) for g in a.gpus.split(",")]
     layer_list = [2] if a.quick else [int(x) for x in a.layers.split(",")]
-    before_after(baseline_traffic(a.baseline), 2 if a.quick else a.compare_layers, 16 if a.quick else 64)
+    if not a.no_compare:
+        before_after(baseline_traffic(a.baseline), 2 if a.quick else a.compare_layers, 16 if a.quick else 64)
     growth(gpu_list, layer_list)
 
 

@@ -46,7 +46,7 @@ def replica_lookup(gpus: np.ndarray, experts: np.ndarray, token_ids: np.ndarray)
 
 
 def _rank_table(gpus: np.ndarray) -> np.ndarray:
-    """The EP rank of each expert (int64, -1 unplaced), with a last row for "no expert" (-1)."""
+    """The EP rank of each expert (-1 unplaced), with a last entry for "no expert" (index -1): -1."""
     return np.append(gpus[:, 0], -1).astype(np.int64)
 
 
@@ -98,9 +98,9 @@ def _count_chunk(c: _Counting, experts: np.ndarray, home: np.ndarray, token_ids:
     none = ranks < 0 if c.missing else None
     base = home * G + home % tp  # flat (src, dst) of the copy for rank 0; rank r adds r*tp
     keys = np.add(base, ranks * tp if tp > 1 else ranks, dtype=np.int64)
-    drop = _repeats(ranks) if c.dedup else none
-    if c.dedup and none is not None:
-        drop |= none
+    drop = _repeats(ranks) if c.dedup else None
+    if none is not None:
+        drop = none if drop is None else drop | none
     if drop is not None:
         np.copyto(keys, G * G, where=drop)
     copies = np.bincount(keys.ravel(), minlength=G * G + 1)
@@ -158,7 +158,7 @@ def layer_traffic(experts: np.ndarray, home: np.ndarray, token_ids: np.ndarray, 
                            None if replica_ranks is None else replica_ranks[:, part])
         copies += got[0]
         per_bin += got[1]
-        if node_pairs is not None:
+        if node_pairs is not None and got[2] is not None:
             node_pairs += got[2]
     if table is not None:  # each expert's single rank computes all its pairs
         expert_tokens = np.zeros(R * E, dtype=np.int64)
