@@ -66,9 +66,9 @@ def _max_min(cols: list[np.ndarray], capacity: np.ndarray) -> np.ndarray:
                 fmin = np.minimum(fmin, s)  # its tightest link
             # A link is a local bottleneck when none of its flows has a tighter link elsewhere.
             tight = fmin * (1 + _REL_TOL)
-            escapes = np.bincount(cols[0][(at[0] > tight).nonzero()[0]], minlength=num_links)
+            escapes = np.bincount(cols[0], weights=at[0] > tight, minlength=num_links)
             for c, s in zip(cols[1:], at[1:]):
-                escapes += np.bincount(c[(s > tight).nonzero()[0]], minlength=num_links)
+                escapes += np.bincount(c, weights=s > tight, minlength=num_links)
             local = escapes == 0
             frozen = local[cols[0]]
             for c in cols[1:]:
@@ -78,8 +78,9 @@ def _max_min(cols: list[np.ndarray], capacity: np.ndarray) -> np.ndarray:
             rate[idx[done]] = got
             if done.size == idx.size:
                 return rate
+            taken = np.where(frozen, fmin, 0.0)  # adding zeros leaves every link's sum as it was
             for c in cols:
-                rem -= np.bincount(c[done], weights=got, minlength=num_links)
+                rem -= np.bincount(c, weights=taken, minlength=num_links)
             keep = (~frozen).nonzero()[0]
             idx = idx[keep]
             cols = [c[keep] for c in cols]

@@ -11,8 +11,10 @@ network once per destination node, to the GPU of that node with the sender's loc
 it over NVLink to each destination GPU there (:func:`hierarchical_bytes`). ``gpus_per_node`` asks
 :func:`layer_traffic` for the per-node copy counts this needs.
 
-Arrays are handled one top-k choice at a time ([choice, token] rows), which keeps numpy's temporaries
-small and contiguous.
+Tokens are counted in chunks of 32k (:func:`layer_traffic`), each as whole [choice, token] arrays: every
+(token, choice) gets one int64 key, and one ``bincount`` per chunk counts the copies (numpy's per-call cost,
+not the bytes, dominates at this size; int64 keys because ``bincount`` converts narrower ones slowly). The
+chunks keep temporaries in cache and below the size numpy's allocator maps fresh from the OS.
 """
 
 from __future__ import annotations
@@ -43,58 +45,131 @@ def replica_lookup(gpus: np.ndarray, experts: np.ndarray, token_ids: np.ndarray)
     return table[experts, token_ids % replicas[experts]]
 
 
+def _rank_table(gpus: np.ndarray) -> np.ndarray:
+    """The EP rank of each expert (-1 unplaced), with a last entry for "no expert" (index -1): -1."""
+    return np.append(gpus[:, 0], -1).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class _Counting:
+    """What :func:`_count_chunk` needs besides the tokens: the layer's shape and rules."""
+
+    G: int
+    tp: int
+    E: int
+    dedup: bool
+    missing: bool  # some choices send nothing (no expert, or an unplaced one)
+    gpus: np.ndarray
+    table: np.ndarray | None  # single copies: each expert's rank, then -1 for "no expert" (see _rank_table)
+    gpus_per_node: int | None
+    node_of_rank: np.ndarray | None  # each rank's node, then -1 for "none" (when tp divides gpus_per_node)
+
+
+def _chunk_ranks(c: _Counting, experts: np.ndarray, token_ids: np.ndarray,
+                 replica_ranks: np.ndarray | None) -> np.ndarray:
+    """[K, n] serving rank of each choice of the tokens ``experts`` [n, K] (-1: none)."""
+    if replica_ranks is not None:  # chosen by another rule (moesim.sim.replicas)
+        return np.asarray(replica_ranks)
+    if c.table is not None:
+        return c.table.take(experts.T)
+    choices = np.ascontiguousarray(experts.T)
+    return np.stack([replica_lookup(c.gpus, choices[j], token_ids) for j in range(choices.shape[0])])
+
+
+def _repeats(values: np.ndarray) -> np.ndarray:
+    """[K, n] mask: where row j of ``values`` repeats an earlier row (an earlier choice of the same token)."""
+    dup = np.zeros(values.shape, dtype=bool)
+    for j in range(1, values.shape[0]):
+        for i in range(j):
+            dup[j] |= values[j] == values[i]
+    return dup
+
+
+def _count_chunk(c: _Counting, experts: np.ndarray, home: np.ndarray, token_ids: np.ndarray,
+                 replica_ranks: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Copies per flat (src, dst) pair, token-expert pairs per (rank, expert) bin (or, with single copies,
+    per expert + 1) and copies per (src, node) of the tokens ``experts`` [n, K] (-1 = none).
+
+    Every (token, choice) gets one int64 key (``home * G + destination GPU``); a choice that sends nothing
+    (no expert, or a rank or node an earlier choice of the token already reached) gets the spare last bin.
+    Whole [K, n] arrays per numpy call: the calls, not the bytes, cost most at this size."""
+    G, tp, E = c.G, c.tp, c.E
+    ranks = _chunk_ranks(c, experts, token_ids, replica_ranks)
+    none = ranks < 0 if c.missing else None
+    base = home * G + home % tp  # flat (src, dst) of the copy for rank 0; rank r adds r*tp
+    keys = np.add(base, ranks * tp if tp > 1 else ranks, dtype=np.int64)
+    drop = _repeats(ranks) if c.dedup else None
+    if none is not None:
+        drop = none if drop is None else drop | none
+    if drop is not None:
+        np.copyto(keys, G * G, where=drop)
+    copies = np.bincount(keys.ravel(), minlength=G * G + 1)
+    if c.table is not None:
+        per_bin = np.bincount(np.add(experts, 1, dtype=np.int64).ravel(), minlength=E + 1)
+    else:  # replicated: the rank computing a (token, expert) pair depends on the token
+        per_bin = np.bincount(np.where(ranks >= 0, ranks * np.int64(E) + experts.T, (G // tp) * E).ravel(),
+                              minlength=(G // tp) * E + 1)
+    if c.gpus_per_node is None:
+        return copies, per_bin, None
+    N = -(-G // c.gpus_per_node)  # one copy per (token, destination node)
+    if c.node_of_rank is not None:
+        nodes = c.node_of_rank.take(ranks)  # rank -1 takes the last entry, -1
+    else:
+        nodes = (ranks * np.int64(tp) + home % tp) // c.gpus_per_node
+    node_keys = np.add(home * N, nodes, dtype=np.int64)
+    drop = _repeats(nodes)
+    if none is not None:
+        drop |= none
+    np.copyto(node_keys, G * N, where=drop)
+    return copies, per_bin, np.bincount(node_keys.ravel(), minlength=G * N + 1)
+
+
+_CHUNK = 1 << 15  # tokens counted at once: the keys stay in cache, and no allocation is large enough to be mmapped
+
+
 def layer_traffic(experts: np.ndarray, home: np.ndarray, token_ids: np.ndarray, gpus: np.ndarray, *,
                   num_gpus: int, tp: int, num_experts: int, dedup: bool,
                   gpus_per_node: int | None = None, replica_ranks: np.ndarray | None = None) -> LayerTraffic:
     """``experts`` [T, K] of one layer for the tokens of one batch; ``gpus`` [E, R] the layer's placement.
 
     With ``gpus_per_node`` also count, per source GPU and node, the tokens with at least one destination
-    GPU on that node (one network copy each in a hierarchical all-to-all)."""
+    GPU on that node (one network copy each in a hierarchical all-to-all). Tokens are counted in chunks
+    (:func:`_count_chunk`), whose counts add up."""
     G, R, E = num_gpus, num_gpus // tp, num_experts
-    # [K, T]; a contiguous copy first (one pass over a possibly strided trace), then an in-cache transpose
-    choices = np.ascontiguousarray(np.ascontiguousarray(experts).T)
+    experts = np.asarray(experts)
     token_ids = np.asarray(token_ids)
     home = np.asarray(home, dtype=np.int64)
-    pair_of_rank0 = (home * G + home % tp).astype(np.int32)  # flat (src, dst) of the copy for rank 0; rank r adds r*tp
-    copies = np.zeros(G * G + 1, dtype=np.int64)  # the last bin collects what is not sent
     replicated = gpus.shape[1] > 1
-    expert_tokens = np.zeros(R * E + 1, dtype=np.int64)  # replicated: by (rank, expert); the last bin: no expert
-    per_expert = np.zeros(E + 1, dtype=np.int64)  # single copies: by expert, "no expert" (-1) in bin 0
-    ranks: list[np.ndarray] = []
-    nodes: list[np.ndarray] = []
-    if gpus_per_node is not None:
-        N = -(-G // gpus_per_node)
-        node_pairs = np.zeros(G * N + 1, dtype=np.int64)
-        home_node_row = home * N
-        lane = home % tp
-    for j in range(choices.shape[0]):
-        # replica_ranks [K, T]: the serving rank chosen by another rule (moesim.sim.replicas)
-        rank = replica_lookup(gpus, choices[j], token_ids) if replica_ranks is None else replica_ranks[j]
-        send = rank >= 0
-        if replicated:  # the rank computing a (token, expert) pair depends on the token
-            expert_tokens += np.bincount(np.where(send, rank * np.int64(E) + choices[j], R * E), minlength=R * E + 1)
-        else:
-            per_expert += np.bincount(choices[j] + 1, minlength=E + 1)
-        if dedup:  # one copy per destination rank: an earlier choice on the same rank already sent it
-            for earlier in ranks:
-                send &= rank != earlier
-            ranks.append(rank)
-        copies += np.bincount(np.where(send, pair_of_rank0 + rank * np.int32(tp), np.int32(G * G)),
-                              minlength=G * G + 1)
-        if gpus_per_node is not None:  # one copy per (token, destination node)
-            node = (rank.astype(np.int64) * tp + lane) // gpus_per_node
-            first = rank >= 0
-            for earlier in nodes:
-                first &= node != earlier
-            nodes.append(np.where(rank >= 0, node, -1))
-            node_pairs += np.bincount(np.where(first, home_node_row + node, G * N), minlength=G * N + 1)
-    if not replicated:  # each expert's single rank computes all its pairs
+    small = np.int16 if G < 2**15 else np.int64  # ranks and nodes: narrow ones compare faster
+    table = None if replicated or replica_ranks is not None else _rank_table(gpus).astype(small)
+    missing = bool(experts.min(initial=0) < 0 or gpus[:, 0].min(initial=0) < 0
+                   or (replica_ranks is not None and np.min(replica_ranks, initial=0) < 0))
+    node_of_rank = None  # a rank's GPUs share a node when tp divides gpus_per_node
+    if gpus_per_node is not None and gpus_per_node % tp == 0:
+        node_of_rank = np.append(np.arange(R) // (gpus_per_node // tp), -1).astype(small)
+    spec = _Counting(G, tp, E, dedup, missing, gpus, table, gpus_per_node, node_of_rank)
+    copies = np.zeros(G * G + 1, dtype=np.int64)
+    per_bin = np.zeros(E + 1 if table is not None else R * E + 1, dtype=np.int64)
+    node_pairs = None if gpus_per_node is None else np.zeros(G * -(-G // gpus_per_node) + 1, dtype=np.int64)
+    chunk = max(_CHUNK, (G * G) // 8)  # a chunk's keys outnumber the bins they are counted in
+    for a in range(0, experts.shape[0], chunk):
+        part = slice(a, a + chunk)
+        got = _count_chunk(spec, experts[part], home[part], token_ids[part],
+                           None if replica_ranks is None else replica_ranks[:, part])
+        copies += got[0]
+        per_bin += got[1]
+        if node_pairs is not None and got[2] is not None:
+            node_pairs += got[2]
+    if table is not None:  # each expert's single rank computes all its pairs
+        expert_tokens = np.zeros(R * E, dtype=np.int64)
         placed = np.flatnonzero(gpus[:, 0] >= 0)
-        expert_tokens[gpus[placed, 0] * np.int64(E) + placed] = per_expert[1:][placed]
+        expert_tokens[gpus[placed, 0] * np.int64(E) + placed] = per_bin[1:][placed]
+    else:
+        expert_tokens = per_bin[:-1]
     pair_copies = copies[:-1].reshape(G, G)
-    return LayerTraffic(copies=pair_copies, expert_tokens=expert_tokens[:-1].reshape(R, E),
+    return LayerTraffic(copies=pair_copies, expert_tokens=expert_tokens.reshape(R, E),
                         recv_copies=pair_copies.sum(axis=0),
-                        node_copies=None if gpus_per_node is None else node_pairs[:-1].reshape(G, N))
+                        node_copies=None if node_pairs is None else node_pairs[:-1].reshape(G, -1))
 
 
 def hierarchical_bytes(copies: np.ndarray, node_copies: np.ndarray, gpus_per_node: int,

@@ -1,0 +1,144 @@
+"""Engine speed and memory at wide expert parallelism, generation and simulation apart: the DeepSeek-V3-shaped
+scenario (scenarios/deepseek_v3_64gpu.yaml: 58 MoE layers, 256 experts, top-8, 4096 tokens per GPU, contention on,
+hierarchical all-to-alls), contiguous placement, as ``moesim run`` builds it.
+
+    python benchmarks/bench_scale.py [--baseline main] [--gpus 16,32,64,128,256] [--layers 4,8] [--no-compare]
+    python benchmarks/bench_scale.py --no-compare --gpus 512,1024 --layers 2,4   # the large clusters (minutes)
+
+1. before/after on the same inputs in one run: the simulation of one placement with the baseline revision's
+   token bookkeeping (``layer_traffic``, read with ``git show REV:moesim/sim/traffic.py``) and with this tree's,
+   on 64 GPUs and 58 layers (direct NCCL all-to-alls too); their wall times, ratio and the largest relative
+   difference of any GPU's recorded times (0: the counts are integers and equal);
+2. growth with GPUs and layers: wall seconds and peak resident memory of the process (Linux's VmHWM, reset
+   before each phase through /proc/self/clear_refs; it includes what earlier phases left resident) of building
+   the workload (trace generation, profile trace, placement problem: ``prepare``) and of simulating one
+   placement (``run_study``), each measured at ``--layers`` and extrapolated linearly to 58 layers (labelled
+   ``x58``; fixed costs included, so rows of few layers overstate).
+
+Wall times depend on the machine's load (2 cores shared): compare ratios from one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import subprocess
+import sys
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+import moesim.sim.engine as engine
+from moesim.study.config import parse_scenario
+from moesim.study.plan import prepare
+from moesim.study.runner import run_study
+
+ROOT = Path(__file__).resolve().parent.parent
+SCENARIO = ROOT / "scenarios" / "deepseek_v3_64gpu.yaml"
+
+
+def baseline_traffic(rev: str) -> Any:
+    """``layer_traffic`` of revision ``rev``'s moesim/sim/traffic.py, loaded under another name."""
+    text = subprocess.run(["git", "show", f"{rev}:moesim/sim/traffic.py"], cwd=ROOT, check=True,
+                          capture_output=True, text=True).stdout
+    path = Path(tempfile.mkdtemp(prefix="moesim-bench-")) / "baseline_traffic.py"
+    path.write_text(text)
+    spec = importlib.util.spec_from_file_location("baseline_traffic", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["baseline_traffic"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module.layer_traffic
+
+
+def scenario(gpus: int, layers: int, a2a: str = "hierarchical") -> Any:
+    data = yaml.safe_load(SCENARIO.read_text())
+    data["clusters"][0]["nodes"] = max(gpus // 8, 1)
+    data["clusters"][0]["gpus_per_node"] = min(gpus, 8)
+    data["model"]["num_layers"] = layers
+    data["placements"] = ["contiguous"]
+    data["engine"] = {"a2a": a2a, "progress": False}
+    return parse_scenario(data, str(SCENARIO), SCENARIO.parent)
+
+
+def peak_rss_gb(reset: bool = False) -> float:
+    """The process's peak resident memory since the last reset (GB); ``reset`` starts a new peak."""
+    if reset:
+        Path("/proc/self/clear_refs").write_text("5")
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024 / 1e9
+    return float("nan")
+
+
+def measured(fn: Any) -> tuple[Any, float, float]:
+    """(result, wall seconds, peak resident GB) of ``fn()``."""
+    peak_rss_gb(reset=True)
+    start = time.perf_counter()
+    out = fn()
+    wall = time.perf_counter() - start
+    return out, wall, peak_rss_gb()
+
+
+def simulate(plan: Any, traffic: Any) -> tuple[float, Any]:
+    own = engine.layer_traffic
+    engine.layer_traffic = traffic
+    try:
+        start = time.perf_counter()
+        result = run_study(plan, progress=False)
+        return time.perf_counter() - start, result.runs[0].records
+    finally:
+        engine.layer_traffic = own
+
+
+def before_after(base: Any, layers: int, gpus: int) -> None:
+    print(f"== before / after: one placement, {gpus} GPUs, {layers} layers (same prepared inputs) ==")
+    print(f"{'a2a':14s} {'before s':>8s} {'after s':>8s} {'ratio':>7s} {'max diff':>9s}")
+    for a2a in ("hierarchical", "nccl"):
+        plan = prepare(scenario(gpus, layers, a2a))
+        t_old, old = simulate(plan, base)
+        t_new, new = simulate(plan, engine.layer_traffic)
+        diff = max(float(np.max(np.abs(new.gpu[k] - old.gpu[k]) / np.maximum(np.abs(old.gpu[k]), 1e-30)))
+                   for k in new.gpu if k.startswith("t_"))
+        print(f"{a2a:14s} {t_old:8.2f} {t_new:8.2f} {t_old / t_new:6.2f}x {diff:9.1e}", flush=True)
+
+
+def growth(gpu_list: list[int], layer_list: list[int]) -> None:
+    print("\n== growth (this tree): prepare = trace generation + profile trace + placement problem; simulate = one "
+          "placement ==")
+    print(f"{'GPUs':>5s} {'layers':>6s} {'prep s':>7s} {'prep GB':>7s} {'sim s':>7s} {'sim GB':>7s} "
+          f"{'prep s/l':>8s} {'sim s/l':>8s} {'prep x58':>8s} {'sim x58':>8s} {'run x58':>8s}")
+    for gpus in gpu_list:
+        for layers in layer_list:
+            plan, t_prep, m_prep = measured(partial(prepare, scenario(gpus, layers)))
+            _, t_sim, m_sim = measured(partial(run_study, plan, progress=False))
+            plan = None  # the next point's peak memory is its own
+            scale = 58 / layers
+            print(f"{gpus:5d} {layers:6d} {t_prep:7.2f} {m_prep:7.2f} {t_sim:7.2f} {m_sim:7.2f} "
+                  f"{t_prep / layers:8.3f} {t_sim / layers:8.3f} {t_prep * scale:8.1f} {t_sim * scale:8.1f} "
+                  f"{(t_prep + t_sim) * scale:8.1f}", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--baseline", default="main", help="git revision whose layer_traffic is the baseline")
+    ap.add_argument("--gpus", default="16,32,64,128,256", help="cluster sizes of the growth table")
+    ap.add_argument("--layers", default="4,8", help="MoE layers of the growth table")
+    ap.add_argument("--compare-layers", type=int, default=58, help="MoE layers of the before/after runs")
+    ap.add_argument("--no-compare", action="store_true", help="the growth table only")
+    ap.add_argument("--quick", action="store_true", help="a smoke run: 2 layers, small clusters")
+    a = ap.parse_args()
+    gpu_list = [16, 32] if a.quick else [int(g) for g in a.gpus.split(",")]
+    layer_list = [2] if a.quick else [int(x) for x in a.layers.split(",")]
+    if not a.no_compare:
+        before_after(baseline_traffic(a.baseline), 2 if a.quick else a.compare_layers, 16 if a.quick else 64)
+    growth(gpu_list, layer_list)
+
+
+if __name__ == "__main__":
+    main()
