@@ -94,6 +94,22 @@ def node_ratio() -> None:
     print(f"{label:60s} {ratio:9.3f} {published:10.3f} {ratio / published - 1:+7.1%}  {source}", flush=True)
 
 
+# TensorRT-LLM's DeepSeek-R1 EP32 imbalance, (max - mean) / mean of tokens per rank averaged over layers and
+# iterations (examples/wide_ep/ep_load_balancer/README.md; benchmarks/bench_plan.py)
+TRTLLM_EP32 = {"contiguous": 1.564272, "eplb": 0.115378}
+
+
+def routing_imbalance() -> None:
+    """The SGLang prefill scenario's routing at EP32 (4K prompts), measured as TensorRT-LLM measures R1's."""
+    runs = _IMBALANCE[("sglang_prefill_h100", ())]
+    print(f"\n{'routing imbalance at EP32, (max-mean)/mean tokens per rank':60s} {'moesim':>9s} {'R1 (TRT)':>10s}")
+    for name, label in (("contiguous", "no EPLB (contiguous)"), ("eplb", "EPLB, 32 redundant experts")):
+        print(f"{'  ' + label:60s} {runs[name]:9.3f} {TRTLLM_EP32[name]:10.3f}")
+    print("  (DeepSeek-V2-Lite's real prefill routing carried over to V3's shape; V2-Lite is not R1, and "
+          "TensorRT-LLM's EPLB runs on\n  past statistics under drift, moesim's on a profile batch of the same "
+          "routing)", flush=True)
+
+
 def changed(sc: Scenario, change: dict[str, Any]) -> Scenario:
     """The scenario with a point's changes applied (prompt or KV length, tokens per GPU, overlap)."""
     work, engine = sc.workload, sc.engine
@@ -105,14 +121,17 @@ def changed(sc: Scenario, change: dict[str, Any]) -> Scenario:
         work = work.model_copy(update={"synthetic": work.synthetic.model_copy(
             update={"tokens_per_gpu": change["tokens_per_gpu"]})})
     if change.get("balanced") and work.synthetic is not None:  # every expert equally loaded, no GPU mix
+        m = sc.model  # (the plain generator, group-limited as the model routes, in place of a fitted one)
         work = work.model_copy(update={"synthetic": work.synthetic.model_copy(
-            update={"zipf_alpha": 0.0, "gpu_mix_sigma": 0.0, "affinity": 0.0})})
+            update={"zipf_alpha": 0.0, "gpu_mix_sigma": 0.0, "affinity": 0.0, "fitted": None,
+                    "groups": m.expert_groups, "topk_groups": m.topk_groups})})
     if "overlap" in change:
         engine = engine.model_copy(update={"overlap": change["overlap"]})
     return sc.model_copy(update={"workload": work, "engine": engine.model_copy(update={"progress": False})})
 
 
 _CACHE: dict[tuple, dict[str, float]] = {}
+_IMBALANCE: dict[tuple, dict[str, float]] = {}  # TensorRT-LLM's (max - mean) / mean of tokens per EP rank
 
 
 def throughput(scenario: str, change: dict[str, Any]) -> dict[str, float]:
@@ -127,6 +146,7 @@ def throughput(scenario: str, change: dict[str, Any]) -> dict[str, float]:
             serving = run.metrics.serving
             assert serving is not None and serving.phase in ("prefill", "decode")
             out[run.name] = serving.tokens_per_s_per_node
+        _IMBALANCE[key] = {run.name: run.metrics.compute_skew["imbalance"] for run in result.runs}
         print(f"  ({scenario} {dict(key[1])}: {time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
         _CACHE[key] = out
     return _CACHE[key]
@@ -155,6 +175,7 @@ def main() -> None:
             mid = sum(published) / len(published)
             shown = "-".join(f"{x:.2f}" for x in published)
             print(f"{label:60s} {ratio:8.2f}x {shown:>9s}x {ratio / mid - 1:+7.1%}", flush=True)
+        routing_imbalance()
         node_ratio()
     print(f"\nthroughput: median |error| {sorted(errors)[len(errors) // 2]:.1%}, max {max(errors):.1%} "
           f"over {len(errors)} points")
