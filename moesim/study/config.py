@@ -24,7 +24,7 @@ from moesim.loaders import NoBoolNumbers, check_values, read_yaml
 from moesim.placement.registry import check_option, policy_names, policy_options, replica_option
 from moesim.sim.compute import Attention
 from moesim.sim.engine import EngineOptions
-from moesim.study.fitted_config import FittedRouting, resolve_fitted
+from moesim.study.fitted_config import FORM_TAGS, FittedField, resolve_fitted
 from moesim.study.train_config import TrainingConfig
 from moesim.traces.model import ModelSpec
 from moesim.traces.model_presets import model_with_overrides
@@ -64,7 +64,7 @@ class SyntheticWorkload(_Strict):
     topk_groups: int | None = Field(default=None, ge=1, le=MAX_COUNT, description="groups each token may use "
                                     "(DeepSeek-V3: 4)")
     seed: int = Field(default=0, ge=0, description="seed of the workload's random generators (an integer >= 0)")
-    fitted: str | FittedRouting | None = Field(
+    fitted: FittedField | None = Field(
         default=None, description="parameters fitted to a real trace (moesim trace fit): a YAML file or a shipped "
         "name; or {params: NAME, expand_experts: N}, a fit of a smaller model of the family carried over to this "
         "one (moesim.study.fitted_config); replaces the synthetic shape fields")
@@ -242,7 +242,7 @@ def _loc(loc: tuple[Any, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("function-after", "function-before") or str(part).startswith("function-"):
+        elif part in ("function-after", "function-before") or str(part).startswith("function-") or part in FORM_TAGS:
             continue
         else:
             out += f".{part}" if out else str(part)

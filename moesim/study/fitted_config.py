@@ -11,9 +11,10 @@ by the workload's seed, top-k the model's. Both route group-limited when the mod
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated, Any, Union
 
 import numpy as np
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Discriminator, Field, Tag
 
 from moesim.errors import InputError
 from moesim.loaders import NoBoolNumbers
@@ -34,6 +35,16 @@ class FittedRouting(NoBoolNumbers):
     expand_experts: int = Field(default=1, ge=1, le=MAX_EXPERTS, description="split each fitted expert into this "
                                 "many of equal share (DeepSeek-V2-Lite's 64 -> DeepSeek-V3's 256: 4); the model's "
                                 "num_experts must be the fit's times this")
+
+
+def _form(value: Any) -> str:
+    return "fitted-mapping" if isinstance(value, (dict, FittedRouting)) else "fitted-name"
+
+
+# the field's type: a mapping is read as FittedRouting (its errors name its keys), anything else as a name
+FittedField = Annotated[Union[Annotated[str, Tag("fitted-name")], Annotated[FittedRouting, Tag("fitted-mapping")]],
+                        Discriminator(_form)]
+FORM_TAGS = frozenset({"fitted-name", "fitted-mapping"})  # left out of the field names in errors
 
 
 def _shape_error(have: FittedParams, model: ModelSpec, path: Path, expand: FittedRouting | None) -> str | None:
