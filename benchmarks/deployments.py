@@ -7,7 +7,7 @@ forward time x GPUs per node: input tokens for prefill, output tokens for decode
 MTP), as moesim.metrics.serving computes them for every run. Gains are ratios of two simulated throughputs
 beside the published ratio.
 
-    python benchmarks/deployments.py            # every point and Day 6 disaggregated, about 20 minutes on 2 cores
+    python benchmarks/deployments.py            # every point and Day 6 disaggregated, about 30 minutes on 2 cores
     python benchmarks/deployments.py --quick    # DeepSeek's two profiled points only
 
 The SGLang and Day-6 scenarios route as DeepSeek-V2-Lite really does (the shipped fit carried over to V3's shape,
