@@ -6,11 +6,11 @@ The dump: a count trace (what SGLang's ``stat`` recorder or TensorRT-LLM's exper
 decoder layers, 58 MoE layers of 256 experts, top-8, one window per iteration of ``--tokens`` tokens (4096:
 TensorRT-LLM's README shows 1024 routed tokens per rank per layer at EP32, i.e. 32 x 1024 / 8 tokens). It is
 made from the repository's shipped statistics of DeepSeek-V2-Lite's routing (``moesim/data/
-deepseek-v2-lite.params.yaml``, fitted to real prefill routing): MoE layer ``l`` takes the per-expert popularity
-of V2-Lite layer ``l x 26 // 58``, each of its 64 experts split into 4 experts of equal share (DeepSeek-V3 has 4x
-the experts of V2-Lite), identities shuffled per layer; each window tilts it by ``exp(z)``, ``z ~ N(0,
-drift_sigma)`` per expert (the fitted drift, ``drift_rho`` 0), and draws its picks multinomially (no expert
-above ``1 / top_k`` of a window's picks: a token picks an expert once). Then
+deepseek-v2-lite.params.yaml``, fitted to real prefill routing), expanded by ``moesim.traces.fitted_expand``: MoE
+layer ``l`` takes the per-expert popularity of V2-Lite layer ``l x 26 // 58``, each of its 64 experts split into 4
+experts of equal share (DeepSeek-V3 has 4x the experts of V2-Lite), identities shuffled per layer; each window
+tilts it by ``exp(z)``, ``z ~ N(0, drift_sigma)`` per expert (the fitted drift, ``drift_rho`` 0), and draws its
+picks multinomially (no expert above ``1 / top_k`` of a window's picks: a token picks an expert once). Then
 ``moesim plan --cluster hgx-h200 --set nodes=4 (EP32) --model deepseek-v3 --engine trtllm`` plans on the first
 half of the windows and scores on the second. Printed: the command's wall and CPU time (the issue asks for under
 30 s on the 2-core machine; on a shared machine the wall time includes waiting for a core) and the current (engine
@@ -33,6 +33,7 @@ import numpy as np
 
 from moesim.cli import main
 from moesim.traces.count_trace import CountTrace, save_counts
+from moesim.traces.fitted_expand import expanded_popularity
 from moesim.traces.fitted_generator import load_params, resolve_params
 from moesim.traces.format import TraceMeta
 
@@ -44,9 +45,9 @@ def v3_count_dump(windows: int, tokens: int, seed: int = 0, drift: bool = True) 
     params = load_params(resolve_params("deepseek-v2-lite"))
     rng = np.random.default_rng(seed)
     L, E, K = 58, 256, 8
-    src = params.popularity[(np.arange(L) * params.num_layers) // L]  # [58, 64]
-    pop = np.repeat(src, E // params.num_experts, axis=1) / (E // params.num_experts)  # [58, 256]
-    pop = np.stack([row[rng.permutation(E)] for row in pop])
+    # V2-Lite layer l x 26 // 58, each expert split into 4 of equal share, shuffled per layer (the library's
+    # expansion, which workload.synthetic.fitted: {params: deepseek-v2-lite, expand_experts: 4} uses)
+    pop = expanded_popularity(params, num_layers=L, num_experts=E, rng=rng)
     loads = np.empty((windows, L, E), dtype=np.int64)
     for w in range(windows):
         tilted = pop * np.exp(rng.normal(0.0, params.drift_sigma if drift else 0.0, size=(L, E)))

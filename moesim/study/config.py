@@ -24,6 +24,7 @@ from moesim.loaders import NoBoolNumbers, check_values, read_yaml
 from moesim.placement.registry import check_option, policy_names, policy_options, replica_option
 from moesim.sim.compute import Attention
 from moesim.sim.engine import EngineOptions
+from moesim.study.fitted_config import FORM_TAGS, FittedField, resolve_fitted
 from moesim.study.train_config import TrainingConfig
 from moesim.traces.model import ModelSpec
 from moesim.traces.model_presets import model_with_overrides
@@ -63,8 +64,10 @@ class SyntheticWorkload(_Strict):
     topk_groups: int | None = Field(default=None, ge=1, le=MAX_COUNT, description="groups each token may use "
                                     "(DeepSeek-V3: 4)")
     seed: int = Field(default=0, ge=0, description="seed of the workload's random generators (an integer >= 0)")
-    fitted: str | None = Field(default=None, description="parameters fitted to a real trace (moesim trace fit): a "
-                               "YAML file or a shipped name; replaces the synthetic shape fields")
+    fitted: FittedField | None = Field(
+        default=None, description="parameters fitted to a real trace (moesim trace fit): a YAML file or a shipped "
+        "name; or {params: NAME, expand_experts: N}, a fit of a smaller model of the family carried over to this "
+        "one (moesim.study.fitted_config); replaces the synthetic shape fields")
     drift_swaps_per_batch: float = Field(default=0.0, ge=0, le=1e6, description="popularity drift of the evaluation "
                                          "trace: random expert label swaps per layer per batch (moesim.traces."
                                          "synthetic.drift_trace)")
@@ -239,7 +242,7 @@ def _loc(loc: tuple[Any, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("function-after", "function-before") or str(part).startswith("function-"):
+        elif part in ("function-after", "function-before") or str(part).startswith("function-") or part in FORM_TAGS:
             continue
         else:
             out += f".{part}" if out else str(part)
@@ -396,31 +399,6 @@ def check_rebalance_batches(every: int, window: int, batches: int, source: str, 
                          field=window_field)
 
 
-FITTED_KEEPS = {"tokens_per_gpu", "batches", "profile_batches", "seed", "fitted"}
-
-
-def _fitted(syn: SyntheticWorkload, model: ModelSpec, source: str, base_dir: Path) -> SyntheticWorkload:
-    """Resolve and check ``workload.synthetic.fitted``: the file (or shipped name) loads, its shape matches
-    the model, and no plain-generator field is set beside it."""
-    from moesim.traces.fitted_generator import load_params, resolve_params
-
-    field = "workload.synthetic.fitted"
-    others = sorted(set(syn.model_fields_set) - FITTED_KEEPS)
-    if others:
-        raise InputError(f"not used with 'fitted' (the fitted parameters set the routing shape); keep only "
-                         f"{', '.join(sorted(FITTED_KEEPS))}", source=source, field=f"workload.synthetic.{others[0]}")
-    try:
-        path = resolve_params(str(syn.fitted), base_dir)
-        params = load_params(path)
-    except InputError as exc:
-        raise InputError(str(exc), source=source, field=field) from None
-    for key in ("num_layers", "num_experts", "top_k"):
-        have, want = getattr(params, key), getattr(model, key)
-        if have != want:
-            raise InputError(f"{path} has {key}={have}, the scenario's model has {want}", source=source, field=field)
-    return syn.model_copy(update={"fitted": str(path.resolve())})
-
-
 def _check_top_level(data: Any, source: str) -> None:
     """A mapping of the known top-level keys, with the required ones."""
     if not isinstance(data, dict):
@@ -524,7 +502,8 @@ def _parse_workload(raw: Any, model: ModelSpec, source: str, base_dir: Path) -> 
         workload = workload.model_copy(update={"synthetic": syn})
         _check_synthetic(syn, model, source)
         if syn.fitted is not None:
-            workload = workload.model_copy(update={"synthetic": _fitted(syn, model, source, base_dir)})
+            fitted = resolve_fitted(syn.fitted, model, source, base_dir, set(syn.model_fields_set))
+            workload = workload.model_copy(update={"synthetic": syn.model_copy(update={"fitted": fitted})})
     if workload.trace is not None:
         workload = workload.model_copy(update={"trace": _resolve_traces(workload.trace, source, base_dir)})
     return workload

@@ -44,7 +44,7 @@ def _workload_size(scenario: Scenario, cluster: ClusterEntry, trace: Trace | Non
             if syn.fitted is not None:  # (its layers, experts and top_k are the model's: checked by the config)
                 nbytes, seconds, _ = fitted_cost(num_layers=m.num_layers, num_experts=m.num_experts, top_k=m.top_k,
                                                  num_gpus=G, tokens_per_gpu=syn.tokens_per_gpu, batches=batches,
-                                                 in_memory=True)
+                                                 in_memory=True, weights=False)
             else:
                 nbytes, seconds, _ = synthetic_cost(num_layers=m.num_layers, num_experts=m.num_experts,
                                                     top_k=m.top_k, num_gpus=G, tokens_per_gpu=syn.tokens_per_gpu,

@@ -14,7 +14,8 @@ import numpy as np
 
 from moesim.errors import InputError
 from moesim.study.config import ClusterEntry, Scenario
-from moesim.traces.fitted_generator import generate_fitted, load_params
+from moesim.study.fitted_config import fitted_params, model_groups
+from moesim.traces.fitted_generator import generate_fitted
 from moesim.traces.format import Layout, Trace, load_trace
 from moesim.traces.stats import expert_counts
 from moesim.traces.synthetic import SyntheticParams, drift_trace, generate_trace
@@ -121,14 +122,14 @@ def check_home_layout(trace: Trace, cluster: ClusterEntry, source: str) -> None:
 def build_workload(scenario: Scenario, cluster: ClusterEntry, trace: Trace | None = None) -> Workload:
     m, G = scenario.model, cluster.spec.num_gpus
     syn = scenario.workload.synthetic
-    if syn is not None and syn.fitted is not None:  # a generator fitted to a real trace (moesim.traces.fitted)
-        fitted = load_params(syn.fitted)
-        if fitted.num_layers > m.num_layers:  # a model cut short (smoke tests): keep the fit's first layers
-            fitted = fitted.first_layers(m.num_layers)
+    if syn is not None and syn.fitted is not None:  # a generator fitted to real routing (moesim.study.fitted_config)
+        fitted = fitted_params(syn.fitted, m, syn.seed)
+        groups = model_groups(m)
 
         def gen_fitted(batches: int, stream: int) -> Trace:
             return generate_fitted(fitted, num_gpus=G, tokens_per_gpu=syn.tokens_per_gpu, batches=batches,
-                                   rng=np.random.default_rng([syn.seed, stream]), model=m.name)
+                                   rng=np.random.default_rng([syn.seed, stream]), model=m.name, weights=False,
+                                   groups=groups)
 
         evaluation = gen_fitted(syn.batches, 1)
         return Workload(evaluation, evaluation.layout(G, syn.tokens_per_gpu), gen_fitted(syn.profile_batches, 2),

@@ -15,6 +15,9 @@ exactly sampling k experts without replacement in proportion to exp(logit) (Plac
   (innovation ``drift_sigma``, persistence ``drift_rho``), centred so that each expert's tilt exp(z)
   averages to 1 over the generated batches and the whole trace keeps the fitted popularity; optional per-GPU
   mix: a fixed tilt per home GPU (``gpu_mix_sigma``), as in the plain generator.
+Group-limited routing (DeepSeek-V3's ``n_group``/``topk_group``, the model's, passed as ``groups``): a token
+keeps only its ``topk_groups`` groups with the best perturbed logit and picks its k there. A fit of another shape
+carried over to a bigger model: :mod:`moesim.traces.fitted_expand`.
 Gate weights are the softmax of the picked experts' logits. Generation runs block by block of whole batches
 with one ``numpy.random.Generator``, so traces of any length can be streamed to disk
 (:func:`write_fitted_trace`, stored uncompressed and memory-mapped on load). Cost: tokens x experts per
@@ -277,11 +280,29 @@ def drift_tilts(params: FittedParams, batches: int, rng: np.random.Generator) ->
     return z - np.log(np.exp(z).mean(axis=0, keepdims=True))
 
 
+def _group_limited(keys: np.ndarray, groups: tuple[int, int] | None) -> np.ndarray:
+    """Group-limited routing on the perturbed logits [n, E]: a token keeps the ``topk_groups`` groups (of
+    ``groups`` equal contiguous ones) holding its best keys and may pick only there (the rest set to -inf).
+    A group's best key is Gumbel with location log(group mass), so the groups come by successive sampling on
+    their popularity mass, the plain generator's rule. (DeepSeek-V3 ranks groups by the sum of their two best
+    scores.)"""
+    if groups is None:
+        return keys
+    n_groups, topk_groups = groups
+    n, E = keys.shape
+    best = keys.reshape(n, n_groups, E // n_groups).max(axis=2)
+    dropped = np.argpartition(-best, topk_groups - 1, axis=1)[:, topk_groups:]
+    out = keys.reshape(n, n_groups, E // n_groups)
+    np.put_along_axis(out, dropped[:, :, None], -np.inf, axis=1)
+    return keys
+
+
 def _generate_block(params: FittedParams, tilt: np.ndarray, gpu_tilt: np.ndarray | None, num_gpus: int,
-                    tokens_per_gpu: int, rng: np.random.Generator, with_weights: bool
-                    ) -> tuple[np.ndarray, np.ndarray | None]:
+                    tokens_per_gpu: int, rng: np.random.Generator, with_weights: bool,
+                    groups: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """Tokens of ``tilt.shape[0]`` consecutive batches: experts [T, L, K] (and weights), batch-major,
-    tokens of a batch in home-GPU blocks. ``tilt`` [B, L, E] holds each batch's drift."""
+    tokens of a batch in home-GPU blocks. ``tilt`` [B, L, E] holds each batch's drift; ``groups``
+    (groups, topk_groups) limits each token's picks to its best groups."""
     B, L, E = tilt.shape
     K, G = params.top_k, num_gpus
     T = B * G * tokens_per_gpu
@@ -294,7 +315,8 @@ def _generate_block(params: FittedParams, tilt: np.ndarray, gpu_tilt: np.ndarray
     prev = np.empty((T, K), dtype=np.int64)
     for lay in range(L):
         base = (logpop[lay][None, :] + tilt[:, lay]).astype(np.float32)  # [B, E]
-        boost = params.dense_logits(lay - 1).astype(np.float32) if lay > 0 else None
+        coupled = lay > 0 and params.fanout > 0 and params.coupling[lay - 1] > 0
+        boost = params.dense_logits(lay - 1).astype(np.float32) if coupled else None
         for a in range(0, T, _TOKEN_BLOCK):
             blk = slice(a, min(a + _TOKEN_BLOCK, T))
             logits = base[local_batch[blk]]
@@ -304,7 +326,7 @@ def _generate_block(params: FittedParams, tilt: np.ndarray, gpu_tilt: np.ndarray
                 p = prev[blk]
                 logits = logits + boost[np.where(p >= 0, p, E)].sum(axis=1)
             u = rng.random(logits.shape, dtype=np.float32)
-            keys = logits - np.log(-np.log(np.maximum(u, np.float32(1e-30))))  # + Gumbel noise
+            keys = _group_limited(logits - np.log(-np.log(np.maximum(u, np.float32(1e-30)))), groups)  # + Gumbel
             top = np.argpartition(-keys, K - 1, axis=1)[:, :K]
             experts[blk, lay] = top
             if weights is not None:
@@ -315,10 +337,24 @@ def _generate_block(params: FittedParams, tilt: np.ndarray, gpu_tilt: np.ndarray
     return experts, weights
 
 
+def check_groups(params: FittedParams, groups: tuple[int, int] | None) -> tuple[int, int] | None:
+    """``groups`` (groups, topk_groups) where they limit the routing of ``params``' experts, else None;
+    ValueError when they cannot."""
+    if groups is None or groups[1] >= groups[0] or groups[0] <= 1:
+        return None
+    n_groups, topk_groups = groups
+    size = params.num_experts // n_groups
+    if params.num_experts % n_groups or topk_groups < 1 or topk_groups * size < params.top_k:
+        raise ValueError(f"groups={groups} cannot limit top-{params.top_k} routing over {params.num_experts} experts")
+    return groups
+
+
 def iter_fitted(params: FittedParams, *, num_gpus: int, tokens_per_gpu: int, batches: int,
-                rng: np.random.Generator, weights: bool = False
+                rng: np.random.Generator, weights: bool = False, groups: tuple[int, int] | None = None
                 ) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
-    """Blocks of whole batches, in order: (experts [t, L, K], weights or None)."""
+    """Blocks of whole batches, in order: (experts [t, L, K], weights or None). ``groups``: (groups,
+    topk_groups) of group-limited routing (DeepSeek-V3: (8, 4)), or None."""
+    limit = check_groups(params, groups)
     G = num_gpus
     z = drift_tilts(params, batches, rng)
     gpu_tilt = None
@@ -327,7 +363,7 @@ def iter_fitted(params: FittedParams, *, num_gpus: int, tokens_per_gpu: int, bat
                     ).astype(np.float32)
     per_block = max(1, _TOKENS_PER_BLOCK // (G * tokens_per_gpu))
     for b0 in range(0, batches, per_block):
-        yield _generate_block(params, z[b0 : b0 + per_block], gpu_tilt, G, tokens_per_gpu, rng, weights)
+        yield _generate_block(params, z[b0 : b0 + per_block], gpu_tilt, G, tokens_per_gpu, rng, weights, limit)
 
 
 def _meta(params: FittedParams, num_gpus: int, model: str) -> TraceMeta:
@@ -344,12 +380,13 @@ def _layout(num_gpus: int, tokens_per_gpu: int, batches: int) -> tuple[np.ndarra
 
 
 def generate_fitted(params: FittedParams, *, num_gpus: int, tokens_per_gpu: int, batches: int,
-                    rng: np.random.Generator, weights: bool = True, model: str = "") -> Trace:
+                    rng: np.random.Generator, weights: bool = True, model: str = "",
+                    groups: tuple[int, int] | None = None) -> Trace:
     """``batches x num_gpus x tokens_per_gpu`` tokens in memory (see :func:`write_fitted_trace` for big ones)."""
     _require(params, num_gpus=num_gpus, tokens_per_gpu=tokens_per_gpu, batches=batches, in_memory=True,
              weights=weights)
     blocks = list(iter_fitted(params, num_gpus=num_gpus, tokens_per_gpu=tokens_per_gpu, batches=batches, rng=rng,
-                              weights=weights))
+                              weights=weights, groups=groups))
     experts = np.concatenate([b[0] for b in blocks])
     w = np.concatenate([b[1] for b in blocks if b[1] is not None]) if weights else None
     home, batch = _layout(num_gpus, tokens_per_gpu, batches)
