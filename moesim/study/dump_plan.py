@@ -45,12 +45,12 @@ from moesim.study.plan import capacity_of, check_fits
 from moesim.traces.count_trace import CountTrace, counts_of_trace, expand_counts
 from moesim.traces.format import Trace
 
-# How far moesim's predicted placement gains have been from measured ones (README's accuracy table): one EP MoE
+# How far moesim's predicted placement gains have been from measured ones (docs/accuracy.md): one EP MoE
 # layer on 2x H200, greedy over contiguous, predicted 1.155x, measured 1.115x (benchmarks/validation/ep_layer).
 GAIN_ERROR = 1.155 / 1.115 - 1
 GAIN_ERROR_SOURCE = ("one EP layer on 2x H200, greedy vs contiguous: 1.155x predicted, 1.115x measured "
-                     "(README accuracy table); whole deployments' EPLB gain was predicted 1.08x vs 1.49x "
-                     "published (their expert distribution is not published)")
+                     "(docs/accuracy.md); whole deployments' EPLB gain is predicted 1.09x vs 1.49x published "
+                     "(SGLang prefill; their expert distribution is not published)")
 REBALANCE_S = 1.8  # SGLang PR #6739: about 1.8 s per rebalance
 TIE = 0.005  # simulated times within 0.5% of the fastest count as equal: the best-balanced of them wins
 MAX_DRIFT_WINDOWS = 8  # the dump's windows are grouped into at most this many for the staleness curve
