@@ -97,3 +97,11 @@ def test_bench_train_on_the_cpu_then_calibrate(tmp_path, capsys) -> None:
     assert main(["calibrate", str(tmp_path / "train.json"), "--preset", "hgx-h200", "-o", str(out), "-q"]) == 0
     assert "gemm_backward:" in out.read_text()
     assert "all-gather and reduce-scatter" in capsys.readouterr().out
+
+
+def test_a_collective_among_gpus_a_clusters_nic_layout_would_not_split_is_still_timed() -> None:
+    """The collectives run inside one node: a cluster whose NICs serve pairs of GPUs still times 3 ranks."""
+    from moesim.hardware import deep_merge
+
+    spec = ClusterSpec(**deep_merge(preset("dgx-h100"), {"network": {"nics_per_node": 2}}))
+    assert collective_ms(CollectivePoint("all_gather", 2.0**20, 3, 1.0), spec) > 0

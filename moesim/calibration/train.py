@@ -128,7 +128,9 @@ def collective_ms(c: CollectivePoint, spec: ClusterSpec) -> float:
     """The engine's time for one all-gather or reduce-scatter among ``c.ranks`` GPUs of one node."""
     from moesim.sim.training import CollectiveTimer
 
-    one = ClusterSpec(**deep_merge(spec.model_dump(mode="json"), {"nodes": 1, "gpus_per_node": c.ranks}))
+    # one node of that many GPUs (NVLink only: its NICs, whatever their layout, carry nothing)
+    one = ClusterSpec(**deep_merge(spec.model_dump(mode="json"), {"nodes": 1, "gpus_per_node": c.ranks,
+                                                                  "network": {"nics_per_node": None}}))
     nbytes = c.bytes_per_rank * (1.0 - np.eye(c.ranks))
     return float(CollectiveTimer(build_topology(one)).durations(nbytes, c.op).max()) * 1e3
 
