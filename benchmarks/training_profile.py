@@ -9,7 +9,15 @@ preset), DeepSeek-V3 with 4 MoE layers, 4,096 tokens per GPU per micro-batch (on
 spread evenly (Zipf 0) and group-limited to 4 of 8 node groups, DeepEP's hierarchical all-to-alls on 20 SMs
 (the profile's comm kernels run on grid 20), FP8 dispatch and BF16 combine (the backward's dispatch of the
 activation gradients FP8 too, as the DeepSeek-V3 report, 3.3.2, says), FP8 expert GEMMs on DeepGEMM's pipeline
-(DeepSeek trains with DeepGEMM) and FP8 dense GEMMs, BF16 attention.
+(DeepSeek trains with DeepGEMM) and FP8 dense GEMMs, BF16 attention on a Hopper-native kernel: the profile's
+FlashAttention forward runs at about 556 TFLOP/s (1,235 us for one 4K causal sequence of DeepSeek-V3's 128 heads of
+192/128 dimensions), which FlashAttention-2 never reaches on a Hopper GPU (at most 348 TFLOP/s measured on the H200,
+benchmarks/validation/attention_h200/attention_kernels_h200.json); so the run uses the ``cudnn`` family, cuDNN's fused
+attention as measured on the H200 (the same SMs and clocks as the H800), standing in for the kernel DeepSeek ran.
+
+Compute kernels are reported as they run under DualPipe: beside the communication kernels, on 112 of the 132 SMs
+(the profile's GEMMs run on grid 112), so each compute term is its full-GPU time times 132 / 112; the communication
+kernels are reported as simulated.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from moesim.sim.training import A2A  # noqa: E402
 from moesim.study.config import parse_scenario  # noqa: E402
 from moesim.study.plan import prepare  # noqa: E402
 from moesim.study.training import StageRunner, time_micro_batch  # noqa: E402
@@ -35,7 +44,7 @@ SCENARIO = {
     "training": {"overlap": "dualpipe", "micro_batches": 2, "fp8_gradient_dispatch": True,
                  "layouts": [{"name": "ep64", "kind": "ep", "placement": "contiguous"}]},
     "engine": {"a2a": "hierarchical", "moe_kernels": "deepgemm", "expert_dtype": "fp8", "dense_dtype": "fp8",
-               "comm_sms": 20, "progress": False},
+               "comm_sms": 20, "attention_kernel": "cudnn", "progress": False},
 }
 
 # (what, simulated term, published microseconds): SERVING.md section 1, train.json medians of 4 layers
@@ -66,7 +75,8 @@ def main() -> int:
     print(f"{'kernel':32s} {'moesim us':>10s} {'published us':>13s} {'error':>7s}")
     errors = []
     for what, key, published in PUBLISHED:
-        sim = mb.terms.get(key, 0.0) / n * 1e6
+        stretch = 1.0 if key in A2A else st.slow  # compute beside the comm kernels' 20 SMs (module docstring)
+        sim = mb.terms.get(key, 0.0) / n * 1e6 * stretch
         errors.append(sim / published - 1)
         print(f"{what:32s} {sim:10.0f} {published:13.0f} {errors[-1]:+7.1%}")
     pair = mb.pair_s / n * 1e3

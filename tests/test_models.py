@@ -227,7 +227,7 @@ def test_dense_layer_closed_form_mla_prefill(cluster):
     P = 187_105_280
     projections = max(2 * P * T / flops_s, (P * b + T * 2 * d * b) / hbm) + launch
     ctx = (S + 1) / 2  # causal: position i sees i keys
-    width = 128 + 64 + 128  # QK^T over nope + rope, PV over v
+    width = 128 + 64 + 192  # QK^T over nope + rope, PV over v padded to 192: FlashAttention-2 takes one head size
     core = max(T * 2 * H * width * (ctx + gpu.attention_fixed_keys) / att_s, T * 2 * H * width * b / att_hbm)
     core += gpu.attention_overhead_us * 1e-6
     mlp = swiglu_by_hand(gpu, T, d, 18432)

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from moesim.calibration.attention import AttentionPoint, ProjectionPoint, bench_points
+from moesim.calibration.attention_kernels import FORMAT as KERNELS_FORMAT
+from moesim.calibration.attention_kernels import KernelPoint, check_kernels
 from moesim.calibration.gemm import GemmPoint, gemm_points
 from moesim.calibration.moe import MoEPoint, graph_points, moe_points
 from moesim.calibration.table import FORMAT as TABLE_FORMAT
@@ -72,6 +74,7 @@ class BenchData:
     gemms: list[GemmPoint] = field(default_factory=list)  # plain GEMMs (moesim.calibration.gemm)
     train_gemms: list[TrainGemmPoint] = field(default_factory=list)  # moesim bench train (moesim.calibration.train)
     collectives: list[CollectivePoint] = field(default_factory=list)  # its all-gathers and reduce-scatters
+    attention_kernels: list[KernelPoint] = field(default_factory=list)  # moesim bench attention-kernels
     sources: list[str] = field(default_factory=list)
 
 
@@ -129,6 +132,8 @@ def load_bench(paths: list[str | Path]) -> BenchData:
                 gemms, colls = train_points(raw, src)
                 data.train_gemms.extend(gemms)
                 data.collectives.extend(colls)
+            elif raw.get("format") == KERNELS_FORMAT:
+                data.attention_kernels.extend(check_kernels(raw, src))
             elif raw.get("format") == "moesim.bench.dense/1":
                 check_dense(raw, src)
                 data.gemms.extend(gemm_points(raw, src))

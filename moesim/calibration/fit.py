@@ -26,6 +26,8 @@ import simpy
 from moesim.calibration.attention import (AttentionPoint, ProjectionPoint, fit_attention, fit_dense_efficiency,
                                          predict_all, predict_projections)
 from moesim.calibration.bench import A2APoint, BenchData, FFNPoint, P2PPoint
+from moesim.calibration.attention_kernels import fit_kernels, kernel_predictions
+from moesim.calibration.attention_kernels import held_out as held_out_kernels
 from moesim.calibration.gemm import fit_plain_gemm, gemm_predictions
 from moesim.calibration.gemm import held_out as gemm_held_out
 from moesim.calibration.moe import fit_graph_pipelines, fit_pipelines, fit_self_a2a, held_out, moe_predictions
@@ -209,7 +211,9 @@ def predictions(spec: ClusterSpec, data: BenchData) -> list[Prediction]:
     preds = _network_predictions(spec, data, [True] * len(net_points))
     return preds + [Prediction("ffn", f"{p.shape} {list(p.tokens)}", p.ms, predict_ffn(spec, p), True)
                     for p in data.ffn] + _attention_predictions(spec, data.attention, [True] * len(data.attention)) \
-        + _projection_predictions(spec, data.projections, [True] * len(data.projections))
+        + _projection_predictions(spec, data.projections, [True] * len(data.projections)) \
+        + [Prediction(*row) for row in kernel_predictions(data.attention_kernels, [True] * len(data.attention_kernels),
+                                                          spec.gpu)]
 
 
 def calibration_steps(data: BenchData, iters: int = 200) -> int:
@@ -299,6 +303,15 @@ def calibrate(data: BenchData, base_preset: str = "hgx-h200", name: str | None =
         attention["dense_efficiency"] = fit_dense_efficiency(train_proj, ClusterSpec(**base).gpu)
         base = deep_merge(base, {"gpu": {"dense_efficiency": attention["dense_efficiency"]}})
     base, moe_held, graph_held, gemm_held = _fit_kernels(data, base, fitted)
+    kernels_held = held_out_kernels(data.attention_kernels)
+    if data.attention_kernels:  # prefill attention kernel families and backward ratios, on the attention fit above
+        kernels = fit_kernels(data.attention_kernels, kernels_held, ClusterSpec(**base).gpu)
+        base = deep_merge(base, {"gpu": kernels})
+        for k, v in kernels.get("attention_kernels", {}).items():
+            fitted[f"gpu.attention_kernels.{k}.efficiency"] = v["efficiency"]
+            fitted[f"gpu.attention_kernels.{k}.backward.efficiency"] = v["backward"]["efficiency"]
+        if "attention_backward" in kernels:
+            fitted["gpu.attention_backward.efficiency"] = kernels["attention_backward"]["efficiency"]
     train_held, harness_ms = held_out_train(data.train_gemms), 0.0
     if data.train_gemms:  # the experts' GEMMs' backward / forward (training), beside its benchmark's harness
         ratio, harness_ms = fit_backward(data.train_gemms, train_held)
@@ -310,6 +323,7 @@ def calibrate(data: BenchData, base_preset: str = "hgx-h200", name: str | None =
     preds += [Prediction(*row) for row in moe_predictions(data.moe, moe_held, spec)]
     preds += [Prediction(*row) for row in moe_predictions(data.moe_graphs, graph_held, spec)]
     preds += [Prediction(*row) for row in moe_predictions(data.moe_table, held_out(data.moe_table), spec)]
+    preds += [Prediction(*row) for row in kernel_predictions(data.attention_kernels, kernels_held, spec.gpu)]
     preds += [Prediction(*row) for row in train_predictions(data.train_gemms, train_held, data.collectives, spec,
                                                             harness_ms)]
     if data.ffn:

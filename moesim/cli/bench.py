@@ -1,5 +1,5 @@
-"""``moesim bench a2a | ffn | attention | moe | train``: measure this host's GPUs into the JSON ``moesim calibrate``
-fits.
+"""``moesim bench a2a | ffn | attention | attention-kernels | moe | train``: measure this host's GPUs into the JSON
+``moesim calibrate`` fits.
 
 Needs PyTorch (``pip install -e '.[bench]'``); without it the command fails as bad input, naming the extra.
 The measuring itself lives in :mod:`moesim.measure`; this module only picks the shapes and the runner.
@@ -19,9 +19,9 @@ def _bench_shapes(args: argparse.Namespace) -> dict:
     built-in list; scaled down 16x with ``--cpu`` (a plumbing check), as the built-in shapes are."""
     from moesim.study.config import load_scenario
 
-    if args.what == "a2a":
+    if args.what in ("a2a", "attention-kernels"):
         raise InputError("applies to moesim bench ffn, attention, moe and train (the all-to-all sweep has no model "
-                         "shape)", field="--scenario")
+                         "shape; attention-kernels measures fixed GQA and MLA shapes)", field="--scenario")
     m = load_scenario(args.scenario).model
     name, scale = m.name or "model", 16 if args.cpu else 1
     if args.what == "train":
@@ -48,7 +48,7 @@ def _check_bench_output(args: argparse.Namespace) -> None:
         raise InputError("exists and is not a folder; -o takes the folder for the benchmark JSON",
                          source=args.output)
     name = {"a2a": f"a2a_{args.nproc or 2}.json", "ffn": "expert_ffn.json", "attention": "attention.json",
-            "moe": "moe.json", "train": "train.json"}[args.what]
+            "moe": "moe.json", "train": "train.json", "attention-kernels": "attention_kernels.json"}[args.what]
     check_output_file(folder / name, owned=contains(b'"device":'), what="a file moesim bench wrote")
 
 
@@ -78,6 +78,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
         path = train.run(args.output, nproc=args.nproc or 1, cpu=args.cpu, quick=args.quick, shapes=shapes,
                          log=lambda line: print(line, flush=True))
+    elif args.what == "attention-kernels":
+        from moesim.measure import attention_kernels
+
+        path = attention_kernels.run(args.output, cpu=args.cpu, log=lambda line: print(line, flush=True))
     elif args.what == "attention":
         from moesim.measure import attention
 
@@ -94,9 +98,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     """Register ``moesim bench`` on the top-level subparsers."""
     b = sub.add_parser("bench", help="measure all-to-all, expert-FFN, attention-block or MoE-layer timings on this "
                        "host's GPUs (needs torch)")
-    b.add_argument("what", choices=["a2a", "ffn", "attention", "moe", "train"],
+    b.add_argument("what", choices=["a2a", "ffn", "attention", "attention-kernels", "moe", "train"],
                    help="a2a: all-to-all and p2p among --nproc GPUs; ffn: expert FFNs on one GPU; attention: "
                    "QKV/core/O projections of two attention shapes at tp 1/2/4, prefill and decode, on one GPU; "
+                   "attention-kernels: prefill attention cores forward and backward, FlashAttention-2 and cuDNN's "
+                   "fused attention, GQA and MLA shapes; "
                    "moe: the whole MoE layer's kernel pipeline step by step (moesim/measure/moe/); train: forward and "
                    "backward expert grouped GEMMs on one GPU, all-gather and reduce-scatter among --nproc GPUs")
     b.add_argument("--nproc", type=int, help="ranks (GPUs of this host): a2a (default 2), moe and train (default 1)")
@@ -107,6 +113,6 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     b.add_argument("--dtypes", default="bf16,fp8", help="moe: expert dtypes (bf16, fp8)")
     b.add_argument("--pipelines", default="torch_reference,fused", help="moe: pipelines (torch_reference, fused)")
     b.add_argument("-o", "--output", required=True,
-                   help="folder for the JSON (a2a_<nproc>.json, expert_ffn.json, attention.json, moe.json or "
-                   "train.json)")
+                   help="folder for the JSON (a2a_<nproc>.json, expert_ffn.json, attention.json, "
+                   "attention_kernels.json, moe.json or train.json)")
     b.set_defaults(func=_cmd_bench)

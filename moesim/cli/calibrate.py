@@ -43,7 +43,11 @@ _ERROR_GROUPS = {"network": ("a2a-uniform", "a2a-skew", "p2p"), "expert FFN": ("
                  "plain GEMMs": ("gemm",), "plain GEMMs in CUDA graphs": ("gemm-graph",),
                  "expert GEMMs' backward, from the measured forward": ("train-bwd-ratio",),
                  "expert GEMMs' backward, from the modelled forward": ("train-bwd",),
-                 "all-gather and reduce-scatter (not fitted)": ("all_gather", "reduce_scatter")}
+                 "all-gather and reduce-scatter (not fitted)": ("all_gather", "reduce_scatter"),
+                 "FA-2 prefill forward (not fitted here)": ("attention-fa2-fwd",),
+                 "FA-2 prefill backward": ("attention-fa2-bwd",),
+                 "cuDNN attention prefill forward": ("attention-cudnn-fwd",),
+                 "cuDNN attention prefill backward": ("attention-cudnn-bwd",)}
 
 
 def _rounded(value: Any, digits: int = 4) -> Any:
@@ -67,7 +71,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     check_output_file(args.output, owned=starts_with(CALIBRATED_HEADER), what="a cluster YAML moesim calibrate wrote")
     data = load_bench(args.bench)
     if not (data.a2a or data.ffn or data.attention or data.moe or data.moe_graphs or data.moe_table or data.gemms
-            or data.train_gemms):
+            or data.train_gemms or data.attention_kernels):
         raise InputError("no all-to-all, expert-FFN, attention-core, MoE-layer or training points in the benchmark "
                          "files")
     devices = ", ".join(sorted(data.devices))

@@ -105,6 +105,30 @@ class PipelineSpec(GemmSpec):
                                              "replayed from a CUDA graph; a step without one cannot be captured")
 
 
+class AttentionBackwardSpec(StrictModel):
+    """An attention core's backward (training): 2.5 times its forward's FLOPs (QK^T recomputed, then dV, dP, dQ and
+    dK) plus fixed work per query row, at a share of the bf16 peak, and a fixed cost per kernel
+    (:func:`moesim.sim.compute.attention_backward_time`). Fitted by ``moesim calibrate`` on ``moesim bench
+    attention-kernels``."""
+
+    efficiency: float = Fraction(description="share of bf16 peak the backward reaches")
+    fixed_keys: float = Field(default=0.0, ge=0, le=1e9, description="fixed work per query row, in key positions")
+    overhead_us: float = Micros(default=0.0, description="fixed GPU-side cost of one backward")
+
+
+class AttentionKernelSpec(StrictModel):
+    """A prefill attention-core kernel family other than FlashAttention-2 (whose fit is the GPU's ``attention_*``
+    fields): its forward as :func:`moesim.sim.compute.attention_time` models one (FLOPs plus fixed work per query row
+    at a share of the bf16 peak, a fixed cost per kernel) and its backward. Fitted by ``moesim calibrate`` on
+    ``moesim bench attention-kernels``."""
+
+    efficiency: float = Fraction(description="share of bf16 peak the forward reaches")
+    fixed_keys: float = Field(default=0.0, ge=0, le=1e9, description="fixed work per query row, in key positions")
+    overhead_us: float = Micros(default=0.0, description="fixed GPU-side cost of one kernel")
+    backward: AttentionBackwardSpec | None = Field(default=None, description="its backward (none: 2.5 times the "
+                                                   "forward's time, the FLOPs' ratio)")
+
+
 def _h200_fit() -> dict:
     from importlib import resources
 
@@ -125,6 +149,18 @@ def measured_plain_gemm() -> GemmSpec:
     benchmarks/validation/moe_h200/dense.py): the default of a GPU given without its own fit."""
     fit = _h200_fit().get("plain_gemm")
     return GemmSpec(**fit) if fit else GemmSpec()
+
+
+def measured_attention_kernels() -> dict[str, AttentionKernelSpec]:
+    """The prefill attention kernel families as fitted on one H200 (``calibrated/hgx-h200.yaml``, from ``moesim bench
+    attention-kernels``): the default of a GPU given without its own fit, whose shares of peak are then assumed."""
+    return {k: AttentionKernelSpec(**v) for k, v in _h200_fit().get("attention_kernels", {}).items()}
+
+
+def measured_attention_backward() -> AttentionBackwardSpec | None:
+    """FlashAttention-2's backward as measured on one H200 (``calibrated/hgx-h200.yaml``; none without a fit)."""
+    fit = _h200_fit().get("attention_backward")
+    return AttentionBackwardSpec(**fit) if fit else None
 
 
 def measured_backward() -> float:
@@ -168,6 +204,13 @@ class GPUSpec(StrictModel):
                                                                        "decode kernel (FlashMLA) reaches")
     mla_decode_hbm_efficiency: float = Fraction(default=0.896, description="share of HBM bandwidth the MLA decode "
                                                                            "kernel reads the latent KV cache at")
+    attention_backward: AttentionBackwardSpec | None = Field(
+        default_factory=measured_attention_backward, description="FlashAttention-2's backward in training (none: 2.5 "
+        "times the forward's time; fitted by moesim calibrate on moesim bench attention-kernels; a GPU without its "
+        "own fit takes the H200's shares of peak)")
+    attention_kernels: dict[str, AttentionKernelSpec] = Field(
+        default_factory=measured_attention_kernels, description="prefill attention-core kernel families besides "
+        "FlashAttention-2 (fa2, the attention_* fields), by name: engine.attention_kernel picks one")
     sms: int = Field(default=132, ge=1, le=1_000_000,
                      description="streaming multiprocessors (GEMM tiles run in waves over them)")
     moe_pipelines: dict[str, PipelineSpec] = Field(default_factory=measured_pipelines,

@@ -19,7 +19,12 @@ bandwidth; each query row also costs ``GPUSpec.attention_fixed_keys`` key positi
 a fixed ``attention_overhead_us`` (all four fitted to FlashAttention-2 timings on the GPU,
 benchmarks/validation/attention_h100 and attention_h200). With tensor
 parallelism each GPU runs ``tp`` times its tokens on ``1/tp`` of the heads, which costs the same FLOPs as
-its own tokens on all heads.
+its own tokens on all heads. The prefill core's kernel family (``Attention.kernel``, ``engine.attention_kernel``):
+``fa2``, the fit above, or one of ``GPUSpec.attention_kernels`` with its own efficiency, fixed keys and fixed cost
+(``cudnn``: cuDNN's Hopper-native fused attention, measured on an H200 by ``moesim bench attention-kernels``: 0.63 of
+peak against FlashAttention-2's 0.31); decode keeps its kernels whatever the family. In training the core's backward
+(:func:`attention_backward_time`) is 2.5 times the forward's FLOPs (QK^T recomputed, then dV, dP, dQ and dK) plus
+fixed keys per query row, at the family's measured backward share of peak, plus a fixed cost.
 Multi-head latent attention (``model.kv_lora_rank``; DeepSeek-V2/V3, Kimi-K2), per token, with ``H`` heads,
 ``n`` = qk_nope_head_dim, ``p`` = qk_rope_head_dim, ``v`` = v_head_dim, ``r`` = kv_lora_rank, ``c`` keys of
 context, ``k0`` = ``attention_fixed_keys``, ``b`` = dtype bytes:
@@ -29,7 +34,8 @@ context, ``k0`` = ``attention_fixed_keys``, ``b`` = dtype bytes:
   into the query and output sides without changing its FLOPs);
 - prefill core (not absorbed: K and V decompressed per head): FLOPs ``2 H (n + p + v) (c + k0)`` (QK^T over
   ``n + p`` = 192 dimensions, PV over ``v`` = 128); bytes ``2 H (n + p + v) b`` (Q and K of ``n + p``, V and O
-  of ``v`` per head);
+  of ``v`` per head); FlashAttention-2 (``fa2``) takes one head size, so V is padded to ``n + p`` (``v`` = 192
+  there, as engines running MLA on it pad; the measured kernel did the padded work);
 - decode core (weight-absorbed, as FlashMLA): every query head attends over the one latent KV cache of
   ``r + p`` = 576 elements per token shared by all heads: FLOPs ``H (2 (r + p) + 2 r) (c + k0)`` (2 x 576 + 2 x
   512 per head per context token); bytes ``H (2 r + p) b`` (the absorbed query and the latent output of every
@@ -56,9 +62,11 @@ from typing import Literal
 
 import numpy as np
 
-from moesim.hardware.spec import GPUSpec
+from moesim.hardware.spec import AttentionKernelSpec, GPUSpec
 from moesim.traces.model import ModelSpec
 from moesim.sim.kernels import plain_gemm_time
+
+BACKWARD_FLOPS = 2.5  # an attention core's backward / forward FLOPs: QK^T recomputed, then dV, dP, dQ and dK
 
 
 def expert_time(tokens: np.ndarray, model: ModelSpec, gpu: GPUSpec, *, tp: int = 1,
@@ -84,6 +92,7 @@ class Attention:
 
     phase: Literal["prefill", "decode"]
     length: int
+    kernel: str = "fa2"  # the prefill core's kernel family: fa2 or one of GPUSpec.attention_kernels
 
     def __post_init__(self) -> None:
         if self.phase not in ("prefill", "decode"):
@@ -129,28 +138,58 @@ def attention_time(tokens: np.ndarray, model: ModelSpec, gpu: GPUSpec, attention
                    layer: int | None = None) -> np.ndarray:
     """Seconds of attention core (softmax(QK^T)V) per GPU for ``tokens`` resident tokens; zero without a
     model attention shape (``num_heads``). ``layer`` (over all transformer layers) picks its window."""
+    rate, keys, overhead = gpu.attention_flops_per_s, gpu.attention_fixed_keys, gpu.attention_overhead_us
+    if attention.phase == "prefill" and attention.kernel != "fa2":
+        family = attention_kernel(gpu, attention.kernel)
+        rate, keys, overhead = gpu.bf16_tflops * 1e12 * family.efficiency, family.fixed_keys, family.overhead_us
+    return _core_time(tokens, model, gpu, attention, layer, rate, keys, overhead)
+
+
+def attention_backward_time(tokens: np.ndarray, model: ModelSpec, gpu: GPUSpec, attention: Attention, *,
+                            layer: int | None = None) -> np.ndarray:
+    """Seconds of the attention core's backward in training: its kernel family's backward fit (2.5 times the
+    forward's FLOPs at its own share of peak, fixed keys and fixed cost), or 2.5 times the forward's time where the
+    GPU has none (module docstring)."""
+    spec = gpu.attention_backward if attention.kernel == "fa2" else attention_kernel(gpu, attention.kernel).backward
+    if spec is None or attention.phase != "prefill":
+        return BACKWARD_FLOPS * attention_time(tokens, model, gpu, attention, layer=layer)
+    rate = gpu.bf16_tflops * 1e12 * spec.efficiency / BACKWARD_FLOPS
+    return _core_time(tokens, model, gpu, attention, layer, rate, spec.fixed_keys, spec.overhead_us)
+
+
+def _core_time(tokens: np.ndarray, model: ModelSpec, gpu: GPUSpec, attention: Attention, layer: int | None,
+               rate: float, keys: float, overhead_us: float) -> np.ndarray:
+    """The attention core at ``rate`` FLOP/s with ``keys`` fixed key positions per query row and a fixed cost."""
     tokens = np.asarray(tokens, dtype=float)
     if model.num_heads is None:
         return np.zeros_like(tokens)
     ctx = attention.mean_context(model.sliding_window if layer is None else model.window_at(layer))
     if model.is_mla:
-        flops, nbytes = mla_core_work(tokens, model, attention, ctx, gpu.attention_fixed_keys)
+        flops, nbytes = mla_core_work(tokens, model, attention, ctx, keys)
         if attention.phase == "decode":  # FlashMLA's published rates (GPUSpec.mla_decode_*)
             peak = gpu.bf16_tflops * 1e12 * gpu.mla_decode_efficiency
             hbm = gpu.hbm_GBps * 1e9 * gpu.mla_decode_hbm_efficiency
             busy = np.maximum(flops / peak, nbytes / hbm)
         else:
-            busy = np.maximum(flops / gpu.attention_flops_per_s, nbytes / gpu.attention_hbm_bytes_per_s)
-        return (busy + gpu.attention_overhead_us * 1e-6) * (tokens > 0)
+            busy = np.maximum(flops / rate, nbytes / gpu.attention_hbm_bytes_per_s)
+        return (busy + overhead_us * 1e-6) * (tokens > 0)
     hd, b = model.head_size, model.dtype_bytes
     q_width, kv_width = model.num_heads * hd, model.kv_heads * hd
-    flops = tokens * 4.0 * q_width * (ctx + gpu.attention_fixed_keys)
+    flops = tokens * 4.0 * q_width * (ctx + keys)
     if attention.phase == "prefill":  # Q in, O out, K and V once
         nbytes = tokens * (2 * q_width + 2 * kv_width) * b
     else:  # every token reads its sequence's whole KV cache
         nbytes = tokens * (2 * q_width * b + 2 * kv_width * b * ctx)
-    busy = np.maximum(flops / gpu.attention_flops_per_s, nbytes / gpu.attention_hbm_bytes_per_s)
-    return (busy + gpu.attention_overhead_us * 1e-6) * (tokens > 0)
+    busy = np.maximum(flops / rate, nbytes / gpu.attention_hbm_bytes_per_s)
+    return (busy + overhead_us * 1e-6) * (tokens > 0)
+
+
+def attention_kernel(gpu: GPUSpec, name: str) -> AttentionKernelSpec:
+    """The GPU's prefill attention kernel family ``name`` (not fa2, whose fit is the GPU's own attention fields)."""
+    if name not in gpu.attention_kernels:
+        known = ", ".join(["fa2", *gpu.attention_kernels])
+        raise ValueError(f"attention kernel {name!r} is not fitted for GPU {gpu.name} (it has: {known})")
+    return gpu.attention_kernels[name]
 
 
 def mla_core_work(tokens: np.ndarray, model: ModelSpec, attention: Attention, ctx: float,
@@ -161,7 +200,10 @@ def mla_core_work(tokens: np.ndarray, model: ModelSpec, attention: Attention, ct
     assert model.v_head_dim
     H, r, p, b = model.num_heads, model.kv_lora_rank, model.qk_rope_head_dim, model.dtype_bytes
     if attention.phase == "prefill":  # per head: QK^T over n + p dims, PV over v; Q, K, V, O in and out
-        width = model.qk_nope_head_dim + p + model.v_head_dim
+        v = model.v_head_dim
+        if attention.kernel == "fa2":  # FlashAttention-2 takes one head size: V padded to Q and K's
+            v = max(v, model.qk_nope_head_dim + p)
+        width = model.qk_nope_head_dim + p + v
         return tokens * 2.0 * H * width * (ctx + fixed_keys), tokens * 2.0 * H * width * b
     flops = tokens * H * (2.0 * (r + p) + 2.0 * r) * (ctx + fixed_keys)
     return flops, tokens * (H * (2.0 * r + p) * b + (r + p) * b * ctx)

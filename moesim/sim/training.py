@@ -115,11 +115,15 @@ def layer_kernels(home: np.ndarray, rows: np.ndarray, model: ModelSpec, topo: To
 GEMMS = ("attn_proj", "shared", "dense_layers", "router", "gemm_gate_up", "gemm_down", "experts_ffn")
 
 
-def backward_kernels(fwd: dict[str, np.ndarray], gemm_factor: float = 2.0) -> dict[str, np.ndarray]:
+def backward_kernels(fwd: dict[str, np.ndarray], gemm_factor: float = 2.0,
+                     own: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """Backward seconds per GPU of each kernel, from its forward time (:data:`BACKWARD`); ``gemm_factor``
-    replaces the GEMMs' 2 (measured on an H200: 2.5 for the routed experts' grouped GEMMs through autograd,
-    benchmarks/validation/train_h200)."""
-    return {k: v * (gemm_factor if k in GEMMS else BACKWARD.get(k, 1.0)) for k, v in fwd.items()}
+    replaces the GEMMs' 2 (``GPUSpec.gemm_backward``, measured on an H200, benchmarks/validation/train_h200);
+    ``own`` gives kernels their own backward times (the attention core's, from its kernel family's measured
+    backward: :func:`moesim.sim.compute.attention_backward_time`)."""
+    out = {k: v * (gemm_factor if k in GEMMS else BACKWARD.get(k, 1.0)) for k, v in fwd.items()}
+    out.update({k: v for k, v in (own or {}).items() if k in fwd})
+    return out
 
 
 def _phase(kernels: dict[str, np.ndarray], which: str) -> np.ndarray:

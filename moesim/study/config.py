@@ -176,6 +176,9 @@ class EngineConfig(_Strict):
     dense_dtype: Literal["bf16", "fp8"] = Field(
         default="bf16", description="dtype of the GEMMs outside the routed experts: attention projections, shared "
         "experts, dense layers' MLPs (DeepSeek serves every linear layer in FP8)")
+    attention_kernel: str = Field(default="fa2", max_length=64, description="the prefill attention core's kernel "
+                                  "family: fa2 (FlashAttention-2) or one the GPU has fitted (gpu.attention_kernels, "
+                                  "e.g. cudnn: Hopper-native fused attention); decode keeps its own (docs/formats.md)")
     progress: bool = True
 
     @model_validator(mode="after")
@@ -230,6 +233,12 @@ class Scenario(_Strict):
     output: Path
     rebalance: RebalanceConfig | None = None
     training: TrainingConfig | None = None
+
+    @property
+    def attention(self) -> Attention | None:
+        """The attention core's context and kernel family, or None (projections only)."""
+        a = self.workload.attention
+        return None if a is None else Attention(a.phase, a.length, self.engine.attention_kernel)
 
 
 _M = TypeVar("_M", bound=BaseModel)
@@ -563,7 +572,12 @@ def parse_scenario(data: Any, source: str, base_dir: Path | None = None) -> Scen
 
 
 def _check_a2a_domain(engine: EngineConfig, clusters: Sequence[ClusterEntry], source: str) -> None:
-    """One-sided NVLink all-to-alls run within one NVLink domain: refuse a cluster of several nodes."""
+    """One-sided NVLink all-to-alls run within one NVLink domain: refuse a cluster of several nodes. Every cluster's
+    GPU has the attention kernel family asked for."""
+    for c in (c for c in clusters if engine.attention_kernel not in ("fa2", *c.spec.gpu.attention_kernels)):
+        raise InputError(f"cluster {c.name!r}'s GPU ({c.spec.gpu.name}) has no fit for {engine.attention_kernel!r} "
+                         f"(it has: {', '.join(['fa2', *c.spec.gpu.attention_kernels])})", source=source,
+                         field="engine.attention_kernel")
     for c in (c for c in clusters if engine.a2a == "nvlink_one_sided" and c.spec.nodes > 1):
         raise InputError(f"nvlink_one_sided runs within one NVLink domain; cluster {c.name!r} spans {c.spec.nodes} "
                          f"nodes of {c.spec.gpus_per_node} GPUs (use deepep_normal, deepep_low_latency or nccl)",

@@ -255,7 +255,7 @@ def plan_from_dump(dump: Trace | CountTrace, scenario: Scenario, opts: PlanOptio
     topo = build_topology(cluster.spec)
     options = scenario.engine.options()
     costs = hardware_costs(topo, m, tp=cluster.tp, options=options, tokens_per_gpu=opts.tokens_per_gpu,
-                           attention=scenario.workload.attention)
+                           attention=scenario.attention)
     routing = None
     if isinstance(dump, Trace):  # the policies that read paths get the planning windows' own tokens
         routing = dump.experts[np.isin(as_counts_window(dump), plan_w)]
@@ -266,7 +266,7 @@ def plan_from_dump(dump: Trace | CountTrace, scenario: Scenario, opts: PlanOptio
     rng = np.random.default_rng(opts.seed)
     batch = opts.tokens_per_gpu * cluster.spec.num_gpus
     trace, synthetic = _score_trace(dump, ct.windows(score_w), score_w, batch, rng)
-    sim = Simulation(topo, m, tp=cluster.tp, options=options, attention=scenario.workload.attention)
+    sim = Simulation(topo, m, tp=cluster.tp, options=options, attention=scenario.attention)
     layout = trace.layout(cluster.spec.num_gpus, opts.tokens_per_gpu)
     cands = []
     for name, placement, r in made:

@@ -59,7 +59,7 @@ class StudyPlan:
     def simulation(self, plan: ClusterPlan) -> Simulation:
         """The engine for one cluster of the plan (the same hardware model the placement costs came from)."""
         return Simulation(plan.topology, self.scenario.model, tp=plan.cluster.tp, options=self.options,
-                          attention=self.scenario.workload.attention)
+                          attention=self.scenario.attention)
 
 
 def capacity_of(scenario: Scenario, cluster: ClusterEntry) -> Capacity:
@@ -232,7 +232,7 @@ def _build_cluster(scenario: Scenario, cluster: ClusterEntry, entries: list[Plac
         work = plan.workload
         tokens = work.trace.num_tokens / max(work.layout.num_batches * cluster.spec.num_gpus, 1)
         plan.costs = hardware_costs(plan.topology, scenario.model, tp=cluster.tp, options=options,
-                                    tokens_per_gpu=tokens, attention=scenario.workload.attention)
+                                    tokens_per_gpu=tokens, attention=scenario.attention)
         plan.problem = placement_problem(scenario, cluster, plan.workload.profile, plan.costs)
     bar.update(1)
     for e in entries:

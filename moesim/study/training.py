@@ -38,6 +38,7 @@ from moesim.placement.fssdp import (
     everywhere, held, lanes, make_shards, sparse_allgather_bytes, sparse_reduce_scatter_bytes,
 )
 from moesim.placement.registry import PlacementProblem, make_placement
+from moesim.sim.compute import attention_backward_time
 from moesim.sim.replicas import ReplicaChooser
 from moesim.sim.traffic import hierarchical_bytes, layer_traffic
 from moesim.sim.training import (
@@ -216,9 +217,13 @@ class StageRunner:
         rank_of_gpu = np.arange(self.G) // self.tp
         for l, (home, ranks_rows, mats) in zip(self.layers, self.traffic(b, placement, rule)):
             rows = ranks_rows[rank_of_gpu]
+            attention = self.scenario.attention
             fwd = layer_kernels(home, rows, self.model, self.cp.topology, layer=l, tp=self.tp, options=self.options,
-                                attention=self.scenario.workload.attention)
-            steps.append(LayerStep(fwd=fwd, bwd=backward_kernels(fwd, self.train.gemm_backward), mats=mats))
+                                attention=attention)
+            core = None if attention is None else {"attn_core": attention_backward_time(
+                home, self.model, self.cp.cluster.spec.gpu, attention, layer=self.model.moe_layer_index(l))}
+            bwd = backward_kernels(fwd, self.train.gemm_backward, core)
+            steps.append(LayerStep(fwd=fwd, bwd=bwd, mats=mats))
             rows_by_rank.append(ranks_rows)
         return steps, rows_by_rank
 
