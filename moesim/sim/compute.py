@@ -51,8 +51,16 @@ benchmarks/validation/moe_h200/dense.py), and the activation's ``3 T f b`` bytes
 nothing without tokens. A dense layer (:func:`dense_layers_time`) is the attention above plus that MLP of width
 ``dense_d_ff``; both run data-parallel: every GPU holds their whole weights and runs its resident tokens (with
 ``tp`` > 1 the dense layers' and shared experts' weights are not split and no TP collective is charged for them).
-Deliberately ignored: norms, rotary embeddings, the router, the LM head, and K/V re-reads between query
-tiles (left to the fitted efficiency).
+The layer's memory-bound glue (:func:`glue_bytes`, :func:`glue_time`; charged with the attention whenever the
+engine runs a kernel pipeline and the model has a head shape): the input and post-attention RMSNorms and the two
+residual adds, the rotary embedding of Q and K, and for MLA the query and KV-latent norms, Q and K assembled to
+``n + p`` per head (V padded on FlashAttention-2) and, eager, the core's output copied to token-major. Eager
+(``torch_reference``: PyTorch op by op, fp32 temporaries in the norms, rotate-half in six ops) or fused (the serving
+pipelines: each tensor read and written once), at the HBM rate of the pipeline's own measured elementwise step
+(``activation``). Checked, not fitted, on DeepSeek-V3's whole attention block measured on an H200
+(benchmarks/validation/attention_h200/compare_mla_block.py): the block within a median 3.4%, 33% short without it.
+Deliberately ignored: the router's share outside the MoE pipeline, the LM head and embeddings, the glue's per-kernel
+fixed costs, and K/V re-reads between query tiles (left to the fitted efficiency).
 """
 
 from __future__ import annotations
@@ -110,13 +118,18 @@ class Attention:
 
 
 def dense_time(tokens: np.ndarray, model: ModelSpec, gpu: GPUSpec, *, tp: int = 1,
-               attention: Attention | None = None, layer: int | None = None, dtype: str = "bf16") -> np.ndarray:
+               attention: Attention | None = None, layer: int | None = None, dtype: str = "bf16",
+               pipeline: str | None = None) -> np.ndarray:
     """Seconds of non-expert work per GPU for ``tokens`` resident tokens: the attention projections and,
     with ``attention`` and a model attention shape, the attention core (of transformer layer ``layer``, which
     sets its window; None: the model's ``sliding_window``). ``dtype`` fp8: the projections read 1-byte weights
-    and run at the FP8 peak (same share of it)."""
+    and run at the FP8 peak (same share of it). With a kernel ``pipeline`` (and an attention shape) the layer's
+    memory-bound glue too (:func:`glue_time`)."""
     tokens = np.asarray(tokens, dtype=float)
     core = attention_time(tokens, model, gpu, attention, layer=layer) if attention is not None else 0.0
+    if pipeline is not None:
+        core = core + glue_time(tokens, model, gpu, pipeline=pipeline,
+                                kernel=attention.kernel if attention is not None else "fa2")
     if model.dense_flops == 0 and model.dense_bytes == 0:
         return np.zeros_like(tokens) + core
     weights = model.dense_bytes / tp
@@ -184,6 +197,46 @@ def _core_time(tokens: np.ndarray, model: ModelSpec, gpu: GPUSpec, attention: At
     return (busy + overhead_us * 1e-6) * (tokens > 0)
 
 
+def glue_bytes(model: ModelSpec, *, eager: bool, kernel: str = "fa2") -> float:
+    """Bytes of HBM traffic per token of one transformer layer's memory-bound glue (module docstring): its two
+    RMSNorms and two residual adds, the rotary embedding, and for MLA the query and KV-latent norms and the
+    assembly of Q and K (and V padded, on FlashAttention-2), with PyTorch's eager op-by-op temporaries (``eager``)
+    or as serving engines' fused kernels move each tensor once."""
+    if model.num_heads is None:
+        return 0.0
+    d, H = model.d_model, model.num_heads
+    norm, rope = (26.0, 18.0) if eager else (4.0, 4.0)  # per element: fp32 temporaries; rotate-half in six ops
+    residual = 6.0 * d if eager else 4.0 * d  # x + y (fused: folded into the next norm's read and write)
+    total = 2 * (norm * d + residual)
+    if model.is_mla:
+        assert model.qk_nope_head_dim and model.qk_rope_head_dim and model.v_head_dim and model.kv_lora_rank
+        n, p, v = model.qk_nope_head_dim, model.qk_rope_head_dim, model.v_head_dim
+        total += norm * (model.q_lora_rank or 0) + norm * model.kv_lora_rank
+        total += rope * (H * p + p) + 2 * 4.0 * H * (n + p)  # RoPE of q_pe and k_pe; Q and K assembled to n + p
+        if kernel == "fa2":
+            total += 2.0 * H * v + 2.0 * H * (n + p)  # V padded to n + p
+        if eager:
+            total += 4.0 * H * v  # the core's [batch, heads, seq, v] output copied to [tokens, heads x v]
+        return total
+    hd = model.head_size
+    total += rope * (H + model.kv_heads) * hd
+    if eager:
+        total += 4.0 * H * hd
+    return total
+
+
+def glue_time(tokens: np.ndarray, model: ModelSpec, gpu: GPUSpec, *, pipeline: str,
+              kernel: str = "fa2") -> np.ndarray:
+    """Seconds of a transformer layer's memory-bound glue (:func:`glue_bytes`) on ``tokens`` tokens: eager with the
+    ``torch_reference`` pipeline (PyTorch op by op), fused with the serving engines' pipelines; at the HBM rate the
+    pipeline's own elementwise step (``activation``) was measured at."""
+    tokens = np.asarray(tokens, dtype=float)
+    spec = gpu.moe_pipelines.get(pipeline)
+    step = spec.steps.get("activation") if spec is not None else None
+    rate = gpu.hbm_GBps * 1e9 * (step.hbm_efficiency if step is not None else gpu.hbm_efficiency)
+    return tokens * glue_bytes(model, eager=pipeline == "torch_reference", kernel=kernel) / rate
+
+
 def attention_kernel(gpu: GPUSpec, name: str) -> AttentionKernelSpec:
     """The GPU's prefill attention kernel family ``name`` (not fa2, whose fit is the GPU's own attention fields)."""
     if name not in gpu.attention_kernels:
@@ -231,7 +284,8 @@ def shared_expert_time(tokens: np.ndarray, model: ModelSpec, gpu: GPUSpec, *, la
 
 
 def dense_layers_time(tokens: np.ndarray, model: ModelSpec, gpu: GPUSpec, layers: range, *,
-                      attention: Attention | None = None, launch: str = "eager", dtype: str = "bf16") -> np.ndarray:
+                      attention: Attention | None = None, launch: str = "eager", dtype: str = "bf16",
+                      pipeline: str | None = None) -> np.ndarray:
     """Seconds of the dense transformer layers ``layers`` (indices over all layers) on each GPU's ``tokens``
     resident tokens: per layer its attention (:func:`dense_time`, the layer's own window) and its SwiGLU MLP of
     ``dense_d_ff``, data-parallel (module docstring)."""
@@ -242,5 +296,6 @@ def dense_layers_time(tokens: np.ndarray, model: ModelSpec, gpu: GPUSpec, layers
     assert model.dense_d_ff is not None  # ModelSpec requires it when there are dense layers
     mlp = swiglu_time(tokens, model.d_model, model.dense_d_ff, gpu, model.dtype_bytes, launch=launch, dtype=dtype)
     for layer in layers:
-        total = total + dense_time(tokens, model, gpu, attention=attention, layer=layer, dtype=dtype) + mlp
+        total = total + dense_time(tokens, model, gpu, attention=attention, layer=layer, dtype=dtype,
+                                   pipeline=pipeline) + mlp
     return total * (tokens > 0)

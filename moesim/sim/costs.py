@@ -119,7 +119,8 @@ def layer_fixed_seconds(topo: Topology, model: ModelSpec, tp: int, options: Engi
     ep = topo.cluster.num_gpus // tp
     experts = -(-model.num_experts // ep)
     r0 = max(T * model.top_k * tp, 1.0)
-    dense = float(dense_time(np.array([T]), model, gpu, tp=tp, attention=attention, dtype=options.dense_dtype)[0])
+    dense = float(dense_time(np.array([T]), model, gpu, tp=tp, attention=attention, dtype=options.dense_dtype,
+                             pipeline=options.glue)[0])
     around = 0.0
     if options.moe_kernels != "ffn":
         work = LayerWork(home=np.array(T), sent=np.array(T * model.top_k), rows=np.zeros(model.num_experts))
@@ -135,7 +136,7 @@ def layer_fixed_seconds(topo: Topology, model: ModelSpec, tp: int, options: Engi
     if model.shared_experts or model.dense_layers:
         dense_layers = sum(float(dense_layers_time(np.array([T]), model, gpu, model.dense_layers_before(l),
                                                    attention=attention, launch=options.launch,
-                                                   dtype=options.dense_dtype)[0])
+                                                   dtype=options.dense_dtype, pipeline=options.glue)[0])
                            for l in range(model.num_layers))
         fixed += float(shared_expert_time(np.array([T]), model, gpu, launch=options.launch,
                                           dtype=options.dense_dtype)[0])

@@ -97,6 +97,12 @@ class EngineOptions:
     comm_sms: int | None = None  # SMs an all-to-all kernel occupies while in flight; None: by a2a (overlap module)
     dense_dtype: Literal["bf16", "fp8"] = "bf16"  # projections, shared experts, dense MLPs (moesim.sim.compute)
 
+    @property
+    def glue(self) -> str | None:
+        """The pipeline whose elementwise rate (and eager or fused kernels) the layers' glue runs at; none with
+        ``moe_kernels: ffn`` (the expert FFNs alone: nothing around them is charged)."""
+        return None if self.moe_kernels == "ffn" else self.moe_kernels
+
     def __post_init__(self) -> None:
         if self.a2a not in (*A2A_FAMILIES, *A2A_ALIASES):
             raise ValueError(f"a2a must be one of {', '.join((*A2A_FAMILIES, *A2A_ALIASES))}, got {self.a2a!r}")
@@ -298,7 +304,8 @@ class Simulation:
         dispatch, the experts' side, the steps after the combine (:mod:`moesim.sim.kernels`; ``moe_kernels: ffn``
         is the expert FFNs alone)."""
         model, gpu, tp, opt = self.model, self.topo.cluster.gpu, self.tp, self.options
-        dense = dense_time(held, model, gpu, tp=tp, attention=self.attention, layer=layer, dtype=opt.dense_dtype)
+        dense = dense_time(held, model, gpu, tp=tp, attention=self.attention, layer=layer, dtype=opt.dense_dtype,
+                           pipeline=opt.glue)
         if opt.moe_kernels == "ffn":
             zero = np.zeros_like(dense)
             return dense, zero, expert_time(tok, model, gpu, tp=tp, grouped=opt.grouped), zero
@@ -314,7 +321,8 @@ class Simulation:
         dense, before, experts, after = self._compute(held, sent, tok, layer=model.moe_layer_index(l))
         launch, dtype = self.options.launch, self.options.dense_dtype
         return {"dense_layers": dense_layers_time(held, model, gpu, model.dense_layers_before(l),
-                                                  attention=self.attention, launch=launch, dtype=dtype),
+                                                  attention=self.attention, launch=launch, dtype=dtype,
+                                                  pipeline=self.options.glue),
                 "dense": dense, "before": before,
                 "shared": shared_expert_time(held, model, gpu, launch=launch, dtype=dtype),
                 "experts": experts, "after": after}

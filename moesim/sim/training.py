@@ -98,9 +98,11 @@ def layer_kernels(home: np.ndarray, rows: np.ndarray, model: ModelSpec, topo: To
     home = np.asarray(home, dtype=float)
     t = model.moe_layer_index(layer)
     core = attention_time(home, model, gpu, attention, layer=t) if attention is not None else np.zeros_like(home)
-    attn = dense_time(home, model, gpu, tp=tp, attention=attention, layer=t, dtype=options.dense_dtype)
+    attn = dense_time(home, model, gpu, tp=tp, attention=attention, layer=t, dtype=options.dense_dtype,
+                      pipeline=options.glue)
     out = {"dense_layers": dense_layers_time(home, model, gpu, model.dense_layers_before(layer), attention=attention,
-                                             launch=options.launch, dtype=options.dense_dtype),
+                                             launch=options.launch, dtype=options.dense_dtype,
+                                             pipeline=options.glue),
            "attn_proj": attn - core, "attn_core": core,
            "shared": shared_expert_time(home, model, gpu, launch=options.launch, dtype=options.dense_dtype)}
     if options.moe_kernels == "ffn":
