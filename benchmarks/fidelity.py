@@ -291,6 +291,8 @@ SECTIONS: list[tuple[str, Callable[[argparse.Namespace, Callable[[int], object]]
      _scripts("moe_h200/compare.py"), 1),
     ("9. multi-layer MoE blocks with real DeepSeek-V2-Lite routing, one H200 (not fitted to these)",
      _scripts("moe_h200/compare_block.py"), 1),
+    ("10. prefill attention kernels forward and backward (FlashAttention-2, cuDNN), and DeepSeek-V3's whole attention "
+     "block, one H200", _scripts("attention_h200/compare_kernels.py", "attention_h200/compare_mla_block.py"), 2),
 ]
 
 
