@@ -126,6 +126,7 @@ def _describe(spec: ClusterSpec) -> list[str]:
         f"  graph     {topo.graph.number_of_nodes()} nodes, {topo.num_links} directed links "
         + "(" + ", ".join(f"{v} {k}" for k, v in sorted(kinds.items())) + ")",
     ]
+    lines.append(_attention_line(g))
     for name, p in g.moe_pipelines.items():  # the MoE kernel pipelines (moesim/sim/kernels.py)
         lines.append(f"  MoE       {name}: grouped GEMM tiles {p.tile_m}x{p.tile_n} over {g.sms} SMs at "
                      f"x{p.gemm_efficiency} of peak (fp8 x{p.fp8_gemm_efficiency}), weights at "
@@ -146,3 +147,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     c.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. nodes=2")
     c.add_argument("--yaml", action="store_true", help="show: print every field as a cluster YAML to start from")
     c.set_defaults(func=_cmd_cluster)
+
+
+def _attention_line(g: Any) -> str:
+    """The attention core's kernels: FlashAttention-2 (forward, backward), the other prefill families, MLA decode."""
+    eff = g.attention_efficiency or g.compute_efficiency
+    back = f", backward x{g.attention_backward.efficiency}" if g.attention_backward else ""
+    fams = "; ".join(f"{k} x{f.efficiency}" + (f" (backward x{f.backward.efficiency})" if f.backward else "")
+                     for k, f in g.attention_kernels.items())
+    return (f"  attention fa2: x{eff} of peak{back}, KV cache at x{g.attention_hbm_efficiency or g.hbm_efficiency} "
+            f"of HBM" + (f"; prefill families: {fams}" if fams else "") + f"; MLA decode x{g.mla_decode_efficiency}")
