@@ -1,6 +1,6 @@
-"""DeepSeek-V3's whole attention block in prefill, as one GPU of DP attention runs it: what
-``benchmarks/validation/attention_h200/measure_mla_block.py`` measures, to check the engine's non-expert cost of an
-MLA layer (projections, core and everything the model leaves out) on the shape the deployments run.
+"""DeepSeek-V3's whole attention block in prefill, as one GPU of DP attention runs it (and a GQA block, Mixtral-8x7B's):
+what ``benchmarks/validation/attention_h200/measure_mla_block.py`` measures, to check the engine's non-expert cost of
+a layer (projections, core and everything the model leaves out) on the shapes the deployments run.
 
 One layer, bf16, ``tokens`` tokens in prompts of ``seq_len`` (DeepSeek-V3: d 7168, 128 heads, q_lora_rank 1536,
 kv_lora_rank 512, Q/K heads of 128 + 64 rotary dimensions, V of 128), in the order of the reference implementation:
@@ -93,6 +93,40 @@ def build(T: int, s: int, backend: str, bench: _Bench) -> dict[str, Callable[[],
             "core": lambda: core(qq, kk, vv)}
 
 
+GQA = {"d_model": 4096, "heads": 32, "kv_heads": 8, "head_dim": 128}  # Mixtral-8x7B's attention
+
+
+def build_gqa(T: int, s: int, backend: str, bench: _Bench) -> dict[str, Callable[[], object]]:
+    """A GQA attention block (Mixtral-8x7B's shape) the same way: RMSNorm, the fused QKV projection, RoPE of Q and K,
+    the causal core (K and V shared by groups of query heads), the output projection, the residual add."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    d, H, Hk, hd = GQA["d_model"], GQA["heads"], GQA["kv_heads"], GQA["head_dim"]
+    b = T // s
+    mk = bench.make
+    x, norm_x = mk(T, d), mk(d)
+    wqkv, wo = mk(d, (H + 2 * Hk) * hd, scale=d ** -0.5), mk(H * hd, d, scale=(H * hd) ** -0.5)
+    pos = torch.arange(s, device=x.device, dtype=torch.float32)[:, None] / 10000 ** (
+        torch.arange(0, hd, 2, device=x.device, dtype=torch.float32) / hd)
+    cos, sin = pos.cos().to(x.dtype)[None, :, None], pos.sin().to(x.dtype)[None, :, None]
+    which = SDPBackend.CUDNN_ATTENTION if backend == "cudnn" else SDPBackend.FLASH_ATTENTION
+
+    def core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        with sdpa_kernel(which):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+    def block() -> torch.Tensor:
+        qkv = (_rms(x, norm_x) @ wqkv).view(b, s, H + 2 * Hk, hd)
+        q, k, v = qkv.split([H, Hk, Hk], dim=2)
+        q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+        o = core(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2).reshape(T, H * hd)
+        return x + o @ wo
+
+    h, y = mk(T, d), mk(T, H * hd)
+    qq, kk, vv = mk(b, H, s, hd), mk(b, Hk, s, hd), mk(b, Hk, s, hd)
+    return {"block": block, "qkv": lambda: h @ wqkv, "o": lambda: y @ wo, "core": lambda: core(qq, kk, vv)}
+
+
 def run(out: str | Path, *, backends: tuple[str, ...] = ("cudnn", "flash"), warmup: int = 5, reps: int = 20,
         filename: str = "mla_block.json", log: Callable[[str], None] | None = print) -> Path:
     """Measure every size with every backend and write ``out/filename``; return its path (a GPU is needed)."""
@@ -105,25 +139,25 @@ def run(out: str | Path, *, backends: tuple[str, ...] = ("cudnn", "flash"), warm
                  "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
                  "python": platform.python_version(),
                  "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                 "warmup": warmup, "reps": reps, "dims": DIMS, "ceilings": ceilings(bench),
+                 "warmup": warmup, "reps": reps, "dims": DIMS, "gqa_dims": GQA, "ceilings": ceilings(bench),
                  "method": __doc__.split("\n\n")[1] + "\n\n" + __doc__.split("\n\n")[2], "records": []}
     path = Path(out) / filename
-    for backend in backends:
-        for T, s in SIZES:
-            with torch.no_grad():
-                fns = build(T, s, backend, bench)
-                rec: dict = {"backend": backend, "tokens": T, "seq_len": s, "parts": {}}
-                for name, fn in fns.items():
-                    med = statistics.median(times_ms(fn, False, warmup, reps, before=flush.bitwise_not_))
-                    prof = kernel_profile(fn, flush)
-                    rec["parts"][name] = {"median_ms": med, "gpu_kernel_ms": prof.get("gpu_kernel_ms"),
-                                          "kernels_per_call": prof.get("kernels_per_call")}
-            parts = rec["parts"]
-            say(f"{backend:6s} T={T:6d} s={s:5d} " + " ".join(
-                f"{k} {v['gpu_kernel_ms'] or 0:.3f}" for k, v in parts.items()))
-            res["records"].append(rec)
-            del fns
-            torch.cuda.empty_cache()
-            res["elapsed_s"] = round(time.time() - t0, 1)
-            atomic_write(path, lambda fh: json.dump(res, fh, indent=1))
+    combos = [(shape, make, be, T, s) for shape, make in (("mla", build), ("gqa", build_gqa))
+              for be in backends for T, s in SIZES]
+    for shape, make, backend, T, s in combos:
+        with torch.no_grad():
+            fns = make(T, s, backend, bench)
+            rec: dict = {"shape": shape, "backend": backend, "tokens": T, "seq_len": s, "parts": {}}
+            for name, fn in fns.items():
+                med = statistics.median(times_ms(fn, False, warmup, reps, before=flush.bitwise_not_))
+                prof = kernel_profile(fn, flush)
+                rec["parts"][name] = {"median_ms": med, "gpu_kernel_ms": prof.get("gpu_kernel_ms"),
+                                      "kernels_per_call": prof.get("kernels_per_call")}
+        say(f"{shape} {backend:6s} T={T:6d} s={s:5d} " + " ".join(
+            f"{k} {v['gpu_kernel_ms'] or 0:.3f}" for k, v in rec["parts"].items()))
+        res["records"].append(rec)
+        del fns
+        torch.cuda.empty_cache()
+        res["elapsed_s"] = round(time.time() - t0, 1)
+        atomic_write(path, lambda fh: json.dump(res, fh, indent=1))
     return path
