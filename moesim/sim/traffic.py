@@ -61,7 +61,7 @@ class _Counting:
     tp: int
     E: int
     dedup: bool
-    missing: bool  # some choices send nothing (no expert, or an unplaced one)
+    missing: bool  # some choices send nothing (no expert, or an unplaced one); single copies: checked per chunk
     gpus: np.ndarray
     table: np.ndarray | None  # single copies: each expert's rank, then -1 for "no expert" (see _rank_table)
     gpus_per_node: int | None
@@ -141,7 +141,9 @@ def _single_chunk(c: _Counting, experts: np.ndarray, home: np.ndarray) -> np.nda
     E = c.E
     ex = np.ascontiguousarray(experts.T)  # [K, n]; one pass over the (strided) layer of the trace
     ranks = c.table.take(ex)  # expert -1 takes the last entry, -1
-    none = ranks < 0 if c.missing else None
+    none: np.ndarray | None = ranks < 0  # no expert, or an unplaced one
+    if not none.any():
+        none = None
     code = ex + ex.dtype.type(1)
     code <<= 2
     silent = _repeats(ranks) if c.dedup else None  # sends no copy: a repeated rank, or no rank at all
@@ -209,8 +211,8 @@ def layer_traffic(experts: np.ndarray, home: np.ndarray, token_ids: np.ndarray, 
     replicated = gpus.shape[1] > 1
     small = np.int16 if G < 2**15 else np.int64  # ranks and nodes: narrow ones compare faster
     table = None if replicated or replica_ranks is not None else _rank_table(gpus).astype(small)
-    missing = bool(experts.min(initial=0) < 0 or gpus[:, 0].min(initial=0) < 0
-                   or (replica_ranks is not None and np.min(replica_ranks, initial=0) < 0))
+    missing = table is not None or bool(experts.min(initial=0) < 0 or gpus[:, 0].min(initial=0) < 0
+                                        or (replica_ranks is not None and np.min(replica_ranks, initial=0) < 0))
     node_of_rank = None  # a rank's GPUs share a node when tp divides gpus_per_node
     if gpus_per_node is not None and gpus_per_node % tp == 0:
         node_of_rank = np.append(np.arange(R) // (gpus_per_node // tp), -1).astype(small)
