@@ -141,9 +141,8 @@ def _single_chunk(c: _Counting, experts: np.ndarray, home: np.ndarray) -> np.nda
     E = c.E
     ex = np.ascontiguousarray(experts.T)  # [K, n]; one pass over the (strided) layer of the trace
     ranks = c.table.take(ex)  # expert -1 takes the last entry, -1
-    none: np.ndarray | None = ranks < 0  # no expert, or an unplaced one
-    if not none.any():
-        none = None
+    unplaced = ranks < 0  # no expert, or an unplaced one
+    none = unplaced if unplaced.any() else None
     code = ex + ex.dtype.type(1)
     code <<= 2
     silent = _repeats(ranks) if c.dedup else None  # sends no copy: a repeated rank, or no rank at all
