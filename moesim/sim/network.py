@@ -49,16 +49,18 @@ _RISE_TOL = 1e-6  # flows within this of the departed rate are recomputed too (r
 def _max_min(cols: list[np.ndarray], capacity: np.ndarray) -> np.ndarray:
     """Max-min fair rates of flows whose links are ``cols`` (one array per path position, padded with
     the unconstrained dummy link ``capacity.size``). Index arrays throughout: numpy's gathers and
-    bincounts are fast, its masked selections and ``ufunc.at`` are not."""
+    bincounts are fast, its masked selections and ``ufunc.at`` are not. Each link's count of rising flows
+    and remaining capacity are updated with the flows frozen in a step only (the same sums as over all
+    flows with zeros for the others, bit for bit)."""
     num_links = capacity.size + 1
     rem = np.append(capacity, np.inf)  # the dummy's share is infinite: it never binds
+    cnt = np.bincount(cols[0], minlength=num_links)
+    for c in cols[1:]:
+        cnt += np.bincount(c, minlength=num_links)
     rate = np.empty(cols[0].size)
     idx = np.arange(cols[0].size)  # flows still rising, as positions in the input
     with np.errstate(divide="ignore", invalid="ignore"):  # links left without flows: never looked at
         while True:
-            cnt = np.bincount(cols[0], minlength=num_links)
-            for c in cols[1:]:
-                cnt += np.bincount(c, minlength=num_links)
             share = rem / cnt  # a link keeps rem > 0 while flows cross it: frozen ones took <= its share
             at = [share[c] for c in cols]  # each flow's share on each of its links
             fmin = at[0]
@@ -66,10 +68,9 @@ def _max_min(cols: list[np.ndarray], capacity: np.ndarray) -> np.ndarray:
                 fmin = np.minimum(fmin, s)  # its tightest link
             # A link is a local bottleneck when none of its flows has a tighter link elsewhere.
             tight = fmin * (1 + _REL_TOL)
-            escapes = np.bincount(cols[0], weights=at[0] > tight, minlength=num_links)
-            for c, s in zip(cols[1:], at[1:]):
-                escapes += np.bincount(c, weights=s > tight, minlength=num_links)
-            local = escapes == 0
+            local = np.ones(num_links, dtype=bool)
+            for c, s in zip(cols, at):
+                local[c[s > tight]] = False
             frozen = local[cols[0]]
             for c in cols[1:]:
                 frozen |= local[c]
@@ -78,9 +79,10 @@ def _max_min(cols: list[np.ndarray], capacity: np.ndarray) -> np.ndarray:
             rate[idx[done]] = got
             if done.size == idx.size:
                 return rate
-            taken = np.where(frozen, fmin, 0.0)  # adding zeros leaves every link's sum as it was
             for c in cols:
-                rem -= np.bincount(c, weights=taken, minlength=num_links)
+                gone = c[done]
+                rem -= np.bincount(gone, weights=got, minlength=num_links)
+                cnt -= np.bincount(gone, minlength=num_links)
             keep = (~frozen).nonzero()[0]
             idx = idx[keep]
             cols = [c[keep] for c in cols]
