@@ -208,7 +208,13 @@ def binding_links(topo: Topology) -> np.ndarray:
 
     def feeding_capacity(core: np.ndarray) -> np.ndarray:
         """Per link: summed capacity of the distinct ``core`` links of the pairs crossing it."""
-        combos = np.unique(link * L + core[pair])
+        key = link * L + core[pair]
+        if L * L <= 1 << 27:  # mark the (link, core) pairs seen: sorted and distinct, without sorting millions
+            seen = np.zeros(L * L, dtype=bool)
+            seen[key] = True
+            combos = np.flatnonzero(seen)
+        else:
+            combos = np.unique(key)
         return np.bincount(combos // L, weights=cap[combos % L], minlength=L)
 
     bound = np.minimum(feeding_capacity(first), feeding_capacity(last))
