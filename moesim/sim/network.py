@@ -44,6 +44,7 @@ from moesim.hardware.topology import Topology
 
 _REL_TOL = 1e-9
 _RISE_TOL = 1e-6  # flows within this of the departed rate are recomputed too (rounding)
+_MARK_LIMIT = 1 << 27  # binding_links marks (link, link) pairs in a boolean table up to this many entries
 
 
 def _max_min(cols: list[np.ndarray], capacity: np.ndarray) -> np.ndarray:
@@ -209,7 +210,7 @@ def binding_links(topo: Topology) -> np.ndarray:
     def feeding_capacity(core: np.ndarray) -> np.ndarray:
         """Per link: summed capacity of the distinct ``core`` links of the pairs crossing it."""
         key = link * L + core[pair]
-        if L * L <= 1 << 27:  # mark the (link, core) pairs seen: sorted and distinct, without sorting millions
+        if L * L <= _MARK_LIMIT:  # mark the (link, core) pairs seen: sorted and distinct, without sorting millions
             seen = np.zeros(L * L, dtype=bool)
             seen[key] = True
             combos = np.flatnonzero(seen)
