@@ -3,7 +3,7 @@ scenario (scenarios/deepseek_v3_64gpu.yaml: 58 MoE layers, 256 experts, top-8, 4
 hierarchical all-to-alls), contiguous placement, as ``moesim run`` builds it.
 
     python benchmarks/bench_scale.py [--baseline fork] [--compare 64x58,256x16] [--gpus 16,32,64,128,256]
-                                     [--layers 4,8] [--no-growth]
+                                     [--layers 4,8] [--no-growth] [--repeat 1]
     python benchmarks/bench_scale.py --compare 1024x2,1024x4 --no-growth   # the largest cluster (minutes)
     python benchmarks/bench_scale.py --no-compare --gpus 512,1024 --layers 2,4   # growth of the large clusters
 
@@ -11,7 +11,8 @@ hierarchical all-to-alls), contiguous placement, as ``moesim run`` builds it.
    with the baseline revision's whole simulation engine (moesim/sim, read with ``git show REV:...`` by
    benchmarks/baseline_sim.py) and with this tree's, for each ``GPUSxLAYERS`` of ``--compare`` (hierarchical
    all-to-alls; direct NCCL ones too on 64 GPUs): wall times, ratio, whether the rate recomputations agree and
-   the largest relative difference of any GPU's recorded times. Rows of fewer than 58 layers are extrapolated to
+   the largest relative difference of any GPU's recorded times (``--repeat N``: each engine's fastest of N
+   alternating runs). Rows of fewer than 58 layers are extrapolated to
    58 (labelled ``x58``): from two rows of one cluster by their slope and fixed part, else linearly;
 2. growth with GPUs and layers (this tree): wall seconds and peak resident memory of the process (Linux's VmHWM,
    reset before each phase through /proc/self/clear_refs; it includes what earlier phases left resident) of
@@ -83,7 +84,7 @@ def one_placement(package: Any, plan: Any) -> tuple[float, Any]:
                                  attention=plan.scenario.workload.attention)
 
 
-def before_after(base: Any, points: list[tuple[int, int]]) -> None:
+def before_after(base: Any, points: list[tuple[int, int]], repeat: int) -> None:
     print("== before / after: one placement, baseline engine vs this tree's (same prepared inputs) ==")
     print(f"{'GPUs':>5s} {'layers':>6s} {'a2a':14s} {'before s':>8s} {'after s':>8s} {'ratio':>7s} {'recomp.':>9s} "
           f"{'same':>5s} {'max diff':>9s}")
@@ -91,8 +92,12 @@ def before_after(base: Any, points: list[tuple[int, int]]) -> None:
     for gpus, layers in points:
         for a2a in ("hierarchical", "nccl") if gpus == 64 else ("hierarchical",):
             plan = prepare(scenario(gpus, layers, a2a))
-            t_old, old = one_placement(base, plan)
-            t_new, new = one_placement(sim_package, plan)
+            t_old = t_new = float("inf")
+            for _ in range(repeat):  # alternating; each engine's fastest run
+                t, old = one_placement(base, plan)
+                t_old = min(t_old, t)
+                t, new = one_placement(sim_package, plan)
+                t_new = min(t_new, t)
             plan = None
             same = old.recomputations == new.recomputations
             diff = baseline_sim.max_relative_difference(old, new)
@@ -138,6 +143,8 @@ def main() -> None:
     ap.add_argument("--compare", default="64x58,256x16", help="GPUSxLAYERS points of the before/after table")
     ap.add_argument("--gpus", default="16,32,64,128,256", help="cluster sizes of the growth table")
     ap.add_argument("--layers", default="4,8", help="MoE layers of the growth table")
+    ap.add_argument("--repeat", type=int, default=1, help="before/after runs of each engine, alternating; the fastest "
+                    "is kept")
     ap.add_argument("--no-compare", action="store_true", help="the growth table only")
     ap.add_argument("--no-growth", action="store_true", help="the before/after table only")
     ap.add_argument("--quick", action="store_true", help="a smoke run: 2 layers, small clusters")
@@ -146,7 +153,7 @@ def main() -> None:
     layer_list = [2] if a.quick else [int(x) for x in a.layers.split(",")]
     points = [(16, 2)] if a.quick else [(int(g), int(x)) for g, x in (p.split("x") for p in a.compare.split(","))]
     if not a.no_compare:
-        before_after(baseline_sim.load(a.baseline), points)
+        before_after(baseline_sim.load(a.baseline), points, a.repeat)
     if not a.no_growth:
         growth(gpu_list, layer_list)
 
