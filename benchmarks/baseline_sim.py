@@ -52,13 +52,14 @@ def load(rev: str) -> ModuleType:
 
 def simulate(package: ModuleType, topo: Any, model: Any, options: Any, trace: Any, layout: Any, placement: Any, *,
              tp: int = 1, attention: Any = None) -> tuple[float, Any]:
-    """Wall seconds (engine construction included) and records of one placement through ``package``'s engine."""
+    """CPU seconds of this process (engine construction included; on a shared machine steadier than wall time,
+    which other jobs stretch) and records of one placement through ``package``'s engine."""
     engine = package.engine
     opts = engine.EngineOptions(**{f.name: getattr(options, f.name) for f in dataclasses.fields(options)})
-    start = time.perf_counter()
+    start = time.process_time()
     sim = engine.Simulation(topo, model, tp=tp, options=opts, attention=attention)
     records = sim.run(trace, layout, placement)
-    return time.perf_counter() - start, records
+    return time.process_time() - start, records
 
 
 def max_relative_difference(a: Any, b: Any) -> float:

@@ -10,7 +10,8 @@ hierarchical all-to-alls), contiguous placement, as ``moesim run`` builds it.
 1. before/after on the same inputs in one run: the simulation of one placement (engine construction included)
    with the baseline revision's whole simulation engine (moesim/sim, read with ``git show REV:...`` by
    benchmarks/baseline_sim.py) and with this tree's, for each ``GPUSxLAYERS`` of ``--compare`` (hierarchical
-   all-to-alls; direct NCCL ones too on 64 GPUs): wall times, ratio, whether the rate recomputations agree and
+   all-to-alls; direct NCCL ones too on 64 GPUs): CPU seconds of the process (other jobs on the machine stretch
+   wall times, not these), ratio, whether the rate recomputations agree and
    the largest relative difference of any GPU's recorded times (``--repeat N``: each engine's fastest of N
    alternating runs). Rows of fewer than 58 layers are extrapolated to
    58 (labelled ``x58``): from two rows of one cluster by their slope and fixed part, else linearly;
@@ -76,7 +77,7 @@ def measured(fn: Any) -> tuple[Any, float, float]:
 
 
 def one_placement(package: Any, plan: Any) -> tuple[float, Any]:
-    """Wall seconds and records of the plan's first placement through ``package``'s engine."""
+    """CPU seconds and records of the plan's first placement through ``package``'s engine."""
     cp = plan.clusters[0]
     assert cp.workload is not None
     return baseline_sim.simulate(package, cp.topology, plan.scenario.model, plan.options, cp.workload.trace,
