@@ -11,17 +11,17 @@ counts before a dispatch, a cost per peer; a family may reach its own share of t
 single GPU (NCCL with one rank) a collective is a device-to-device copy: ``a2a_self_launch_us`` and half the HBM
 rate (read and write).
 
-The solver freezes, in one vectorised step, every link whose fair share is the smallest among all links
-its flows cross (a local bottleneck): those rates are final, so the number of steps is the depth of the
-bottleneck structure, not the number of links; each link's count of rising flows and remaining capacity are
-updated with the flows frozen in a step only. Links that can never saturate (their capacity is at least
-the summed capacity of the bottleneck links feeding them) are pruned once per topology (:class:`Routing`,
-built once and shared by every fabric on the topology; the distinct (link, bottleneck link) pairs behind that
-test are marked in a boolean table, not sorted, so 1,024 GPUs' six million path entries take about a second). Flows that share no link (NVLink inside each
-node, NICs between nodes) never affect each other's rates, so a departure only recomputes rates in
-its own connected component, and there only the flows at least as fast as the departed one: the slower
-ones keep their rates exactly. The fluid phase is a pure function of the flows (:func:`fluid_ends`); the
-fabric schedules its outcome in SimPy time, and reuses it for a collective whose bytes are a multiple of a
+The solver freezes, in one vectorised step, every link whose fair share is the smallest among all links its
+flows cross (a local bottleneck): those rates are final, so the number of steps is the depth of the bottleneck
+structure, not the number of links; each link's count of rising flows and remaining capacity are updated with
+the flows frozen in a step only. Links that can never saturate (their capacity is at least the summed capacity
+of the bottleneck links feeding them) are pruned once per topology (:class:`Routing`, built once and shared by
+every fabric on the topology; the distinct (link, bottleneck link) pairs behind that test are marked in a
+boolean table, not sorted, so 1,024 GPUs' six million path entries take about a second). Flows that share no
+link (NVLink inside each node, NICs between nodes) never affect each other's rates, so a departure only
+recomputes rates in its own connected component, and there only the flows at least as fast as the departed one:
+the slower ones keep their rates exactly. The fluid phase is a pure function of the flows (:func:`fluid_ends`);
+the fabric schedules its outcome in SimPy time, and reuses it for a collective whose bytes are a multiple of a
 recent one's or of their transpose (the combine that mirrors a dispatch).
 
 ``rate_tolerance`` trades exactness for speed: after a recomputation, every flow that would finish within
