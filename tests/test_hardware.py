@@ -284,6 +284,19 @@ def test_binding_links_keep_pcie_slower_than_the_nic(cluster):
     assert "pcie" in kept_kinds(topo)
 
 
+@pytest.mark.parametrize("net", [{}, {"oversubscription": 2.0, "nodes_per_leaf": 1}, {"nics_per_node": 2},
+                                 {"pcie_GBps": 16.0}])
+def test_binding_links_same_with_marked_pairs_and_with_unique(cluster, monkeypatch, net):
+    """binding_links finds distinct (link, bottleneck link) pairs by marking a boolean table when it is small
+    enough, else with np.unique: the same mask either way."""
+    import moesim.sim.network as network
+
+    topo = build_topology(cluster(nodes=3, network=net))
+    marked = binding_links(topo)
+    monkeypatch.setattr(network, "_MARK_LIMIT", 0)
+    assert np.array_equal(marked, binding_links(topo))
+
+
 # ---------------------------------------------------------------- validation
 
 @pytest.mark.parametrize("overrides, field", [

@@ -353,6 +353,37 @@ def test_max_min_rates_equal_progressive_filling(instance):
     assert got.tolist() == pytest.approx(want, rel=1e-9)
 
 
+def recount_filling(links: np.ndarray, capacity: np.ndarray) -> np.ndarray:
+    """The solver's filling as first written: every step recounts each link's rising flows and subtracts the
+    frozen rates with zeros for the others (the solver now updates both with the frozen flows only)."""
+    cols = [np.ascontiguousarray(c) for c in links]
+    num_links = capacity.size + 1
+    rem, rate, idx = np.append(capacity, np.inf), np.empty(cols[0].size), np.arange(cols[0].size)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        while True:
+            cnt = sum(np.bincount(c, minlength=num_links) for c in cols)
+            share = rem / cnt
+            at = [share[c] for c in cols]
+            fmin = np.minimum.reduce(at)
+            escapes = sum(np.bincount(c, weights=s > fmin * (1 + 1e-9), minlength=num_links) for c, s in zip(cols, at))
+            frozen = np.logical_or.reduce([(escapes == 0)[c] for c in cols])
+            rate[idx[frozen]] = fmin[frozen]
+            if frozen.all():
+                return rate
+            for c in cols:
+                rem -= np.bincount(c, weights=np.where(frozen, fmin, 0.0), minlength=num_links)
+            idx, cols = idx[~frozen], [c[~frozen] for c in cols]
+
+
+@SETTINGS
+@given(max_min_instances())
+def test_max_min_rates_bit_identical_to_recounting(instance):
+    """Updating counts and capacities with the frozen flows only adds the same numbers in the same order."""
+    capacity, paths = instance
+    links = as_link_matrix(paths, len(capacity))
+    assert np.array_equal(max_min_rates(links, np.array(capacity)), recount_filling(links, np.array(capacity)))
+
+
 @SETTINGS
 @given(max_min_instances())
 def test_max_min_rates_are_feasible_and_bottlenecked(instance):

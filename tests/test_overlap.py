@@ -65,6 +65,18 @@ def test_overlapped_step_between_its_busiest_stream_and_back_to_back(a2a):
         assert batch[b] < (r.batch_end - r.batch_start).sum()  # something overlapped
 
 
+@pytest.mark.parametrize("tol", [0.0, 0.01, 0.1])
+def test_overlapped_step_never_shorter_than_its_busiest_stream(tol):
+    """At any rate tolerance: a GPU's compute phases of both micro-batches share one stream, so the step is at least
+    their sum on the busiest GPU (the network's grouping of departures moves communication, never compute)."""
+    topo, trace, layout, placement = setup(nodes=3, tokens=128, seed=2)
+    opts = EngineOptions(a2a="low_latency", moe_kernels="fused", overlap="two_batch", rate_tolerance=tol)
+    rec = Simulation(topo, MODEL, options=opts).run(trace, layout, placement)
+    busy = sum((m["t_dense_end"] - m["t_layer_start"]) + (m["t_dispatch_join"] - m["t_dense_end"])
+               + (m["t_compute_end"] - m["t_compute_start"]) for m in rec.micro).sum(axis=1)  # [B, G]
+    assert ((rec.batch_end - rec.batch_start)[:, None] >= busy * (1 - 1e-12)).all()
+
+
 def test_comm_sms_slow_the_compute_they_overlap():
     topo, trace, layout, placement = setup(tokens=1024)
     free = EngineOptions(moe_kernels="fused", overlap="two_batch", comm_sms=0)

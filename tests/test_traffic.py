@@ -98,3 +98,24 @@ def test_layer_traffic_reads_a_strided_layer_of_a_trace():
     copy = layer_traffic(np.ascontiguousarray(trace[:, 1, :]), home, np.arange(T), gpus, **kw)
     assert np.array_equal(view.copies, copy.copies) and np.array_equal(view.node_copies, copy.node_copies)
     assert view.copies.sum() <= T * K and view.expert_tokens.sum() == T * K
+
+
+@settings(max_examples=100, deadline=None)
+@given(instances(), st.sampled_from([1, 5, 1 << 13]))
+def test_single_copy_counting_equals_the_replica_path(case, chunk):
+    """With one copy of every expert, layer_traffic counts (source, expert, flags) keys; the same placement with
+    an empty second replica column goes through the per-(source, destination) path: same counts."""
+    gpus = case["gpus"][:, :1]
+    if case["replica_ranks"] is not None or (gpus < 0).all():
+        return
+    own = traffic._CHUNK
+    traffic._CHUNK = chunk
+    try:
+        single = layer_traffic(**{**case, "gpus": gpus})
+        padded = layer_traffic(**{**case, "gpus": np.hstack([gpus, np.full_like(gpus, -1)])})
+    finally:
+        traffic._CHUNK = own
+    assert np.array_equal(single.copies, padded.copies)
+    assert np.array_equal(single.expert_tokens, padded.expert_tokens)
+    assert np.array_equal(single.recv_copies, padded.recv_copies)
+    assert np.array_equal(single.node_copies, padded.node_copies)

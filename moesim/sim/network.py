@@ -11,15 +11,17 @@ counts before a dispatch, a cost per peer; a family may reach its own share of t
 single GPU (NCCL with one rank) a collective is a device-to-device copy: ``a2a_self_launch_us`` and half the HBM
 rate (read and write).
 
-The solver freezes, in one vectorised step, every link whose fair share is the smallest among all links
-its flows cross (a local bottleneck): those rates are final, so the number of steps is the depth of the
-bottleneck structure, not the number of links. Links that can never saturate (their capacity is at least
-the summed capacity of the bottleneck links feeding them) are pruned once per topology (:class:`Routing`,
-built once and shared by every fabric on the topology). Flows that share no link (NVLink inside each
-node, NICs between nodes) never affect each other's rates, so a departure only recomputes rates in
-its own connected component, and there only the flows at least as fast as the departed one: the slower
-ones keep their rates exactly. The fluid phase is a pure function of the flows (:func:`fluid_ends`); the
-fabric schedules its outcome in SimPy time, and reuses it for a collective whose bytes are a multiple of a
+The solver freezes, in one vectorised step, every link whose fair share is the smallest among all links its
+flows cross (a local bottleneck): those rates are final, so the number of steps is the depth of the bottleneck
+structure, not the number of links; each link's count of rising flows and remaining capacity are updated with
+the flows frozen in a step only. Links that can never saturate (their capacity is at least the summed capacity
+of the bottleneck links feeding them) are pruned once per topology (:class:`Routing`, built once and shared by
+every fabric on the topology; the distinct (link, bottleneck link) pairs behind that test are marked in a
+boolean table, not sorted, so 1,024 GPUs' six million path entries take about a second). Flows that share no
+link (NVLink inside each node, NICs between nodes) never affect each other's rates, so a departure only
+recomputes rates in its own connected component, and there only the flows at least as fast as the departed one:
+the slower ones keep their rates exactly. The fluid phase is a pure function of the flows (:func:`fluid_ends`);
+the fabric schedules its outcome in SimPy time, and reuses it for a collective whose bytes are a multiple of a
 recent one's or of their transpose (the combine that mirrors a dispatch).
 
 ``rate_tolerance`` trades exactness for speed: after a recomputation, every flow that would finish within
@@ -44,21 +46,24 @@ from moesim.hardware.topology import Topology
 
 _REL_TOL = 1e-9
 _RISE_TOL = 1e-6  # flows within this of the departed rate are recomputed too (rounding)
+_MARK_LIMIT = 1 << 27  # binding_links marks (link, link) pairs in a boolean table up to this many entries
 
 
 def _max_min(cols: list[np.ndarray], capacity: np.ndarray) -> np.ndarray:
     """Max-min fair rates of flows whose links are ``cols`` (one array per path position, padded with
     the unconstrained dummy link ``capacity.size``). Index arrays throughout: numpy's gathers and
-    bincounts are fast, its masked selections and ``ufunc.at`` are not."""
+    bincounts are fast, its masked selections and ``ufunc.at`` are not. Each link's count of rising flows
+    and remaining capacity are updated with the flows frozen in a step only (the same sums as over all
+    flows with zeros for the others, bit for bit)."""
     num_links = capacity.size + 1
     rem = np.append(capacity, np.inf)  # the dummy's share is infinite: it never binds
+    cnt = np.bincount(cols[0], minlength=num_links)
+    for c in cols[1:]:
+        cnt += np.bincount(c, minlength=num_links)
     rate = np.empty(cols[0].size)
     idx = np.arange(cols[0].size)  # flows still rising, as positions in the input
     with np.errstate(divide="ignore", invalid="ignore"):  # links left without flows: never looked at
         while True:
-            cnt = np.bincount(cols[0], minlength=num_links)
-            for c in cols[1:]:
-                cnt += np.bincount(c, minlength=num_links)
             share = rem / cnt  # a link keeps rem > 0 while flows cross it: frozen ones took <= its share
             at = [share[c] for c in cols]  # each flow's share on each of its links
             fmin = at[0]
@@ -66,10 +71,9 @@ def _max_min(cols: list[np.ndarray], capacity: np.ndarray) -> np.ndarray:
                 fmin = np.minimum(fmin, s)  # its tightest link
             # A link is a local bottleneck when none of its flows has a tighter link elsewhere.
             tight = fmin * (1 + _REL_TOL)
-            escapes = np.bincount(cols[0], weights=at[0] > tight, minlength=num_links)
-            for c, s in zip(cols[1:], at[1:]):
-                escapes += np.bincount(c, weights=s > tight, minlength=num_links)
-            local = escapes == 0
+            local = np.ones(num_links, dtype=bool)
+            for c, s in zip(cols, at):
+                local[c[s > tight]] = False
             frozen = local[cols[0]]
             for c in cols[1:]:
                 frozen |= local[c]
@@ -78,9 +82,10 @@ def _max_min(cols: list[np.ndarray], capacity: np.ndarray) -> np.ndarray:
             rate[idx[done]] = got
             if done.size == idx.size:
                 return rate
-            taken = np.where(frozen, fmin, 0.0)  # adding zeros leaves every link's sum as it was
             for c in cols:
-                rem -= np.bincount(c, weights=taken, minlength=num_links)
+                gone = c[done]
+                rem -= np.bincount(gone, weights=got, minlength=num_links)
+                cnt -= np.bincount(gone, minlength=num_links)
             keep = (~frozen).nonzero()[0]
             idx = idx[keep]
             cols = [c[keep] for c in cols]
@@ -206,7 +211,13 @@ def binding_links(topo: Topology) -> np.ndarray:
 
     def feeding_capacity(core: np.ndarray) -> np.ndarray:
         """Per link: summed capacity of the distinct ``core`` links of the pairs crossing it."""
-        combos = np.unique(link * L + core[pair])
+        key = link * L + core[pair]
+        if L * L <= _MARK_LIMIT:  # mark the (link, core) pairs seen: sorted and distinct, without sorting millions
+            seen = np.zeros(L * L, dtype=bool)
+            seen[key] = True
+            combos = np.flatnonzero(seen)
+        else:
+            combos = np.unique(key)
         return np.bincount(combos // L, weights=cap[combos % L], minlength=L)
 
     bound = np.minimum(feeding_capacity(first), feeding_capacity(last))

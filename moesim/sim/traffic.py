@@ -11,10 +11,13 @@ network once per destination node, to the GPU of that node with the sender's loc
 it over NVLink to each destination GPU there (:func:`hierarchical_bytes`). ``gpus_per_node`` asks
 :func:`layer_traffic` for the per-node copy counts this needs.
 
-Tokens are counted in chunks of 32k (:func:`layer_traffic`), each as whole [choice, token] arrays: every
-(token, choice) gets one int64 key, and one ``bincount`` per chunk counts the copies (numpy's per-call cost,
-not the bytes, dominates at this size; int64 keys because ``bincount`` converts narrower ones slowly). The
-chunks keep temporaries in cache and below the size numpy's allocator maps fresh from the OS.
+Tokens are counted in chunks of 8k or more (:func:`layer_traffic`), each as whole [choice, token] arrays, so a
+chunk's temporaries stay in cache; the flags (repeated rank, repeated node, no expert) are narrow-integer
+comparisons, and each (token, choice) gets one int64 key for one ``bincount`` (int64 because ``bincount``
+converts narrower ones slowly). With one copy of every expert the key is (source, expert, flags): a choice's
+destination and node follow from its expert, so copies, per-expert pairs and node copies come out of one count
+(:func:`_single_chunk`); with replicas the key is (source, destination) with a spare rank for choices that send
+nothing (:func:`_count_chunk`).
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ class _Counting:
     tp: int
     E: int
     dedup: bool
-    missing: bool  # some choices send nothing (no expert, or an unplaced one)
+    missing: bool  # some choices send nothing (no expert, or an unplaced one); single copies: checked per chunk
     gpus: np.ndarray
     table: np.ndarray | None  # single copies: each expert's rank, then -1 for "no expert" (see _rank_table)
     gpus_per_node: int | None
@@ -70,8 +73,6 @@ def _chunk_ranks(c: _Counting, experts: np.ndarray, token_ids: np.ndarray,
     """[K, n] serving rank of each choice of the tokens ``experts`` [n, K] (-1: none)."""
     if replica_ranks is not None:  # chosen by another rule (moesim.sim.replicas)
         return np.asarray(replica_ranks)
-    if c.table is not None:
-        return c.table.take(experts.T)
     choices = np.ascontiguousarray(experts.T)
     return np.stack([replica_lookup(c.gpus, choices[j], token_ids) for j in range(choices.shape[0])])
 
@@ -87,44 +88,111 @@ def _repeats(values: np.ndarray) -> np.ndarray:
 
 def _count_chunk(c: _Counting, experts: np.ndarray, home: np.ndarray, token_ids: np.ndarray,
                  replica_ranks: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Copies per flat (src, dst) pair, token-expert pairs per (rank, expert) bin (or, with single copies,
-    per expert + 1) and copies per (src, node) of the tokens ``experts`` [n, K] (-1 = none).
+    """Replicated experts (or ranks another rule chose): copies per (src, dst) pair in ``G`` rows of ``G + tp``
+    bins, token-expert pairs per (rank, expert) bin and copies per (src, node) in ``G`` rows of ``nodes + 1``
+    bins, of the tokens ``experts`` [n, K] (-1 = none).
 
-    Every (token, choice) gets one int64 key (``home * G + destination GPU``); a choice that sends nothing
-    (no expert, or a rank or node an earlier choice of the token already reached) gets the spare last bin.
-    Whole [K, n] arrays per numpy call: the calls, not the bytes, cost most at this size."""
+    A choice that sends nothing (no expert, or a rank or node an earlier choice of the token already reached)
+    takes the spare rank R (node N), whose bins in each source row are dropped afterwards: the mask is applied
+    to the narrow rank array, and the int64 keys are built in one addition. Whole [K, n] arrays per numpy call:
+    the calls, not the bytes, cost most at this size."""
     G, tp, E = c.G, c.tp, c.E
+    R = G // tp
     ranks = _chunk_ranks(c, experts, token_ids, replica_ranks)
     none = ranks < 0 if c.missing else None
-    base = home * G + home % tp  # flat (src, dst) of the copy for rank 0; rank r adds r*tp
-    keys = np.add(base, ranks * tp if tp > 1 else ranks, dtype=np.int64)
     drop = _repeats(ranks) if c.dedup else None
     if none is not None:
         drop = none if drop is None else drop | none
-    if drop is not None:
-        np.copyto(keys, G * G, where=drop)
-    copies = np.bincount(keys.ravel(), minlength=G * G + 1)
-    if c.table is not None:
-        per_bin = np.bincount(np.add(experts, 1, dtype=np.int64).ravel(), minlength=E + 1)
-    else:  # replicated: the rank computing a (token, expert) pair depends on the token
-        per_bin = np.bincount(np.where(ranks >= 0, ranks * np.int64(E) + experts.T, (G // tp) * E).ravel(),
-                              minlength=(G // tp) * E + 1)
+    lane = home % tp
+    sent = ranks if drop is None else np.where(drop, ranks.dtype.type(R), ranks)  # R: the spare rank
+    # flat (src, dst) of the copy for rank r: src * (G + tp) + r * tp + lane; the spare rank lands on bins >= G
+    keys = np.add(home * (G + tp) + lane, sent * tp if tp > 1 else sent, dtype=np.int64)
+    copies = np.bincount(keys.ravel(), minlength=G * (G + tp))
+    # the rank computing a (token, expert) pair depends on the token
+    per_bin = np.bincount(np.where(ranks >= 0, ranks * np.int64(E) + experts.T, R * E).ravel(), minlength=R * E + 1)
     if c.gpus_per_node is None:
         return copies, per_bin, None
     N = -(-G // c.gpus_per_node)  # one copy per (token, destination node)
     if c.node_of_rank is not None:
         nodes = c.node_of_rank.take(ranks)  # rank -1 takes the last entry, -1
     else:
-        nodes = (ranks * np.int64(tp) + home % tp) // c.gpus_per_node
-    node_keys = np.add(home * N, nodes, dtype=np.int64)
+        nodes = (ranks * np.int64(tp) + lane) // c.gpus_per_node
     drop = _repeats(nodes)
     if none is not None:
         drop |= none
-    np.copyto(node_keys, G * N, where=drop)
-    return copies, per_bin, np.bincount(node_keys.ravel(), minlength=G * N + 1)
+    nodes = np.where(drop, nodes.dtype.type(N), nodes)  # N: the spare node
+    node_keys = np.add(home * (N + 1), nodes, dtype=np.int64)
+    return copies, per_bin, np.bincount(node_keys.ravel(), minlength=G * (N + 1))
 
 
-_CHUNK = 1 << 15  # tokens counted at once: the keys stay in cache, and no allocation is large enough to be mmapped
+def _flag(mask: np.ndarray) -> np.ndarray:
+    """A bool mask as 0/1 int8 (no copy), to add to narrow integers without a wide temporary."""
+    return mask.view(np.int8)
+
+
+def _single_chunk(c: _Counting, experts: np.ndarray, home: np.ndarray) -> np.ndarray:
+    """Single copies: per (source GPU, expert + 1, sends a copy, first choice of the token on its node) bin,
+    how many (token, choice) of the tokens ``experts`` [n, K] fall in it (expert 0: no expert).
+
+    The flags come from the ranks; a choice's destination GPU and node are functions of its expert and source,
+    so one bincount over (source, expert, flags) keys counts copies, per-expert pairs and node copies at once,
+    and the keys are built in int16 but for one addition."""
+    assert c.table is not None
+    E = c.E
+    ex = np.ascontiguousarray(experts.T)  # [K, n]; one pass over the (strided) layer of the trace
+    ranks = c.table.take(ex)  # expert -1 takes the last entry, -1
+    unplaced = ranks < 0  # no expert, or an unplaced one
+    none = unplaced if unplaced.any() else None
+    code = ex + ex.dtype.type(1)
+    code <<= 2
+    silent = _repeats(ranks) if c.dedup else None  # sends no copy: a repeated rank, or no rank at all
+    if none is not None:
+        silent = none if silent is None else silent | none
+    code += 2 if silent is None else _flag(~silent) << 1
+    if c.gpus_per_node is not None:
+        rpn = c.gpus_per_node // c.tp  # ranks per node, when tp divides gpus_per_node
+        if c.node_of_rank is not None and rpn & (rpn - 1) == 0:
+            nodes = ranks >> (rpn.bit_length() - 1)  # rank -1 stays -1
+        elif c.node_of_rank is not None:
+            nodes = c.node_of_rank.take(ranks)
+        else:
+            nodes = (ranks * np.int64(c.tp) + home % c.tp) // c.gpus_per_node
+        again = _repeats(nodes)
+        code += _flag(~(again if none is None else again | none))
+    keys = np.add(home * (4 * (E + 1)), code, dtype=np.int64)
+    return np.bincount(keys.ravel(), minlength=c.G * 4 * (E + 1))
+
+
+def _single_traffic(c: _Counting, experts: np.ndarray, home: np.ndarray, chunk: int) -> LayerTraffic:
+    """:func:`layer_traffic` with one copy of every expert (:func:`_single_chunk`'s bins, summed over chunks)."""
+    G, tp, E = c.G, c.tp, c.E
+    R = G // tp
+    narrow = np.int16 if 4 * (E + 1) < 2**15 else np.int64
+    bins = np.zeros(G * 4 * (E + 1), dtype=np.int64)
+    for a in range(0, experts.shape[0], chunk):
+        bins += _single_chunk(c, experts[a : a + chunk].astype(narrow, copy=False), home[a : a + chunk])
+    b = bins.reshape(G, E + 1, 4)[:, 1:, :]  # [source, expert, flags]
+    rank = c.gpus[:, 0].astype(np.int64)
+    placed = np.flatnonzero(rank >= 0)
+    src = np.arange(G)[:, None]
+    dst = rank[placed][None, :] * tp + src % tp  # [G, placed]: each choice's destination GPU
+    sends = b[:, placed, 2] + b[:, placed, 3]
+    copies = np.bincount((src * G + dst).ravel(), weights=sends.ravel(), minlength=G * G)
+    pairs = b.sum(axis=(0, 2))
+    expert_tokens = np.zeros(R * E, dtype=np.int64)
+    expert_tokens[rank[placed] * E + placed] = pairs[placed]
+    node_copies = None
+    if c.gpus_per_node is not None:
+        N = -(-G // c.gpus_per_node)
+        firsts = b[:, placed, 1] + b[:, placed, 3]
+        node_copies = np.bincount((src * N + dst // c.gpus_per_node).ravel(), weights=firsts.ravel(),
+                                  minlength=G * N).round().astype(np.int64).reshape(G, N)
+    pair_copies = copies.round().astype(np.int64).reshape(G, G)
+    return LayerTraffic(copies=pair_copies, expert_tokens=expert_tokens.reshape(R, E),
+                        recv_copies=pair_copies.sum(axis=0), node_copies=node_copies)
+
+
+_CHUNK = 1 << 13  # tokens counted at once: a chunk's [K, n] int64 keys (512 KiB at top-8) stay in cache
 
 
 def layer_traffic(experts: np.ndarray, home: np.ndarray, token_ids: np.ndarray, gpus: np.ndarray, *,
@@ -142,15 +210,18 @@ def layer_traffic(experts: np.ndarray, home: np.ndarray, token_ids: np.ndarray, 
     replicated = gpus.shape[1] > 1
     small = np.int16 if G < 2**15 else np.int64  # ranks and nodes: narrow ones compare faster
     table = None if replicated or replica_ranks is not None else _rank_table(gpus).astype(small)
-    missing = bool(experts.min(initial=0) < 0 or gpus[:, 0].min(initial=0) < 0
-                   or (replica_ranks is not None and np.min(replica_ranks, initial=0) < 0))
+    missing = table is not None or bool(experts.min(initial=0) < 0 or gpus[:, 0].min(initial=0) < 0
+                                        or (replica_ranks is not None and np.min(replica_ranks, initial=0) < 0))
     node_of_rank = None  # a rank's GPUs share a node when tp divides gpus_per_node
     if gpus_per_node is not None and gpus_per_node % tp == 0:
         node_of_rank = np.append(np.arange(R) // (gpus_per_node // tp), -1).astype(small)
     spec = _Counting(G, tp, E, dedup, missing, gpus, table, gpus_per_node, node_of_rank)
-    copies = np.zeros(G * G + 1, dtype=np.int64)
-    per_bin = np.zeros(E + 1 if table is not None else R * E + 1, dtype=np.int64)
-    node_pairs = None if gpus_per_node is None else np.zeros(G * -(-G // gpus_per_node) + 1, dtype=np.int64)
+    if table is not None:
+        return _single_traffic(spec, experts, home, max(_CHUNK, (4 * G * (E + 1)) // 8))
+    N = 0 if gpus_per_node is None else -(-G // gpus_per_node)
+    copies = np.zeros(G * (G + tp), dtype=np.int64)
+    per_bin = np.zeros(R * E + 1, dtype=np.int64)
+    node_pairs = None if gpus_per_node is None else np.zeros(G * (N + 1), dtype=np.int64)
     chunk = max(_CHUNK, (G * G) // 8)  # a chunk's keys outnumber the bins they are counted in
     for a in range(0, experts.shape[0], chunk):
         part = slice(a, a + chunk)
@@ -160,16 +231,10 @@ def layer_traffic(experts: np.ndarray, home: np.ndarray, token_ids: np.ndarray, 
         per_bin += got[1]
         if node_pairs is not None and got[2] is not None:
             node_pairs += got[2]
-    if table is not None:  # each expert's single rank computes all its pairs
-        expert_tokens = np.zeros(R * E, dtype=np.int64)
-        placed = np.flatnonzero(gpus[:, 0] >= 0)
-        expert_tokens[gpus[placed, 0] * np.int64(E) + placed] = per_bin[1:][placed]
-    else:
-        expert_tokens = per_bin[:-1]
-    pair_copies = copies[:-1].reshape(G, G)
-    return LayerTraffic(copies=pair_copies, expert_tokens=expert_tokens.reshape(R, E),
-                        recv_copies=pair_copies.sum(axis=0),
-                        node_copies=None if node_pairs is None else node_pairs[:-1].reshape(G, -1))
+    pair_copies = np.ascontiguousarray(copies.reshape(G, G + tp)[:, :G])
+    node_copies = None if node_pairs is None else np.ascontiguousarray(node_pairs.reshape(G, N + 1)[:, :N])
+    return LayerTraffic(copies=pair_copies, expert_tokens=per_bin[:-1].reshape(R, E),
+                        recv_copies=pair_copies.sum(axis=0), node_copies=node_copies)
 
 
 def hierarchical_bytes(copies: np.ndarray, node_copies: np.ndarray, gpus_per_node: int,
