@@ -134,10 +134,10 @@ def placement_problem(scenario: Scenario, cluster: ClusterEntry, profile: Trace 
     seed = scenario.workload.synthetic.seed if scenario.workload.synthetic else 0
     cap = capacity_of(scenario, cluster)  # copies per layer that fit: bounds replicas
     max_slots = int(cap.memory_bytes_per_gpu // (cap.expert_bytes_per_gpu * m.num_layers))
+    load = expert_loads(profile) if profile is not None else np.zeros((m.num_layers, m.num_experts))
     return PlacementProblem(num_layers=m.num_layers, num_experts=m.num_experts, num_ranks=ep,
                             gpus_per_node=cluster.spec.gpus_per_node // cluster.tp,
-                            slots_per_gpu=-(-m.num_experts // ep), seed=seed,
-                            load=expert_loads(profile) if profile is not None else np.zeros((m.num_layers, m.num_experts)),
+                            slots_per_gpu=-(-m.num_experts // ep), seed=seed, load=load,
                             max_slots_per_gpu=max_slots, routing=profile.experts if profile is not None else None,
                             memory_slots=int(cap.memory_bytes_per_gpu // cap.expert_bytes_per_gpu), costs=costs)
 

@@ -22,6 +22,9 @@ between layers. The trace-fitting issue extends this.
 
 from __future__ import annotations
 
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -31,8 +34,8 @@ from moesim.budget import require_memory, require_time
 from moesim.traces.format import Trace, TraceMeta
 from moesim.traces.sampling import Draw, PackedAlias, label_bits, successive_sampling
 
-# Tokens sampled at once: enough to amortise numpy's per-call cost, few enough that the temporaries of all
-# top_k picks (64-bit words) stay in the last-level cache.
+# Tokens sampled at once (by one thread, from one random stream): enough to amortise numpy's per-call cost, few
+# enough that the temporaries of all top_k picks (64-bit words) stay in the last-level cache.
 _TOKEN_CHUNK = 1 << 15
 
 
@@ -117,6 +120,12 @@ class _LayerTables:
     affinity: float  # 0: no successor component (first layer, or no affinity)
     num_groups: int
     topk_groups: int
+    group_sets: np.ndarray | None = None  # [sets, topk_groups]: ``groups`` draws a set of groups (its row here)
+    # per (home, set) and (expert, set), over the set's groups: cumulative (1 - affinity) x popularity mass and
+    # affinity x successor mass, and the popularity rows' first words
+    set_pop_cum: np.ndarray | None = None
+    set_succ_cum: np.ndarray | None = None
+    set_rows: np.ndarray | None = None
 
 
 def _layer_tables(pops: np.ndarray, succ_ids: np.ndarray, succ_w: np.ndarray, affinity: float,
@@ -138,12 +147,53 @@ def _layer_tables(pops: np.ndarray, succ_ids: np.ndarray, succ_w: np.ndarray, af
     rows = succ.reshape(E * n, size)
     rows[succ_mass.ravel() <= 0] = 1.0  # a group without successors: never drawn from, any valid row
     group_mass = pops.reshape(G, n, size).sum(axis=2)
+    group_mass /= group_mass.sum(axis=1, keepdims=True)
     table = PackedAlias([(pops.reshape(G * n, size), labels),
                          (rows, np.broadcast_to(np.arange(E).reshape(1, n, size), (E, n, size)).reshape(E * n, size))],
                         bits)
-    groups = PackedAlias([(group_mass, np.broadcast_to(np.arange(n), (G, n)))], label_bits(n))
-    return _LayerTables(table, groups, group_mass / group_mass.sum(axis=1, keepdims=True), succ_mass, E, G,
-                        succ_ids.shape[1], affinity, n, params.group_limit)
+    law = group_set_law(group_mass, params.group_limit)
+    if law is None:  # too many sets: successive sampling of the groups themselves
+        groups = PackedAlias([(group_mass, np.broadcast_to(np.arange(n), (G, n)))], label_bits(n))
+        members = set_pop_cum = set_succ_cum = set_rows = None
+    else:
+        groups = PackedAlias([(law[0], np.broadcast_to(np.arange(law[1].shape[0]), law[0].shape))],
+                             label_bits(law[1].shape[0]))
+        members = law[1]
+        k = members.shape[1]
+        set_pop_cum = (1 - affinity) * np.cumsum(group_mass[:, members], axis=2).reshape(-1, k)
+        set_succ_cum = affinity * np.cumsum(succ_mass[:, members], axis=2).reshape(-1, k)
+        set_rows = ((np.arange(G)[:, None, None] * n + members[None]) * size).astype(np.uint64).reshape(-1, k)
+    return _LayerTables(table, groups, group_mass, succ_mass, E, G,
+                        succ_ids.shape[1], affinity, n, params.group_limit, members, set_pop_cum, set_succ_cum,
+                        set_rows)
+
+
+_MAX_GROUP_SETS = 4096  # above this many sets of topk_groups groups, groups are drawn one by one
+
+
+def group_set_law(mass: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The law of the set of ``k`` groups drawn by successive sampling on ``mass`` [rows, n]: (``p`` [rows,
+    sets], ``members`` [sets, k]), summed over the orders that give each set (dynamic programming over the
+    sets drawn so far: a set S grows by g with probability ``mass[g] / (1 - mass(S))``). None when there are
+    more than ``_MAX_GROUP_SETS`` sets."""
+    rows, n = mass.shape
+    if math.comb(n, k) > _MAX_GROUP_SETS or n > 24:
+        return None
+    m = mass / mass.sum(axis=1, keepdims=True)
+    masks = np.arange(1 << n)
+    size = np.bitwise_count(masks)
+    bit = (masks[:, None] >> np.arange(n)) & 1
+    taken = bit @ m.T  # [sets, rows]: mass of every set
+    p = np.zeros((1 << n, rows))
+    p[0] = 1.0
+    for j in range(k):
+        level = masks[size == j]
+        for g in range(n):
+            grow = level[bit[level, g] == 0]
+            p[grow | (1 << g)] += p[grow] * m[:, g] / np.maximum(1.0 - taken[grow], 1e-300)
+    sets = masks[size == k]
+    members = np.nonzero(bit[sets])[1].reshape(sets.size, k)
+    return p[sets].T, members
 
 
 def _grouped_draw(tab: _LayerTables, home: np.ndarray, prev_top1: np.ndarray, raw: Callable[..., np.ndarray]
@@ -156,24 +206,38 @@ def _grouped_draw(tab: _LayerTables, home: np.ndarray, prev_top1: np.ndarray, ra
     assert tab.groups is not None and tab.group_mass is not None and tab.succ_mass is not None
     n, E, G, t = home.size, tab.num_experts, tab.num_gpus, tab.num_groups
     size = E // t
-    start = home * t
-
-    def draw_group(tokens: np.ndarray | None, m: int) -> np.ndarray:
-        rows = start if tokens is None else start[tokens]
-        return tab.groups.draw(rows, t, raw((m, rows.size)))  # type: ignore[union-attr]
-
-    g = successive_sampling(draw_group, n, tab.topk_groups)  # [k_g, n]
     a = tab.affinity
-    pop = (1 - a) * tab.group_mass[home[None, :], g]  # [k_g, n]
-    mass = pop + a * tab.succ_mass[prev_top1[None, :], g]
-    scale = 2.0**32 / mass.sum(axis=0)
-    ends = np.cumsum(mass, axis=0) * scale
-    cuts = ends[:-1].astype(np.uint64)  # [k_g - 1, n]: segment j is [cut j-1, cut j)
-    split = (ends - mass * scale + pop * scale).astype(np.uint64)  # below it: the popularity row
-    # per (group slot, token): the split in the high half, the popularity row's first word in the low one;
+    if tab.group_sets is not None:  # the token's set of groups in one draw; its thresholds from the set's rows
+        assert tab.set_pop_cum is not None and tab.set_succ_cum is not None and tab.set_rows is not None
+        width = tab.group_sets.shape[0]
+        sets = tab.groups.draw(home * width, width, raw(n))
+        hs, ps = home * width + sets, prev_top1 * width + sets
+        pop_cum, succ_cum = tab.set_pop_cum[hs], tab.set_succ_cum[ps]  # [n, k_g]
+        rows = tab.set_rows[hs]
+    else:
+        start = home * t
+
+        def draw_group(tokens: np.ndarray | None, m: int) -> np.ndarray:
+            rows = start if tokens is None else start[tokens]
+            return tab.groups.draw(rows, t, raw((m, rows.size)))  # type: ignore[union-attr]
+
+        g = successive_sampling(draw_group, n, tab.topk_groups).T  # [n, k_g]
+        pop_cum = np.cumsum((1 - a) * tab.group_mass.ravel()[home[:, None] * t + g], axis=1)
+        succ_cum = np.cumsum(a * tab.succ_mass.ravel()[prev_top1[:, None] * t + g], axis=1)
+        rows = ((home[:, None] * t + g) * size).astype(np.uint64)
+    ends = pop_cum + succ_cum
+    if not (ends[:, -1] > 0).all():  # only successors (affinity 1), none of them in the token's groups
+        raise ValueError("could not draw top_k distinct experts: raise affinity_fanout or lower affinity")
+    scale = 2.0**32 / ends[:, -1:]
+    cuts = np.ascontiguousarray((ends[:, :-1] * scale).T.astype(np.uint64))  # [k_g - 1, n]: segment j ends at cut j
+    split = pop_cum * scale  # below it within segment j (from cut j-1): the popularity row
+    split[:, 1:] += succ_cum[:, :-1] * scale[:, :]
+    # per (token, group slot): the split in the high half, the popularity row's first word in the low one;
     # the successor row of the same group lies a fixed distance away for each token
-    slot = ((split << np.uint64(32)) | ((home[None, :] * t + g) * size).astype(np.uint64)).ravel()
+    # (a split of 2^32, a group without successors, is kept to 32 bits: its last 2^-32 goes to the successors)
+    slot = ((np.minimum(split, 2.0**32 - 1).astype(np.uint64) << np.uint64(32)) | rows).ravel()
     to_succ = (G * E + (prev_top1 - home) * E).astype(np.uint64)
+    k_g = slot.size // max(n, 1)
     low, s32 = np.uint64(0xFFFFFFFF), np.uint64(32)
     everyone = np.arange(n)
 
@@ -181,9 +245,9 @@ def _grouped_draw(tab: _LayerTables, home: np.ndarray, prev_top1: np.ndarray, ra
         cols, c, dist = (everyone, cuts, to_succ) if tokens is None else (tokens, cuts[:, tokens], to_succ[tokens])
         bits = raw((m, cols.size))
         u = bits & low
-        seg = np.broadcast_to(cols, u.shape).copy()
+        seg = np.broadcast_to(cols * k_g, u.shape).copy()
         for j in range(c.shape[0]):
-            seg += (u >= c[j]) * n
+            seg += u >= c[j]
         word = slot[seg]
         rows = (word & low) + (u >= (word >> s32)) * dist
         return tab.experts.draw(rows.view(np.int64), size, bits)
@@ -258,14 +322,29 @@ def generate_layers(*, num_layers: int, num_experts: int, top_k: int, num_gpus: 
     home = ((np.arange(T) % (G * tokens_per_gpu)) // tokens_per_gpu).astype(np.int64)
     picks = np.empty((T, K), dtype=trace_dtype(E))
     prev_top1 = np.zeros(T, dtype=np.int64)
-    for lay in range(num_layers):
-        tab = _layer_tables(pops[lay], succ_ids[lay], succ_w[lay], params.affinity if lay > 0 else 0.0, params)
-        for a in range(0, T, _TOKEN_CHUNK):
-            blk = slice(a, min(a + _TOKEN_CHUNK, T))
-            got = _layer_picks(tab, home[blk], prev_top1[blk], K, rng)
-            picks[blk] = got.T
-            prev_top1[blk] = got[0]
-        yield picks, pops[lay]
+    seeds = rng.integers(0, 2**63, size=num_layers)  # each (layer, chunk) draws from its own stream
+    with ThreadPoolExecutor(_workers()) as pool:
+        for lay in range(num_layers):
+            tab = _layer_tables(pops[lay], succ_ids[lay], succ_w[lay], params.affinity if lay > 0 else 0.0, params)
+
+            def chunk(c: int) -> None:
+                blk = slice(c * _TOKEN_CHUNK, min((c + 1) * _TOKEN_CHUNK, T))
+                got = _layer_picks(tab, home[blk], prev_top1[blk], K, np.random.default_rng([int(seeds[lay]), c]))
+                picks[blk] = got.T
+                prev_top1[blk] = got[0]
+
+            list(pool.map(chunk, range(-(-T // _TOKEN_CHUNK))))
+            yield picks, pops[lay]
+
+
+def _workers() -> int:
+    """Threads that sample the chunks of a layer: this process's CPUs, at most 4 (numpy releases the GIL in its
+    array operations; every chunk has its own random stream, so the trace does not depend on the count)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, 4))
 
 
 def trace_dtype(num_experts: int) -> np.dtype:
