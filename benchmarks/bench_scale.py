@@ -4,6 +4,7 @@ hierarchical all-to-alls), contiguous placement, as ``moesim run`` builds it.
 
     python benchmarks/bench_scale.py [--baseline main] [--gpus 16,32,64,128,256] [--layers 4,8] [--no-compare]
     python benchmarks/bench_scale.py --no-compare --gpus 512,1024 --layers 2,4   # the large clusters (minutes)
+    python benchmarks/bench_scale.py --prepare-only [--baseline main] [--compare-gpus 64,256] [--gpus ...]
 
 1. before/after on the same inputs in one run: the simulation of one placement with the baseline revision's
    token bookkeeping (``layer_traffic``, read with ``git show REV:moesim/sim/traffic.py``) and with this tree's,
@@ -15,6 +16,10 @@ hierarchical all-to-alls), contiguous placement, as ``moesim run`` builds it.
    placement (``run_study``), each measured at ``--layers`` and extrapolated linearly to 58 layers (labelled
    ``x58``; fixed costs included, so rows of few layers overstate).
 
+``--prepare-only``: the preparation alone, each point in a fresh process (its peak resident memory is its own):
+first before/after on the same scenario and seed, the baseline revision's moesim (``git archive``) against this
+tree's, at ``--compare-gpus`` and ``--compare-layers``; then this tree's growth with GPUs and layers.
+
 Wall times depend on the machine's load (2 cores shared): compare ratios from one run.
 """
 
@@ -22,6 +27,8 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -124,6 +131,63 @@ def growth(gpu_list: list[int], layer_list: list[int]) -> None:
                   f"{(t_prep + t_sim) * scale:8.1f}", flush=True)
 
 
+_PREPARE = """
+import json, sys, time
+from pathlib import Path
+import yaml
+from moesim.study.config import parse_scenario
+from moesim.study.plan import prepare
+path, gpus, layers = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+data = yaml.safe_load(path.read_text())
+data["clusters"][0]["nodes"] = max(gpus // 8, 1)
+data["clusters"][0]["gpus_per_node"] = min(gpus, 8)
+data["model"]["num_layers"] = layers
+data["placements"] = ["contiguous"]
+data["engine"] = {"a2a": "hierarchical", "progress": False}
+scenario = parse_scenario(data, str(path), path.parent)
+start = time.perf_counter()
+prepare(scenario)
+wall = time.perf_counter() - start
+hwm = [int(x.split()[1]) for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:")]
+print(json.dumps({"s": wall, "gb": hwm[0] * 1024 / 1e9}))
+"""
+
+
+def prepare_in(tree: Path, gpus: int, layers: int) -> tuple[float, float]:
+    """(wall seconds, peak resident GB of the process) of ``prepare`` of the scenario with contiguous placement, run
+    in a fresh process on the moesim of ``tree``."""
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    out = subprocess.run([sys.executable, "-c", _PREPARE, str(SCENARIO), str(gpus), str(layers)], env=env,
+                         check=True, capture_output=True, text=True, cwd=tree).stdout
+    got = json.loads(out.strip().splitlines()[-1])
+    return got["s"], got["gb"]
+
+
+def baseline_tree(rev: str) -> Path:
+    """Revision ``rev``'s moesim package, exported to a temporary folder."""
+    dest = Path(tempfile.mkdtemp(prefix="moesim-base-"))
+    archive = subprocess.run(["git", "archive", rev, "moesim"], cwd=ROOT, check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return dest
+
+
+def prepare_only(rev: str, compare_gpus: list[int], compare_layers: int, gpu_list: list[int],
+                 layer_list: list[int]) -> None:
+    base = baseline_tree(rev)
+    print(f"== prepare before ({rev}) / after (this tree), contiguous placement, {compare_layers} layers, same seed; "
+          "each in a fresh process ==")
+    print(f"{'GPUs':>5s} {'before s':>8s} {'after s':>8s} {'ratio':>7s} {'before GB':>9s} {'after GB':>8s}")
+    for gpus in compare_gpus:
+        (t_old, m_old), (t_new, m_new) = prepare_in(base, gpus, compare_layers), prepare_in(ROOT, gpus, compare_layers)
+        print(f"{gpus:5d} {t_old:8.2f} {t_new:8.2f} {t_old / t_new:6.2f}x {m_old:9.2f} {m_new:8.2f}", flush=True)
+    print("\n== prepare growth (this tree), contiguous placement ==")
+    print(f"{'GPUs':>5s} {'layers':>6s} {'prep s':>7s} {'prep GB':>7s} {'prep s/l':>8s} {'prep x58':>8s}")
+    for gpus in gpu_list:
+        for layers in layer_list:
+            t, m = prepare_in(ROOT, gpus, layers)
+            print(f"{gpus:5d} {layers:6d} {t:7.2f} {m:7.2f} {t / layers:8.3f} {t * 58 / layers:8.1f}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--baseline", default="main", help="git revision whose layer_traffic is the baseline")
@@ -132,9 +196,15 @@ def main() -> None:
     ap.add_argument("--compare-layers", type=int, default=58, help="MoE layers of the before/after runs")
     ap.add_argument("--no-compare", action="store_true", help="the growth table only")
     ap.add_argument("--quick", action="store_true", help="a smoke run: 2 layers, small clusters")
+    ap.add_argument("--prepare-only", action="store_true", help="the preparation alone: before/after, then growth")
+    ap.add_argument("--compare-gpus", default="64,256", help="cluster sizes of --prepare-only's before/after")
     a = ap.parse_args()
     gpu_list = [16, 32] if a.quick else [int(g) for g in a.gpus.split(",")]
     layer_list = [2] if a.quick else [int(x) for x in a.layers.split(",")]
+    if a.prepare_only:
+        compare = [16] if a.quick else [int(g) for g in a.compare_gpus.split(",")]
+        prepare_only(a.baseline, compare, 2 if a.quick else a.compare_layers, gpu_list, layer_list)
+        return
     if not a.no_compare:
         before_after(baseline_traffic(a.baseline), 2 if a.quick else a.compare_layers, 16 if a.quick else 64)
     growth(gpu_list, layer_list)
