@@ -106,6 +106,14 @@ class PackedAlias:
         return np.where(keep, own, word >> (tb + lb)).view(np.int64)
 
 
+def take_rows(table: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """``table[idx]`` for a 2-D ``table``, each row read as one item (numpy's row-wise fancy indexing copies
+    element by element: ten times slower on rows of a few numbers)."""
+    table = np.ascontiguousarray(table)
+    row = np.dtype((np.void, table.dtype.itemsize * table.shape[1]))
+    return table.view(row).ravel().take(idx).view(table.dtype).reshape(idx.shape + table.shape[1:])
+
+
 def label_bits(num_labels: int) -> int:
     """Bits that hold labels 0..num_labels-1 (at least 1)."""
     return max(int(num_labels - 1).bit_length(), 1)

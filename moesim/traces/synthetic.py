@@ -32,7 +32,7 @@ import numpy as np
 
 from moesim.budget import require_memory, require_time
 from moesim.traces.format import Trace, TraceMeta
-from moesim.traces.sampling import Draw, PackedAlias, label_bits, successive_sampling
+from moesim.traces.sampling import Draw, PackedAlias, label_bits, successive_sampling, take_rows
 
 # Tokens sampled at once (by one thread, from one random stream): enough to amortise numpy's per-call cost, few
 # enough that the temporaries of all top_k picks (64-bit words) stay in the last-level cache.
@@ -212,8 +212,8 @@ def _grouped_draw(tab: _LayerTables, home: np.ndarray, prev_top1: np.ndarray, ra
         width = tab.group_sets.shape[0]
         sets = tab.groups.draw(home * width, width, raw(n))
         hs, ps = home * width + sets, prev_top1 * width + sets
-        pop_cum, succ_cum = tab.set_pop_cum[hs], tab.set_succ_cum[ps]  # [n, k_g]
-        rows = tab.set_rows[hs]
+        pop_cum, succ_cum = take_rows(tab.set_pop_cum, hs), take_rows(tab.set_succ_cum, ps)  # [n, k_g]
+        rows = take_rows(tab.set_rows, hs)
     else:
         start = home * t
 
@@ -229,7 +229,8 @@ def _grouped_draw(tab: _LayerTables, home: np.ndarray, prev_top1: np.ndarray, ra
     if not (ends[:, -1] > 0).all():  # only successors (affinity 1), none of them in the token's groups
         raise ValueError("could not draw top_k distinct experts: raise affinity_fanout or lower affinity")
     scale = 2.0**32 / ends[:, -1:]
-    cuts = np.ascontiguousarray((ends[:, :-1] * scale).T.astype(np.uint64))  # [k_g - 1, n]: segment j ends at cut j
+    cut_rows = (ends[:, :-1] * scale).astype(np.uint64)  # [n, k_g - 1]: segment j ends at cut j
+    cuts = np.ascontiguousarray(cut_rows.T)
     split = pop_cum * scale  # below it within segment j (from cut j-1): the popularity row
     split[:, 1:] += succ_cum[:, :-1] * scale[:, :]
     # per (token, group slot): the split in the high half, the popularity row's first word in the low one;
@@ -242,7 +243,8 @@ def _grouped_draw(tab: _LayerTables, home: np.ndarray, prev_top1: np.ndarray, ra
     everyone = np.arange(n)
 
     def draw(tokens: np.ndarray | None, m: int) -> np.ndarray:
-        cols, c, dist = (everyone, cuts, to_succ) if tokens is None else (tokens, cuts[:, tokens], to_succ[tokens])
+        cols, c, dist = ((everyone, cuts, to_succ) if tokens is None
+                         else (tokens, take_rows(cut_rows, tokens).T, to_succ[tokens]))
         bits = raw((m, cols.size))
         u = bits & low
         seg = np.broadcast_to(cols * k_g, u.shape).copy()
