@@ -388,8 +388,9 @@ def generate_trace(
     gate = np.empty((T, num_layers, K), dtype=np.float32) if weights else None
     layers = generate_layers(num_layers=num_layers, num_experts=E, top_k=K, num_gpus=G, tokens_per_gpu=tokens_per_gpu,
                              batches=batches, params=params, rng=rng, structure_rng=structure_rng)
+    row = np.dtype((np.void, K * experts.itemsize))  # a token's picks as one item: a strided copy of T items
     for lay, (picks, pops) in enumerate(layers):
-        experts[:, lay] = picks
+        experts.view(row)[:, lay, 0] = picks.view(row)[:, 0]
         if gate is not None:
             for a in range(0, T, _TOKEN_CHUNK):  # cache-sized blocks
                 blk = slice(a, a + _TOKEN_CHUNK)
