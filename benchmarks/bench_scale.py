@@ -132,7 +132,7 @@ def growth(gpu_list: list[int], layer_list: list[int]) -> None:
 
 
 _PREPARE = """
-import json, sys, time
+import json, resource, sys, time
 from pathlib import Path
 import yaml
 from moesim.study.config import parse_scenario
@@ -145,22 +145,25 @@ data["model"]["num_layers"] = layers
 data["placements"] = ["contiguous"]
 data["engine"] = {"a2a": "hierarchical", "progress": False}
 scenario = parse_scenario(data, str(path), path.parent)
-start = time.perf_counter()
+def cpu():
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+start, cpu0 = time.perf_counter(), cpu()
 prepare(scenario)
-wall = time.perf_counter() - start
+wall, used = time.perf_counter() - start, cpu() - cpu0
 hwm = [int(x.split()[1]) for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:")]
-print(json.dumps({"s": wall, "gb": hwm[0] * 1024 / 1e9}))
+print(json.dumps({"s": wall, "cpu": used, "gb": hwm[0] * 1024 / 1e9}))
 """
 
 
-def prepare_in(tree: Path, gpus: int, layers: int) -> tuple[float, float]:
-    """(wall seconds, peak resident GB of the process) of ``prepare`` of the scenario with contiguous placement, run
-    in a fresh process on the moesim of ``tree``."""
+def prepare_in(tree: Path, gpus: int, layers: int) -> tuple[float, float, float]:
+    """(wall seconds, CPU seconds, peak resident GB of the process) of ``prepare`` of the scenario with contiguous
+    placement, run in a fresh process on the moesim of ``tree``."""
     env = {**os.environ, "PYTHONPATH": str(tree)}
     out = subprocess.run([sys.executable, "-c", _PREPARE, str(SCENARIO), str(gpus), str(layers)], env=env,
                          check=True, capture_output=True, text=True, cwd=tree).stdout
     got = json.loads(out.strip().splitlines()[-1])
-    return got["s"], got["gb"]
+    return got["s"], got["cpu"], got["gb"]
 
 
 def baseline_tree(rev: str) -> Path:
@@ -176,16 +179,20 @@ def prepare_only(rev: str, compare_gpus: list[int], compare_layers: int, gpu_lis
     base = baseline_tree(rev)
     print(f"== prepare before ({rev}) / after (this tree), contiguous placement, {compare_layers} layers, same seed; "
           "each in a fresh process ==")
-    print(f"{'GPUs':>5s} {'before s':>8s} {'after s':>8s} {'ratio':>7s} {'before GB':>9s} {'after GB':>8s}")
+    print(f"{'GPUs':>5s} {'before s':>8s} {'after s':>8s} {'ratio':>7s} {'bef cpu':>8s} {'aft cpu':>8s} {'ratio':>7s} "
+          f"{'before GB':>9s} {'after GB':>8s}")
     for gpus in compare_gpus:
-        (t_old, m_old), (t_new, m_new) = prepare_in(base, gpus, compare_layers), prepare_in(ROOT, gpus, compare_layers)
-        print(f"{gpus:5d} {t_old:8.2f} {t_new:8.2f} {t_old / t_new:6.2f}x {m_old:9.2f} {m_new:8.2f}", flush=True)
+        t_old, c_old, m_old = prepare_in(base, gpus, compare_layers)
+        t_new, c_new, m_new = prepare_in(ROOT, gpus, compare_layers)
+        print(f"{gpus:5d} {t_old:8.2f} {t_new:8.2f} {t_old / t_new:6.2f}x {c_old:8.2f} {c_new:8.2f} "
+              f"{c_old / c_new:6.2f}x {m_old:9.2f} {m_new:8.2f}", flush=True)
     print("\n== prepare growth (this tree), contiguous placement ==")
-    print(f"{'GPUs':>5s} {'layers':>6s} {'prep s':>7s} {'prep GB':>7s} {'prep s/l':>8s} {'prep x58':>8s}")
+    print(f"{'GPUs':>5s} {'layers':>6s} {'prep s':>7s} {'cpu s':>7s} {'prep GB':>7s} {'prep s/l':>8s} {'prep x58':>8s}")
     for gpus in gpu_list:
         for layers in layer_list:
-            t, m = prepare_in(ROOT, gpus, layers)
-            print(f"{gpus:5d} {layers:6d} {t:7.2f} {m:7.2f} {t / layers:8.3f} {t * 58 / layers:8.1f}", flush=True)
+            t, c, m = prepare_in(ROOT, gpus, layers)
+            print(f"{gpus:5d} {layers:6d} {t:7.2f} {c:7.2f} {m:7.2f} {t / layers:8.3f} {t * 58 / layers:8.1f}",
+                  flush=True)
 
 
 def main() -> None:
