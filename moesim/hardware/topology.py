@@ -116,7 +116,8 @@ def build_graph(cluster: ClusterSpec) -> nx.DiGraph:
 
 
 def _forwarding(src: str, role: dict[str, str], node: dict[str, int]) -> Callable[[str, str], bool]:
-    """The links a flow from ``src`` may take: out of ``src``, or out of a switch or NIC - but not from a NIC
+    """(The rule :func:`_search` applies; tests route with it through networkx to check that search.) The links a
+    flow from ``src`` may take: out of ``src``, or out of a switch or NIC - but not from a NIC
     back into a GPU of the source's node."""
     here = node[src]
 
@@ -134,6 +135,75 @@ def topology_cost(cluster: ClusterSpec) -> tuple[float, float]:
     return pairs * 400.0, pairs * 5e-6
 
 
+def _route(graph: nx.DiGraph, index: dict[tuple[str, str], int], latency: np.ndarray,
+           G: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The path of every ordered GPU pair in CSR form (``ptr`` [G*G + 1], ``idx``) and [G, G] path latencies.
+
+    Per source, a breadth-first search on the links :func:`_forwarding` keeps, visiting each node's successors in
+    the graph's order: exactly networkx's ``single_source_shortest_path`` on that view (the same paths), on
+    integer ids and parent links rather than filtered views and path lists (which cost O(G^2) Python calls);
+    the paths are then read back from the parents for every destination at once."""
+    names = list(graph.nodes)
+    id_of = {v: i for i, v in enumerate(names)}
+    role = dict(graph.nodes(data="role"))
+    node = dict(graph.nodes(data="node"))
+    succ = [[id_of[w] for w in graph.succ[v]] for v in names]
+    edge = [[index[(v, w)] for w in graph.succ[v]] for v in names]
+    is_gpu = [role[v] == "gpu" for v in names]
+    is_nic = [role[v] == "nic" for v in names]
+    node_of = [node.get(v) for v in names]
+    gpus = np.array([id_of[f"gpu{i}"] for i in range(G)], dtype=np.int64)
+    ptr, chunks = [np.zeros(1, dtype=np.int64)], []
+    path_latency = np.zeros((G, G))
+    for s in range(G):
+        src = int(gpus[s])
+        parent, via = _search(src, succ, edge, is_gpu, is_nic, node_of)
+        lost = (parent[gpus] < 0) & (gpus != src)
+        if lost.any():
+            d = int(np.flatnonzero(lost)[0])
+            raise ValueError(f"no route from gpu{s} to gpu{d}")
+        back, cur = [], gpus.copy()  # each destination's links, last first
+        while (cur != src).any():
+            back.append(np.where(cur != src, via[cur], -1))
+            cur = np.where(cur != src, parent[cur], src)
+        hops = np.array(back) if back else np.full((1, G), -1)
+        length = (hops >= 0).sum(axis=0)
+        cols = np.arange(G)
+        fwd = np.stack([np.where(length > k, hops[np.maximum(length - 1 - k, 0), cols], -1)
+                        for k in range(hops.shape[0])])  # first link first, -1 after the last
+        path_latency[s] = np.where(fwd >= 0, latency[fwd], 0.0).sum(axis=0)
+        chunks.append(fwd.T[fwd.T >= 0])
+        ptr.append(length)
+    offsets = np.cumsum(np.concatenate(ptr))
+    return offsets, np.concatenate(chunks).astype(np.int64), path_latency
+
+
+def _search(src: int, succ: list[list[int]], edge: list[list[int]], is_gpu: list[bool], is_nic: list[bool],
+            node_of: list[int | None]) -> tuple[np.ndarray, np.ndarray]:
+    """Breadth-first search from ``src`` over the links :func:`_forwarding` keeps: (parent, link from it) of
+    every node, -1 where unreached."""
+    V = len(succ)
+    parent, via = [-1] * V, [-1] * V
+    seen = [False] * V
+    seen[src] = True
+    here = node_of[src]
+    level = [src]
+    while level:
+        nxt = []
+        for v in level:
+            if v != src and is_gpu[v]:
+                continue  # no GPU but the source forwards traffic
+            back_home = v != src and is_nic[v]
+            for w, e in zip(succ[v], edge[v]):
+                if seen[w] or (back_home and is_gpu[w] and node_of[w] == here):
+                    continue
+                seen[w] = True
+                parent[w], via[w] = v, e
+                nxt.append(w)
+        level = nxt
+    return np.array(parent, dtype=np.int64), np.array(via, dtype=np.int64)
+
+
 def build_topology(cluster: ClusterSpec) -> Topology:
     """Build the graph and route every ordered GPU pair over it (refused up front, as an InputError on
     ``nodes``, when that cannot fit in memory or time: :func:`topology_cost`)."""
@@ -146,27 +216,10 @@ def build_topology(cluster: ClusterSpec) -> Topology:
     index = {(u, v): i for i, (u, v, _) in enumerate(edges)}
     capacity = np.array([d["capacity"] for _, _, d in edges], dtype=float)
     latency = np.array([d["latency"] for _, _, d in edges], dtype=float)
-    G = cluster.num_gpus
-    gpus = [f"gpu{i}" for i in range(G)]
-
-    ptr = [0]
-    idx: list[int] = []
-    path_latency = np.zeros((G, G))
-    role = dict(graph.nodes(data="role"))
-    node = dict(graph.nodes(data="node"))
-    for s, src in enumerate(gpus):
-        # No GPU but the source may forward traffic, and no NIC takes it back into the source's node (GPUs
-        # sharing a NIC talk over NVLink, not through the NIC).
-        view = nx.subgraph_view(graph, filter_edge=_forwarding(src, role, node))
-        paths = nx.single_source_shortest_path(view, src)
-        for d, dst in enumerate(gpus):
-            if d != s:
-                if dst not in paths:
-                    raise ValueError(f"cluster {cluster.name}: no route from {src} to {dst}")
-                hops = [index[(u, v)] for u, v in zip(paths[dst][:-1], paths[dst][1:])]
-                idx.extend(hops)
-                path_latency[s, d] = latency[hops].sum()
-            ptr.append(len(idx))
+    try:
+        ptr, idx, path_latency = _route(graph, index, latency, cluster.num_gpus)
+    except ValueError as exc:
+        raise ValueError(f"cluster {cluster.name}: {exc}") from None
     return Topology(
         cluster=cluster,
         graph=graph,
@@ -174,7 +227,7 @@ def build_topology(cluster: ClusterSpec) -> Topology:
         link_kind=tuple(d["kind"] for _, _, d in edges),
         capacity=capacity,
         latency=latency,
-        path_ptr=np.asarray(ptr, dtype=np.int64),
-        path_idx=np.asarray(idx, dtype=np.int64),
+        path_ptr=ptr,
+        path_idx=idx,
         path_latency=path_latency,
     )

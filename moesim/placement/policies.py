@@ -12,7 +12,7 @@ from moesim.placement.format import Placement
 from moesim.placement.registry import PlacementProblem, register
 
 
-@register("contiguous")
+@register("contiguous", profile=False)
 def contiguous(problem: PlacementProblem) -> Placement:
     """Expert e on GPU e * G // E (= e // (E/G) when G divides E), every layer."""
     E, G = problem.num_experts, problem.num_ranks
@@ -20,14 +20,14 @@ def contiguous(problem: PlacementProblem) -> Placement:
     return Placement.from_assignment(np.tile(row, (problem.num_layers, 1)), G, "contiguous")
 
 
-@register("round_robin")
+@register("round_robin", profile=False)
 def round_robin(problem: PlacementProblem) -> Placement:
     """Expert e on GPU e mod G, every layer."""
     row = np.arange(problem.num_experts) % problem.num_ranks
     return Placement.from_assignment(np.tile(row, (problem.num_layers, 1)), problem.num_ranks, "round_robin")
 
 
-@register("random")
+@register("random", profile=False)
 def random(problem: PlacementProblem, *, seed: int | None = None) -> Placement:
     """A seeded random permutation of experts per layer, cut into equal slots."""
     rng = np.random.default_rng(problem.seed if seed is None else seed)

@@ -91,13 +91,17 @@ Policy = Callable[..., Placement]
 _REGISTRY: dict[str, Policy] = {}
 _REPLICAS: dict[str, str] = {}  # policy -> the option giving its number of extra expert copies
 _PAIRWISE: set[str] = set()  # policies that count expert-pair statistics (layers x experts^2)
+_NO_PROFILE: set[str] = set()  # policies that read no profile statistics (load, routing): shape and seed only
 
 
-def register(name: str, *, replicas: str | None = None, pairwise: bool = False) -> Callable[[Policy], Policy]:
+def register(name: str, *, replicas: str | None = None, pairwise: bool = False,
+             profile: bool = True) -> Callable[[Policy], Policy]:
     """Register ``policy(problem, **options)`` under ``name``. ``replicas`` declares that the policy
     replicates experts and names its option giving the number of extra copies (e.g. ``redundant_experts``):
     memory checks and slot limits read it from there. ``pairwise`` declares that it reads the transition or
-    co-activation counts (layers x experts x experts), which the memory estimate of a study then counts."""
+    co-activation counts (layers x experts x experts), which the memory estimate of a study then counts.
+    ``profile=False`` declares that it reads nothing of the profiling window (``load``, ``routing`` and their
+    counts): a study then hands it a problem whose ``load`` is zeros and generates no profile for it."""
     def deco(fn: Policy) -> Policy:
         if name in _REGISTRY:
             raise ValueError(f"placement policy {name!r} is already registered; registered: "
@@ -109,6 +113,8 @@ def register(name: str, *, replicas: str | None = None, pairwise: bool = False) 
             _REPLICAS[name] = replicas
         if pairwise:
             _PAIRWISE.add(name)
+        if not profile:
+            _NO_PROFILE.add(name)
         return fn
 
     return deco
@@ -130,6 +136,11 @@ def replica_slots(name: str, options: dict[str, Any]) -> int:
 def uses_pairwise(name: str) -> bool:
     """Whether policy ``name`` counts expert-pair statistics (see :func:`register`)."""
     return name in _PAIRWISE
+
+
+def reads_profile(name: str) -> bool:
+    """Whether policy ``name`` reads the profiling window's statistics (see :func:`register`)."""
+    return name not in _NO_PROFILE
 
 
 def policy_names() -> list[str]:

@@ -16,7 +16,9 @@ validate`` reports): it generates no trace and runs no optimiser.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
 
 from tqdm import tqdm
 
@@ -24,7 +26,8 @@ from moesim.budget import require_time
 from moesim.errors import InputError
 from moesim.hardware.topology import Topology, build_topology
 from moesim.placement.format import Placement, load_placement
-from moesim.placement.registry import PlacementProblem, make_placement, replica_option, replica_slots
+from moesim.placement.registry import (PlacementProblem, make_placement, reads_profile, replica_option,
+                                      replica_slots)
 from moesim.placement.validate import Capacity, validate_placement
 from moesim.sim.costs import HardwareCosts, hardware_costs
 from moesim.sim.engine import EngineOptions, Simulation
@@ -37,14 +40,24 @@ from moesim.traces.format import Trace
 @dataclass
 class ClusterPlan:
     """One cluster of a study, ready to simulate. ``workload``, ``costs`` and ``problem`` are None and
-    ``placements`` holds only the placement files when prepared with ``build=False``."""
+    ``placements`` holds only the placement files when prepared with ``build=False``. The placement problem
+    (with the profile it counts) is built on first use of :attr:`problem`: a study whose placements read no
+    profile never builds it."""
 
     cluster: ClusterEntry
     topology: Topology
     workload: Workload | None = None
     costs: HardwareCosts | None = None
-    problem: PlacementProblem | None = None
     placements: list[tuple[PlacementEntry, Placement]] = field(default_factory=list)
+    make_problem: Callable[[], PlacementProblem] | None = field(default=None, repr=False)
+    _problem: PlacementProblem | None = field(default=None, init=False, repr=False)
+
+    @property
+    def problem(self) -> PlacementProblem | None:
+        """What the policies plan on (built now, profile included, if it was not yet)."""
+        if self._problem is None and self.make_problem is not None:
+            self._problem = self.make_problem()
+        return self._problem
 
     def placement(self, name: str) -> Placement:
         return next(p for e, p in self.placements if e.name == name)
@@ -111,19 +124,21 @@ def _option_field(where: str, key: str) -> str:
     return where if where.startswith("--") else f"{where}.{key}"
 
 
-def placement_problem(scenario: Scenario, cluster: ClusterEntry, profile: Trace,
+def placement_problem(scenario: Scenario, cluster: ClusterEntry, profile: Trace | None,
                       costs: HardwareCosts) -> PlacementProblem:
     """What the policies plan on: the profile's loads and routing, the memory bounds, and the hardware
-    costs of the engine's own model (:mod:`moesim.sim.costs`)."""
+    costs of the engine's own model (:mod:`moesim.sim.costs`). Without ``profile`` (for the policies that
+    read none: :func:`moesim.placement.registry.reads_profile`) the loads are zeros and there is no routing."""
     m = scenario.model
     ep = cluster.ep
     seed = scenario.workload.synthetic.seed if scenario.workload.synthetic else 0
     cap = capacity_of(scenario, cluster)  # copies per layer that fit: bounds replicas
     max_slots = int(cap.memory_bytes_per_gpu // (cap.expert_bytes_per_gpu * m.num_layers))
+    load = expert_loads(profile) if profile is not None else np.zeros((m.num_layers, m.num_experts))
     return PlacementProblem(num_layers=m.num_layers, num_experts=m.num_experts, num_ranks=ep,
                             gpus_per_node=cluster.spec.gpus_per_node // cluster.tp,
-                            slots_per_gpu=-(-m.num_experts // ep), load=expert_loads(profile), seed=seed,
-                            max_slots_per_gpu=max_slots, routing=profile.experts,
+                            slots_per_gpu=-(-m.num_experts // ep), seed=seed, load=load,
+                            max_slots_per_gpu=max_slots, routing=profile.experts if profile is not None else None,
                             memory_slots=int(cap.memory_bytes_per_gpu // cap.expert_bytes_per_gpu), costs=costs)
 
 
@@ -231,13 +246,19 @@ def _build_cluster(scenario: Scenario, cluster: ClusterEntry, entries: list[Plac
         assert plan.workload is not None
         work = plan.workload
         tokens = work.trace.num_tokens / max(work.layout.num_batches * cluster.spec.num_gpus, 1)
-        plan.costs = hardware_costs(plan.topology, scenario.model, tp=cluster.tp, options=options,
-                                    tokens_per_gpu=tokens, attention=scenario.attention)
-        plan.problem = placement_problem(scenario, cluster, plan.workload.profile, plan.costs)
+        costs = plan.costs = hardware_costs(plan.topology, scenario.model, tp=cluster.tp, options=options,
+                                            tokens_per_gpu=tokens, attention=scenario.attention)
+        plan.make_problem = lambda: placement_problem(scenario, cluster, work.profile, costs)
     bar.update(1)
+    shape_only = None  # the problem of the policies that read no profile
     for e in entries:
         if build or e.file is not None:
             bar.set_postfix_str(e.name)
-            plan.placements.append((e, build_placement(scenario, cluster, e, plan.problem, label[e.name])))
+            problem = plan.problem if e.file is None and reads_profile(e.policy or "") else None
+            if build and e.file is None and problem is None:
+                assert plan.costs is not None
+                shape_only = shape_only or placement_problem(scenario, cluster, None, plan.costs)
+                problem = shape_only
+            plan.placements.append((e, build_placement(scenario, cluster, e, problem, label[e.name])))
         bar.update(1)
     return plan

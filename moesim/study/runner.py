@@ -50,7 +50,7 @@ def _predicted_ms(cp: ClusterPlan, placement: Placement, num_layers: int) -> flo
         return None
     per_batch = cp.workload.trace.num_tokens / max(cp.workload.layout.num_batches, 1)
     counted = bool(placement.info.get("dispatch_objective"))
-    profile = cp.workload.profile.num_tokens / per_batch
+    profile = cp.workload.profile_tokens / per_batch
     return cp.costs.predicted_batch_s(float(objective), profile, num_layers, dispatch_counted=counted) * 1e3
 
 
@@ -58,7 +58,7 @@ def _simulate_cluster(plan: StudyPlan, cp: ClusterPlan, show: bool,
                       on_run: Callable[[Run], None] | None) -> tuple[list[Run], Any]:
     """Every placement of one cluster, then its rebalancing study when the scenario has one."""
     scenario, work = plan.scenario, cp.workload
-    assert work is not None and cp.problem is not None
+    assert work is not None
     sim = plan.simulation(cp)
     batch_tokens = np.bincount(work.layout.batch, minlength=work.layout.num_batches)  # tokens of each forward
     runs = []
@@ -80,6 +80,7 @@ def _simulate_cluster(plan: StudyPlan, cp: ClusterPlan, show: bool,
 
     with tqdm(total=work.layout.num_batches, desc=f"{cp.cluster.name} / rebalancing", unit="batch",
               disable=not show, leave=False) as bar:
+        assert cp.problem is not None
         rebalanced = run_rebalance(scenario, cp.cluster, cp.topology, sim, work.trace, work.layout, cp.problem,
                                    {e.name: p for e, p in cp.placements},
                                    records={r.name: r.records for r in runs}, progress=bar.update)
@@ -100,7 +101,7 @@ def run_study(scenario: Scenario | StudyPlan, *, progress: bool | None = None,
         assert work is not None, "run_study needs a plan prepared with build=True"
         workloads[cp.cluster.name] = {
             "tokens": work.trace.num_tokens, "batches": work.layout.num_batches,
-            "profile_tokens": work.profile.num_tokens, "profile_in_sample": work.profile_in_sample,
+            "profile_tokens": work.profile_tokens, "profile_in_sample": work.profile_in_sample,
         }
         mine, rebalance = _simulate_cluster(plan, cp, show, on_run)
         runs += mine

@@ -48,7 +48,7 @@ def _workload_size(scenario: Scenario, cluster: ClusterEntry, trace: Trace | Non
             else:
                 nbytes, seconds, _ = synthetic_cost(num_layers=m.num_layers, num_experts=m.num_experts,
                                                     top_k=m.top_k, num_gpus=G, tokens_per_gpu=syn.tokens_per_gpu,
-                                                    batches=batches, params=params)
+                                                    batches=batches, params=params, weights=False)
             return nbytes, seconds
 
         (b1, s1), (b2, s2) = generated(syn.batches), generated(syn.profile_batches)

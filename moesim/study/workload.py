@@ -8,7 +8,8 @@ gives the same tokens on every machine. Deliberately ignored: traces larger than
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
+from typing import Callable
 
 import numpy as np
 
@@ -21,14 +22,26 @@ from moesim.traces.stats import expert_counts
 from moesim.traces.synthetic import SyntheticParams, drift_trace, generate_trace
 
 
-@dataclass
 class Workload:
-    """The evaluation trace and the profiling trace, laid out for one cluster."""
+    """The evaluation trace and the profiling trace, laid out for one cluster. A generated profile is made on
+    first use (:attr:`profile`): a study whose placements read no profile (contiguous, placement files)
+    never generates it; ``profile_tokens`` is known without it."""
 
-    trace: Trace
-    layout: Layout
-    profile: Trace
-    profile_in_sample: bool
+    def __init__(self, trace: Trace, layout: Layout, profile: Trace | Callable[[], Trace], profile_in_sample: bool,
+                 profile_tokens: int | None = None) -> None:
+        self.trace, self.layout, self.profile_in_sample = trace, layout, profile_in_sample
+        self._profile = profile
+        if profile_tokens is None:
+            assert isinstance(profile, Trace), "a profile made later needs its token count"
+            profile_tokens = profile.num_tokens
+        self.profile_tokens = profile_tokens
+
+    @property
+    def profile(self) -> Trace:
+        """The profiling trace (generated now if it was not yet)."""
+        if not isinstance(self._profile, Trace):
+            self._profile = self._profile()
+        return self._profile
 
 
 def expert_loads(trace: Trace) -> np.ndarray:
@@ -132,8 +145,8 @@ def build_workload(scenario: Scenario, cluster: ClusterEntry, trace: Trace | Non
                                    groups=groups)
 
         evaluation = gen_fitted(syn.batches, 1)
-        return Workload(evaluation, evaluation.layout(G, syn.tokens_per_gpu), gen_fitted(syn.profile_batches, 2),
-                        False)
+        return Workload(evaluation, evaluation.layout(G, syn.tokens_per_gpu),
+                        lambda: gen_fitted(syn.profile_batches, 2), False, syn.profile_batches * G * syn.tokens_per_gpu)
     if syn is not None:
         params = SyntheticParams(zipf_alpha=syn.zipf_alpha, gpu_mix_sigma=syn.gpu_mix_sigma,
                                  affinity=syn.affinity, affinity_fanout=syn.affinity_fanout,
@@ -143,13 +156,14 @@ def build_workload(scenario: Scenario, cluster: ClusterEntry, trace: Trace | Non
             return generate_trace(num_layers=m.num_layers, num_experts=m.num_experts, top_k=m.top_k, num_gpus=G,
                                   tokens_per_gpu=syn.tokens_per_gpu, batches=batches, params=params,
                                   rng=np.random.default_rng([syn.seed, stream]),
-                                  structure_rng=np.random.default_rng(syn.seed), model=m.name)
+                                  structure_rng=np.random.default_rng(syn.seed), model=m.name, weights=False)
 
         evaluation = gen(syn.batches, 1)
         if syn.drift_swaps_per_batch > 0:  # the evaluation drifts away from what the profile saw
             evaluation = drift_trace(evaluation, swaps_per_batch=syn.drift_swaps_per_batch,
                                      rng=np.random.default_rng([syn.seed, 3]))
-        return Workload(evaluation, evaluation.layout(G, syn.tokens_per_gpu), gen(syn.profile_batches, 2), False)
+        return Workload(evaluation, evaluation.layout(G, syn.tokens_per_gpu), lambda: gen(syn.profile_batches, 2),
+                        False, syn.profile_batches * G * syn.tokens_per_gpu)
     tw = scenario.workload.trace
     assert tw is not None
     trace = trace if trace is not None else load_workload_trace(scenario)

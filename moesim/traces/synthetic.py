@@ -22,21 +22,22 @@ between layers. The trace-fitting issue extends this.
 
 from __future__ import annotations
 
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
-import numpy.typing as npt
 
 from moesim.budget import require_memory, require_time
 from moesim.traces.format import Trace, TraceMeta
+from moesim.traces.sampling import Draw, PackedAlias, label_bits, successive_sampling, take_rows
 
-_MAX_REJECTION_ROUNDS = 200
-_MAX_DRAWS_PER_ROUND = 64
-# Draws and tokens handled per numpy call: enough to amortise numpy's per-call cost, few enough that
-# the temporaries stay in cache.
-_DRAW_BLOCK = 16384
-_TOKEN_BLOCK = 4096
+# Tokens sampled at once (by one thread, from one random stream): enough to amortise numpy's per-call cost, few
+# enough that the temporaries stay in cache and are reused from the heap (at 32k tokens, about 200k page faults
+# a layer of 1M tokens: temporaries mapped fresh from the OS and returned to it each time).
+_TOKEN_CHUNK = 1 << 14
 
 
 @dataclass(frozen=True)
@@ -58,119 +59,6 @@ class SyntheticParams:
         if self.groups > 1 and self.topk_groups is not None and self.topk_groups < self.groups:
             return self.topk_groups
         return None
-
-
-def _alias_rows(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Walker alias tables of every row of ``weights`` [rows, n], vectorised: (prob, alias), both [rows, n].
-
-    Column c keeps a draw with probability ``prob[c]`` and hands it to ``alias[c]`` otherwise. Scaled to
-    mean 1, the small columns' deficits (1 - p) and the large ones' surpluses (p - 1) are laid end to end
-    in column order: each small is topped up by the large whose surplus interval holds the start of its
-    deficit; a large whose surplus runs out inside a small's deficit lends that overshoot from its own
-    column and is topped up in turn by the next large. (Vose's sweep with its order fixed, so that one
-    cumulative sum and one sorted search per side do every row at once.)
-    """
-    rows, n = weights.shape
-    p = weights / weights.sum(axis=1, keepdims=True) * n
-    r = np.arange(rows)
-    large = p >= 1.0
-    large[r, p.argmax(axis=1)] = True  # every row has a donor, whatever the rounding
-    deficit = np.where(large, 0.0, 1.0 - p)
-    surplus = np.where(large, np.maximum(p - 1.0, 0.0), 0.0)
-    off = r[:, None] * (n + 1.0)  # row offsets: one sorted search serves every row
-    d_end = np.cumsum(deficit, axis=1) + off
-    d_start = np.concatenate([off, d_end[:, :-1]], axis=1).ravel()
-    d_end = d_end.ravel()
-    s_end = (np.cumsum(surplus, axis=1) + off).ravel()
-    larges = np.flatnonzero(large)
-    row_last = larges[np.searchsorted(larges, (r + 1) * n) - 1]  # each row's last large
-    donor = np.minimum(np.searchsorted(s_end, d_start, side="right"), np.repeat(row_last, n))
-    q = np.minimum(np.searchsorted(d_end, s_end, side="right"), rows * n - 1)
-    overshoot = np.where(d_start[q] < s_end, d_end[q] - s_end, 0.0)
-    next_large = np.empty(rows * n, dtype=np.int64)
-    next_large[larges[:-1]] = larges[1:]
-    next_large[row_last] = row_last
-    flat_large = large.ravel()
-    prob = np.where(flat_large, 1.0 - overshoot, p.ravel())
-    alias = np.where(flat_large, next_large, donor) - np.repeat(r * n, n)
-    return prob.reshape(rows, n), alias.reshape(rows, n)
-
-
-class _AliasTable:
-    """Alias tables of many categorical rows, stacked: O(1) vectorised draws.
-
-    ``blocks`` is a list of (weights [rows, n], labels [rows, n]); rows are numbered across the blocks in
-    order, and a draw from row r returns one of its labels with probability proportional to its weight.
-    """
-
-    def __init__(self, blocks: list[tuple[np.ndarray, np.ndarray]], dtype: npt.DTypeLike) -> None:
-        width, start, edge, pick = [], [], [], []
-        offset = 0
-        for weights, labels in blocks:
-            rows, n = weights.shape
-            prob, alias = _alias_rows(weights)
-            width.append(np.full(rows, float(n)))
-            start.append(offset + n * np.arange(rows))
-            edge.append((np.arange(n) + prob).ravel())  # column + probability of keeping it
-            pick.append(np.stack([np.take_along_axis(labels, alias, axis=1), labels], axis=-1).ravel())
-            offset += rows * n
-        self.width = np.concatenate(width)
-        self.start = np.concatenate(start)
-        self.edge = np.concatenate(edge)
-        self.pick = np.concatenate(pick).astype(dtype)  # per entry: its alias's label, its own label
-
-    def sample(self, rows: np.ndarray, u: np.ndarray) -> np.ndarray:
-        """One label from row ``rows`` per uniform ``u`` in [0, 1) (broadcast together): the integer part of
-        ``u x n`` picks the column (never n: a double below 1 times n rounds below n), the fractional part
-        keeps it or takes its alias."""
-        x = u * self.width[rows]
-        flat = self.start[rows] + x.astype(np.int64)
-        return self.pick[2 * flat + (x < self.edge[flat])]
-
-
-Draw = Callable[[np.ndarray, np.ndarray, int], np.ndarray]
-Allowed = Callable[[np.ndarray, np.ndarray], np.ndarray]
-
-
-def _successive_sampling(draw: Draw, pop_row: np.ndarray, succ_row: np.ndarray, k: int,
-                         allowed: Allowed | None = None) -> np.ndarray:
-    """``k`` distinct picks per token, [k, tokens]: pick i is the token's first i.i.d. draw that differs
-    from its picks 0..i-1 (rejection), which is exactly successive sampling without replacement.
-
-    ``draw(pop_row, succ_row, m)`` returns ``m`` i.i.d. draws for each token with those rows of the
-    popularity and successor tables: [m, tokens]. A token rejected in one round draws twice as many
-    candidates in the next (up to ``_MAX_DRAWS_PER_ROUND``) and takes the first that is new. (Tokens are
-    selected by index arrays, not boolean masks: numpy's masked selection is slow on random masks.)
-    ``allowed(cand [m, n], tokens [n])`` restricts picks (rejecting the rest): sampling from the restricted,
-    renormalised distribution.
-    """
-    picks = draw(pop_row, succ_row, k)  # every pick's first candidate
-    everyone = np.arange(pop_row.size)
-    for i in range(k):
-        repeat = np.zeros(pop_row.size, dtype=bool) if allowed is None else ~allowed(picks[i][None], everyone)[0]
-        for j in range(i):
-            repeat |= picks[j] == picks[i]
-        todo = repeat.nonzero()[0]
-        m = 1
-        for _ in range(_MAX_REJECTION_ROUNDS):
-            if todo.size == 0:
-                break
-            cand = draw(pop_row[todo], succ_row[todo], m)  # [m, todo]
-            new = np.ones(cand.shape, dtype=bool) if allowed is None else allowed(cand, todo)
-            for j in range(i):
-                new &= cand != picks[j][todo]
-            if m == 1:
-                ok, take = new[0], cand[0]
-            else:  # each token's first new candidate
-                first, col = new.argmax(axis=0), np.arange(todo.size)
-                ok, take = new[first, col], cand[first, col]
-            got = ok.nonzero()[0]
-            picks[i][todo[got]] = take[got]
-            todo = todo[(~ok).nonzero()[0]]
-            m = min(2 * m, _MAX_DRAWS_PER_ROUND)
-        else:
-            raise ValueError("could not draw top_k distinct experts: raise affinity_fanout or lower affinity")
-    return picks
 
 
 def _check_shape(num_layers: int, num_experts: int, top_k: int, params: SyntheticParams) -> None:
@@ -212,55 +100,260 @@ def _routing_structure(num_layers: int, num_experts: int, num_gpus: int, params:
     return pops, succ_ids, succ_w
 
 
-def _mixture_draw(table: _AliasTable, use_affinity: bool, affinity: float, dtype: npt.DTypeLike,
-                  rng: np.random.Generator) -> Draw:
-    def draw(pop: np.ndarray, succ: np.ndarray, m: int) -> np.ndarray:
-        """``m`` i.i.d. draws from the mixture for each token: [m, tokens]."""
-        out = np.empty((m, pop.size), dtype=dtype)
-        step = max(_DRAW_BLOCK // m, 1)
-        for a in range(0, pop.size, step):
-            u = rng.random((2 if use_affinity else 1, m, min(a + step, pop.size) - a))
-            rows = np.where(u[1] < affinity, succ[a : a + step], pop[a : a + step]) if use_affinity \
-                else pop[a : a + step]
-            out[:, a : a + step] = table.sample(rows, u[0])
-        return out
+@dataclass(frozen=True)
+class _LayerTables:
+    """One layer's alias tables and masses.
+
+    Without group limit, ``experts`` holds the popularity row of every home GPU (``E`` columns, from word
+    ``h x E``) then, with affinity, every expert's successor row (``fan`` columns, from word ``G x E + e x
+    fan``). With it, the rows are per group: popularity of home h within group g (from word ``(h x n + g) x
+    size``), then the successors of expert e within group g (from ``G x E + (e x n + g) x size``), and
+    ``group_mass`` [G, n] / ``succ_mass`` [E, n] are each group's share of the two components; ``groups``
+    draws a home's groups by their popularity mass."""
+
+    experts: PackedAlias
+    groups: PackedAlias | None
+    group_mass: np.ndarray | None
+    succ_mass: np.ndarray | None
+    num_experts: int
+    num_gpus: int
+    fan: int
+    affinity: float  # 0: no successor component (first layer, or no affinity)
+    num_groups: int
+    topk_groups: int
+    group_sets: np.ndarray | None = None  # [sets, topk_groups]: ``groups`` draws a set of groups (its row here)
+    # per (home, set) and (expert, set), over the set's groups: cumulative (1 - affinity) x popularity mass and
+    # affinity x successor mass, and the popularity rows' first words
+    set_pop_cum: np.ndarray | None = None
+    set_succ_cum: np.ndarray | None = None
+    set_rows: np.ndarray | None = None
+
+
+def _layer_tables(pops: np.ndarray, succ_ids: np.ndarray, succ_w: np.ndarray, affinity: float,
+                  params: SyntheticParams) -> _LayerTables:
+    """The tables of one layer from its popularity per home ``pops`` [G, E] and successors [E, fan]."""
+    G, E = pops.shape
+    bits = label_bits(E)
+    if params.group_limit is None:
+        blocks = [(pops, np.broadcast_to(np.arange(E), (G, E)))]
+        if affinity > 0:
+            blocks.append((succ_w, succ_ids))
+        return _LayerTables(PackedAlias(blocks, bits), None, None, None, E, G, succ_ids.shape[1], affinity, 1, 1)
+    n = params.groups
+    size = E // n
+    labels = np.broadcast_to(np.arange(E).reshape(1, n, size), (G, n, size)).reshape(G * n, size)
+    succ = np.zeros((E, E))
+    np.put_along_axis(succ, succ_ids, succ_w / succ_w.sum(axis=1, keepdims=True), axis=1)
+    succ_mass = succ.reshape(E, n, size).sum(axis=2)
+    rows = succ.reshape(E * n, size)
+    rows[succ_mass.ravel() <= 0] = 1.0  # a group without successors: never drawn from, any valid row
+    group_mass = pops.reshape(G, n, size).sum(axis=2)
+    group_mass /= group_mass.sum(axis=1, keepdims=True)
+    table = PackedAlias([(pops.reshape(G * n, size), labels),
+                         (rows, np.broadcast_to(np.arange(E).reshape(1, n, size), (E, n, size)).reshape(E * n, size))],
+                        bits)
+    law = group_set_law(group_mass, params.group_limit)
+    if law is None:  # too many sets: successive sampling of the groups themselves
+        groups = PackedAlias([(group_mass, np.broadcast_to(np.arange(n), (G, n)))], label_bits(n))
+        members = set_pop_cum = set_succ_cum = set_rows = None
+    else:
+        groups = PackedAlias([(law[0], np.broadcast_to(np.arange(law[1].shape[0]), law[0].shape))],
+                             label_bits(law[1].shape[0]))
+        members = law[1]
+        k = members.shape[1]
+        set_pop_cum = (1 - affinity) * np.cumsum(group_mass[:, members], axis=2).reshape(-1, k)
+        set_succ_cum = affinity * np.cumsum(succ_mass[:, members], axis=2).reshape(-1, k)
+        set_rows = ((np.arange(G)[:, None, None] * n + members[None]) * size).astype(np.uint64).reshape(-1, k)
+    return _LayerTables(table, groups, group_mass, succ_mass, E, G,
+                        succ_ids.shape[1], affinity, n, params.group_limit, members, set_pop_cum, set_succ_cum,
+                        set_rows)
+
+
+_MAX_GROUP_SETS = 4096  # above this many sets of topk_groups groups, groups are drawn one by one
+
+
+def group_set_law(mass: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The law of the set of ``k`` groups drawn by successive sampling on ``mass`` [rows, n]: (``p`` [rows,
+    sets], ``members`` [sets, k]), summed over the orders that give each set (dynamic programming over the
+    sets drawn so far: a set S grows by g with probability ``mass[g] / (1 - mass(S))``). None when there are
+    more than ``_MAX_GROUP_SETS`` sets."""
+    rows, n = mass.shape
+    if math.comb(n, k) > _MAX_GROUP_SETS or n > 24:
+        return None
+    m = mass / mass.sum(axis=1, keepdims=True)
+    masks = np.arange(1 << n)
+    size = np.bitwise_count(masks)
+    bit = (masks[:, None] >> np.arange(n)) & 1
+    taken = bit @ m.T  # [sets, rows]: mass of every set
+    p = np.zeros((1 << n, rows))
+    p[0] = 1.0
+    for j in range(k):
+        level = masks[size == j]
+        for g in range(n):
+            grow = level[bit[level, g] == 0]
+            p[grow | (1 << g)] += p[grow] * m[:, g] / np.maximum(1.0 - taken[grow], 1e-300)
+    sets = masks[size == k]
+    members = np.nonzero(bit[sets])[1].reshape(sets.size, k)
+    return p[sets].T, members
+
+
+def _grouped_draw(tab: _LayerTables, home: np.ndarray, prev_top1: np.ndarray, raw: Callable[..., np.ndarray]
+                  ) -> Draw:
+    """Group-limited routing: each token's ``topk_groups`` groups by successive sampling on their popularity
+    mass at its home, then draws from the mixture restricted to those groups, exactly: a group j of the
+    token's by its mass ``(1 - affinity) x popularity + affinity x successors``, then that group's
+    popularity row or successor row by their shares of it. (The low 32 bits of a draw's word pick the group
+    and the component, against the token's cumulative thresholds.)"""
+    assert tab.groups is not None and tab.group_mass is not None and tab.succ_mass is not None
+    n, E, G, t = home.size, tab.num_experts, tab.num_gpus, tab.num_groups
+    size = E // t
+    a = tab.affinity
+    if tab.group_sets is not None:  # the token's set of groups in one draw; its thresholds from the set's rows
+        assert tab.set_pop_cum is not None and tab.set_succ_cum is not None and tab.set_rows is not None
+        width = tab.group_sets.shape[0]
+        sets = tab.groups.draw(home * width, width, raw(n))
+        hs, ps = home * width + sets, prev_top1 * width + sets
+        pop_cum, succ_cum = take_rows(tab.set_pop_cum, hs), take_rows(tab.set_succ_cum, ps)  # [n, k_g]
+        rows = take_rows(tab.set_rows, hs)
+    else:
+        start = home * t
+
+        def draw_group(tokens: np.ndarray | None, m: int) -> np.ndarray:
+            rows = start if tokens is None else start[tokens]
+            return tab.groups.draw(rows, t, raw((m, rows.size)))  # type: ignore[union-attr]
+
+        g = successive_sampling(draw_group, n, tab.topk_groups).T  # [n, k_g]
+        pop_cum = np.cumsum((1 - a) * tab.group_mass.ravel()[home[:, None] * t + g], axis=1)
+        succ_cum = np.cumsum(a * tab.succ_mass.ravel()[prev_top1[:, None] * t + g], axis=1)
+        rows = ((home[:, None] * t + g) * size).astype(np.uint64)
+    ends = pop_cum + succ_cum
+    if not (ends[:, -1] > 0).all():  # only successors (affinity 1), none of them in the token's groups
+        raise ValueError("could not draw top_k distinct experts: raise affinity_fanout or lower affinity")
+    scale = 2.0**32 / ends[:, -1:]
+    cut_rows = (ends[:, :-1] * scale).astype(np.uint64)  # [n, k_g - 1]: segment j ends at cut j
+    cuts = np.ascontiguousarray(cut_rows.T)
+    split = pop_cum * scale  # below it within segment j (from cut j-1): the popularity row
+    split[:, 1:] += succ_cum[:, :-1] * scale[:, :]
+    # per (token, group slot): the split in the high half, the popularity row's first word in the low one;
+    # the successor row of the same group lies a fixed distance away for each token
+    # (a split of 2^32, a group without successors, is kept to 32 bits: its last 2^-32 goes to the successors)
+    slot = ((np.minimum(split, 2.0**32 - 1).astype(np.uint64) << np.uint64(32)) | rows).ravel()
+    to_succ = (G * E + (prev_top1 - home) * E).astype(np.uint64)
+    k_g = slot.size // max(n, 1)
+    low, s32 = np.uint64(0xFFFFFFFF), np.uint64(32)
+    everyone = np.arange(n)
+
+    def draw(tokens: np.ndarray | None, m: int) -> np.ndarray:
+        cols, c, dist = ((everyone, cuts, to_succ) if tokens is None
+                         else (tokens, take_rows(cut_rows, tokens).T, to_succ[tokens]))
+        bits = raw((m, cols.size))
+        u = bits & low
+        seg = np.broadcast_to(cols * k_g, u.shape).copy()
+        for j in range(c.shape[0]):
+            seg += u >= c[j]
+        word = slot[seg]
+        rows = (word & low) + (u >= (word >> s32)) * dist
+        return tab.experts.draw(rows.view(np.int64), size, bits)
 
     return draw
 
 
-def _group_filter(pops: np.ndarray, groups: int, topk_groups: int, pop_row: np.ndarray,
-                  rng: np.random.Generator) -> Allowed:
-    """Group-limited routing: each token's ``topk_groups`` groups, drawn by their popularity mass at its home
-    (``pops`` [G, E] of one layer); the filter keeps the candidates in the token's groups."""
-    G, E = pops.shape
-    T = pop_row.size
-    size = E // groups
-    group_table = _AliasTable([(pops.reshape(G, groups, size).sum(axis=2),
-                                np.broadcast_to(np.arange(groups), (G, groups)))], np.int64)
+def _layer_picks(tab: _LayerTables, home: np.ndarray, prev_top1: np.ndarray, k: int,
+                 rng: np.random.Generator) -> np.ndarray:
+    """[k, n] int64: the picks of tokens with homes ``home`` and previous top-1 experts ``prev_top1`` (int64),
+    by successive sampling from the mixture ``(1 - affinity) x popularity(home) + affinity x successors``
+    (restricted to the token's groups under group-limited routing)."""
+    E, G, fan = tab.num_experts, tab.num_gpus, tab.fan
+    raw = rng.bit_generator.random_raw
+    if tab.groups is not None:
+        return successive_sampling(_grouped_draw(tab, home, prev_top1, raw), home.size, k)
+    pop_start = home * E
+    if tab.affinity <= 0:
+        def draw(tokens: np.ndarray | None, m: int) -> np.ndarray:
+            rows = pop_start if tokens is None else pop_start[tokens]
+            return tab.experts.draw(rows, E, raw((m, rows.size)))
 
-    def draw_group(pop: np.ndarray, _succ: np.ndarray, m: int) -> np.ndarray:
-        return group_table.sample(pop[None, :], rng.random((m, pop.size)))
+        return successive_sampling(draw, home.size, k)
+    succ_start = G * E + prev_top1 * fan
+    cut = np.uint64(min(round(tab.affinity * 2.0**32), 2**32))  # the low 32 bits below it: a successor
+    low = np.uint64(0xFFFFFFFF)
 
-    chosen = np.zeros((T, groups), dtype=bool)
-    gpicks = _successive_sampling(draw_group, pop_row, pop_row, topk_groups)
-    chosen[np.arange(T)[None, :], gpicks] = True
+    def draw_mixture(tokens: np.ndarray | None, m: int) -> np.ndarray:
+        ps = pop_start if tokens is None else pop_start[tokens]
+        ss = succ_start if tokens is None else succ_start[tokens]
+        bits = raw((m, ps.size))
+        succ = (bits & low) < cut
+        return tab.experts.draw(np.where(succ, ss, ps), np.where(succ, fan, E), bits)
 
-    def in_chosen_groups(cand: np.ndarray, tokens: np.ndarray) -> np.ndarray:
-        return chosen[tokens[None, :], cand // size]
-
-    return in_chosen_groups
+    return successive_sampling(draw_mixture, home.size, k)
 
 
 def synthetic_cost(*, num_layers: int, num_experts: int, top_k: int, num_gpus: int, tokens_per_gpu: int,
-                   batches: int, params: SyntheticParams) -> tuple[float, float, str]:
-    """(bytes, seconds, the sizes in words) :func:`generate_trace` needs: the trace's arrays and per-token
-    temporaries, each layer's popularity rows and the successor race over every expert pair."""
+                   batches: int, params: SyntheticParams, weights: bool = True,
+                   keep: bool = True) -> tuple[float, float, str]:
+    """(bytes, seconds, the sizes in words) :func:`generate_trace` needs: the trace's arrays (expert ids,
+    gate ``weights`` when asked; none when the layers are not ``keep``-t, as for profile statistics), one
+    layer's picks and per-token state, the per-chunk temporaries, each layer's popularity rows and the
+    successor race over every expert pair."""
     L, E, K, G = num_layers, num_experts, top_k, num_gpus
     T = batches * G * tokens_per_gpu
     fan = min(params.affinity_fanout, E)
-    nbytes = T * L * K * 6 + T * (48 + 24 * K) + L * G * E * 8 + 2 * E * E * 8 + L * E * fan * 16
-    seconds = T * L * K * 3e-7 + L * E * E * 1e-7
+    per_pick = (trace_dtype(E).itemsize + (4 if weights else 0)) if keep else 0
+    nbytes = (T * L * K * per_pick + T * (K * 4 + 24) + _TOKEN_CHUNK * K * 200 + L * G * E * 8 + 2 * E * E * 8
+              + L * E * fan * 16)
+    seconds = T * L * K * 4e-8 + L * E * E * 1e-7
     return nbytes, seconds, f"{batches} batches x {G} GPUs x {tokens_per_gpu} tokens x {L} layers x top-{K}"
+
+
+def generate_layers(*, num_layers: int, num_experts: int, top_k: int, num_gpus: int, tokens_per_gpu: int,
+                    batches: int, params: SyntheticParams, rng: np.random.Generator,
+                    structure_rng: np.random.Generator | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The picks of ``batches x num_gpus x tokens_per_gpu`` tokens, one MoE layer at a time: yields
+    (``picks`` [tokens, top_k], ``pops`` [G, E] the layer's popularity per home GPU). ``picks`` is int16
+    (int32 for 2^15 experts or more) and is overwritten by the next layer: copy what you keep. Only one
+    layer's picks and each token's top-1 expert are held (what :func:`generate_trace` and the profile
+    statistics of a study consume layer by layer).
+
+    ``structure_rng`` draws the popularity ranks, GPU tilts and successor sets; pass generators with the
+    same seed to get traces of one distribution with independent tokens (profiling vs evaluation).
+    """
+    _check_shape(num_layers, num_experts, top_k, params)
+    srng = structure_rng if structure_rng is not None else rng
+    E, G, K = num_experts, num_gpus, top_k
+    T = batches * G * tokens_per_gpu
+    pops, succ_ids, succ_w = _routing_structure(num_layers, E, G, params, srng)
+    home = ((np.arange(T) % (G * tokens_per_gpu)) // tokens_per_gpu).astype(np.int64)
+    picks = np.empty((T, K), dtype=trace_dtype(E))
+    prev_top1 = np.zeros(T, dtype=np.int64)
+    seeds = rng.integers(0, 2**63, size=num_layers)  # each (layer, chunk) draws from its own stream
+    with ThreadPoolExecutor(_workers()) as pool:
+        for lay in range(num_layers):
+            tab = _layer_tables(pops[lay], succ_ids[lay], succ_w[lay], params.affinity if lay > 0 else 0.0, params)
+
+            def chunk(c: int) -> None:
+                blk = slice(c * _TOKEN_CHUNK, min((c + 1) * _TOKEN_CHUNK, T))
+                got = _layer_picks(tab, home[blk], prev_top1[blk], K, np.random.default_rng([int(seeds[lay]), c]))
+                picks[blk] = got.T
+                prev_top1[blk] = got[0]
+
+            list(pool.map(chunk, range(-(-T // _TOKEN_CHUNK))))
+            yield picks, pops[lay]
+
+
+def _workers() -> int:
+    """Threads that sample the chunks of a layer: this process's CPUs, at most 4 (numpy releases the GIL in its
+    array operations; every chunk has its own random stream, so the trace does not depend on the count)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, 4))
+
+
+def trace_dtype(num_experts: int) -> np.dtype:
+    """The expert-id dtype of a synthetic trace, the narrowest that holds every id (a generated trace has no -1):
+    uint8 up to 256 experts (DeepSeek-V3's 58 layers x top-8 of 4M tokens: 1.9 GB, not 3.9), int16, int32."""
+    return np.dtype(np.uint8 if num_experts <= 256 else np.int16 if num_experts < 2**15 else np.int32)
 
 
 def generate_trace(
@@ -275,52 +368,38 @@ def generate_trace(
     rng: np.random.Generator,
     structure_rng: np.random.Generator | None = None,
     model: str = "",
+    weights: bool = True,
 ) -> Trace:
-    """Generate ``batches x num_gpus x tokens_per_gpu`` tokens.
+    """Generate ``batches x num_gpus x tokens_per_gpu`` tokens (:func:`generate_layers`, every layer kept).
 
-    ``structure_rng`` draws the popularity ranks, GPU tilts and successor sets; pass generators with the
-    same seed to get traces of one distribution with independent tokens (profiling vs evaluation).
+    ``weights`` adds gate weights: the picks' popularity at the token's home, normalised (the engine reads
+    none; a study generates without them).
     """
     _check_shape(num_layers, num_experts, top_k, params)
     nbytes, seconds, what = synthetic_cost(num_layers=num_layers, num_experts=num_experts, top_k=top_k,
                                            num_gpus=num_gpus, tokens_per_gpu=tokens_per_gpu, batches=batches,
-                                           params=params)
+                                           params=params, weights=weights)
     require_memory(nbytes, f"a synthetic trace of {what}")
     require_time(seconds, f"generating a synthetic trace of {what}")
-    srng = structure_rng if structure_rng is not None else rng
     E, G, K = num_experts, num_gpus, top_k
     T = batches * G * tokens_per_gpu
-    pops, succ_ids, succ_w = _routing_structure(num_layers, E, G, params, srng)
-
     home = ((np.arange(T) % (G * tokens_per_gpu)) // tokens_per_gpu).astype(np.int32)
     batch = (np.arange(T) // (G * tokens_per_gpu)).astype(np.int32)
-    experts = np.empty((T, num_layers, K), dtype=np.int16 if E < 2**15 else np.int32)
-    weights = np.empty((T, num_layers, K), dtype=np.float32)
-    pop_row = home.astype(np.int64)  # table row of a token's popularity component: its home GPU
-    prev_top1 = np.zeros(T, dtype=np.int64)
-    all_experts = np.broadcast_to(np.arange(E), (G, E))
-    for lay in range(num_layers):
-        # Rows 0..G-1: popularity seen from each home GPU; rows G + e: the successors of expert e.
-        use_affinity = lay > 0 and params.affinity > 0
-        blocks = [(pops[lay], all_experts)] + ([(succ_w[lay], succ_ids[lay])] if use_affinity else [])
-        table = _AliasTable(blocks, experts.dtype)
-        draw = _mixture_draw(table, use_affinity, params.affinity, experts.dtype, rng)
-        allowed = None
-        if params.group_limit is not None:  # the token's groups first, by their popularity mass at its home
-            allowed = _group_filter(pops[lay], params.groups, params.group_limit, pop_row, rng)
-        picks = _successive_sampling(draw, pop_row, G + prev_top1, K, allowed)
-        w = pops[lay].astype(np.float32).ravel()[pop_row * E + picks]
-        w /= w.sum(axis=0)
-        for a in range(0, T, _TOKEN_BLOCK):  # into the trace's [token, layer, pick] layout, cache-sized
-            blk = slice(a, a + _TOKEN_BLOCK)
-            experts[blk, lay] = picks[:, blk].T
-            weights[blk, lay] = w[:, blk].T
-        prev_top1 = picks[0].astype(np.int64)
-
+    experts = np.empty((T, num_layers, K), dtype=trace_dtype(E))
+    gate = np.empty((T, num_layers, K), dtype=np.float32) if weights else None
+    layers = generate_layers(num_layers=num_layers, num_experts=E, top_k=K, num_gpus=G, tokens_per_gpu=tokens_per_gpu,
+                             batches=batches, params=params, rng=rng, structure_rng=structure_rng)
+    row = np.dtype((np.void, K * experts.itemsize))  # a token's picks as one item: a strided copy of T items
+    for lay, (picks, pops) in enumerate(layers):
+        experts.view(row)[:, lay, 0] = picks.view(row)[:, 0]
+        if gate is not None:
+            for a in range(0, T, _TOKEN_CHUNK):  # cache-sized blocks
+                blk = slice(a, a + _TOKEN_CHUNK)
+                w = pops.astype(np.float32)[home[blk, None], picks[blk]]
+                gate[blk, lay] = w / w.sum(axis=1, keepdims=True)
     meta = TraceMeta(num_experts=E, num_layers=num_layers, top_k=K, model=model,
                      source="moesim.synthetic", extra={"synthetic": params.__dict__ | {"num_gpus": G}})
-    return Trace(experts=experts, meta=meta, weights=weights, home=home, batch=batch)
-
+    return Trace(experts=experts, meta=meta, weights=gate, home=home, batch=batch)
 
 def drift_cost(*, num_tokens: int, num_layers: int, num_experts: int, top_k: int, batches: int,
                swaps_per_batch: float) -> tuple[float, float]:

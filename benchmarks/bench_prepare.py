@@ -1,0 +1,110 @@
+"""Preparation speed and memory at wide expert parallelism (trace generation, profile trace, placement problem): the
+DeepSeek-V3-shaped scenario (scenarios/deepseek_v3_64gpu.yaml), contiguous placement, as ``moesim run`` builds it,
+each point in a fresh process (its peak resident memory is its own).
+
+    python benchmarks/bench_prepare.py [--baseline a907453] [--compare-gpus 64,256] [--compare-layers 8]
+                                       [--gpus 16,64,256,1024] [--layers 2,4]
+
+First before/after on the same scenario and seed, the baseline revision's moesim (``git archive``) against this
+tree's, at ``--compare-gpus`` and ``--compare-layers``; then this tree's growth with GPUs and layers (extrapolated
+linearly to 58 layers, labelled ``x58``). Wall times depend on the machine's load (2 cores shared): compare ratios
+from one run. (Until 2026-12-03 this was ``bench_scale.py --prepare-only``.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SCENARIO = ROOT / "scenarios" / "deepseek_v3_64gpu.yaml"
+
+
+_PREPARE = """
+import json, resource, sys, time
+from pathlib import Path
+import yaml
+from moesim.study.config import parse_scenario
+from moesim.study.plan import prepare
+path, gpus, layers = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+data = yaml.safe_load(path.read_text())
+data["clusters"][0]["nodes"] = max(gpus // 8, 1)
+data["clusters"][0]["gpus_per_node"] = min(gpus, 8)
+data["model"]["num_layers"] = layers
+data["placements"] = ["contiguous"]
+data["engine"] = {"a2a": "hierarchical", "progress": False}
+scenario = parse_scenario(data, str(path), path.parent)
+def cpu():
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+start, cpu0 = time.perf_counter(), cpu()
+prepare(scenario)
+wall, used = time.perf_counter() - start, cpu() - cpu0
+hwm = [int(x.split()[1]) for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:")]
+print(json.dumps({"s": wall, "cpu": used, "gb": hwm[0] * 1024 / 1e9}))
+"""
+
+
+def prepare_in(tree: Path, gpus: int, layers: int) -> tuple[float, float, float]:
+    """(wall seconds, CPU seconds, peak resident GB of the process) of ``prepare`` of the scenario with contiguous
+    placement, run in a fresh process on the moesim of ``tree``."""
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    out = subprocess.run([sys.executable, "-c", _PREPARE, str(SCENARIO), str(gpus), str(layers)], env=env,
+                         check=True, capture_output=True, text=True, cwd=tree).stdout
+    got = json.loads(out.strip().splitlines()[-1])
+    return got["s"], got["cpu"], got["gb"]
+
+
+def baseline_tree(rev: str) -> Path:
+    """Revision ``rev``'s moesim package, exported to a temporary folder."""
+    dest = Path(tempfile.mkdtemp(prefix="moesim-base-"))
+    archive = subprocess.run(["git", "archive", rev, "moesim"], cwd=ROOT, check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return dest
+
+
+def prepare_only(rev: str, compare_gpus: list[int], compare_layers: int, gpu_list: list[int],
+                 layer_list: list[int]) -> None:
+    base = baseline_tree(rev)
+    print(f"== prepare before ({rev}) / after (this tree), contiguous placement, {compare_layers} layers, same seed; "
+          "each in a fresh process ==")
+    print(f"{'GPUs':>5s} {'before s':>8s} {'after s':>8s} {'ratio':>7s} {'bef cpu':>8s} {'aft cpu':>8s} {'ratio':>7s} "
+          f"{'before GB':>9s} {'after GB':>8s}")
+    for gpus in compare_gpus:
+        t_old, c_old, m_old = prepare_in(base, gpus, compare_layers)
+        t_new, c_new, m_new = prepare_in(ROOT, gpus, compare_layers)
+        print(f"{gpus:5d} {t_old:8.2f} {t_new:8.2f} {t_old / t_new:6.2f}x {c_old:8.2f} {c_new:8.2f} "
+              f"{c_old / c_new:6.2f}x {m_old:9.2f} {m_new:8.2f}", flush=True)
+    print("\n== prepare growth (this tree), contiguous placement ==")
+    print(f"{'GPUs':>5s} {'layers':>6s} {'prep s':>7s} {'cpu s':>7s} {'prep GB':>7s} {'prep s/l':>8s} {'prep x58':>8s}")
+    for gpus in gpu_list:
+        for layers in layer_list:
+            t, c, m = prepare_in(ROOT, gpus, layers)
+            print(f"{gpus:5d} {layers:6d} {t:7.2f} {c:7.2f} {m:7.2f} {t / layers:8.3f} {t * 58 / layers:8.1f}",
+                  flush=True)
+
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--baseline", default="main", help="git revision whose moesim is the baseline")
+    ap.add_argument("--compare-gpus", default="64,256", help="cluster sizes of the before/after")
+    ap.add_argument("--compare-layers", type=int, default=8, help="MoE layers of the before/after runs")
+    ap.add_argument("--gpus", default="16,64,256,1024", help="cluster sizes of the growth table")
+    ap.add_argument("--layers", default="2,4", help="MoE layers of the growth table")
+    ap.add_argument("--quick", action="store_true", help="a smoke run: 16 GPUs, 2 layers")
+    a = ap.parse_args()
+    if a.quick:
+        prepare_only(a.baseline, [16], 2, [16], [2])
+        return
+    prepare_only(a.baseline, [int(g) for g in a.compare_gpus.split(",")], a.compare_layers,
+                 [int(g) for g in a.gpus.split(",")], [int(x) for x in a.layers.split(",")])
+
+
+if __name__ == "__main__":
+    main()
