@@ -49,7 +49,7 @@ from moesim.traces.format import Trace
 # layer on 2x H200, greedy over contiguous, predicted 1.155x, measured 1.115x (benchmarks/validation/ep_layer).
 GAIN_ERROR = 1.155 / 1.115 - 1
 GAIN_ERROR_SOURCE = ("one EP layer on 2x H200, greedy vs contiguous: 1.155x predicted, 1.115x measured "
-                     "(docs/accuracy.md); whole deployments' EPLB gain is predicted 1.09x vs 1.49x published "
+                     "(docs/accuracy.md); whole deployments' EPLB gain is predicted 1.11x vs 1.49x published "
                      "(SGLang prefill; their expert distribution is not published)")
 REBALANCE_S = 1.8  # SGLang PR #6739: about 1.8 s per rebalance
 TIE = 0.005  # simulated times within 0.5% of the fastest count as equal: the best-balanced of them wins

@@ -1,5 +1,6 @@
-"""DeepSeek-V3's attention block in prefill (and Mixtral-8x7B's GQA block, where measured), measured on one H200 (``mla_block_h200.json``, from
-``measure_mla_block.py``), against what moesim charges for it (nothing here is fitted to this file):
+"""DeepSeek-V3's attention block in prefill (and Mixtral-8x7B's GQA block, where measured), measured on one H200
+(``mla_block_h200.json``, from ``measure_mla_block.py``), against what moesim charges for it (nothing here is fitted
+to this file):
 
     python benchmarks/validation/attention_h200/compare_mla_block.py
 
