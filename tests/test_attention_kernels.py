@@ -152,12 +152,14 @@ def test_engine_charges_the_glue_at_the_pipelines_elementwise_rate():
 
 
 def test_measured_mla_block_is_predicted_with_its_glue():
-    """DeepSeek-V3's attention block in prefill, eager PyTorch on an H200 (mla_block_h200.json): projections, core
-    and glue predicted, none fitted on this file; the block within a median 3.4% (max 7.1%) when written, against
-    33% short without the glue."""
+    """DeepSeek-V3's attention block in prefill and Mixtral-8x7B's GQA block, eager PyTorch on an H200
+    (mla_block_h200.json): projections, core and glue predicted, none fitted on this file. When written: MLA blocks
+    within a median 2.8% (max 7.1%), GQA blocks 12.6% long (max 14.3%: the glue over-counted), against 35% short
+    (max 42%) without the glue."""
     import runpy
 
     out = runpy.run_path(str(ROOT / "benchmarks/validation/attention_h200/compare_mla_block.py"))
     errs = out["block_errors"]()
-    assert np.median(np.abs(errs["block"])) < 0.06 and np.max(np.abs(errs["block"])) < 0.12
+    assert np.median(np.abs(errs["block, mla"])) < 0.06 and np.max(np.abs(errs["block, mla"])) < 0.12
+    assert np.median(np.abs(errs["block, gqa"])) < 0.16
     assert np.median(errs["block without glue"]) < -0.25

@@ -58,7 +58,8 @@ residual adds, the rotary embedding of Q and K, and for MLA the query and KV-lat
 (``torch_reference``: PyTorch op by op, fp32 temporaries in the norms, rotate-half in six ops) or fused (the serving
 pipelines: each tensor read and written once), at the HBM rate of the pipeline's own measured elementwise step
 (``activation``). Checked, not fitted, on DeepSeek-V3's whole attention block measured on an H200
-(benchmarks/validation/attention_h200/compare_mla_block.py): the block within a median 3.4%, 33% short without it.
+and Mixtral's GQA block (benchmarks/validation/attention_h200/compare_mla_block.py): MLA blocks within a median
+2.8%, GQA blocks 12.6% long (the glue over-counted there); 35% short without it.
 Deliberately ignored: the router's share outside the MoE pipeline, the LM head and embeddings, the glue's per-kernel
 fixed costs, and K/V re-reads between query tiles (left to the fitted efficiency).
 """
