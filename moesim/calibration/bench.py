@@ -18,6 +18,8 @@ import numpy as np
 from moesim.calibration.attention import AttentionPoint, ProjectionPoint, bench_points
 from moesim.calibration.attention_kernels import FORMAT as KERNELS_FORMAT
 from moesim.calibration.attention_kernels import KernelPoint, check_kernels
+from moesim.calibration.sustained import FORMAT as SUSTAINED_FORMAT
+from moesim.calibration.sustained import SustainedPoint, check_sustained
 from moesim.calibration.gemm import GemmPoint, gemm_points
 from moesim.calibration.moe import MoEPoint, graph_points, moe_points
 from moesim.calibration.table import FORMAT as TABLE_FORMAT
@@ -75,6 +77,7 @@ class BenchData:
     train_gemms: list[TrainGemmPoint] = field(default_factory=list)  # moesim bench train (moesim.calibration.train)
     collectives: list[CollectivePoint] = field(default_factory=list)  # its all-gathers and reduce-scatters
     attention_kernels: list[KernelPoint] = field(default_factory=list)  # moesim bench attention-kernels
+    sustained: list[SustainedPoint] = field(default_factory=list)  # kernels back to back (power_h200)
     sources: list[str] = field(default_factory=list)
 
 
@@ -134,6 +137,8 @@ def load_bench(paths: list[str | Path]) -> BenchData:
                 data.collectives.extend(colls)
             elif raw.get("format") == KERNELS_FORMAT:
                 data.attention_kernels.extend(check_kernels(raw, src))
+            elif raw.get("format") == SUSTAINED_FORMAT:
+                data.sustained.extend(check_sustained(raw, src))
             elif raw.get("format") == "moesim.bench.dense/1":
                 check_dense(raw, src)
                 data.gemms.extend(gemm_points(raw, src))

@@ -28,6 +28,7 @@ from moesim.calibration.attention import (AttentionPoint, ProjectionPoint, fit_a
 from moesim.calibration.bench import A2APoint, BenchData, FFNPoint, P2PPoint
 from moesim.calibration.attention_kernels import fit_kernels, kernel_predictions
 from moesim.calibration.attention_kernels import held_out as held_out_kernels
+from moesim.calibration.sustained import fit_sustained, sustained_predictions
 from moesim.calibration.gemm import fit_plain_gemm, gemm_predictions
 from moesim.calibration.gemm import held_out as gemm_held_out
 from moesim.calibration.moe import fit_graph_pipelines, fit_pipelines, fit_self_a2a, held_out, moe_predictions
@@ -259,6 +260,30 @@ def _fit_kernels(data: BenchData, base: dict[str, Any],
     return base, moe_held, graph_held, gemm_held
 
 
+def _fit_extras(data: BenchData, base: dict[str, Any],
+                fitted: dict[str, float]) -> tuple[dict[str, Any], list[bool], list[bool], float]:
+    """The attention kernel families, the expert GEMMs' backward and the sustained clock, on the GPU fitted so far:
+    the new cluster dict, the held-out marks of the first two and the training benchmark's harness cost."""
+    kernels_held = held_out_kernels(data.attention_kernels)
+    if data.attention_kernels:  # prefill attention kernel families and backward ratios, on the attention fit above
+        kernels = fit_kernels(data.attention_kernels, kernels_held, ClusterSpec(**base).gpu)
+        base = deep_merge(base, {"gpu": kernels})
+        for k, v in kernels.get("attention_kernels", {}).items():
+            fitted[f"gpu.attention_kernels.{k}.efficiency"] = v["efficiency"]
+            fitted[f"gpu.attention_kernels.{k}.backward.efficiency"] = v["backward"]["efficiency"]
+        if "attention_backward" in kernels:
+            fitted["gpu.attention_backward.efficiency"] = kernels["attention_backward"]["efficiency"]
+    train_held, harness_ms = held_out_train(data.train_gemms), 0.0
+    if data.train_gemms:  # the experts' GEMMs' backward / forward (training), beside its benchmark's harness
+        ratio, harness_ms = fit_backward(data.train_gemms, train_held)
+        base = deep_merge(base, {"gpu": {"gemm_backward": ratio}})
+        fitted["gpu.gemm_backward"] = ratio
+    if data.sustained:  # the tensor-core clock at the power cap, against the isolated launches fitted above
+        base = deep_merge(base, {"gpu": {"sustained_clock": fit_sustained(data.sustained)}})
+        fitted["gpu.sustained_clock"] = base["gpu"]["sustained_clock"]
+    return base, kernels_held, train_held, harness_ms
+
+
 def calibrate(data: BenchData, base_preset: str = "hgx-h200", name: str | None = None,
               iters: int = 200, progress: Callable[[int], object] | None = None) -> Calibration:
     """Fit ``base_preset``'s parameters to ``data``; report every point's error, held-out ones marked.
@@ -303,22 +328,10 @@ def calibrate(data: BenchData, base_preset: str = "hgx-h200", name: str | None =
         attention["dense_efficiency"] = fit_dense_efficiency(train_proj, ClusterSpec(**base).gpu)
         base = deep_merge(base, {"gpu": {"dense_efficiency": attention["dense_efficiency"]}})
     base, moe_held, graph_held, gemm_held = _fit_kernels(data, base, fitted)
-    kernels_held = held_out_kernels(data.attention_kernels)
-    if data.attention_kernels:  # prefill attention kernel families and backward ratios, on the attention fit above
-        kernels = fit_kernels(data.attention_kernels, kernels_held, ClusterSpec(**base).gpu)
-        base = deep_merge(base, {"gpu": kernels})
-        for k, v in kernels.get("attention_kernels", {}).items():
-            fitted[f"gpu.attention_kernels.{k}.efficiency"] = v["efficiency"]
-            fitted[f"gpu.attention_kernels.{k}.backward.efficiency"] = v["backward"]["efficiency"]
-        if "attention_backward" in kernels:
-            fitted["gpu.attention_backward.efficiency"] = kernels["attention_backward"]["efficiency"]
-    train_held, harness_ms = held_out_train(data.train_gemms), 0.0
-    if data.train_gemms:  # the experts' GEMMs' backward / forward (training), beside its benchmark's harness
-        ratio, harness_ms = fit_backward(data.train_gemms, train_held)
-        base = deep_merge(base, {"gpu": {"gemm_backward": ratio}})
-        fitted["gpu.gemm_backward"] = ratio
+    base, kernels_held, train_held, harness_ms = _fit_extras(data, base, fitted)
     spec = ClusterSpec(**base)
     preds = _network_predictions(spec, data, net_held) if net_points else []
+    preds += [Prediction(*row) for row in sustained_predictions(data.sustained, spec.gpu.sustained_clock)]
     preds += [Prediction(*row) for row in gemm_predictions(data.gemms, gemm_held, spec)]
     preds += [Prediction(*row) for row in moe_predictions(data.moe, moe_held, spec)]
     preds += [Prediction(*row) for row in moe_predictions(data.moe_graphs, graph_held, spec)]

@@ -47,7 +47,9 @@ _ERROR_GROUPS = {"network": ("a2a-uniform", "a2a-skew", "p2p"), "expert FFN": ("
                  "FA-2 prefill forward (not fitted here)": ("attention-fa2-fwd",),
                  "FA-2 prefill backward": ("attention-fa2-bwd",),
                  "cuDNN attention prefill forward": ("attention-cudnn-fwd",),
-                 "cuDNN attention prefill backward": ("attention-cudnn-bwd",)}
+                 "cuDNN attention prefill backward": ("attention-cudnn-bwd",),
+                 "tensor-core kernels back to back (sustained clock)": ("sustained",),
+                 "HBM copy and a whole layer back to back (not fitted)": ("sustained-check",)}
 
 
 def _rounded(value: Any, digits: int = 4) -> Any:
@@ -71,7 +73,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     check_output_file(args.output, owned=starts_with(CALIBRATED_HEADER), what="a cluster YAML moesim calibrate wrote")
     data = load_bench(args.bench)
     if not (data.a2a or data.ffn or data.attention or data.moe or data.moe_graphs or data.moe_table or data.gemms
-            or data.train_gemms or data.attention_kernels):
+            or data.train_gemms or data.attention_kernels or data.sustained):
         raise InputError("no all-to-all, expert-FFN, attention-core, MoE-layer or training points in the benchmark "
                          "files")
     devices = ", ".join(sorted(data.devices))

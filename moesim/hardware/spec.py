@@ -157,6 +157,13 @@ def measured_attention_kernels() -> dict[str, AttentionKernelSpec]:
     return {k: AttentionKernelSpec(**v) for k, v in _h200_fit().get("attention_kernels", {}).items()}
 
 
+def measured_sustained_clock() -> float:
+    """The tensor-core rate under sustained load as a share of the boost-clock rate the fits were timed at, as
+    measured on one H200 (``calibrated/hgx-h200.yaml``, from benchmarks/validation/power_h200): the default of a GPU
+    given without its own measurement; 1 (no throttling) without one."""
+    return float(_h200_fit().get("sustained_clock", 1.0))
+
+
 def measured_attention_backward() -> AttentionBackwardSpec | None:
     """FlashAttention-2's backward as measured on one H200 (``calibrated/hgx-h200.yaml``; none without a fit)."""
     fit = _h200_fit().get("attention_backward")
@@ -219,6 +226,12 @@ class GPUSpec(StrictModel):
                                  description="backward / forward time of the experts' grouped GEMMs in training (their "
                                  "data- and weight-gradient GEMMs; 2 is the FLOPs' ratio): moesim calibrate fits it on "
                                  "moesim bench train; a GPU without its own fit takes the H200's")
+    sustained_clock: float = Field(
+        default_factory=measured_sustained_clock, gt=0, le=1,
+        description="tensor-core rate under sustained load (a prefill forward or a training step: the board at its "
+        "power cap) as a share of the rate of isolated launches every kernel fit was timed at; memory-bound rates "
+        "do not change (moesim calibrate fits it on benchmarks/validation/power_h200; a GPU without its own "
+        "measurement takes the H200's)")
     plain_gemm: GemmSpec = Field(default_factory=measured_plain_gemm,
                                  description="plain GEMMs (shared experts, dense layers, projections): tiles, rates "
                                              "and fixed costs (moesim.sim.kernels.plain_gemm_time)")
@@ -227,6 +240,15 @@ class GPUSpec(StrictModel):
     @classmethod
     def _fp8(cls, value: float | None, info: ValidationInfo) -> float | None:
         return value if value is not None else 2.0 * info.data["bf16_tflops"] if "bf16_tflops" in info.data else None
+
+    def at_sustained_clock(self) -> "GPUSpec":
+        """This GPU under sustained tensor-core load: both peaks at ``sustained_clock`` of those the fits were timed at,
+        every memory rate unchanged (so a FLOP-bound kernel slows by 1 / sustained_clock, an HBM-bound one not)."""
+        if self.sustained_clock == 1.0:
+            return self
+        c = self.sustained_clock
+        return self.model_copy(update={"bf16_tflops": self.bf16_tflops * c, "sustained_clock": 1.0,
+                                       "fp8_tflops": (self.fp8_tflops or 2.0 * self.bf16_tflops) * c})
 
     @property
     def flops_per_s(self) -> float:
@@ -388,6 +410,11 @@ class ClusterSpec(StrictModel):
     expert_memory_fraction: float = Fraction(default=0.8, description="share of HBM that expert weights may use")
     a2a_kernels: A2AKernels = Field(default_factory=A2AKernels, description="the all-to-all kernel families' fixed "
                                     "costs, bandwidth shares and SMs (engine.a2a picks one)")
+
+    def at_sustained_clock(self) -> "ClusterSpec":
+        """The cluster with its GPUs under sustained tensor-core load (:meth:`GPUSpec.at_sustained_clock`)."""
+        gpu = self.gpu.at_sustained_clock()
+        return self if gpu is self.gpu else self.model_copy(update={"gpu": gpu})
 
     @property
     def num_gpus(self) -> int:

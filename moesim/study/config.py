@@ -179,6 +179,8 @@ class EngineConfig(_Strict):
     attention_kernel: str = Field(default="fa2", max_length=64, description="the prefill attention core's kernel "
                                   "family: fa2 (FlashAttention-2) or one the GPU has fitted (gpu.attention_kernels, "
                                   "e.g. cudnn: Hopper-native fused attention); decode keeps its own (docs/formats.md)")
+    clock: Literal["auto", "sustained", "boost"] = Field(default="auto", description="tensor-core clock: sustained "
+        "(power-capped, gpu.sustained_clock), boost (as kernels were timed), auto: sustained in prefill and training")
     progress: bool = True
 
     @model_validator(mode="after")
@@ -239,6 +241,14 @@ class Scenario(_Strict):
         """The attention core's context and kernel family, or None (projections only)."""
         a = self.workload.attention
         return None if a is None else Attention(a.phase, a.length, self.engine.attention_kernel)
+
+    @property
+    def sustained(self) -> bool:
+        """GPUs at their sustained tensor-core clock? (``engine.clock``; auto: prefill and training steps)"""
+        if self.engine.clock != "auto":
+            return self.engine.clock == "sustained"
+        a = self.workload.attention
+        return self.training is not None or (a is not None and a.phase == "prefill")
 
 
 _M = TypeVar("_M", bound=BaseModel)

@@ -252,7 +252,7 @@ def plan_from_dump(dump: Trace | CountTrace, scenario: Scenario, opts: PlanOptio
     check_fits(scenario, cluster)
     plan_w, score_w, split = _split(ct)
     plan_loads, score_loads = ct.loads[plan_w], ct.loads[score_w]
-    topo = build_topology(cluster.spec)
+    topo = build_topology(cluster.spec.at_sustained_clock() if scenario.sustained else cluster.spec)
     options = scenario.engine.options()
     costs = hardware_costs(topo, m, tp=cluster.tp, options=options, tokens_per_gpu=opts.tokens_per_gpu,
                            attention=scenario.attention)

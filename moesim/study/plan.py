@@ -232,7 +232,10 @@ def check_study(scenario: Scenario) -> None:
 
 def _build_cluster(scenario: Scenario, cluster: ClusterEntry, entries: list[PlacementEntry], label: dict[str, str],
                    options: EngineOptions, shared_trace: Trace | None, build: bool, bar: tqdm) -> ClusterPlan:
-    """One cluster's topology, workload, costs and placements (``bar`` advances after each)."""
+    """One cluster's topology, workload, costs and placements (``bar`` advances after each); its GPUs at the clock
+    the scenario runs them at (:attr:`Scenario.sustained`), for the placement costs and the engine alike."""
+    if scenario.sustained:
+        cluster = cluster.model_copy(update={"spec": cluster.spec.at_sustained_clock()})
     plan = ClusterPlan(cluster, build_topology(cluster.spec))
     if shared_trace is not None or build:
         bar.set_postfix_str("workload")
