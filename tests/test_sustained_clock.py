@@ -1,6 +1,7 @@
 """The GPU under sustained load (``GPUSpec.sustained_clock``): a FLOP-bound kernel slows by 1 / clock, a memory-bound
-one not; a prefill or training study runs at it, a decode step not; ``moesim calibrate`` fits it on the measured H200
-file (benchmarks/validation/power_h200/sustained.json) as the median of its tensor-core kernels' burst / steady."""
+one not; a forward on fused kernels runs at it, a decode step or eager PyTorch not; ``moesim calibrate`` fits it on
+the measured H200 file (benchmarks/validation/power_h200/sustained.json) as the median of its tensor-core kernels'
+burst / steady."""
 
 from __future__ import annotations
 
@@ -39,18 +40,24 @@ def test_flop_bound_work_slows_by_the_clock_and_memory_bound_work_does_not():
         assert small[1] == pytest.approx(small[0], rel=1e-12)  # one row: reading the weights, HBM-bound
 
 
-def _scenario(**workload):
+def _scenario(kernels: str = "deepgemm", **workload):
     return {"clusters": [{"name": "c", "preset": "hgx-h200", "nodes": 1}],
             "model": {"preset": "deepseek-v3", "num_layers": 2, "first_dense_layers": 0},
-            "workload": {**workload, "synthetic": {"tokens_per_gpu": 256}}, "placements": ["contiguous"]}
+            "workload": {**workload, "synthetic": {"tokens_per_gpu": 256}}, "placements": ["contiguous"],
+            "engine": {"moe_kernels": kernels}}
 
 
-def test_prefill_and_training_run_at_the_sustained_clock_decode_at_boost():
-    prefill, decode, bare = _scenario(seq_len=256), _scenario(kv_len=1024), _scenario()
-    assert parse_scenario(prefill, "s.yaml").sustained and not parse_scenario(decode, "s.yaml").sustained
-    assert not parse_scenario(bare, "s.yaml").sustained
+def test_fused_forwards_run_at_the_sustained_clock_decode_and_eager_pytorch_at_boost():
+    """auto: a prefill (or attention-less forward) on the serving engines' fused kernels is sustained; a decode step
+    (mostly memory-bound) and eager PyTorch (memory-bound operator passes between its GEMMs: the measured eager layer
+    slowed 1.025x, the fused one 1.145x) stay at boost; engine.clock overrides either way."""
+    prefill, decode = _scenario(seq_len=256), _scenario(kv_len=1024)
+    assert parse_scenario(prefill, "s.yaml").sustained and parse_scenario(_scenario("fused"), "s.yaml").sustained
+    assert not parse_scenario(decode, "s.yaml").sustained
+    assert not parse_scenario(_scenario("torch_reference", seq_len=256), "s.yaml").sustained
+    assert not parse_scenario(_scenario("ffn", seq_len=256), "s.yaml").sustained
     assert parse_scenario({**decode, "engine": {"clock": "sustained"}}, "s.yaml").sustained
-    assert not parse_scenario({**prefill, "engine": {"clock": "boost"}}, "s.yaml").sustained
+    assert not parse_scenario({**prefill, "engine": {"moe_kernels": "deepgemm", "clock": "boost"}}, "s.yaml").sustained
     with pytest.raises(InputError, match="engine.clock"):
         parse_scenario({**prefill, "engine": {"clock": "turbo"}}, "s.yaml")
     gpu = ClusterSpec(**preset("hgx-h200")).gpu

@@ -180,7 +180,7 @@ class EngineConfig(_Strict):
                                   "family: fa2 (FlashAttention-2) or one the GPU has fitted (gpu.attention_kernels, "
                                   "e.g. cudnn: Hopper-native fused attention); decode keeps its own (docs/formats.md)")
     clock: Literal["auto", "sustained", "boost"] = Field(default="auto", description="tensor-core clock: sustained "
-        "(power-capped, gpu.sustained_clock), boost (as kernels were timed), auto: sustained in prefill and training")
+        "(power-capped, gpu.sustained_clock), boost (as kernels were timed); auto: sustained unless decoding or eager")
     progress: bool = True
 
     @model_validator(mode="after")
@@ -244,11 +244,11 @@ class Scenario(_Strict):
 
     @property
     def sustained(self) -> bool:
-        """GPUs at their sustained tensor-core clock? (``engine.clock``; auto: prefill and training steps)"""
+        """GPUs at their sustained tensor-core clock? (``engine.clock``; auto: fused kernels, not decoding)"""
         if self.engine.clock != "auto":
             return self.engine.clock == "sustained"
         a = self.workload.attention
-        return self.training is not None or (a is not None and a.phase == "prefill")
+        return (a is None or a.phase != "decode") and self.engine.options().moe_kernels in ("fused", "deepgemm")
 
 
 _M = TypeVar("_M", bound=BaseModel)
