@@ -22,6 +22,7 @@ from moesim.study.plan import prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 MEASURED = ROOT / "benchmarks/validation/power_h200/sustained.json"
+RUN2 = ROOT / "benchmarks/validation/power_h200/sustained_run2.json"  # adds a fused and a decode layer
 
 
 def test_flop_bound_work_slows_by_the_clock_and_memory_bound_work_does_not():
@@ -74,10 +75,16 @@ def test_calibrate_fits_the_median_of_the_tensor_kernels_and_checks_the_rest():
     assert fit_sustained(points) == pytest.approx(want)
     copy = next(p for p in points if p.kernel == "hbm_copy")
     assert predict_steady(copy, want) == copy.burst_ms  # memory-bound: unchanged
-    layer = next(p for p in points if p.kernel == "layer")
-    parts = raw["layer_parts"]
-    assert layer.burst_ms == pytest.approx(sum(parts.values()))
-    assert layer.tensor_share == pytest.approx(sum(v for n, v in parts.items() if n in TENSOR_PARTS) / layer.burst_ms)
+    eager = next(p for p in points if p.kernel == "layer")  # eager PyTorch: at boost, predicted unchanged
+    assert eager.burst_ms == pytest.approx(sum(raw["layer_parts"].values())) and eager.tensor_share == 0.0
+    run2 = json.loads(RUN2.read_text())["kernels"]
+    fused, decode = (next(p for p in load_bench([RUN2]).sustained if p.kernel == n)
+                     for n in ("fused_layer", "decode_layer"))
+    parts = run2["fused_layer"]["parts"]
+    assert fused.burst_ms == pytest.approx(sum(parts.values()))
+    assert fused.tensor_share == pytest.approx(sum(v for n, v in parts.items() if n in TENSOR_PARTS) / fused.burst_ms)
+    assert 0.8 < fused.tensor_share < 1.0
+    assert decode.burst_ms == run2["decode_layer"]["burst_ms"] and predict_steady(decode, want) == decode.burst_ms
     cal = calibrate(load_bench([MEASURED]))
     assert cal.fitted["gpu.sustained_clock"] == pytest.approx(want)
     assert cal.spec.gpu.sustained_clock == pytest.approx(want)

@@ -4,8 +4,10 @@
 Each kernel was timed in isolated launches (``burst_ms``, as every other fit's points were) and back to back for
 seconds (``steady_ms``: the board at its power cap). The tensor-core kernels (an FP8 GEMM, a bf16 GEMM, the attention
 core) fit the clock: the median of their burst / steady. The rest check it and are never fitted: the HBM copy
-(predicted unchanged: a memory-bound kernel does not slow) and the whole layer, from its parts' isolated times (its
-GEMM and core parts at the sustained clock, the rest unchanged).
+(predicted unchanged: a memory-bound kernel does not slow), the fused prefill layer from its parts' isolated times
+(its GEMM and core parts at the sustained clock, the rest unchanged), the eager one (``layer``, predicted unchanged:
+``engine.clock: auto`` runs eager PyTorch at boost, its memory-bound passes letting the board recover) and a decode
+layer (``decode_*``: predicted unchanged from its whole isolated launches: decode steps run at boost).
 """
 
 from __future__ import annotations
@@ -43,14 +45,19 @@ def check_sustained(raw: dict, src: str) -> list[SustainedPoint]:
         steady = number(rec, "steady_ms", src, f"kernels.{name}")
         if name in TENSOR or name in MEMORY:
             points.append(SustainedPoint(name, burst, steady, 1.0 if name in TENSOR else 0.0))
-        elif name == "layer":
-            parts = raw.get("layer_parts")
+        elif "parts" in rec or name == "layer":  # a whole layer, its parts timed in bursts
+            where = f"kernels.{name}.parts" if "parts" in rec else "layer_parts"
+            parts = rec["parts"] if "parts" in rec else raw.get("layer_parts")
             if not isinstance(parts, dict) or not parts:
-                raise InputError("a layer needs its parts' times", source=src, field="layer_parts")
-            ms = {k: number(parts, k, src, "layer_parts") for k in parts}
+                raise InputError("a layer needs its parts' times", source=src, field=where)
+            ms = {k: number(parts, k, src, where) for k in parts}
+            if name.startswith("decode"):  # microsecond parts: each isolated launch pays a flush and a sync
+                points.append(SustainedPoint(name, burst, steady, 0.0))
+                continue
             total = sum(ms.values())
-            share = sum(v for k, v in ms.items() if k in TENSOR_PARTS) / total
-            points.append(SustainedPoint("layer", total, steady, share))
+            eager = name == "layer"  # its FP8 inputs quantised op by op: run at boost (engine.clock auto)
+            share = 0.0 if eager else sum(v for k, v in ms.items() if k in TENSOR_PARTS) / total
+            points.append(SustainedPoint(name, total, steady, share))
     if not any(p.kernel in TENSOR for p in points):
         raise InputError(f"no tensor-core kernel ({', '.join(TENSOR)}) to fit the sustained clock", source=src,
                          field="kernels")

@@ -105,53 +105,78 @@ class _Comm:
                 self.launch_n(self.n)
 
 
-def layer(tokens: int = 8192, seq: int = 4096, experts: int = 8) -> Callable[[], object]:
-    """One DeepSeek-V3 MoE layer's compute on one EP32 prefill GPU, activations quantised beforehand."""
-    d, H, rq, rkv, n, p, v, f = 7168, 128, 1536, 512, 128, 64, 128, 2048
+def _bf16(*shape: int) -> torch.Tensor:
+    return torch.randn(*shape, device="cuda", dtype=torch.bfloat16)
 
-    def r(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, device="cuda", dtype=torch.bfloat16)
 
-    def lin(k: int, nn: int) -> Callable[[], torch.Tensor]:
-        xq, xs = _fp8(r(tokens, k))
-        wq, ws = _fp8(r(nn, k) * k ** -0.5)
-        wt, wst = wq.t(), ws.t().contiguous()
-        return lambda: torch._scaled_mm(xq, wt, xs, wst, out_dtype=torch.bfloat16, use_fast_accum=True)
+def _linear(rows: int, k: int, n: int) -> Callable[[], torch.Tensor]:
+    """An FP8 GEMM [rows, k] x [k, n] on inputs quantised once (rowwise scales, bf16 out)."""
+    xq, xs = _fp8(_bf16(rows, k))
+    wq, ws = _fp8(_bf16(n, k) * k ** -0.5)
+    wt, wst = wq.t(), ws.t().contiguous()
+    return lambda: torch._scaled_mm(xq, wt, xs, wst, out_dtype=torch.bfloat16, use_fast_accum=True)
 
+
+def _swiglu(h: torch.Tensor) -> Callable[[], torch.Tensor]:
+    def run() -> torch.Tensor:
+        g, u = h.chunk(2, dim=-1)
+        return F.silu(g) * u
+    return run
+
+
+def layer_parts(tokens: int = 8192, seq: int = 4096, experts: int = 8) -> dict[str, Callable[[], object]]:
+    """One DeepSeek-V3 MoE layer's compute on one EP32 prefill GPU, activations quantised beforehand, as named parts
+    in execution order (the names of :data:`moesim.calibration.sustained.TENSOR_PARTS` are the GEMMs and the core)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    d, H, rq, rkv, n, p, v, f = 7168, 128, 1536, 512, 128, 64, 128, 2048
     b = tokens // seq
-    q, k = r(b, H, seq, n + p), r(b, H, seq, n + p)
-    vv = r(b, H, seq, v)
-    x, wn = r(tokens, d), torch.ones(d, device="cuda", dtype=torch.bfloat16)
-    router = r(256, d) * d ** -0.5
-    h = r(tokens, 2 * f)
-    gemms = [lin(d, rq + rkv + p), lin(rq, H * (n + p)), lin(rkv, H * (n + v)), lin(H * v, d)]
-    shared = [lin(d, 2 * f), lin(f, d)]
-    routed = [g for _ in range(experts) for g in (lin(d, 2 * f), lin(f, d))]
+    q, k, vv = _bf16(b, H, seq, n + p), _bf16(b, H, seq, n + p), _bf16(b, H, seq, v)
+    x, wn = _bf16(tokens, d), torch.ones(d, device="cuda", dtype=torch.bfloat16)
+    router = _bf16(256, d) * d ** -0.5
+    qa, qb, kvb, o = _linear(tokens, d, rq + rkv + p), _linear(tokens, rq, H * (n + p)), \
+        _linear(tokens, rkv, H * (n + v)), _linear(tokens, H * v, d)
+    shared = [_linear(tokens, d, 2 * f), _linear(tokens, f, d)]
+    ups = [_linear(tokens, d, 2 * f) for _ in range(experts)]
+    downs = [_linear(tokens, f, d) for _ in range(experts)]
+    swiglu = _swiglu(_bf16(tokens, 2 * f))
 
     def core() -> torch.Tensor:
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
             return F.scaled_dot_product_attention(q, k, vv, is_causal=True)
 
-    def swiglu() -> torch.Tensor:
-        g, u = h.chunk(2, dim=-1)
-        return F.silu(g) * u
+    return {"rmsnorm": lambda: F.rms_norm(x, (d,), wn), "q_a+kv_a": qa, "q_b": qb, "kv_b": kvb, "core": core,
+            "o": o, "router": lambda: torch.topk(F.linear(x, router).float().sigmoid(), 8, dim=-1),
+            "shared": lambda: [g() for g in shared], "swiglu": lambda: [swiglu() for _ in range(experts + 1)],
+            "experts_up": lambda: [g() for g in ups], "experts_down": lambda: [g() for g in downs]}
 
-    def run() -> None:
-        F.rms_norm(x, (d,), wn)
-        for g in gemms[:3]:
-            g()
-        core()
-        gemms[3]()
-        torch.topk(F.linear(x, router).float().sigmoid(), 8, dim=-1)
-        for g in shared:
-            g()
-        swiglu()
-        for i, g in enumerate(routed):
-            g()
-            if i % 2 == 0:
-                swiglu()
-    return run
+
+def decode_parts(requests: int = 128, kv: int = 4096, experts: int = 2) -> dict[str, Callable[[], object]]:
+    """One DeepSeek-V3 MoE layer's compute on one EP128 decode GPU (DeepSeek's profiled decode: 128 requests over
+    4,096 cached tokens, 2 local experts under balanced routing): FP8 projections, the weight-absorbed MLA core as
+    batched matmuls over the latent cache (576 wide, 128 heads), the experts' and the shared expert's FP8 GEMMs."""
+    d, H, rq, r, p, f = 7168, 128, 1536, 512, 64, 2048
+    T, rows = requests, requests * 8 * 128 // 256
+    qa, qb, o = _linear(T, d, rq + r + p), _linear(T, rq, H * (128 + p)), _linear(T, H * 128, d)
+    q, cache, values = _bf16(T, H, r + p), _bf16(T, kv, r + p), _bf16(T, kv, r)
+    w_uk, w_uv, qn, lat = _bf16(H, 128, r), _bf16(H, r, 128), _bf16(H, T, 128), _bf16(H, T, r)
+    shared = [_linear(T, d, 2 * f), _linear(T, f, d)]
+    ups = [_linear(rows, d, 2 * f) for _ in range(experts)]
+    downs = [_linear(rows, f, d) for _ in range(experts)]
+
+    def core() -> torch.Tensor:
+        scores = torch.bmm(q, cache.transpose(1, 2)).softmax(-1)
+        return torch.bmm(scores, values)
+
+    return {"q_a+kv_a": qa, "q_b": qb, "absorb": lambda: (torch.bmm(qn, w_uk), torch.bmm(lat, w_uv)),
+            "core_decode": core, "o": o, "shared": lambda: [g() for g in shared],
+            "experts_up": lambda: [g() for g in ups], "experts_down": lambda: [g() for g in downs]}
+
+
+def layer(tokens: int = 8192, seq: int = 4096, experts: int = 8) -> Callable[[], object]:
+    """:func:`layer_parts` run in order."""
+    parts = list(layer_parts(tokens, seq, experts).values())
+    return lambda: [part() for part in parts]
 
 
 def one_gemm() -> Callable[[], object]:

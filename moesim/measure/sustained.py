@@ -136,9 +136,20 @@ def layer_parts(kit: _Kit, tokens: int = 8192, seq: int = 4096, experts: int = 8
     }
 
 
+def composites(kit: _Kit) -> dict[str, dict[str, Callable[[], object]]]:
+    """Whole layers as named parts: the eager prefill layer; on a GPU also the fused prefill layer and a decode layer
+    (:mod:`moesim.measure.interference`)."""
+    out = {"layer": layer_parts(kit)}
+    if not kit.cpu:
+        from moesim.measure.interference import decode_parts
+        from moesim.measure.interference import layer_parts as fused_parts
+        out |= {"fused_layer": fused_parts(), "decode_layer": decode_parts()}
+    return out
+
+
 def kernels(kit: _Kit) -> dict[str, Callable[[], object]]:
-    """The single kernels and the whole layer."""
-    parts = layer_parts(kit)
+    """The single kernels and the whole layers."""
+    layers = {name: list(parts.values()) for name, parts in composites(kit).items()}
     b, H, S = 2, 128, 4096
     q = kit.t(b * H * S, 192).view(b, max(1, H // kit.scale), max(1, S // kit.scale), -1)
     k = kit.t(b * H * S, 192).view(b, max(1, H // kit.scale), max(1, S // kit.scale), -1)
@@ -148,8 +159,8 @@ def kernels(kit: _Kit) -> dict[str, Callable[[], object]]:
     return {"fp8_gemm": kit.gemm_only(8192, 7168, 4096, fp8=True),
             "bf16_gemm": kit.gemm_only(8192, 7168, 4096, fp8=False),
             "attention": lambda: core(q, k, v),
-            "hbm_copy": lambda: dst.copy_(src),
-            "layer": lambda: [part() for part in parts.values()]}
+            "hbm_copy": lambda: dst.copy_(src)} | {
+                name: (lambda fns=fns: [part() for part in fns]) for name, fns in layers.items()}
 
 
 class _Clock:
@@ -254,13 +265,15 @@ def run(out: str | Path, *, cpu: bool = False, seconds: float = 6.0, rest: float
             doc["kernels"][name] = rec
             log(f"{name:10s} burst {burst:8.3f} ms  steady {steady:8.3f} ms  ratio {steady / burst:5.3f}  "
                 f"first chunk {chunks[0][1]:.3f} ms")
-        parts = layer_parts(kit)
-        doc["layer_parts"] = {}
-        for name, fn in parts.items():
-            time.sleep(0.3)
-            doc["layer_parts"][name] = clock.burst(fn, reps)
-        total = sum(doc["layer_parts"].values())
-        log(f"layer parts in bursts: {total:.3f} ms summed; layer steady {doc['kernels']['layer']['steady_ms']:.3f} ms")
+        for layer, parts in composites(kit).items():
+            rec = doc["kernels"][layer]
+            rec["parts"] = {}
+            for name, fn in parts.items():
+                time.sleep(0.3)
+                rec["parts"][name] = clock.burst(fn, reps)
+            total = sum(rec["parts"].values())
+            log(f"{layer} parts in bursts: {total:.3f} ms summed; steady {rec['steady_ms']:.3f} ms")
+        doc["layer_parts"] = doc["kernels"]["layer"]["parts"]  # the first files' place for them
     finally:
         if smi is not None:
             smi.terminate()
