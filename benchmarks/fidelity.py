@@ -293,6 +293,8 @@ SECTIONS: list[tuple[str, Callable[[argparse.Namespace, Callable[[int], object]]
      _scripts("moe_h200/compare_block.py"), 1),
     ("10. prefill attention kernels forward and backward (FlashAttention-2, cuDNN), and DeepSeek-V3's whole attention "
      "block, one H200", _scripts("attention_h200/compare_kernels.py", "attention_h200/compare_mla_block.py"), 2),
+    ("11. kernels and layers under sustained load (the power cap), alone and beside a 24-SM all-to-all, one H200",
+     _scripts("power_h200/compare.py"), 1),
 ]
 
 
