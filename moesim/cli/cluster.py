@@ -115,7 +115,8 @@ def _describe(spec: ClusterSpec) -> list[str]:
         f"{spec.name}: {spec.nodes} node(s) x {spec.gpus_per_node} GPUs = {spec.num_gpus} GPUs",
         f"  GPU       {g.name}: {g.bf16_tflops:.0f} TFLOP/s bf16 dense (x{g.compute_efficiency} achieved), "
         f"{g.hbm_GBps:.0f} GB/s HBM (x{g.hbm_efficiency}), {g.memory_GB:.0f} GB, "
-        f"{g.ffn_overhead_us:.0f} us per FFN launch",
+        f"{g.ffn_overhead_us:.0f} us per FFN launch; sustained load (power cap): tensor cores at "
+        f"x{g.sustained_clock} of that",
         f"  NVLink    {nv.name}: {nv.GBps:.0f} GB/s per GPU per direction (x{nv.efficiency} = "
         f"{nv.bytes_per_s / 1e9:.0f} GB/s), {nv.latency_us} us",
         f"  network   {_nics(spec)} (x{net.nic_efficiency} = {net.nic_bytes_per_s / 1e9:.1f} GB/s each), "
