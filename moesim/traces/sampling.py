@@ -15,10 +15,13 @@ Deliberately simple: no per-token alias tables (mixtures are a coin between rows
 
 from __future__ import annotations
 
+import sys
 from typing import Callable
 
 import numpy as np
 
+# a uint64 word viewed as two uint32: which holds its low half, which its high half
+LOW_HALF, HIGH_HALF = (0, 1) if sys.byteorder == "little" else (1, 0)
 _LOW32 = np.uint64(0xFFFFFFFF)
 _S32 = np.uint64(32)
 MAX_REJECTION_ROUNDS = 200
@@ -106,6 +109,24 @@ class PackedAlias:
         return np.where(keep, own, word >> (tb + lb)).view(np.int64)
 
 
+    def draw_high(self, start: np.ndarray, width: int, high: np.ndarray) -> np.ndarray:
+        """:meth:`draw` from the high halves ``high`` (uint32) of the random words alone, for tables whose
+        keep thresholds fill 32 bits (labels of 16 bits or fewer): the same labels, computed in 32-bit
+        arithmetic, as uint32. ``start`` is int64."""
+        assert self.thr_bits == 32
+        if width & (width - 1) == 0:  # a power of two: the product's halves are shifts
+            b = width.bit_length() - 1
+            col = high >> np.uint32(32 - b) if b else np.zeros(high.shape, np.uint32)
+            coin = high << np.uint32(b)
+        else:
+            x = high.astype(np.uint64) * np.uint64(width)
+            col, coin = (x >> _S32).astype(np.uint32), x.astype(np.uint32)
+        word = self.words.take(start + col).view(np.uint32).reshape(*col.shape, 2)  # (threshold, labels)
+        labels = word[..., HIGH_HALF]
+        own = labels & np.uint32((1 << self.label_bits) - 1)
+        return np.where(coin < word[..., LOW_HALF], own, labels >> np.uint32(self.label_bits))
+
+
 def take_rows(table: np.ndarray, idx: np.ndarray) -> np.ndarray:
     """``table[idx]`` for a 2-D ``table``, each row read as one item (numpy's row-wise fancy indexing copies
     element by element: ten times slower on rows of a few numbers)."""
@@ -123,17 +144,19 @@ Draw = Callable[[np.ndarray | None, int], np.ndarray]  # (tokens or None for all
 Allowed = Callable[[np.ndarray, np.ndarray | None], np.ndarray]  # (candidates [m, n], tokens or None) -> ok
 
 
-def successive_sampling(draw: Draw, n: int, k: int, allowed: Allowed | None = None) -> np.ndarray:
-    """``k`` distinct picks for each of ``n`` tokens, [k, n] int64: pick i is the token's first i.i.d. draw
-    that differs from its picks 0..i-1 and that ``allowed`` accepts (rejection), which is exactly successive
-    sampling without replacement from the allowed labels.
+def successive_sampling(draw: Draw, n: int, k: int, allowed: Allowed | None = None,
+                        dtype: np.dtype | type = np.int64) -> np.ndarray:
+    """``k`` distinct picks for each of ``n`` tokens, [k, n] of ``dtype``: pick i is the token's first i.i.d.
+    draw that differs from its picks 0..i-1 and that ``allowed`` accepts (rejection), which is exactly
+    successive sampling without replacement from the allowed labels. The comparisons run on ``dtype`` (the
+    labels' narrowest: uint8 below 256 labels).
 
     ``draw(tokens, m)`` returns ``m`` i.i.d. candidates for each of ``tokens`` (all n when None): [m, len].
     A token rejected in one round draws twice as many candidates in the next (up to
     ``MAX_DRAWS_PER_ROUND``) and takes the first that is new. (Tokens are selected by index arrays, not
     boolean masks: numpy's masked selection is slow on random masks.)
     """
-    picks = draw(None, k)  # every pick's first candidate
+    picks = draw(None, k).astype(dtype, copy=False)  # every pick's first candidate
     for i in range(k):
         repeat = np.zeros(n, dtype=bool) if allowed is None else ~allowed(picks[i][None], None)[0]
         for j in range(i):
@@ -143,10 +166,11 @@ def successive_sampling(draw: Draw, n: int, k: int, allowed: Allowed | None = No
         for _ in range(MAX_REJECTION_ROUNDS):
             if todo.size == 0:
                 break
-            cand = draw(todo, m)  # [m, todo]
+            cand = draw(todo, m).astype(dtype, copy=False)  # [m, todo]
             new = np.ones(cand.shape, dtype=bool) if allowed is None else allowed(cand, todo)
+            earlier = picks[:i, todo]
             for j in range(i):
-                new &= cand != picks[j][todo]
+                new &= cand != earlier[j]
             if m == 1:
                 ok, take = new[0], cand[0]
             else:  # each token's first new candidate
