@@ -8,8 +8,8 @@ alias's). Its low 32 bits are left to the caller (the mixture's component). Prob
 resolved to about ``2^-32 x width`` (columns) and ``2^-(32 - log2 width)`` (keep thresholds): far below
 what any trace of this size can show (the old double-precision draws resolved 2^-53).
 
-Successive sampling draws pick ``i`` as the first i.i.d. candidate that differs from picks ``0..i-1`` and
-that ``allowed`` accepts (rejection): exactly sampling without replacement from the allowed experts.
+Successive sampling draws pick ``i`` as the first of its i.i.d. candidates that differs from picks ``0..i-1``
+(rejection): exactly sampling without replacement.
 Deliberately simple: no per-token alias tables (mixtures are a coin between rows).
 """
 
@@ -141,45 +141,56 @@ def label_bits(num_labels: int) -> int:
 
 
 Draw = Callable[[np.ndarray | None, int], np.ndarray]  # (tokens or None for all, m) -> [m, tokens] candidates
-Allowed = Callable[[np.ndarray, np.ndarray | None], np.ndarray]  # (candidates [m, n], tokens or None) -> ok
 
 
-def successive_sampling(draw: Draw, n: int, k: int, allowed: Allowed | None = None,
-                        dtype: np.dtype | type = np.int64) -> np.ndarray:
-    """``k`` distinct picks for each of ``n`` tokens, [k, n] of ``dtype``: pick i is the token's first i.i.d.
-    draw that differs from its picks 0..i-1 and that ``allowed`` accepts (rejection), which is exactly
-    successive sampling without replacement from the allowed labels. The comparisons run on ``dtype`` (the
-    labels' narrowest: uint8 below 256 labels).
+def _repeats(picks: np.ndarray) -> np.ndarray:
+    """[k, n] bool: pick i equals one of picks 0..i-1 of its token."""
+    rep = np.zeros(picks.shape, dtype=bool)
+    same = np.empty(picks.shape[1:], dtype=bool)
+    for i in range(1, picks.shape[0]):
+        for j in range(i):
+            np.equal(picks[i], picks[j], out=same)
+            rep[i] |= same
+    return rep
 
-    ``draw(tokens, m)`` returns ``m`` i.i.d. candidates for each of ``tokens`` (all n when None): [m, len].
-    A token rejected in one round draws twice as many candidates in the next (up to
-    ``MAX_DRAWS_PER_ROUND``) and takes the first that is new. (Tokens are selected by index arrays, not
-    boolean masks: numpy's masked selection is slow on random masks.)
+
+def successive_sampling(draw: Draw, n: int, k: int, dtype: np.dtype | type = np.int64) -> np.ndarray:
+    """``k`` distinct picks for each of ``n`` tokens, [k, n] of ``dtype``: pick i is the first of its own
+    i.i.d. candidates that differs from the token's picks 0..i-1, which is exactly successive sampling without
+    replacement. The comparisons run on ``dtype`` (the labels' narrowest: uint8 below 256 labels).
+
+    ``draw(tokens, m)`` returns ``m`` i.i.d. candidates for each of ``tokens`` (all n when None; a token may be
+    listed more than once): [m, len]. Every pick draws its first candidate at once; then, round after round,
+    every pick equal to an earlier pick of its token draws again, all of a round's picks in one call (a
+    pick's candidates never depend on later picks, so each pick is its first candidate that is new against
+    the final earlier picks, whatever order the rounds fix them in). After a few rounds a pick draws ``m``
+    candidates at once, twice as many each round (up to ``MAX_DRAWS_PER_ROUND``), and takes the first new
+    against its earlier picks. (Tokens are selected by index arrays, not boolean masks: numpy's masked
+    selection is slow on random masks.)
     """
     picks = draw(None, k).astype(dtype, copy=False)  # every pick's first candidate
-    for i in range(k):
-        repeat = np.zeros(n, dtype=bool) if allowed is None else ~allowed(picks[i][None], None)[0]
-        for j in range(i):
-            repeat |= picks[j] == picks[i]
-        todo = repeat.nonzero()[0]
-        m = 1
-        for _ in range(MAX_REJECTION_ROUNDS):
-            if todo.size == 0:
-                break
-            cand = draw(todo, m).astype(dtype, copy=False)  # [m, todo]
-            new = np.ones(cand.shape, dtype=bool) if allowed is None else allowed(cand, todo)
-            earlier = picks[:i, todo]
-            for j in range(i):
-                new &= cand != earlier[j]
-            if m == 1:
-                ok, take = new[0], cand[0]
-            else:  # each token's first new candidate
-                first, col = new.argmax(axis=0), np.arange(todo.size)
-                ok, take = new[first, col], cand[first, col]
-            got = ok.nonzero()[0]
-            picks[i][todo[got]] = take[got]
-            todo = todo[(~ok).nonzero()[0]]
+    rep = _repeats(picks)
+    todo = rep.any(axis=0).nonzero()[0]
+    rep = rep[:, todo]
+    m = 1
+    for rnd in range(MAX_REJECTION_ROUNDS):
+        if todo.size == 0:
+            return picks
+        sub = picks[:, todo]
+        slot, col = rep.nonzero()
+        cand = draw(todo[col], m).astype(dtype, copy=False)  # [m, pairs]
+        if m == 1:
+            sub[slot, col] = cand[0]
+        else:  # each pick's first candidate new against its earlier picks (others wait for the next round)
+            new = np.ones(cand.shape, dtype=bool)
+            for j in range(k - 1):
+                new &= (cand != sub[j, col]) | (slot <= j)
+            first = new.argmax(axis=0)
+            sub[slot, col] = cand[first, np.arange(col.size)]
+        picks[:, todo] = sub
+        rep = _repeats(sub)
+        left = rep.any(axis=0).nonzero()[0]
+        todo, rep = todo[left], rep[:, left]
+        if rnd >= 3:
             m = min(2 * m, MAX_DRAWS_PER_ROUND)
-        else:
-            raise ValueError("could not draw top_k distinct experts: raise affinity_fanout or lower affinity")
-    return picks
+    raise ValueError("could not draw top_k distinct experts: raise affinity_fanout or lower affinity")

@@ -265,14 +265,17 @@ def _grouped_draw(tab: _LayerTables, home: np.ndarray, prev_top1: np.ndarray, ra
     seg_rows = seg_rows.ravel()
     first = np.arange(n) * (2 * k_g)
 
-    def draw(tokens: np.ndarray | None, m: int) -> np.ndarray:
-        c, base = (cuts, first) if tokens is None else (take_rows(cut_rows, tokens).T, first[tokens])
-        bits = raw((m, base.size)).view(np.uint32).reshape(m, base.size, 2)
-        u, high = bits[..., LOW_HALF], bits[..., HIGH_HALF]
+    def draw_one(c: np.ndarray, base: np.ndarray) -> np.ndarray:
+        bits = raw(base.size).view(np.uint32).reshape(base.size, 2)
+        u, high = bits[:, LOW_HALF], bits[:, HIGH_HALF]
         seg = (u >= c[0]).view(np.uint8)
         for j in range(1, c.shape[0]):
             seg += (u >= c[j]).view(np.uint8)
         return tab.experts.draw_high(seg_rows.take(base + seg), size, high)
+
+    def draw(tokens: np.ndarray | None, m: int) -> np.ndarray:
+        c, base = (cuts, first) if tokens is None else (take_rows(cut_rows, tokens).T, first[tokens])
+        return np.stack([draw_one(c, base) for _ in range(m)])
 
     return draw
 
@@ -327,7 +330,8 @@ def synthetic_cost(*, num_layers: int, num_experts: int, top_k: int, num_gpus: i
 
 def generate_layers(*, num_layers: int, num_experts: int, top_k: int, num_gpus: int, tokens_per_gpu: int,
                     batches: int, params: SyntheticParams, rng: np.random.Generator,
-                    structure_rng: np.random.Generator | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+                    structure_rng: np.random.Generator | None = None, out: np.ndarray | None = None
+                    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """The picks of ``batches x num_gpus x tokens_per_gpu`` tokens, one MoE layer at a time: yields
     (``picks`` [tokens, top_k], ``pops`` [G, E] the layer's popularity per home GPU). ``picks`` is int16
     (int32 for 2^15 experts or more) and is overwritten by the next layer: copy what you keep. Only one
@@ -336,6 +340,9 @@ def generate_layers(*, num_layers: int, num_experts: int, top_k: int, num_gpus: 
 
     ``structure_rng`` draws the popularity ranks, GPU tilts and successor sets; pass generators with the
     same seed to get traces of one distribution with independent tokens (profiling vs evaluation).
+
+    ``out`` [tokens, num_layers, top_k] of that dtype receives every layer (each thread writes its tokens' rows
+    in place; ``picks`` is then ``out[:, layer]``).
     """
     _check_shape(num_layers, num_experts, top_k, params)
     srng = structure_rng if structure_rng is not None else rng
@@ -343,21 +350,27 @@ def generate_layers(*, num_layers: int, num_experts: int, top_k: int, num_gpus: 
     T = batches * G * tokens_per_gpu
     pops, succ_ids, succ_w = _routing_structure(num_layers, E, G, params, srng)
     home = ((np.arange(T) % (G * tokens_per_gpu)) // tokens_per_gpu).astype(np.int64)
-    picks = np.empty((T, K), dtype=trace_dtype(E))
+    buf = np.empty((T, 1, K), dtype=trace_dtype(E)) if out is None else out
     prev_top1 = np.zeros(T, dtype=np.int64)
     seeds = rng.integers(0, 2**63, size=num_layers)  # each (layer, chunk) draws from its own stream
+    def tables(lay: int) -> _LayerTables:
+        return _layer_tables(pops[lay], succ_ids[lay], succ_w[lay], params.affinity if lay > 0 else 0.0, params)
+
     with ThreadPoolExecutor(_workers()) as pool:
+        ahead = pool.submit(tables, 0)
         for lay in range(num_layers):
-            tab = _layer_tables(pops[lay], succ_ids[lay], succ_w[lay], params.affinity if lay > 0 else 0.0, params)
+            tab = ahead.result()
+            if lay + 1 < num_layers:  # the next layer's tables read no picks: built while this layer samples
+                ahead = pool.submit(tables, lay + 1)
 
             def chunk(c: int) -> None:
                 blk = slice(c * _TOKEN_CHUNK, min((c + 1) * _TOKEN_CHUNK, T))
                 got = _layer_picks(tab, home[blk], prev_top1[blk], K, np.random.default_rng([int(seeds[lay]), c]))
-                picks[blk] = got.T
+                buf[blk, 0 if out is None else lay] = got.T
                 prev_top1[blk] = got[0]
 
             list(pool.map(chunk, range(-(-T // _TOKEN_CHUNK))))
-            yield picks, pops[lay]
+            yield buf[:, 0 if out is None else lay], pops[lay]
 
 
 def _workers() -> int:
@@ -408,10 +421,8 @@ def generate_trace(
     experts = np.empty((T, num_layers, K), dtype=trace_dtype(E))
     gate = np.empty((T, num_layers, K), dtype=np.float32) if weights else None
     layers = generate_layers(num_layers=num_layers, num_experts=E, top_k=K, num_gpus=G, tokens_per_gpu=tokens_per_gpu,
-                             batches=batches, params=params, rng=rng, structure_rng=structure_rng)
-    row = np.dtype((np.void, K * experts.itemsize))  # a token's picks as one item: a strided copy of T items
+                             batches=batches, params=params, rng=rng, structure_rng=structure_rng, out=experts)
     for lay, (picks, pops) in enumerate(layers):
-        experts.view(row)[:, lay, 0] = picks.view(row)[:, 0]
         if gate is not None:
             for a in range(0, T, _TOKEN_CHUNK):  # cache-sized blocks
                 blk = slice(a, a + _TOKEN_CHUNK)
