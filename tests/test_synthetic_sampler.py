@@ -173,9 +173,9 @@ def test_successive_sampling_without_allowed_is_the_order_of_first_appearance():
     assert np.abs(joint - want).max() < 0.004
 
 
-def test_successive_sampling_rounds_give_plackett_luce_orders():
-    """A skewed law over 5 labels, 4 picks (re-draws in most tokens, several picks of a token re-drawn in one
-    round, batches of candidates in later rounds): every ordered 4-tuple at its Plackett-Luce probability
+def test_successive_sampling_gives_plackett_luce_orders():
+    """A skewed law over 5 labels, 4 picks on uint8 labels (re-draws in most tokens, batches of candidates in
+    later rounds): every ordered 4-tuple at its Plackett-Luce probability
     prod_i p_(x_i) / (1 - p_(x_0) - ... - p_(x_(i-1))), by a chi-square over the 120 orders."""
     rng = np.random.default_rng(3)
     p = np.array([0.55, 0.25, 0.12, 0.06, 0.02])

@@ -8,20 +8,17 @@ alias's). Its low 32 bits are left to the caller (the mixture's component). Prob
 resolved to about ``2^-32 x width`` (columns) and ``2^-(32 - log2 width)`` (keep thresholds): far below
 what any trace of this size can show (the old double-precision draws resolved 2^-53).
 
-Successive sampling draws pick ``i`` as the first of its i.i.d. candidates that differs from picks ``0..i-1``
+Successive sampling draws pick ``i`` as the first i.i.d. candidate that differs from picks ``0..i-1``
 (rejection): exactly sampling without replacement.
 Deliberately simple: no per-token alias tables (mixtures are a coin between rows).
 """
 
 from __future__ import annotations
 
-import sys
 from typing import Callable
 
 import numpy as np
 
-# a uint64 word viewed as two uint32: which holds its low half, which its high half
-LOW_HALF, HIGH_HALF = (0, 1) if sys.byteorder == "little" else (1, 0)
 _LOW32 = np.uint64(0xFFFFFFFF)
 _S32 = np.uint64(32)
 MAX_REJECTION_ROUNDS = 200
@@ -93,6 +90,7 @@ class PackedAlias:
             self.offsets.append(offset)
             offset += rows * n
         self.words = np.concatenate(words)
+        self._halves: tuple[np.ndarray, np.ndarray] | None = None  # (thresholds, labels): made by draw_high
         self._shift = np.uint64(32 - self.thr_bits)
         self._thr_mask = np.uint64((1 << self.thr_bits) - 1)
         self._lab_mask = np.uint64((1 << label_bits) - 1)
@@ -111,9 +109,13 @@ class PackedAlias:
 
     def draw_high(self, start: np.ndarray, width: int, high: np.ndarray) -> np.ndarray:
         """:meth:`draw` from the high halves ``high`` (uint32) of the random words alone, for tables whose
-        keep thresholds fill 32 bits (labels of 16 bits or fewer): the same labels, computed in 32-bit
-        arithmetic, as uint32. ``start`` is int64."""
-        assert self.thr_bits == 32
+        keep thresholds fill 32 bits (labels of 16 bits or fewer): the same labels, as uint32, computed on
+        contiguous 32-bit arrays (numpy's vector loops; strided or mixed-type operands fall back to
+        element-by-element ones). ``start`` is int64."""
+        if self._halves is None:
+            assert self.thr_bits == 32
+            self._halves = (self.words.astype(np.uint32), (self.words >> _S32).astype(np.uint32))
+        thresholds, labels = self._halves
         if width & (width - 1) == 0:  # a power of two: the product's halves are shifts
             b = width.bit_length() - 1
             col = high >> np.uint32(32 - b) if b else np.zeros(high.shape, np.uint32)
@@ -121,10 +123,11 @@ class PackedAlias:
         else:
             x = high.astype(np.uint64) * np.uint64(width)
             col, coin = (x >> _S32).astype(np.uint32), x.astype(np.uint32)
-        word = self.words.take(start + col).view(np.uint32).reshape(*col.shape, 2)  # (threshold, labels)
-        labels = word[..., HIGH_HALF]
-        own = labels & np.uint32((1 << self.label_bits) - 1)
-        return np.where(coin < word[..., LOW_HALF], own, labels >> np.uint32(self.label_bits))
+        idx = col.astype(np.int64)
+        idx += start
+        lab = labels.take(idx)
+        own = lab & np.uint32((1 << self.label_bits) - 1)
+        return np.where(coin < thresholds.take(idx), own, lab >> np.uint32(self.label_bits))
 
 
 def take_rows(table: np.ndarray, idx: np.ndarray) -> np.ndarray:
@@ -143,54 +146,40 @@ def label_bits(num_labels: int) -> int:
 Draw = Callable[[np.ndarray | None, int], np.ndarray]  # (tokens or None for all, m) -> [m, tokens] candidates
 
 
-def _repeats(picks: np.ndarray) -> np.ndarray:
-    """[k, n] bool: pick i equals one of picks 0..i-1 of its token."""
-    rep = np.zeros(picks.shape, dtype=bool)
-    same = np.empty(picks.shape[1:], dtype=bool)
-    for i in range(1, picks.shape[0]):
-        for j in range(i):
-            np.equal(picks[i], picks[j], out=same)
-            rep[i] |= same
-    return rep
-
-
 def successive_sampling(draw: Draw, n: int, k: int, dtype: np.dtype | type = np.int64) -> np.ndarray:
-    """``k`` distinct picks for each of ``n`` tokens, [k, n] of ``dtype``: pick i is the first of its own
-    i.i.d. candidates that differs from the token's picks 0..i-1, which is exactly successive sampling without
+    """``k`` distinct picks for each of ``n`` tokens, [k, n] of ``dtype``: pick i is the token's first i.i.d.
+    draw that differs from its picks 0..i-1 (rejection), which is exactly successive sampling without
     replacement. The comparisons run on ``dtype`` (the labels' narrowest: uint8 below 256 labels).
 
-    ``draw(tokens, m)`` returns ``m`` i.i.d. candidates for each of ``tokens`` (all n when None; a token may be
-    listed more than once): [m, len]. Every pick draws its first candidate at once; then, round after round,
-    every pick equal to an earlier pick of its token draws again, all of a round's picks in one call (a
-    pick's candidates never depend on later picks, so each pick is its first candidate that is new against
-    the final earlier picks, whatever order the rounds fix them in). After a few rounds a pick draws ``m``
-    candidates at once, twice as many each round (up to ``MAX_DRAWS_PER_ROUND``), and takes the first new
-    against its earlier picks. (Tokens are selected by index arrays, not boolean masks: numpy's masked
-    selection is slow on random masks.)
+    ``draw(tokens, m)`` returns ``m`` i.i.d. candidates for each of ``tokens`` (all n when None): [m, len].
+    A token rejected in one round draws twice as many candidates in the next (up to
+    ``MAX_DRAWS_PER_ROUND``) and takes the first that is new. (Tokens are selected by index arrays, not
+    boolean masks: numpy's masked selection is slow on random masks.)
     """
     picks = draw(None, k).astype(dtype, copy=False)  # every pick's first candidate
-    rep = _repeats(picks)
-    todo = rep.any(axis=0).nonzero()[0]
-    rep = rep[:, todo]
-    m = 1
-    for rnd in range(MAX_REJECTION_ROUNDS):
-        if todo.size == 0:
-            return picks
-        sub = picks[:, todo]
-        slot, col = rep.nonzero()
-        cand = draw(todo[col], m).astype(dtype, copy=False)  # [m, pairs]
-        if m == 1:
-            sub[slot, col] = cand[0]
-        else:  # each pick's first candidate new against its earlier picks (others wait for the next round)
+    same = np.empty(n, dtype=bool)
+    for i in range(1, k):
+        repeat = np.zeros(n, dtype=bool)
+        for j in range(i):
+            repeat |= np.equal(picks[j], picks[i], out=same)
+        todo = repeat.nonzero()[0]
+        m = 1
+        for _ in range(MAX_REJECTION_ROUNDS):
+            if todo.size == 0:
+                break
+            cand = draw(todo, m).astype(dtype, copy=False)  # [m, todo]
             new = np.ones(cand.shape, dtype=bool)
-            for j in range(k - 1):
-                new &= (cand != sub[j, col]) | (slot <= j)
-            first = new.argmax(axis=0)
-            sub[slot, col] = cand[first, np.arange(col.size)]
-        picks[:, todo] = sub
-        rep = _repeats(sub)
-        left = rep.any(axis=0).nonzero()[0]
-        todo, rep = todo[left], rep[:, left]
-        if rnd >= 3:
+            for j in range(i):
+                new &= cand != picks[j][todo]
+            if m == 1:
+                ok, take = new[0], cand[0]
+            else:  # each token's first new candidate
+                first, col = new.argmax(axis=0), np.arange(todo.size)
+                ok, take = new[first, col], cand[first, col]
+            got = ok.nonzero()[0]
+            picks[i][todo[got]] = take[got]
+            todo = todo[(~ok).nonzero()[0]]
             m = min(2 * m, MAX_DRAWS_PER_ROUND)
-    raise ValueError("could not draw top_k distinct experts: raise affinity_fanout or lower affinity")
+        else:
+            raise ValueError("could not draw top_k distinct experts: raise affinity_fanout or lower affinity")
+    return picks
