@@ -90,7 +90,6 @@ class PackedAlias:
             self.offsets.append(offset)
             offset += rows * n
         self.words = np.concatenate(words)
-        self._halves: tuple[np.ndarray, np.ndarray] | None = None  # (thresholds, labels): made by draw_high
         self._shift = np.uint64(32 - self.thr_bits)
         self._thr_mask = np.uint64((1 << self.thr_bits) - 1)
         self._lab_mask = np.uint64((1 << label_bits) - 1)
@@ -112,10 +111,7 @@ class PackedAlias:
         keep thresholds fill 32 bits (labels of 16 bits or fewer): the same labels, as uint32, computed on
         contiguous 32-bit arrays (numpy's vector loops; strided or mixed-type operands fall back to
         element-by-element ones). ``start`` is int64."""
-        if self._halves is None:
-            assert self.thr_bits == 32
-            self._halves = (self.words.astype(np.uint32), (self.words >> _S32).astype(np.uint32))
-        thresholds, labels = self._halves
+        assert self.thr_bits == 32
         if width & (width - 1) == 0:  # a power of two: the product's halves are shifts
             b = width.bit_length() - 1
             col = high >> np.uint32(32 - b) if b else np.zeros(high.shape, np.uint32)
@@ -125,9 +121,13 @@ class PackedAlias:
             col, coin = (x >> _S32).astype(np.uint32), x.astype(np.uint32)
         idx = col.astype(np.int64)
         idx += start
-        lab = labels.take(idx)
-        own = lab & np.uint32((1 << self.label_bits) - 1)
-        return np.where(coin < thresholds.take(idx), own, lab >> np.uint32(self.label_bits))
+        word = self.words.take(idx)
+        handed = (coin >= word.astype(np.uint32)).astype(np.uint32)  # 1: the alias's label, in the upper bits
+        handed *= np.uint32(self.label_bits)
+        labels = (word >> _S32).astype(np.uint32)
+        labels >>= handed
+        labels &= np.uint32((1 << self.label_bits) - 1)
+        return labels
 
 
 def take_rows(table: np.ndarray, idx: np.ndarray) -> np.ndarray:
