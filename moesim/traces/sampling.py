@@ -105,7 +105,6 @@ class PackedAlias:
         own = (word >> tb) & self._lab_mask
         return np.where(keep, own, word >> (tb + lb)).view(np.int64)
 
-
     def draw_high(self, start: np.ndarray, width: int, high: np.ndarray) -> np.ndarray:
         """:meth:`draw` from the high halves ``high`` (uint32) of the random words alone, for tables whose
         keep thresholds fill 32 bits (labels of 16 bits or fewer): the same labels, as uint32, computed on
