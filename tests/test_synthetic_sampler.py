@@ -197,3 +197,13 @@ def test_successive_sampling_gives_plackett_luce_orders():
     chi2 = float(((got - want) ** 2 / want).sum())
     dof = len(orders) - 1
     assert (chi2 / dof - 1) / math.sqrt(2 / dof) < 6, chi2
+
+
+def test_groups_drawn_one_by_one_have_the_old_samplers_law():
+    """Too many sets of groups for one draw (16 groups, 8 per token: 12,870 sets): the token's groups are drawn by
+    successive sampling and its segments built per token; the law is still the old sampler's."""
+    params = SyntheticParams(zipf_alpha=0.6, gpu_mix_sigma=0.4, affinity=0.4, affinity_fanout=8, groups=16,
+                             topk_groups=8)
+    assert group_set_law(np.ones((1, 16)), 8) is None
+    score, key = worst(new_experts(1, params), old_experts(2, params))
+    assert score < 6, f"{key}: chi2/dof {score:.1f} sd above 1"

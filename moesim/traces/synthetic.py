@@ -133,6 +133,7 @@ class _LayerTables:
     set_pop_rows: np.ndarray | None = None
     set_succ_rows: np.ndarray | None = None
 
+
 def _layer_tables(pops: np.ndarray, succ_ids: np.ndarray, succ_w: np.ndarray, affinity: float,
                   params: SyntheticParams) -> _LayerTables:
     """The tables of one layer from its popularity per home ``pops`` [G, E] and successors [E, fan]."""
