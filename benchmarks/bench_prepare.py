@@ -4,6 +4,7 @@ each point in a fresh process (its peak resident memory is its own).
 
     python benchmarks/bench_prepare.py [--baseline a907453] [--compare-gpus 64,256] [--compare-layers 8]
                                        [--gpus 16,64,256,1024] [--layers 2,4]
+    python benchmarks/bench_prepare.py --whole-run 256 [--run-layers 58] [--baseline main] [--repeat 2]
 
 First before/after on the same scenario and seed, the baseline revision's moesim (``git archive``) against this
 tree's, at ``--compare-gpus`` and ``--compare-layers``; then this tree's growth with GPUs and layers (extrapolated
@@ -90,6 +91,41 @@ def prepare_only(rev: str, compare_gpus: list[int], compare_layers: int, gpu_lis
 
 
 
+def whole_run(rev: str, gpus: int, layers: int, repeat: int) -> None:
+    """The whole ``moesim run`` (generation, placement, simulation, writing results and plots), before / after."""
+    import yaml
+
+    data = yaml.safe_load(SCENARIO.read_text())
+    data["clusters"][0]["nodes"] = max(gpus // 8, 1)
+    data["clusters"][0]["gpus_per_node"] = min(gpus, 8)
+    data["model"]["num_layers"] = layers
+    data["placements"] = ["contiguous"]
+    work = Path(tempfile.mkdtemp(prefix="moesim-run-"))
+    path = work / f"ds{gpus}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    trees = [(f"before ({rev})", baseline_tree(rev)), ("after (this tree)", ROOT)]
+    print(f"== whole moesim run, {gpus} GPUs x {layers} layers, contiguous: {path} (/usr/bin/time -v) ==")
+    print(f"{'tree':<22s} {'wall s':>7s} {'cpu s':>7s} {'peak GB':>8s} {'load 1m':>8s}  e2e ms")
+    for _ in range(repeat):
+        for name, tree in trees:
+            load = os.getloadavg()[0]
+            env = {**os.environ, "PYTHONPATH": str(tree)}
+            run = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-m", "moesim.cli", "run", str(path), "-o",
+                                  str(work / "out")], env=env, capture_output=True, text=True, cwd=work)
+            if run.returncode:
+                raise SystemExit(run.stderr[-2000:])
+            got = {}
+            for line in run.stderr.splitlines():
+                key, _, value = line.strip().partition(": ")
+                got[key] = value
+            wall = sum(float(x) * 60**i for i, x in enumerate(reversed(
+                got["Elapsed (wall clock) time (h:mm:ss or m:ss)"].split(":"))))
+            cpu = float(got["User time (seconds)"]) + float(got["System time (seconds)"])
+            peak = int(got["Maximum resident set size (kbytes)"]) * 1024 / 1e9
+            e2e = next((line.split()[1] for line in run.stdout.splitlines() if line.startswith("contiguous ")), "?")
+            print(f"{name:<22s} {wall:7.1f} {cpu:7.1f} {peak:8.2f} {load:8.2f}  {e2e}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--baseline", default="main", help="git revision whose moesim is the baseline")
@@ -98,7 +134,13 @@ def main() -> None:
     ap.add_argument("--gpus", default="16,64,256,1024", help="cluster sizes of the growth table")
     ap.add_argument("--layers", default="2,4", help="MoE layers of the growth table")
     ap.add_argument("--quick", action="store_true", help="a smoke run: 16 GPUs, 2 layers")
+    ap.add_argument("--whole-run", type=int, default=0, help="GPUs of a whole moesim run, before / after")
+    ap.add_argument("--run-layers", type=int, default=58, help="MoE layers of --whole-run")
+    ap.add_argument("--repeat", type=int, default=1, help="runs of each tree in --whole-run, alternating")
     a = ap.parse_args()
+    if a.whole_run:
+        whole_run(a.baseline, a.whole_run, a.run_layers, a.repeat)
+        return
     if a.quick:
         prepare_only(a.baseline, [16], 2, [16], [2])
         return

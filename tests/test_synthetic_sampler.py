@@ -171,3 +171,39 @@ def test_successive_sampling_without_allowed_is_the_order_of_first_appearance():
     want = p[:, None] * p[None, :] / (1 - p[:, None])
     np.fill_diagonal(want, 0)
     assert np.abs(joint - want).max() < 0.004
+
+
+def test_successive_sampling_gives_plackett_luce_orders():
+    """A skewed law over 5 labels, 4 picks on uint8 labels (re-draws in most tokens, batches of candidates in
+    later rounds): every ordered 4-tuple at its Plackett-Luce probability
+    prod_i p_(x_i) / (1 - p_(x_0) - ... - p_(x_(i-1))), by a chi-square over the 120 orders."""
+    rng = np.random.default_rng(3)
+    p = np.array([0.55, 0.25, 0.12, 0.06, 0.02])
+    table = PackedAlias([(p[None, :], np.arange(5)[None, :])], label_bits(5))
+    n = 240_000
+
+    def draw(tokens, m):
+        size = n if tokens is None else tokens.size
+        return table.draw(np.zeros(size, dtype=np.int64), 5, rng.bit_generator.random_raw((m, size)))
+
+    picks = successive_sampling(draw, n, 4, dtype=np.uint8).astype(np.int64)
+    assert (np.sort(picks, axis=0)[1:] != np.sort(picks, axis=0)[:-1]).all()
+    orders = list(itertools.permutations(range(5), 4))
+    code = ((picks[0] * 5 + picks[1]) * 5 + picks[2]) * 5 + picks[3]
+    counts = np.bincount(code, minlength=5**4)
+    got = np.array([counts[((a * 5 + b) * 5 + c) * 5 + d] for a, b, c, d in orders], dtype=float)
+    want = np.array([math.prod(p[x[i]] / (1 - p[list(x[:i])].sum()) for i in range(4)) for x in orders]) * n
+    assert got.sum() == n
+    chi2 = float(((got - want) ** 2 / want).sum())
+    dof = len(orders) - 1
+    assert (chi2 / dof - 1) / math.sqrt(2 / dof) < 6, chi2
+
+
+def test_groups_drawn_one_by_one_have_the_old_samplers_law():
+    """Too many sets of groups for one draw (16 groups, 8 per token: 12,870 sets): the token's groups are drawn by
+    successive sampling and its segments built per token; the law is still the old sampler's."""
+    params = SyntheticParams(zipf_alpha=0.6, gpu_mix_sigma=0.4, affinity=0.4, affinity_fanout=8, groups=16,
+                             topk_groups=8)
+    assert group_set_law(np.ones((1, 16)), 8) is None
+    score, key = worst(new_experts(1, params), old_experts(2, params))
+    assert score < 6, f"{key}: chi2/dof {score:.1f} sd above 1"

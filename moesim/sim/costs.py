@@ -93,12 +93,14 @@ def rank_seconds_per_byte(topo: Topology, tp: int) -> np.ndarray:
     G, nl = topo.num_gpus, topo.num_links
     ep = G // tp
     lengths = np.diff(topo.path_ptr)
-    pair = np.repeat(np.arange(G * G), lengths)
-    src, dst, link = pair // G, pair % G, topo.path_idx
+    link = topo.path_idx
+    # each path entry's (sender, link) and (receiver, link) keys, built without dividing the pair index
+    src_key = np.repeat(np.arange(G) * nl, lengths.reshape(G, G).sum(axis=1)) + link
+    dst_key = np.repeat(np.tile(np.arange(G) * nl, G), lengths) + link
     flows = np.bincount(link, minlength=nl).astype(float)
-    per_src = np.bincount(src * nl + link, minlength=G * nl)
-    per_dst = np.bincount(dst * nl + link, minlength=G * nl)
-    cost = flows[link] / (np.maximum(per_src[src * nl + link], per_dst[dst * nl + link]) * topo.capacity[link])
+    busiest = np.maximum(np.bincount(src_key, minlength=G * nl)[src_key],
+                         np.bincount(dst_key, minlength=G * nl)[dst_key])
+    cost = flows[link] / (busiest * topo.capacity[link])
     worst = np.zeros(G * G)
     starts = topo.path_ptr[:-1][lengths > 0]
     worst[lengths > 0] = np.maximum.reduceat(cost, starts)

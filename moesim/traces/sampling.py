@@ -8,8 +8,8 @@ alias's). Its low 32 bits are left to the caller (the mixture's component). Prob
 resolved to about ``2^-32 x width`` (columns) and ``2^-(32 - log2 width)`` (keep thresholds): far below
 what any trace of this size can show (the old double-precision draws resolved 2^-53).
 
-Successive sampling draws pick ``i`` as the first i.i.d. candidate that differs from picks ``0..i-1`` and
-that ``allowed`` accepts (rejection): exactly sampling without replacement from the allowed experts.
+Successive sampling draws pick ``i`` as the first i.i.d. candidate that differs from picks ``0..i-1``
+(rejection): exactly sampling without replacement.
 Deliberately simple: no per-token alias tables (mixtures are a coin between rows).
 """
 
@@ -105,6 +105,29 @@ class PackedAlias:
         own = (word >> tb) & self._lab_mask
         return np.where(keep, own, word >> (tb + lb)).view(np.int64)
 
+    def draw_high(self, start: np.ndarray, width: int, high: np.ndarray) -> np.ndarray:
+        """:meth:`draw` from the high halves ``high`` (uint32) of the random words alone, for tables whose
+        keep thresholds fill 32 bits (labels of 16 bits or fewer): the same labels, as uint32, computed on
+        contiguous 32-bit arrays (numpy's vector loops; strided or mixed-type operands fall back to
+        element-by-element ones). ``start`` is int64."""
+        assert self.thr_bits == 32
+        if width & (width - 1) == 0:  # a power of two: the product's halves are shifts
+            b = width.bit_length() - 1
+            col = high >> np.uint32(32 - b) if b else np.zeros(high.shape, np.uint32)
+            coin = high << np.uint32(b)
+        else:
+            x = high.astype(np.uint64) * np.uint64(width)
+            col, coin = (x >> _S32).astype(np.uint32), x.astype(np.uint32)
+        idx = col.astype(np.int64)
+        idx += start
+        word = self.words.take(idx)
+        handed = (coin >= word.astype(np.uint32)).astype(np.uint32)  # 1: the alias's label, in the upper bits
+        handed *= np.uint32(self.label_bits)
+        labels = (word >> _S32).astype(np.uint32)
+        labels >>= handed
+        labels &= np.uint32((1 << self.label_bits) - 1)
+        return labels
+
 
 def take_rows(table: np.ndarray, idx: np.ndarray) -> np.ndarray:
     """``table[idx]`` for a 2-D ``table``, each row read as one item (numpy's row-wise fancy indexing copies
@@ -120,31 +143,31 @@ def label_bits(num_labels: int) -> int:
 
 
 Draw = Callable[[np.ndarray | None, int], np.ndarray]  # (tokens or None for all, m) -> [m, tokens] candidates
-Allowed = Callable[[np.ndarray, np.ndarray | None], np.ndarray]  # (candidates [m, n], tokens or None) -> ok
 
 
-def successive_sampling(draw: Draw, n: int, k: int, allowed: Allowed | None = None) -> np.ndarray:
-    """``k`` distinct picks for each of ``n`` tokens, [k, n] int64: pick i is the token's first i.i.d. draw
-    that differs from its picks 0..i-1 and that ``allowed`` accepts (rejection), which is exactly successive
-    sampling without replacement from the allowed labels.
+def successive_sampling(draw: Draw, n: int, k: int, dtype: np.dtype | type = np.int64) -> np.ndarray:
+    """``k`` distinct picks for each of ``n`` tokens, [k, n] of ``dtype``: pick i is the token's first i.i.d.
+    draw that differs from its picks 0..i-1 (rejection), which is exactly successive sampling without
+    replacement. The comparisons run on ``dtype`` (the labels' narrowest: uint8 below 256 labels).
 
     ``draw(tokens, m)`` returns ``m`` i.i.d. candidates for each of ``tokens`` (all n when None): [m, len].
     A token rejected in one round draws twice as many candidates in the next (up to
     ``MAX_DRAWS_PER_ROUND``) and takes the first that is new. (Tokens are selected by index arrays, not
     boolean masks: numpy's masked selection is slow on random masks.)
     """
-    picks = draw(None, k)  # every pick's first candidate
-    for i in range(k):
-        repeat = np.zeros(n, dtype=bool) if allowed is None else ~allowed(picks[i][None], None)[0]
+    picks = draw(None, k).astype(dtype, copy=False)  # every pick's first candidate
+    same = np.empty(n, dtype=bool)
+    for i in range(1, k):
+        repeat = np.zeros(n, dtype=bool)
         for j in range(i):
-            repeat |= picks[j] == picks[i]
+            repeat |= np.equal(picks[j], picks[i], out=same)
         todo = repeat.nonzero()[0]
         m = 1
         for _ in range(MAX_REJECTION_ROUNDS):
             if todo.size == 0:
                 break
-            cand = draw(todo, m)  # [m, todo]
-            new = np.ones(cand.shape, dtype=bool) if allowed is None else allowed(cand, todo)
+            cand = draw(todo, m).astype(dtype, copy=False)  # [m, todo]
+            new = np.ones(cand.shape, dtype=bool)
             for j in range(i):
                 new &= cand != picks[j][todo]
             if m == 1:

@@ -38,6 +38,10 @@ from moesim.traces.sampling import Draw, PackedAlias, label_bits, successive_sam
 # enough that the temporaries stay in cache and are reused from the heap (at 32k tokens, about 200k page faults
 # a layer of 1M tokens: temporaries mapped fresh from the OS and returned to it each time).
 _TOKEN_CHUNK = 1 << 14
+# Layers a thread stages before writing them into a trace's rows: a token's 4 layers of top-8 uint8 ids (32 bytes)
+# are written at once, not as 4 writes of 8 bytes to cache lines 464 bytes apart (58 layers); the stage holds
+# 32 bytes per token (134 MB at 4M tokens).
+_STAGE_LAYERS = 4
 
 
 @dataclass(frozen=True)
@@ -122,11 +126,12 @@ class _LayerTables:
     num_groups: int
     topk_groups: int
     group_sets: np.ndarray | None = None  # [sets, topk_groups]: ``groups`` draws a set of groups (its row here)
-    # per (home, set) and (expert, set), over the set's groups: cumulative (1 - affinity) x popularity mass and
-    # affinity x successor mass, and the popularity rows' first words
-    set_pop_cum: np.ndarray | None = None
-    set_succ_cum: np.ndarray | None = None
-    set_rows: np.ndarray | None = None
+    # per (home, set) and (expert, set): the popularity's and the successors' parts of the token's segment
+    # ends (:func:`_segments`) and of its segments' first words, to add together
+    set_pop_ends: np.ndarray | None = None
+    set_succ_ends: np.ndarray | None = None
+    set_pop_rows: np.ndarray | None = None
+    set_succ_rows: np.ndarray | None = None
 
 
 def _layer_tables(pops: np.ndarray, succ_ids: np.ndarray, succ_w: np.ndarray, affinity: float,
@@ -153,20 +158,44 @@ def _layer_tables(pops: np.ndarray, succ_ids: np.ndarray, succ_w: np.ndarray, af
                          (rows, np.broadcast_to(np.arange(E).reshape(1, n, size), (E, n, size)).reshape(E * n, size))],
                         bits)
     law = group_set_law(group_mass, params.group_limit)
+    set_tables: tuple[np.ndarray | None, ...]
     if law is None:  # too many sets: successive sampling of the groups themselves
         groups = PackedAlias([(group_mass, np.broadcast_to(np.arange(n), (G, n)))], label_bits(n))
-        members = set_pop_cum = set_succ_cum = set_rows = None
+        members, set_tables = None, (None, None, None, None)
     else:
         groups = PackedAlias([(law[0], np.broadcast_to(np.arange(law[1].shape[0]), law[0].shape))],
                              label_bits(law[1].shape[0]))
         members = law[1]
-        k = members.shape[1]
-        set_pop_cum = (1 - affinity) * np.cumsum(group_mass[:, members], axis=2).reshape(-1, k)
-        set_succ_cum = affinity * np.cumsum(succ_mass[:, members], axis=2).reshape(-1, k)
-        set_rows = ((np.arange(G)[:, None, None] * n + members[None]) * size).astype(np.uint64).reshape(-1, k)
+        pop_ends, pop_rows = _segments((1 - affinity) * group_mass[:, members], members[None],
+                                       (np.arange(G) * n)[:, None, None], size, 0, True)
+        succ_ends, succ_rows = _segments(affinity * succ_mass[:, members], members[None],
+                                         (np.arange(E) * n)[:, None, None], size, G * E, False)
+        set_tables = (pop_ends, succ_ends, pop_rows, succ_rows)
     return _LayerTables(table, groups, group_mass, succ_mass, E, G,
-                        succ_ids.shape[1], affinity, n, params.group_limit, members, set_pop_cum, set_succ_cum,
-                        set_rows)
+                        succ_ids.shape[1], affinity, n, params.group_limit, members, *set_tables)
+
+
+def _segments(mass: np.ndarray, members: np.ndarray, first_row: np.ndarray, size: int, offset: int,
+              popularity: bool) -> tuple[np.ndarray, np.ndarray]:
+    """One component's parts of a token's segments, per (row, set of groups ``members`` [.., sets, k]) with the
+    component's ``mass`` [rows, sets, k] in each of the set's groups: segment
+    2j is group j's popularity, 2j + 1 its successors; segment s ends at ``ends[s]`` (the last, 2k - 1, at the
+    total) and draws from the row starting at word ``rows[s]``. The popularity (``popularity``) adds its
+    cumulative mass up to group j to ends 2j and 2j + 1, the successors theirs up to group j - 1 to end 2j and
+    up to group j to end 2j + 1; each fills its own segments' rows (``offset + (first_row + g) x size``)
+    and zeros the other's. [rows x sets, 2k] each."""
+    cum = np.cumsum(mass, axis=2)
+    rows, sets, k = cum.shape
+    ends = np.zeros((rows, sets, 2 * k))
+    start = np.zeros((rows, sets, 2 * k), dtype=np.int64)
+    own = slice(0, None, 2) if popularity else slice(1, None, 2)
+    start[..., own] = offset + (first_row + members) * size
+    ends[..., 1::2] = cum
+    if popularity:
+        ends[..., 0::2] = cum
+    else:
+        ends[..., 2::2] = cum[..., :-1]
+    return ends.reshape(rows * sets, 2 * k), start.reshape(rows * sets, 2 * k)
 
 
 _MAX_GROUP_SETS = 4096  # above this many sets of topk_groups groups, groups are drawn one by one
@@ -202,19 +231,21 @@ def _grouped_draw(tab: _LayerTables, home: np.ndarray, prev_top1: np.ndarray, ra
     """Group-limited routing: each token's ``topk_groups`` groups by successive sampling on their popularity
     mass at its home, then draws from the mixture restricted to those groups, exactly: a group j of the
     token's by its mass ``(1 - affinity) x popularity + affinity x successors``, then that group's
-    popularity row or successor row by their shares of it. (The low 32 bits of a draw's word pick the group
-    and the component, against the token's cumulative thresholds.)"""
+    popularity row or successor row by their shares of it. (The low 32 bits of a draw's word pick one of the
+    token's 2 x topk_groups segments - group j's popularity, then its successors - against its cumulative
+    thresholds; the high 32 bits draw within the segment's row.)"""
     assert tab.groups is not None and tab.group_mass is not None and tab.succ_mass is not None
     n, E, G, t = home.size, tab.num_experts, tab.num_gpus, tab.num_groups
     size = E // t
     a = tab.affinity
-    if tab.group_sets is not None:  # the token's set of groups in one draw; its thresholds from the set's rows
-        assert tab.set_pop_cum is not None and tab.set_succ_cum is not None and tab.set_rows is not None
+    if tab.group_sets is not None:  # the token's set of groups in one draw; its segments from the set's rows
+        assert tab.set_pop_ends is not None and tab.set_succ_ends is not None
+        assert tab.set_pop_rows is not None and tab.set_succ_rows is not None
         width = tab.group_sets.shape[0]
         sets = tab.groups.draw(home * width, width, raw(n))
         hs, ps = home * width + sets, prev_top1 * width + sets
-        pop_cum, succ_cum = take_rows(tab.set_pop_cum, hs), take_rows(tab.set_succ_cum, ps)  # [n, k_g]
-        rows = take_rows(tab.set_rows, hs)
+        ends = take_rows(tab.set_pop_ends, hs) + take_rows(tab.set_succ_ends, ps)  # [n, 2 k_g]
+        seg_rows = take_rows(tab.set_pop_rows, hs) + take_rows(tab.set_succ_rows, ps)
     else:
         start = home * t
 
@@ -223,57 +254,54 @@ def _grouped_draw(tab: _LayerTables, home: np.ndarray, prev_top1: np.ndarray, ra
             return tab.groups.draw(rows, t, raw((m, rows.size)))  # type: ignore[union-attr]
 
         g = successive_sampling(draw_group, n, tab.topk_groups).T  # [n, k_g]
-        pop_cum = np.cumsum((1 - a) * tab.group_mass.ravel()[home[:, None] * t + g], axis=1)
-        succ_cum = np.cumsum(a * tab.succ_mass.ravel()[prev_top1[:, None] * t + g], axis=1)
-        rows = ((home[:, None] * t + g) * size).astype(np.uint64)
-    ends = pop_cum + succ_cum
-    if not (ends[:, -1] > 0).all():  # only successors (affinity 1), none of them in the token's groups
+        pop_ends, pop_rows = _segments((1 - a) * tab.group_mass[home[:, None], g][:, None], g[:, None],
+                                       home[:, None, None] * t, size, 0, True)
+        succ_ends, succ_rows = _segments(a * tab.succ_mass[prev_top1[:, None], g][:, None], g[:, None],
+                                         prev_top1[:, None, None] * t, size, G * E, False)
+        ends, seg_rows = pop_ends + succ_ends, pop_rows + succ_rows
+    total = ends[:, -1]
+    if not (total > 0).all():  # only successors (affinity 1), none of them in the token's groups
         raise ValueError("could not draw top_k distinct experts: raise affinity_fanout or lower affinity")
-    scale = 2.0**32 / ends[:, -1:]
-    cut_rows = (ends[:, :-1] * scale).astype(np.uint64)  # [n, k_g - 1]: segment j ends at cut j
-    cuts = np.ascontiguousarray(cut_rows.T)
-    split = pop_cum * scale  # below it within segment j (from cut j-1): the popularity row
-    split[:, 1:] += succ_cum[:, :-1] * scale[:, :]
-    # per (token, group slot): the split in the high half, the popularity row's first word in the low one;
-    # the successor row of the same group lies a fixed distance away for each token
-    # (a split of 2^32, a group without successors, is kept to 32 bits: its last 2^-32 goes to the successors)
-    slot = ((np.minimum(split, 2.0**32 - 1).astype(np.uint64) << np.uint64(32)) | rows).ravel()
-    to_succ = (G * E + (prev_top1 - home) * E).astype(np.uint64)
-    k_g = slot.size // max(n, 1)
-    low, s32 = np.uint64(0xFFFFFFFF), np.uint64(32)
-    everyone = np.arange(n)
+    # the low 32 bits of a draw's word pick segment s when they lie between cuts s - 1 and s (x 2^32 / total);
+    # an empty segment (a group without successors) has equal cuts, and its row is any valid one
+    k_g = ends.shape[1] // 2
+    cut_rows = np.minimum(ends[:, :-1] * (2.0**32 / total)[:, None], 2.0**32 - 1).astype(np.uint32)
+    cuts = np.ascontiguousarray(cut_rows.T)  # [2 k_g - 1, n]
+    seg_rows = seg_rows.ravel()
+    first = np.arange(n) * (2 * k_g)
 
     def draw(tokens: np.ndarray | None, m: int) -> np.ndarray:
-        cols, c, dist = ((everyone, cuts, to_succ) if tokens is None
-                         else (tokens, take_rows(cut_rows, tokens).T, to_succ[tokens]))
-        bits = raw((m, cols.size))
-        u = bits & low
-        seg = np.broadcast_to(cols * k_g, u.shape).copy()
-        for j in range(c.shape[0]):
-            seg += u >= c[j]
-        word = slot[seg]
-        rows = (word & low) + (u >= (word >> s32)) * dist
-        return tab.experts.draw(rows.view(np.int64), size, bits)
+        c, base = (cuts, first) if tokens is None else (np.ascontiguousarray(take_rows(cut_rows, tokens).T),
+                                                         first[tokens])
+        bits = raw((m, base.size))
+        u, high = bits.astype(np.uint32), (bits >> np.uint64(32)).astype(np.uint32)  # contiguous halves
+        seg = (u >= c[0]).view(np.uint8)
+        for j in range(1, c.shape[0]):
+            seg += (u >= c[j]).view(np.uint8)
+        idx = seg.astype(np.int64)
+        idx += base
+        return tab.experts.draw_high(seg_rows.take(idx), size, high)
 
     return draw
 
 
 def _layer_picks(tab: _LayerTables, home: np.ndarray, prev_top1: np.ndarray, k: int,
                  rng: np.random.Generator) -> np.ndarray:
-    """[k, n] int64: the picks of tokens with homes ``home`` and previous top-1 experts ``prev_top1`` (int64),
-    by successive sampling from the mixture ``(1 - affinity) x popularity(home) + affinity x successors``
-    (restricted to the token's groups under group-limited routing)."""
+    """[k, n] of :func:`trace_dtype`: the picks of tokens with homes ``home`` and previous top-1 experts
+    ``prev_top1`` (int64), by successive sampling from the mixture ``(1 - affinity) x popularity(home) +
+    affinity x successors`` (restricted to the token's groups under group-limited routing)."""
     E, G, fan = tab.num_experts, tab.num_gpus, tab.fan
     raw = rng.bit_generator.random_raw
+    dtype = trace_dtype(E)
     if tab.groups is not None:
-        return successive_sampling(_grouped_draw(tab, home, prev_top1, raw), home.size, k)
+        return successive_sampling(_grouped_draw(tab, home, prev_top1, raw), home.size, k, dtype=dtype)
     pop_start = home * E
     if tab.affinity <= 0:
         def draw(tokens: np.ndarray | None, m: int) -> np.ndarray:
             rows = pop_start if tokens is None else pop_start[tokens]
             return tab.experts.draw(rows, E, raw((m, rows.size)))
 
-        return successive_sampling(draw, home.size, k)
+        return successive_sampling(draw, home.size, k, dtype=dtype)
     succ_start = G * E + prev_top1 * fan
     cut = np.uint64(min(round(tab.affinity * 2.0**32), 2**32))  # the low 32 bits below it: a successor
     low = np.uint64(0xFFFFFFFF)
@@ -285,7 +313,7 @@ def _layer_picks(tab: _LayerTables, home: np.ndarray, prev_top1: np.ndarray, k: 
         succ = (bits & low) < cut
         return tab.experts.draw(np.where(succ, ss, ps), np.where(succ, fan, E), bits)
 
-    return successive_sampling(draw_mixture, home.size, k)
+    return successive_sampling(draw_mixture, home.size, k, dtype=dtype)
 
 
 def synthetic_cost(*, num_layers: int, num_experts: int, top_k: int, num_gpus: int, tokens_per_gpu: int,
@@ -307,15 +335,20 @@ def synthetic_cost(*, num_layers: int, num_experts: int, top_k: int, num_gpus: i
 
 def generate_layers(*, num_layers: int, num_experts: int, top_k: int, num_gpus: int, tokens_per_gpu: int,
                     batches: int, params: SyntheticParams, rng: np.random.Generator,
-                    structure_rng: np.random.Generator | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+                    structure_rng: np.random.Generator | None = None, out: np.ndarray | None = None
+                    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """The picks of ``batches x num_gpus x tokens_per_gpu`` tokens, one MoE layer at a time: yields
-    (``picks`` [tokens, top_k], ``pops`` [G, E] the layer's popularity per home GPU). ``picks`` is int16
-    (int32 for 2^15 experts or more) and is overwritten by the next layer: copy what you keep. Only one
+    (``picks`` [tokens, top_k], ``pops`` [G, E] the layer's popularity per home GPU). ``picks`` is of
+    :func:`trace_dtype` and is overwritten by the next layer: copy what you keep. Only one
     layer's picks and each token's top-1 expert are held (what :func:`generate_trace` and the profile
     statistics of a study consume layer by layer).
 
     ``structure_rng`` draws the popularity ranks, GPU tilts and successor sets; pass generators with the
     same seed to get traces of one distribution with independent tokens (profiling vs evaluation).
+
+    ``out`` [tokens, num_layers, top_k] of that dtype receives every layer: each thread stages its tokens'
+    picks of ``_STAGE_LAYERS`` layers and writes them into their rows at once (one strided write per token, not
+    one per layer); the layers are then yielded in groups, as ``out[:, layer]``, once written.
     """
     _check_shape(num_layers, num_experts, top_k, params)
     srng = structure_rng if structure_rng is not None else rng
@@ -323,21 +356,36 @@ def generate_layers(*, num_layers: int, num_experts: int, top_k: int, num_gpus: 
     T = batches * G * tokens_per_gpu
     pops, succ_ids, succ_w = _routing_structure(num_layers, E, G, params, srng)
     home = ((np.arange(T) % (G * tokens_per_gpu)) // tokens_per_gpu).astype(np.int64)
-    picks = np.empty((T, K), dtype=trace_dtype(E))
+    stage = 1 if out is None else min(_STAGE_LAYERS, num_layers)
+    buf = np.empty((T, stage, K), dtype=trace_dtype(E))
     prev_top1 = np.zeros(T, dtype=np.int64)
     seeds = rng.integers(0, 2**63, size=num_layers)  # each (layer, chunk) draws from its own stream
+
+    def tables(lay: int) -> _LayerTables:
+        return _layer_tables(pops[lay], succ_ids[lay], succ_w[lay], params.affinity if lay > 0 else 0.0, params)
+
     with ThreadPoolExecutor(_workers()) as pool:
+        ahead = pool.submit(tables, 0)
         for lay in range(num_layers):
-            tab = _layer_tables(pops[lay], succ_ids[lay], succ_w[lay], params.affinity if lay > 0 else 0.0, params)
+            tab = ahead.result()
+            if lay + 1 < num_layers:  # the next layer's tables read no picks: built while this layer samples
+                ahead = pool.submit(tables, lay + 1)
 
             def chunk(c: int) -> None:
                 blk = slice(c * _TOKEN_CHUNK, min((c + 1) * _TOKEN_CHUNK, T))
                 got = _layer_picks(tab, home[blk], prev_top1[blk], K, np.random.default_rng([int(seeds[lay]), c]))
-                picks[blk] = got.T
+                buf[blk, lay % stage] = got.T
                 prev_top1[blk] = got[0]
+                if flush:
+                    out[blk, first:lay + 1] = buf[blk, :lay + 1 - first]  # type: ignore[index]
 
+            first = lay - lay % stage
+            flush = out is not None and (lay % stage == stage - 1 or lay == num_layers - 1)
             list(pool.map(chunk, range(-(-T // _TOKEN_CHUNK))))
-            yield picks, pops[lay]
+            if out is None:
+                yield buf[:, 0], pops[lay]
+            elif flush:
+                yield from ((out[:, layer], pops[layer]) for layer in range(first, lay + 1))
 
 
 def _workers() -> int:
@@ -388,10 +436,8 @@ def generate_trace(
     experts = np.empty((T, num_layers, K), dtype=trace_dtype(E))
     gate = np.empty((T, num_layers, K), dtype=np.float32) if weights else None
     layers = generate_layers(num_layers=num_layers, num_experts=E, top_k=K, num_gpus=G, tokens_per_gpu=tokens_per_gpu,
-                             batches=batches, params=params, rng=rng, structure_rng=structure_rng)
-    row = np.dtype((np.void, K * experts.itemsize))  # a token's picks as one item: a strided copy of T items
+                             batches=batches, params=params, rng=rng, structure_rng=structure_rng, out=experts)
     for lay, (picks, pops) in enumerate(layers):
-        experts.view(row)[:, lay, 0] = picks.view(row)[:, 0]
         if gate is not None:
             for a in range(0, T, _TOKEN_CHUNK):  # cache-sized blocks
                 blk = slice(a, a + _TOKEN_CHUNK)
