@@ -69,11 +69,13 @@ def _max_min(cols: list[np.ndarray], capacity: np.ndarray) -> np.ndarray:
             fmin = at[0]
             for s in at[1:]:
                 fmin = np.minimum(fmin, s)  # its tightest link
-            # A link is a local bottleneck when none of its flows has a tighter link elsewhere.
+            # A link is a local bottleneck when none of its flows has a tighter link elsewhere: its share is at
+            # most the tightest share (with tolerance) of every flow crossing it.
             tight = fmin * (1 + _REL_TOL)
-            local = np.ones(num_links, dtype=bool)
-            for c, s in zip(cols, at):
-                local[c[s > tight]] = False
+            bound = np.full(num_links, np.inf)
+            for c in cols:
+                np.minimum.at(bound, c, tight)
+            local = share <= bound
             frozen = local[cols[0]]
             for c in cols[1:]:
                 frozen |= local[c]
@@ -152,19 +154,22 @@ def fluid_ends(size: np.ndarray, cols: list[np.ndarray], capacity: np.ndarray, r
         return end, 0
     num_links = capacity.size + 1
     comp = _components(cols, capacity.size)
-    single = comp.max() == 0
+    num_comps = int(comp.max()) + 1
+    single = num_comps == 1
     rate = _max_min(cols, capacity)
     t_end = size / rate
     pending = t_end.copy()  # end times of flows still sending; inf once they ended
     free = np.append(capacity, np.inf) - _load(cols, rate, num_links)  # kept up to date as rates change
-    now, recomputations = 0.0, 1
+    ids = np.arange(n)  # the flows held, as positions in the input (ended ones are dropped once half of them)
+    now, recomputations, ended = 0.0, 1, 0
     while True:
-        first = pending.min()
+        first = pending.min(initial=np.inf)
         if first == np.inf:
             return end, recomputations
         done = (pending <= now + (first - now + rate_tolerance * first) * (1 + _REL_TOL)).nonzero()[0]
-        end[done] = t_end[done]
-        now = float(t_end[done].max())
+        t_done = t_end[done]
+        end[ids[done]] = t_done
+        now = float(t_done.max())
         pending[done] = np.inf
         gone = rate[done]
         free += _load([c[done] for c in cols], gone, num_links)
@@ -172,19 +177,26 @@ def fluid_ends(size: np.ndarray, cols: list[np.ndarray], capacity: np.ndarray, r
         if single:  # the smallest departed rate: flows at least that fast may change
             rising = rate >= gone.min() * (1 - _RISE_TOL)
         else:
-            floor = np.full(int(comp.max()) + 1, np.inf)
-            np.minimum.at(floor, comp[done], gone)
-            rising = rate >= floor[comp] * (1 - _RISE_TOL)
+            floor = np.full(num_comps, np.inf)
+            np.minimum.at(floor, comp[done], gone * (1 - _RISE_TOL))
+            rising = rate >= floor[comp]
         redo = rising.nonzero()[0]
         if redo.size:
             sub = [c[redo] for c in cols]
-            free += _load(sub, rate[redo], num_links)
-            remaining = (t_end[redo] - now) * rate[redo]
+            old = rate[redo]
+            free += _load(sub, old, num_links)
+            remaining = (t_end[redo] - now) * old
             new = _max_min(sub, np.maximum(free[:-1], 0.0))
             free -= _load(sub, new, num_links)
             rate[redo] = new
             t_end[redo] = pending[redo] = now + remaining / new
             recomputations += 1
+        ended += done.size
+        if 2 * ended >= ids.size:  # drop the ended flows: later steps scan only the ones left
+            keep = (pending < np.inf).nonzero()[0]
+            ids, rate, t_end, pending, comp = ids[keep], rate[keep], t_end[keep], pending[keep], comp[keep]
+            cols = [c[keep] for c in cols]
+            ended = 0
 
 
 def binding_links(topo: Topology) -> np.ndarray:
