@@ -590,3 +590,48 @@ def test_flows_grow_with_gpus_as_the_all_to_all_implies(cluster, nodes, a2a):
                                                                                        placement)
     per_collective = G * (G - 1) if a2a == "direct" else G * (gpn - 1) + G * (nodes - 1)
     assert rec.flows == 2 * per_collective  # dispatch and combine
+
+
+@st.composite
+def repeated_flow_sets(draw):
+    """Flows drawn from a few distinct (path, size) kinds, each repeated: symmetric traffic, where many flows tie
+    in rate and end together, and enough flows that the fluid loop drops ended ones before the last step."""
+    capacity, paths, sizes = draw(flow_sets())
+    repeats = draw(st.lists(st.integers(1, 5), min_size=len(paths), max_size=len(paths)))
+    order = draw(st.permutations(list(np.repeat(np.arange(len(paths)), repeats))))
+    return capacity, [paths[i] for i in order], [sizes[i] for i in order]
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(repeated_flow_sets())
+def test_fluid_ends_with_repeated_flows_equal_a_plain_fluid_process(instance):
+    """Identical flows (same links, same bytes) in any order: exact at rate_tolerance 0 (1e-9 relative), and
+    identical flows end at the same moment, bit for bit."""
+    capacity, paths, sizes = instance
+    links = as_link_matrix(paths, len(capacity))
+    got, _ = fluid_ends(np.array(sizes), [np.ascontiguousarray(c) for c in links], np.array(capacity))
+    assert got.tolist() == pytest.approx(plain_fluid_ends(sizes, paths, capacity), rel=1e-9)
+    kinds: dict[tuple, set] = {}
+    for p, s, e in zip(paths, sizes, got.tolist()):
+        kinds.setdefault((tuple(p), s), set()).add(e)
+    assert all(len(ends) == 1 for ends in kinds.values())
+
+
+@SETTINGS
+@given(repeated_flow_sets())
+def test_max_min_rates_of_repeated_flows_equal_progressive_filling(instance):
+    capacity, paths, _ = instance
+    got = max_min_rates(as_link_matrix(paths, len(capacity)), np.array(capacity))
+    assert got.tolist() == pytest.approx(progressive_filling(paths, capacity), rel=1e-9)
+
+
+def test_fluid_ends_of_many_flows_equal_a_plain_fluid_process():
+    """80 flows on 10 links, sizes from a handful of values: many steps, ended flows dropped several times."""
+    rng = np.random.default_rng(7)
+    capacity = rng.choice([1.0, 2.0, 5.0], 10).tolist()
+    paths = [sorted(rng.choice(10, rng.integers(1, 4), replace=False).tolist()) for _ in range(80)]
+    sizes = rng.choice([0.5, 1.0, 1.5, 4.0, 9.0], 80).tolist()
+    links = as_link_matrix(paths, len(capacity))
+    got, recomputations = fluid_ends(np.array(sizes), [np.ascontiguousarray(c) for c in links], np.array(capacity))
+    assert got.tolist() == pytest.approx(plain_fluid_ends(sizes, paths, capacity), rel=1e-9)
+    assert recomputations > 5

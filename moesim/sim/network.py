@@ -20,7 +20,8 @@ every fabric on the topology; the distinct (link, bottleneck link) pairs behind 
 boolean table, not sorted, so 1,024 GPUs' six million path entries take about a second). Flows that share no
 link (NVLink inside each node, NICs between nodes) never affect each other's rates, so a departure only
 recomputes rates in its own connected component, and there only the flows at least as fast as the departed one:
-the slower ones keep their rates exactly. The fluid phase is a pure function of the flows (:func:`fluid_ends`);
+the slower ones keep their rates exactly. Ended flows are dropped from the loop's arrays once they are half of
+those held, so a step scans only the flows still sending (give or take a factor two). The fluid phase is a pure function of the flows (:func:`fluid_ends`);
 the fabric schedules its outcome in SimPy time, and reuses it for a collective whose bytes are a multiple of a
 recent one's or of their transpose (the combine that mirrors a dispatch).
 
@@ -51,8 +52,8 @@ _MARK_LIMIT = 1 << 27  # binding_links marks (link, link) pairs in a boolean tab
 
 def _max_min(cols: list[np.ndarray], capacity: np.ndarray) -> np.ndarray:
     """Max-min fair rates of flows whose links are ``cols`` (one array per path position, padded with
-    the unconstrained dummy link ``capacity.size``). Index arrays throughout: numpy's gathers and
-    bincounts are fast, its masked selections and ``ufunc.at`` are not. Each link's count of rising flows
+    the unconstrained dummy link ``capacity.size``). Index arrays throughout: numpy's gathers, bincounts and
+    (numpy 2) ``minimum.at`` are fast, its masked selections are not. Each link's count of rising flows
     and remaining capacity are updated with the flows frozen in a step only (the same sums as over all
     flows with zeros for the others, bit for bit)."""
     num_links = capacity.size + 1
