@@ -21,9 +21,10 @@ boolean table, not sorted, so 1,024 GPUs' six million path entries take about a 
 link (NVLink inside each node, NICs between nodes) never affect each other's rates, so a departure only
 recomputes rates in its own connected component, and there only the flows at least as fast as the departed one:
 the slower ones keep their rates exactly. Ended flows are dropped from the loop's arrays once they are half of
-those held, so a step scans only the flows still sending (give or take a factor two). The fluid phase is a pure function of the flows (:func:`fluid_ends`);
-the fabric schedules its outcome in SimPy time, and reuses it for a collective whose bytes are a multiple of a
-recent one's or of their transpose (the combine that mirrors a dispatch).
+those held, so a step scans only the flows still sending (give or take a factor two). The fluid phase is a pure
+function of the flows (:func:`fluid_ends`); the fabric schedules its outcome in SimPy time, and reuses it for a
+collective whose bytes are a multiple of a recent one's or of their transpose (the combine that mirrors a
+dispatch).
 
 ``rate_tolerance`` trades exactness for speed: after a recomputation, every flow that would finish within
 ``rate_tolerance x`` the elapsed collective time of the first one finishes in the same step, and the
