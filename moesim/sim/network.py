@@ -45,6 +45,7 @@ import simpy
 
 from moesim.hardware.spec import A2A_ALIASES, A2A_FAMILIES
 from moesim.hardware.topology import Topology
+from moesim.sim import fluid_jit
 
 _REL_TOL = 1e-9
 _RISE_TOL = 1e-6  # flows within this of the departed rate are recomputed too (rounding)
@@ -136,8 +137,8 @@ def _load(cols: list[np.ndarray], rate: np.ndarray, num_links: int) -> np.ndarra
     return load
 
 
-def fluid_ends(size: np.ndarray, cols: list[np.ndarray], capacity: np.ndarray, rate_tolerance: float = 0.0,
-               ) -> tuple[np.ndarray, int]:
+def fluid_ends(size: np.ndarray, cols: list[np.ndarray], capacity: np.ndarray, rate_tolerance: float = 0.0, *,
+               compiled: bool | None = None) -> tuple[np.ndarray, int]:
     """When each flow's last byte leaves, for flows of ``size`` bytes all starting at time 0 on links ``cols``
     (as for :func:`max_min_rates`, one array per path position), sharing ``capacity`` max-min fairly; and how many times
     rates were recomputed.
@@ -149,14 +150,24 @@ def fluid_ends(size: np.ndarray, cols: list[np.ndarray], capacity: np.ndarray, r
     falls below f's rate, since every link f crossed had room for it up to that level.) With
     ``rate_tolerance`` > 0, flows ending within ``rate_tolerance x`` the time of the first end of a step
     end in that step, and their bandwidth is handed out at its end.
+
+    ``compiled``: run the loop compiled by numba (:mod:`moesim.sim.fluid_jit`, the extra ``fast``; the same end
+    times bit for bit), the numpy one (False), or the compiled one where numba is installed (None).
     """
     n = size.size
     end = np.empty(n)
     if n == 0:
         return end, 0
+    if compiled and not fluid_jit.AVAILABLE:
+        raise ValueError("compiled=True needs numba: pip install moesim[fast]")
     num_links = capacity.size + 1
     comp = _components(cols, capacity.size)
     num_comps = int(comp.max()) + 1
+    if fluid_jit.AVAILABLE and compiled is not False:
+        links = np.ascontiguousarray(np.array(cols, dtype=np.int64).reshape(len(cols), n))
+        out, count = fluid_jit.fluid_loop(np.asarray(size, dtype=float), links, np.asarray(capacity, dtype=float),
+                                          comp.astype(np.int64), num_comps, rate_tolerance, _REL_TOL, _RISE_TOL)
+        return out, int(count)
     single = num_comps == 1
     rate = _max_min(cols, capacity)
     t_end = size / rate
