@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from moesim.hardware import build_topology
+from moesim.sim import fluid_jit
 from moesim.sim.network import Fabric, fluid_ends, max_min_rates
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -635,3 +636,47 @@ def test_fluid_ends_of_many_flows_equal_a_plain_fluid_process():
     got, recomputations = fluid_ends(np.array(sizes), [np.ascontiguousarray(c) for c in links], np.array(capacity))
     assert got.tolist() == pytest.approx(plain_fluid_ends(sizes, paths, capacity), rel=1e-9)
     assert recomputations > 5
+
+
+# ---------------------------------------------------------------- (h) the compiled fluid loop (extra 'fast')
+
+needs_numba = pytest.mark.skipif(not fluid_jit.AVAILABLE, reason="numba (the extra 'fast') is not installed")
+
+
+@needs_numba
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(repeated_flow_sets(), st.sampled_from([0.0, 0.01, 0.2]))
+def test_compiled_fluid_loop_is_bit_identical_to_numpy(instance, tolerance):
+    """The compiled loop makes the same floating-point operations in the same order: the same end times bit for
+    bit and the same recomputation count, at every tolerance; and at 0 it is exact."""
+    capacity, paths, sizes = instance
+    cols = [np.ascontiguousarray(c) for c in as_link_matrix(paths, len(capacity))]
+    want = fluid_ends(np.array(sizes), cols, np.array(capacity), tolerance, compiled=False)
+    got = fluid_ends(np.array(sizes), cols, np.array(capacity), tolerance, compiled=True)
+    assert np.array_equal(got[0], want[0]) and got[1] == want[1]
+    if tolerance == 0.0:
+        assert got[0].tolist() == pytest.approx(plain_fluid_ends(sizes, paths, capacity), rel=1e-9)
+
+
+@needs_numba
+@pytest.mark.parametrize("tolerance", [0.0, 0.01])
+def test_compiled_fluid_loop_on_a_decode_all_to_all(cluster, tolerance):
+    """Two nodes of 4 GPUs, uneven all-to-all bytes with many ties (sizes from a few values): the compiled loop
+    equals the numpy one bit for bit on the fabric's own routing."""
+    from moesim.sim.network import Routing
+
+    topo = build_topology(cluster(nodes=2, gpus_per_node=4))
+    G = topo.num_gpus
+    m = np.random.default_rng(3).choice([1e5, 2e5, 3e5, 5e5], (G, G))
+    np.fill_diagonal(m, 0.0)
+    src, dst = np.nonzero(m)
+    cols = [row[src * G + dst] for row in Routing.of(topo).bind]
+    want = fluid_ends(m[src, dst], cols, topo.capacity, tolerance, compiled=False)
+    got = fluid_ends(m[src, dst], cols, topo.capacity, tolerance, compiled=True)
+    assert np.array_equal(got[0], want[0]) and got[1] == want[1]
+
+
+def test_compiled_without_numba_is_refused(monkeypatch):
+    monkeypatch.setattr(fluid_jit, "AVAILABLE", False)
+    with pytest.raises(ValueError, match="numba"):
+        fluid_ends(np.array([1.0]), [np.array([0])], np.array([1.0]), compiled=True)
