@@ -71,90 +71,102 @@ def _add_load(target: np.ndarray, links: np.ndarray, flows: np.ndarray, rate: np
 
 
 @_compiled
-def _used_links(links: np.ndarray, flows: np.ndarray, cnt: np.ndarray) -> np.ndarray:
-    """The distinct links of ``flows``; ``cnt`` (zero on entry) gets each link's number of flows."""
-    used = np.empty(flows.size * links.shape[0], dtype=np.int64)
+def _gather(links: np.ndarray, flows: np.ndarray, local: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The links of ``flows`` renumbered 0, 1, ... in order of first use, a row per flow (a filling step then
+    reads memory in order, and a link's figures sit together); the links in that order, and each one's number
+    of flows. ``local`` (-1 on entry, and left so) maps a link to its new number meanwhile."""
+    width = links.shape[0]
+    rows = np.empty((flows.size, width), dtype=np.int64)
+    used = np.empty(flows.size * width, dtype=np.int64)
     seen = 0
-    for k in range(links.shape[0]):
-        for f in flows:
-            lk = links[k, f]
-            if cnt[lk] == 0:
+    for k in range(width):
+        for i in range(flows.size):
+            lk = links[k, flows[i]]
+            if local[lk] < 0:
+                local[lk] = seen
                 used[seen] = lk
                 seen += 1
-            cnt[lk] += 1
-    return used[:seen]
+            rows[i, k] = local[lk]
+    cnt = np.zeros(seen, dtype=np.int64)
+    for i in range(flows.size):
+        for k in range(width):
+            cnt[rows[i, k]] += 1
+    for u in range(seen):
+        local[used[u]] = -1
+    return rows, used[:seen], cnt
 
 
 @_compiled
-def _local_bottlenecks(links: np.ndarray, idx: np.ndarray, used: np.ndarray, rem: np.ndarray, cnt: np.ndarray,
-                       rel_tol: float, share: np.ndarray, bound: np.ndarray, fmin: np.ndarray) -> None:
-    """One filling step's tests: ``fmin[i]``, the tightest share of rising flow ``idx[i]``; ``bound[link]`` 1.0
-    where the link is a local bottleneck (its share at most the tightest share, with tolerance, of each of its
-    flows), 0.0 elsewhere."""
-    width = links.shape[0]
-    for lk in used:
-        share[lk] = rem[lk] / cnt[lk]
-        bound[lk] = np.inf
-    for i in range(idx.size):
-        f = idx[i]
-        v = share[links[0, f]]
+def _local_bottlenecks(rows: np.ndarray, m: int, rem: np.ndarray, cnt: np.ndarray, rel_tol: float,
+                       state: np.ndarray, fmin: np.ndarray) -> None:
+    """One filling step's tests: ``fmin[i]``, the tightest share of the rising flow of row i < m; per link,
+    ``state[u, 0]`` its share and ``state[u, 1]`` 1.0 where it is a local bottleneck (its share at most the
+    tightest share, with tolerance, of each of its flows), 0.0 elsewhere."""
+    width = rows.shape[1]
+    for u in range(rem.size):
+        state[u, 0] = rem[u] / cnt[u]
+        state[u, 1] = np.inf
+    for i in range(m):
+        v = state[rows[i, 0], 0]
         for k in range(1, width):
-            v = min(v, share[links[k, f]])
+            v = min(v, state[rows[i, k], 0])
         fmin[i] = v
         tight = v * (1 + rel_tol)
         for k in range(width):
-            lk = links[k, f]
-            bound[lk] = min(bound[lk], tight)
-    for lk in used:
-        bound[lk] = 1.0 if share[lk] <= bound[lk] else 0.0
+            u = rows[i, k]
+            state[u, 1] = min(state[u, 1], tight)
+    for u in range(rem.size):
+        state[u, 1] = 1.0 if state[u, 0] <= state[u, 1] else 0.0
 
 
 @_compiled
-def _freeze(links: np.ndarray, idx: np.ndarray, bound: np.ndarray, fmin: np.ndarray, rate: np.ndarray,
+def _freeze(rows: np.ndarray, pos: np.ndarray, m: int, state: np.ndarray, fmin: np.ndarray, rate: np.ndarray,
             cnt: np.ndarray, sums: np.ndarray) -> int:
-    """Freezes the flows of ``idx`` crossing a local bottleneck at their tightest share (their rates summed per
-    path position into ``sums``); moves the others to the front of ``idx`` and returns how many they are."""
-    width = links.shape[0]
+    """Freezes the rising flows (rows < m, at positions ``pos``) that cross a local bottleneck at their tightest
+    share, summing their rates per path position into ``sums``; moves the others' rows to the front, in order,
+    and returns how many they are."""
+    width = rows.shape[1]
     left = 0
-    for i in range(idx.size):
-        f = idx[i]
+    for i in range(m):
         hit = False
         for k in range(width):
-            hit = hit or bound[links[k, f]] == 1.0
+            hit = hit or state[rows[i, k], 1] == 1.0
         if hit:
-            rate[f] = fmin[i]
+            rate[pos[i]] = fmin[i]
             for k in range(width):
-                lk = links[k, f]
-                sums[k, lk] += fmin[i]
-                cnt[lk] -= 1
+                u = rows[i, k]
+                sums[k, u] += fmin[i]
+                cnt[u] -= 1
         else:
-            idx[left] = f
+            for k in range(width):
+                rows[left, k] = rows[i, k]
+            pos[left] = pos[i]
             left += 1
     return left
 
 
 @_compiled
-def _max_min(links: np.ndarray, flows: np.ndarray, rem: np.ndarray, rate: np.ndarray, rel_tol: float,
-             share: np.ndarray, bound: np.ndarray, cnt: np.ndarray, sums: np.ndarray) -> None:
-    """Max-min fair rates of ``flows`` (ascending positions in ``links`` [width, held]) on capacities ``rem``
-    (the dummy's infinite one last; used up in place), written to ``rate[flows]``: network._max_min step for
-    step, visiting only the links of ``flows``. ``cnt`` [links] and ``sums`` [width, links] are zero on entry and
-    left zero; ``share`` and ``bound`` are scratch."""
-    used = _used_links(links, flows, cnt)
-    idx = flows.copy()
+def _max_min(links: np.ndarray, flows: np.ndarray, capacity: np.ndarray, rate: np.ndarray, rel_tol: float,
+             local: np.ndarray) -> None:
+    """Max-min fair rates of ``flows`` (ascending positions in ``links`` [width, held]) on ``capacity`` (the
+    dummy's infinite one last), written to ``rate[flows]``: network._max_min step for step, on the links of
+    ``flows`` only. ``local``: -1 per link, scratch."""
+    rows, used, cnt = _gather(links, flows, local)
+    rem = capacity[used]
+    state = np.empty((used.size, 2))
+    sums = np.zeros((links.shape[0], used.size))
+    pos = flows.copy()
     fmin = np.empty(flows.size)
+    m = flows.size
     while True:
-        _local_bottlenecks(links, idx, used, rem, cnt, rel_tol, share, bound, fmin)
-        left = _freeze(links, idx, bound, fmin, rate, cnt, sums)
-        for k in range(links.shape[0]):  # position by position, as network._max_min subtracts its bincounts
-            for lk in used:
-                rem[lk] -= sums[k, lk]
-                sums[k, lk] = 0.0
-        if left == 0:
-            for lk in used:
-                cnt[lk] = 0
+        _local_bottlenecks(rows, m, rem, cnt, rel_tol, state, fmin)
+        m = _freeze(rows, pos, m, state, fmin, rate, cnt, sums)
+        if m == 0:
             return
-        idx = idx[:left]
+        for k in range(links.shape[0]):  # position by position, as network._max_min subtracts its bincounts
+            for u in range(used.size):
+                rem[u] -= sums[k, u]
+                sums[k, u] = 0.0
 
 
 @_compiled
@@ -203,18 +215,18 @@ def _rising(done: np.ndarray, rate: np.ndarray, pending: np.ndarray, comp: np.nd
 
 @_compiled
 def _recompute(links: np.ndarray, redo: np.ndarray, rate: np.ndarray, t_end: np.ndarray, pending: np.ndarray,
-               free: np.ndarray, now: float, rel_tol: float, work: np.ndarray, scratch: np.ndarray, cnt: np.ndarray,
-               sums: np.ndarray, first: float) -> float:
+               free: np.ndarray, now: float, rel_tol: float, work: np.ndarray, scratch: np.ndarray, local: np.ndarray,
+               first: float) -> float:
     """New rates of ``redo`` on the capacity the other flows leave (``free``, kept up to date), and their ends;
     returns the earliest of those ends and ``first``."""
-    tmp, acc, share, bound = scratch[0], scratch[1], scratch[2], scratch[3]
+    tmp, acc = scratch[0], scratch[1]
     _add_load(free, links, redo, rate, 1.0, tmp, acc)
     capacity = np.empty(free.size)
     for lk in range(free.size - 1):
         v = free[lk]
         capacity[lk] = v if v >= 0.0 else 0.0
     capacity[free.size - 1] = np.inf
-    _max_min(links, redo, capacity, work, rel_tol, share, bound, cnt, sums)
+    _max_min(links, redo, capacity, work, rel_tol, local)
     _add_load(free, links, redo, work, -1.0, tmp, acc)
     for f in redo:
         remaining = (t_end[f] - now) * rate[f]
@@ -234,12 +246,11 @@ def fluid_loop(size: np.ndarray, links: np.ndarray, capacity: np.ndarray, comp: 
     free = np.empty(num_links)
     free[:-1] = capacity
     free[-1] = np.inf
-    scratch = np.zeros((4, num_links))
-    cnt = np.zeros(num_links, dtype=np.int64)
-    sums = np.zeros((links.shape[0], num_links))
+    scratch = np.zeros((2, num_links))
+    local = np.full(num_links, -1, dtype=np.int64)
     held = np.arange(n)
     rate, work, end = np.empty(n), np.empty(n), np.empty(n)
-    _max_min(links, held, free.copy(), rate, rel_tol, scratch[2], scratch[3], cnt, sums)
+    _max_min(links, held, free, rate, rel_tol, local)
     t_end = size / rate
     pending = t_end.copy()
     _add_load(free, links, held, rate, -1.0, scratch[0], scratch[1])
@@ -261,8 +272,8 @@ def fluid_loop(size: np.ndarray, links: np.ndarray, capacity: np.ndarray, comp: 
         _add_load(free, links, done, rate, 1.0, scratch[0], scratch[1])
         count, first = _rising(done, rate, pending, comp, num_comps, rise_tol, buf_redo)
         if count:
-            first = _recompute(links, buf_redo[:count], rate, t_end, pending, free, now, rel_tol, work, scratch, cnt,
-                               sums, first)
+            first = _recompute(links, buf_redo[:count], rate, t_end, pending, free, now, rel_tol, work, scratch,
+                               local, first)
             recomputations += 1
         ended += done.size
         if 2 * ended >= held.size:  # drop the ended flows: later steps scan only the ones left
