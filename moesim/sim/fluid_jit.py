@@ -10,8 +10,10 @@ Why compiled: the numpy path spends its time in numpy's fixed cost per call (abo
 arithmetic. A 144-GPU decode dispatch has ~19k flows, ~370 departure steps and ~8 filling steps per
 recomputation of ~1,300 flows on average, ~30 numpy calls per filling step: ~100k calls per collective. The
 work that must be done is not smaller: the flows a departure can affect are nearly all of those recomputed
-(their rates change for ~40% of them), so no exact pruning removes steps. Compiled, a filling step costs its
-arithmetic only.
+(their rates change for ~40% of them), so no exact pruning removes steps (docs/a2a.md). Compiled, a filling step
+costs its arithmetic only: it reads its flows' links as rows in order, the links renumbered per recomputation so
+that a link's share and test sit side by side. The first call in a fresh install compiles (seconds; cached on
+disk for later processes).
 
 Without numba, :data:`AVAILABLE` is False and nothing here is compiled or called.
 """
@@ -21,7 +23,6 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import numpy as np
-
 
 
 def _numba_njit() -> Any:
