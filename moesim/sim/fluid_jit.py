@@ -77,7 +77,7 @@ def _gather(links: np.ndarray, flows: np.ndarray, local: np.ndarray) -> tuple[np
     reads memory in order, and a link's figures sit together); the links in that order, and each one's number
     of flows. ``local`` (-1 on entry, and left so) maps a link to its new number meanwhile."""
     width = links.shape[0]
-    rows = np.empty((flows.size, width), dtype=np.int64)
+    rows = np.empty((flows.size, width), dtype=np.int32)  # half the memory a step reads
     used = np.empty(flows.size * width, dtype=np.int64)
     seen = 0
     for k in range(width):
