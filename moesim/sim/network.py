@@ -344,6 +344,7 @@ class _Fluid:
     flow_at: np.ndarray  # [G, G]: index of pair (s, d) in ``end``
     end: np.ndarray  # per flow
     mirrored: bool  # its routing's (Routing.mirrored): the transpose shares its rates
+    total: float  # nbytes.sum(): a scaled copy's total is scaled alike (checked before the element-wise test)
 
 
 def _succeed(event: simpy.Event) -> Callable[[simpy.Event], None]:
@@ -436,7 +437,7 @@ class Fabric:
         G = self.topo.num_gpus
         flow_at = np.zeros((G, G), dtype=np.int64)
         flow_at[src, dst] = np.arange(src.size)
-        recent.insert(0, _Fluid(off, flow_at, end, mirrored))
+        recent.insert(0, _Fluid(off, flow_at, end, mirrored, float(off.sum())))
         del recent[self._REMEMBER :]
 
     @staticmethod
@@ -446,12 +447,13 @@ class Fabric:
         scales every end time (and every grouping window) by c."""
         if src.size == 0:
             return None
+        total = float(off.sum())  # bytes are >= 0: a match's totals agree to ~1e-12, so 1e-9 never misses one
         for fluid in recent:
             for mirror in (False, True) if fluid.mirrored else (False,):
                 ref = fluid.nbytes.T if mirror else fluid.nbytes
                 scale = off[src[0], dst[0]] / ref[src[0], dst[0]] if ref[src[0], dst[0]] > 0 else 0.0
-                if scale > 0 and np.count_nonzero(ref) == src.size \
-                        and np.allclose(off, ref * scale, rtol=1e-12, atol=0.0):
+                if scale > 0 and abs(total - scale * fluid.total) <= 1e-9 * total \
+                        and np.count_nonzero(ref) == src.size and np.allclose(off, ref * scale, rtol=1e-12, atol=0.0):
                     at = fluid.flow_at[dst, src] if mirror else fluid.flow_at[src, dst]
                     return fluid.end[at] * scale
         return None
