@@ -3,7 +3,7 @@ scenario (scenarios/deepseek_v3_64gpu.yaml: 58 MoE layers, 256 experts, top-8, 4
 hierarchical all-to-alls), contiguous placement, as ``moesim run`` builds it.
 
     python benchmarks/bench_scale.py [--baseline fork] [--compare 64x58,256x16] [--gpus 16,32,64,128,256]
-                                     [--layers 4,8] [--no-growth] [--repeat 1]
+                                     [--layers 4,8] [--no-growth] [--repeat 1] [--numpy]
     python benchmarks/bench_scale.py --compare 1024x2,1024x4 --no-growth   # the largest cluster (minutes)
     python benchmarks/bench_scale.py --no-compare --gpus 512,1024 --layers 2,4   # growth of the large clusters
 
@@ -21,7 +21,8 @@ hierarchical all-to-alls), contiguous placement, as ``moesim run`` builds it.
    placement (``run_study``), each measured at ``--layers`` and extrapolated linearly to 58 layers (labelled
    ``x58``; fixed costs included, so rows of few layers overstate).
 
-Wall times depend on the machine's load (2 cores shared): compare ratios from one run.
+Wall times depend on the machine's load (2 cores shared): compare ratios from one run. This tree runs its compiled
+fluid loop where numba (the extra ``fast``) is installed; ``--numpy`` runs its numpy one.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from typing import Any
 import yaml
 
 import moesim.sim as sim_package
+from moesim.sim import fluid_jit
 from moesim.study.config import parse_scenario
 from moesim.study.plan import prepare
 from moesim.study.runner import run_study
@@ -147,9 +149,14 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1, help="before/after runs of each engine, alternating; the fastest "
                     "is kept")
     ap.add_argument("--no-compare", action="store_true", help="the growth table only")
+    ap.add_argument("--numpy", action="store_true", help="this tree's numpy fluid loop even where numba (the extra "
+                    "'fast') is installed")
     ap.add_argument("--no-growth", action="store_true", help="the before/after table only")
     ap.add_argument("--quick", action="store_true", help="a smoke run: 2 layers, small clusters")
     a = ap.parse_args()
+    if a.numpy:
+        fluid_jit.AVAILABLE = False
+    print(f"fluid loop: {'compiled (numba)' if fluid_jit.AVAILABLE else 'numpy'}", flush=True)
     gpu_list = [16, 32] if a.quick else [int(g) for g in a.gpus.split(",")]
     layer_list = [2] if a.quick else [int(x) for x in a.layers.split(",")]
     points = [(16, 2)] if a.quick else [(int(g), int(x)) for g, x in (p.split("x") for p in a.compare.split(","))]

@@ -5,12 +5,13 @@ seconds of each run (the process's: other jobs on a shared machine stretch wall 
 step; the target is under 10 s per placement on a 2-core machine.
 
     python benchmarks/bench_wide_ep.py [--nodes 18] [--tokens 128] [--rate-tolerance 0.01] [--layers 58]
-                                       [--baseline fork] [--repeat 1]
+                                       [--baseline fork] [--repeat 1] [--numpy]
 
 With ``--baseline REV`` each run is made first with revision REV's simulation engine (benchmarks/baseline_sim.py;
 ``fork``: where this branch left main) on the same inputs: both CPU times, their ratio, and whether the
 simulated steps and recomputation counts agree; ``--repeat N`` alternates the two N times and keeps each one's
-fastest run (the machine's load moves single runs by tens of percent). ``--layers`` shortens the model.
+fastest run (the machine's load moves single runs by tens of percent). ``--layers`` shortens the model. This tree
+runs its compiled fluid loop where numba (the extra ``fast``) is installed; ``--numpy`` runs its numpy one.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import numpy as np
 from moesim.hardware import ClusterSpec, build_topology, preset
 from moesim.placement import Placement
 from moesim.sim.compute import Attention
+from moesim.sim import fluid_jit
 from moesim.sim.engine import EngineOptions, Simulation
 from moesim.traces.model import ModelSpec
 from moesim.traces.model_presets import model_preset
@@ -42,7 +44,12 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=None, help="MoE layers (default: the model's 58)")
     ap.add_argument("--baseline", default=None, help="git revision whose engine runs first (fork: the branch point)")
     ap.add_argument("--repeat", type=int, default=1, help="runs of each engine, alternating; the fastest is kept")
+    ap.add_argument("--numpy", action="store_true", help="this tree's numpy fluid loop even where numba (the extra "
+                    "'fast') is installed")
     a = ap.parse_args()
+    if a.numpy:
+        fluid_jit.AVAILABLE = False
+    print(f"fluid loop: {'compiled (numba)' if fluid_jit.AVAILABLE else 'numpy'}", flush=True)
     base = None if a.baseline is None else baseline_sim.load(a.baseline)
     spec = ClusterSpec(**{**preset("h800"), "nodes": a.nodes})
     t0 = time.perf_counter()

@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from moesim.hardware import build_topology
+from moesim.sim import fluid_jit
 from moesim.sim.network import Fabric, fluid_ends, max_min_rates
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -590,3 +591,92 @@ def test_flows_grow_with_gpus_as_the_all_to_all_implies(cluster, nodes, a2a):
                                                                                        placement)
     per_collective = G * (G - 1) if a2a == "direct" else G * (gpn - 1) + G * (nodes - 1)
     assert rec.flows == 2 * per_collective  # dispatch and combine
+
+
+@st.composite
+def repeated_flow_sets(draw):
+    """Flows drawn from a few distinct (path, size) kinds, each repeated: symmetric traffic, where many flows tie
+    in rate and end together, and enough flows that the fluid loop drops ended ones before the last step."""
+    capacity, paths, sizes = draw(flow_sets())
+    repeats = draw(st.lists(st.integers(1, 5), min_size=len(paths), max_size=len(paths)))
+    order = draw(st.permutations(list(np.repeat(np.arange(len(paths)), repeats))))
+    return capacity, [paths[i] for i in order], [sizes[i] for i in order]
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(repeated_flow_sets())
+def test_fluid_ends_with_repeated_flows_equal_a_plain_fluid_process(instance):
+    """Identical flows (same links, same bytes) in any order: exact at rate_tolerance 0 (1e-9 relative), and
+    identical flows end at the same moment, bit for bit."""
+    capacity, paths, sizes = instance
+    links = as_link_matrix(paths, len(capacity))
+    got, _ = fluid_ends(np.array(sizes), [np.ascontiguousarray(c) for c in links], np.array(capacity))
+    assert got.tolist() == pytest.approx(plain_fluid_ends(sizes, paths, capacity), rel=1e-9)
+    kinds: dict[tuple, set] = {}
+    for p, s, e in zip(paths, sizes, got.tolist()):
+        kinds.setdefault((tuple(p), s), set()).add(e)
+    assert all(len(ends) == 1 for ends in kinds.values())
+
+
+@SETTINGS
+@given(repeated_flow_sets())
+def test_max_min_rates_of_repeated_flows_equal_progressive_filling(instance):
+    capacity, paths, _ = instance
+    got = max_min_rates(as_link_matrix(paths, len(capacity)), np.array(capacity))
+    assert got.tolist() == pytest.approx(progressive_filling(paths, capacity), rel=1e-9)
+
+
+def test_fluid_ends_of_many_flows_equal_a_plain_fluid_process():
+    """80 flows on 10 links, sizes from a handful of values: many steps, ended flows dropped several times."""
+    rng = np.random.default_rng(7)
+    capacity = rng.choice([1.0, 2.0, 5.0], 10).tolist()
+    paths = [sorted(rng.choice(10, rng.integers(1, 4), replace=False).tolist()) for _ in range(80)]
+    sizes = rng.choice([0.5, 1.0, 1.5, 4.0, 9.0], 80).tolist()
+    links = as_link_matrix(paths, len(capacity))
+    got, recomputations = fluid_ends(np.array(sizes), [np.ascontiguousarray(c) for c in links], np.array(capacity))
+    assert got.tolist() == pytest.approx(plain_fluid_ends(sizes, paths, capacity), rel=1e-9)
+    assert recomputations > 5
+
+
+# ---------------------------------------------------------------- (h) the compiled fluid loop (extra 'fast')
+
+needs_numba = pytest.mark.skipif(not fluid_jit.AVAILABLE, reason="numba (the extra 'fast') is not installed")
+
+
+@needs_numba
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(repeated_flow_sets(), st.sampled_from([0.0, 0.01, 0.2]))
+def test_compiled_fluid_loop_is_bit_identical_to_numpy(instance, tolerance):
+    """The compiled loop makes the same floating-point operations in the same order: the same end times bit for
+    bit and the same recomputation count, at every tolerance; and at 0 it is exact."""
+    capacity, paths, sizes = instance
+    cols = [np.ascontiguousarray(c) for c in as_link_matrix(paths, len(capacity))]
+    want = fluid_ends(np.array(sizes), cols, np.array(capacity), tolerance, compiled=False)
+    got = fluid_ends(np.array(sizes), cols, np.array(capacity), tolerance, compiled=True)
+    assert np.array_equal(got[0], want[0]) and got[1] == want[1]
+    if tolerance == 0.0:
+        assert got[0].tolist() == pytest.approx(plain_fluid_ends(sizes, paths, capacity), rel=1e-9)
+
+
+@needs_numba
+@pytest.mark.parametrize("tolerance", [0.0, 0.01])
+def test_compiled_fluid_loop_on_a_decode_all_to_all(cluster, tolerance):
+    """Two nodes of 4 GPUs, uneven all-to-all bytes with many ties (sizes from a few values): the compiled loop
+    equals the numpy one bit for bit on the fabric's own routing."""
+    from moesim.sim.network import Routing
+
+    topo = build_topology(cluster(nodes=2, gpus_per_node=4))
+    G = topo.num_gpus
+    m = np.random.default_rng(3).choice([1e5, 2e5, 3e5, 5e5], (G, G))
+    np.fill_diagonal(m, 0.0)
+    src, dst = np.nonzero(m)
+    cols = [row[src * G + dst] for row in Routing.of(topo).bind]
+    want = fluid_ends(m[src, dst], cols, topo.capacity, tolerance, compiled=False)
+    got = fluid_ends(m[src, dst], cols, topo.capacity, tolerance, compiled=True)
+    assert np.array_equal(got[0], want[0]) and got[1] == want[1]
+
+
+def test_compiled_without_numba_is_refused(monkeypatch):
+    monkeypatch.setattr(fluid_jit, "AVAILABLE", False)
+    with pytest.raises(ValueError, match="numba"):
+        fluid_ends(np.array([1.0]), [np.array([0])], np.array([1.0]), compiled=True)

@@ -20,9 +20,15 @@ every fabric on the topology; the distinct (link, bottleneck link) pairs behind 
 boolean table, not sorted, so 1,024 GPUs' six million path entries take about a second). Flows that share no
 link (NVLink inside each node, NICs between nodes) never affect each other's rates, so a departure only
 recomputes rates in its own connected component, and there only the flows at least as fast as the departed one:
-the slower ones keep their rates exactly. The fluid phase is a pure function of the flows (:func:`fluid_ends`);
-the fabric schedules its outcome in SimPy time, and reuses it for a collective whose bytes are a multiple of a
-recent one's or of their transpose (the combine that mirrors a dispatch).
+the slower ones keep their rates exactly. Ended flows are dropped from the loop's arrays once they are half of
+those held, so a step scans only the flows still sending (give or take a factor two). The fluid phase is a pure
+function of the flows (:func:`fluid_ends`); the fabric schedules its outcome in SimPy time, and reuses it for a
+collective whose bytes are a multiple of a recent one's or of their transpose (the combine that mirrors a
+dispatch).
+
+With numba installed (the extra ``fast``), the fluid loop runs compiled (:mod:`moesim.sim.fluid_jit`): the same
+steps and the same floating-point operations in the same order, so the same end times bit for bit; the numpy loop
+pays about a microsecond per numpy call, and a filling step makes some thirty of them.
 
 ``rate_tolerance`` trades exactness for speed: after a recomputation, every flow that would finish within
 ``rate_tolerance x`` the elapsed collective time of the first one finishes in the same step, and the
@@ -43,6 +49,7 @@ import simpy
 
 from moesim.hardware.spec import A2A_ALIASES, A2A_FAMILIES
 from moesim.hardware.topology import Topology
+from moesim.sim import fluid_jit
 
 _REL_TOL = 1e-9
 _RISE_TOL = 1e-6  # flows within this of the departed rate are recomputed too (rounding)
@@ -51,8 +58,8 @@ _MARK_LIMIT = 1 << 27  # binding_links marks (link, link) pairs in a boolean tab
 
 def _max_min(cols: list[np.ndarray], capacity: np.ndarray) -> np.ndarray:
     """Max-min fair rates of flows whose links are ``cols`` (one array per path position, padded with
-    the unconstrained dummy link ``capacity.size``). Index arrays throughout: numpy's gathers and
-    bincounts are fast, its masked selections and ``ufunc.at`` are not. Each link's count of rising flows
+    the unconstrained dummy link ``capacity.size``). Index arrays throughout: numpy's gathers, bincounts and
+    (numpy 2) ``minimum.at`` are fast, its masked selections are not. Each link's count of rising flows
     and remaining capacity are updated with the flows frozen in a step only (the same sums as over all
     flows with zeros for the others, bit for bit)."""
     num_links = capacity.size + 1
@@ -69,11 +76,13 @@ def _max_min(cols: list[np.ndarray], capacity: np.ndarray) -> np.ndarray:
             fmin = at[0]
             for s in at[1:]:
                 fmin = np.minimum(fmin, s)  # its tightest link
-            # A link is a local bottleneck when none of its flows has a tighter link elsewhere.
+            # A link is a local bottleneck when none of its flows has a tighter link elsewhere: its share is at
+            # most the tightest share (with tolerance) of every flow crossing it.
             tight = fmin * (1 + _REL_TOL)
-            local = np.ones(num_links, dtype=bool)
-            for c, s in zip(cols, at):
-                local[c[s > tight]] = False
+            bound = np.full(num_links, np.inf)
+            for c in cols:
+                np.minimum.at(bound, c, tight)
+            local = share <= bound
             frozen = local[cols[0]]
             for c in cols[1:]:
                 frozen |= local[c]
@@ -132,8 +141,8 @@ def _load(cols: list[np.ndarray], rate: np.ndarray, num_links: int) -> np.ndarra
     return load
 
 
-def fluid_ends(size: np.ndarray, cols: list[np.ndarray], capacity: np.ndarray, rate_tolerance: float = 0.0,
-               ) -> tuple[np.ndarray, int]:
+def fluid_ends(size: np.ndarray, cols: list[np.ndarray], capacity: np.ndarray, rate_tolerance: float = 0.0, *,
+               compiled: bool | None = None) -> tuple[np.ndarray, int]:
     """When each flow's last byte leaves, for flows of ``size`` bytes all starting at time 0 on links ``cols``
     (as for :func:`max_min_rates`, one array per path position), sharing ``capacity`` max-min fairly; and how many times
     rates were recomputed.
@@ -145,26 +154,39 @@ def fluid_ends(size: np.ndarray, cols: list[np.ndarray], capacity: np.ndarray, r
     falls below f's rate, since every link f crossed had room for it up to that level.) With
     ``rate_tolerance`` > 0, flows ending within ``rate_tolerance x`` the time of the first end of a step
     end in that step, and their bandwidth is handed out at its end.
+
+    ``compiled``: run the loop compiled by numba (:mod:`moesim.sim.fluid_jit`, the extra ``fast``; the same end
+    times bit for bit), the numpy one (False), or the compiled one where numba is installed (None).
     """
     n = size.size
     end = np.empty(n)
     if n == 0:
         return end, 0
+    if compiled and not fluid_jit.AVAILABLE:
+        raise ValueError("compiled=True needs numba: pip install moesim[fast]")
     num_links = capacity.size + 1
     comp = _components(cols, capacity.size)
-    single = comp.max() == 0
+    num_comps = int(comp.max()) + 1
+    if fluid_jit.AVAILABLE and compiled is not False:
+        links = np.ascontiguousarray(np.array(cols, dtype=np.int64).reshape(len(cols), n))
+        out, count = fluid_jit.fluid_loop(np.asarray(size, dtype=float), links, np.asarray(capacity, dtype=float),
+                                          comp.astype(np.int64), num_comps, rate_tolerance, _REL_TOL, _RISE_TOL)
+        return out, int(count)
+    single = num_comps == 1
     rate = _max_min(cols, capacity)
     t_end = size / rate
     pending = t_end.copy()  # end times of flows still sending; inf once they ended
     free = np.append(capacity, np.inf) - _load(cols, rate, num_links)  # kept up to date as rates change
-    now, recomputations = 0.0, 1
+    ids = np.arange(n)  # the flows held, as positions in the input (ended ones are dropped once half of them)
+    now, recomputations, ended = 0.0, 1, 0
     while True:
-        first = pending.min()
+        first = pending.min(initial=np.inf)
         if first == np.inf:
             return end, recomputations
         done = (pending <= now + (first - now + rate_tolerance * first) * (1 + _REL_TOL)).nonzero()[0]
-        end[done] = t_end[done]
-        now = float(t_end[done].max())
+        t_done = t_end[done]
+        end[ids[done]] = t_done
+        now = float(t_done.max())
         pending[done] = np.inf
         gone = rate[done]
         free += _load([c[done] for c in cols], gone, num_links)
@@ -172,19 +194,26 @@ def fluid_ends(size: np.ndarray, cols: list[np.ndarray], capacity: np.ndarray, r
         if single:  # the smallest departed rate: flows at least that fast may change
             rising = rate >= gone.min() * (1 - _RISE_TOL)
         else:
-            floor = np.full(int(comp.max()) + 1, np.inf)
-            np.minimum.at(floor, comp[done], gone)
-            rising = rate >= floor[comp] * (1 - _RISE_TOL)
+            floor = np.full(num_comps, np.inf)
+            np.minimum.at(floor, comp[done], gone * (1 - _RISE_TOL))
+            rising = rate >= floor[comp]
         redo = rising.nonzero()[0]
         if redo.size:
             sub = [c[redo] for c in cols]
-            free += _load(sub, rate[redo], num_links)
-            remaining = (t_end[redo] - now) * rate[redo]
+            old = rate[redo]
+            free += _load(sub, old, num_links)
+            remaining = (t_end[redo] - now) * old
             new = _max_min(sub, np.maximum(free[:-1], 0.0))
             free -= _load(sub, new, num_links)
             rate[redo] = new
             t_end[redo] = pending[redo] = now + remaining / new
             recomputations += 1
+        ended += done.size
+        if 2 * ended >= ids.size:  # drop the ended flows: later steps scan only the ones left
+            keep = (pending < np.inf).nonzero()[0]
+            ids, rate, t_end, pending, comp = ids[keep], rate[keep], t_end[keep], pending[keep], comp[keep]
+            cols = [c[keep] for c in cols]
+            ended = 0
 
 
 def binding_links(topo: Topology) -> np.ndarray:
@@ -315,6 +344,7 @@ class _Fluid:
     flow_at: np.ndarray  # [G, G]: index of pair (s, d) in ``end``
     end: np.ndarray  # per flow
     mirrored: bool  # its routing's (Routing.mirrored): the transpose shares its rates
+    total: float  # nbytes.sum(): a scaled copy's total is scaled alike (checked before the element-wise test)
 
 
 def _succeed(event: simpy.Event) -> Callable[[simpy.Event], None]:
@@ -407,7 +437,7 @@ class Fabric:
         G = self.topo.num_gpus
         flow_at = np.zeros((G, G), dtype=np.int64)
         flow_at[src, dst] = np.arange(src.size)
-        recent.insert(0, _Fluid(off, flow_at, end, mirrored))
+        recent.insert(0, _Fluid(off, flow_at, end, mirrored, float(off.sum())))
         del recent[self._REMEMBER :]
 
     @staticmethod
@@ -417,12 +447,13 @@ class Fabric:
         scales every end time (and every grouping window) by c."""
         if src.size == 0:
             return None
+        total = float(off.sum())  # bytes are >= 0: a match's totals agree to ~1e-12, so 1e-9 never misses one
         for fluid in recent:
             for mirror in (False, True) if fluid.mirrored else (False,):
                 ref = fluid.nbytes.T if mirror else fluid.nbytes
                 scale = off[src[0], dst[0]] / ref[src[0], dst[0]] if ref[src[0], dst[0]] > 0 else 0.0
-                if scale > 0 and np.count_nonzero(ref) == src.size \
-                        and np.allclose(off, ref * scale, rtol=1e-12, atol=0.0):
+                if scale > 0 and abs(total - scale * fluid.total) <= 1e-9 * total \
+                        and np.count_nonzero(ref) == src.size and np.allclose(off, ref * scale, rtol=1e-12, atol=0.0):
                     at = fluid.flow_at[dst, src] if mirror else fluid.flow_at[src, dst]
                     return fluid.end[at] * scale
         return None
