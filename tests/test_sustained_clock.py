@@ -105,3 +105,17 @@ def test_bad_sustained_file_names_the_field(tmp_path):
     bad.write_text(json.dumps(raw))
     with pytest.raises(InputError, match="no tensor-core kernel"):
         load_bench([bad])
+
+
+def test_the_cpu_run_of_the_measurement_writes_what_calibrate_reads(tmp_path):
+    """moesim.measure.sustained on the CPU (tiny shapes, float32, no nvidia-smi): its file loads as benchmark points
+    and fits a clock (meaningless on a CPU; the plumbing is what is checked)."""
+    pytest.importorskip("torch")
+    from moesim.measure import sustained
+
+    path = sustained.run(tmp_path, cpu=True, seconds=0.05, rest=0.0, reps=2, log=lambda line: None)
+    raw = json.loads(path.read_text())
+    assert raw["format"] == "moesim.bench.sustained/1" and set(raw["kernels"]) >= set(TENSOR) | {"hbm_copy", "layer"}
+    assert all(r["chunks"] and r["burst_ms"] > 0 and r["steady_ms"] > 0 for r in raw["kernels"].values())
+    points = load_bench([path]).sustained
+    assert {p.kernel for p in points} == set(raw["kernels"]) and 0 < fit_sustained(points) <= 1.0
