@@ -9,10 +9,13 @@ beside the published ratio.
 
     python benchmarks/deployments.py            # every point and Day 6 disaggregated, about 30 minutes on 2 cores
     python benchmarks/deployments.py --quick    # DeepSeek's two profiled points only
+    python benchmarks/deployments.py --r1-skew  # the SGLang 4K prefill point and EPLB's gain with R1's skew, 1 minute
 
 The SGLang and Day-6 scenarios route as DeepSeek-V2-Lite really does (the shipped fit carried over to V3's shape,
 ``fitted: {params: deepseek-v2-lite, expand_experts: 4}``), the profile-data ones balanced, as those runs were;
-the imbalance of that routing at EP32 is printed beside TensorRT-LLM's DeepSeek-R1 figures. V2-Lite is not R1.
+the imbalance of that routing at EP32 is printed beside TensorRT-LLM's DeepSeek-R1 figures. V2-Lite is not R1: the
+R1-skew section reruns the SGLang 4K prefill point with the synthetic generator at R1's skew instead (a Zipf exponent
+fitted to TensorRT-LLM's by-slot imbalance of R1, by benchmarks/fit_r1_skew.py).
 
 Nothing here is fitted to these figures: the GPUs, kernels and networks are the presets' (calibrated on other
 measurements), and the kernels' published rates (FlashMLA's) are cited where they are used.
@@ -124,6 +127,27 @@ def routing_imbalance() -> None:
           "routing)", flush=True)
 
 
+# DeepSeek-R1's routing skew at EP32 as the synthetic generator's Zipf exponent: fitted to TensorRT-LLM's by-slot
+# imbalance of R1 (10.948), its by-rank one (1.564) held out at -0.6% / -5.3% (python benchmarks/fit_r1_skew.py)
+R1_ZIPF = 0.63
+
+
+def r1_skew() -> None:
+    """The SGLang prefill point and EPLB's gain with R1's skew in place of V2-Lite's routing (``--r1-skew``)."""
+    key = ("sglang_prefill_h100", (("r1_skew", True),))
+    runs = throughput("sglang_prefill_h100", {"r1_skew": True})
+    print(f"\n{'with R1-like skew (synthetic, Zipf ' + str(R1_ZIPF) + ', fit_r1_skew.py)':60s} {'moesim':>9s} "
+          f"{'published':>10s} {'error':>7s}")
+    for name, label in (("contiguous", "no EPLB (contiguous)"), ("eplb", "EPLB, 32 redundant experts")):
+        got = _IMBALANCE[key][name]
+        print(f"{'  imbalance at EP32 by rank, ' + label:60s} {got:9.3f} {TRTLLM_EP32[name]:10.3f} "
+              f"{got / TRTLLM_EP32[name] - 1:+7.1%}  TensorRT-LLM (R1)")
+    gain = runs["eplb"] / runs["contiguous"]
+    print(f"{'  EPLB vs none, SGLang prefill 4K':60s} {gain:8.2f}x {1.49:9.2f}x {gain / 1.49 - 1:+7.1%}  {LMSYS}")
+    print(f"{'  SGLang prefill EP32 H100, 4K prompts (EPLB)':60s} {runs['eplb']:9,.0f} {50_302:10,} "
+          f"{runs['eplb'] / 50_302 - 1:+7.1%}  {LMSYS}", flush=True)
+
+
 def changed(sc: Scenario, change: dict[str, Any]) -> Scenario:
     """The scenario with a point's changes applied (prompt or KV length, tokens per GPU, overlap)."""
     work, engine = sc.workload, sc.engine
@@ -138,6 +162,11 @@ def changed(sc: Scenario, change: dict[str, Any]) -> Scenario:
         m = sc.model  # (the plain generator, group-limited as the model routes, in place of a fitted one)
         work = work.model_copy(update={"synthetic": work.synthetic.model_copy(
             update={"zipf_alpha": 0.0, "gpu_mix_sigma": 0.0, "affinity": 0.0, "fitted": None,
+                    "groups": m.expert_groups, "topk_groups": m.topk_groups})})
+    if change.get("r1_skew") and work.synthetic is not None:  # R1's skew (R1_ZIPF), the generator's defaults else
+        m = sc.model
+        work = work.model_copy(update={"synthetic": work.synthetic.model_copy(
+            update={"zipf_alpha": R1_ZIPF, "gpu_mix_sigma": 0.3, "affinity": 0.5, "fitted": None,
                     "groups": m.expert_groups, "topk_groups": m.topk_groups})})
     if "overlap" in change:
         engine = engine.model_copy(update={"overlap": change["overlap"]})
@@ -181,7 +210,12 @@ def throughput(scenario: str, change: dict[str, Any]) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="DeepSeek's two profiled points only")
+    ap.add_argument("--r1-skew", action="store_true", help="only the SGLang prefill point and EPLB gain with R1's "
+                    "skew (fit_r1_skew.py)")
     a = ap.parse_args()
+    if a.r1_skew:
+        r1_skew()
+        return
     print(f"{'point':60s} {'moesim':>9s} {'published':>10s} {'error':>7s}  source")
     errors = []
     for p in QUICK if a.quick else POINTS:
@@ -204,6 +238,7 @@ def main() -> None:
         for line in NOT_REPRODUCED:
             print(line)
         routing_imbalance()
+        r1_skew()
         node_ratio()
     print(f"\nthroughput: median |error| {sorted(errors)[len(errors) // 2]:.1%}, max {max(errors):.1%} "
           f"over {len(errors)} points")
