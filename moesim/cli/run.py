@@ -96,6 +96,10 @@ def _print_terms(result: StudyResult) -> None:
     overlap = " (micro-batch 0's steps: the other micro-batch runs beside them)" \
         if result.scenario.engine.overlap == "two_batch" else ""
     print(f"\nTime per batch by step (ms; summed over the {layers}, mean over GPUs and batches){overlap}:")
+    if result.scenario.sustained:
+        clocks = ", ".join(sorted({f"x{c.spec.gpu.sustained_clock:g}" for c in result.scenario.clusters}))
+        print(f"(GPUs at their sustained, power-capped tensor-core clock: FLOP-bound work at {clocks} of the rate "
+              "isolated kernels are timed at; engine.clock)")
     for cluster in dict.fromkeys(r.cluster.name for r in result.runs):
         rows = [(r.name, term_ms(r.records)) for r in result.runs if r.cluster.name == cluster]
         print(f"== {cluster} ==\n{term_table(rows)}")

@@ -76,6 +76,7 @@ def results_json(result: StudyResult) -> dict[str, Any]:
         "baseline": sc.baseline,
         "model": sc.model.model_dump(mode="json"),
         "engine": sc.engine.model_dump(mode="json", exclude={"progress"}),
+        "gpu_clock": "sustained" if sc.sustained else "boost",  # engine.clock resolved (auto by kernels and phase)
         "clusters": clusters,
         "workload": result.workloads,
         "runs": runs,
