@@ -1,6 +1,7 @@
 """Two-batch overlap (moesim.sim.overlap) against its bounds: an overlapped step is never shorter than its busiest
 stream and never longer than its two micro-batches run back to back; the micro-batches conserve tokens; SM
-contention slows the overlapped compute by the closed-form factor."""
+contention slows the overlapped compute by the closed-form factor; receive hooks hold the stream for the kernels'
+send and receive phases."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 from moesim.hardware import ClusterSpec, build_topology, preset
 from moesim.placement.format import Placement
 from moesim.sim.engine import EngineOptions, Simulation
+from moesim.sim.network import kernel_cost
 from moesim.sim.overlap import slowdown, split_two
 from moesim.traces.format import Layout
 from moesim.traces.model import ModelSpec
@@ -100,3 +102,30 @@ def test_overlap_refuses_what_it_does_not_model():
         Simulation(topo, MODEL, tp=2, options=EngineOptions(overlap="two_batch")).run(trace, layout, placement)
     with pytest.raises(ValueError, match="comm_sms"):
         slowdown(Simulation(topo, MODEL, options=EngineOptions(overlap="two_batch", comm_sms=132)))
+
+
+def test_receive_hooks_hold_the_stream_for_send_and_receive():
+    """DeepEP low-latency with receive hooks: each call's send and receive phases (hook_sm_us) run on the compute
+    stream, so the step is at least the busiest stream plus four phases per layer and micro-batch; the receive
+    phase leaves the call's fixed cost, so a call alone costs what it costs without hooks."""
+    topo, trace, layout, placement = setup(nodes=3, tokens=128, seed=2)
+    spec = topo.cluster
+    ll = spec.a2a_kernels.family("low_latency")
+    assert ll.hook_sm_us == 15.0 and ll.launch_us == 30.0
+    assert kernel_cost(topo, "low_latency", hooks=True).launch_s == pytest.approx((30.0 - 15.0) * 1e-6)
+    assert kernel_cost(topo, "low_latency").launch_s == pytest.approx(30.0e-6)
+    assert kernel_cost(topo, "hierarchical", hooks=True).launch_s == kernel_cost(topo, "hierarchical").launch_s
+    opts = EngineOptions(a2a="low_latency", moe_kernels="fused", overlap="two_batch", rate_tolerance=0.0)
+    rec = Simulation(topo, MODEL, options=opts).run(trace, layout, placement)
+    free_spec = spec.model_copy(update={"a2a_kernels": spec.a2a_kernels.model_copy(
+        update={"deepep_low_latency": ll.model_copy(update={"hook_sm_us": 0.0})})})
+    free = Simulation(build_topology(free_spec), MODEL, options=opts).run(trace, layout, placement)
+    step, step_free = rec.batch_end - rec.batch_start, free.batch_end - free.batch_start
+    assert (step > step_free).all()
+    busy = sum((m["t_dense_end"] - m["t_layer_start"]) + (m["t_dispatch_join"] - m["t_dense_end"])
+               + (m["t_compute_end"] - m["t_compute_start"]) for m in rec.micro).sum(axis=1)  # [B, G]
+    phases = 2 * MODEL.num_layers * 4 * 15e-6  # two micro-batches, four phases a layer
+    assert (step[:, None] >= (busy + phases) * (1 - 1e-12)).all()
+    # the receive phase sits between the dispatch's landing and the experts on every GPU
+    m0 = rec.micro[0]
+    assert ((m0["t_compute_start"] - m0["t_dispatch_done"]) >= 15e-6 * (1 - 1e-9)).all()

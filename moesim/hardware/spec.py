@@ -332,6 +332,9 @@ class A2AKernelSpec(StrictModel):
     rdma_efficiency: float | None = Fraction(default=None, description="share of NIC line rate its RDMA writes "
                                              "reach (default network.nic_efficiency)")
     sms: int = Field(default=0, ge=0, le=1_000_000, description="SMs the kernel occupies while in flight")
+    hook_sm_us: float = Micros(default=0.0, description="with receive hooks (two-batch overlap): SM time of each "
+                               "of a call's two phases, its send (taken from launch_us) and its receive once the "
+                               "data landed, both on the compute stream; none while the data moves")
 
 
 # Each family's figures; a cluster's ``a2a_kernels`` overrides them field by field. Sources:
@@ -352,7 +355,13 @@ _FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     # the README's H800 table, not measured apart: its kernel times less their bytes at the links' rates leave
     # 16-37 us per call (counts signalled per expert, receivers polling, packing); 30 is that of the EP128/256 rows
     # (whose dispatch-combine difference gives the RDMA rate, 0.85 of 50 GB/s: the preset's NIC rate).
-    "deepep_low_latency": {"launch_us": 30.0, "sms": 0},
+    # hook_sm_us 15: that per-call residual is the kernel's SM work - its send phase (FP8 casts, message packing,
+    # IBGDA posts) and its receive phase (polling the per-expert counts, unpacking into the expert-major layout).
+    # With return_recv_hook the two run as separate launches on the compute stream, holding the SMs, and the data
+    # moves in between on none (LMSYS 2025-05-05, TBO ablation: "decode communication kernels either fully
+    # utilize SMs (during send/receive) or none (during inflight waiting)"). The even split of the 30 us between
+    # the phases is an ESTIMATE: DeepEP publishes no hook-phase times.
+    "deepep_low_latency": {"launch_us": 30.0, "sms": 0, "hook_sm_us": 15.0},
     # TensorRT-LLM NVLinkOneSided all-to-all (TensorRT-LLM tech blog 18, "Optimizing MoE Communication with
     # One-Sided AlltoAll Over NVLink", DGX B200 / GB200 NVL72): each rank writes its tokens straight into the
     # receivers' buffers over NVLink (symmetric memory), counts travel with the data, receivers poll flags; one

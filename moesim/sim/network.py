@@ -300,13 +300,16 @@ class KernelCost:
     routing: Routing
 
 
-def kernel_cost(topo: Topology, family: str, routing: Routing | None = None) -> KernelCost:
+def kernel_cost(topo: Topology, family: str, routing: Routing | None = None, *, hooks: bool = False) -> KernelCost:
     """Kernel family ``family``'s costs on ``topo`` from ``cluster.a2a_kernels`` (``routing``: the topology's own,
     reused when the family keeps the links' default shares). NCCL among one GPU is a device copy: it pays
-    ``a2a_self_launch_us``."""
+    ``a2a_self_launch_us``. With receive ``hooks`` (two-batch overlap) the receive phase, ``hook_sm_us``, leaves
+    the call's fixed cost: the caller runs it on the compute stream once the data landed."""
     cluster = topo.cluster
     spec = cluster.a2a_kernels.family(family)
     launch = spec.launch_us if spec.launch_us is not None else cluster.a2a_launch_us
+    if hooks:
+        launch = max(launch - spec.hook_sm_us, 0.0)
     if family == "nccl" and topo.num_gpus == 1 and cluster.a2a_self_launch_us is not None:
         launch = cluster.a2a_self_launch_us
     capacity = topo.capacity
@@ -359,6 +362,7 @@ class Fabric:
     """The cluster's links under SimPy time: runs collectives as max-min fair fluid flows.
 
     ``routing`` is the topology's :class:`Routing`; pass it when building many fabrics on one topology.
+    ``hooks``: the kernels run with receive hooks (:func:`kernel_cost`), as under two-batch overlap.
     A collective whose bytes are those of the previous few scaled by one factor, or of their transpose
     (the combine after its dispatch), reuses their fluid phase scaled in time: same rates, same order,
     nothing to recompute.
@@ -367,7 +371,7 @@ class Fabric:
     _REMEMBER = 4
 
     def __init__(self, env: simpy.Environment, topo: Topology, *, rate_tolerance: float = 0.0,
-                 routing: Routing | None = None) -> None:
+                 routing: Routing | None = None, hooks: bool = False) -> None:
         if rate_tolerance < 0:
             raise ValueError("rate_tolerance must be >= 0")
         self.env = env
@@ -379,7 +383,7 @@ class Fabric:
         self.local_bytes_per_s = topo.cluster.gpu.local_copy_bytes_per_s
         if topo.num_gpus == 1:  # NCCL with one rank: a device-to-device copy, no kernel of its own
             self.local_bytes_per_s = topo.cluster.gpu.hbm_bytes_per_s / 2
-        self.kernels = {name: kernel_cost(topo, name, self.routing) for name in A2A_FAMILIES}
+        self.kernels = {name: kernel_cost(topo, name, self.routing, hooks=hooks) for name in A2A_FAMILIES}
         self._recent: dict[str, list[_Fluid]] = {name: [] for name in A2A_FAMILIES}
 
     def collective(self, name: str, nbytes: np.ndarray, gpu_events: list[simpy.Event] | None = None, *,

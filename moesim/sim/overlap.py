@@ -16,6 +16,12 @@ step that starts on that GPU runs at ``(sms - comm_sms) / sms`` of its speed for
 24 for ``nccl`` and ``deepep_normal`` (DeepEP's normal kernels as DeepSeek ran prefill, ``Buffer.set_num_sms(24)``:
 108 compute + 24 communication SMs of 132, deepseek-ai/profile-data), 0 for ``deepep_low_latency`` (DeepEP's
 low-latency kernels with receive hooks occupy no SM while the data moves), 16 for ``nvlink_one_sided`` (estimate).
+With receive hooks a kernel's send and receive phases still hold the whole GPU: a family's ``hook_sm_us``
+(DeepEP low-latency: 15 us each) runs on the compute stream right after the GPU joins the all-to-all (the send,
+within the call's fixed cost) and again once its data landed, before the experts or the reduction (the receive,
+taken out of the fixed cost: :func:`moesim.sim.network.kernel_cost`); a call alone costs what it costs without
+hooks. In the step breakdown the send phases fall in ``wait``/``combine`` time and the receives in
+``stream_wait`` and ``reduce``.
 
 Records: each micro-batch's own arrays are ``SimRecords.micro``; ``SimRecords.gpu`` merges them - counts summed,
 ``t_layer_start`` the earlier and ``t_layer_end`` the later of the two, every other time micro-batch 0's - so
@@ -76,6 +82,11 @@ class _Stream:
         """A compute step of ``seconds`` (the caller holds the stream), slowed while an all-to-all is in flight."""
         return self.env.timeout(seconds * (self.slow if self.inflight else 1.0))
 
+    def hook(self, seconds: float) -> Generator[simpy.Event, None, None]:
+        """An all-to-all kernel's send or receive phase of ``seconds`` on the stream (the caller holds it)."""
+        if seconds > 0:
+            yield self.env.timeout(seconds)
+
     def comm(self, event: simpy.Event) -> Generator[simpy.Event, None, None]:
         """Wait for this GPU's part of an all-to-all already joined (counted in flight until then)."""
         try:
@@ -85,8 +96,10 @@ class _Stream:
 
 
 def _micro_gpu(env: "CountingEnvironment", b: int, g: int, plan: list["LayerPlan"], rec: dict[str, np.ndarray],
-               stream: _Stream, progress: Callable[[int], object] | None) -> Generator[simpy.Event, None, None]:
-    """One micro-batch on GPU ``g`` through the layers of batch ``b`` (see the module docstring)."""
+               stream: _Stream, progress: Callable[[int], object] | None, hook: float = 0.0
+               ) -> Generator[simpy.Event, None, None]:
+    """One micro-batch on GPU ``g`` through the layers of batch ``b`` (see the module docstring); ``hook``: the
+    seconds of each send and receive phase of its all-to-alls on the stream."""
     req = stream.compute.request()
     yield req
     for l, lp in enumerate(plan):
@@ -100,6 +113,7 @@ def _micro_gpu(env: "CountingEnvironment", b: int, g: int, plan: list["LayerPlan
         rec["t_shared_start"][b, l, g] = rec["t_dispatch_join"][b, l, g] = env.now
         dispatch = coll["dispatch"].join(g)
         stream.inflight += 1
+        yield from stream.hook(hook)  # its send phase
         yield stream.run(lp.shared[g])  # beside its own dispatch
         stream.compute.release(req)
         yield from stream.comm(dispatch)
@@ -107,17 +121,20 @@ def _micro_gpu(env: "CountingEnvironment", b: int, g: int, plan: list["LayerPlan
         rec["t_dispatch_done"][b, l, g] = env.now
         req = stream.compute.request()
         yield req
+        yield from stream.hook(hook)  # its receive phase
         rec["t_compute_start"][b, l, g] = env.now
         yield stream.run(lp.experts[g])
         rec["t_compute_end"][b, l, g] = rec["t_combine_join"][b, l, g] = env.now
         combine = coll["combine"].join(g)
         stream.inflight += 1
+        yield from stream.hook(hook)
         stream.compute.release(req)
         yield from stream.comm(combine)
         rec["t_combine_start"][b, l, g] = lp.start("combine")
         rec["t_combine_done"][b, l, g] = env.now
         req = stream.compute.request()
         yield req
+        yield from stream.hook(hook)
         yield stream.run(lp.after[g])
         rec["t_layer_end"][b, l, g] = env.now
         if g == 0 and progress is not None and plan is not None:
@@ -147,7 +164,8 @@ def run_two_batch(sim: "Simulation", trace: Trace, layout: Layout, placement: Pl
     B = len(batches)
     micro = tuple({f: np.zeros((B, L, G)) for f in GPU_FIELDS} for _ in range(2))
     env = CountingEnvironment()
-    fabric = Fabric(env, topo, rate_tolerance=sim.options.rate_tolerance, routing=sim.routing)
+    fabric = Fabric(env, topo, rate_tolerance=sim.options.rate_tolerance, routing=sim.routing, hooks=True)
+    hook = topo.cluster.a2a_kernels.family(sim.options.a2a).hook_sm_us * 1e-6
     batch_start, batch_end = np.zeros(B), np.zeros(B)
     kept: list[CollectiveResult] = []
     flows = 0
@@ -163,8 +181,8 @@ def run_two_batch(sim: "Simulation", trace: Trace, layout: Layout, placement: Pl
             flows += n
         batch_start[b] = env.now
         streams = [_Stream(env, slow) for _ in range(G)]
-        procs = [env.process(_micro_gpu(env, b, g, plans[m], micro[m], streams[g], progress if m == 1 else None))
-                 for g in range(G) for m in range(2)]
+        procs = [env.process(_micro_gpu(env, b, g, plans[m], micro[m], streams[g], progress if m == 1 else None,
+                                        hook)) for g in range(G) for m in range(2)]
         env.run(until=env.all_of(procs))
         batch_end[b] = env.now
     return SimRecords(
