@@ -3,9 +3,9 @@
 Each point is a shipped scenario of scenarios/deployments/ (its header gives the source, the settings the source
 states and every assumption moesim makes), run as it ships or with the one change the point names (prompt
 length, requests per GPU, overlap, placement). Throughput per node = tokens per GPU per forward / the simulated
-forward time x GPUs per node: input tokens for prefill, output tokens for decode (one per request per step, no
-MTP), as moesim.metrics.serving computes them for every run. Gains are ratios of two simulated throughputs
-beside the published ratio.
+forward time x GPUs per node: input tokens for prefill, output tokens for decode (one per request per step, or
+1 + the accepted drafts with multi-token prediction), as moesim.metrics.serving computes them for every run. Gains
+are ratios of two simulated throughputs beside the published ratio.
 
     python benchmarks/deployments.py            # every point and Day 6 disaggregated, about 30 minutes on 2 cores
     python benchmarks/deployments.py --quick    # DeepSeek's two profiled points only
@@ -68,6 +68,8 @@ POINTS = (
     Point("SGLang prefill EP32 H100, 4K, perfect EPLB (balanced)", "sglang_prefill_h100", 59_337, LMSYS, "eplb",
           {"balanced": True}),
     Point("SGLang decode EP72 H100, 256 req/GPU, KV 2000", "sglang_decode_h100", 22_282, LMSYS),
+    # LMSYS's "simulated MTP" run (128 requests, KV 4000, 60% acceptance); moesim runs real MTP (scenario header)
+    Point("SGLang decode EP72 H100, 128 req/GPU + MTP, KV 4000", "sglang_decode_mtp_h100", 17_373, LMSYS),
 )
 QUICK = POINTS[:2]
 # (label, scenario, change A, change B, published ratio B/A, its source): gains of one setting over another
@@ -77,6 +79,8 @@ GAINS = (
     ("two-batch overlap, SGLang decode 256 req/GPU", "sglang_decode_h100", {"overlap": "none"}, {}, (1.255,), LMSYS),
     ("two-batch overlap, SGLang decode 32 req/GPU", "sglang_decode_h100", {"overlap": "none", "tokens_per_gpu": 32},
      {"tokens_per_gpu": 32}, (0.73,), LMSYS),
+    ("two-batch overlap, SGLang decode 128 req/GPU + MTP", "sglang_decode_mtp_h100", {"overlap": "none"}, {},
+     (17_552 / 12_929,), LMSYS),
     # LMSYS's EPLB ablation ("in large-scale settings", in-distribution statistics, as moesim's profile batch); the
     # blog does not give the setting: moesim runs it at the prefill point (EP32, 4K, 16K tokens/GPU)
     ("EPLB vs none, SGLang prefill 4K", "sglang_prefill_h100", {"placement": "contiguous"}, {"placement": "eplb"},
@@ -109,6 +113,26 @@ def node_ratio() -> None:
     ratio = figures["needed_nodes_ratio"]
     print(f"\n{'disaggregated':60s} {'moesim':>9s} {'published':>10s} {'error':>7s}  source")
     print(f"{label:60s} {ratio:9.3f} {published:10.3f} {ratio / published - 1:+7.1%}  {source}", flush=True)
+
+
+# DeepSeek's decode profile read as a run with multi-token prediction (deepseek_decode_profile_mtp.yaml says why):
+# its step beside a third-party reading of the profile (zdszero.github.io, "deepseek profile", column "h800 ds prof")
+PROFILE_MTP = ("deepseek_decode_profile_mtp", 18_598, 87.32, 96.0)
+
+
+def profile_mtp() -> None:
+    """The DeepSeek decode profile point on the MTP reading: throughput and step time beside the published ones."""
+    scenario, published, layers_ms, step_ms = PROFILE_MTP
+    runs = throughput(scenario, {})
+    sim, forward = runs["contiguous"], _FORWARD_MS[(scenario, ())]["contiguous"]
+    title = "DeepSeek decode profile read as an MTP run (1 draft, 60% accepted)"
+    print(f"\n{title:60s} {'moesim':>9s} {'published':>10s} {'error':>7s}")
+    print(f"{'  output tokens/s per node':60s} {sim:9,.0f} {published:10,.0f} {sim / published - 1:+7.1%}  "
+          f"profile-data via {LMSYS}")
+    print(f"{'  step, ms (moesim: 61 layers + MTP module; published: 61 layers)':60s} {forward:9.2f} {layers_ms:10.2f} "
+          f"{forward / layers_ms - 1:+7.1%}  third-party reading of the profile (zdszero.github.io)")
+    print(f"{'  step, ms (published: end to end)':60s} {forward:9.2f} {step_ms:10.2f} {forward / step_ms - 1:+7.1%}",
+          flush=True)
 
 
 # TensorRT-LLM's DeepSeek-R1 EP32 imbalance, (max - mean) / mean of tokens per rank averaged over layers and
@@ -187,6 +211,7 @@ def _load(scenario: str) -> Scenario:
 
 _CACHE: dict[tuple, dict[str, float]] = {}
 _IMBALANCE: dict[tuple, dict[str, float]] = {}  # TensorRT-LLM's (max - mean) / mean of tokens per EP rank
+_FORWARD_MS: dict[tuple, dict[str, float]] = {}
 
 
 def throughput(scenario: str, change: dict[str, Any]) -> dict[str, float]:
@@ -202,6 +227,7 @@ def throughput(scenario: str, change: dict[str, Any]) -> dict[str, float]:
             assert serving is not None and serving.phase in ("prefill", "decode")
             out[run.name] = serving.tokens_per_s_per_node
         _IMBALANCE[key] = {run.name: run.metrics.compute_skew["imbalance"] for run in result.runs}
+        _FORWARD_MS[key] = {run.name: run.metrics.serving.forward_ms for run in result.runs}  # type: ignore[union-attr]
         print(f"  ({scenario} {dict(key[1])}: {time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
         _CACHE[key] = out
     return _CACHE[key]
@@ -237,6 +263,7 @@ def main() -> None:
             print(f"{label:60s} {ratio:8.2f}x {shown:>9s}x {ratio / mid - 1:+7.1%}", flush=True)
         for line in NOT_REPRODUCED:
             print(line)
+        profile_mtp()
         routing_imbalance()
         r1_skew()
         node_ratio()

@@ -94,7 +94,8 @@ def _describe(found: ModelPreset, m: ModelSpec) -> list[str]:
     ]
     notes = list(found.notes)
     if m.mtp_layers and not any("MTP" in n for n in notes):
-        notes.append(f"the {m.mtp_layers} MTP layer(s) (num_nextn_predict_layers) are recorded, not simulated")
+        notes.append(f"the {m.mtp_layers} MTP layer(s) (num_nextn_predict_layers) run only with "
+                     "workload.speculative")
     lines += [f"  not simulated: {n}" for n in notes]
     lines.append("  fields:")
     width = max(len(k) for k in ModelSpec.model_fields)

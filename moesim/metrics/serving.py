@@ -8,14 +8,17 @@ workload says which serving phase a forward is:
   token processed; a forward takes ``prefill_forward_ms``; throughput is input tokens/s per GPU and per node;
 - **decode** (``workload.kv_len``): every token is the next token of one request whose KV cache holds
   ``kv_len`` tokens, so tokens per GPU are requests per GPU; a step gives one *output* token per request, so
-  the time per output token (TPOT) is the step time and each request streams ``1000 / TPOT`` tokens/s;
+  the time per output token (TPOT) is the step time and each request streams ``1000 / TPOT`` tokens/s. With
+  speculative decoding (``workload.speculative``, :mod:`moesim.study.speculative`) a request's ``1 + d`` tokens
+  (its next and ``d`` drafts) share a step: requests are tokens / (1 + d), and a step gives each request
+  ``1 + a + ... + a^d`` output tokens on average (``a`` the acceptance), so TPOT is the step time over that;
 - **batch** (neither): tokens per GPU per forward and tokens/s, with no phase meaning.
 
 Throughput is a closed form of the simulated times: tokens of every forward / their summed time, per GPU (over
 the cluster's GPUs) and per node (x GPUs per node). Deliberately ignored: what the engine does not simulate
-(embedding, LM head and sampling; MTP layers, so one output token per request per step; the host's gap between
-steps), and everything outside one forward: request arrival, queueing, continuous batching, chunked prefill,
-the transfer of KV caches between pools. Throughput is therefore that of back-to-back forwards of full batches.
+(embedding, LM head and sampling; the host's gap between steps), and everything outside one forward: request
+arrival, queueing, continuous batching, chunked prefill, the transfer of KV caches between pools. Throughput is
+therefore that of back-to-back forwards of full batches.
 """
 
 from __future__ import annotations
@@ -53,8 +56,10 @@ class ServingMetrics:
     requests_per_gpu: float | None = None
     output_tokens_per_s_per_gpu: float | None = None
     output_tokens_per_s_per_node: float | None = None
-    tpot_ms: float | None = None  # time per output token: the mean step time (one token per request per step)
+    tpot_ms: float | None = None  # time per output token: the mean step time over the output tokens per step
     output_tokens_per_s_per_request: float | None = None
+    draft_tokens: int | None = None  # speculative decoding only
+    output_tokens_per_step: float | None = None  # per request, speculative decoding only
 
     @property
     def nodes(self) -> float:
@@ -65,10 +70,12 @@ class ServingMetrics:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
 
-def serving_metrics(rec: SimRecords, batch_tokens: np.ndarray, attention: Attention | None) -> ServingMetrics:
+def serving_metrics(rec: SimRecords, batch_tokens: np.ndarray, attention: Attention | None, *,
+                    output_per_step: float = 1.0) -> ServingMetrics:
     """Serving figures of a run: ``rec`` its records, ``batch_tokens`` the tokens of each of its forwards (over
-    every GPU), ``attention`` the workload's phase (None: no phase). Throughput = tokens / time, summed over the
-    forwards."""
+    every GPU), ``attention`` the workload's phase (None: no phase; its ``queries`` are tokens per request in a
+    decode step), ``output_per_step`` a decode step's output tokens per request. Throughput = tokens / time,
+    summed over the forwards."""
     tokens = np.asarray(batch_tokens, dtype=float)
     forward_s = np.asarray(rec.batch_end - rec.batch_start, dtype=float)
     if tokens.shape != forward_s.shape or tokens.size == 0:
@@ -88,10 +95,15 @@ def serving_metrics(rec: SimRecords, batch_tokens: np.ndarray, attention: Attent
         return ServingMetrics(phase="prefill", prompt_len=attention.length,
                               prompts_per_gpu=tokens_per_gpu / attention.length, input_tokens_per_s_per_gpu=per_gpu,
                               input_tokens_per_s_per_node=per_gpu * per_node, **common)
-    return ServingMetrics(phase="decode", kv_len=attention.length, requests_per_gpu=tokens_per_gpu,
-                          output_tokens_per_s_per_gpu=per_gpu, output_tokens_per_s_per_node=per_gpu * per_node,
-                          tpot_ms=forward_ms, output_tokens_per_s_per_request=1e3 / forward_ms if forward_ms else 0.0,
-                          **common)
+    out = per_gpu / attention.queries * output_per_step
+    speculative: dict[str, Any] = {}
+    if attention.queries > 1:
+        speculative = dict(draft_tokens=attention.queries - 1, output_tokens_per_step=output_per_step)
+    return ServingMetrics(phase="decode", kv_len=attention.length, requests_per_gpu=tokens_per_gpu / attention.queries,
+                          output_tokens_per_s_per_gpu=out, output_tokens_per_s_per_node=out * per_node,
+                          tpot_ms=forward_ms / output_per_step,
+                          output_tokens_per_s_per_request=1e3 * output_per_step / forward_ms if forward_ms else 0.0,
+                          **speculative, **common)
 
 
 def headline(s: ServingMetrics) -> str:
@@ -101,7 +113,10 @@ def headline(s: ServingMetrics) -> str:
                 f"{s.input_tokens_per_s_per_gpu:,.0f} input tok/s per GPU, {s.input_tokens_per_s_per_node:,.0f} per "
                 f"node; {s.forward_ms:.2f} ms per forward")
     if s.phase == "decode":
-        return (f"decode, {s.requests_per_gpu:,.0f} requests/GPU, KV {s.kv_len}: {s.output_tokens_per_s_per_gpu:,.0f} "
+        mtp = "" if s.draft_tokens is None else (f" + {s.draft_tokens} draft token(s) each, "
+                                                  f"{s.output_tokens_per_step:.2f} output tokens per step")
+        return (f"decode, {s.requests_per_gpu:,.0f} requests/GPU{mtp}, KV {s.kv_len}: "
+                f"{s.output_tokens_per_s_per_gpu:,.0f} "
                 f"output tok/s per GPU, {s.output_tokens_per_s_per_node:,.0f} per node; TPOT {s.tpot_ms:.2f} ms "
                 f"({s.output_tokens_per_s_per_request:.1f} tok/s per request)")
     return (f"{s.tokens_per_gpu:,.0f} tokens/GPU per forward: {s.tokens_per_s_per_gpu:,.0f} tok/s per GPU, "

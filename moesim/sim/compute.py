@@ -39,7 +39,8 @@ context, ``k0`` = ``attention_fixed_keys``, ``b`` = dtype bytes:
 - decode core (weight-absorbed, as FlashMLA): every query head attends over the one latent KV cache of
   ``r + p`` = 576 elements per token shared by all heads: FLOPs ``H (2 (r + p) + 2 r) (c + k0)`` (2 x 576 + 2 x
   512 per head per context token); bytes ``H (2 r + p) b`` (the absorbed query and the latent output of every
-  head) plus the cache ``(r + p) b c``, read once per sequence; at FlashMLA's published rates, 580 TFLOP/s
+  head) plus the cache ``(r + p) b c``, read once per sequence (shared by its ``queries`` tokens in speculative
+  decoding); at FlashMLA's published rates, 580 TFLOP/s
   and 3000 GB/s on an H800 (``GPUSpec.mla_decode_efficiency`` and ``mla_decode_hbm_efficiency``, the same shares
   of peak assumed on other GPUs), not the FlashAttention-2 fit of the other attention cores.
 
@@ -96,23 +97,29 @@ def expert_time(tokens: np.ndarray, model: ModelSpec, gpu: GPUSpec, *, tp: int =
 @dataclass(frozen=True)
 class Attention:
     """How much context each token attends to. ``prefill``: the batch is prompts of ``length`` tokens and
-    each token attends causally to the ones before it; ``decode``: each token is the next token of a
-    sequence with ``length`` tokens already in its KV cache."""
+    each token attends causally to the ones before it; ``decode``: each token is one of the ``queries`` next
+    tokens of a sequence with ``length`` tokens already in its KV cache (more than one in speculative decoding:
+    the sequence's token and its draft tokens, verified in one forward, each attending causally to the ones before
+    it; the kernel reads the sequence's cache once for all of them)."""
 
     phase: Literal["prefill", "decode"]
     length: int
     kernel: str = "fa2"  # the prefill core's kernel family: fa2 or one of GPUSpec.attention_kernels
+    queries: int = 1  # decode: query tokens per sequence per forward (1 + draft tokens)
 
     def __post_init__(self) -> None:
         if self.phase not in ("prefill", "decode"):
             raise ValueError(f"attention phase must be prefill or decode, got {self.phase!r}")
         if self.length < 1:
             raise ValueError(f"attention length must be positive, got {self.length}")
+        if self.queries < 1 or (self.queries > 1 and self.phase != "decode"):
+            raise ValueError(f"queries per sequence must be 1, or more in decode, got {self.queries}")
 
     def mean_context(self, window: int | None = None) -> float:
         """Keys each token attends to, averaged over the batch's tokens (itself included)."""
-        if self.phase == "decode":
-            return float(min(self.length + 1, window or self.length + 1))
+        if self.phase == "decode":  # query i of q sees the cache and queries 0..i
+            mean = self.length + (self.queries + 1) / 2
+            return float(min(mean, window or mean))
         S = self.length
         W = min(window or S, S)
         return (W * (W + 1) / 2 + (S - W) * W) / S  # position i sees min(i, W) keys
@@ -192,8 +199,8 @@ def _core_time(tokens: np.ndarray, model: ModelSpec, gpu: GPUSpec, attention: At
     flops = tokens * 4.0 * q_width * (ctx + keys)
     if attention.phase == "prefill":  # Q in, O out, K and V once
         nbytes = tokens * (2 * q_width + 2 * kv_width) * b
-    else:  # every token reads its sequence's whole KV cache
-        nbytes = tokens * (2 * q_width * b + 2 * kv_width * b * ctx)
+    else:  # every sequence's queries read its whole KV cache once
+        nbytes = tokens * (2 * q_width * b + 2 * kv_width * b * ctx / attention.queries)
     busy = np.maximum(flops / rate, nbytes / gpu.attention_hbm_bytes_per_s)
     return (busy + overhead_us * 1e-6) * (tokens > 0)
 
@@ -260,7 +267,7 @@ def mla_core_work(tokens: np.ndarray, model: ModelSpec, attention: Attention, ct
         width = model.qk_nope_head_dim + p + v
         return tokens * 2.0 * H * width * (ctx + fixed_keys), tokens * 2.0 * H * width * b
     flops = tokens * H * (2.0 * (r + p) + 2.0 * r) * (ctx + fixed_keys)
-    return flops, tokens * (H * (2.0 * r + p) * b + (r + p) * b * ctx)
+    return flops, tokens * (H * (2.0 * r + p) * b + (r + p) * b * ctx / attention.queries)
 
 
 def swiglu_time(tokens: np.ndarray, d_model: int, d_ff: int, gpu: GPUSpec, dtype_bytes: float, *,

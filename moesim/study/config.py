@@ -14,7 +14,7 @@ from pathlib import Path
 from collections.abc import Sequence
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from moesim.errors import InputError
 from moesim.fileio import safe_name
@@ -25,12 +25,11 @@ from moesim.placement.registry import check_option, policy_names, policy_options
 from moesim.sim.compute import Attention
 from moesim.sim.engine import EngineOptions
 from moesim.study.fitted_config import FORM_TAGS, FittedField, resolve_fitted
+from moesim.study.rebalance_config import MAX_COUNT, RebalanceConfig, check_rebalance_batches
+from moesim.study.speculative import Speculative, with_mtp
 from moesim.study.train_config import TrainingConfig
 from moesim.traces.model import ModelSpec
 from moesim.traces.model_presets import model_with_overrides
-
-
-MAX_COUNT = 2**31 - 1  # tokens per GPU, batches, lengths: counts that numpy keeps in int32 arrays downstream
 
 
 class _Strict(NoBoolNumbers):
@@ -110,6 +109,8 @@ class Workload(_Strict):
     kv_len: int | None = Field(default=None, ge=1, le=MAX_COUNT, description="decode: every token is the next "
                                "token of a sequence with this many tokens cached (charges KV-cache reads; needs "
                                "model.num_heads)")
+    speculative: Speculative | None = Field(default=None, description="decode: draft tokens from the model's MTP "
+                                            "module, verified every step (moesim.study.speculative)")
 
     @model_validator(mode="after")
     def _one(self) -> "Workload":
@@ -125,7 +126,7 @@ class Workload(_Strict):
         if self.seq_len is not None:
             return Attention("prefill", self.seq_len)
         if self.kv_len is not None:
-            return Attention("decode", self.kv_len)
+            return Attention("decode", self.kv_len, queries=self.speculative.queries if self.speculative else 1)
         return None
 
 
@@ -202,27 +203,6 @@ class EngineConfig(_Strict):
                              dense_dtype=self.dense_dtype)
 
 
-class RebalanceConfig(_Strict):
-    """Re-plan one placement every few batches from a window of recent load (moesim.study.rebalance)."""
-
-    policy: str = Field(description="name of the scenario placement (made by a policy) to re-plan")
-    every_batches: int = Field(ge=1, le=MAX_COUNT, description="re-plan before every N-th batch")
-    window_batches: int = Field(ge=1, le=MAX_COUNT, description="plan on the loads of the last N batches")
-    incremental: bool = Field(default=True, description="relabel the new plan's GPUs to keep most experts in place")
-    migration: Literal["stall", "overlap"] = Field(
-        default="stall", description="stall: serving waits for the weight transfers; overlap: batches run on the "
-                                     "old plan, slowed by overlap_slowdown, until the transfers finish")
-    overlap_slowdown: float = Field(default=0.1, description="fractional slowdown of batches during an overlapped "
-                                    "migration (0.1: 10% slower), 0 to 1; only with migration: overlap")
-
-    @field_validator("overlap_slowdown")
-    @classmethod
-    def _fraction(cls, value: float) -> float:
-        if not 0 <= value <= 1:
-            raise ValueError("a fraction of batch time from 0 to 1 (0.1 = 10% slower)")
-        return value
-
-
 class Scenario(_Strict):
     name: str
     source: str  # the file it came from
@@ -240,7 +220,13 @@ class Scenario(_Strict):
     def attention(self) -> Attention | None:
         """The attention core's context and kernel family, or None (projections only)."""
         a = self.workload.attention
-        return None if a is None else Attention(a.phase, a.length, self.engine.attention_kernel)
+        return None if a is None else Attention(a.phase, a.length, self.engine.attention_kernel, a.queries)
+
+    @property
+    def output_per_step(self) -> float:
+        """Output tokens per request per forward in decode (more than one with speculative decoding)."""
+        spec = self.workload.speculative
+        return 1.0 if spec is None else spec.output_tokens_per_step
 
     @property
     def sustained(self) -> bool:
@@ -404,20 +390,6 @@ def _rebalance(raw: Any, placements: tuple[PlacementEntry, ...], workload: Workl
     return cfg
 
 
-def check_rebalance_batches(every: int, window: int, batches: int, source: str, *,
-                            every_field: str = "rebalance.every_batches",
-                            window_field: str = "rebalance.window_batches") -> None:
-    """Raise InputError unless a run of ``batches`` batches has room for a rebalance every ``every`` batches
-    and a window of ``window`` past batches (no rebalance can look back more than ``batches - 1``)."""
-    if every >= batches:
-        raise InputError(f"rebalancing every {every} batches needs more than {every} batches; the workload has "
-                         f"{batches}", source=source, field=every_field)
-    if window >= batches:
-        raise InputError(f"a window of {window} batches is longer than the run: the workload has {batches} "
-                         f"batches, so no rebalance can look back more than {batches - 1}", source=source,
-                         field=window_field)
-
-
 def _check_top_level(data: Any, source: str) -> None:
     """A mapping of the known top-level keys, with the required ones."""
     if not isinstance(data, dict):
@@ -566,6 +538,7 @@ def parse_scenario(data: Any, source: str, base_dir: Path | None = None) -> Scen
     clusters = _parse_clusters(data["clusters"], source, base_dir)
     model = _parse_model(data["model"], source)
     workload = _parse_workload(data["workload"], model, source, base_dir)
+    model = with_mtp(model, workload, source)  # speculative decoding: the MTP module as one more MoE layer
     training = _training(data, workload, source)
     placements = _parse_placements(data["placements"] if training is None else training.scenario_placements(),
                                    source, base_dir)

@@ -68,7 +68,8 @@ def _simulate_cluster(plan: StudyPlan, cp: ClusterPlan, show: bool,
                   leave=False) as bar:
             records = sim.run(work.trace, work.layout, placement, name=entry.name, progress=bar.update)
         metrics = replace(summarize(records),
-                          serving=serving_metrics(records, batch_tokens, scenario.attention))
+                          serving=serving_metrics(records, batch_tokens, scenario.attention,
+                                                  output_per_step=scenario.output_per_step))
         run = Run(cluster=cp.cluster, name=entry.name, placement=placement, records=records,
                   metrics=metrics, predicted_ms=_predicted_ms(cp, placement, scenario.model.num_layers))
         runs.append(run)

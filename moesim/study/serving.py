@@ -2,7 +2,8 @@
 
 Each point is the scenario run as it is (:func:`moesim.study.run_study`: the same engine, placements planned on
 that point's own profile) with the synthetic workload's ``tokens_per_gpu`` set to the point's batch: tokens per
-GPU per forward in prefill, requests per GPU in decode (one token each). A point's row holds its
+GPU per forward in prefill, requests per GPU in decode (one token each; ``1 + draft_tokens`` with speculative
+decoding). A point's row holds its
 :class:`moesim.metrics.serving.ServingMetrics` per cluster and placement. Every point is checked
 (:func:`moesim.study.prepare` without building) before the first is simulated. Deliberately ignored: trace
 workloads (their batches are the trace's), and what the serving figures ignore (queueing, arrival).
@@ -39,12 +40,13 @@ def parse_batches(text: str, flag: str = "--batch") -> list[int]:
 
 def at_batch(scenario: Scenario, batch: int) -> Scenario:
     """The scenario with ``batch`` tokens per GPU per forward (requests per GPU in decode)."""
-    syn = scenario.workload.synthetic
+    syn, spec = scenario.workload.synthetic, scenario.workload.speculative
     if syn is None:
         raise InputError("a serving sweep sets the synthetic workload's tokens_per_gpu; a trace workload's batches "
                          "are the trace's (generate a synthetic or fitted workload)", source=scenario.source,
                          field="workload.trace")
-    work = scenario.workload.model_copy(update={"synthetic": syn.model_copy(update={"tokens_per_gpu": batch})})
+    tokens = batch * (spec.queries if spec is not None else 1)
+    work = scenario.workload.model_copy(update={"synthetic": syn.model_copy(update={"tokens_per_gpu": tokens})})
     return scenario.model_copy(update={"workload": work})
 
 

@@ -22,8 +22,10 @@ without ``q_lora_rank``), kv_a ``d x (kv_lora + rope)``, kv_b ``kv_lora x H (nop
 
 Routing: ``expert_groups`` and ``topk_groups`` are group-limited routing (DeepSeek-V3's ``n_group`` and
 ``topk_group``): synthetic workloads route that way unless the workload gives its own ``groups``.
-``mtp_layers`` (DeepSeek's ``num_nextn_predict_layers``) is recorded, not simulated; ``vocab_size`` only counts
-parameters (:meth:`ModelSpec.param_counts`). Named architectures: :mod:`moesim.traces.model_presets`.
+``mtp_layers`` (DeepSeek's ``num_nextn_predict_layers``) drafts tokens in speculative decoding
+(``workload.speculative``, :mod:`moesim.study.speculative`: one more MoE layer), else it is idle;
+``vocab_size`` only counts parameters (:meth:`ModelSpec.param_counts`). Named architectures:
+:mod:`moesim.traces.model_presets`.
 Deliberately ignored: norms, biases, rotary embeddings, QK norms, attention sinks and Llama-4's chunked
 attention (full attention is exact up to its 8192-token chunks).
 """
@@ -102,7 +104,7 @@ class ModelSpec(NoBoolNumbers):
     expert_groups: int = _count(1, "expert groups of group-limited routing (DeepSeek-V3 n_group: 8)", MAX_EXPERTS)
     topk_groups: int | None = Field(default=None, ge=1, le=MAX_EXPERTS,
                                     description="groups each token may use (DeepSeek-V3 topk_group: 4)")
-    mtp_layers: int = _count(0, "multi-token-prediction layers (recorded, not simulated)")
+    mtp_layers: int = _count(0, "multi-token-prediction layers (drafts in workload.speculative)")
     vocab_size: int | None = _dim("vocabulary size (parameter counts only)")
 
     @model_validator(mode="after")

@@ -61,12 +61,12 @@ _DEEPSEEK_V3_CHECK = ("values read from verbatim copies of the published config.
 PRESETS: dict[str, ModelPreset] = {
     "deepseek-v3": ModelPreset(
         _DEEPSEEK_V3, f"huggingface.co/deepseek-ai/DeepSeek-V3 config.json; {_DEEPSEEK_V3_CHECK}",
-        ("the MTP layer (num_nextn_predict_layers 1) is recorded, not simulated",)),
+        ("the MTP layer (num_nextn_predict_layers 1) runs only with workload.speculative",)),
     # DeepSeek-R1 (deepseek-ai/DeepSeek-R1): the same DeepseekV3ForCausalLM config, every field above equal.
     "deepseek-r1": ModelPreset(
         {**_DEEPSEEK_V3, "name": "deepseek-r1"},
         f"huggingface.co/deepseek-ai/DeepSeek-R1 config.json (the DeepSeek-V3 architecture); {_DEEPSEEK_V3_CHECK}",
-        ("the MTP layer (num_nextn_predict_layers 1) is recorded, not simulated",)),
+        ("the MTP layer (num_nextn_predict_layers 1) runs only with workload.speculative",)),
     # Kimi-K2 (moonshotai/Kimi-K2-Instruct, config.json, model_type kimi_k2: the DeepSeek-V3 architecture).
     # Published: 1.04T total, 32B activated.
     "kimi-k2": ModelPreset({
