@@ -10,6 +10,7 @@ are ratios of two simulated throughputs beside the published ratio.
     python benchmarks/deployments.py            # every point and Day 6 disaggregated, about 30 minutes on 2 cores
     python benchmarks/deployments.py --quick    # DeepSeek's two profiled points only
     python benchmarks/deployments.py --r1-skew  # the SGLang 4K prefill point and EPLB's gain with R1's skew, 1 minute
+    python benchmarks/deployments.py --mtp      # DeepSeek's profiled and Day-6 decode read as MTP runs, 2 minutes
 
 The SGLang and Day-6 scenarios route as DeepSeek-V2-Lite really does (the shipped fit carried over to V3's shape,
 ``fitted: {params: deepseek-v2-lite, expand_experts: 4}``), the profile-data ones balanced, as those runs were;
@@ -135,6 +136,27 @@ def profile_mtp() -> None:
           flush=True)
 
 
+# Day 6's decode read as a run with multi-token prediction (deepseek_decode_day6_mtp.yaml says why): its two published
+# figures, output tokens/s per node and per user (20-22)
+DAY6_MTP = ("deepseek_decode_day6_mtp", 14_800, (20.0, 22.0))
+
+
+def day6_mtp() -> None:
+    """Day 6's decode on the MTP reading: tokens/s per node and per request beside both published figures."""
+    scenario, node, per_user = DAY6_MTP
+    runs = throughput(scenario, {})
+    sim, forward = runs["eplb"], _FORWARD_MS[(scenario, ())]["eplb"]
+    sc = _load(scenario)
+    per_request = 1e3 * sc.output_per_step / forward
+    mid = sum(per_user) / 2
+    title = "Day 6 decode read as an MTP run (88 req/GPU, 87.5% accepted)"
+    print(f"\n{title:60s} {'moesim':>9s} {'published':>10s} {'error':>7s}")
+    print(f"{'  output tokens/s per node':60s} {sim:9,.0f} {node:10,.0f} {sim / node - 1:+7.1%}  "
+          "open-infra-index Day 6")
+    print(f"{'  output tokens/s per request':60s} {per_request:9.1f} {'20-22':>10s} {per_request / mid - 1:+7.1%}  "
+          "open-infra-index Day 6", flush=True)
+
+
 # TensorRT-LLM's DeepSeek-R1 EP32 imbalance, (max - mean) / mean of tokens per rank averaged over layers and
 # iterations (examples/wide_ep/ep_load_balancer/README.md; benchmarks/bench_plan.py)
 TRTLLM_EP32 = {"contiguous": 1.564272, "eplb": 0.115378}
@@ -238,9 +260,15 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="DeepSeek's two profiled points only")
     ap.add_argument("--r1-skew", action="store_true", help="only the SGLang prefill point and EPLB gain with R1's "
                     "skew (fit_r1_skew.py)")
+    ap.add_argument("--mtp", action="store_true", help="only the two decode points read as MTP runs (DeepSeek's "
+                    "profile, Day 6)")
     a = ap.parse_args()
     if a.r1_skew:
         r1_skew()
+        return
+    if a.mtp:
+        profile_mtp()
+        day6_mtp()
         return
     print(f"{'point':60s} {'moesim':>9s} {'published':>10s} {'error':>7s}  source")
     errors = []
@@ -264,6 +292,7 @@ def main() -> None:
         for line in NOT_REPRODUCED:
             print(line)
         profile_mtp()
+        day6_mtp()
         routing_imbalance()
         r1_skew()
         node_ratio()

@@ -122,3 +122,12 @@ def test_a_model_without_mtp_is_refused_by_the_cli(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "workload.speculative" in err[0] and "mtp_layers 0" in err[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_serving_sweep_batches_are_requests():
+    from moesim.study.serving import serving_sweep
+
+    rows = serving_sweep(scenario(), [8, 16])
+    assert [r["batch"] for r in rows] == [8, 16]
+    assert [r["tokens_per_gpu"] for r in rows] == [16, 32]  # requests x (1 + 1 draft)
+    assert rows[0]["tpot_ms"] == pytest.approx(rows[0]["forward_ms"] / 1.75)
