@@ -247,7 +247,8 @@ def throughput(scenario: str, change: dict[str, Any]) -> dict[str, float]:
         for run in result.runs:  # input tokens/s per node in prefill, output tokens/s per node in decode
             serving = run.metrics.serving
             assert serving is not None and serving.phase in ("prefill", "decode")
-            out[run.name] = serving.tokens_per_s_per_node
+            out[run.name] = (serving.output_tokens_per_s_per_node if serving.phase == "decode"  # type: ignore[assignment]
+                             else serving.input_tokens_per_s_per_node)
         _IMBALANCE[key] = {run.name: run.metrics.compute_skew["imbalance"] for run in result.runs}
         _FORWARD_MS[key] = {run.name: run.metrics.serving.forward_ms for run in result.runs}  # type: ignore[union-attr]
         print(f"  ({scenario} {dict(key[1])}: {time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
