@@ -78,7 +78,8 @@ def test_serving_figures_count_requests_and_accepted_tokens():
     assert s.output_tokens_per_s_per_node == pytest.approx(8 * 128 * 1.6 / 0.080)
     assert s.tpot_ms == pytest.approx(80 / 1.6) and s.output_tokens_per_s_per_request == pytest.approx(1.6 / 0.080)
     assert s.tokens_per_s_per_gpu == pytest.approx(256 / 0.080)  # every verified token, drafts included
-    assert "128 requests/GPU + 1 draft token(s) each, 1.60 output tokens per step" in headline(s)
+    assert "128 requests/GPU + 1 draft token(s) each (the MTP module: one more MoE layer), 1.60 output tokens per " \
+        "step" in headline(s)
     plain = serving_metrics(rec, np.array([8 * 256]), Attention("decode", 4000))
     assert plain.draft_tokens is None and "draft" not in headline(plain)
 

@@ -113,8 +113,9 @@ def headline(s: ServingMetrics) -> str:
                 f"{s.input_tokens_per_s_per_gpu:,.0f} input tok/s per GPU, {s.input_tokens_per_s_per_node:,.0f} per "
                 f"node; {s.forward_ms:.2f} ms per forward")
     if s.phase == "decode":
-        mtp = "" if s.draft_tokens is None else (f" + {s.draft_tokens} draft token(s) each, "
-                                                  f"{s.output_tokens_per_step:.2f} output tokens per step")
+        mtp = "" if s.draft_tokens is None else (f" + {s.draft_tokens} draft token(s) each (the MTP module: one "
+                                                  f"more MoE layer), {s.output_tokens_per_step:.2f} output tokens per "
+                                                  "step")
         return (f"decode, {s.requests_per_gpu:,.0f} requests/GPU{mtp}, KV {s.kv_len}: "
                 f"{s.output_tokens_per_s_per_gpu:,.0f} "
                 f"output tok/s per GPU, {s.output_tokens_per_s_per_node:,.0f} per node; TPOT {s.tpot_ms:.2f} ms "
