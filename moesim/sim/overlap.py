@@ -20,8 +20,8 @@ With receive hooks a kernel's send and receive phases still hold the whole GPU: 
 (DeepEP low-latency: 15 us each) runs on the compute stream right after the GPU joins the all-to-all (the send,
 within the call's fixed cost) and again once its data landed, before the experts or the reduction (the receive,
 taken out of the fixed cost: :func:`moesim.sim.network.kernel_cost`); a call alone costs what it costs without
-hooks. In the step breakdown the send phases fall in ``wait``/``combine`` time and the receives in
-``stream_wait`` and ``reduce``.
+hooks. In the step breakdown the send phases fall in the all-to-alls' ``wait``, ``dispatch`` and ``combine`` time
+(they follow the GPU's join), the receives in ``stream_wait`` (the dispatch's) and ``reduce`` (the combine's).
 
 Records: each micro-batch's own arrays are ``SimRecords.micro``; ``SimRecords.gpu`` merges them - counts summed,
 ``t_layer_start`` the earlier and ``t_layer_end`` the later of the two, every other time micro-batch 0's - so
