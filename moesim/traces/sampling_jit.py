@@ -335,7 +335,8 @@ def grouped(st: np.ndarray, sets: np.ndarray, set_bits: tuple[int, int], members
 
 def draw_picks(st: np.ndarray, experts: PackedAlias, segs: np.ndarray, widths: np.ndarray, k: int,
                dtype: np.dtype) -> np.ndarray | None:
-    """[k, n] picks of ``dtype`` by :func:`successive` on ``experts``, or None when a token found no new one."""
+    """[k, n] picks of ``dtype`` (a view of [n, k]) by :func:`successive` on ``experts``, or None when a token found
+    no new one."""
     picks = np.empty((segs.shape[0], k), dtype=dtype)
     ok = successive(st, experts.words, experts.thr_bits, experts.label_bits, segs, widths, picks)
-    return np.ascontiguousarray(picks.T) if ok else None
+    return picks.T if ok else None

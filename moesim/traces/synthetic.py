@@ -293,7 +293,8 @@ def _layer_picks(tab: _LayerTables, home: np.ndarray, prev_top1: np.ndarray, k: 
     affinity x successors`` (restricted to the token's groups under group-limited routing).
 
     ``compiled``: sample with numba (:mod:`moesim.traces.sampling_jit`, the extra ``fast``; the same picks byte
-    for byte), with numpy (False), or compiled where numba is installed (None, unless ``MOESIM_SAMPLER_JIT=0``).
+    for byte, as a view of a token-major array), with numpy (False), or compiled where numba is installed (None,
+    unless ``MOESIM_SAMPLER_JIT=0``).
     """
     if sampling_jit.enabled(compiled):
         got = _compiled_picks(tab, home, prev_top1, k, rng)
@@ -343,7 +344,7 @@ def _compiled_picks(tab: _LayerTables, home: np.ndarray, prev_top1: np.ndarray, 
         if status:
             raise ValueError("could not draw top_k distinct experts: raise affinity_fanout or lower affinity")
         sampling_jit.store_pcg64_state(rng.bit_generator, st)
-        return np.ascontiguousarray(picks.T)
+        return picks.T
     if tab.affinity <= 0:  # one segment: the home's popularity
         segs = np.stack([np.zeros(n, np.int64), home * E], axis=1).astype(np.uint32)
         widths = np.array([E], dtype=np.uint64)
