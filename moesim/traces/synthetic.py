@@ -18,6 +18,9 @@ when popularity is flat.) Gate weights are the picks' popularity at the token's 
 
 Deliberately simple: no drift over batches, one state (the top-1 expert) carried
 between layers. The trace-fitting issue extends this.
+
+With numba (the extra ``fast``), a chunk's picks are sampled compiled (:mod:`moesim.traces.sampling_jit`): the
+same random words in the same order, the same trace byte for byte.
 """
 
 from __future__ import annotations
