@@ -95,18 +95,9 @@ def store_pcg64_state(bit_generator: np.random.BitGenerator, st: np.ndarray) -> 
     bit_generator.state = {**bit_generator.state, "state": {"state": (hi << 64) | lo, "inc": (inc_hi << 64) | inc_lo}}
 
 
-def _mulhi_arith(a: np.uint64, b: np.uint64) -> np.uint64:
-    """The high 64 bits of the 128-bit product of ``a`` and ``b``, on 32-bit halves."""
-    m32, s32 = np.uint64(0xFFFFFFFF), np.uint64(32)
-    a0, a1, b0, b1 = a & m32, a >> s32, b & m32, b >> s32
-    p00, p01, p10 = a0 * b0, a0 * b1, a1 * b0
-    mid = (p00 >> s32) + (p01 & m32) + (p10 & m32)
-    return a1 * b1 + (p01 >> s32) + (p10 >> s32) + (mid >> s32)
-
-
 def _mulhi_llvm() -> Any:
-    """:func:`_mulhi_arith` as one 128-bit multiply in LLVM (the machine's 64 x 64 -> 128 instruction, as numpy's
-    C code multiplies), or None without numba."""
+    """``mulhi(a, b)``: the high 64 bits of the 128-bit product of two uint64, one 128-bit multiply in LLVM (the
+    machine's 64 x 64 -> 128 instruction, as numpy's C code multiplies); None without numba."""
     if _njit is None:
         return None
     from llvmlite import ir
@@ -125,7 +116,7 @@ def _mulhi_llvm() -> Any:
     return mulhi
 
 
-_mulhi = _mulhi_llvm() or _mulhi_arith
+_mulhi = _mulhi_llvm()
 
 
 @_compiled
