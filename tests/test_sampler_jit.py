@@ -82,7 +82,9 @@ GROUPED = SyntheticParams(zipf_alpha=0.6, gpu_mix_sigma=0.4, affinity=0.4, affin
 @needs_numba
 @pytest.mark.parametrize("seed", [0, 3, 17])
 @pytest.mark.parametrize("params,affinity", [(MIXTURE, 0.0), (MIXTURE, 0.4), (GROUPED, 0.0), (GROUPED, 0.4),
-                                             (SyntheticParams(affinity=1.0, affinity_fanout=10), 1.0)])
+                                             (SyntheticParams(affinity=1.0, affinity_fanout=10), 1.0),
+                                             (SyntheticParams(affinity=1.0, affinity_fanout=256, groups=8,
+                                                              topk_groups=4), 1.0)])
 def test_chunk_picks_are_byte_identical(seed, params, affinity):
     """One chunk (DeepSeek-V3's shape: 256 experts, top-8; 8 groups, top-4 groups): the same picks and the same
     stream position after them."""

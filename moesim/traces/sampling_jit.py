@@ -284,34 +284,52 @@ def successive(st: np.ndarray, table: np.ndarray, thr_bits: int, label_bits: int
 
 
 @_compiled
+def _group_ends(members: np.ndarray, s: int, pop_mass: np.ndarray, succ_mass: np.ndarray, shares: tuple[float, float],
+                ends: np.ndarray) -> None:
+    """The ends of a token's 2 k_g segments in set ``s`` of groups, into ``ends``, as the numpy path adds them
+    (:func:`moesim.traces.synthetic._segments`'s per-set tables, one row of each): the popularity's cumulative
+    mass ``P_j`` (``shares[0] x pop_mass[g]`` over the set's groups g, summed in order as ``np.cumsum``) and the
+    successors' ``S_j`` (``shares[1] x succ_mass[g]``); end 2j is ``P_j + S_(j-1)`` (0 for j = 0), end 2j + 1 is
+    ``P_j + S_j``."""
+    pc, sc = 0.0, 0.0
+    for j in range(members.shape[1]):
+        g = members[s, j]
+        y, x = shares[0] * pop_mass[g], shares[1] * succ_mass[g]
+        before = sc
+        pc, sc = (y, x) if j == 0 else (pc + y, sc + x)
+        ends[2 * j] = pc + before
+        ends[2 * j + 1] = pc + sc
+
+
+@_compiled
 def grouped(st: np.ndarray, sets: np.ndarray, set_bits: tuple[int, int], members: np.ndarray, home: np.ndarray,
-            prev_top1: np.ndarray, pop_ends: np.ndarray, succ_ends: np.ndarray, shape: tuple[int, int, int],
-            table: np.ndarray, thr_bits: int, label_bits: int, picks: np.ndarray) -> int:
+            prev_top1: np.ndarray, group_mass: np.ndarray, succ_mass: np.ndarray, shares: tuple[float, float],
+            shape: tuple[int, int, int], table: np.ndarray, thr_bits: int, label_bits: int, picks: np.ndarray) -> int:
     """Group-limited routing with precomputed sets of groups, as :func:`moesim.traces.synthetic._grouped_draw`
     then :func:`successive`: each token's set (one word from its home's row of the alias words ``sets``, of
     (thresholds, labels) ``set_bits``; the set's groups ``members`` [sets, k_g]), its 2 k_g segments - cuts from
-    the per (home, set) and (expert, set) parts of the ends ``pop_ends`` and ``succ_ends``; group g's popularity
-    row from word ``(home x groups + g) x size``, its successors' from ``G x E + (expert x groups + g) x size``
-    for ``shape`` (G x E, groups, size) - then the picks into ``picks`` [n, k] from ``table``. A token's set word
-    is word t, its first candidates words ``n + i x n + t`` (streams jumped ahead: one pass over the tokens).
-    0 when done, 1 when a token's segments have no mass, 2 when a token found no new candidate."""
+    the groups' popularity mass at its home ``group_mass`` [G, groups] and successor mass of its previous top-1
+    ``succ_mass`` [E, groups], weighed by ``shares`` (1 - affinity, affinity); group g's popularity row from word
+    ``(home x groups + g) x size``, its successors' from ``G x E + (expert x groups + g) x size`` for ``shape``
+    (G x E, groups, size) - then the picks into ``picks`` [n, k] from ``table``. A token's set word is word t, its
+    first candidates words ``n + i x n + t`` (streams jumped ahead: one pass over the tokens). 0 when done, 1 when
+    a token's segments have no mass, 2 when a token found no new candidate."""
     n, k = picks.shape
-    num_sets, num = members.shape[0], pop_ends.shape[1]
-    gtb, glb, width = np.uint64(set_bits[0]), np.uint64(set_bits[1]), np.uint64(members.shape[0])
+    num_sets, num = members.shape[0], 2 * members.shape[1]
+    gtb, glb, width = np.uint64(set_bits[0]), np.uint64(set_bits[1]), np.uint64(num_sets)
     tb, lb, widths = np.uint64(thr_bits), np.uint64(label_bits), np.full(num, np.uint64(shape[2]))
-    segs = np.empty((n, 2 * num), dtype=np.uint32)
+    segs, ends = np.empty((n, 2 * num), dtype=np.uint32), np.empty(num)
     sh, sl = _streams(st, n, n, k)
     hi, lo = st[0], st[1]
     for t in range(n):
         hi, lo, w = _pcg64(hi, lo, st[2], st[3])
         s = _label(sets, home[t] * num_sets, width, w, gtb, glb)
-        hs, ps = home[t] * num_sets + s, prev_top1[t] * num_sets + s
-        total = pop_ends[hs, num - 1] + succ_ends[ps, num - 1]
-        if not total > 0.0:
+        _group_ends(members, s, group_mass[home[t]], succ_mass[prev_top1[t]], shares, ends)
+        if not ends[num - 1] > 0.0:
             return 1
-        scale = 2.0**32 / total
+        scale = 2.0**32 / ends[num - 1]
         for j in range(num - 1):
-            segs[t, j] = np.uint32(min((pop_ends[hs, j] + succ_ends[ps, j]) * scale, 2.0**32 - 1))
+            segs[t, j] = np.uint32(min(ends[j] * scale, 2.0**32 - 1))
         segs[t, num - 1] = 0
         for j in range(num // 2):
             g = members[s, j]

@@ -338,12 +338,12 @@ def _compiled_picks(tab: _LayerTables, home: np.ndarray, prev_top1: np.ndarray, 
         return None
     E, G, n = tab.num_experts, tab.num_gpus, home.size
     if tab.groups is not None:  # segments: group j's popularity, then its successors, of the token's set
-        assert tab.set_pop_ends is not None and tab.set_succ_ends is not None
+        assert tab.group_mass is not None and tab.succ_mass is not None
         picks = np.empty((n, k), dtype=trace_dtype(E))
         status = sampling_jit.grouped(st, tab.groups.words, (tab.groups.thr_bits, tab.groups.label_bits),
-                                      tab.group_sets, home, prev_top1, tab.set_pop_ends, tab.set_succ_ends,
-                                      (G * E, tab.num_groups, E // tab.num_groups), tab.experts.words,
-                                      tab.experts.thr_bits, tab.experts.label_bits, picks)
+                                      tab.group_sets, home, prev_top1, tab.group_mass, tab.succ_mass,
+                                      (1 - tab.affinity, tab.affinity), (G * E, tab.num_groups, E // tab.num_groups),
+                                      tab.experts.words, tab.experts.thr_bits, tab.experts.label_bits, picks)
         if status:
             raise ValueError("could not draw top_k distinct experts: raise affinity_fanout or lower affinity")
         sampling_jit.store_pcg64_state(rng.bit_generator, st)
