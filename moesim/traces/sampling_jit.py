@@ -214,17 +214,59 @@ def _first_candidates(st: np.ndarray, table: np.ndarray, tb: np.uint64, lb: np.u
 
 
 @_compiled
-def _repeats(picks: np.ndarray, i: int, todo: np.ndarray) -> int:
-    """Puts in ``todo`` the tokens whose pick i repeats one of their picks 0..i-1, in order; returns how many."""
-    size = 0
+def _is_new(picks: np.ndarray, t: int, i: int, c: np.int64) -> bool:
+    """Whether ``c`` differs from token t's picks 0..i-1."""
+    rep = False
+    for j in range(i):
+        rep |= picks[t, j] == c
+    return not rep
+
+
+@_compiled
+def _first_round(hi: np.uint64, lo: np.uint64, inc_hi: np.uint64, inc_lo: np.uint64, table: np.ndarray,
+                 tb: np.uint64, lb: np.uint64, segs: np.ndarray, widths: np.ndarray, picks: np.ndarray, i: int,
+                 todo: np.ndarray) -> tuple[np.uint64, np.uint64, int, bool]:
+    """The tokens whose pick i repeats an earlier pick, found in token order and at once given their first
+    rejection round (one word each, in that order: numpy's round of one row over them); those still repeating go
+    to ``todo``. Returns the state, how many are left, and whether the round drew any word."""
+    left, drew = 0, False
     for t in range(picks.shape[0]):
-        c = picks[t, i]
-        rep = False
-        for j in range(i):
-            rep |= picks[t, j] == c
-        todo[size] = t
-        size += rep
-    return size
+        if _is_new(picks, t, i, picks[t, i]):
+            continue
+        drew = True
+        hi, lo, w = _pcg64(hi, lo, inc_hi, inc_lo)
+        c = _candidate(table, tb, lb, segs, widths, t, w)
+        if _is_new(picks, t, i, c):
+            picks[t, i] = c
+        else:
+            todo[left] = t
+            left += 1
+    return hi, lo, left, drew
+
+
+@_compiled
+def _round(hi: np.uint64, lo: np.uint64, inc_hi: np.uint64, inc_lo: np.uint64, table: np.ndarray, tb: np.uint64,
+           lb: np.uint64, segs: np.ndarray, widths: np.ndarray, picks: np.ndarray, i: int, todo: np.ndarray,
+           size: int, m: int, done: np.ndarray) -> tuple[np.uint64, np.uint64, int]:
+    """One rejection round of ``m`` rows over the ``size`` tokens of ``todo`` (row r: one word per token, in
+    order; each token takes its first new candidate); ``todo`` keeps those left. Returns the state and how many."""
+    done[:size] = False
+    for _r in range(m):
+        for q in range(size):
+            hi, lo, w = _pcg64(hi, lo, inc_hi, inc_lo)
+            if done[q]:
+                continue
+            t = todo[q]
+            c = _candidate(table, tb, lb, segs, widths, t, w)
+            new = _is_new(picks, t, i, c)
+            if new:
+                picks[t, i] = c
+            done[q] = new
+    left = 0
+    for q in range(size):
+        todo[left] = todo[q]
+        left += not done[q]
+    return hi, lo, left
 
 
 @_compiled
@@ -236,39 +278,16 @@ def _rejections(st: np.ndarray, table: np.ndarray, tb: np.uint64, lb: np.uint64,
     hi, lo, inc_hi, inc_lo = st[0], st[1], st[2], st[3]
     todo = np.empty(n, dtype=np.int64)
     done = np.empty(n, dtype=np.bool_)
-    ok = True
     for i in range(1, k):
-        size = _repeats(picks, i, todo)
-        m = 1
-        ok = False
-        for _ in range(MAX_REJECTION_ROUNDS):
-            if size == 0:
-                ok = True
-                break
-            done[:size] = False
-            for _r in range(m):  # row r of the round's words: one per token left, in token order
-                for q in range(size):
-                    hi, lo, w = _pcg64(hi, lo, inc_hi, inc_lo)
-                    if done[q]:
-                        continue
-                    t = todo[q]
-                    c = _candidate(table, tb, lb, segs, widths, t, w)
-                    rep = False
-                    for j in range(i):
-                        rep |= picks[t, j] == c
-                    if not rep:
-                        picks[t, i] = c
-                    done[q] = not rep
-            left = 0
-            for q in range(size):
-                todo[left] = todo[q]
-                left += not done[q]
-            size = left
-            m = min(2 * m, MAX_DRAWS_PER_ROUND)
-        if not ok:
-            break
+        hi, lo, size, drew = _first_round(hi, lo, inc_hi, inc_lo, table, tb, lb, segs, widths, picks, i, todo)
+        rounds, m = (1 if drew else 0), 2
+        while size > 0 and rounds < MAX_REJECTION_ROUNDS:
+            hi, lo, size = _round(hi, lo, inc_hi, inc_lo, table, tb, lb, segs, widths, picks, i, todo, size, m, done)
+            rounds, m = rounds + 1, min(2 * m, MAX_DRAWS_PER_ROUND)
+        if rounds == MAX_REJECTION_ROUNDS:  # numpy's loop ran out (even if its last round left none)
+            return False
     st[0], st[1] = hi, lo
-    return ok
+    return True
 
 
 @_compiled
