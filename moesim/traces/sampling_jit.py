@@ -11,9 +11,11 @@ Identity rests on three things, each tested against the numpy path (tests/test_s
   :data:`MAX_DRAWS_PER_ROUND`), each token taking its first new candidate (the words of tokens done earlier in
   the round are drawn and dropped, as numpy computes and drops them). The first candidates are drawn token by
   token from ``k`` copies of the stream jumped ahead to rows ``0, n, 2n, ...`` (PCG's jump-ahead, numpy's
-  ``advance``): the same words, each token's segments read once (with its set of groups, in the same pass);
+  ``advance``): the same words, each token's segments read once (with its set of groups, in the same pass). A
+  pick's first round (one word per repeating token, in token order) is drawn in the pass that finds them;
 - the arithmetic: integer operations of :meth:`PackedAlias.draw` on the same table words, and the group path's
-  segment cuts from the same float64 sums, products and truncations.
+  segment cuts from the same float64 products, sums (in ``np.cumsum``'s order, from the groups' masses rather
+  than the numpy path's per-set tables of them) and truncations.
 
 A token's draw is one segment out of ``S`` by its word's low 32 bits against the token's ``S - 1`` cuts (the
 count of cuts at or below them), then :meth:`PackedAlias.draw` from the segment's row (first word per token,
@@ -25,8 +27,8 @@ bytes for DeepSeek-V3's 8 segments; the alias tables hence hold at most 2^32 wor
 
 Why compiled: the numpy path spends ~750 ns per token and layer in numpy temporaries and per-call costs (a few
 tens of calls per round over a chunk's tokens); the work itself is ~11 random words and table reads per token
-(DeepSeek-V3's shape): ~150 ns compiled on warm caches, ~300 ns inside the generator (benchmarks/
-bench_prepare_output.txt), most of it waiting on reads of tables that outgrow the L2 cache.
+(DeepSeek-V3's shape), ~150-200 ns compiled (256 GPUs; benchmarks/bench_prepare_output.txt), much of it
+waiting on reads of tables that outgrow the L2 cache.
 Compiled without the GIL (``nogil``), chunks still sample in parallel threads. The first call in a fresh
 install compiles (seconds; cached on disk for later processes).
 
