@@ -12,7 +12,7 @@ Identity rests on three things, each tested against the numpy path (tests/test_s
   the round are drawn and dropped, as numpy computes and drops them). The first candidates are drawn token by
   token from ``k`` copies of the stream jumped ahead to rows ``0, n, 2n, ...`` (PCG's jump-ahead, numpy's
   ``advance``): the same words, each token's segments read once (with its set of groups, in the same pass). A
-  pick's first round (one word per repeating token, in token order) is drawn in the pass that finds them;
+  round draws its words, then every candidate, then picks each token's first new one: the same choice;
 - the arithmetic: integer operations of :meth:`PackedAlias.draw` on the same table words, and the group path's
   segment cuts from the same float64 products, sums (in ``np.cumsum``'s order, from the groups' masses rather
   than the numpy path's per-set tables of them) and truncations.
@@ -225,49 +225,38 @@ def _is_new(picks: np.ndarray, t: int, i: int, c: np.int64) -> bool:
 
 
 @_compiled
-def _first_round(hi: np.uint64, lo: np.uint64, inc_hi: np.uint64, inc_lo: np.uint64, table: np.ndarray,
-                 tb: np.uint64, lb: np.uint64, segs: np.ndarray, widths: np.ndarray, picks: np.ndarray, i: int,
-                 todo: np.ndarray) -> tuple[np.uint64, np.uint64, int, bool]:
-    """The tokens whose pick i repeats an earlier pick, found in token order and at once given their first
-    rejection round (one word each, in that order: numpy's round of one row over them); those still repeating go
-    to ``todo``. Returns the state, how many are left, and whether the round drew any word."""
-    left, drew = 0, False
+def _repeats(picks: np.ndarray, i: int, todo: np.ndarray) -> int:
+    """Puts in ``todo`` the tokens whose pick i repeats one of their picks 0..i-1, in order; returns how many."""
+    size = 0
     for t in range(picks.shape[0]):
-        if _is_new(picks, t, i, picks[t, i]):
-            continue
-        drew = True
-        hi, lo, w = _pcg64(hi, lo, inc_hi, inc_lo)
-        c = _candidate(table, tb, lb, segs, widths, t, w)
-        if _is_new(picks, t, i, c):
-            picks[t, i] = c
-        else:
-            todo[left] = t
-            left += 1
-    return hi, lo, left, drew
+        todo[size] = t
+        size += not _is_new(picks, t, i, picks[t, i])
+    return size
 
 
 @_compiled
 def _round(hi: np.uint64, lo: np.uint64, inc_hi: np.uint64, inc_lo: np.uint64, table: np.ndarray, tb: np.uint64,
            lb: np.uint64, segs: np.ndarray, widths: np.ndarray, picks: np.ndarray, i: int, todo: np.ndarray,
-           size: int, m: int, done: np.ndarray) -> tuple[np.uint64, np.uint64, int]:
+           size: int, m: int, bits: np.ndarray, cand: np.ndarray) -> tuple[np.uint64, np.uint64, int]:
     """One rejection round of ``m`` rows over the ``size`` tokens of ``todo`` (row r: one word per token, in
-    order; each token takes its first new candidate); ``todo`` keeps those left. Returns the state and how many."""
-    done[:size] = False
-    for _r in range(m):
+    order; each token takes its first new candidate); ``todo`` keeps those left. Returns the state and how many.
+    The round's words are drawn first (into ``bits``), then every candidate (into ``cand``: independent table
+    reads, which overlap), then each token's first new one."""
+    for x in range(m * size):
+        hi, lo, bits[x] = _pcg64(hi, lo, inc_hi, inc_lo)
+    for r in range(m):
         for q in range(size):
-            hi, lo, w = _pcg64(hi, lo, inc_hi, inc_lo)
-            if done[q]:
-                continue
-            t = todo[q]
-            c = _candidate(table, tb, lb, segs, widths, t, w)
-            new = _is_new(picks, t, i, c)
-            if new:
-                picks[t, i] = c
-            done[q] = new
+            cand[r * size + q] = _candidate(table, tb, lb, segs, widths, todo[q], bits[r * size + q])
     left = 0
     for q in range(size):
-        todo[left] = todo[q]
-        left += not done[q]
+        t, taken = todo[q], False
+        for r in range(m):
+            c = cand[r * size + q]
+            if _is_new(picks, t, i, c):
+                picks[t, i], taken = c, True
+                break
+        todo[left] = t
+        left += not taken
     return hi, lo, left
 
 
@@ -279,12 +268,15 @@ def _rejections(st: np.ndarray, table: np.ndarray, tb: np.uint64, lb: np.uint64,
     n, k = picks.shape
     hi, lo, inc_hi, inc_lo = st[0], st[1], st[2], st[3]
     todo = np.empty(n, dtype=np.int64)
-    done = np.empty(n, dtype=np.bool_)
+    bits, cand = np.empty(2 * n, dtype=np.uint64), np.empty(2 * n, dtype=np.int64)
     for i in range(1, k):
-        hi, lo, size, drew = _first_round(hi, lo, inc_hi, inc_lo, table, tb, lb, segs, widths, picks, i, todo)
-        rounds, m = (1 if drew else 0), 2
+        size = _repeats(picks, i, todo)
+        rounds, m = 0, 1
         while size > 0 and rounds < MAX_REJECTION_ROUNDS:
-            hi, lo, size = _round(hi, lo, inc_hi, inc_lo, table, tb, lb, segs, widths, picks, i, todo, size, m, done)
+            if m * size > cand.size:
+                bits, cand = np.empty(m * size, dtype=np.uint64), np.empty(m * size, dtype=np.int64)
+            hi, lo, size = _round(hi, lo, inc_hi, inc_lo, table, tb, lb, segs, widths, picks, i, todo, size, m, bits,
+                                  cand)
             rounds, m = rounds + 1, min(2 * m, MAX_DRAWS_PER_ROUND)
         if rounds == MAX_REJECTION_ROUNDS:  # numpy's loop ran out (even if its last round left none)
             return False
