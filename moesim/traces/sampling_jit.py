@@ -27,7 +27,7 @@ bytes for DeepSeek-V3's 8 segments; the alias tables hence hold at most 2^32 wor
 
 Why compiled: the numpy path spends ~750 ns per token and layer in numpy temporaries and per-call costs (a few
 tens of calls per round over a chunk's tokens); the work itself is ~11 random words and table reads per token
-(DeepSeek-V3's shape), ~150-200 ns compiled (256 GPUs; benchmarks/bench_prepare_output.txt), much of it
+(DeepSeek-V3's shape), ~160-240 ns compiled (256-1024 GPUs; benchmarks/bench_prepare_output.txt), much of it
 waiting on reads of tables that outgrow the L2 cache.
 Compiled without the GIL (``nogil``), chunks still sample in parallel threads. The first call in a fresh
 install compiles (seconds; cached on disk for later processes).
