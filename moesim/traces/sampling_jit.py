@@ -11,8 +11,8 @@ Identity rests on three things, each tested against the numpy path (tests/test_s
   :data:`MAX_DRAWS_PER_ROUND`), each token taking its first new candidate (the words of tokens done earlier in
   the round are drawn and dropped, as numpy computes and drops them). The first candidates are drawn token by
   token from ``k`` copies of the stream jumped ahead to rows ``0, n, 2n, ...`` (PCG's jump-ahead, numpy's
-  ``advance``): the same words, each token's segments read once (with its set of groups, in the same pass). A
-  round draws its words, then every candidate, then picks each token's first new one: the same choice;
+  ``advance``): the same words, each token's segments read once. A round draws its words, then every
+  candidate, then picks each token's first new one: the same choice;
 - the arithmetic: integer operations of :meth:`PackedAlias.draw` on the same table words, and the group path's
   segment cuts from the same float64 products, sums (in ``np.cumsum``'s order, from the groups' masses rather
   than the numpy path's per-set tables of them) and truncations.
@@ -324,15 +324,14 @@ def grouped(st: np.ndarray, sets: np.ndarray, set_bits: tuple[int, int], members
     the groups' popularity mass at its home ``group_mass`` [G, groups] and successor mass of its previous top-1
     ``succ_mass`` [E, groups], weighed by ``shares`` (1 - affinity, affinity); group g's popularity row from word
     ``(home x groups + g) x size``, its successors' from ``G x E + (expert x groups + g) x size`` for ``shape``
-    (G x E, groups, size) - then the picks into ``picks`` [n, k] from ``table``. A token's set word is word t, its
-    first candidates words ``n + i x n + t`` (streams jumped ahead: one pass over the tokens). 0 when done, 1 when
-    a token's segments have no mass, 2 when a token found no new candidate."""
-    n, k = picks.shape
+    (G x E, groups, size) - then the picks into ``picks`` [n, k] from ``table`` (:func:`successive`, after the
+    n set words; a pass of its own: its short chains of dependent steps overlap from token to token). 0 when done,
+    1 when a token's segments have no mass, 2 when a token found no new candidate."""
+    n = picks.shape[0]
     num_sets, num = members.shape[0], 2 * members.shape[1]
     gtb, glb, width = np.uint64(set_bits[0]), np.uint64(set_bits[1]), np.uint64(num_sets)
-    tb, lb, widths = np.uint64(thr_bits), np.uint64(label_bits), np.full(num, np.uint64(shape[2]))
+    widths = np.full(num, np.uint64(shape[2]))
     segs, ends = np.empty((n, 2 * num), dtype=np.uint32), np.empty(num)
-    sh, sl = _streams(st, n, n, k)
     hi, lo = st[0], st[1]
     for t in range(n):
         hi, lo, w = _pcg64(hi, lo, st[2], st[3])
@@ -348,12 +347,8 @@ def grouped(st: np.ndarray, sets: np.ndarray, set_bits: tuple[int, int], members
             g = members[s, j]
             segs[t, num + 2 * j] = (home[t] * shape[1] + g) * shape[2]
             segs[t, num + 2 * j + 1] = shape[0] + (prev_top1[t] * shape[1] + g) * shape[2]
-        for i in range(k):
-            h, l, w = _pcg64(sh[i], sl[i], st[2], st[3])
-            sh[i], sl[i] = h, l
-            picks[t, i] = _candidate(table, tb, lb, segs, widths, t, w)
-    st[0], st[1] = _advance(st[0], st[1], st[2], st[3], n + k * n)
-    return 0 if _rejections(st, table, tb, lb, segs, widths, picks) else 2
+    st[0], st[1] = hi, lo
+    return 0 if successive(st, table, thr_bits, label_bits, segs, widths, picks) else 2
 
 
 def draw_picks(st: np.ndarray, experts: PackedAlias, segs: np.ndarray, widths: np.ndarray, k: int,
