@@ -36,7 +36,10 @@ def layer_inputs(E: int, G: int, n: int, params: SyntheticParams, seed: int, aff
 
 def both_paths(tab: synthetic._LayerTables, home: np.ndarray, prev: np.ndarray, k: int, seed: int
                ) -> tuple[tuple[np.ndarray, dict], tuple[np.ndarray, dict]]:
-    """(picks, generator state after) of the numpy path and of the compiled one, from the same stream."""
+    """(picks, generator state after) of the numpy path and of the compiled one, from the same stream; the compiled
+    one really compiled wherever it covers the tables (no groups, or sets of groups tabulated)."""
+    if tab.groups is None or tab.group_sets is not None:
+        assert synthetic._compiled_picks(tab, home, prev, k, np.random.default_rng([seed, 7])) is not None
     out = []
     for compiled in (False, True):
         rng = np.random.default_rng([seed, 7])
