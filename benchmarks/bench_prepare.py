@@ -5,11 +5,14 @@ each point in a fresh process (its peak resident memory is its own).
     python benchmarks/bench_prepare.py [--baseline a907453] [--compare-gpus 64,256] [--compare-layers 8]
                                        [--gpus 16,64,256,1024] [--layers 2,4]
     python benchmarks/bench_prepare.py --whole-run 256 [--run-layers 58] [--baseline main] [--repeat 2]
+    python benchmarks/bench_prepare.py --generate 256,1024 [--gen-layers 8]
 
 First before/after on the same scenario and seed, the baseline revision's moesim (``git archive``) against this
 tree's, at ``--compare-gpus`` and ``--compare-layers``; then this tree's growth with GPUs and layers (extrapolated
 linearly to 58 layers, labelled ``x58``). Wall times depend on the machine's load (2 cores shared): compare ratios
-from one run. (Until 2026-12-03 this was ``bench_scale.py --prepare-only``.)
+from one run. (Until 2026-12-03 this was ``bench_scale.py --prepare-only``.) ``--generate``: the synthetic trace
+alone (``generate_trace`` as a run calls it, without gate weights) with the numpy sampler and the compiled one
+(``MOESIM_SAMPLER_JIT``), each in a fresh process.
 """
 
 from __future__ import annotations
@@ -49,6 +52,42 @@ wall, used = time.perf_counter() - start, cpu() - cpu0
 hwm = [int(x.split()[1]) for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:")]
 print(json.dumps({"s": wall, "cpu": used, "gb": hwm[0] * 1024 / 1e9}))
 """
+
+
+_GENERATE = """
+import json, resource, sys, time
+import numpy as np
+import yaml
+from moesim.traces.synthetic import SyntheticParams, generate_trace
+data, gpus, layers = yaml.safe_load(open(sys.argv[1])), int(sys.argv[2]), int(sys.argv[3])
+m, syn = data["model"], data["workload"]["synthetic"]
+params = SyntheticParams(**{k: syn[k] for k in ("zipf_alpha", "gpu_mix_sigma", "affinity", "affinity_fanout", "groups",
+                                                "topk_groups")})
+def cpu():
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+start, cpu0 = time.perf_counter(), cpu()
+generate_trace(num_layers=layers, num_experts=m["num_experts"], top_k=m["top_k"], num_gpus=gpus,
+               tokens_per_gpu=syn["tokens_per_gpu"], batches=1, params=params, rng=np.random.default_rng(syn["seed"]),
+               weights=False)
+print(json.dumps({"s": time.perf_counter() - start, "cpu": cpu() - cpu0, "tokens": gpus * syn["tokens_per_gpu"]}))
+"""
+
+
+def generate(gpu_list: list[int], layers: int) -> None:
+    """The synthetic trace alone, numpy sampler then compiled one, each in a fresh process (the compiled one loads
+    its kernels from numba's cache: ~0.3 s, included)."""
+    print(f"== synthetic trace generation, {layers} layers, no gate weights; each in a fresh process ==")
+    print(f"{'GPUs':>5s} {'sampler':>8s} {'wall s':>7s} {'cpu s':>7s} {'cpu ns/token-layer':>19s} {'load 1m':>8s}")
+    for gpus in gpu_list:
+        for name, flag in (("numpy", "0"), ("compiled", "1")):
+            load = os.getloadavg()[0]
+            env = {**os.environ, "PYTHONPATH": str(ROOT), "MOESIM_SAMPLER_JIT": flag}
+            out = subprocess.run([sys.executable, "-c", _GENERATE, str(SCENARIO), str(gpus), str(layers)], env=env,
+                                 check=True, capture_output=True, text=True, cwd=ROOT).stdout
+            got = json.loads(out.strip().splitlines()[-1])
+            per = got["cpu"] / (got["tokens"] * layers) * 1e9
+            print(f"{gpus:5d} {name:>8s} {got['s']:7.2f} {got['cpu']:7.2f} {per:19.0f} {load:8.2f}", flush=True)
 
 
 def prepare_in(tree: Path, gpus: int, layers: int) -> tuple[float, float, float]:
@@ -137,7 +176,12 @@ def main() -> None:
     ap.add_argument("--whole-run", type=int, default=0, help="GPUs of a whole moesim run, before / after")
     ap.add_argument("--run-layers", type=int, default=58, help="MoE layers of --whole-run")
     ap.add_argument("--repeat", type=int, default=1, help="runs of each tree in --whole-run, alternating")
+    ap.add_argument("--generate", default="", help="GPU counts of the generation-only timing, numpy vs compiled")
+    ap.add_argument("--gen-layers", type=int, default=8, help="MoE layers of --generate")
     a = ap.parse_args()
+    if a.generate:
+        generate([int(g) for g in a.generate.split(",")], a.gen_layers)
+        return
     if a.whole_run:
         whole_run(a.baseline, a.whole_run, a.run_layers, a.repeat)
         return

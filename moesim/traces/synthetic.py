@@ -18,6 +18,9 @@ when popularity is flat.) Gate weights are the picks' popularity at the token's 
 
 Deliberately simple: no drift over batches, one state (the top-1 expert) carried
 between layers. The trace-fitting issue extends this.
+
+With numba (the extra ``fast``), a chunk's picks are sampled compiled (:mod:`moesim.traces.sampling_jit`): the
+same random words in the same order, the same trace byte for byte.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from moesim.budget import require_memory, require_time
+from moesim.traces import sampling_jit
 from moesim.traces.format import Trace, TraceMeta
 from moesim.traces.sampling import Draw, PackedAlias, label_bits, successive_sampling, take_rows
 
@@ -286,10 +290,19 @@ def _grouped_draw(tab: _LayerTables, home: np.ndarray, prev_top1: np.ndarray, ra
 
 
 def _layer_picks(tab: _LayerTables, home: np.ndarray, prev_top1: np.ndarray, k: int,
-                 rng: np.random.Generator) -> np.ndarray:
+                 rng: np.random.Generator, compiled: bool | None = None) -> np.ndarray:
     """[k, n] of :func:`trace_dtype`: the picks of tokens with homes ``home`` and previous top-1 experts
     ``prev_top1`` (int64), by successive sampling from the mixture ``(1 - affinity) x popularity(home) +
-    affinity x successors`` (restricted to the token's groups under group-limited routing)."""
+    affinity x successors`` (restricted to the token's groups under group-limited routing).
+
+    ``compiled``: sample with numba (:mod:`moesim.traces.sampling_jit`, the extra ``fast``; the same picks byte
+    for byte, as a view of a token-major array), with numpy (False), or compiled where numba is installed (None,
+    unless ``MOESIM_SAMPLER_JIT=0``).
+    """
+    if sampling_jit.enabled(compiled):
+        got = _compiled_picks(tab, home, prev_top1, k, rng)
+        if got is not None:
+            return got
     E, G, fan = tab.num_experts, tab.num_gpus, tab.fan
     raw = rng.bit_generator.random_raw
     dtype = trace_dtype(E)
@@ -316,6 +329,40 @@ def _layer_picks(tab: _LayerTables, home: np.ndarray, prev_top1: np.ndarray, k: 
     return successive_sampling(draw_mixture, home.size, k, dtype=dtype)
 
 
+def _compiled_picks(tab: _LayerTables, home: np.ndarray, prev_top1: np.ndarray, k: int,
+                    rng: np.random.Generator) -> np.ndarray | None:
+    """:func:`_layer_picks` compiled, the random words drawn from ``rng``'s PCG64 in the numpy path's order; None
+    where that path is not compiled (groups drawn one by one, another bit generator, tables past 2^32 words)."""
+    st = sampling_jit.pcg64_state(rng.bit_generator)
+    if st is None or (tab.groups is not None and tab.group_sets is None) or tab.experts.words.size > 2**32:
+        return None
+    E, G, n = tab.num_experts, tab.num_gpus, home.size
+    if tab.groups is not None:  # segments: group j's popularity, then its successors, of the token's set
+        assert tab.group_mass is not None and tab.succ_mass is not None
+        picks = np.empty((n, k), dtype=trace_dtype(E))
+        status = sampling_jit.grouped(st, tab.groups.words, (tab.groups.thr_bits, tab.groups.label_bits),
+                                      tab.group_sets, home, prev_top1, tab.group_mass, tab.succ_mass,
+                                      (1 - tab.affinity, tab.affinity), (G * E, tab.num_groups, E // tab.num_groups),
+                                      tab.experts.words, tab.experts.thr_bits, tab.experts.label_bits, picks)
+        if status:
+            raise ValueError("could not draw top_k distinct experts: raise affinity_fanout or lower affinity")
+        sampling_jit.store_pcg64_state(rng.bit_generator, st)
+        return picks.T
+    if tab.affinity <= 0:  # one segment: the home's popularity
+        segs = np.stack([np.zeros(n, np.int64), home * E], axis=1).astype(np.uint32)
+        widths = np.array([E], dtype=np.uint64)
+    else:  # the low 32 bits below the cut: the successors of the previous top-1, else the home's popularity
+        cut, succ = round(tab.affinity * 2.0**32), G * E + prev_top1 * tab.fan
+        pop, width = (home * E, E) if cut < 2**32 else (succ, tab.fan)  # affinity 1: successors only
+        segs = np.stack([np.full(n, min(cut, 2**32 - 1)), np.zeros(n, np.int64), succ, pop], axis=1).astype(np.uint32)
+        widths = np.array([tab.fan, width], dtype=np.uint64)
+    got = sampling_jit.draw_picks(st, tab.experts, segs, widths, k, trace_dtype(E))
+    if got is None:
+        raise ValueError("could not draw top_k distinct experts: raise affinity_fanout or lower affinity")
+    sampling_jit.store_pcg64_state(rng.bit_generator, st)
+    return got
+
+
 def synthetic_cost(*, num_layers: int, num_experts: int, top_k: int, num_gpus: int, tokens_per_gpu: int,
                    batches: int, params: SyntheticParams, weights: bool = True,
                    keep: bool = True) -> tuple[float, float, str]:
@@ -335,8 +382,8 @@ def synthetic_cost(*, num_layers: int, num_experts: int, top_k: int, num_gpus: i
 
 def generate_layers(*, num_layers: int, num_experts: int, top_k: int, num_gpus: int, tokens_per_gpu: int,
                     batches: int, params: SyntheticParams, rng: np.random.Generator,
-                    structure_rng: np.random.Generator | None = None, out: np.ndarray | None = None
-                    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+                    structure_rng: np.random.Generator | None = None, out: np.ndarray | None = None,
+                    compiled: bool | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """The picks of ``batches x num_gpus x tokens_per_gpu`` tokens, one MoE layer at a time: yields
     (``picks`` [tokens, top_k], ``pops`` [G, E] the layer's popularity per home GPU). ``picks`` is of
     :func:`trace_dtype` and is overwritten by the next layer: copy what you keep. Only one
@@ -349,6 +396,8 @@ def generate_layers(*, num_layers: int, num_experts: int, top_k: int, num_gpus: 
     ``out`` [tokens, num_layers, top_k] of that dtype receives every layer: each thread stages its tokens'
     picks of ``_STAGE_LAYERS`` layers and writes them into their rows at once (one strided write per token, not
     one per layer); the layers are then yielded in groups, as ``out[:, layer]``, once written.
+
+    ``compiled``: as :func:`_layer_picks` (the same picks either way).
     """
     _check_shape(num_layers, num_experts, top_k, params)
     srng = structure_rng if structure_rng is not None else rng
@@ -373,7 +422,8 @@ def generate_layers(*, num_layers: int, num_experts: int, top_k: int, num_gpus: 
 
             def chunk(c: int) -> None:
                 blk = slice(c * _TOKEN_CHUNK, min((c + 1) * _TOKEN_CHUNK, T))
-                got = _layer_picks(tab, home[blk], prev_top1[blk], K, np.random.default_rng([int(seeds[lay]), c]))
+                got = _layer_picks(tab, home[blk], prev_top1[blk], K, np.random.default_rng([int(seeds[lay]), c]),
+                                   compiled)
                 buf[blk, lay % stage] = got.T
                 prev_top1[blk] = got[0]
                 if flush:
@@ -417,11 +467,12 @@ def generate_trace(
     structure_rng: np.random.Generator | None = None,
     model: str = "",
     weights: bool = True,
+    compiled: bool | None = None,
 ) -> Trace:
     """Generate ``batches x num_gpus x tokens_per_gpu`` tokens (:func:`generate_layers`, every layer kept).
 
     ``weights`` adds gate weights: the picks' popularity at the token's home, normalised (the engine reads
-    none; a study generates without them).
+    none; a study generates without them). ``compiled``: as :func:`_layer_picks` (the same trace either way).
     """
     _check_shape(num_layers, num_experts, top_k, params)
     nbytes, seconds, what = synthetic_cost(num_layers=num_layers, num_experts=num_experts, top_k=top_k,
@@ -436,7 +487,8 @@ def generate_trace(
     experts = np.empty((T, num_layers, K), dtype=trace_dtype(E))
     gate = np.empty((T, num_layers, K), dtype=np.float32) if weights else None
     layers = generate_layers(num_layers=num_layers, num_experts=E, top_k=K, num_gpus=G, tokens_per_gpu=tokens_per_gpu,
-                             batches=batches, params=params, rng=rng, structure_rng=structure_rng, out=experts)
+                             batches=batches, params=params, rng=rng, structure_rng=structure_rng, out=experts,
+                             compiled=compiled)
     for lay, (picks, pops) in enumerate(layers):
         if gate is not None:
             for a in range(0, T, _TOKEN_CHUNK):  # cache-sized blocks
