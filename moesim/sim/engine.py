@@ -155,7 +155,7 @@ class SimRecords:
     events: int
     flows: int
     recomputations: int
-    collectives: list[CollectiveResult] = field(default_factory=list)  # batch 0 only, for the timeline
+    collectives: list[CollectiveResult] = field(default_factory=list)  # batch 0's, when run keeps them
     # overlap two_batch: each micro-batch's own records (``gpu`` then merges them: moesim.sim.overlap)
     micro: tuple[dict[str, np.ndarray], ...] = ()
 
