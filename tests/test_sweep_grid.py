@@ -309,3 +309,25 @@ def test_the_default_folder_lies_in_the_runs_and_a_run_keeps_it(tmp_path, capsys
     rc, _, err = cli(["run", str(path), "-q", "--no-plots"], capsys)
     assert rc == 0, err
     assert (tmp_path / "results" / "small" / "results.json").is_file() and merged(grid) == before
+
+
+def test_worker_processes_get_their_share_of_threads(monkeypatch):
+    """Spawned sweep workers inherit a cap on their threads (the sampler's, BLAS's): the CPUs over the jobs; the
+    user's own settings are kept and nothing is left behind."""
+    import os
+
+    from moesim.study.sweep import _thread_share
+    from moesim.traces import synthetic
+
+    for name in ("MOESIM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MKL_NUM_THREADS", "7")
+    cpus = len(os.sched_getaffinity(0))
+    with _thread_share(2):
+        assert os.environ["MOESIM_THREADS"] == os.environ["OMP_NUM_THREADS"] == str(max(1, cpus // 2))
+        assert os.environ["MKL_NUM_THREADS"] == "7"
+        assert synthetic._workers() == max(1, min(cpus // 2, 4))
+    assert "MOESIM_THREADS" not in os.environ and "OMP_NUM_THREADS" not in os.environ
+    assert os.environ["MKL_NUM_THREADS"] == "7"
+    monkeypatch.setenv("MOESIM_THREADS", "1")
+    assert synthetic._workers() == 1

@@ -19,6 +19,7 @@ import os
 import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,12 +113,38 @@ def run_points(points: Sequence[SweepPoint], *, jobs: int = 1, backend: str = "l
 def _processes(points: Sequence[SweepPoint], jobs: int) -> Iterator[PointOutcome]:
     """Points in ``jobs`` worker processes (spawned: no state shared with this one), at most ``jobs`` in flight;
     after a worker dies the points in flight go to a fresh pool, and a point in flight at two deaths fails."""
+    queue = list(points)
+    crashes: dict[int, int] = {}
+    with _thread_share(jobs):
+        yield from _pool_rounds(queue, crashes, jobs)
+
+
+@contextmanager
+def _thread_share(jobs: int) -> Iterator[None]:
+    """Spawned workers inherit this process's environment: while they start, cap each one's threads (the sampler's,
+    BLAS's) at its share of the CPUs, so ``jobs`` workers do not oversubscribe them; variables the user set are
+    kept."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    share = str(max(1, cpus // max(jobs, 1)))
+    names = ("MOESIM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+    added = [n for n in names if n not in os.environ]
+    os.environ.update({n: share for n in added})
+    try:
+        yield
+    finally:
+        for n in added:
+            os.environ.pop(n, None)
+
+
+def _pool_rounds(queue: list[SweepPoint], crashes: dict[int, int], jobs: int) -> Iterator[PointOutcome]:
+    """The worker-pool rounds of :func:`_processes` (a fresh pool after a worker dies)."""
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
     from concurrent.futures.process import BrokenProcessPool
 
-    queue = list(points)
-    crashes: dict[int, int] = {}
     while queue:
         pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"))
         flying: dict[Future[PointOutcome], SweepPoint] = {}

@@ -438,13 +438,20 @@ def generate_layers(*, num_layers: int, num_experts: int, top_k: int, num_gpus: 
                 yield from ((out[:, layer], pops[layer]) for layer in range(first, lay + 1))
 
 
+THREADS_ENV = "MOESIM_THREADS"  # a cap on the sampler's threads (a sweep's worker processes set it to their share)
+
+
 def _workers() -> int:
-    """Threads that sample the chunks of a layer: this process's CPUs, at most 4 (numpy releases the GIL in its
-    array operations; every chunk has its own random stream, so the trace does not depend on the count)."""
+    """Threads that sample the chunks of a layer: this process's CPUs, at most 4 and at most ``MOESIM_THREADS`` when
+    set (numpy and the compiled sampler release the GIL; every chunk has its own random stream, so the trace does not
+    depend on the count)."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         cpus = os.cpu_count() or 1
+    cap = os.environ.get(THREADS_ENV, "")
+    if cap.isdigit() and int(cap) > 0:
+        cpus = min(cpus, int(cap))
     return max(1, min(cpus, 4))
 
 
