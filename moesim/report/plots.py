@@ -45,7 +45,8 @@ def speedup(result: StudyResult, path: Path) -> None:
 
 def gpu_load(result: StudyResult, path: Path) -> None:
     clusters, names = _clusters_and_placements(result)
-    fig = figure(figsize=(3.0 * len(names) + 1, 3.0 * len(clusters) + 0.6), layout="constrained")
+    # at least 5.5 inches wide: the title must fit above a single placement
+    fig = figure(figsize=(max(3.0 * len(names) + 1, 5.5), 3.0 * len(clusters) + 0.6), layout="constrained")
     axes = fig.subplots(len(clusters), len(names), squeeze=False, sharex="row", sharey=True)
     loads = {}
     for r in result.runs:
