@@ -28,6 +28,36 @@ def test_mean_context_closed_form():
         Attention("train", 4)  # type: ignore[arg-type]
 
 
+def test_cached_prefix_context_closed_form():
+    """A prompt's S computed tokens after P cached ones: token i (1-based) sees P + i keys, capped by the window."""
+    assert Attention("prefill", 4, prefix=10).mean_context() == pytest.approx(10 + 2.5)
+    # window 12: tokens see 11, 12, 12, 12
+    assert Attention("prefill", 4, prefix=10).mean_context(window=12) == pytest.approx((11 + 12 * 3) / 4)
+    assert Attention("prefill", 4, prefix=10).mean_context(window=5) == 5  # the prefix alone fills it
+    assert Attention("prefill", 4, prefix=10).prefix_share == 2.5
+    assert Attention("prefill", 6, prefix=0).mean_context(window=2) == Attention("prefill", 6).mean_context(window=2)
+    for bad in (dict(phase="decode", length=8, prefix=3), dict(phase="prefill", length=8, prefix=-1)):
+        with pytest.raises(ValueError, match="cached prefix"):
+            Attention(**bad)  # type: ignore[arg-type]
+
+
+def test_cached_prefix_costs_its_keys_and_values(cluster):
+    """GQA: the prefix adds P keys of QK^T and PV work to every computed token and its K and V (8 heads x 128,
+    2 bytes) read once per prompt; the projections are the computed tokens' only."""
+    gpu = cluster().gpu
+    m = ModelSpec(**MIXTRAL)
+    T, S, P = 8192, 1024, 3072
+    rate, hbm = gpu.attention_flops_per_s, gpu.hbm_GBps * 1e9 * gpu.attention_hbm_efficiency
+    fixed, launch = gpu.attention_fixed_keys, gpu.attention_overhead_us * 1e-6
+    a = Attention("prefill", S, prefix=P)
+    flops = T * 4 * 4096 * (P + (S + 1) / 2 + fixed)
+    nbytes = T * (2 * 4096 + 2 * 1024 * (1 + P / S)) * 2
+    assert attention_time(np.array([T]), m, gpu, a)[0] == pytest.approx(max(flops / rate, nbytes / hbm) + launch,
+                                                                          rel=1e-12)
+    assert dense_time(np.array([T]), m, gpu, attention=a)[0] == pytest.approx(
+        dense_time(np.array([T]), m, gpu)[0] + attention_time(np.array([T]), m, gpu, a)[0], rel=1e-12)
+
+
 def test_gqa_projection_shape():
     m = ModelSpec(**MIXTRAL)
     # Q and O: d x d each; K and V: d x (8 heads x 128) each
@@ -143,6 +173,11 @@ def test_scenario_attention_fields(tmp_path):
         load_scenario(path)
     path.write_text(SCENARIO.format(heads="  num_heads: 8", extra="  seq_len: 512\n  kv_len: 4"))
     with pytest.raises(InputError, match="not both"):
+        load_scenario(path)
+    path.write_text(SCENARIO.format(heads="  num_heads: 8", extra="  seq_len: 512\n  prefix_len: 1536"))
+    assert load_scenario(path).workload.attention == Attention("prefill", 512, prefix=1536)
+    path.write_text(SCENARIO.format(heads="  num_heads: 8", extra="  kv_len: 512\n  prefix_len: 1536"))
+    with pytest.raises(InputError, match="prefix_len.*needs seq_len"):
         load_scenario(path)
 
 

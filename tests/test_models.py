@@ -237,6 +237,31 @@ def test_dense_layer_closed_form_mla_prefill(cluster):
     assert dense_layers_time(np.array([T]), m, gpu, range(0))[0] == 0.0
 
 
+def test_mla_prefill_after_a_cached_prefix_closed_form(cluster):
+    """DeepSeek-V3 prefill of S computed tokens after P cached ones: the cache holds the 576-element latent, so each
+    prefix token is decompressed by kv_b (512 -> 128 heads x (128 + 128)) before the core reads its keys and values;
+    the core's context grows by P."""
+    gpu = cluster().gpu
+    flops_s, hbm, att_s, att_hbm, launch, floor = gpu_rates(gpu)
+    m = preset_model("deepseek-v3")
+    T, S, P, d, b, H = 2048, 512, 1536, 7168, 2, 128
+    q = P / S  # prefix tokens per computed token
+    W = 187_105_280
+    flops = 2 * W * T + T * q * 2 * 512 * H * (128 + 128)
+    nbytes = W * b + T * 2 * d * b + T * q * (576 + H * 256) * b
+    projections = max(flops / flops_s, nbytes / hbm) + launch
+    width = 128 + 64 + 192
+    ctx = P + (S + 1) / 2
+    core_bytes = T * 2 * H * width * b + T * q * H * (128 + 64 + 128) * b
+    core = max(T * 2 * H * width * (ctx + gpu.attention_fixed_keys) / att_s, core_bytes / att_hbm)
+    core += gpu.attention_overhead_us * 1e-6
+    got = dense_time(np.array([T]), m, gpu, attention=Attention("prefill", S, prefix=P))[0]
+    assert got == pytest.approx(projections + core, rel=1e-12)
+    # no prefix: the plain prefill, nothing decompressed
+    plain = dense_time(np.array([T]), m, gpu, attention=Attention("prefill", S))[0]
+    assert plain < got
+
+
 def test_mla_decode_core_closed_form(cluster):
     """Weight-absorbed MLA decode: every query head attends over the shared 576-element latent cache, 2 x 576 +
     2 x 512 FLOPs per head per context token; the cache is read once per sequence; at FlashMLA's published H800

@@ -5,7 +5,9 @@ MoE layer with its attention and shared experts, as the engine runs them (``e2e`
 workload says which serving phase a forward is:
 
 - **prefill** (``workload.seq_len``): the tokens are prompts of ``seq_len`` tokens; every token is an *input*
-  token processed; a forward takes ``prefill_forward_ms``; throughput is input tokens/s per GPU and per node;
+  token processed; a forward takes ``prefill_forward_ms``; throughput is input tokens/s per GPU and per node; with
+  a cached prefix (``workload.prefix_len``: prefix-cache hits, attended to but not computed) also the prompt
+  tokens/s per node counting the cached ones, as deployments that report cache hits count them;
 - **decode** (``workload.kv_len``): every token is the next token of one request whose KV cache holds
   ``kv_len`` tokens, so tokens per GPU are requests per GPU; a step gives one *output* token per request, so
   the time per output token (TPOT) is the step time and each request streams ``1000 / TPOT`` tokens/s. With
@@ -47,7 +49,9 @@ class ServingMetrics:
     tokens_per_s_per_gpu: float  # tokens of every forward / their summed time / GPUs
     tokens_per_s_per_node: float
     # prefill
-    prompt_len: int | None = None
+    prompt_len: int | None = None  # computed tokens per prompt
+    prefix_len: int | None = None  # cached tokens before them (prefix-cache hits), when any
+    input_tokens_per_s_per_node_with_prefix: float | None = None  # computed and cached prompt tokens, when any
     prompts_per_gpu: float | None = None
     input_tokens_per_s_per_gpu: float | None = None
     input_tokens_per_s_per_node: float | None = None
@@ -92,7 +96,11 @@ def serving_metrics(rec: SimRecords, batch_tokens: np.ndarray, attention: Attent
     if attention is None:
         return ServingMetrics(phase="batch", **common)
     if attention.phase == "prefill":
-        return ServingMetrics(phase="prefill", prompt_len=attention.length,
+        cached: dict[str, Any] = {}
+        if attention.prefix:
+            cached = dict(prefix_len=attention.prefix,
+                          input_tokens_per_s_per_node_with_prefix=per_gpu * per_node * (1 + attention.prefix_share))
+        return ServingMetrics(phase="prefill", prompt_len=attention.length, **cached,
                               prompts_per_gpu=tokens_per_gpu / attention.length, input_tokens_per_s_per_gpu=per_gpu,
                               input_tokens_per_s_per_node=per_gpu * per_node, **common)
     out = per_gpu / attention.queries * output_per_step
@@ -109,9 +117,12 @@ def serving_metrics(rec: SimRecords, batch_tokens: np.ndarray, attention: Attent
 def headline(s: ServingMetrics) -> str:
     """One line: the phase's batch and its throughput and latency, as serving is planned with."""
     if s.phase == "prefill":
+        cached = "" if not s.prefix_len else (
+            f" after a cached prefix of {s.prefix_len} (counting it: {s.input_tokens_per_s_per_node_with_prefix:,.0f} "
+            "prompt tok/s per node)")
         return (f"prefill, {s.prompt_len}-token prompts, {s.tokens_per_gpu:,.0f} tokens/GPU per forward: "
                 f"{s.input_tokens_per_s_per_gpu:,.0f} input tok/s per GPU, {s.input_tokens_per_s_per_node:,.0f} per "
-                f"node; {s.forward_ms:.2f} ms per forward")
+                f"node; {s.forward_ms:.2f} ms per forward{cached}")
     if s.phase == "decode":
         mtp = "" if s.draft_tokens is None else (f" + {s.draft_tokens} draft token(s) each (the MTP module: one "
                                                   f"more MoE layer), {s.output_tokens_per_step:.2f} output tokens per "

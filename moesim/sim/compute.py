@@ -35,7 +35,10 @@ context, ``k0`` = ``attention_fixed_keys``, ``b`` = dtype bytes:
 - prefill core (not absorbed: K and V decompressed per head): FLOPs ``2 H (n + p + v) (c + k0)`` (QK^T over
   ``n + p`` = 192 dimensions, PV over ``v`` = 128); bytes ``2 H (n + p + v) b`` (Q and K of ``n + p``, V and O
   of ``v`` per head); FlashAttention-2 (``fa2``) takes one head size, so V is padded to ``n + p`` (``v`` = 192
-  there, as engines running MLA on it pad; the measured kernel did the padded work);
+  there, as engines running MLA on it pad; the measured kernel did the padded work); with a cached prefix
+  (``Attention.prefix``, ``P`` tokens before each prompt's ``S`` computed ones) the context ``c`` counts it, the
+  core also reads the prefix's keys and values (``H (n + p + v) b`` per prefix token) and the projections first
+  decompress them from the cached latent (:func:`prefix_work`);
 - decode core (weight-absorbed, as FlashMLA): every query head attends over the one latent KV cache of
   ``r + p`` = 576 elements per token shared by all heads: FLOPs ``H (2 (r + p) + 2 r) (c + k0)`` (2 x 576 + 2 x
   512 per head per context token); bytes ``H (2 r + p) b`` (the absorbed query and the latent output of every
@@ -96,8 +99,9 @@ def expert_time(tokens: np.ndarray, model: ModelSpec, gpu: GPUSpec, *, tp: int =
 
 @dataclass(frozen=True)
 class Attention:
-    """How much context each token attends to. ``prefill``: the batch is prompts of ``length`` tokens and
-    each token attends causally to the ones before it; ``decode``: each token is one of the ``queries`` next
+    """How much context each token attends to. ``prefill``: the batch is prompts of ``length`` computed tokens and
+    each token attends causally to the ones before it, ``prefix`` tokens of a prefix-cache hit included (already in
+    the KV cache: attended to, not computed; :func:`prefix_work`); ``decode``: each token is one of the ``queries`` next
     tokens of a sequence with ``length`` tokens already in its KV cache (more than one in speculative decoding:
     the sequence's token and its draft tokens, verified in one forward, each attending causally to the ones before
     it; the kernel reads the sequence's cache once for all of them)."""
@@ -106,6 +110,7 @@ class Attention:
     length: int
     kernel: str = "fa2"  # the prefill core's kernel family: fa2 or one of GPUSpec.attention_kernels
     queries: int = 1  # decode: query tokens per sequence per forward (1 + draft tokens)
+    prefix: int = 0  # prefill: cached tokens before each prompt's computed ones
 
     def __post_init__(self) -> None:
         if self.phase not in ("prefill", "decode"):
@@ -114,15 +119,23 @@ class Attention:
             raise ValueError(f"attention length must be positive, got {self.length}")
         if self.queries < 1 or (self.queries > 1 and self.phase != "decode"):
             raise ValueError(f"queries per sequence must be 1, or more in decode, got {self.queries}")
+        if self.prefix < 0 or (self.prefix > 0 and self.phase != "prefill"):
+            raise ValueError(f"a cached prefix must be 0, or more in prefill, got {self.prefix}")
 
     def mean_context(self, window: int | None = None) -> float:
         """Keys each token attends to, averaged over the batch's tokens (itself included)."""
         if self.phase == "decode":  # query i of q sees the cache and queries 0..i
             mean = self.length + (self.queries + 1) / 2
             return float(min(mean, window or mean))
-        S = self.length
-        W = min(window or S, S)
-        return (W * (W + 1) / 2 + (S - W) * W) / S  # position i sees min(i, W) keys
+        S, P = self.length, self.prefix
+        W = window or P + S
+        n = min(max(W - P, 0), S)  # computed tokens whose whole context fits the window
+        return (n * P + n * (n + 1) / 2 + (S - n) * W) / S  # computed token i sees min(P + i, W) keys (1-based i)
+
+    @property
+    def prefix_share(self) -> float:
+        """Cached prefix tokens per computed token (0 without a prefix)."""
+        return self.prefix / self.length
 
 
 def dense_time(tokens: np.ndarray, model: ModelSpec, gpu: GPUSpec, *, tp: int = 1,
@@ -141,12 +154,31 @@ def dense_time(tokens: np.ndarray, model: ModelSpec, gpu: GPUSpec, *, tp: int = 
     if model.dense_flops == 0 and model.dense_bytes == 0:
         return np.zeros_like(tokens) + core
     weights = model.dense_bytes / tp
-    flops = tokens * model.dense_flops
+    extra_flops, extra_bytes = prefix_work(tokens, model, attention)
+    flops = tokens * model.dense_flops + extra_flops
     if dtype == "fp8":
         weights /= model.dtype_bytes
         flops = flops * gpu.bf16_tflops / (gpu.fp8_tflops or 2 * gpu.bf16_tflops)
-    nbytes = weights + tokens * 2.0 * model.d_model * model.dtype_bytes
+    nbytes = weights + tokens * 2.0 * model.d_model * model.dtype_bytes + extra_bytes
     return gemm_time(flops, nbytes, gpu) + gpu.ffn_overhead_us * 1e-6 + core
+
+
+def prefix_work(tokens: np.ndarray, model: ModelSpec, attention: Attention | None) -> tuple[np.ndarray, np.ndarray]:
+    """FLOPs and bytes of the projections a cached prefix adds to a prefill forward of ``tokens`` computed tokens:
+    with multi-head latent attention the cache holds the compressed latent, so every prefix token is decompressed
+    by kv_b to its heads' keys and values before the core reads them (as vLLM's and SGLang's MLA prefill with a
+    cached context do): ``2 r H (n + v)`` FLOPs, its latent read and the keys and values written,
+    ``((r + p) + H (n + v)) b`` bytes, per prefix token. Other attention caches keys and values as they are:
+    nothing (the core reads them, :func:`attention_time`)."""
+    tokens = np.asarray(tokens, dtype=float)
+    if attention is None or attention.prefix == 0 or not model.is_mla:
+        return np.zeros_like(tokens), np.zeros_like(tokens)
+    assert model.num_heads and model.kv_lora_rank and model.qk_nope_head_dim and model.qk_rope_head_dim
+    assert model.v_head_dim
+    H, r, p = model.num_heads, model.kv_lora_rank, model.qk_rope_head_dim
+    nv = model.qk_nope_head_dim + model.v_head_dim
+    cached = tokens * attention.prefix_share
+    return cached * 2.0 * r * H * nv, cached * ((r + p) + H * nv) * model.dtype_bytes
 
 
 def gemm_time(flops: np.ndarray | float, nbytes: np.ndarray | float, gpu: GPUSpec) -> np.ndarray:
@@ -197,8 +229,8 @@ def _core_time(tokens: np.ndarray, model: ModelSpec, gpu: GPUSpec, attention: At
     hd, b = model.head_size, model.dtype_bytes
     q_width, kv_width = model.num_heads * hd, model.kv_heads * hd
     flops = tokens * 4.0 * q_width * (ctx + keys)
-    if attention.phase == "prefill":  # Q in, O out, K and V once
-        nbytes = tokens * (2 * q_width + 2 * kv_width) * b
+    if attention.phase == "prefill":  # Q in, O out, K and V once, the cached prefix's K and V too
+        nbytes = tokens * (2 * q_width + 2 * kv_width * (1 + attention.prefix_share)) * b
     else:  # every sequence's queries read its whole KV cache once
         nbytes = tokens * (2 * q_width * b + 2 * kv_width * b * ctx / attention.queries)
     busy = np.maximum(flops / rate, nbytes / gpu.attention_hbm_bytes_per_s)
@@ -265,7 +297,8 @@ def mla_core_work(tokens: np.ndarray, model: ModelSpec, attention: Attention, ct
         if attention.kernel == "fa2":  # FlashAttention-2 takes one head size: V padded to Q and K's
             v = max(v, model.qk_nope_head_dim + p)
         width = model.qk_nope_head_dim + p + v
-        return tokens * 2.0 * H * width * (ctx + fixed_keys), tokens * 2.0 * H * width * b
+        prefix = tokens * attention.prefix_share * H * (model.qk_nope_head_dim + p + model.v_head_dim) * b  # K, V
+        return tokens * 2.0 * H * width * (ctx + fixed_keys), tokens * 2.0 * H * width * b + prefix
     flops = tokens * H * (2.0 * (r + p) + 2.0 * r) * (ctx + fixed_keys)
     return flops, tokens * (H * (2.0 * r + p) * b + (r + p) * b * ctx / attention.queries)
 

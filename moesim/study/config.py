@@ -10,6 +10,7 @@ anything is simulated. Relative paths (trace and placement files) resolve agains
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from collections.abc import Sequence
 from typing import Any, Literal, TypeVar
@@ -106,6 +107,9 @@ class Workload(_Strict):
     seq_len: int | None = Field(default=None, ge=1, le=MAX_COUNT, description="prefill: the batch is prompts of "
                                 "this many tokens, each attending causally to the ones before it (charges the "
                                 "attention core; needs model.num_heads)")
+    prefix_len: int = Field(default=0, ge=0, le=MAX_COUNT, description="prefill: tokens of each prompt already in "
+                            "the KV cache (a prefix-cache hit) before its seq_len computed ones; attended to, not "
+                            "computed (needs seq_len)")
     kv_len: int | None = Field(default=None, ge=1, le=MAX_COUNT, description="decode: every token is the next "
                                "token of a sequence with this many tokens cached (charges KV-cache reads; needs "
                                "model.num_heads)")
@@ -118,13 +122,15 @@ class Workload(_Strict):
             raise ValueError("give exactly one of 'synthetic' or 'trace'")
         if self.seq_len is not None and self.kv_len is not None:
             raise ValueError("give seq_len (prefill) or kv_len (decode), not both")
+        if self.prefix_len and (self.seq_len is None or self.phase == "train"):
+            raise ValueError("prefix_len (a cached prefix) needs seq_len, in serving (phase serve)")
         return self
 
     @property
     def attention(self) -> Attention | None:
         """The attention core's context, or None (projections only)."""
         if self.seq_len is not None:
-            return Attention("prefill", self.seq_len)
+            return Attention("prefill", self.seq_len, prefix=self.prefix_len)
         if self.kv_len is not None:
             return Attention("decode", self.kv_len, queries=self.speculative.queries if self.speculative else 1)
         return None
@@ -220,7 +226,7 @@ class Scenario(_Strict):
     def attention(self) -> Attention | None:
         """The attention core's context and kernel family, or None (projections only)."""
         a = self.workload.attention
-        return None if a is None else Attention(a.phase, a.length, self.engine.attention_kernel, a.queries)
+        return None if a is None else replace(a, kernel=self.engine.attention_kernel)
 
     @property
     def output_per_step(self) -> float:
