@@ -68,8 +68,11 @@ def test_shorthand_keys_write_where_they_say():
     assert data["clusters"][1]["network"] == {"nic_Gbps": 200}
     apply_value(data, "workload.tokens_per_gpu", 4096, "f")
     assert data["workload"]["synthetic"]["tokens_per_gpu"] == 4096
-    apply_value(data, "workload.kv_len", 2048, "f")  # the workload's own key stays there
+    apply_value(data, "workload.kv_len", 2048, "f")  # the workload's own keys stay there, every one of them
     assert data["workload"]["kv_len"] == 2048
+    for key, value in (("prefix_len", 1024), ("phase", "serve"), ("speculative", {"draft_tokens": 1})):
+        apply_value(data, f"workload.{key}", value, "f")
+        assert data["workload"][key] == value and key not in data["workload"]["synthetic"]
     apply_value(data, "placement.redundant_experts", 32, "f")  # greedy and eplb take it, contiguous does not
     assert data["placements"] == ["contiguous", {"policy": "greedy", "redundant_experts": 32},
                                   {"name": "e", "policy": "eplb", "redundant_experts": 32}]

@@ -36,10 +36,10 @@ from typing import Any, Callable
 from moesim.errors import InputError
 from moesim.loaders import load_yaml, read_yaml
 from moesim.placement.registry import policy_names, policy_options
-from moesim.study.config import Scenario, parse_scenario
+from moesim.study.config import Scenario, Workload, parse_scenario
 
 MAX_POINTS = 100_000  # a grid larger than this is a typo, not a study
-_WORKLOAD_OWN = {"synthetic", "trace", "seq_len", "kv_len"}
+_WORKLOAD_OWN = set(Workload.model_fields)  # seq_len, prefix_len, kv_len, speculative, phase, the sources
 _SEGMENT = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)((?:\[[^\[\]]+\])*)$")
 
 
