@@ -295,6 +295,8 @@ SECTIONS: list[tuple[str, Callable[[argparse.Namespace, Callable[[int], object]]
      "block, one H200", _scripts("attention_h200/compare_kernels.py", "attention_h200/compare_mla_block.py"), 2),
     ("11. kernels and layers under sustained load (the power cap), alone and beside a 24-SM all-to-all, one H200",
      _scripts("power_h200/compare.py"), 1),
+    ("12. prefill after a cached prefix (cuDNN, FlashAttention-2; GQA, MLA and its latent decompression), one H200 "
+     "(not fitted to these)", _scripts("prefix_h200/compare.py"), 1),
 ]
 
 
