@@ -20,7 +20,7 @@ from moesim.study.runner import run_study
 
 # the columns of a sweep row (serving.csv), in order; a figure that does not apply to the phase is left empty
 ROW_FIELDS = ("cluster", "placement", "phase", "batch", "tokens_per_gpu", "forward_ms", "forward_ms_p99",
-              "tokens_per_s_per_gpu", "tokens_per_s_per_node", "prompt_len", "kv_len", "tpot_ms",
+              "tokens_per_s_per_gpu", "tokens_per_s_per_node", "prompt_len", "prefix_len", "kv_len", "tpot_ms",
               "output_tokens_per_s_per_request", "gpus", "gpus_per_node")
 
 
