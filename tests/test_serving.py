@@ -64,6 +64,12 @@ def test_prefill_closed_forms():
     assert serving_metrics(rec, np.array([32 * 16384]), None).phase == "batch"
     with pytest.raises(ValueError):
         serving_metrics(rec, np.array([1, 2]), None)  # one token count per forward
+    assert "prefix_len" not in s.to_json() and "cached" not in headline(s)
+    # a cached prefix: the computed tokens' rate as before, and the prompt's tokens counted with the cached ones
+    c = serving_metrics(rec, np.array([32 * 16384]), Attention("prefill", 1024, prefix=3072))
+    assert c.prompts_per_gpu == 16 and c.input_tokens_per_s_per_node == s.input_tokens_per_s_per_node
+    assert c.prefix_len == 3072 and c.input_tokens_per_s_per_node_with_prefix == pytest.approx(4 * 8 * 16384 / 2.0)
+    assert "1024-token prompts after a 3072-token cached prefix" in headline(c)
 
 
 def test_every_run_carries_its_serving_figures():

@@ -117,12 +117,13 @@ def serving_metrics(rec: SimRecords, batch_tokens: np.ndarray, attention: Attent
 def headline(s: ServingMetrics) -> str:
     """One line: the phase's batch and its throughput and latency, as serving is planned with."""
     if s.phase == "prefill":
-        cached = "" if not s.prefix_len else (
-            f" after a cached prefix of {s.prefix_len} (counting it: {s.input_tokens_per_s_per_node_with_prefix:,.0f} "
-            "prompt tok/s per node)")
-        return (f"prefill, {s.prompt_len}-token prompts, {s.tokens_per_gpu:,.0f} tokens/GPU per forward: "
+        prefix, counted = "", ""
+        if s.prefix_len:
+            prefix = f" after a {s.prefix_len}-token cached prefix"
+            counted = f" ({s.input_tokens_per_s_per_node_with_prefix:,.0f} counting the cached tokens)"
+        return (f"prefill, {s.prompt_len}-token prompts{prefix}, {s.tokens_per_gpu:,.0f} tokens/GPU per forward: "
                 f"{s.input_tokens_per_s_per_gpu:,.0f} input tok/s per GPU, {s.input_tokens_per_s_per_node:,.0f} per "
-                f"node; {s.forward_ms:.2f} ms per forward{cached}")
+                f"node{counted}; {s.forward_ms:.2f} ms per forward")
     if s.phase == "decode":
         mtp = "" if s.draft_tokens is None else (f" + {s.draft_tokens} draft token(s) each (the MTP module: one "
                                                   f"more MoE layer), {s.output_tokens_per_step:.2f} output tokens per "
